@@ -1,0 +1,111 @@
+"""The array-backend layer: one code path for NumPy (CPU) and CuPy (GPU).
+
+Every public function of lkref starts with ``xp = namespace(a, b, ...)`` and then
+uses only ``xp.*``.  CuPy is never imported by ``import lkref``: an array is
+recognised as a CuPy array by the module its type comes from, and CuPy itself
+is only imported when :func:`cupy_available` is asked.
+
+Dtype policy (one place for it):
+
+* float64 in -> float64 work;
+* float32, float16 and other narrow floats (bfloat16 from ``ml_dtypes``) in
+  -> float32 work, so that every sum accumulates in at least float32;
+* integers, booleans and complex numbers are not logits and raise TypeError.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import numpy as np
+
+__all__ = [
+    "namespace",
+    "is_cupy_array",
+    "work_dtype",
+    "to_numpy",
+    "cupy_available",
+    "backends",
+]
+
+
+def is_cupy_array(x) -> bool:
+    """True if ``x`` is a CuPy ndarray.  Never imports CuPy."""
+    return type(x).__module__.split(".")[0] == "cupy" and hasattr(x, "__cuda_array_interface__")
+
+
+def namespace(*arrays):
+    """The array module (numpy or cupy) that all the given arrays belong to.
+
+    ``None`` entries are skipped.  Python scalars and NumPy arrays count as
+    NumPy.  Mixing CuPy and NumPy arrays is a TypeError: lkref never moves data
+    between host and device behind the caller's back.
+    """
+    kinds = {is_cupy_array(a) for a in arrays if a is not None}
+    if kinds == {True}:
+        return sys.modules["cupy"]
+    if kinds == {True, False}:
+        raise TypeError(
+            "arrays live on different backends (some CuPy, some NumPy); "
+            "move them to one device first"
+        )
+    return np
+
+
+def work_dtype(dtype, name: str):
+    """The floating dtype lkref computes in for an input of ``dtype``.
+
+    float64 stays float64; every narrower float (float32, float16, bfloat16)
+    is computed in float32.  ``name`` is the argument name used in the error.
+    """
+    dt = np.dtype(dtype)
+    if dt.kind == "f" or dt.name == "bfloat16":
+        return np.dtype(np.float64) if dt.itemsize >= 8 else np.dtype(np.float32)
+    # ml_dtypes' bfloat16 reports kind 'V'; accept any 2-byte float-like type by name
+    if "float" in dt.name:
+        return np.dtype(np.float32)
+    raise TypeError(f"{name} must be a floating-point array, got dtype {dt.name}")
+
+
+def to_numpy(x):
+    """A NumPy copy (or view) of ``x`` on the host; CuPy arrays are copied off the device."""
+    if is_cupy_array(x):
+        return x.get()
+    return np.asarray(x)
+
+
+_cupy_state: dict = {}
+
+
+def cupy_available() -> bool:
+    """True if CuPy imports and at least one CUDA device is present (cached).
+
+    This is the only place that imports CuPy.  Both stages are checked, as
+    scikit-learn does: an installed CuPy without a device is "not available",
+    so GPU tests are reported as skipped rather than failed.
+    """
+    if "ok" not in _cupy_state:
+        try:
+            cp = importlib.import_module("cupy")
+            _cupy_state["ok"] = cp.cuda.runtime.getDeviceCount() > 0
+        except Exception as exc:  # ImportError, CUDA driver errors, ...
+            _cupy_state["ok"] = False
+            _cupy_state["why"] = f"{type(exc).__name__}: {exc}"
+    return _cupy_state["ok"]
+
+
+def backends() -> list[dict]:
+    """A description of each backend: name, version, whether usable, and the device."""
+    out = [{"name": "numpy", "version": np.__version__, "usable": True, "device": "CPU"}]
+    if cupy_available():
+        cp = sys.modules["cupy"]
+        dev = cp.cuda.Device()
+        props = cp.cuda.runtime.getDeviceProperties(dev.id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        out.append({"name": "cupy", "version": cp.__version__, "usable": True,
+                    "device": f"GPU {dev.id}: {name}"})
+    else:
+        out.append({"name": "cupy", "version": None, "usable": False,
+                    "device": _cupy_state.get("why", "not available")})
+    return out

@@ -1,0 +1,379 @@
+"""The losses: the readable specification of KL, TV, LK^alpha and LK^lambda.
+
+This module is the reference.  It is written to be read and ported line by
+line; fast paths live elsewhere and are checked against it.
+
+Glossary (used in every signature and comment below)
+----------------------------------------------------
+    N      token positions: any leading shape (N,) or (B, T); sums are over the last axis
+    V      draft vocabulary size (the last axis of the draft logits)
+    z      draft logits, (..., V)
+    T      temperature; the draft distribution is  q = softmax(z / T)
+    p      target probabilities on the draft vocabulary, (..., V)
+    m      m_v = 1[q_v < p_v]: where the draft is below the target (the tie rule, below)
+    alpha  acceptance rate of one position, alpha = sum_v min(p_v, q_v) = 1 - TV(p, q)
+    S      S = sum_v q_v m_v, the draft mass where q is below p
+    dX     gradient of the final scalar with respect to X (llm.c style)
+
+Every loss comes as a pair that works per position:
+
+    <loss>_forward(z, p, ...)   -> (losses, cache)      losses has the leading shape
+    <loss>_backward(dlosses, cache) -> dz                 for any upstream dlosses
+
+and the masked mean over positions is a pair of its own (mean_forward / mean_backward).
+The reduced functions kl, tv, lk_alpha and lk_lambda chain the two and add the
+input checks, the dtype policy and the smaller draft vocabulary.
+
+Decisions (each has a test in tests/test_losses.py)
+---------------------------------------------------
+* Ties.  Where q_v == p_v exactly, min(p_v, q_v) is taken as p_v, so m_v = 0 and
+  the tied entry gets no "q-side" gradient (m = 1[q < p], strict).  Both one-sided
+  choices are valid supergradients of the concave alpha; this one gives an exactly
+  zero gradient when q == p.
+* alpha = 0.  With finite logits q_v > 0 for every v, so alpha > 0 whenever the target
+  has any mass on the draft vocabulary.  LK^alpha therefore computes
+  log(alpha) = logsumexp_v min(log p_v, log q_v) in log space: the loss is exact and
+  finite even where alpha underflows (disjoint supports), and its gradient is bounded.
+  alpha is exactly 0 only when the target puts no mass at all on the draft vocabulary
+  (possible with draft_to_target).  Such a position carries no training signal (every
+  draft has alpha = 0 there): its loss and gradient are 0 for every loss, and the
+  reduced functions drop it from the mean like a masked position.
+* Reduction.  LK^alpha takes -log per position, then the masked mean (not -log of
+  the mean alpha).  An all-masked batch gives loss 0 and gradient 0.
+* LK^lambda.  lambda = kl_scale * exp(-eta * mean alpha), one lambda per call (a call
+  is one draft position), with the mean over the unmasked positions, stop-gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .backend import namespace
+from .validation import (
+    check_index_map,
+    check_logits,
+    check_mask,
+    check_probs,
+    check_real_scalar,
+)
+
+__all__ = [
+    "LossResult",
+    "log_softmax",
+    "kl_forward", "kl_backward",
+    "tv_forward", "tv_backward",
+    "lk_alpha_forward", "lk_alpha_backward",
+    "lk_lambda_forward", "lk_lambda_backward",
+    "mean_forward", "mean_backward",
+    "kl", "tv", "lk_alpha", "lk_lambda",
+    "lambda_from_alpha",
+]
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+
+
+def log_softmax(z, temperature=1.0):
+    """log q = z/T - logsumexp(z/T) over the last axis, stable for any finite z."""
+    xp = namespace(z)
+    x = z / temperature
+    x = x - xp.max(x, axis=-1, keepdims=True)
+    return x - xp.log(xp.sum(xp.exp(x), axis=-1, keepdims=True))
+
+
+def _logsumexp(x):
+    """logsumexp over the last axis; a row of all -inf gives -inf (not NaN)."""
+    xp = namespace(x)
+    top = xp.max(x, axis=-1, keepdims=True)
+    top = xp.where(xp.isfinite(top), top, 0)
+    with _quiet(xp):
+        return xp.log(xp.sum(xp.exp(x - top), axis=-1)) + top[..., 0]
+
+
+class _quiet:
+    """np.errstate(divide='ignore') on NumPy (log 0 = -inf is intended); nothing on CuPy."""
+
+    def __init__(self, xp):
+        self.ctx = xp.errstate(divide="ignore", invalid="ignore") if hasattr(xp, "errstate") else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def _check_pair(z, p, temperature):
+    if tuple(z.shape) != tuple(p.shape):
+        raise ValueError(f"z and p must have the same shape, got {tuple(z.shape)} and {tuple(p.shape)}")
+    check_real_scalar(temperature, "temperature", low=0, low_inclusive=False)
+    namespace(z, p)
+
+
+# --------------------------------------------------------------------------------------
+# forward KL(p || q)
+
+
+def kl_forward(z, p, *, temperature=1.0):
+    """KL_t = sum_v p_v (log p_v - log q_v), with 0 log 0 = 0.  p must sum to 1."""
+    _check_pair(z, p, temperature)
+    xp = namespace(z, p)
+    logq = log_softmax(z, temperature)
+    with _quiet(xp):
+        plogp = xp.where(p > 0, p * xp.log(p), 0)
+    losses = xp.sum(plogp - p * logq, axis=-1)
+    cache = {"q": xp.exp(logq), "p": p, "T": temperature}
+    return losses, cache
+
+
+def kl_backward(dlosses, cache):
+    """dz = dlosses * (q * sum_v p_v - p) / T, which is (q - p) / T for a normalised p.
+
+    log q_v = z_v/T - logsumexp(z/T), so d log q_v / d z_j = (delta_vj - q_j) / T and
+    dKL/dz_j = -sum_v p_v (delta_vj - q_j) / T = (q_j sum_v p_v - p_j) / T.
+    Keeping sum_v p_v makes this the exact gradient for rows that sum to 1 only up
+    to rounding, and keeps sum_j dz_j = 0 (the loss does not change under z + c).
+    """
+    xp = namespace(cache["q"])
+    q, p, T = cache["q"], cache["p"], cache["T"]
+    psum = xp.sum(p, axis=-1, keepdims=True)
+    return dlosses[..., None] * (q * psum - p) / T
+
+
+# --------------------------------------------------------------------------------------
+# total variation TV = 1 - alpha
+
+
+def tv_forward(z, p, *, temperature=1.0):
+    """TV_t = 1 - alpha_t, alpha_t = sum_v min(p_v, q_v).  p may sum to less than 1."""
+    _check_pair(z, p, temperature)
+    xp = namespace(z, p)
+    q = xp.exp(log_softmax(z, temperature))
+    m = q < p                                   # the tie rule: q == p counts as "p is the min"
+    alpha = xp.sum(xp.where(m, q, p), axis=-1)
+    cache = {"q": q, "m": m, "alpha": alpha, "T": temperature}
+    return 1 - alpha, cache
+
+
+def tv_backward(dlosses, cache):
+    """dz = -dlosses * q * (m - S) / T, S = sum_v q_v m_v.
+
+    d min(p_v, q_v) / d q_v = m_v and d q_v / d z_j = q_v (delta_vj - q_j) / T, so
+    d alpha / d z_j = sum_v m_v q_v (delta_vj - q_j) / T = q_j (m_j - S) / T,
+    and TV = 1 - alpha flips the sign.
+    """
+    xp = namespace(cache["q"])
+    q, m, T = cache["q"], cache["m"], cache["T"]
+    S = xp.sum(xp.where(m, q, 0), axis=-1, keepdims=True)
+    return -dlosses[..., None] * q * (m - S) / T
+
+
+# --------------------------------------------------------------------------------------
+# LK^alpha = -log alpha
+
+
+def lk_alpha_forward(z, p, *, temperature=1.0):
+    """LK^alpha_t = -log alpha_t, computed in log space so that it is exact where alpha underflows.
+
+    log alpha = log sum_v min(p_v, q_v) = logsumexp_v (log q_v if m_v else log p_v).
+    A row with no target mass (alpha = 0 for every draft) gets loss 0 (see the module notes).
+    """
+    _check_pair(z, p, temperature)
+    xp = namespace(z, p)
+    logq = log_softmax(z, temperature)
+    q = xp.exp(logq)
+    m = q < p
+    with _quiet(xp):
+        log_alpha = _logsumexp(xp.where(m, logq, xp.log(p)))
+    live = log_alpha > -xp.inf                  # False only where p has no mass at all
+    log_alpha = xp.where(live, log_alpha, 0)
+    losses = xp.where(live, -log_alpha, 0)
+    cache = {"q": q, "logq": logq, "m": m, "log_alpha": log_alpha, "live": live,
+             "alpha": xp.where(live, xp.exp(log_alpha), 0), "T": temperature}
+    return losses, cache
+
+
+def lk_alpha_backward(dlosses, cache):
+    """dz = -dlosses * (r - q s) / T with r_v = m_v q_v / alpha and s = sum_v r_v = S / alpha.
+
+    d(-log alpha)/dz_j = -(d alpha/dz_j) / alpha = -q_j (m_j - S) / (alpha T)
+                       = -(m_j q_j / alpha - q_j S / alpha) / T.
+    r_v = exp(log q_v - log alpha) <= 1 is formed in log space, so nothing overflows.
+    """
+    xp = namespace(cache["q"])
+    q, m, T = cache["q"], cache["m"], cache["T"]
+    # where m_v holds, log q_v <= log alpha; the minimum only keeps exp() from overflowing
+    # on the entries that where() throws away
+    r = xp.where(m, xp.exp(xp.minimum(cache["logq"] - cache["log_alpha"][..., None], 0)), 0)
+    s = xp.sum(r, axis=-1, keepdims=True)
+    d = xp.where(cache["live"], dlosses, 0)
+    return -d[..., None] * (r - q * s) / T
+
+
+# --------------------------------------------------------------------------------------
+# LK^lambda = lambda KL + (1 - lambda) TV, lambda given
+
+
+def lk_lambda_forward(z, p, lam, *, temperature=1.0, p_kl=None):
+    """LK^lambda_t = lam * KL(p_kl || q)_t + (1 - lam) * TV(p, q)_t with lam given (stop-gradient).
+
+    p_kl is the target the KL term uses; it defaults to p.  With a smaller draft
+    vocabulary it is the renormalised target while p is not (SPEC section 2).
+    """
+    kl_losses, kl_cache = kl_forward(z, p if p_kl is None else p_kl, temperature=temperature)
+    tv_losses, tv_cache = tv_forward(z, p, temperature=temperature)
+    cache = {"lam": lam, "kl": kl_cache, "tv": tv_cache}
+    return lam * kl_losses + (1 - lam) * tv_losses, cache
+
+
+def lk_lambda_backward(dlosses, cache):
+    """dz = lam * dKL + (1 - lam) * dTV; lam is a constant (stop-gradient)."""
+    lam = cache["lam"]
+    return (kl_backward(lam * dlosses, cache["kl"])
+            + tv_backward((1 - lam) * dlosses, cache["tv"]))
+
+
+def lambda_from_alpha(mean_alpha, *, eta=3.0, kl_scale=1.0):
+    """The paper's adaptive weight: lam = kl_scale * exp(-eta * mean_alpha) (Eq. 5; kl_scale as SpecForge)."""
+    xp = namespace(mean_alpha)
+    return kl_scale * xp.exp(-eta * mean_alpha)
+
+
+# --------------------------------------------------------------------------------------
+# the masked mean over positions
+
+
+def mean_forward(losses, weights=None):
+    """loss = sum_t w_t losses_t / sum_t w_t (w = 1 without weights); 0 when sum_t w_t = 0."""
+    xp = namespace(losses)
+    w = xp.ones_like(losses) if weights is None else weights.astype(losses.dtype, copy=False)
+    total = xp.sum(w)
+    scale = xp.where(total > 0, 1 / xp.where(total > 0, total, 1), 0)
+    return xp.sum(w * losses) * scale, {"w": w, "scale": scale}
+
+
+def mean_backward(dloss, cache):
+    """dlosses_t = dloss * w_t / sum_t w_t."""
+    return dloss * cache["w"] * cache["scale"]
+
+
+# --------------------------------------------------------------------------------------
+# the reduced functions: checks + pair + mean
+
+
+@dataclass(frozen=True)
+class LossResult:
+    """The result of a reduced loss.
+
+    loss   0-d array, the masked mean over positions (float32, or float64 for float64 input)
+    grad   d loss / d draft_logits, same shape and dtype as draft_logits
+    alpha  per-position acceptance sum_v min(p_v, q_v), the leading shape of draft_logits
+    lam    the lambda used (LK^lambda only, 0-d array), else None
+    """
+
+    loss: Any
+    grad: Any
+    alpha: Any
+    lam: Any = None
+
+
+def _prepare(draft_logits, target_probs, mask, temperature, draft_to_target, *, need_kl):
+    """Check every input and bring it to the working form.
+
+    Returns (xp, z, p, p_kl, w, out_dtype, T): z and p in the work dtype, p restricted
+    to the draft vocabulary (not renormalised), p_kl renormalised (or None), and w the
+    position weights with rows that have no target mass set to 0.
+    """
+    z, wd = check_logits(draft_logits, "draft_logits")
+    lead, V = tuple(z.shape[:-1]), z.shape[-1]
+    if draft_to_target is None:
+        p = check_probs(target_probs, "target_probs", shape=lead + (V,))
+    else:
+        p = check_probs(target_probs, "target_probs")
+        if tuple(p.shape[:-1]) != lead:
+            raise ValueError(
+                f"target_probs must have the leading shape {lead} of draft_logits, got {tuple(p.shape)}")
+        index = check_index_map(draft_to_target, "draft_to_target", V, p.shape[-1])
+    mask = check_mask(mask, "mask", lead)
+    T = check_real_scalar(temperature, "temperature", low=0, low_inclusive=False)
+    xp = namespace(z, p, mask, draft_to_target)
+    out_dtype = z.dtype
+    z = z.astype(wd, copy=False)
+    p = p.astype(wd, copy=False)
+    w = xp.ones(lead, dtype=wd) if mask is None else mask.astype(wd)
+    p_kl = p if need_kl else None
+    if draft_to_target is not None:
+        p = xp.take(p, index, axis=-1)          # restricted, not renormalised: alpha uses this
+        mass = xp.sum(p, axis=-1)
+        w = xp.where(mass > 0, w, 0)            # no target mass on the draft vocabulary: drop
+        if need_kl:
+            safe = xp.where(mass > 0, mass, 1)
+            p_kl = p / safe[..., None]          # renormalised: only the KL term uses this
+    return xp, z, p, p_kl, w, out_dtype, T
+
+
+def _alpha(q, p):
+    xp = namespace(q, p)
+    return xp.sum(xp.minimum(p, q), axis=-1)
+
+
+def _reduce(losses, cache, backward, w, out_dtype):
+    loss, mcache = mean_forward(losses, w)
+    dlosses = mean_backward(1, mcache)
+    dz = backward(dlosses, cache)
+    return loss, dz.astype(out_dtype, copy=False)
+
+
+def kl(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None):
+    """Forward KL(p || q), masked mean over positions.  Returns a LossResult."""
+    xp, z, p, p_kl, w, out_dtype, T = _prepare(
+        draft_logits, target_probs, mask, temperature, draft_to_target, need_kl=True)
+    losses, cache = kl_forward(z, p_kl, temperature=T)
+    loss, grad = _reduce(losses, cache, kl_backward, w, out_dtype)
+    return LossResult(loss, grad, _alpha(cache["q"], p))
+
+
+def tv(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None):
+    """Total variation 1 - alpha, masked mean over positions.  Returns a LossResult."""
+    xp, z, p, _, w, out_dtype, T = _prepare(
+        draft_logits, target_probs, mask, temperature, draft_to_target, need_kl=False)
+    losses, cache = tv_forward(z, p, temperature=T)
+    loss, grad = _reduce(losses, cache, tv_backward, w, out_dtype)
+    return LossResult(loss, grad, cache["alpha"])
+
+
+def lk_alpha(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None):
+    """LK^alpha = mean_t -log alpha_t (log per position, then the masked mean).  Returns a LossResult."""
+    xp, z, p, _, w, out_dtype, T = _prepare(
+        draft_logits, target_probs, mask, temperature, draft_to_target, need_kl=False)
+    losses, cache = lk_alpha_forward(z, p, temperature=T)
+    loss, grad = _reduce(losses, cache, lk_alpha_backward, w, out_dtype)
+    return LossResult(loss, grad, cache["alpha"])
+
+
+def lk_lambda(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None,
+              eta=3.0, kl_scale=1.0, lam=None):
+    """LK^lambda = lam KL + (1 - lam) TV with lam = kl_scale exp(-eta * mean alpha), stop-gradient.
+
+    mean alpha is the masked mean of this call's alpha: one lambda per call, and a
+    call is one draft position (head / step).  Pass ``lam`` to use a given value
+    instead (for example last step's), which skips nothing here but lets fast paths
+    run in a single pass.  Returns a LossResult with ``.lam`` set.
+    """
+    eta = check_real_scalar(eta, "eta", low=0)
+    kl_scale = check_real_scalar(kl_scale, "kl_scale", low=0)
+    xp, z, p, p_kl, w, out_dtype, T = _prepare(
+        draft_logits, target_probs, mask, temperature, draft_to_target, need_kl=True)
+    if lam is None:
+        alpha = _alpha(xp.exp(log_softmax(z, T)), p)
+        mean_alpha, _ = mean_forward(alpha, w)
+        lam = lambda_from_alpha(mean_alpha, eta=eta, kl_scale=kl_scale)
+    else:
+        lam = xp.asarray(check_real_scalar(lam, "lam", low=0), dtype=z.dtype)
+    losses, cache = lk_lambda_forward(z, p, lam, temperature=T, p_kl=p_kl)
+    loss, grad = _reduce(losses, cache, lk_lambda_backward, w, out_dtype)
+    return LossResult(loss, grad, cache["tv"]["alpha"], lam)

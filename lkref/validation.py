@@ -1,0 +1,134 @@
+"""Input checks shared by the losses, the sampler and the theory functions.
+
+Every check raises TypeError (wrong kind of thing) or ValueError (right kind,
+wrong value) with a message that starts with the argument's name.  No check
+writes into its argument.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from .backend import namespace, work_dtype
+
+__all__ = [
+    "TARGET_SUM_ATOL",
+    "as_array",
+    "check_real_scalar",
+    "check_logits",
+    "check_probs",
+    "check_mask",
+    "check_index_map",
+]
+
+#: A target row must sum to 1 within this absolute tolerance (any dtype).
+#: Loose enough for float16 / float32 softmax outputs at V = 128k, tight enough
+#: to catch logits, log-probabilities or unnormalised scores passed as probabilities.
+TARGET_SUM_ATOL = 1e-3
+
+
+def as_array(x, name: str):
+    """``x`` as an array of its own backend (lists become NumPy arrays); never copies an array."""
+    if x is None:
+        raise TypeError(f"{name} must be an array, got None")
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return x
+    try:
+        return np.asarray(x)
+    except Exception as exc:  # ragged lists, strings, ...
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}") from exc
+
+
+def check_real_scalar(value, name: str, *, low=None, low_inclusive=True, high=None):
+    """A finite real scalar (Python, NumPy, or a 0-d real array) within bounds, returned as float."""
+    if getattr(value, "ndim", None) == 0 and np.dtype(value.dtype).kind in "iuf":
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if low is not None and (v < low or (v == low and not low_inclusive)):
+        op = ">=" if low_inclusive else ">"
+        raise ValueError(f"{name} must be {op} {low}, got {v}")
+    if high is not None and v > high:
+        raise ValueError(f"{name} must be <= {high}, got {v}")
+    return v
+
+
+def _all(xp, cond) -> bool:
+    return bool(xp.all(cond))
+
+
+def check_logits(z, name: str = "draft_logits"):
+    """Floating, at least 1-d, non-empty last axis, all finite.  Returns (array, work dtype)."""
+    z = as_array(z, name)
+    wd = work_dtype(z.dtype, name)
+    if z.ndim < 1:
+        raise ValueError(f"{name} must have a vocabulary axis (at least 1-d), got a 0-d array")
+    if z.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty vocabulary (last axis has size 0)")
+    xp = namespace(z)
+    if not _all(xp, xp.isfinite(z)):
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    return z, wd
+
+
+def check_probs(p, name: str, *, shape=None, normalised=True):
+    """Floating, finite, non-negative, rows summing to 1 within TARGET_SUM_ATOL."""
+    p = as_array(p, name)
+    wd = work_dtype(p.dtype, name)
+    if shape is not None and tuple(p.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(p.shape)}")
+    if p.ndim < 1 or p.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty vocabulary (last axis has size 0)")
+    xp = namespace(p)
+    if not _all(xp, xp.isfinite(p)):
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    if not _all(xp, p >= 0):
+        raise ValueError(f"{name} contains negative probabilities")
+    if normalised and p.size:
+        sums = p.astype(wd, copy=False).sum(axis=-1)
+        err = float(xp.max(xp.abs(sums - 1)))
+        if err > TARGET_SUM_ATOL:
+            raise ValueError(
+                f"{name} rows must sum to 1 (within {TARGET_SUM_ATOL}); "
+                f"the worst row is off by {err:.3g}"
+            )
+    return p
+
+
+def check_mask(mask, name: str, shape):
+    """None, or an array of the given shape of bools or finite non-negative weights."""
+    if mask is None:
+        return None
+    mask = as_array(mask, name)
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have the leading shape {tuple(shape)}, got {tuple(mask.shape)}")
+    kind = np.dtype(mask.dtype).kind
+    if kind not in "biuf":
+        raise TypeError(f"{name} must hold booleans or real weights, got dtype {mask.dtype}")
+    xp = namespace(mask)
+    if kind == "f" and not _all(xp, xp.isfinite(mask)):
+        raise ValueError(f"{name} contains non-finite values")
+    if kind in "if" and not _all(xp, mask >= 0):
+        raise ValueError(f"{name} contains negative weights")
+    return mask
+
+
+def check_index_map(index, name: str, length: int, upper: int):
+    """A 1-d integer array of ``length`` distinct values in [0, upper)."""
+    index = as_array(index, name)
+    if np.dtype(index.dtype).kind not in "iu":
+        raise TypeError(f"{name} must be an integer array, got dtype {index.dtype}")
+    if tuple(index.shape) != (length,):
+        raise ValueError(f"{name} must have shape ({length},) (one entry per draft token), got {tuple(index.shape)}")
+    xp = namespace(index)
+    if length and not (_all(xp, index >= 0) and _all(xp, index < upper)):
+        raise ValueError(f"{name} has entries outside [0, {upper}) (the target vocabulary)")
+    if length and int(xp.unique(index).size) != length:
+        raise ValueError(f"{name} has duplicate entries: each draft token must map to its own target token")
+    return index

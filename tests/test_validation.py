@@ -1,0 +1,86 @@
+"""Bad input raises a TypeError or ValueError that names the argument."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lkref
+
+REDUCED = [lkref.kl, lkref.tv, lkref.lk_alpha, lkref.lk_lambda]
+Z = np.array([[0.1, 0.2, 0.3], [1.0, -1.0, 0.0]])
+P = np.array([[0.2, 0.3, 0.5], [0.1, 0.1, 0.8]])
+
+
+@pytest.mark.parametrize("fn", REDUCED)
+@pytest.mark.parametrize("z, p, kw, err, match", [
+    (Z, P[:, :2], {}, ValueError, "target_probs must have shape"),
+    (Z, P[:1], {}, ValueError, "target_probs must have shape"),
+    (Z, P, {"mask": np.ones(3)}, ValueError, "mask must have the leading shape"),
+    (Z, P, {"mask": np.array([1.0, -1.0])}, ValueError, "mask contains negative"),
+    (Z, P, {"mask": np.array([1.0, np.nan])}, ValueError, "mask contains non-finite"),
+    (Z, P, {"mask": np.array(["a", "b"])}, TypeError, "mask must hold"),
+    (np.where(Z > 0.5, np.nan, Z), P, {}, ValueError, "draft_logits contains non-finite"),
+    (np.where(Z > 0.5, np.inf, Z), P, {}, ValueError, "draft_logits contains non-finite"),
+    (np.ones((2, 3), dtype=np.int64), P, {}, TypeError, "draft_logits must be a floating-point"),
+    (Z.astype(bool), P, {}, TypeError, "draft_logits must be a floating-point"),
+    (np.zeros((2, 0)), np.zeros((2, 0)), {}, ValueError, "draft_logits has an empty vocabulary"),
+    (np.float64(1.0), np.float64(1.0), {}, ValueError, "draft_logits must have a vocabulary axis"),
+    (Z, P - 0.2, {}, ValueError, "target_probs contains negative"),
+    (Z, P * 1.01, {}, ValueError, "target_probs rows must sum to 1"),
+    (Z, np.where(P > 0.4, np.nan, P), {}, ValueError, "target_probs contains non-finite"),
+    (Z, (P > 0.4).astype(np.int64), {}, TypeError, "target_probs must be a floating-point"),
+    (Z, P, {"temperature": 0.0}, ValueError, "temperature must be > 0"),
+    (Z, P, {"temperature": -1.0}, ValueError, "temperature must be > 0"),
+    (Z, P, {"temperature": float("nan")}, ValueError, "temperature must be finite"),
+    (Z, P, {"temperature": "1"}, TypeError, "temperature must be a real number"),
+    (Z, P, {"draft_to_target": np.array([0, 1, 3])}, ValueError, r"draft_to_target has entries outside \[0, 3\)"),
+    (Z, P, {"draft_to_target": np.array([0, -1, 2])}, ValueError, "draft_to_target has entries outside"),
+    (Z, P, {"draft_to_target": np.array([0, 1, 1])}, ValueError, "draft_to_target has duplicate"),
+    (Z, P, {"draft_to_target": np.array([0.0, 1.0, 2.0])}, TypeError, "draft_to_target must be an integer"),
+    (Z, P, {"draft_to_target": np.array([0, 1])}, ValueError, r"draft_to_target must have shape \(3,\)"),
+])
+def test_bad_input_names_the_argument(fn, z, p, kw, err, match):
+    z_before, p_before = np.array(z, copy=True), np.array(p, copy=True)
+    with pytest.raises(err, match=match):
+        fn(z, p, **kw)
+    np.testing.assert_array_equal(z, z_before)
+    np.testing.assert_array_equal(p, p_before)
+
+
+def test_target_rows_within_the_stated_tolerance_are_accepted():
+    ok = P * (1 + 0.9 * lkref.TARGET_SUM_ATOL)
+    lkref.lk_alpha(Z, ok)
+    with pytest.raises(ValueError, match="rows must sum to 1"):
+        lkref.lk_alpha(Z, P * (1 + 1.1 * lkref.TARGET_SUM_ATOL))
+
+
+def test_draft_to_target_with_leading_shape_mismatch():
+    with pytest.raises(ValueError, match="target_probs must have the leading shape"):
+        lkref.tv(Z, np.full((3, 4), 0.25), draft_to_target=np.array([0, 1, 2]))
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    ({"eta": -1.0}, ValueError, "eta must be >= 0"),
+    ({"eta": float("inf")}, ValueError, "eta must be finite"),
+    ({"kl_scale": -0.5}, ValueError, "kl_scale must be >= 0"),
+    ({"lam": -0.1}, ValueError, "lam must be >= 0"),
+    ({"lam": "x"}, TypeError, "lam must be a real number"),
+])
+def test_lk_lambda_options(kw, err, match):
+    with pytest.raises(err, match=match):
+        lkref.lk_lambda(Z, P, **kw)
+
+
+def test_non_array_inputs():
+    with pytest.raises(TypeError, match="draft_logits must be an array"):
+        lkref.kl(None, P)
+    r = lkref.kl(Z.tolist(), P.tolist())       # nested lists are fine: they become NumPy arrays
+    assert r.grad.shape == Z.shape
+
+
+def test_pair_functions_check_shapes_and_temperature():
+    with pytest.raises(ValueError, match="z and p must have the same shape"):
+        lkref.tv_forward(Z, P[:, :2])
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        lkref.lk_alpha_forward(Z, P, temperature=0)
