@@ -25,6 +25,9 @@ from .losses import (
 )
 from .positions import LOSSES, MultiPositionResult, multi_position
 from .validation import TARGET_SUM_ATOL
+from .sampler import VerifyResult, verify, verify_greedy
+from .generate import GenerateResult, MarkovChain, generate, warp
+from . import theory, testing
 
 __version__ = "0.1.0"
 
@@ -37,4 +40,7 @@ __all__ = [
     "mean_forward", "mean_backward",
     "LOSSES", "MultiPositionResult", "multi_position",
     "TARGET_SUM_ATOL",
+    "VerifyResult", "verify", "verify_greedy",
+    "GenerateResult", "MarkovChain", "generate", "warp",
+    "theory", "testing",
 ]

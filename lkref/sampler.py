@@ -1,0 +1,196 @@
+"""Verification of drafted tokens: speculative (rejection) sampling and its greedy limit.
+
+Letters: B rows in the batch, K drafted tokens per row, V vocabulary size,
+x_j the j-th drafted token, q_j the distribution it was drawn from, p_j the target's
+distribution at that position, n the number of accepted drafts of a row.
+
+One round of speculative sampling (Leviathan et al. 2023; Chen et al. 2023):
+
+    for j = 0 .. num_draft-1:   accept x_j  iff  q_j(x_j) > 0  and  u_j q_j(x_j) < p_j(x_j),  u_j ~ U[0, 1)
+    at the first rejection j:   emit a token from  norm(max(0, p_j - q_j))      (the residual)
+    if every draft is accepted: emit a bonus token from p_{num_draft}
+
+Whatever q is, the emitted tokens are distributed exactly as the target.  The rule has no
+division, and a token with p = 0 can never be accepted (u q < 0 is impossible).  u is
+drawn in float64 (vLLM accepted p = 0 tokens with float32 uniforms).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .backend import namespace
+from .validation import as_array
+
+__all__ = ["VerifyResult", "verify", "verify_greedy", "sample_rows"]
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """num_accepted [B] int64: accepted drafts per row.
+    tokens [B, K+1] int64: the accepted drafts, then the recovered or bonus token, then -1."""
+
+    num_accepted: Any
+    tokens: Any
+
+
+def _check_rng(rng, xp):
+    if xp is np:
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng must be a numpy.random.Generator for NumPy arrays, got {type(rng).__name__}")
+    elif not hasattr(rng, "random"):
+        raise TypeError(f"rng must be a cupy.random.Generator for CuPy arrays, got {type(rng).__name__}")
+
+
+def _check_tokens(draft_tokens):
+    t = as_array(draft_tokens, "draft_tokens")
+    if np.dtype(t.dtype).kind not in "iu":
+        raise TypeError(f"draft_tokens must be an integer array, got dtype {t.dtype}")
+    if t.ndim != 2:
+        raise ValueError(f"draft_tokens must have shape [B, K], got {tuple(t.shape)}")
+    return t
+
+
+def _check_num_draft(num_draft, B, K, xp):
+    if num_draft is None:
+        return xp.full((B,), K, dtype=xp.int64)
+    nd = as_array(num_draft, "num_draft")
+    if np.dtype(nd.dtype).kind not in "iu":
+        raise TypeError(f"num_draft must be an integer array, got dtype {nd.dtype}")
+    if tuple(nd.shape) != (B,):
+        raise ValueError(f"num_draft must have shape ({B},), got {tuple(nd.shape)}")
+    if B and (int(nd.min()) < 0 or int(nd.max()) > K):
+        raise ValueError(f"num_draft must lie in [0, K] = [0, {K}]")
+    return nd.astype(xp.int64)
+
+
+def _check_prob_rows(probs, name, valid, xp):
+    """probs[b, j] must be finite and non-negative with a positive sum where valid[b, j].
+
+    Checked one position j at a time, so the temporaries are [B, V], never [B, K, V].
+    """
+    for j in range(probs.shape[1]):
+        rows = probs[:, j]
+        ok = xp.all(xp.isfinite(rows) & (rows >= 0), axis=-1)
+        if not bool(xp.all(ok | ~valid[:, j])):
+            raise ValueError(f"{name} has negative or non-finite probabilities at position {j} of a used row")
+        if not bool(xp.all((rows.sum(axis=-1) > 0) | ~valid[:, j])):
+            raise ValueError(f"{name} has an all-zero row at position {j} of a used row")
+
+
+def _check_shapes(draft_tokens, draft_probs, target_probs, num_draft):
+    t = _check_tokens(draft_tokens)
+    B, K = t.shape
+    if target_probs is not None:
+        p = as_array(target_probs, "target_probs")
+        if p.ndim != 3 or tuple(p.shape[:2]) != (B, K + 1):
+            raise ValueError(f"target_probs must have shape [B, K+1, V] = [{B}, {K + 1}, V], got {tuple(p.shape)}")
+        if np.dtype(p.dtype).kind != "f":
+            raise TypeError(f"target_probs must be a floating-point array, got dtype {p.dtype}")
+        V = p.shape[2]
+        if V == 0:
+            raise ValueError("target_probs has an empty vocabulary (last axis has size 0)")
+    q = None
+    if draft_probs is not None:
+        q = as_array(draft_probs, "draft_probs")
+        if tuple(q.shape) != (B, K, V):
+            raise ValueError(f"draft_probs must have shape [B, K, V] = [{B}, {K}, {V}], got {tuple(q.shape)}")
+        if np.dtype(q.dtype).kind != "f":
+            raise TypeError(f"draft_probs must be a floating-point array, got dtype {q.dtype}")
+    xp = namespace(t, q, p)
+    nd = _check_num_draft(num_draft, B, K, xp)
+    valid = xp.arange(K)[None, :] < nd[:, None]                      # [B, K]: the drafts that exist
+    if bool(xp.any(valid & ((t < 0) | (t >= V)))):
+        raise ValueError(f"draft_tokens has ids outside [0, V) = [0, {V}) in used positions")
+    return xp, t, q, p, nd, valid, B, K, V
+
+
+def sample_rows(weights, u):
+    """One index per row of non-negative weights [B, V], by inverse CDF with uniforms u [B] in [0, 1).
+
+    Float64 throughout.  A zero-weight index is never returned: index i is picked iff
+    cdf[i-1] <= u * total < cdf[i], impossible when cdf[i-1] == cdf[i]; a product that rounds
+    up to the total is sent to the last index of positive weight.
+    """
+    xp = namespace(weights)
+    w = weights.astype(xp.float64, copy=False)
+    cdf = xp.cumsum(w, axis=-1)
+    x = u * cdf[:, -1]
+    idx = xp.sum(cdf <= x[:, None], axis=-1)
+    V = w.shape[-1]
+    last = V - 1 - xp.argmax((w > 0)[:, ::-1], axis=-1)
+    return xp.minimum(idx, last).astype(xp.int64)
+
+
+def verify(draft_tokens, draft_probs, target_probs, *, rng, num_draft=None, uniforms=None,
+           validate=True) -> VerifyResult:
+    """Speculative sampling of one round for a batch; exact in distribution.
+
+    draft_tokens [B, K] int; draft_probs [B, K, V], the q each draft was drawn from (after any
+    temperature / top-k / top-p); target_probs [B, K+1, V]; num_draft [B] int in [0, K] for
+    ragged rows (default K): positions at or past a row's num_draft are never used and may
+    hold -1 or NaN.  rng: numpy.random.Generator (cupy.random.Generator for CuPy arrays);
+    uniforms [B, K] in [0, 1) replaces the acceptance uniforms (tests).  validate=False skips
+    the O(B K V) input scans.
+
+    Inconsistent inputs (a residual with no positive mass, possible only when the rows are
+    not normalised) fall back to p.  Work and extra memory: O(B K + B V).
+    """
+    xp, t, q, p, nd, valid, B, K, V = _check_shapes(draft_tokens, draft_probs, target_probs, num_draft)
+    if q is None:
+        raise TypeError("draft_probs must be an array, got None")
+    _check_rng(rng, xp)
+    if validate:
+        _check_prob_rows(q, "draft_probs", valid, xp)
+        _check_prob_rows(p, "target_probs", xp.arange(K + 1)[None, :] <= nd[:, None], xp)
+    if uniforms is None:
+        u = rng.random((B, K), dtype=xp.float64)
+    else:
+        u = as_array(uniforms, "uniforms")
+        if tuple(u.shape) != (B, K):
+            raise ValueError(f"uniforms must have shape [B, K] = [{B}, {K}], got {tuple(u.shape)}")
+        u = u.astype(xp.float64)
+        if bool(xp.any(valid & ~((u >= 0) & (u < 1)))):
+            raise ValueError("uniforms must lie in [0, 1)")
+
+    rows = xp.arange(B)[:, None]
+    cols = xp.arange(K)[None, :]
+    tok = xp.where(valid, t, 0)                                      # a safe index where unused
+    q_x = xp.where(valid, q[rows, cols, tok], 0).astype(xp.float64)  # q_j(x_j), gathered: [B, K]
+    p_x = xp.where(valid, p[rows, cols, tok], 0).astype(xp.float64)  # p_j(x_j)
+    accept = valid & (q_x > 0) & (u * q_x < p_x)
+    n = xp.sum(xp.cumprod(accept, axis=1), axis=1).astype(xp.int64)  # accepted before the first rejection
+
+    # the row each round ends on: p at position n, and q there if a draft was rejected
+    b = xp.arange(B)
+    rejected = n < nd
+    p_end = p[b, n].astype(xp.float64)                               # [B, V]
+    q_end = xp.where(rejected[:, None], q[b, xp.minimum(n, K - 1)], 0) if K else xp.zeros_like(p_end)
+    residual = xp.maximum(p_end - q_end.astype(xp.float64), 0)
+    empty = ~(residual.sum(axis=-1) > 0)                             # inconsistent input: fall back to p
+    residual = xp.where(empty[:, None], p_end, residual)
+    last = sample_rows(residual, rng.random(B, dtype=xp.float64))
+
+    tokens = xp.where(cols < n[:, None], t, -1).astype(xp.int64)
+    tokens = xp.concatenate([tokens, xp.full((B, 1), -1, dtype=xp.int64)], axis=1)
+    tokens[b, n] = last
+    return VerifyResult(n, tokens)
+
+
+def verify_greedy(draft_tokens, target_probs, *, num_draft=None) -> VerifyResult:
+    """Verification at temperature 0: accept while x_j equals argmax p_j; then emit the target argmax.
+
+    Ties in the argmax go to the lowest token id (as numpy/cupy argmax).  Shapes as in verify.
+    """
+    xp, t, _, p, nd, valid, B, K, V = _check_shapes(draft_tokens, None, target_probs, num_draft)
+    best = xp.argmax(p, axis=-1).astype(xp.int64)                     # [B, K+1]
+    accept = valid & (t == best[:, :K])
+    n = xp.sum(xp.cumprod(accept, axis=1), axis=1).astype(xp.int64)
+    b = xp.arange(B)
+    tokens = xp.where(xp.arange(K)[None, :] < n[:, None], t, -1).astype(xp.int64)
+    tokens = xp.concatenate([tokens, xp.full((B, 1), -1, dtype=xp.int64)], axis=1)
+    tokens[b, n] = best[b, n]
+    return VerifyResult(n, tokens)

@@ -1,0 +1,211 @@
+"""Calibrated statistics for testing samplers, and check_sampler() for anyone's verify().
+
+Every check here fixes its seed and derives its bound from the sample size:
+  * a count that should be Binomial(n, a) must lie within 5 sigma = 5 sqrt(n a (1 - a));
+    with a in {0, 1} the count must be exact;
+  * a histogram that should follow a distribution must pass a chi-square test with
+    p-value >= 1e-6 (bins with expected count < 5 are pooled), and a cell of probability
+    zero must have a count of exactly zero.
+With these bounds a correct sampler fails a check with probability about 1e-6; the fixed
+seed makes every run give the same answer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .theory import accept_length_pmf
+
+__all__ = ["SIGMAS", "MIN_P_VALUE", "chi2_sf", "binomial_check", "goodness_of_fit",
+           "Check", "SamplerReport", "sampler_problem", "check_sampler"]
+
+SIGMAS = 5.0
+MIN_P_VALUE = 1e-6
+
+
+def chi2_sf(x: float, dof: int) -> float:
+    """P(X >= x) for X ~ chi-square(dof): the regularised upper incomplete gamma Q(dof/2, x/2)."""
+    if dof <= 0:
+        raise ValueError(f"dof must be positive, got {dof}")
+    if x <= 0:
+        return 1.0
+    a, y = dof / 2.0, x / 2.0
+    log_pre = a * math.log(y) - y - math.lgamma(a)
+    if y < a + 1:                              # series for the lower function P, then Q = 1 - P
+        term = total = 1.0 / a
+        n = a
+        for _ in range(10_000):
+            n += 1
+            term *= y / n
+            total += term
+            if term < total * 1e-16:
+                break
+        return max(0.0, 1.0 - total * math.exp(log_pre))
+    # continued fraction for Q (modified Lentz)
+    tiny = 1e-300
+    b = y + 1 - a
+    c, d = 1 / tiny, 1 / b
+    h = d
+    for i in range(1, 10_000):
+        an = -i * (i - a)
+        b += 2
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1) < 1e-16:
+            break
+    return math.exp(log_pre) * h
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+def binomial_check(name: str, k: int, n: int, a: float, sigmas: float = SIGMAS) -> Check:
+    """k successes out of n trials against rate a, within `sigmas` binomial standard deviations."""
+    mean = n * a
+    sd = math.sqrt(max(n * a * (1 - a), 0.0))
+    ok = abs(k - mean) <= sigmas * sd if sd > 0 else k == round(mean)
+    z = (k - mean) / sd if sd > 0 else (0.0 if ok else math.inf)
+    return Check(name, bool(ok), f"{k}/{n} = {k / max(n, 1):.5f} vs {a:.5f} ({z:+.2f} sigma, bound {sigmas:g})")
+
+
+def goodness_of_fit(name: str, counts, probs, min_p: float = MIN_P_VALUE) -> Check:
+    """Chi-square test of counts against probs; zero-probability cells must be empty."""
+    counts = np.asarray(counts, dtype=np.float64)
+    probs = np.asarray(probs, dtype=np.float64)
+    probs = probs / probs.sum()
+    n = counts.sum()
+    zero = probs <= 0
+    if np.any(counts[zero] > 0):
+        return Check(name, False, f"{int(counts[zero].sum())} draws landed on zero-probability cells")
+    if n == 0:
+        return Check(name, True, "no samples")
+    expected = probs[~zero] * n
+    obs = counts[~zero]
+    order = np.argsort(expected)               # pool the smallest cells until each expects >= 5
+    e_s, o_s = expected[order], obs[order]
+    bins_e, bins_o, acc_e, acc_o = [], [], 0.0, 0.0
+    for e, o in zip(e_s, o_s):
+        acc_e += e
+        acc_o += o
+        if acc_e >= 5:
+            bins_e.append(acc_e)
+            bins_o.append(acc_o)
+            acc_e = acc_o = 0.0
+    if acc_e > 0:
+        if bins_e:
+            bins_e[-1] += acc_e
+            bins_o[-1] += acc_o
+        else:
+            bins_e, bins_o = [acc_e], [acc_o]
+    bins_e, bins_o = np.array(bins_e), np.array(bins_o)
+    dof = len(bins_e) - 1
+    if dof == 0:
+        return Check(name, True, f"one cell after pooling (n = {int(n)})")
+    stat = float(np.sum((bins_o - bins_e) ** 2 / bins_e))
+    pv = chi2_sf(stat, dof)
+    return Check(name, pv >= min_p, f"chi2 = {stat:.1f}, dof = {dof}, p = {pv:.3g} (bound {min_p:g}, n = {int(n)})")
+
+
+@dataclass
+class SamplerReport:
+    checks: list = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def failed(self) -> list:
+        return [c.name for c in self.checks if not c.passed]
+
+    def __str__(self) -> str:
+        w = max((len(c.name) for c in self.checks), default=10)
+        lines = [f"{'property':{w}s}  result  detail"]
+        lines += [f"{c.name:{w}s}  {'pass' if c.passed else 'FAIL':6s}  {c.detail}" for c in self.checks]
+        return "\n".join(lines)
+
+
+def sampler_problem(seed=0, K=4, V=6, closeness=0.6):
+    """Per-position distributions p_j (K+1 rows) and q_j (K rows) with zeros on both sides.
+
+    q_j = closeness * p_j + (1 - closeness) * noise, then a few entries zeroed, so alpha_j is
+    moderate and every path of the sampler (accept, reject, bonus) is exercised often.
+    """
+    rng = np.random.default_rng(seed)
+    p = rng.dirichlet(np.ones(V), size=K + 1)
+    p[:, 0] = 0.0                                   # a token the target never emits
+    p /= p.sum(-1, keepdims=True)
+    q = closeness * p[:K] + (1 - closeness) * rng.dirichlet(np.ones(V), size=K)
+    q[:, 1] = 0.0                                   # a token the draft never proposes
+    q /= q.sum(-1, keepdims=True)
+    return p, q
+
+
+def check_sampler(verify_fn, *, seed=0, trials=100_000, K=4, V=6) -> SamplerReport:
+    """Run the calibrated statistical suite against a function with lkref.verify's signature.
+
+    verify_fn(draft_tokens [B, K], draft_probs [B, K, V], target_probs [B, K+1, V], *, rng)
+    must return an object with .num_accepted [B] and .tokens [B, K+1] (as lkref.verify).
+    Every row of the batch is one independent round with the same per-position p_j and
+    q_j, so B = trials rounds are checked at once.  Properties:
+
+      structure        shapes, -1 padding, ids in [0, V), accepted drafts echoed unchanged
+      acceptance[j]    acceptances at j / rounds reaching j  ~  Binomial(reached, alpha_j)
+      accepted-count   histogram of N  ~  theory.accept_length_pmf(alpha)   (chi-square)
+      marginal[j]      token emitted at position j (rounds with N >= j)  ~  p_j   (chi-square)
+    """
+    p, q = sampler_problem(seed, K, V)
+    alphas = np.minimum(p[:K], q).sum(-1)
+    rng = np.random.default_rng(seed + 1)
+    B = trials
+    # drafts drawn from q_j: inverse CDF with the test's own stream
+    cdf = np.cumsum(q, axis=-1)
+    u = rng.random((B, K))
+    drafts = np.minimum((u[..., None] >= cdf[None]).sum(-1), V - 1).astype(np.int64)
+    dq = np.broadcast_to(q, (B, K, V))
+    dp = np.broadcast_to(p, (B, K + 1, V))
+    res = verify_fn(drafts, dq, dp, rng=np.random.default_rng(seed + 2))
+    n = np.asarray(res.num_accepted)
+    tok = np.asarray(res.tokens)
+    report = SamplerReport()
+
+    cols = np.arange(K + 1)[None, :]
+    problems = []
+    if n.shape != (B,) or tok.shape != (B, K + 1):
+        problems.append(f"shapes {n.shape} and {tok.shape}, expected ({B},) and ({B}, {K + 1})")
+    else:
+        if np.any((n < 0) | (n > K)):
+            problems.append("num_accepted outside [0, K]")
+        nn = np.clip(n, 0, K)[:, None]
+        if np.any(tok[cols > nn] != -1):
+            problems.append("tokens after the emitted ones are not -1")
+        if np.any((tok[cols <= nn] < 0) | (tok[cols <= nn] >= V)):
+            problems.append("emitted token ids outside [0, V)")
+        if np.any((tok[:, :K] != drafts) & (cols[:, :K] < nn)):
+            problems.append("accepted positions do not echo the drafts")
+    report.checks.append(Check("structure", not problems, "; ".join(problems) or f"{B} rounds, all well-formed"))
+    if problems:
+        return report
+
+    for j in range(K):
+        reached = int(np.sum(n >= j))
+        acc = int(np.sum(n > j))
+        report.checks.append(binomial_check(f"acceptance[{j}]", acc, reached, float(alphas[j])))
+    hist = np.bincount(n, minlength=K + 1)
+    report.checks.append(goodness_of_fit("accepted-count", hist, accept_length_pmf(alphas)))
+    for j in range(K + 1):
+        sel = n >= j
+        counts = np.bincount(tok[sel, j], minlength=V)
+        report.checks.append(goodness_of_fit(f"marginal[{j}]", counts, p[j]))
+    return report

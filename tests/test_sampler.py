@@ -1,0 +1,289 @@
+"""verify() and verify_greedy(): calibrated statistical tests, each with planted-bug controls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import lkref
+from lkref.sampler import sample_rows, verify, verify_greedy
+from lkref.testing import check_sampler
+
+from .planted import BUGS, planted_verify
+
+
+def draw(rng, q):
+    """One draft token per row of q [..., V] (the test's own sampler, inverse CDF)."""
+    cdf = np.cumsum(q, -1)
+    u = rng.random(q.shape[:-1])
+    return np.minimum((u[..., None] >= cdf).sum(-1), q.shape[-1] - 1).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------
+# the calibrated suite, on lkref and on the planted bugs
+
+
+@pytest.mark.parametrize("seed, K, V", [(0, 4, 6), (1, 3, 9), (2, 6, 5), (3, 1, 3)])
+def test_verify_passes_the_statistical_suite(seed, K, V):
+    report = check_sampler(verify, seed=seed, K=K, V=V)
+    assert report.passed, str(report)
+
+
+def test_the_control_sampler_without_a_bug_passes():
+    report = check_sampler(planted_verify(None))
+    assert report.passed, str(report)
+
+
+# Which properties each planted bug must break (the default problem, K = 4); "acceptance[*]"
+# means at least one position's acceptance check.  A shared uniform keeps every marginal
+# acceptance rate right and only correlates the positions, so it shows at j >= 1 only.
+EXPECTED_FAILURES = {
+    "always_accept": {"acceptance[0]", "accepted-count", "marginal[0]"},
+    "residual_is_p": {"marginal[0]"},
+    "shared_uniform": {"acceptance[*]", "accepted-count"},
+    "bonus_wrong_row": {"marginal[4]"},
+    "residual_drafted_only": {"marginal[0]"},
+}
+
+
+@pytest.mark.parametrize("bug", BUGS)
+def test_planted_bug_is_caught(bug):
+    report = check_sampler(planted_verify(bug))
+    failed = set(report.failed())
+    assert not report.passed
+    for name in EXPECTED_FAILURES[bug]:
+        if name.endswith("[*]"):
+            assert any(f.startswith(name[:-3] + "[") for f in failed), f"{bug}: no {name} failed\n{report}"
+        else:
+            assert name in failed, f"{bug} was not caught by {name}:\n{report}"
+    assert "acceptance[0]" not in failed or bug == "always_accept"   # position 0 sees no correlation
+
+
+def test_bonus_bug_is_invisible_to_the_acceptance_checks():
+    """The acceptance checks are about acceptance only: a wrong bonus row must pass them."""
+    report = check_sampler(planted_verify("bonus_wrong_row"))
+    assert set(report.failed()) == {"marginal[4]"}
+
+
+# --------------------------------------------------------------------------------------
+# edge cases
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_p_equal_to_q_always_accepts_even_with_zeros_and_tiny_values(xp, dtype):
+    rng = np.random.default_rng(0)
+    B, K = 2000, 5
+    q = np.array([0.0, 1e-30, 1e-38, 0.25, 0.75 - 2e-30], dtype=dtype)
+    q = np.broadcast_to(q / q.sum(dtype=np.float64).astype(dtype), (B, K, 5)).copy()
+    tok = draw(rng, q.astype(np.float64))
+    tok[:, 0] = 1                                   # the tiny-probability token, drafted on purpose
+    tok[:, 1] = 2
+    p = np.concatenate([q, q[:, :1]], axis=1)
+    r = verify(xp.asarray(tok), xp.asarray(q), xp.asarray(p), rng=np.random.default_rng(1) if xp is np
+               else xp.random.default_rng(1))
+    assert np.all(lkref.backend.to_numpy(r.num_accepted) == K)
+
+
+def test_disjoint_supports_never_accept():
+    rng = np.random.default_rng(2)
+    B, K, V = 5000, 3, 6
+    q = np.zeros((B, K, V))
+    q[..., :3] = 1 / 3
+    p = np.zeros((B, K + 1, V))
+    p[..., 3:] = [0.2, 0.3, 0.5]
+    r = verify(draw(rng, q), q, p, rng=rng)
+    assert np.all(r.num_accepted == 0)
+    counts = np.bincount(r.tokens[:, 0], minlength=V)
+    assert np.all(counts[:3] == 0)
+    assert lkref.testing.goodness_of_fit("residual", counts, p[0, 0]).passed
+    assert np.all(r.tokens[:, 1:] == -1)
+
+
+def test_a_token_with_zero_target_probability_is_never_accepted_even_at_u_zero():
+    q = np.array([[[0.5, 0.5]]])
+    p = np.array([[[0.0, 1.0], [0.5, 0.5]]])
+    r = verify(np.array([[0]]), q, p, rng=np.random.default_rng(0), uniforms=np.zeros((1, 1)))
+    assert r.num_accepted[0] == 0 and r.tokens[0, 0] == 1
+
+
+def test_a_draft_with_zero_draft_probability_is_never_accepted():
+    q = np.array([[[1.0, 0.0]]])                    # inconsistent: token 1 could not have been drawn
+    p = np.array([[[0.5, 0.5], [0.5, 0.5]]])
+    r = verify(np.array([[1]]), q, p, rng=np.random.default_rng(0), uniforms=np.zeros((1, 1)))
+    assert r.num_accepted[0] == 0
+    assert r.tokens[0, 0] == 1                      # the residual max(p - q, 0) is all on token 1
+
+
+def test_inconsistent_rows_fall_back_to_p_and_stay_in_range():
+    q = np.array([[[0.5, 0.5, 0.0]]] * 200)
+    p = np.array([[[0.1, 0.1, 0.0], [0.0, 0.3, 0.7]]] * 200)   # unnormalised: p < q, residual empty
+    r = verify(np.zeros((200, 1), np.int64), q, p, rng=np.random.default_rng(0), validate=False)
+    emitted = r.tokens[r.num_accepted == 0, 0]
+    assert len(emitted) > 0 and set(emitted.tolist()) <= {0, 1}       # p[0] restricted to p > 0
+    bonus = r.tokens[r.num_accepted == 1, 1]
+    assert set(bonus.tolist()) <= {1, 2}
+
+
+def test_k_zero_samples_the_bonus_from_p():
+    rng = np.random.default_rng(3)
+    p = np.array([0.1, 0.0, 0.6, 0.3])
+    B = 20000
+    r = verify(np.zeros((B, 0), np.int64), np.zeros((B, 0, 4)), np.broadcast_to(p, (B, 1, 4)), rng=rng)
+    assert r.tokens.shape == (B, 1) and np.all(r.num_accepted == 0)
+    assert lkref.testing.goodness_of_fit("bonus", np.bincount(r.tokens[:, 0], minlength=4), p).passed
+    assert not lkref.testing.goodness_of_fit("control", np.bincount(r.tokens[:, 0], minlength=4),
+                                             [0.25, 0.0, 0.45, 0.3]).passed
+
+
+def test_long_drafts():
+    K = 64
+    report = check_sampler(verify, K=K, V=5, trials=20000, seed=4)
+    assert report.checks[0].passed, str(report)
+    rng = np.random.default_rng(5)
+    q = np.broadcast_to(np.array([0.2, 0.3, 0.5]), (10, K, 3))
+    p = np.broadcast_to(np.array([0.2, 0.3, 0.5]), (10, K + 1, 3))
+    r = verify(draw(rng, q), q, p, rng=rng)
+    assert np.all(r.num_accepted == K) and np.all(r.tokens >= 0)
+
+
+def test_two_token_vocabulary_passes_the_suite():
+    report = check_sampler(verify, V=3, K=3, seed=6)     # V = 3 with one token zeroed on each side
+    assert report.passed, str(report)
+    rng = np.random.default_rng(7)
+    q = np.broadcast_to([0.3, 0.7], (50000, 2, 2))
+    p = np.broadcast_to([0.6, 0.4], (50000, 3, 2))
+    r = verify(draw(rng, q), q, p, rng=rng)
+    assert lkref.testing.binomial_check("a", int((r.num_accepted > 0).sum()), 50000, 0.7).passed
+    assert lkref.testing.goodness_of_fit("m", np.bincount(r.tokens[:, 0], minlength=2), [0.6, 0.4]).passed
+
+
+def test_large_vocabulary():
+    rng = np.random.default_rng(8)
+    B, K, V = 64, 3, 50_000
+    p = rng.dirichlet(np.full(V, 0.05), size=(B, K + 1))
+    q = 0.5 * p[:, :K] + 0.5 * rng.dirichlet(np.full(V, 0.05), size=(B, K))
+    r = verify(draw(rng, q), q, p, rng=rng)
+    n = r.num_accepted
+    for b in range(B):
+        emitted = r.tokens[b, : n[b] + 1]
+        assert np.all(p[b, np.arange(n[b] + 1), emitted] > 0)
+        assert np.all(r.tokens[b, n[b] + 1:] == -1)
+
+
+def test_ragged_rows_never_use_unused_positions():
+    rng = np.random.default_rng(9)
+    B, K, V = 3000, 4, 5
+    p, q = lkref.testing.sampler_problem(0, K, V)
+    nd = rng.integers(0, K + 1, size=B)
+    tok = draw(rng, np.broadcast_to(q, (B, K, V)))
+    qq = np.broadcast_to(q, (B, K, V)).copy()
+    pp = np.broadcast_to(p, (B, K + 1, V)).copy()
+    for b in range(B):
+        tok[b, nd[b]:] = -1
+        qq[b, nd[b]:] = np.nan
+        pp[b, nd[b] + 1:] = np.nan
+    r = verify(tok, qq, pp, rng=rng, num_draft=nd)
+    assert np.all(r.num_accepted <= nd)
+    for b in range(0, B, 97):
+        assert np.all(r.tokens[b, r.num_accepted[b] + 1:] == -1)
+    # a row whose drafts were all accepted takes its bonus from p[num_draft]: check the marginal
+    full = r.num_accepted == nd
+    for j in range(K + 1):
+        sel = full & (nd == j)
+        if sel.sum() > 50:
+            counts = np.bincount(r.tokens[sel, j], minlength=V)
+            assert lkref.testing.goodness_of_fit("bonus", counts, p[j]).passed
+
+
+def test_one_hot_target_behaves_as_greedy():
+    rng = np.random.default_rng(10)
+    B, K, V = 500, 4, 7
+    logits = rng.standard_normal((B, K + 1, V))
+    p = np.eye(V)[logits.argmax(-1)]
+    q = rng.dirichlet(np.ones(V), size=(B, K))
+    tok = draw(rng, q)
+    tok[:250] = logits[:250, :K].argmax(-1)             # half the rows draft the argmax
+    a = verify(tok, q, p, rng=rng)
+    g = verify_greedy(tok, p)
+    np.testing.assert_array_equal(a.num_accepted, g.num_accepted)
+    np.testing.assert_array_equal(a.tokens, g.tokens)
+    assert np.all(g.num_accepted[:250] == K)
+
+
+def test_greedy_stops_at_the_first_mismatch():
+    p = np.zeros((1, 4, 3))
+    p[0, [0, 1, 2, 3], [2, 1, 0, 1]] = 1
+    r = verify_greedy(np.array([[2, 1, 1]]), p)
+    assert r.num_accepted[0] == 2
+    np.testing.assert_array_equal(r.tokens[0], [2, 1, 0, -1])
+    r = verify_greedy(np.array([[2, 1, 0]]), p)
+    np.testing.assert_array_equal(r.tokens[0], [2, 1, 0, 1])
+
+
+def test_a_fixed_seed_gives_identical_output():
+    p, q = lkref.testing.sampler_problem(1)
+    rng = np.random.default_rng(0)
+    tok = draw(rng, np.broadcast_to(q, (100, 4, 6)))
+    args = (tok, np.broadcast_to(q, (100, 4, 6)), np.broadcast_to(p, (100, 5, 6)))
+    a = verify(*args, rng=np.random.default_rng(42))
+    b = verify(*args, rng=np.random.default_rng(42))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_sample_rows_never_returns_a_zero_weight_index():
+    w = np.array([[0.0, 1.0, 0.0, 2.0, 0.0]] * 4)
+    u = np.array([0.0, 1 / 3, np.nextafter(1.0, 0), 0.5])
+    np.testing.assert_array_equal(sample_rows(w, u), [1, 3, 3, 3])
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(0, 6), st.integers(2, 8), st.integers(1, 20))
+def test_output_is_always_structurally_valid(seed, K, V, B):
+    rng = np.random.default_rng(seed)
+    p = rng.dirichlet(np.full(V, 0.3), size=(B, K + 1))
+    p[p < 0.05] = 0
+    p /= p.sum(-1, keepdims=True)
+    q = rng.dirichlet(np.full(V, 0.3), size=(B, K))
+    q[q < 0.05] = 0
+    q /= q.sum(-1, keepdims=True)
+    nd = rng.integers(0, K + 1, size=B)
+    r = verify(draw(rng, q) if K else np.zeros((B, 0), np.int64), q, p, rng=rng, num_draft=nd)
+    n, tok = r.num_accepted, r.tokens
+    assert tok.shape == (B, K + 1) and tok.dtype == np.int64
+    for b in range(B):
+        assert 0 <= n[b] <= nd[b]
+        emitted = tok[b, : n[b] + 1]
+        assert np.all((emitted >= 0) & (emitted < V))
+        assert np.all(p[b, np.arange(n[b] + 1), emitted] > 0)      # never a zero-probability token
+        assert np.all(tok[b, n[b] + 1:] == -1)
+
+
+# --------------------------------------------------------------------------------------
+# bad input
+
+
+P3 = np.full((2, 3, 4), 0.25)
+Q2 = np.full((2, 2, 4), 0.25)
+T2 = np.zeros((2, 2), np.int64)
+
+
+@pytest.mark.parametrize("args, kw, err, match", [
+    ((T2.astype(float), Q2, P3), {}, TypeError, "draft_tokens must be an integer"),
+    ((T2[0], Q2, P3), {}, ValueError, "draft_tokens must have shape"),
+    ((T2, Q2, P3[:, :2]), {}, ValueError, "target_probs must have shape"),
+    ((T2, Q2[:, :, :3], P3), {}, ValueError, "draft_probs must have shape"),
+    ((T2 + 4, Q2, P3), {}, ValueError, "draft_tokens has ids outside"),
+    ((T2 - 1, Q2, P3), {}, ValueError, "draft_tokens has ids outside"),
+    ((T2, -Q2, P3), {}, ValueError, "draft_probs has negative"),
+    ((T2, Q2, P3 * np.nan), {}, ValueError, "target_probs has negative or non-finite"),
+    ((T2, Q2, P3 * 0), {}, ValueError, "target_probs has an all-zero row"),
+    ((T2, Q2, P3), {"num_draft": np.array([3, 0])}, ValueError, "num_draft must lie in"),
+    ((T2, Q2, P3), {"num_draft": np.array([1])}, ValueError, "num_draft must have shape"),
+    ((T2, Q2, P3), {"uniforms": np.ones((2, 2))}, ValueError, "uniforms must lie in"),
+    ((T2, Q2, P3), {"rng": 0}, TypeError, "rng must be a numpy.random.Generator"),
+])
+def test_verify_bad_input(args, kw, err, match):
+    kw = {"rng": np.random.default_rng(0), **kw}
+    with pytest.raises(err, match=match):
+        verify(*args, **kw)
