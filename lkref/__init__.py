@@ -26,7 +26,7 @@ from .losses import (
 from .positions import LOSSES, MultiPositionResult, multi_position
 from .validation import TARGET_SUM_ATOL
 from .sampler import VerifyResult, verify, verify_greedy
-from .generate import GenerateResult, MarkovChain, generate, warp
+from .decoding import GenerateResult, MarkovChain, generate, warp
 from . import theory, testing
 
 __version__ = "0.1.0"

@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-import lkref.generate as gen
-from lkref.generate import MarkovChain, generate, warp
+import lkref.decoding as gen
+from lkref.decoding import MarkovChain, generate, warp
 from lkref.testing import goodness_of_fit
 
 from .planted import planted_verify
