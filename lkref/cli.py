@@ -1,8 +1,9 @@
-"""The command line: python -m lkref {info} ..."""
+"""The command line: python -m lkref {info, demo, toy gaussian, train} ..."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 
@@ -33,11 +34,97 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _write_json(obj, path):
+    if path:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=2)
+        print(f"written to {path}")
+
+
+def _pair(text):
+    try:
+        mu, sigma = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MU,SIGMA, got {text!r}") from None
+    if sigma <= 0:
+        raise argparse.ArgumentTypeError(f"SIGMA must be > 0, got {sigma}")
+    return mu, sigma
+
+
+def cmd_toy(args) -> int:
+    from .toy.gaussian import PAPER_MIXTURE, fit_gaussian, parse_mixture
+
+    mixture = parse_mixture(args.mixture) if args.mixture else PAPER_MIXTURE
+    fit = fit_gaussian(args.loss, mixture=mixture, init=args.init, steps=args.steps, eta=args.eta)
+    print(f"{args.loss}: mu = {fit.mu:.4f}  sigma = {fit.sigma:.4f}  alpha = {100 * fit.alpha:.2f} %  "
+          f"loss = {fit.loss:.6f}")
+    _write_json(fit.as_dict(), args.json)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .toy.train import TrainConfig, train
+
+    cfg = TrainConfig(loss=args.loss, draft=args.draft, vocab=args.vocab, heads=args.heads, hidden=args.hidden,
+                      steps=args.steps, seed=args.seed, temperature=args.temperature, eta=args.eta)
+    print(f"training a {cfg.draft} draft with {cfg.loss}: V = {cfg.vocab}, K = {cfg.heads}, hidden = {cfg.hidden}, "
+          f"{cfg.steps} steps, seed {cfg.seed}")
+    r = train(cfg, progress=print)
+    print("alpha per position   " + " ".join(f"{a:.4f}" for a in r["alpha_per_position"]))
+    print(f"tau (theory)         {r['accept_length_theory']:.4f}")
+    print(f"tau (measured)       {r['accept_length_measured']:.4f}  ({r['target_calls']} target calls)")
+    print(f"loss                 {r['loss_first']:.4f} -> {r['loss_last']:.4f}   ({r['seconds']:.1f} s)")
+    _write_json(r, args.json)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .toy.demo import run_demo
+
+    run_demo(quick=args.quick, seeds=args.seeds, json_path=args.json, plot_path=args.plot or None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .positions import LOSSES
+    from .toy.gaussian import TOY_LOSSES
+
     ap = argparse.ArgumentParser(prog="python -m lkref", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="backends, devices, and a small worked example")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="train toy drafts with every loss and compare (the main job)")
+    p.add_argument("--quick", action="store_true", help="a smaller run, under 30 s")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 2, 1 with --quick)")
+    p.add_argument("--json", default=None, help="write all results to this JSON file")
+    p.add_argument("--plot", default="lkref_demo.png", help="PNG path (needs matplotlib; '' for none)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("toy", help="the paper's motivating toy")
+    toy = p.add_subparsers(dest="toy", required=True)
+    g = toy.add_parser("gaussian", help="fit one Gaussian to a mixture (paper Fig. 2)")
+    g.add_argument("--loss", choices=TOY_LOSSES, required=True)
+    g.add_argument("--mixture", default=None, help="W:MU:SIGMA,... (default: the paper's mixture)")
+    g.add_argument("--init", type=_pair, default=(0.0, 4.0), help="MU,SIGMA to start from (default 0,4)")
+    g.add_argument("--steps", type=int, default=3000)
+    g.add_argument("--eta", type=float, default=3.0, help="eta of LK^lambda")
+    g.add_argument("--json", default=None)
+    g.set_defaults(func=cmd_toy)
+
+    p = sub.add_parser("train", help="train a toy draft against the toy target LM")
+    p.add_argument("--loss", choices=sorted(LOSSES), required=True)
+    p.add_argument("--draft", choices=("heads", "ar"), default="heads")
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4, help="K, the draft positions")
+    p.add_argument("--hidden", type=int, default=32, help="the draft's capacity")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--eta", type=float, default=None,
+                   help="eta of LK^lambda (default: the paper's, 10 for heads, 3 for ar)")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_train)
     return ap
 
 

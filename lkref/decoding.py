@@ -8,6 +8,13 @@ A model is any object with one method
 It must be causal: probs[b, t] may depend on tokens[b, :t+1] only, because rows of
 different lengths share one padded batch (padding sits after each row's end).
 
+A draft may instead be a multi-head draft (Medusa, MLP speculator) with the method
+
+    head_probs(tokens) -> probs [B, L, K, V], probs[b, t, j] = its guess for x_{t+j+1}
+
+Then one call proposes all k <= K drafts at once, draft j drawn from head j's q.  Each
+draft is still drawn from exactly the q that verify() is told, so the output stays exact.
+
 One round of generate(): the draft proposes k tokens one at a time (sampling each from its
 warped distribution q), the target scores all of them in one call, and verify() accepts a
 prefix and emits one more token.  Temperature, top-k and top-p are applied to p and q
@@ -131,6 +138,9 @@ def generate(target, draft, prompt, *, max_new_tokens, k, rng, temperature=1.0, 
         check_real_scalar(top_p, "top_p", low=0, low_inclusive=False, high=1)
     xp = namespace(prompt)
     greedy = T == 0
+    multi_head = draft is not None and hasattr(draft, "head_probs")
+    if multi_head and k > getattr(draft, "heads", k):
+        raise ValueError(f"k = {k} is more drafts than the draft has heads ({draft.heads})")
 
     def dist(probs):
         return probs if greedy else warp(probs, T, top_k, top_p)
@@ -151,14 +161,16 @@ def generate(target, draft, prompt, *, max_new_tokens, k, rng, temperature=1.0, 
         if not bool(xp.any(active)):
             break
         nd = xp.where(active, xp.clip(xp.minimum(k, remaining - 1), 0, None), 0)
-        # draft: k tokens, one call each
+        # draft: k tokens, one call each (or one call for a multi-head draft)
         drafts = xp.zeros((B, k), dtype=xp.int64)
-        qs = xp.zeros((B, k, 1)) if greedy else None
         q_rows = []
+        heads = draft.head_probs(buf[:, :int(lengths.max())])[b, lengths - 1] if multi_head and k else None
         for j in range(k):
-            L = int(lengths.max()) + j
-            probs = draft.next_token_probs(buf[:, :L])
-            q = dist(_at(probs, lengths + j, xp.zeros(1, dtype=xp.int64), xp)[:, 0])
+            if multi_head:
+                q = dist(heads[:, j])
+            else:
+                probs = draft.next_token_probs(buf[:, :int(lengths.max()) + j])
+                q = dist(_at(probs, lengths + j, xp.zeros(1, dtype=xp.int64), xp)[:, 0])
             x = xp.argmax(q, axis=-1) if greedy else sample_rows(q, rng.random(B, dtype=xp.float64))
             drafts[:, j] = x
             buf[b, lengths + j] = x

@@ -67,7 +67,7 @@ __all__ = [
     "lk_lambda_forward", "lk_lambda_backward",
     "mean_forward", "mean_backward",
     "kl", "tv", "lk_alpha", "lk_lambda",
-    "lambda_from_alpha",
+    "lambda_from_alpha", "LOSSES_BY_NAME",
 ]
 
 
@@ -377,3 +377,7 @@ def lk_lambda(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_t
     losses, cache = lk_lambda_forward(z, p, lam, temperature=T, p_kl=p_kl)
     loss, grad = _reduce(losses, cache, lk_lambda_backward, w, out_dtype)
     return LossResult(loss, grad, cache["tv"]["alpha"], lam)
+
+
+#: The reduced losses by name.
+LOSSES_BY_NAME = {"kl": kl, "tv": tv, "lk_alpha": lk_alpha, "lk_lambda": lk_lambda}

@@ -20,7 +20,7 @@ from .validation import check_real_scalar
 __all__ = ["MultiPositionResult", "multi_position", "LOSSES"]
 
 #: The reduced losses by name, for the command line and multi_position(loss="...").
-LOSSES = {"kl": _losses.kl, "tv": _losses.tv, "lk_alpha": _losses.lk_alpha, "lk_lambda": _losses.lk_lambda}
+LOSSES = _losses.LOSSES_BY_NAME
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,116 @@
+"""The paper's motivating toy (its section 3.3, Fig. 2): one Gaussian fitted to a mixture.
+
+The target is a Gaussian mixture, the draft one Gaussian N(mu, sigma); both are
+discretised on a fine grid x_i, so the draft is q = softmax(z) with logits
+z_i = -(x_i - mu)^2 / (2 sigma^2), and every loss gradient comes from lkref itself
+(d loss / d z), chained by hand into the two parameters mu and s = log sigma:
+
+    dz_i / dmu = (x_i - mu) / sigma^2          dz_i / ds = (x_i - mu)^2 / sigma^2
+
+Reverse KL, KL(q || p) = sum_i q_i (log q_i - log p_i), is not an lkref loss; its
+gradient is written here: d/dz_j = q_j (log q_j - log p_j - KL(q || p)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import losses
+from .optim import AdamW, cosine_lr
+
+__all__ = ["PAPER_MIXTURE", "GaussianFit", "parse_mixture", "mixture_probs", "fit_gaussian", "TOY_LOSSES"]
+
+#: 0.5 N(-4, 1^2) + 0.25 N(0, 0.5^2) + 0.25 N(6, 0.5^2): (weight, mean, std) per component.
+PAPER_MIXTURE = ((0.5, -4.0, 1.0), (0.25, 0.0, 0.5), (0.25, 6.0, 0.5))
+TOY_LOSSES = ("kl", "reverse_kl", "tv", "lk_alpha", "lk_lambda")
+
+
+def parse_mixture(text: str):
+    """'W:MU:SIGMA,W:MU:SIGMA,...' -> ((w, mu, sigma), ...), weights renormalised."""
+    comps = []
+    for part in text.split(","):
+        try:
+            w, mu, s = (float(v) for v in part.split(":"))
+        except ValueError as exc:
+            raise ValueError(f"mixture component {part!r} is not W:MU:SIGMA") from exc
+        if w <= 0 or s <= 0:
+            raise ValueError(f"mixture component {part!r} needs W > 0 and SIGMA > 0")
+        comps.append((w, mu, s))
+    total = sum(c[0] for c in comps)
+    return tuple((w / total, mu, s) for w, mu, s in comps)
+
+
+def grid_for(mixture, points_per_unit=100, margin=8.0):
+    lo = min(mu - margin * s for _, mu, s in mixture) - 4
+    hi = max(mu + margin * s for _, mu, s in mixture) + 4
+    return np.linspace(lo, hi, int((hi - lo) * points_per_unit) + 1)
+
+
+def mixture_probs(x, mixture):
+    """The mixture discretised on the grid x: log-densities combined by logsumexp, normalised."""
+    logs = np.stack([np.log(w) - np.log(s) - 0.5 * ((x - mu) / s) ** 2 for w, mu, s in mixture])
+    top = logs.max(0)
+    logp = top + np.log(np.exp(logs - top).sum(0))
+    logp -= logp.max()
+    p = np.exp(logp)
+    return p / p.sum()
+
+
+def _reverse_kl(z, p):
+    logq = losses.log_softmax(z)
+    q = np.exp(logq)
+    with np.errstate(divide="ignore"):
+        logp = np.where(p > 0, np.log(np.where(p > 0, p, 1)), -np.inf)
+    val = np.sum(q * (logq - logp))
+    return val, q * (logq - logp - val)
+
+
+@dataclass
+class GaussianFit:
+    loss_name: str
+    mu: float
+    sigma: float
+    alpha: float
+    loss: float
+    steps: int
+
+    def as_dict(self):
+        return {"loss_name": self.loss_name, "mu": self.mu, "sigma": self.sigma,
+                "alpha": self.alpha, "loss": self.loss, "steps": self.steps}
+
+
+def fit_gaussian(loss: str, mixture=PAPER_MIXTURE, init=(0.0, 4.0), steps=3000, lr=0.05,
+                 eta=3.0) -> GaussianFit:
+    """Fit N(mu, sigma) to the mixture by AdamW on (mu, log sigma) with lkref's gradients."""
+    if loss not in TOY_LOSSES:
+        raise ValueError(f"loss must be one of {TOY_LOSSES}, got {loss!r}")
+    if init[1] <= 0:
+        raise ValueError(f"init sigma must be > 0, got {init[1]}")
+    x = grid_for(mixture)
+    p = mixture_probs(x, mixture)
+    params = {"mu": np.array(float(init[0])), "s": np.array(np.log(init[1]))}
+    opt = AdamW(params, betas=(0.9, 0.95))
+
+    def evaluate(mu, s):
+        sigma = np.exp(s)
+        z = -0.5 * ((x - mu) / sigma) ** 2
+        if loss == "reverse_kl":
+            val, dz = _reverse_kl(z, p)
+        else:
+            r = losses.LOSSES_BY_NAME[loss](z, p, **({"eta": eta} if loss == "lk_lambda" else {}))
+            val, dz = float(r.loss), r.grad
+        return z, float(val), dz, sigma
+
+    for step in range(steps):
+        mu, s = float(params["mu"]), float(params["s"])
+        z, val, dz, sigma = evaluate(mu, s)
+        d = x - mu
+        grads = {"mu": np.array(np.sum(dz * d) / sigma ** 2),
+                 "s": np.array(np.sum(dz * d * d) / sigma ** 2)}
+        opt.step(grads, cosine_lr(step, steps, lr, warmup=50, floor=0.01))
+    mu, s = float(params["mu"]), float(params["s"])
+    z, val, _, sigma = evaluate(mu, s)
+    q = np.exp(losses.log_softmax(z))
+    return GaussianFit(loss, mu, float(sigma), float(np.minimum(p, q).sum()), val, steps)

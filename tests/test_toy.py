@@ -1,0 +1,179 @@
+"""The toys: the paper's Fig. 2, hand-written model gradients, and training behaviour."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lkref.toy.gaussian import fit_gaussian, mixture_probs, grid_for, PAPER_MIXTURE, parse_mixture
+from lkref.toy.lm import ARDraft, HeadsDraft, TargetLM, contexts, sample_sequences
+from lkref.toy.optim import AdamW, clip_by_global_norm, cosine_lr
+from lkref.toy.train import TargetTable, TrainConfig, loss_and_grads, train
+
+
+# --------------------------------------------------------------------------------------
+# the motivating toy
+
+
+@pytest.mark.parametrize("loss, mu, sigma, alpha", [
+    ("kl", -0.50, 4.17, 0.502),
+    ("tv", -2.96, 2.04, 0.602),
+    ("lk_alpha", -2.96, 2.04, 0.602),     # -log alpha has the optimum of TV for one position
+    ("reverse_kl", -3.93, 1.10, 0.508),
+])
+def test_gaussian_toy_reproduces_paper_figure_2(loss, mu, sigma, alpha):
+    fit = fit_gaussian(loss)
+    assert abs(fit.alpha - alpha) <= 0.01          # within one point, as the paper reports it
+    assert abs(fit.mu - mu) <= 0.05 and abs(fit.sigma - sigma) <= 0.05
+
+
+def test_gaussian_toy_lk_lambda_sits_between_kl_and_tv():
+    kl, lam, tv = (fit_gaussian(n).alpha for n in ("kl", "lk_lambda", "tv"))
+    assert kl < lam < tv
+
+
+def test_mixture_is_normalised_and_parsed():
+    x = grid_for(PAPER_MIXTURE)
+    p = mixture_probs(x, PAPER_MIXTURE)
+    assert abs(p.sum() - 1) < 1e-12 and np.all(p >= 0)
+    assert parse_mixture("1:0:1,1:5:2") == ((0.5, 0.0, 1.0), (0.5, 5.0, 2.0))
+    with pytest.raises(ValueError, match="W:MU:SIGMA"):
+        parse_mixture("1:2")
+    with pytest.raises(ValueError, match="SIGMA > 0"):
+        parse_mixture("1:0:-1")
+
+
+def test_gaussian_cli_writes_json(tmp_path):
+    out = tmp_path / "fit.json"
+    subprocess.run([sys.executable, "-m", "lkref", "toy", "gaussian", "--loss", "kl", "--steps", "300",
+                    "--json", str(out)], check=True, capture_output=True)
+    d = json.loads(out.read_text())
+    assert {"mu", "sigma", "alpha", "loss"} <= set(d)
+
+
+# --------------------------------------------------------------------------------------
+# hand-written model gradients
+
+
+def fd_check(model, ctx, dlogits, h=1e-6):
+    logits, cache = model.forward(ctx)
+    grads = model.backward(dlogits, cache)
+    for name, p in model.params.items():
+        g = np.zeros_like(p)
+        it = np.nditer(p, flags=["multi_index"])
+        for _ in it:
+            i = it.multi_index
+            old = p[i]
+            p[i] = old + h
+            up = np.sum(dlogits * model.forward(ctx)[0])
+            p[i] = old - h
+            down = np.sum(dlogits * model.forward(ctx)[0])
+            p[i] = old
+            g[i] = (up - down) / (2 * h)
+        np.testing.assert_allclose(grads[name], g, rtol=1e-6, atol=1e-8, err_msg=name)
+
+
+@pytest.mark.parametrize("make", [lambda: HeadsDraft(7, 3, 5, embed=3, seed=1), lambda: ARDraft(7, 5, embed=3, seed=2)])
+def test_draft_backward_matches_finite_differences(make):
+    model = make()
+    rng = np.random.default_rng(0)
+    for p in model.params.values():                 # move off the small init so tanh is not linear
+        p += rng.standard_normal(p.shape) * 0.3
+    ctx = rng.integers(0, 7, size=(6, 2))
+    ctx[1] = ctx[0]                                 # repeated tokens exercise the scatter-add
+    logits, _ = model.forward(ctx)
+    fd_check(model, ctx, rng.standard_normal(logits.shape))
+
+
+def test_training_gradient_matches_finite_differences_of_the_objective():
+    cfg = TrainConfig(loss="lk_alpha", vocab=6, heads=2, hidden=4, seq_len=8, train_sequences=4)
+    rng = np.random.default_rng(1)
+    target = TargetLM(6, embed=3, hidden=8, seed=3)
+    tokens = sample_sequences(target, 4, 8, rng)
+    table = TargetTable(target, tokens, 1.0)
+    draft = HeadsDraft(6, 2, 4, embed=3, seed=4)
+    for p in draft.params.values():
+        p += rng.standard_normal(p.shape) * 0.3
+    b, t = np.array([0, 1, 2, 3]), np.array([1, 2, 3, 4])
+    res, grads = loss_and_grads(draft, table, b, t, cfg)
+    W = draft.params["W1"]
+    g = np.zeros_like(W)
+    for i in np.ndindex(W.shape):
+        old = W[i]
+        W[i] = old + 1e-6
+        up = float(loss_and_grads(draft, table, b, t, cfg)[0].loss)
+        W[i] = old - 1e-6
+        down = float(loss_and_grads(draft, table, b, t, cfg)[0].loss)
+        W[i] = old
+        g[i] = (up - down) / 2e-6
+    np.testing.assert_allclose(grads["W1"], g, rtol=1e-6, atol=1e-9)
+
+
+def test_target_is_a_valid_model():
+    target = TargetLM(11, hidden=16, seed=0)
+    tokens = np.random.default_rng(0).integers(0, 11, size=(3, 5))
+    p = target.next_token_probs(tokens)
+    assert p.shape == (3, 5, 11)
+    np.testing.assert_allclose(p.sum(-1), 1.0)
+    np.testing.assert_allclose(p[1, 3], target.probs(contexts(tokens, (np.array([1]), np.array([3]))))[0])
+    sharp = TargetLM(11, hidden=16, seed=0, sharpness=16.0).probs(np.array([[1, 2]]))
+    flat = TargetLM(11, hidden=16, seed=0, sharpness=1.0).probs(np.array([[1, 2]]))
+    entropy = lambda q: -np.sum(q * np.log(q))  # noqa: E731
+    assert entropy(sharp) < entropy(flat)           # the entropy knob
+
+
+# --------------------------------------------------------------------------------------
+# the optimiser and training
+
+
+def test_optimiser_pieces():
+    assert cosine_lr(0, 100, 1.0, 10) == pytest.approx(0.1)
+    assert cosine_lr(9, 100, 1.0, 10) == pytest.approx(1.0)
+    assert cosine_lr(100, 100, 1.0, 10, floor=0.1) == pytest.approx(0.1)
+    g = {"a": np.array([3.0]), "b": np.array([4.0])}
+    assert clip_by_global_norm(g, 1.0) == pytest.approx(5.0)
+    assert np.hypot(g["a"][0], g["b"][0]) == pytest.approx(1.0)
+    p = {"w": np.array([1.0])}
+    opt = AdamW(p, weight_decay=0.0)
+    opt.step({"w": np.array([0.5])}, lr=0.1)
+    assert p["w"][0] == pytest.approx(0.9)          # Adam's first step moves by lr * sign(g)
+
+
+SMALL = dict(vocab=32, hidden=16, steps=60, train_sequences=64, eval_sequences=16, eval_new_tokens=12)
+
+
+@pytest.mark.parametrize("loss", ["kl", "tv", "lk_alpha", "lk_lambda"])
+def test_training_decreases_the_loss_and_raises_alpha(loss):
+    r = train(TrainConfig(loss=loss, **SMALL))
+    assert r["loss_last"] < r["loss_first"]
+    untrained = train(TrainConfig(loss=loss, **{**SMALL, "steps": 1}))
+    assert r["alpha_per_position"][0] > untrained["alpha_per_position"][0]
+
+
+def test_same_seed_same_numbers_and_another_seed_differs():
+    a = train(TrainConfig(loss="lk_lambda", draft="ar", **SMALL))
+    b = train(TrainConfig(loss="lk_lambda", draft="ar", **SMALL))
+    c = train(TrainConfig(loss="lk_lambda", draft="ar", seed=1, **SMALL))
+    for key in ("alpha_per_position", "accept_length_measured", "loss_last"):
+        assert a[key] == b[key]
+    assert a["loss_last"] != c["loss_last"]
+
+
+def test_result_fields_and_theory_agree_with_measurement():
+    r = train(TrainConfig(loss="kl", **{**SMALL, "eval_sequences": 64, "eval_new_tokens": 24}))
+    assert len(r["alpha_per_position"]) == 4
+    assert r["accept_length_theory"] == pytest.approx(1 + np.sum(np.cumprod(r["alpha_per_position"])))
+    assert abs(r["accept_length_measured"] - r["accept_length_theory"]) < 0.15
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="loss must be one of"):
+        train(TrainConfig(loss="ce"))
+    with pytest.raises(ValueError, match="draft must be"):
+        train(TrainConfig(draft="tree"))
+    with pytest.raises(ValueError, match="hidden must be >= 1"):
+        train(TrainConfig(hidden=0))
