@@ -177,3 +177,32 @@ def test_bad_config():
         train(TrainConfig(draft="tree"))
     with pytest.raises(ValueError, match="hidden must be >= 1"):
         train(TrainConfig(hidden=0))
+
+
+def test_demo_verdicts_are_computed_from_the_numbers():
+    from lkref.toy.demo import verdicts
+    sweep = [{"hidden": h, "loss": l, "gain_vs_kl_theory": g}
+             for h, gains in ((8, (0.0, 0.03, 0.03, 0.02)), (128, (0.0, -0.01, -0.02, -0.01)))
+             for l, g in zip(("kl", "tv", "lk_alpha", "lk_lambda"), gains)]
+    big = [{"loss": "kl", "vocab": 4096, "accept_length_theory": 1.5},
+           {"loss": "tv", "vocab": 4096, "accept_length_theory": 1.2},
+           {"loss": "lk_alpha", "vocab": 4096, "accept_length_theory": 1.6}]
+    v = verdicts(sweep, big)
+    assert [ok for _, ok, _ in v] == [True, True, True]
+    assert "deficit" in v[1][2]
+    sweep[2]["gain_vs_kl_theory"] = -0.01            # LK^alpha behind KL at low capacity
+    big[1]["accept_length_theory"] = 1.7
+    v = verdicts(sweep, big)
+    assert [ok for _, ok, _ in v] == [False, True, False]
+
+
+def test_quick_demo_runs_end_to_end(tmp_path, monkeypatch):
+    from lkref.toy import demo
+    monkeypatch.setattr(demo.DemoPlan, "make", classmethod(
+        lambda cls, quick, seeds: cls((4, 16), (0,), 20, 32, 64, 20, 8, 8)))
+    monkeypatch.setattr(demo, "gaussian_section", lambda say: [])
+    lines = []
+    out = demo.run_demo(quick=True, json_path=str(tmp_path / "d.json"), plot_path=None, say=lines.append)
+    assert len(out["sweep"]) == 8 and len(out["large_vocab"]) == 3 and len(out["claims"]) == 3
+    assert json.loads((tmp_path / "d.json").read_text())["claims"] == out["claims"]
+    assert any("What the toy says" in line for line in lines)
