@@ -60,7 +60,7 @@ from .validation import (
 
 __all__ = [
     "LossResult",
-    "log_softmax",
+    "softmax", "log_softmax", "softmax_parts",
     "kl_forward", "kl_backward",
     "tv_forward", "tv_backward",
     "lk_alpha_forward", "lk_alpha_backward",
@@ -75,12 +75,28 @@ __all__ = [
 # helpers
 
 
+def softmax_parts(z, temperature=1.0):
+    """q = softmax(z / T) and log q over the last axis, with one exp per element.
+
+    x = (z - max z) / T,  e = exp(x),  s = sum e,  q = e / s,  log q = x - log s.
+    The fast paths form q with exactly these operations, so that q, and with it the tie
+    rule 1[q < p], is the same bit for bit.
+    """
+    xp = namespace(z)
+    x = (z - xp.max(z, axis=-1, keepdims=True)) / temperature
+    e = xp.exp(x)
+    s = xp.sum(e, axis=-1, keepdims=True)
+    return e / s, x - xp.log(s)
+
+
 def log_softmax(z, temperature=1.0):
     """log q = z/T - logsumexp(z/T) over the last axis, stable for any finite z."""
-    xp = namespace(z)
-    x = z / temperature
-    x = x - xp.max(x, axis=-1, keepdims=True)
-    return x - xp.log(xp.sum(xp.exp(x), axis=-1, keepdims=True))
+    return softmax_parts(z, temperature)[1]
+
+
+def softmax(z, temperature=1.0):
+    """q = softmax(z / T) over the last axis."""
+    return softmax_parts(z, temperature)[0]
 
 
 def _logsumexp(x):
@@ -122,11 +138,11 @@ def kl_forward(z, p, *, temperature=1.0):
     """KL_t = sum_v p_v (log p_v - log q_v), with 0 log 0 = 0.  p must sum to 1."""
     _check_pair(z, p, temperature)
     xp = namespace(z, p)
-    logq = log_softmax(z, temperature)
+    q, logq = softmax_parts(z, temperature)
     with _quiet(xp):
         plogp = xp.where(p > 0, p * xp.log(p), 0)
     losses = xp.sum(plogp - p * logq, axis=-1)
-    cache = {"q": xp.exp(logq), "p": p, "T": temperature}
+    cache = {"q": q, "p": p, "T": temperature}
     return losses, cache
 
 
@@ -152,7 +168,7 @@ def tv_forward(z, p, *, temperature=1.0):
     """TV_t = 1 - alpha_t, alpha_t = sum_v min(p_v, q_v).  p may sum to less than 1."""
     _check_pair(z, p, temperature)
     xp = namespace(z, p)
-    q = xp.exp(log_softmax(z, temperature))
+    q = softmax(z, temperature)
     m = q < p                                   # the tie rule: q == p counts as "p is the min"
     alpha = xp.sum(xp.where(m, q, p), axis=-1)
     cache = {"q": q, "m": m, "alpha": alpha, "T": temperature}
@@ -184,8 +200,7 @@ def lk_alpha_forward(z, p, *, temperature=1.0):
     """
     _check_pair(z, p, temperature)
     xp = namespace(z, p)
-    logq = log_softmax(z, temperature)
-    q = xp.exp(logq)
+    q, logq = softmax_parts(z, temperature)
     m = q < p
     with _quiet(xp):
         log_alpha = _logsumexp(xp.where(m, logq, xp.log(p)))
@@ -369,7 +384,7 @@ def lk_lambda(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_t
     xp, z, p, p_kl, w, out_dtype, T = _prepare(
         draft_logits, target_probs, mask, temperature, draft_to_target, need_kl=True)
     if lam is None:
-        alpha = _alpha(xp.exp(log_softmax(z, T)), p)
+        alpha = _alpha(softmax(z, T), p)
         mean_alpha, _ = mean_forward(alpha, w)
         lam = lambda_from_alpha(mean_alpha, eta=eta, kl_scale=kl_scale)
     else:

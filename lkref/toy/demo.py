@@ -61,7 +61,9 @@ def gaussian_section(say):
 
 
 def _progress(text):
-    """A progress line on stderr, overwritten in place, so that the tables stay clean."""
+    """A progress line on a terminal's stderr, overwritten in place, so that the tables stay clean."""
+    if not sys.stderr.isatty():
+        return
     sys.stderr.write(f"\r{text:70s}\r")
     sys.stderr.flush()
 

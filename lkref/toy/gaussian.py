@@ -112,5 +112,5 @@ def fit_gaussian(loss: str, mixture=PAPER_MIXTURE, init=(0.0, 4.0), steps=3000, 
         opt.step(grads, cosine_lr(step, steps, lr, warmup=50, floor=0.01))
     mu, s = float(params["mu"]), float(params["s"])
     z, val, _, sigma = evaluate(mu, s)
-    q = np.exp(losses.log_softmax(z))
+    q = losses.softmax(z)
     return GaussianFit(loss, mu, float(sigma), float(np.minimum(p, q).sum()), val, steps)

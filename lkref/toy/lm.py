@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..losses import log_softmax
+from ..losses import softmax
 
 __all__ = ["TargetLM", "HeadsDraft", "ARDraft", "contexts", "sample_sequences"]
 
@@ -80,7 +80,7 @@ class TargetLM(_Trunk):
         return self.sharpness * (h @ self.params["W2"] + self.params["b2"]) / np.sqrt(H)
 
     def probs(self, ctx):
-        return np.exp(log_softmax(self.logits(ctx)))
+        return softmax(self.logits(ctx))
 
     def next_token_probs(self, tokens):
         B, L = tokens.shape
@@ -131,7 +131,7 @@ class HeadsDraft(_Trunk):
         B, L = tokens.shape
         b, t = np.meshgrid(np.arange(B), np.arange(L), indexing="ij")
         logits, _ = self.forward(contexts(tokens, (b.ravel(), t.ravel())))
-        return np.exp(log_softmax(logits)).reshape(B, L, self.heads, -1)
+        return softmax(logits).reshape(B, L, self.heads, -1)
 
 
 class ARDraft(_Trunk):
@@ -151,4 +151,4 @@ class ARDraft(_Trunk):
         B, L = tokens.shape
         b, t = np.meshgrid(np.arange(B), np.arange(L), indexing="ij")
         logits, _ = self.forward(contexts(tokens, (b.ravel(), t.ravel())))
-        return np.exp(log_softmax(logits[:, 0])).reshape(B, L, -1)
+        return softmax(logits[:, 0]).reshape(B, L, -1)

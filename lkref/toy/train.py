@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..decoding import generate, warp
-from ..losses import log_softmax
+from ..losses import softmax
 from ..positions import LOSSES, multi_position
 from ..theory import expected_accept_length
 from .lm import ARDraft, HeadsDraft, TargetLM, contexts, sample_sequences
@@ -130,7 +130,7 @@ def evaluate(draft, target, cfg: TrainConfig, rng) -> dict:
     table = TargetTable(target, tokens, cfg.temperature)
     alphas = []
     for k in range(logits.shape[1]):
-        q = np.exp(log_softmax(logits[:, k], cfg.temperature))
+        q = softmax(logits[:, k], cfg.temperature)
         alphas.append(float(np.minimum(table(b, t + k), q).sum(-1).mean()))
     if cfg.draft == "ar":
         alphas = alphas * K
