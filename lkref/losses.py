@@ -78,7 +78,7 @@ __all__ = [
 def softmax_parts(z, temperature=1.0):
     """q = softmax(z / T) and log q over the last axis, with one exp per element.
 
-    x = (z - max z) / T,  e = exp(x),  s = sum e,  q = e / s,  log q = x - log s.
+    x = (z - max z) / T,  e = exp(x),  s = sum e,  q = e * (1 / s),  log q = x - log s.
     The fast paths form q with exactly these operations, so that q, and with it the tie
     rule 1[q < p], is the same bit for bit.
     """
@@ -86,7 +86,7 @@ def softmax_parts(z, temperature=1.0):
     x = (z - xp.max(z, axis=-1, keepdims=True)) / temperature
     e = xp.exp(x)
     s = xp.sum(e, axis=-1, keepdims=True)
-    return e / s, x - xp.log(s)
+    return e * (1 / s), x - xp.log(s)
 
 
 def log_softmax(z, temperature=1.0):
@@ -343,44 +343,95 @@ def _reduce(losses, cache, backward, w, out_dtype):
     return loss, dz.astype(out_dtype, copy=False)
 
 
-def kl(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None):
+IMPLS = ("auto", "reference", "fused")
+
+
+def _fast(name, impl, draft_logits, target_probs, out, **options):
+    """The fast path's result when ``impl`` asks for it and one exists, else None.
+
+    impl="reference" is this module; "fused" insists on a fast path; "auto" takes one
+    when the arrays' backend has it.  The fast paths live in lkref/fused.py, outside the
+    specification, and are tested against it.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "reference":
+        return None
+    from . import fused  # imported here: the specification does not depend on its fast paths
+
+    return fused.dispatch(name, draft_logits, target_probs, out=out, required=impl == "fused", **options)
+
+
+def _deliver(result, out):
+    """Write the reference gradient into ``out`` when one was given (as the fast paths do)."""
+    if out is None:
+        return result
+    from .fused import check_out
+
+    check_out(out, result.grad, None, None, same_backend=True)
+    out[...] = result.grad
+    return LossResult(result.loss, out, result.alpha, result.lam)
+
+
+def kl(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None,
+       impl="auto", out=None):
     """Forward KL(p || q), masked mean over positions.  Returns a LossResult."""
+    fast = _fast("kl", impl, draft_logits, target_probs, out, mask=mask, temperature=temperature,
+                 draft_to_target=draft_to_target)
+    if fast is not None:
+        return fast
     xp, z, p, p_kl, w, out_dtype, T = _prepare(
         draft_logits, target_probs, mask, temperature, draft_to_target, need_kl=True)
     losses, cache = kl_forward(z, p_kl, temperature=T)
     loss, grad = _reduce(losses, cache, kl_backward, w, out_dtype)
-    return LossResult(loss, grad, _alpha(cache["q"], p))
+    return _deliver(LossResult(loss, grad, _alpha(cache["q"], p)), out)
 
 
-def tv(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None):
+def tv(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None,
+       impl="auto", out=None):
     """Total variation 1 - alpha, masked mean over positions.  Returns a LossResult."""
+    fast = _fast("tv", impl, draft_logits, target_probs, out, mask=mask, temperature=temperature,
+                 draft_to_target=draft_to_target)
+    if fast is not None:
+        return fast
     xp, z, p, _, w, out_dtype, T = _prepare(
         draft_logits, target_probs, mask, temperature, draft_to_target, need_kl=False)
     losses, cache = tv_forward(z, p, temperature=T)
     loss, grad = _reduce(losses, cache, tv_backward, w, out_dtype)
-    return LossResult(loss, grad, cache["alpha"])
+    return _deliver(LossResult(loss, grad, cache["alpha"]), out)
 
 
-def lk_alpha(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None):
+def lk_alpha(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None,
+             impl="auto", out=None):
     """LK^alpha = mean_t -log alpha_t (log per position, then the masked mean).  Returns a LossResult."""
+    fast = _fast("lk_alpha", impl, draft_logits, target_probs, out, mask=mask, temperature=temperature,
+                 draft_to_target=draft_to_target)
+    if fast is not None:
+        return fast
     xp, z, p, _, w, out_dtype, T = _prepare(
         draft_logits, target_probs, mask, temperature, draft_to_target, need_kl=False)
     losses, cache = lk_alpha_forward(z, p, temperature=T)
     loss, grad = _reduce(losses, cache, lk_alpha_backward, w, out_dtype)
-    return LossResult(loss, grad, cache["alpha"])
+    return _deliver(LossResult(loss, grad, cache["alpha"]), out)
 
 
 def lk_lambda(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None,
-              eta=3.0, kl_scale=1.0, lam=None):
+              eta=3.0, kl_scale=1.0, lam=None, impl="auto", out=None):
     """LK^lambda = lam KL + (1 - lam) TV with lam = kl_scale exp(-eta * mean alpha), stop-gradient.
 
     mean alpha is the masked mean of this call's alpha: one lambda per call, and a
     call is one draft position (head / step).  Pass ``lam`` to use a given value
-    instead (for example last step's), which skips nothing here but lets fast paths
-    run in a single pass.  Returns a LossResult with ``.lam`` set.
+    instead (for example last step's), which lets the fast paths work in a single
+    pass.  Returns a LossResult with ``.lam`` set.
     """
     eta = check_real_scalar(eta, "eta", low=0)
     kl_scale = check_real_scalar(kl_scale, "kl_scale", low=0)
+    if lam is not None:
+        lam = check_real_scalar(lam, "lam", low=0)
+    fast = _fast("lk_lambda", impl, draft_logits, target_probs, out, mask=mask, temperature=temperature,
+                 draft_to_target=draft_to_target, eta=eta, kl_scale=kl_scale, lam=lam)
+    if fast is not None:
+        return fast
     xp, z, p, p_kl, w, out_dtype, T = _prepare(
         draft_logits, target_probs, mask, temperature, draft_to_target, need_kl=True)
     if lam is None:
@@ -388,10 +439,10 @@ def lk_lambda(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_t
         mean_alpha, _ = mean_forward(alpha, w)
         lam = lambda_from_alpha(mean_alpha, eta=eta, kl_scale=kl_scale)
     else:
-        lam = xp.asarray(check_real_scalar(lam, "lam", low=0), dtype=z.dtype)
+        lam = xp.asarray(lam, dtype=z.dtype)
     losses, cache = lk_lambda_forward(z, p, lam, temperature=T, p_kl=p_kl)
     loss, grad = _reduce(losses, cache, lk_lambda_backward, w, out_dtype)
-    return LossResult(loss, grad, cache["tv"]["alpha"], lam)
+    return _deliver(LossResult(loss, grad, cache["tv"]["alpha"], lam), out)
 
 
 #: The reduced losses by name.

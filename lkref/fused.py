@@ -1,0 +1,398 @@
+"""Fast paths for the reduced losses, checked against lkref/losses.py (the specification).
+
+NumPy (this file): the rows are cut into chunks small enough to stay in cache; every
+chunk is worked on in place in the gradient's own memory plus two small work buffers
+(a float one and a bool one), with one exp per element.  Chunks can run on several
+threads (NumPy releases the GIL inside its loops).  Peak extra memory is the work
+buffers plus O(N), whatever N is.
+
+q is formed with exactly the operations of losses.softmax_parts, so q, alpha and the tie
+rule 1[q < p] agree with the reference bit for bit; the gradients agree to rounding.
+LK^alpha rows whose alpha is too small for 1/alpha (alpha < ALPHA_FLOOR) are recomputed
+with the reference's log-space code, so disjoint supports stay exact here too.
+
+Per chunk, with g the gradient rows (holding q after the softmax) and t a work buffer:
+
+    g = exp((z - max z) / T) * (1 / sum)    q
+    t = min(g, p)                           alpha = t . 1
+    t = 1[g < p]  (as 0.0 / 1.0)            S = g . t          (TV, LK^alpha, LK^lambda)
+    TV:        g = q (S - m) * d / T
+    LK^alpha:  g = q (S - m) * d / (alpha T)
+    KL:        g = (q sum p - p) * d / T
+    LK^lambda: g = lam * KL's + (1 - lam) * TV's
+with d = w / sum w the weight of the row in the masked mean.  Row sums other than the
+softmax's are dot products (BLAS); masked selections are arithmetic on 0/1 floats, never
+np.where or where=, which run many times slower on random masks.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import losses as ref
+from .backend import work_dtype
+from .validation import TARGET_SUM_ATOL, as_array, check_index_map, check_mask, check_real_scalar
+
+__all__ = ["numpy_loss", "ALPHA_FLOOR", "CHUNK_BYTES", "default_threads"]
+
+#: LK^alpha rows with alpha below this go through the reference's log-space code.
+ALPHA_FLOOR = {np.dtype(np.float32): 1e-30, np.dtype(np.float64): 1e-290}
+#: Target size of one chunk of float work rows (it should sit in L2 with its buffers).
+CHUNK_BYTES = 1 << 20
+
+
+def default_threads(elements: int) -> int:
+    """LKREF_THREADS if set, else one thread per core (at most 8) for problems of 1M elements or more."""
+    env = os.environ.get("LKREF_THREADS")
+    if env:
+        return max(1, int(env))
+    if elements < (1 << 20):
+        return 1
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _check_value_rows(zc, pc_full, pb, buf, errors):
+    """The value checks of validation.py on one chunk, while it is in cache.
+
+    Returns the rows' max z (the softmax needs it), or None after recording the error."""
+    mx = zc.max(axis=1, keepdims=True)
+    # a NaN or +inf shows in the max; a -inf in the row sum (a dot product, cheaper than a min);
+    # a sum that overflows on huge finite logits is sent to the exact check
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = np.all(np.isfinite(mx)) and np.all(np.isfinite(zc @ buf.ones))
+    if not finite and not np.all(np.isfinite(zc)):
+        errors.append(ValueError("draft_logits contains non-finite values (NaN or inf)"))
+        return None
+    if pc_full.dtype == pb.wd and pc_full.shape[1] == pb.V:
+        psum = pc_full @ buf.ones
+    else:
+        psum = pc_full.sum(axis=1, dtype=pb.wd)
+    if not np.all(np.isfinite(psum)):
+        errors.append(ValueError("target_probs contains non-finite values (NaN or inf)"))
+        return None
+    if not np.all(pc_full.min(axis=1) >= 0):
+        errors.append(ValueError("target_probs contains negative probabilities"))
+        return None
+    pb.sum_errs.append(float(np.max(np.abs(psum - 1))) if len(psum) else 0.0)
+    return mx
+
+
+class _Problem:
+    """Everything the chunks share; built once per call after the cheap checks."""
+
+    def __init__(self, name, z, p, mask, temperature, index, lam, eta, kl_scale, out):
+        self.name = name
+        self.wd = work_dtype(z.dtype, "draft_logits")
+        self.lead, self.V = tuple(z.shape[:-1]), z.shape[-1]
+        self.N = int(np.prod(self.lead)) if self.lead else 1
+        self.z = z.reshape(self.N, self.V)
+        self.p = p.reshape(self.N, p.shape[-1])
+        self.index = index
+        self.T = temperature
+        self.w = (np.ones(self.N, self.wd) if mask is None
+                  else np.asarray(mask).reshape(self.N).astype(self.wd))
+        self.lam, self.eta, self.kl_scale = lam, eta, kl_scale
+        self.out = out.reshape(self.N, self.V)
+        self.direct = out.dtype == self.wd          # compute straight into out
+        self.alias = np.shares_memory(out, z)
+        self.need_kl = name in ("kl", "lk_lambda")
+        self.need_tv = name in ("tv", "lk_alpha", "lk_lambda")
+        rows = max(1, CHUNK_BYTES // (self.V * self.wd.itemsize))
+        self.ones = None
+        self.chunks = [(a, min(a + rows, self.N)) for a in range(0, self.N, rows)]
+        # per-row results
+        self.alpha = np.zeros(self.N, self.wd)
+        self.S = np.zeros(self.N, self.wd)
+        self.kl = np.zeros(self.N, self.wd)          # KL per row (KL and LK^lambda)
+        self.pmass = np.ones(self.N, self.wd)        # target mass on the draft vocabulary
+        self.losses = np.zeros(self.N, self.wd)
+        self.sum_errs: list = []                      # worst |row sum - 1| per chunk
+        self.fallback: dict = {}                      # chunk start -> LK^alpha rows in log space
+        self.floor = ALPHA_FLOOR.get(self.wd, 1e-30)
+
+
+class _Buffers:
+    """One thread's work memory: a float chunk t, and g / z chunks only where needed."""
+
+    def __init__(self, pb, rows):
+        V, wd = pb.V, pb.wd
+        self.t = np.empty((rows, V), wd)
+        self.g = None if pb.direct else np.empty((rows, V), wd)   # out has another dtype
+        self.z = np.empty((rows, V), wd) if pb.alias else None     # out is z: keep the logits
+        self.ones = np.ones(V, wd)                   # row sums as BLAS dot products
+
+
+def _rows(pb: _Problem, buf: _Buffers, a, b, errors, check=True):
+    """Chunk [a, b) in the work dtype: (zc, pc, pc_kl); None after a failed value check.
+
+    pc is the target on the draft vocabulary (not renormalised), pc_kl the one KL uses."""
+    n = b - a
+    zc = pb.z[a:b]
+    if zc.dtype != pb.wd:
+        zc = zc.astype(pb.wd)
+    elif pb.alias:
+        np.copyto(buf.z[:n], zc)                    # out is z: keep the logits for the fallback
+        zc = buf.z[:n]
+    pc_full = pb.p[a:b]
+    mx = None
+    if check:
+        mx = _check_value_rows(zc, pc_full, pb, buf, errors)
+        if mx is None:
+            return None
+    pc = pc_full if pb.index is None else np.take(pc_full, pb.index, axis=1)
+    if pc.dtype != pb.wd:
+        pc = pc.astype(pb.wd)
+    pc_kl = pc
+    if pb.index is not None:
+        mass = pc.sum(axis=1)
+        pb.pmass[a:b] = mass
+        if pb.need_kl:
+            pc_kl = pc / np.where(mass > 0, mass, 1)[:, None]
+    return zc, pc, pc_kl, mx
+
+
+def _softmax_into(g, zc, T, mx=None):
+    """g = q = exp((z - max z) / T) * (1 / sum), the same operations as losses.softmax_parts."""
+    if mx is None:
+        mx = zc.max(axis=1, keepdims=True)
+    np.subtract(zc, mx, out=g)
+    if T != 1.0:
+        np.divide(g, T, out=g)
+    np.exp(g, out=g)
+    s = g.sum(axis=1, keepdims=True)
+    np.multiply(g, 1 / s, out=g)
+    return mx, s
+
+
+def _rowdot(a, b):
+    """sum_v a[i, v] b[i, v] for every row i, as a batch of BLAS dot products."""
+    return np.matmul(a[:, None, :], b[:, :, None])[:, 0, 0]
+
+
+def _pass1(pb: _Problem, buf: _Buffers, a, b, errors):
+    """q into the gradient rows g; per row alpha, S, KL; the LK^alpha fallback rows.
+
+    Returns (pc, pc_kl, g), or None after a failed value check.  Leaves 1[q < p] in buf.t
+    for TV, LK^alpha and LK^lambda."""
+    got = _rows(pb, buf, a, b, errors)
+    if got is None:
+        return None
+    zc, pc, pc_kl, mx = got
+    n = b - a
+    g = pb.out[a:b] if pb.direct else buf.g[:n]
+    t = buf.t[:n]
+    if pb.need_kl:
+        # sum_v p log q = sum_v p x - log s sum_v p, x = (z - max z) / T; z is read before g is written
+        psum_kl = pc_kl @ buf.ones
+        pz = _rowdot(pc_kl, zc)
+    mx, s = _softmax_into(g, zc, pb.T, mx)
+    if pb.need_kl:
+        p_logq = (pz - mx[:, 0] * psum_kl) / pb.T - np.log(s[:, 0]) * psum_kl
+        np.maximum(pc_kl, np.finfo(pb.wd).tiny, out=t)
+        np.log(t, out=t)
+        pb.kl[a:b] = _rowdot(pc_kl, t) - p_logq      # 0 log tiny = 0 where p = 0
+    np.minimum(g, pc, out=t)
+    pb.alpha[a:b] = t @ buf.ones
+    if pb.need_tv:
+        np.less(g, pc, out=t, casting="unsafe")    # m as 0.0 / 1.0
+        pb.S[a:b] = _rowdot(g, t)
+    if pb.name == "lk_alpha":
+        low = np.nonzero((pb.pmass[a:b] > 0) & (pb.alpha[a:b] < pb.floor))[0]
+        if len(low):                                # the reference's log space, at unit weight
+            losses, cache = ref.lk_alpha_forward(zc[low], pc[low], temperature=pb.T)
+            unit = ref.lk_alpha_backward(np.ones(len(low), pb.wd), cache)
+            pb.fallback[a] = (low, losses, unit)
+            pb.alpha[a + low] = cache["alpha"]
+    return pc, pc_kl, g
+
+
+def _pass2(pb: _Problem, buf: _Buffers, a, b, chunk, d, lam, mask_valid):
+    """The gradient rows from q (in g) and the pass-1 row values; d = the rows' weights."""
+    pc, pc_kl, g = chunk
+    n = b - a
+    t = buf.t[:n]
+    T = pb.T
+    if pb.need_tv:
+        c_tv = d / T
+        if pb.name == "lk_alpha":
+            alpha = pb.alpha[a:b]
+            c_tv = np.where(alpha >= pb.floor, c_tv / np.where(alpha >= pb.floor, alpha, 1), 0)
+        elif pb.name == "lk_lambda":
+            c_tv = (1 - lam) * c_tv
+        if not mask_valid:
+            np.less(g, pc, out=t, casting="unsafe")
+        # t = (S - m) c_tv
+        np.multiply(t, -c_tv[:, None], out=t)
+        np.add(t, (pb.S[a:b] * c_tv)[:, None], out=t)
+        if pb.need_kl:
+            c_kl = lam * d / T
+            np.add(t, (c_kl * (pc_kl @ buf.ones))[:, None], out=t)
+        np.multiply(g, t, out=g)                    # q (S - m) c_tv  [+ q c_kl sum p]
+    if pb.name == "kl":
+        c_kl = d / T
+        np.multiply(g, (c_kl * (pc_kl @ buf.ones))[:, None], out=g)
+    if pb.need_kl:
+        np.multiply(pc_kl, c_kl[:, None], out=t)
+        np.subtract(g, t, out=g)                    # - p c_kl
+    if a in pb.fallback:
+        low, _, unit = pb.fallback[a]
+        g[low] = unit * d[low, None]
+    if not pb.direct:
+        np.copyto(pb.out[a:b], g, casting="unsafe")
+
+
+def _run(pb: _Problem, threads: int, fn):
+    """Apply fn(buffers, a, b) to every chunk, on `threads` threads, each with its own buffers."""
+    rows = pb.chunks[0][1] - pb.chunks[0][0] if pb.chunks else 0
+    if threads <= 1 or len(pb.chunks) <= 1:
+        buf = _Buffers(pb, rows)
+        for a, b in pb.chunks:
+            fn(buf, a, b)
+        return
+
+    def worker(group):
+        buf = _Buffers(pb, rows)
+        for a, b in group:
+            fn(buf, a, b)
+    with ThreadPoolExecutor(max_workers=threads) as ex:
+        list(ex.map(worker, [pb.chunks[i::threads] for i in range(threads)]))
+
+
+def numpy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None,
+               eta=3.0, kl_scale=1.0, lam=None, out=None, threads=None):
+    """The chunked NumPy path of a reduced loss; same arguments and result as losses.<name>.
+
+    out: an array of draft_logits' shape and dtype, C-contiguous, to receive the gradient;
+    it may be draft_logits itself.  threads: chunks run on this many threads
+    (default: default_threads).
+    """
+    z = as_array(draft_logits, "draft_logits")
+    wd = work_dtype(z.dtype, "draft_logits")
+    if z.ndim < 1:
+        raise ValueError("draft_logits must have a vocabulary axis (at least 1-d), got a 0-d array")
+    if z.shape[-1] == 0:
+        raise ValueError("draft_logits has an empty vocabulary (last axis has size 0)")
+    p = as_array(target_probs, "target_probs")
+    work_dtype(p.dtype, "target_probs")
+    lead, V = tuple(z.shape[:-1]), z.shape[-1]
+    if draft_to_target is None:
+        if tuple(p.shape) != lead + (V,):
+            raise ValueError(f"target_probs must have shape {lead + (V,)}, got {tuple(p.shape)}")
+        index = None
+    else:
+        if p.ndim < 1 or p.shape[-1] == 0:
+            raise ValueError("target_probs has an empty vocabulary (last axis has size 0)")
+        if tuple(p.shape[:-1]) != lead:
+            raise ValueError(f"target_probs must have the leading shape {lead} of draft_logits, got {tuple(p.shape)}")
+        index = np.asarray(check_index_map(draft_to_target, "draft_to_target", V, p.shape[-1]))
+    mask = check_mask(mask, "mask", lead)
+    T = check_real_scalar(temperature, "temperature", low=0, low_inclusive=False)
+    out = check_out(out, z, p, mask)
+    pb = _Problem(name, z, p, mask, T, index, lam, eta, kl_scale, out)
+    threads = default_threads(pb.N * V) if threads is None else max(1, int(threads))
+    errors: list = []
+    if (name == "lk_lambda" and lam is None) or index is not None:
+        # lambda and the weights (rows without target mass drop out) need every row's pass 1 first
+        _run(pb, threads, lambda buf, a, b: _pass1(pb, buf, a, b, errors))
+        _raise_first(pb, errors)
+        w, total = _weights(pb)
+        lam_v = _lambda(pb, w, total, lam)
+        d = w * (1 / total if total > 0 else 0)
+
+        def second(buf, a, b):
+            if pb.direct:                           # q is waiting in out
+                _, pc, pc_kl, _ = _rows(pb, buf, a, b, errors, check=False)
+                chunk = (pc, pc_kl, pb.out[a:b])
+            else:                                   # q lived in a buffer: form it again
+                zc, pc, pc_kl, _ = _rows(pb, buf, a, b, errors, check=False)
+                _softmax_into(buf.g[:b - a], zc, pb.T)
+                chunk = (pc, pc_kl, buf.g[:b - a])
+            _pass2(pb, buf, a, b, chunk, d[a:b], lam_v, mask_valid=False)
+        _run(pb, threads, second)
+    else:
+        w, total = _weights(pb)
+        lam_v = None if lam is None else float(lam)
+        d = w * (1 / total if total > 0 else 0)
+
+        def one(buf, a, b):
+            chunk = _pass1(pb, buf, a, b, errors)
+            if chunk is not None:
+                _pass2(pb, buf, a, b, chunk, d[a:b], lam_v, mask_valid=True)
+        _run(pb, threads, one)
+        _raise_first(pb, errors)
+    loss = _loss(pb, w, total, lam_v)
+    result_lam = np.asarray(lam_v, dtype=wd) if name == "lk_lambda" else None
+    return ref.LossResult(loss, out, pb.alpha.reshape(lead), result_lam)
+
+
+def check_out(out, z, p, mask, same_backend=False):
+    """None -> a new array; else out must be z's shape and dtype, C-contiguous, writeable,
+    and share memory with nothing but (all of) draft_logits."""
+    if out is None:
+        return np.empty(z.shape, z.dtype)
+    kind_ok = same_backend and type(out) is type(z) or isinstance(out, np.ndarray)
+    if not kind_ok or tuple(out.shape) != tuple(z.shape) or out.dtype != z.dtype:
+        raise ValueError(f"out must be an array of shape {tuple(z.shape)} and dtype {z.dtype} "
+                         "on the backend of draft_logits")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("out must be C-contiguous and writeable")
+    if isinstance(out, np.ndarray) and p is not None:
+        if np.shares_memory(out, p) or (mask is not None and np.shares_memory(out, mask)):
+            raise ValueError("out may share memory with draft_logits only")
+        if np.shares_memory(out, z) and not (z.flags.c_contiguous and out.ctypes.data == z.ctypes.data):
+            raise ValueError("out overlaps draft_logits without being the same array")
+    return out
+
+
+def dispatch(name, draft_logits, target_probs, *, out=None, required=False, **options):
+    """The fast path for these arrays, or None (then the caller runs the reference)."""
+    from .backend import is_cupy_array
+
+    if is_cupy_array(draft_logits):
+        if required:
+            raise ValueError("impl='fused' has no CuPy kernels yet; use impl='auto' or 'reference'")
+        return None
+    return numpy_loss(name, draft_logits, target_probs, out=out, **options)
+
+
+def _raise_first(pb, errors):
+    if errors:
+        raise errors[0]
+    worst = max(pb.sum_errs, default=0.0)
+    if worst > TARGET_SUM_ATOL:
+        raise ValueError(f"target_probs rows must sum to 1 (within {TARGET_SUM_ATOL}); "
+                         f"the worst row is off by {worst:.3g}")
+
+
+def _weights(pb):
+    w = np.where(pb.pmass > 0, pb.w, 0) if pb.index is not None else pb.w
+    return w, float(w.sum())
+
+
+def _lambda(pb, w, total, lam):
+    if pb.name != "lk_lambda":
+        return None
+    if lam is not None:
+        return float(lam)
+    mean_alpha = float(np.dot(w, pb.alpha) / total) if total > 0 else 0.0
+    return float(ref.lambda_from_alpha(np.asarray(mean_alpha, pb.wd), eta=pb.eta, kl_scale=pb.kl_scale))
+
+
+def _loss(pb, w, total, lam):
+    live = pb.pmass > 0
+    if pb.name == "kl":
+        per = pb.kl
+    elif pb.name == "tv":
+        per = 1 - pb.alpha
+    elif pb.name == "lk_alpha":
+        per = -np.log(np.where(pb.alpha > 0, pb.alpha, 1))
+        for a, (low, losses, _) in pb.fallback.items():
+            per[a + low] = losses                     # the log-space loss of the fallback rows
+    else:
+        per = lam * pb.kl + (1 - lam) * (1 - pb.alpha)
+    per = np.where(live, per, 0)
+    pb.losses = per
+    return np.asarray(np.dot(w, per) / total if total > 0 else 0.0, dtype=pb.wd)

@@ -1,0 +1,173 @@
+"""The fast paths (lkref/fused.py) against the readable path (lkref/losses.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import lkref
+from lkref import fused
+from lkref import losses as L
+
+from .strategies import make_logits, make_probs
+
+REDUCED = ["kl", "tv", "lk_alpha", "lk_lambda"]
+# fused vs reference: float64 agrees to a few ulps of the largest value; float32 to float32 rounding
+TOL = {np.float64: dict(rtol=1e-9, atol=1e-14), np.float32: dict(rtol=2e-5, atol=2e-8)}
+
+
+def both(name, z, p, **kw):
+    ref = lkref.LOSSES[name](z, p, impl="reference", **kw)
+    fast = lkref.LOSSES[name](z, p, impl="fused", **kw)
+    return ref, fast
+
+
+def assert_same(ref, fast, dtype):
+    tol = TOL[dtype]
+    scale = max(float(np.max(np.abs(ref.grad.astype(np.float64)))), 1e-30)
+    assert fast.grad.dtype == ref.grad.dtype and fast.grad.shape == ref.grad.shape
+    np.testing.assert_allclose(fast.grad, ref.grad, rtol=tol["rtol"], atol=tol["atol"] + tol["rtol"] * scale)
+    np.testing.assert_allclose(fast.loss, ref.loss, rtol=tol["rtol"], atol=tol["atol"])
+    np.testing.assert_allclose(fast.alpha, ref.alpha, rtol=tol["rtol"], atol=tol["atol"])
+    assert fast.loss.dtype == ref.loss.dtype and fast.alpha.dtype == ref.alpha.dtype
+    if ref.lam is not None:
+        np.testing.assert_allclose(fast.lam, ref.lam, rtol=tol["rtol"])
+
+
+@pytest.fixture(params=[(64, 1), (1 << 10, 3), (1 << 20, 2)], ids=["row-chunks-1-thread", "small-chunks-3-threads",
+                                                                     "default-chunks-2-threads"])
+def chunking(request, monkeypatch):
+    """Force chunk boundaries and threads, so that every code path of the chunk loop runs."""
+    monkeypatch.setattr(fused, "CHUNK_BYTES", request.param[0])
+    monkeypatch.setenv("LKREF_THREADS", str(request.param[1]))
+    return request.param
+
+
+@given(seed=st.integers(0, 2**32 - 1), name=st.sampled_from(REDUCED), dtype=st.sampled_from([np.float64, np.float32]),
+       N=st.integers(1, 12), V=st.integers(1, 40), T=st.sampled_from([1.0, 0.5, 2.0]),
+       mask=st.sampled_from([None, "bool", "weights"]), d2t=st.booleans(), lam=st.sampled_from([None, 0.3]))
+def test_fused_matches_reference(chunking, seed, name, dtype, N, V, T, mask, d2t, lam):
+    rng = np.random.default_rng(seed)
+    z = make_logits(rng, (N, V), scale=3.0, dtype=dtype)
+    Vt = V + 3 if d2t else V
+    p = make_probs(rng, (N, Vt), zero_frac=0.4, dtype=dtype)
+    kw = {"temperature": T}
+    if mask == "bool":
+        kw["mask"] = rng.random(N) < 0.7
+    elif mask == "weights":
+        kw["mask"] = rng.random(N) * 2
+    if d2t:
+        kw["draft_to_target"] = rng.permutation(Vt)[:V]
+        p[0] = 0
+        p[0, list(set(range(Vt)) - set(kw["draft_to_target"].tolist()))] = 1 / 3   # a row with no mass on D
+    if name == "lk_lambda" and lam is not None:
+        kw["lam"] = lam
+    if N > 1 and not d2t:
+        p[1] = L.softmax(z[1], T).astype(dtype)           # a row of exact ties (q == p)
+    ref, fast = both(name, z, p, **kw)
+    assert_same(ref, fast, dtype)
+
+
+@pytest.mark.parametrize("name", REDUCED)
+def test_ties_and_disjoint_rows_across_chunks(chunking, name):
+    rng = np.random.default_rng(0)
+    N, V = 40, 33
+    z = make_logits(rng, (N, V), scale=2.0)
+    p = make_probs(rng, (N, V))
+    p[::3] = L.softmax(z[::3])                         # exact ties: zero gradient rows
+    z[1::6] = 0.0
+    z[1::6, 0] = 3000.0                                # disjoint supports: alpha = e^-3000
+    p[1::6] = 0.0
+    p[1::6, 5] = 1.0
+    ref, fast = both(name, z, p)
+    assert_same(ref, fast, np.float64)
+    if name in ("tv", "lk_alpha"):
+        assert np.all(fast.grad[::3] == 0)
+    if name == "lk_alpha":
+        assert float(fast.loss) > 3000 / 6 * 0.9 and np.isfinite(fast.grad).all()
+
+
+def test_float16_input(chunking):
+    rng = np.random.default_rng(1)
+    z = make_logits(rng, (20, 50), dtype=np.float16)
+    p = make_probs(rng, (20, 50), dtype=np.float32)
+    for name in REDUCED:
+        ref, fast = both(name, z, p)
+        assert fast.grad.dtype == np.float16 and fast.loss.dtype == np.float32
+        np.testing.assert_allclose(fast.grad.astype(np.float32), ref.grad.astype(np.float32), rtol=2e-3, atol=1e-7)
+        np.testing.assert_allclose(fast.loss, ref.loss, rtol=2e-5)
+
+
+@pytest.mark.parametrize("name", REDUCED)
+def test_out_receives_the_gradient_and_may_be_the_logits(name):
+    rng = np.random.default_rng(2)
+    z = make_logits(rng, (30, 70), dtype=np.float32)
+    p = make_probs(rng, (30, 70), dtype=np.float32)
+    ref = lkref.LOSSES[name](z, p, impl="reference")
+    out = np.full_like(z, np.nan)
+    r = lkref.LOSSES[name](z, p, out=out)
+    assert r.grad is out
+    np.testing.assert_allclose(out, ref.grad, rtol=2e-5, atol=1e-9)
+    zz = z.copy()
+    r = lkref.LOSSES[name](zz, p, out=zz)               # the gradient replaces the logits, as asked
+    assert r.grad is zz
+    np.testing.assert_allclose(zz, ref.grad, rtol=2e-5, atol=1e-9)
+    np.testing.assert_allclose(r.loss, ref.loss, rtol=2e-5)
+    out_ref = np.empty_like(z)
+    r = lkref.LOSSES[name](z, p, out=out_ref, impl="reference")
+    assert r.grad is out_ref and np.array_equal(out_ref, ref.grad)
+
+
+def test_out_of_the_wrong_kind_is_refused():
+    z = np.zeros((4, 5), np.float32)
+    p = np.full((4, 5), 0.2, np.float32)
+    for bad, match in [(np.zeros((4, 5)), "out must be an array of shape"), (np.zeros((5, 4), np.float32), "out must be"),
+                       (np.zeros((4, 10), np.float32)[:, ::2], "C-contiguous"), (p, "share memory with draft_logits only")]:
+        with pytest.raises(ValueError, match=match):
+            lkref.tv(z, p, out=bad)
+    buf = np.zeros(21, np.float32)
+    with pytest.raises(ValueError, match="overlaps draft_logits"):
+        lkref.tv(buf[:20].reshape(4, 5), p, out=buf[1:].reshape(4, 5))
+
+
+def test_inputs_untouched_and_errors_identical(chunking):
+    rng = np.random.default_rng(3)
+    z = make_logits(rng, (9, 20))
+    p = make_probs(rng, (9, 20))
+    mask = rng.random(9) < 0.5
+    copies = [a.copy() for a in (z, p, mask)]
+    lkref.lk_lambda(z, p, mask=mask)
+    for a, b in zip((z, p, mask), copies):
+        assert np.array_equal(a, b)
+    for bad_z, bad_p in [(np.where(np.arange(20) == 7, np.nan, z), p), (np.where(np.arange(20) == 7, -np.inf, z), p),
+                         (z, np.where(np.arange(20) == 3, -0.1, p)), (z, p * 1.01), (z, np.where(np.arange(20) == 3, np.inf, p))]:
+        msgs = []
+        for impl in ("reference", "fused"):
+            with pytest.raises(ValueError) as e:
+                lkref.lk_alpha(bad_z, bad_p, impl=impl)
+            msgs.append(str(e.value).split(";")[0])
+        assert msgs[0] == msgs[1]
+
+
+def test_huge_finite_logits_are_not_called_non_finite():
+    z = np.full((2, 3), 3e38, np.float32)             # the row sum overflows; the values are finite
+    z[:, 0] = 0
+    p = np.full((2, 3), 1 / 3, np.float32)
+    ref, fast = both("tv", z, p)
+    assert_same(ref, fast, np.float32)
+
+
+def test_impl_is_checked():
+    with pytest.raises(ValueError, match="impl must be one of"):
+        lkref.kl(np.zeros((1, 2)), np.full((1, 2), 0.5), impl="cuda")
+
+
+def test_auto_takes_the_fast_path_on_numpy(monkeypatch):
+    calls = []
+    real = fused.numpy_loss
+    monkeypatch.setattr(fused, "numpy_loss", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    lkref.lk_alpha(np.zeros((1, 2)), np.full((1, 2), 0.5))
+    lkref.lk_alpha(np.zeros((1, 2)), np.full((1, 2), 0.5), impl="reference")
+    assert calls == ["lk_alpha"]
