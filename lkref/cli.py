@@ -85,6 +85,26 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _sizes(text):
+    try:
+        return [tuple(int(v) for v in part.split(":")) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N:V,N:V,..., got {text!r}") from None
+
+
+def cmd_bench(args) -> int:
+    from . import benchmark
+
+    backends = ("numpy", "cupy") if args.backend == "all" else (args.backend,)
+    sizes = args.sizes or (benchmark.QUICK_SIZES if args.quick else benchmark.DEFAULT_SIZES)
+    rows = benchmark.run(backends=backends, losses=args.loss or tuple(benchmark.LOSSES), sizes=sizes,
+                         repeat=args.repeat, with_peers=not args.no_peers)
+    if args.csv and rows:
+        benchmark.write_csv(rows, args.csv, sorted({r.backend for r in rows}))
+        print(f"rows appended to {args.csv}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .positions import LOSSES
     from .toy.gaussian import TOY_LOSSES
@@ -100,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write all results to this JSON file")
     p.add_argument("--plot", default="lkref_demo.png", help="PNG path (needs matplotlib; '' for none)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="check the fast paths against the reference, then time them and the peers")
+    p.add_argument("--backend", choices=("numpy", "cupy", "all"), default="all")
+    p.add_argument("--loss", action="append", choices=sorted(LOSSES), help="repeatable; default: all four")
+    p.add_argument("--sizes", type=_sizes, default=None, help="N:V,N:V,... (default: the goals' sizes)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, for a first look")
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--no-peers", action="store_true", help="skip bench/peers.py")
+    p.add_argument("--csv", default=None, help="append CSV rows here")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("toy", help="the paper's motivating toy")
     toy = p.add_subparsers(dest="toy", required=True)

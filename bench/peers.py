@@ -1,0 +1,120 @@
+"""Peers for `python -m lkref bench`: other implementations of the same losses, each optional.
+
+Each peer is a function (z, p) -> (loss, grad) on its own arrays, built by a factory that
+returns None when its library is missing.  `python -m lkref bench` imports this file from
+the checkout's bench/ folder; nothing in lkref/ imports PyTorch or any other peer library.
+
+  numpy-naive     a direct NumPy translation of the formulas with the hand-derived gradient
+                  (the baseline of the CPU goal)
+  torch-eager     PyTorch autograd on the formulas as SpecForge writes them
+  torch-compile   torch.compile of the same
+
+Not wired up yet (no GPU session has had them installed): vLLM speculators' fused Triton
+losses and Liger-Kernel's fused TV distance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+# --------------------------------------------------------------------------------------
+# NumPy: the formulas, translated directly
+
+
+def numpy_naive(name):
+    def softmax(z):
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    def kl(z, p):
+        N = z.shape[0]
+        logq = z - z.max(-1, keepdims=True)
+        logq = logq - np.log(np.exp(logq).sum(-1, keepdims=True))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            plogp = np.where(p > 0, p * np.log(p), 0)
+        loss = np.mean(np.sum(plogp - p * logq, -1))
+        return loss, (np.exp(logq) - p) / N
+
+    def tv_parts(z, p):
+        q = softmax(z)
+        m = q < p
+        alpha = np.minimum(p, q).sum(-1)
+        S = (q * m).sum(-1, keepdims=True)
+        return q, m, alpha, S
+
+    def tv(z, p):
+        q, m, alpha, S = tv_parts(z, p)
+        return np.mean(1 - alpha), -q * (m - S) / z.shape[0]
+
+    def lk_alpha(z, p):
+        q, m, alpha, S = tv_parts(z, p)
+        return np.mean(-np.log(alpha)), -q * (m - S) / alpha[:, None] / z.shape[0]
+
+    def lk_lambda(z, p, eta=3.0):
+        lk, gk = kl(z, p)
+        q, m, alpha, S = tv_parts(z, p)
+        lam = np.exp(-eta * alpha.mean())
+        return lam * lk + (1 - lam) * np.mean(1 - alpha), lam * gk - (1 - lam) * q * (m - S) / z.shape[0]
+
+    return {"kl": kl, "tv": tv, "lk_alpha": lk_alpha, "lk_lambda": lk_lambda}[name]
+
+
+# --------------------------------------------------------------------------------------
+# PyTorch: the SpecForge formulas under autograd, eager and compiled
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def torch_loss(name, compiled=False, eta=3.0):
+    torch = _torch()
+    if torch is None:
+        return None
+    F = torch.nn.functional
+
+    def loss_fn(z, p):
+        logq = F.log_softmax(z.float(), dim=-1)
+        q = logq.exp()
+        alpha = torch.minimum(p, q).sum(-1)
+        if name == "lk_alpha":
+            return (-torch.log(alpha)).mean()
+        tv = (1 - alpha).mean()
+        if name == "tv":
+            return tv
+        kl = (torch.xlogy(p, p) - p * logq).sum(-1).mean()
+        if name == "kl":
+            return kl
+        lam = torch.exp(-eta * alpha.mean().detach())
+        return lam * kl + (1 - lam) * tv
+
+    fn = torch.compile(loss_fn) if compiled else loss_fn
+
+    def run(z, p):
+        z = z.detach().requires_grad_(True)
+        loss = fn(z, p)
+        loss.backward()
+        return loss.detach(), z.grad
+    return run
+
+
+def peers(backend: str, name: str) -> dict:
+    """The peers available here for one loss on one backend: {label: (fn, kind)}."""
+    out = {}
+    if backend == "numpy":
+        out["numpy-naive"] = (numpy_naive(name), "numpy")
+        for label, compiled in (("torch-eager", False), ("torch-compile", True)):
+            fn = torch_loss(name, compiled)
+            if fn is not None:
+                out[label] = (fn, "torch-cpu")
+    else:
+        for label, compiled in (("torch-eager", False), ("torch-compile", True)):
+            fn = torch_loss(name, compiled)
+            if fn is not None:
+                out[label] = (fn, "torch-cuda")
+    return out

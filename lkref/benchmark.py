@@ -1,0 +1,276 @@
+"""python -m lkref bench: check every fast path against the readable path, then time it.
+
+For each backend x loss x size: build fp32 draft logits z [N, V] and target probabilities
+p [N, V]; check the default path against impl="reference" (loss, alpha, gradient); time
+forward + backward (perf_counter on the CPU, CUDA events on a GPU) and report p20 / p50 /
+p80, the effective bandwidth (read z, read p, write the gradient: 12 N V bytes), its share
+of the measured copy bandwidth, the time that bandwidth allows, and the peak extra memory.
+Peers from the checkout's bench/peers.py run in the same process on the same data, when
+their libraries are installed.  Rows go to a CSV stamped with the machine, the versions
+and the git sha.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import platform
+import subprocess
+import sys
+import time
+import tracemalloc
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backend import cupy_available, to_numpy
+from .positions import LOSSES
+
+DEFAULT_SIZES = {"numpy": [(512, 32_000)], "cupy": [(4096, 32_000), (4096, 128_256)]}
+QUICK_SIZES = {"numpy": [(128, 32_000)], "cupy": [(4096, 32_000)]}
+
+
+@dataclass
+class Row:
+    backend: str
+    impl: str
+    loss: str
+    N: int
+    V: int
+    p20_ms: float
+    p50_ms: float
+    p80_ms: float
+    gbps: float
+    pct_copy_bw: float
+    limit_ms: float
+    peak_extra_mib: float
+    max_rel_err: float
+    vs_baseline: float = float("nan")
+    extra: dict = field(default_factory=dict)
+
+
+def machine_name(backend: str) -> str:
+    if backend == "cupy":
+        import cupy as cp
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+        name = props["name"]
+        return name.decode() if isinstance(name, bytes) else name
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def git_sha() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def load_peers():
+    """bench/peers.py from the checkout (cwd, or beside the package); None if absent."""
+    for root in (os.getcwd(), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))):
+        path = os.path.join(root, "bench", "peers.py")
+        if os.path.exists(path):
+            spec = importlib.util.spec_from_file_location("lkref_bench_peers", path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod
+    return None
+
+
+def make_problem(xp, N, V, seed=0):
+    """fp32 logits and a peaked target (most mass on a few tokens), like a language model's."""
+    rng = np.random.default_rng(seed)
+    z = (rng.standard_normal((N, V), dtype=np.float32) * 2).astype(np.float32)
+    logits = rng.standard_normal((N, V), dtype=np.float32) * 3
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p = (p / p.sum(-1, keepdims=True)).astype(np.float32)
+    return xp.asarray(z), xp.asarray(p)
+
+
+def copy_bandwidth(xp, nbytes=256 << 20) -> float:
+    """Bytes per second of a large device copy (read + write counted)."""
+    a = xp.ones(nbytes // 4, dtype=xp.float32)
+    b = xp.empty_like(a)
+    times = timed(xp, lambda: xp.copyto(b, a), repeat=5, warmup=1)
+    return 2 * a.nbytes / (np.median(times) / 1e3)
+
+
+def timed(xp, fn, repeat, warmup=2):
+    """Milliseconds per call: CUDA events on CuPy, perf_counter on NumPy."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    if xp is np:
+        for _ in range(repeat):
+            t = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t) * 1e3)
+        return out
+    start, stop = xp.cuda.Event(), xp.cuda.Event()
+    for _ in range(repeat):
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        out.append(xp.cuda.get_elapsed_time(start, stop))
+    return out
+
+
+def peak_extra(xp, fn, result_bytes) -> float:
+    """Peak memory allocated during fn beyond its result's gradient, in MiB."""
+    if xp is np:
+        tracemalloc.start()
+        fn()
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return max(0, peak - result_bytes) / 2**20
+    pool = xp.get_default_memory_pool()
+    xp.cuda.Device().synchronize()
+    before = pool.used_bytes()
+    fn()
+    xp.cuda.Device().synchronize()
+    return max(0, pool.total_bytes() - before - result_bytes) / 2**20
+
+
+def rel_err(a, b) -> float:
+    a, b = to_numpy(a).astype(np.float64), to_numpy(b).astype(np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def run(backends=("numpy",), losses=tuple(LOSSES), sizes=None, repeat=10, with_peers=True, say=print):
+    rows = []
+    peer_mod = load_peers() if with_peers else None
+    for backend in backends:
+        if backend == "cupy" and not cupy_available():
+            say("cupy: not available (CuPy with a CUDA device), skipped")
+            continue
+        xp = np if backend == "numpy" else sys.modules["cupy"]
+        bw = copy_bandwidth(xp)
+        say(f"{backend} on {machine_name(backend)}: measured copy bandwidth {bw / 1e9:.1f} GB/s")
+        for N, V in (sizes or DEFAULT_SIZES)[backend] if isinstance(sizes or DEFAULT_SIZES, dict) else sizes:
+            z, p = make_problem(xp, N, V)
+            nbytes = 3 * N * V * 4
+            limit_ms = nbytes / bw * 1e3
+            for loss in losses:
+                fn = LOSSES[loss]
+                ref = fn(z, p, impl="reference")
+                fast = fn(z, p)
+                err = max(rel_err(fast.grad, ref.grad), rel_err(fast.loss, ref.loss), rel_err(fast.alpha, ref.alpha))
+                if err > 1e-4:
+                    raise AssertionError(f"{backend} {loss} N={N} V={V}: fast path differs from the reference "
+                                         f"by {err:.3g} (relative); not timing it")
+                out = xp.empty_like(z)
+                entries = [("lkref", lambda: fn(z, p), True), ("lkref out=", lambda: fn(z, p, out=out), False)]
+                if N * V <= 512 * 32_000 or backend == "cupy":
+                    entries.append(("lkref reference", lambda: fn(z, p, impl="reference"), True))
+                for label, call, new_grad in entries:
+                    t = timed(xp, call, repeat)
+                    mem = peak_extra(xp, call, z.nbytes if new_grad else 0)
+                    rows.append(_row(backend, label, loss, N, V, t, nbytes, bw, limit_ms, mem, err))
+                if peer_mod is not None:
+                    rows += _run_peers(peer_mod, xp, backend, loss, N, V, z, p, ref, repeat, nbytes, bw, limit_ms, say)
+                base = next((r for r in rows if r.backend == backend and r.loss == loss and r.N == N
+                             and r.V == V and r.impl == "numpy-naive"), None)
+                for r in rows:
+                    if r.backend == backend and r.loss == loss and r.N == N and r.V == V and base is not None:
+                        r.vs_baseline = r.p50_ms / base.p50_ms
+                _print_block(say, [r for r in rows if r.backend == backend and r.loss == loss and r.N == N and r.V == V])
+    return rows
+
+
+def _row(backend, label, loss, N, V, t, nbytes, bw, limit_ms, mem, err):
+    p20, p50, p80 = np.percentile(t, [20, 50, 80])
+    gbps = nbytes / (p50 / 1e3) / 1e9
+    return Row(backend, label, loss, N, V, p20, p50, p80, gbps, 100 * gbps * 1e9 / bw, limit_ms, mem, err)
+
+
+def _run_peers(mod, xp, backend, loss, N, V, z, p, ref, repeat, nbytes, bw, limit_ms, say):
+    rows = []
+    for label, (fn, kind) in mod.peers(backend, loss).items():
+        if kind == "numpy":
+            args = (z, p)
+            sync = None
+        else:
+            import torch
+            dev = "cuda" if kind == "torch-cuda" else "cpu"
+            args = (torch.as_tensor(to_numpy(z), device=dev), torch.as_tensor(to_numpy(p), device=dev))
+            sync = torch.cuda.synchronize if dev == "cuda" else None
+        try:
+            got_loss, got_grad = fn(*args)
+            err = max(rel_err(np.asarray(got_grad.cpu() if hasattr(got_grad, "cpu") else got_grad), ref.grad),
+                      rel_err(np.asarray(float(got_loss)), ref.loss))
+            if kind == "numpy":
+                t = timed(np, lambda: fn(*args), repeat)
+                mem = peak_extra(np, lambda: fn(*args), z.nbytes)
+            else:
+                t = _timed_torch(fn, args, repeat, sync)
+                mem = float("nan")
+        except Exception as exc:  # a peer that fails is reported, not fatal
+            say(f"   peer {label} failed: {type(exc).__name__}: {exc}")
+            continue
+        rows.append(_row(backend, label, loss, N, V, t, nbytes, bw, limit_ms, mem, err))
+    return rows
+
+
+def _timed_torch(fn, args, repeat, sync):
+    for _ in range(3):
+        fn(*args)
+    out = []
+    for _ in range(repeat):
+        if sync:
+            sync()
+        t = time.perf_counter()
+        fn(*args)
+        if sync:
+            sync()
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def _print_block(say, rows):
+    if not rows:
+        return
+    r0 = rows[0]
+    say(f"  {r0.loss}  N = {r0.N}  V = {r0.V}   (bandwidth limit {r0.limit_ms:.2f} ms)")
+    say(f"    {'implementation':18s} {'p20':>8s} {'p50':>8s} {'p80':>8s} {'GB/s':>7s} {'%copy':>6s} "
+        f"{'x naive':>8s} {'extra MiB':>10s} {'max rel err':>12s}")
+    for r in rows:
+        say(f"    {r.impl:18s} {r.p20_ms:8.2f} {r.p50_ms:8.2f} {r.p80_ms:8.2f} {r.gbps:7.1f} {r.pct_copy_bw:6.1f} "
+            f"{r.vs_baseline:8.2f} {r.peak_extra_mib:10.1f} {r.max_rel_err:12.2e}")
+
+
+def write_csv(rows, path, backend_names):
+    import lkref
+
+    versions = {"numpy": np.__version__, "lkref": lkref.__version__, "python": platform.python_version()}
+    for mod in ("cupy", "torch"):
+        if mod in sys.modules:
+            versions[mod] = getattr(sys.modules[mod], "__version__", "?")
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    sha = git_sha()
+    machines = {b: machine_name(b) for b in backend_names}
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["time", "git_sha", "machine", "versions", "backend", "impl", "loss", "N", "V", "dtype",
+                        "p20_ms", "p50_ms", "p80_ms", "GBps", "pct_copy_bw", "limit_ms", "peak_extra_MiB",
+                        "vs_numpy_naive", "max_rel_err", "threads"])
+        for r in rows:
+            w.writerow([stamp, sha, machines.get(r.backend, "?"), " ".join(f"{k}={v}" for k, v in versions.items()),
+                        r.backend, r.impl, r.loss, r.N, r.V, "float32", f"{r.p20_ms:.3f}", f"{r.p50_ms:.3f}",
+                        f"{r.p80_ms:.3f}", f"{r.gbps:.2f}", f"{r.pct_copy_bw:.1f}", f"{r.limit_ms:.3f}",
+                        f"{r.peak_extra_mib:.2f}", f"{r.vs_baseline:.3f}", f"{r.max_rel_err:.2e}",
+                        os.environ.get("LKREF_THREADS", "auto")])
