@@ -105,6 +105,23 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_conformance(args) -> int:
+    from . import conformance as C
+
+    if args.action == "export":
+        m = C.export(args.dir)
+        print(f"{len(m['cases'])} cases written to {args.dir} (manifest.json, {m['arrays']})")
+        return 0
+    if (args.impl is None) == (args.results is None):
+        raise SystemExit("conformance check needs exactly one of --impl module:function or --results FILE.npz")
+    import numpy as np
+
+    rows = C.check(args.dir, fn=C.load_impl(args.impl) if args.impl else None,
+                   results=np.load(args.results) if args.results else None)
+    print(C.format_table(rows))
+    return 0 if all(r.passed for r in rows) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .positions import LOSSES
     from .toy.gaussian import TOY_LOSSES
@@ -130,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-peers", action="store_true", help="skip bench/peers.py")
     p.add_argument("--csv", default=None, help="append CSV rows here")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("conformance", help="golden vectors for ports, and a checker that names what differs")
+    p.add_argument("action", choices=("export", "check"))
+    p.add_argument("dir", help="the folder of the vectors")
+    p.add_argument("--impl", default=None, help="module:function (or path/to/file.py:function) to check")
+    p.add_argument("--results", default=None, help="an NPZ of <case>/loss, /grad, /alpha to check")
+    p.set_defaults(func=cmd_conformance)
 
     p = sub.add_parser("toy", help="the paper's motivating toy")
     toy = p.add_subparsers(dest="toy", required=True)

@@ -1,0 +1,423 @@
+"""Conformance vectors for ports of the LK losses, and a checker that names what differs.
+
+export(dir) writes lkref_conformance.npz and manifest.json: for every case the inputs,
+the options, the expected loss / grad / alpha (and lambda for LK^lambda), computed by the
+readable path in float64 from the stored inputs, and tolerances per input dtype.  The cases
+cover the ordinary and the traps: ties, alpha = 0, a point-mass target, a smaller draft
+vocabulary, masks, temperature, extreme logits, float32 and bfloat16 inputs.
+
+check(dir, fn) runs a port on every case and returns one row per case.  fn is called as
+
+    fn(loss, draft_logits, target_probs, mask=..., temperature=..., draft_to_target=...,
+       eta=..., kl_scale=...)  ->  (loss, grad, alpha)  or an object with .loss .grad .alpha
+
+with NumPy arrays (bfloat16 cases arrive as float32 arrays holding bfloat16 values: cast
+them to your bfloat16, losslessly).  A failing case is compared with the known wrong
+variants (VARIANTS), and the row names the one that the port matches.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import losses as L
+from .positions import LOSSES
+
+__all__ = ["FORMAT", "VERSION", "TOLERANCES", "build_cases", "export", "load", "check", "load_impl",
+           "VARIANTS", "format_table"]
+
+FORMAT, VERSION = "lkref-conformance", 1
+#: Port vs expected (float64 reference on the same stored inputs), by the inputs' dtype.
+#: A gradient's atol is rtol times the largest |expected gradient| of the case.
+TOLERANCES = {
+    "float64": {"rtol": 1e-7, "atol": 1e-10},
+    "float32": {"rtol": 2e-4, "atol": 1e-6},
+    "bfloat16": {"rtol": 2e-2, "atol": 1e-4},
+}
+
+
+def _bf16(x):
+    """Round float values to the nearest bfloat16 (kept in float32): inputs a bf16 port gets losslessly."""
+    b = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16 << 16).astype(np.uint32)
+    return b.view(np.float32)
+
+
+def _probs(rng, shape, zero_frac=0.3):
+    x = rng.gamma(0.5, size=shape)
+    x[rng.random(shape) < zero_frac] = 0
+    x[..., 0] += 0.05
+    return x / x.sum(-1, keepdims=True)
+
+
+def build_cases(seed=0):
+    """The list of cases: dicts with id, loss, trap, description, dtype, inputs, options."""
+    rng = np.random.default_rng(seed)
+    cases = []
+
+    def add(cid, trap, desc, dtype, z, p, mask=None, d2t=None, T=1.0, losses=tuple(LOSSES), **extra):
+        for loss in losses:
+            opts = {"temperature": T}
+            if loss == "lk_lambda":
+                opts.update({"eta": extra.get("eta", 3.0), "kl_scale": extra.get("kl_scale", 1.0)})
+            cases.append({"id": f"{cid}/{loss}", "loss": loss, "trap": trap, "description": desc,
+                          "dtype": dtype, "inputs": {"draft_logits": z, "target_probs": p, "mask": mask,
+                                                     "draft_to_target": d2t}, "options": opts})
+
+    z = rng.standard_normal((6, 11)) * 2
+    add("basic", "", "ordinary rows, float64", "float64", z, _probs(rng, (6, 11)))
+    z = (rng.standard_normal((8, 50)) * 3).astype(np.float32)
+    add("float32", "precision", "float32 inputs", "float32", z, _probs(rng, (8, 50)).astype(np.float32))
+    zb = _bf16(rng.standard_normal((4, 32)) * 3)
+    pb = _bf16(_probs(rng, (4, 32), 0.0))
+    pb = pb / pb.sum(-1, keepdims=True)               # rows of bf16 values, normalised in float32
+    add("bfloat16", "precision", "bfloat16 logits and target (compute in float32)", "bfloat16", zb,
+        pb.astype(np.float32))
+    z = rng.standard_normal((5, 9)) * 2
+    add("temperature", "temperature", "T = 0.7: q = softmax(z / T), gradients carry 1/T", "float64", z,
+        _probs(rng, (5, 9)), T=0.7)
+    z = rng.standard_normal((7, 10)) * 2
+    add("mask_bool", "mask", "a boolean mask: masked positions out of the mean, zero gradient", "float64", z,
+        _probs(rng, (7, 10)), mask=np.array([1, 0, 1, 1, 0, 1, 1], bool))
+    z = rng.standard_normal((5, 10)) * 2
+    add("mask_weights", "mask", "weights as the mask: a weighted mean", "float64", z, _probs(rng, (5, 10)),
+        mask=np.array([0.0, 0.5, 2.0, 1.0, 1.0]))
+    # ties: equal logits over V = 8 give q = 1/8 exactly in any softmax
+    z = np.zeros((3, 8))
+    p = np.array([[0.125] * 8,
+                  [0.125, 0.125, 0.25, 0.25, 0.0, 0.0, 0.125, 0.125],
+                  [0.125, 0.0, 0.375, 0.0, 0.125, 0.125, 0.125, 0.125]])
+    add("ties", "ties", "q = p exactly at some tokens (equal logits, V = 8): min taken as p, m = 1[q < p]",
+        "float64", z, p)
+    z = np.array([[-1000.0, 1000.0, 0.0], [500.0, -500.0, -500.0], [0.0, 0.0, 0.0]])
+    p = np.array([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.2, 0.3, 0.5]])
+    add("alpha_zero", "alpha = 0", "disjoint supports: alpha underflows, -log alpha is exact (no clamp)",
+        "float64", z, p)
+    z32 = np.array([[-60.0, 60.0, 0.0], [0.0, 0.0, 0.0]], np.float32)
+    add("alpha_zero_f32", "alpha = 0", "disjoint supports in float32: alpha below float32's range", "float32",
+        z32, np.array([[1.0, 0.0, 0.0], [0.2, 0.3, 0.5]], np.float32))
+    z = rng.standard_normal((6, 12)) * 3
+    p = np.eye(12)[rng.integers(0, 12, 6)]
+    add("point_mass", "point mass", "one-hot target: LK^alpha is cross-entropy", "float64", z, p)
+    z = rng.standard_normal((5, 6)) * 2
+    p = _probs(rng, (5, 10), 0.2)
+    d2t = np.array([9, 0, 3, 4, 7, 1])
+    p[2] = 0
+    p[2, [2, 5, 6, 8]] = 0.25                          # no target mass on the draft vocabulary: dropped
+    add("draft_to_target", "smaller vocabulary", "draft vocabulary of 6 inside 10: alpha and TV on the "
+        "unrenormalised restricted target, KL on the renormalised one; a row with no mass on D drops out",
+        "float64", z, p, d2t=d2t)
+    z = (rng.standard_normal((4, 40)) * 80).astype(np.float32)
+    add("extreme_logits", "overflow", "logits of size 100s in float32: softmax must subtract the max",
+        "float32", z, _probs(rng, (4, 40)).astype(np.float32))
+    z = rng.standard_normal((8, 10)) * 3
+    p = _probs(rng, (8, 10))
+    p[:4] = L.softmax(z[:4]) * 0.5 + p[:4] * 0.5       # rows with very different alpha
+    add("lambda_batch", "lambda", "LK^lambda: one lambda from the masked mean alpha of the call", "float64",
+        z, p, mask=np.array([1, 1, 0, 1, 1, 0, 1, 1], bool), losses=("lk_lambda",), eta=5.0, kl_scale=0.8)
+    return cases
+
+
+def _expected(case):
+    inp, opts = case["inputs"], case["options"]
+    fn = LOSSES[case["loss"]]
+    z = np.asarray(inp["draft_logits"], np.float64)
+    p = np.asarray(inp["target_probs"], np.float64)
+    r = fn(z, p, mask=inp["mask"], draft_to_target=inp["draft_to_target"], impl="reference", **opts)
+    return {"loss": np.asarray(r.loss), "grad": r.grad, "alpha": r.alpha,
+            "lam": None if r.lam is None else np.asarray(r.lam)}
+
+
+def export(directory, seed=0):
+    """Write the vectors (NPZ) and the manifest (JSON) into directory; returns the manifest."""
+    from . import __version__
+
+    os.makedirs(directory, exist_ok=True)
+    arrays, manifest_cases = {}, []
+    for case in build_cases(seed):
+        cid = case["id"]
+        entry = {k: case[k] for k in ("id", "loss", "trap", "description", "dtype", "options")}
+        entry["inputs"], entry["expected"] = {}, {}
+        for name, val in case["inputs"].items():
+            if val is not None:
+                arrays[f"{cid}/in/{name}"] = np.asarray(val)
+                entry["inputs"][name] = f"{cid}/in/{name}"
+            else:
+                entry["inputs"][name] = None
+        for name, val in _expected(case).items():
+            if val is not None:
+                arrays[f"{cid}/out/{name}"] = np.asarray(val, np.float64)
+                entry["expected"][name] = f"{cid}/out/{name}"
+        manifest_cases.append(entry)
+    manifest = {"format": FORMAT, "version": VERSION, "lkref_version": __version__, "seed": seed,
+                "tolerances": TOLERANCES, "arrays": "lkref_conformance.npz",
+                "call": "fn(loss, draft_logits, target_probs, mask=, temperature=, draft_to_target=, eta=, "
+                        "kl_scale=) -> (loss, grad, alpha)",
+                "cases": manifest_cases}
+    np.savez_compressed(os.path.join(directory, "lkref_conformance.npz"), **arrays)
+    with open(os.path.join(directory, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    return manifest
+
+
+def load(directory):
+    """(manifest, cases) with arrays filled in, from a directory written by export."""
+    with open(os.path.join(directory, "manifest.json")) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ValueError(f"{directory} holds no {FORMAT} v{VERSION} manifest")
+    data = np.load(os.path.join(directory, manifest["arrays"]))
+    cases = []
+    for entry in manifest["cases"]:
+        c = dict(entry)
+        c["inputs"] = {k: (None if v is None else data[v]) for k, v in entry["inputs"].items()}
+        c["expected"] = {k: data[v] for k, v in entry["expected"].items()}
+        cases.append(c)
+    return manifest, cases
+
+
+# --------------------------------------------------------------------------------------
+# the known wrong variants: what earlier ports did (SPEC section 2)
+
+
+def _ref(case, **over):
+    inp = dict(case["inputs"])
+    opts = dict(case["options"])
+    fn = LOSSES[over.pop("loss", case["loss"])]
+    z = np.asarray(inp["draft_logits"], np.float64)
+    p = np.asarray(over.pop("target_probs", inp["target_probs"]), np.float64)
+    opts.update(over)
+    if fn is not L.lk_lambda:
+        opts.pop("eta", None)
+        opts.pop("kl_scale", None)
+    return fn(z, p, mask=inp["mask"], draft_to_target=inp["draft_to_target"], impl="reference", **opts)
+
+
+def _weights(case):
+    mask = case["inputs"]["mask"]
+    n = np.asarray(case["inputs"]["draft_logits"]).shape[0]
+    return np.ones(n) if mask is None else np.asarray(mask, np.float64)
+
+
+def _v_log_of_mean(case):
+    if case["loss"] != "lk_alpha":
+        return None
+    t = _ref(case, loss="tv")
+    w = _weights(case)
+    mean_alpha = float(np.dot(w, t.alpha) / w.sum())
+    return -np.log(mean_alpha), t.grad / mean_alpha, t.alpha
+
+
+def _v_renormalised_alpha(case):
+    d2t = case["inputs"]["draft_to_target"]
+    if d2t is None or case["loss"] == "kl":
+        return None
+    p = np.asarray(case["inputs"]["target_probs"], np.float64).copy()
+    mass = p[:, d2t].sum(-1, keepdims=True)
+    keep = np.zeros_like(p)
+    keep[:, d2t] = p[:, d2t] / np.where(mass > 0, mass, 1)
+    keep[mass[:, 0] == 0] = p[mass[:, 0] == 0]          # rows without mass stay as they were
+    r = _ref(case, target_probs=keep)
+    return r.loss, r.grad, r.alpha
+
+
+def _v_per_token_lambda(case):
+    if case["loss"] != "lk_lambda":
+        return None
+    z = np.asarray(case["inputs"]["draft_logits"], np.float64)
+    p = np.asarray(case["inputs"]["target_probs"], np.float64)
+    T, eta, ks = case["options"]["temperature"], case["options"]["eta"], case["options"]["kl_scale"]
+    if case["inputs"]["draft_to_target"] is not None:
+        return None
+    alpha = L.tv_forward(z, p, temperature=T)[1]["alpha"]
+    lam = ks * np.exp(-eta * alpha)                     # one lambda per token
+    losses, cache = L.lk_lambda_forward(z, p, lam, temperature=T)
+    loss, mc = L.mean_forward(losses, _weights(case))
+    return loss, L.lk_lambda_backward(L.mean_backward(1.0, mc), cache), alpha
+
+
+def _v_no_stop_gradient(case):
+    if case["loss"] != "lk_lambda":
+        return None
+    r = _ref(case)
+    k, t = _ref(case, loss="kl"), _ref(case, loss="tv")
+    eta = case["options"]["eta"]
+    # d lam / dz = -eta lam d(mean alpha)/dz = eta lam * tv.grad; the loss gains (KL - TV) d lam
+    grad = r.grad + (float(k.loss) - float(t.loss)) * eta * float(r.lam) * t.grad
+    return r.loss, grad, r.alpha
+
+
+def _v_loose_ties(case):
+    if case["trap"] != "ties" or case["loss"] == "kl":
+        return None
+    z = np.asarray(case["inputs"]["draft_logits"], np.float64)
+    p = np.asarray(case["inputs"]["target_probs"], np.float64)
+    q = L.softmax(z)
+    m = (q <= p).astype(np.float64)
+    S = np.sum(q * m, -1, keepdims=True)
+    alpha = np.minimum(q, p).sum(-1)
+    dtv = -q * (m - S) / len(z)
+    if case["loss"] == "tv":
+        return np.mean(1 - alpha), dtv, alpha
+    if case["loss"] == "lk_alpha":
+        return np.mean(-np.log(alpha)), dtv / alpha[:, None], alpha
+    r = _ref(case)
+    lam = float(r.lam)
+    k = _ref(case, loss="kl")
+    return r.loss, lam * k.grad + (1 - lam) * dtv, alpha
+
+
+def _v_missing_temperature(case):
+    T = case["options"]["temperature"]
+    if T == 1.0:
+        return None
+    r = _ref(case)
+    return r.loss, r.grad * T, r.alpha
+
+
+def _v_clamped_alpha(case):
+    if case["loss"] != "lk_alpha" or case["trap"] != "alpha = 0":
+        return None
+    t = _ref(case, loss="tv")
+    a = np.maximum(t.alpha, 1e-8)
+    w = _weights(case)
+    loss = float(np.dot(w, -np.log(a)) / w.sum())
+    grad = t.grad / a[:, None] * (t.alpha >= 1e-8)[:, None]
+    return loss, grad, t.alpha
+
+
+#: name -> (what the port did, function building that variant's loss, grad, alpha for a case)
+VARIANTS = {
+    "log_of_mean": ("-log(mean alpha) instead of mean(-log alpha)", _v_log_of_mean),
+    "renormalised_alpha": ("alpha on the renormalised draft-vocabulary target", _v_renormalised_alpha),
+    "per_token_lambda": ("a lambda per token instead of one per call", _v_per_token_lambda),
+    "no_stop_gradient": ("a gradient through lambda (missing stop-gradient)", _v_no_stop_gradient),
+    "loose_ties": ("the tie rule 1[q <= p] instead of 1[q < p]", _v_loose_ties),
+    "missing_temperature": ("gradients without the 1/T factor", _v_missing_temperature),
+    "clamped_alpha": ("alpha clamped at 1e-8 instead of exact log space", _v_clamped_alpha),
+}
+
+
+# --------------------------------------------------------------------------------------
+# the checker
+
+
+@dataclass
+class CaseResult:
+    id: str
+    loss: str
+    trap: str
+    passed: bool
+    err_loss: float
+    err_grad: float
+    err_alpha: float
+    message: str
+
+
+def _err(got, want, rtol, atol):
+    """The largest |got - want| / (atol + rtol |want|); <= 1 passes.  inf for a shape mismatch or NaN."""
+    got = np.asarray(got, np.float64)
+    want = np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        return float("inf")
+    if not np.all(np.isfinite(got)):
+        return float("inf")
+    return float(np.max(np.abs(got - want) / (atol + rtol * np.abs(want)), initial=0.0))
+
+
+def _scores(got, expected, tol):
+    g_atol = tol["atol"] + tol["rtol"] * float(np.max(np.abs(expected["grad"]), initial=0.0))
+    return (_err(got[0], expected["loss"], tol["rtol"], tol["atol"]),
+            _err(got[1], expected["grad"], tol["rtol"], g_atol),
+            _err(got[2], expected["alpha"], tol["rtol"], tol["atol"]))
+
+
+def _unpack(result):
+    if hasattr(result, "grad"):
+        return result.loss, result.grad, result.alpha
+    loss, grad, alpha = result
+    return loss, grad, alpha
+
+
+def _to_numpy(x):
+    if hasattr(x, "detach"):
+        x = x.detach()
+    if hasattr(x, "float") and hasattr(x, "cpu"):
+        x = x.float().cpu()
+    if hasattr(x, "get"):
+        x = x.get()
+    return np.asarray(x, dtype=np.float64)
+
+
+def check(directory, fn=None, results=None):
+    """Run a port (fn) or read its saved results (an NPZ with <id>/loss, /grad, /alpha) on every case."""
+    manifest, cases = load(directory)
+    rows = []
+    for case in cases:
+        tol = manifest["tolerances"][case["dtype"]]
+        cid = case["id"]
+        try:
+            if fn is not None:
+                inp = case["inputs"]
+                got = _unpack(fn(case["loss"], inp["draft_logits"], inp["target_probs"], mask=inp["mask"],
+                                 draft_to_target=inp["draft_to_target"], **case["options"]))
+            else:
+                got = tuple(results[f"{cid}/{k}"] for k in ("loss", "grad", "alpha"))
+            got = tuple(_to_numpy(x) for x in got)
+        except Exception as exc:
+            rows.append(CaseResult(cid, case["loss"], case["trap"], False, np.inf, np.inf, np.inf,
+                                   f"raised {type(exc).__name__}: {exc}"))
+            continue
+        e = _scores(got, case["expected"], tol)
+        ok = all(x <= 1 for x in e)
+        msg = "" if ok else _explain(case, got, e, tol)
+        rows.append(CaseResult(cid, case["loss"], case["trap"], ok, *e, msg))
+    return rows
+
+
+def _explain(case, got, e, tol):
+    parts = [name for name, x in zip(("loss", "gradient", "alpha"), e) if x > 1]
+    if any(not np.all(np.isfinite(np.asarray(g))) for g in got):
+        return "non-finite values (NaN or inf) in the result"
+    msg = f"{', '.join(parts)} off by {max(e):.3g}x the tolerance"
+    for name, (what, build) in VARIANTS.items():
+        try:
+            v = build(case)
+        except Exception:
+            continue
+        if v is None:
+            continue
+        if all(x <= 1 for x in _scores(got, {"loss": v[0], "grad": v[1], "alpha": v[2]}, tol)):
+            return f"{msg}; matches the known mistake '{name}': {what}"
+    return msg
+
+
+def load_impl(spec: str):
+    """'module:function' -> the function (the module may be a file path ending in .py)."""
+    if ":" not in spec:
+        raise ValueError(f"--impl must be module:function, got {spec!r}")
+    mod_name, fn_name = spec.rsplit(":", 1)
+    if mod_name.endswith(".py"):
+        spec_ = importlib.util.spec_from_file_location("lkref_port_under_test", mod_name)
+        mod = importlib.util.module_from_spec(spec_)
+        spec_.loader.exec_module(mod)
+    else:
+        mod = importlib.import_module(mod_name)
+    return getattr(mod, fn_name)
+
+
+def format_table(rows) -> str:
+    w = max(len(r.id) for r in rows)
+    out = [f"{'case':{w}s}  {'result':6s}  {'loss':>8s} {'grad':>8s} {'alpha':>8s}  note   "
+           "(errors in units of the tolerance; <= 1 passes)"]
+    for r in rows:
+        out.append(f"{r.id:{w}s}  {'pass' if r.passed else 'FAIL':6s}  {r.err_loss:8.2g} {r.err_grad:8.2g} "
+                   f"{r.err_alpha:8.2g}  {r.message}")
+    n_fail = sum(not r.passed for r in rows)
+    out.append(f"{len(rows) - n_fail} passed, {n_fail} failed")
+    return "\n".join(out)

@@ -1,0 +1,82 @@
+"""Independent NumPy ports of the losses, written from the SPEC without lkref, with switches
+for the mistakes earlier ports made.  The correct one must pass the conformance kit; each
+wrong one must fail it, with a message naming the mistake."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def make_port(mistake=None):
+    def softmax(z, T):
+        x = (z - z.max(-1, keepdims=True)) / T
+        e = np.exp(x)
+        return e / e.sum(-1, keepdims=True), x - np.log(e.sum(-1, keepdims=True))
+
+    def parts(z, p, T):
+        q, logq = softmax(z, T)
+        m = (q <= p) if mistake == "loose_ties" else (q < p)
+        mq = np.where(m, q, 0.0)
+        alpha = np.where(m, q, p).sum(-1)
+        with np.errstate(divide="ignore"):
+            log_alpha = np.log(np.where(m, q, p).sum(-1)) if mistake == "clamped_alpha" else \
+                np.logaddexp.reduce(np.where(m, logq, np.log(np.where(p > 0, p, 1e-300)) + np.where(p > 0, 0, -np.inf)), -1)
+        S = mq.sum(-1, keepdims=True)
+        dalpha = q * (m - S) / T                            # d alpha_t / d z_t
+        return q, logq, m, alpha, log_alpha, dalpha
+
+    def port(loss, draft_logits, target_probs, mask=None, temperature=1.0, draft_to_target=None,
+             eta=3.0, kl_scale=1.0):
+        z = np.asarray(draft_logits, np.float64)
+        p_full = np.asarray(target_probs, np.float64)
+        T = temperature
+        N = z.shape[0]
+        w = np.ones(N) if mask is None else np.asarray(mask, np.float64)
+        if draft_to_target is not None:
+            p = p_full[:, draft_to_target]
+            mass = p.sum(-1)
+            w = np.where(mass > 0, w, 0)
+            p_kl = p / np.where(mass > 0, mass, 1)[:, None]
+            if mistake == "renormalised_alpha":
+                p = p_kl
+        else:
+            p, p_kl = p_full, p_full
+        d = w / w.sum()
+        q, logq, m, alpha, log_alpha, dalpha = parts(z, p, T)
+        if mistake == "clamped_alpha":
+            log_alpha = np.log(np.maximum(alpha, 1e-8))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl_t = np.sum(np.where(p_kl > 0, p_kl * np.log(np.where(p_kl > 0, p_kl, 1)), 0) - p_kl * logq, -1)
+        dkl = (q - p_kl) / T
+        tv_t = 1 - alpha
+        if loss == "kl":
+            return np.dot(d, kl_t), d[:, None] * dkl, alpha
+        if loss == "tv":
+            return np.dot(d, tv_t), -d[:, None] * dalpha, alpha
+        if loss == "lk_alpha":
+            if mistake == "log_of_mean":
+                a = np.dot(d, alpha)
+                return -np.log(a), -d[:, None] * dalpha / a, alpha
+            live = w > 0
+            if mistake == "clamped_alpha":
+                inv = 1 / np.maximum(alpha, 1e-8) * (alpha >= 1e-8)
+                return np.dot(d, np.where(live, -log_alpha, 0)), -(d * inv)[:, None] * dalpha, alpha
+            # 1/alpha in log space: r = m q / alpha, the gradient is -(r - q sum r) / T
+            la = np.where(live, log_alpha, 0)[:, None]
+            r = np.where(m, np.exp(np.minimum(logq - la, 0)), 0)
+            grad = -(d * live)[:, None] * (r - q * r.sum(-1, keepdims=True)) / T
+            return np.dot(d, np.where(live, -log_alpha, 0)), grad, alpha
+        # lk_lambda
+        if mistake == "per_token_lambda":
+            lam = kl_scale * np.exp(-eta * alpha)
+            return (np.dot(d, lam * kl_t + (1 - lam) * tv_t),
+                    d[:, None] * (lam[:, None] * dkl - (1 - lam)[:, None] * dalpha), alpha)
+        lam = kl_scale * np.exp(-eta * np.dot(d, alpha))
+        loss_v = lam * np.dot(d, kl_t) + (1 - lam) * np.dot(d, tv_t)
+        grad = d[:, None] * (lam * dkl - (1 - lam) * dalpha)
+        if mistake == "no_stop_gradient":
+            dlam = -eta * lam * d[:, None] * dalpha          # d lam / d z through mean alpha
+            grad = grad + dlam * (np.dot(d, kl_t) - np.dot(d, tv_t))
+        return loss_v, grad, alpha
+
+    return port
