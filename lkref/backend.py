@@ -15,12 +15,15 @@ Dtype policy (one place for it):
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
 import sys
 
 import numpy as np
 
 __all__ = [
+    "dlpack_interop",
     "namespace",
     "is_cupy_array",
     "work_dtype",
@@ -109,3 +112,70 @@ def backends() -> list[dict]:
         out.append({"name": "cupy", "version": None, "usable": False,
                     "device": _cupy_state.get("why", "not available")})
     return out
+
+
+# ----------------------------------------------------------------------------------------
+# DLPack interop: any array that speaks DLPack (a PyTorch tensor, a JAX array, ...) goes in
+# without a copy, and the results come back as that kind of array, also without a copy.
+
+_DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED = 1, 2, 3, 13
+
+
+def _is_foreign(x) -> bool:
+    return (hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__")
+            and not isinstance(x, np.ndarray) and not is_cupy_array(x))
+
+
+def from_dlpack(x, name="array"):
+    """A NumPy (CPU) or CuPy (CUDA) view of a DLPack-capable array, sharing its memory."""
+    device = x.__dlpack_device__()[0]
+    try:
+        if device in (_DL_CPU, _DL_CUDA_HOST):
+            return np.from_dlpack(x)
+        if device in (_DL_CUDA, _DL_CUDA_MANAGED):
+            if not cupy_available():
+                raise TypeError(f"{name} lives on a CUDA device, but CuPy with a device is not available")
+            return sys.modules["cupy"].from_dlpack(x)
+    except (BufferError, TypeError, RuntimeError) as exc:
+        raise TypeError(f"{name} cannot be shared through DLPack ({exc}); "
+                        "bfloat16 tensors, for one, have no NumPy/CuPy dtype: pass float32") from exc
+    raise TypeError(f"{name} lives on DLPack device type {device}; lkref runs on the CPU (NumPy) or CUDA (CuPy)")
+
+
+def _to_kind(value, like):
+    """value (NumPy/CuPy) as the kind of array `like` is, through that library's from_dlpack."""
+    if not (isinstance(value, np.ndarray) or is_cupy_array(value)):
+        return value
+    module = type(like).__module__
+    for name in (module, module.split(".")[0]):
+        mod = sys.modules.get(name)
+        fn = getattr(mod, "from_dlpack", None)
+        if fn is not None:
+            return fn(value)
+    return value
+
+
+def dlpack_interop(fn):
+    """Let fn take DLPack-capable arrays of any library, and give its results back in that kind.
+
+    Arguments that are neither NumPy nor CuPy arrays but speak DLPack are viewed (no copy)
+    as NumPy (CPU) or CuPy (CUDA) arrays; the array fields of the returned dataclass are
+    handed back through the first such argument's library's from_dlpack (no copy).
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        like = []
+
+        def view(v, name):
+            if _is_foreign(v):
+                like.append(v)
+                return from_dlpack(v, name)
+            return v
+        args = [view(a, f"argument {i}") for i, a in enumerate(args)]
+        kwargs = {k: view(v, k) for k, v in kwargs.items()}
+        result = fn(*args, **kwargs)
+        if not like or not dataclasses.is_dataclass(result):
+            return result
+        back = {f.name: _to_kind(getattr(result, f.name), like[0]) for f in dataclasses.fields(result)}
+        return dataclasses.replace(result, **back)
+    return wrapper

@@ -49,7 +49,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .backend import namespace
+from .backend import dlpack_interop, namespace
 from .validation import (
     check_index_map,
     check_logits,
@@ -373,6 +373,7 @@ def _deliver(result, out):
     return LossResult(result.loss, out, result.alpha, result.lam)
 
 
+@dlpack_interop
 def kl(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None,
        impl="auto", out=None):
     """Forward KL(p || q), masked mean over positions.  Returns a LossResult."""
@@ -387,6 +388,7 @@ def kl(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_targe
     return _deliver(LossResult(loss, grad, _alpha(cache["q"], p)), out)
 
 
+@dlpack_interop
 def tv(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None,
        impl="auto", out=None):
     """Total variation 1 - alpha, masked mean over positions.  Returns a LossResult."""
@@ -401,6 +403,7 @@ def tv(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_targe
     return _deliver(LossResult(loss, grad, cache["alpha"]), out)
 
 
+@dlpack_interop
 def lk_alpha(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None,
              impl="auto", out=None):
     """LK^alpha = mean_t -log alpha_t (log per position, then the masked mean).  Returns a LossResult."""
@@ -415,6 +418,7 @@ def lk_alpha(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to
     return _deliver(LossResult(loss, grad, cache["alpha"]), out)
 
 
+@dlpack_interop
 def lk_lambda(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None,
               eta=3.0, kl_scale=1.0, lam=None, impl="auto", out=None):
     """LK^lambda = lam KL + (1 - lam) TV with lam = kl_scale exp(-eta * mean alpha), stop-gradient.

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import namespace
+from .backend import dlpack_interop, namespace
 from .validation import as_array
 
 __all__ = ["VerifyResult", "verify", "verify_greedy", "sample_rows"]
@@ -125,6 +125,7 @@ def sample_rows(weights, u):
     return xp.minimum(idx, last).astype(xp.int64)
 
 
+@dlpack_interop
 def verify(draft_tokens, draft_probs, target_probs, *, rng, num_draft=None, uniforms=None,
            validate=True) -> VerifyResult:
     """Speculative sampling of one round for a batch; exact in distribution.
@@ -180,6 +181,7 @@ def verify(draft_tokens, draft_probs, target_probs, *, rng, num_draft=None, unif
     return VerifyResult(n, tokens)
 
 
+@dlpack_interop
 def verify_greedy(draft_tokens, target_probs, *, num_draft=None) -> VerifyResult:
     """Verification at temperature 0: accept while x_j equals argmax p_j; then emit the target argmax.
 

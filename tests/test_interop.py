@@ -1,0 +1,89 @@
+"""DLPack interop: foreign arrays go in without a copy and come back as their own kind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lkref
+
+from .strategies import make_logits, make_probs
+
+
+class Foreign:
+    """A minimal DLPack-capable array of another 'library' (this module), backed by NumPy memory."""
+
+    def __init__(self, a):
+        self.a = a
+
+    def __dlpack__(self, **kw):
+        return self.a.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self.a.__dlpack_device__()
+
+
+def from_dlpack(x):            # this module's from_dlpack: how results come back as Foreign
+    return Foreign(np.from_dlpack(x))
+
+
+@pytest.mark.parametrize("name", sorted(lkref.LOSSES))
+def test_losses_take_and_return_foreign_arrays(name):
+    rng = np.random.default_rng(0)
+    z = make_logits(rng, (5, 9), dtype=np.float32)
+    p = make_probs(rng, (5, 9), dtype=np.float32)
+    mask = np.array([1, 0, 1, 1, 1], bool)
+    want = lkref.LOSSES[name](z, p, mask=mask)
+    got = lkref.LOSSES[name](Foreign(z), Foreign(p), mask=Foreign(mask))
+    assert isinstance(got.grad, Foreign) and isinstance(got.loss, Foreign) and isinstance(got.alpha, Foreign)
+    np.testing.assert_array_equal(got.grad.a, want.grad)
+    np.testing.assert_array_equal(got.loss.a, want.loss)
+
+
+def test_out_through_dlpack_is_written_in_place_without_a_copy():
+    rng = np.random.default_rng(1)
+    z = make_logits(rng, (4, 7), dtype=np.float32)
+    p = make_probs(rng, (4, 7), dtype=np.float32)
+    buf = np.zeros_like(z)
+    got = lkref.lk_alpha(Foreign(z), Foreign(p), out=Foreign(buf))
+    np.testing.assert_array_equal(buf, lkref.lk_alpha(z, p).grad)   # the caller's memory holds the gradient
+    assert np.shares_memory(got.grad.a, buf)
+    zz = z.copy()
+    lkref.lk_alpha(Foreign(zz), Foreign(p), out=Foreign(zz))         # and it may be the logits themselves
+    np.testing.assert_array_equal(zz, buf)
+
+
+def test_inputs_are_viewed_not_copied(monkeypatch):
+    z = np.zeros((2, 3))
+    seen = []
+    real = np.from_dlpack
+    monkeypatch.setattr(np, "from_dlpack", lambda x: seen.append(real(x)) or seen[-1])
+    lkref.tv(Foreign(z), Foreign(np.full((2, 3), 1 / 3)))
+    assert np.shares_memory(seen[0], z)
+
+
+def test_verify_takes_foreign_arrays():
+    p, q = lkref.testing.sampler_problem(0, 2, 4)
+    B = 6
+    tok = np.zeros((B, 2), np.int64) + 2
+    qq = np.ascontiguousarray(np.broadcast_to(q, (B, 2, 4)))
+    pp = np.ascontiguousarray(np.broadcast_to(p, (B, 3, 4)))
+    got = lkref.verify(Foreign(tok), Foreign(qq), Foreign(pp), rng=np.random.default_rng(0))
+    want = lkref.verify(tok, qq, pp, rng=np.random.default_rng(0))
+    assert isinstance(got.tokens, Foreign)
+    np.testing.assert_array_equal(got.tokens.a, want.tokens)
+    g = lkref.verify_greedy(Foreign(tok), Foreign(pp))
+    np.testing.assert_array_equal(g.tokens.a, lkref.verify_greedy(tok, pp).tokens)
+
+
+def test_torch_cpu_tensors_round_trip():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    z = make_logits(rng, (3, 8), dtype=np.float32)
+    p = make_probs(rng, (3, 8), dtype=np.float32)
+    zt, pt = torch.from_numpy(z), torch.from_numpy(p)
+    r = lkref.lk_lambda(zt, pt)
+    assert isinstance(r.grad, torch.Tensor) and r.grad.dtype == torch.float32
+    np.testing.assert_array_equal(r.grad.numpy(), lkref.lk_lambda(z, p).grad)
+    with pytest.raises(TypeError, match="bfloat16"):
+        lkref.tv(zt.to(torch.bfloat16), pt)
