@@ -125,6 +125,7 @@ def cmd_conformance(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .positions import LOSSES
     from .toy.gaussian import TOY_LOSSES
+    from .toy.train import TRAIN_LOSSES
 
     ap = argparse.ArgumentParser(prog="python -m lkref", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -167,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_toy)
 
     p = sub.add_parser("train", help="train a toy draft against the toy target LM")
-    p.add_argument("--loss", choices=sorted(LOSSES), required=True)
+    p.add_argument("--loss", choices=TRAIN_LOSSES, required=True,
+                   help="a per-position loss, or accept_length: the multi-step objective K + 1 - E[tau]")
     p.add_argument("--draft", choices=("heads", "ar"), default="heads")
     p.add_argument("--vocab", type=int, default=256)
     p.add_argument("--heads", type=int, default=4, help="K, the draft positions")

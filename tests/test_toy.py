@@ -89,8 +89,9 @@ def test_draft_backward_matches_finite_differences(make):
     fd_check(model, ctx, rng.standard_normal(logits.shape))
 
 
-def test_training_gradient_matches_finite_differences_of_the_objective():
-    cfg = TrainConfig(loss="lk_alpha", vocab=6, heads=2, hidden=4, seq_len=8, train_sequences=4)
+@pytest.mark.parametrize("loss", ["lk_alpha", "accept_length"])
+def test_training_gradient_matches_finite_differences_of_the_objective(loss):
+    cfg = TrainConfig(loss=loss, vocab=6, heads=2, hidden=4, seq_len=8, train_sequences=4)
     rng = np.random.default_rng(1)
     target = TargetLM(6, embed=3, hidden=8, seed=3)
     tokens = sample_sequences(target, 4, 8, rng)
@@ -99,15 +100,15 @@ def test_training_gradient_matches_finite_differences_of_the_objective():
     for p in draft.params.values():
         p += rng.standard_normal(p.shape) * 0.3
     b, t = np.array([0, 1, 2, 3]), np.array([1, 2, 3, 4])
-    res, grads = loss_and_grads(draft, table, b, t, cfg)
+    loss, _, grads = loss_and_grads(draft, table, b, t, cfg)
     W = draft.params["W1"]
     g = np.zeros_like(W)
     for i in np.ndindex(W.shape):
         old = W[i]
         W[i] = old + 1e-6
-        up = float(loss_and_grads(draft, table, b, t, cfg)[0].loss)
+        up = float(loss_and_grads(draft, table, b, t, cfg)[0])
         W[i] = old - 1e-6
-        down = float(loss_and_grads(draft, table, b, t, cfg)[0].loss)
+        down = float(loss_and_grads(draft, table, b, t, cfg)[0])
         W[i] = old
         g[i] = (up - down) / 2e-6
     np.testing.assert_allclose(grads["W1"], g, rtol=1e-6, atol=1e-9)
@@ -146,7 +147,7 @@ def test_optimiser_pieces():
 SMALL = dict(vocab=32, hidden=16, steps=60, train_sequences=64, eval_sequences=16, eval_new_tokens=12)
 
 
-@pytest.mark.parametrize("loss", ["kl", "tv", "lk_alpha", "lk_lambda"])
+@pytest.mark.parametrize("loss", ["kl", "tv", "lk_alpha", "lk_lambda", "accept_length"])
 def test_training_decreases_the_loss_and_raises_alpha(loss):
     r = train(TrainConfig(loss=loss, **SMALL))
     assert r["loss_last"] < r["loss_first"]
@@ -194,6 +195,10 @@ def test_demo_verdicts_are_computed_from_the_numbers():
     big[1]["accept_length_theory"] = 1.7
     v = verdicts(sweep, big)
     assert [ok for _, ok, _ in v] == [False, True, False]
+    sweep = [{**r, "accept_length_theory": 1.5} for r in sweep]
+    ms = [{"hidden": 8, "accept_length_theory": 1.6}, {"hidden": 128, "accept_length_theory": 1.4}]
+    assert verdicts(sweep, big, ms)[3][1] is False
+    assert verdicts(sweep, big, ms[:1])[3][1] is True
 
 
 def test_quick_demo_runs_end_to_end(tmp_path, monkeypatch):
@@ -203,6 +208,7 @@ def test_quick_demo_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "gaussian_section", lambda say: [])
     lines = []
     out = demo.run_demo(quick=True, json_path=str(tmp_path / "d.json"), plot_path=None, say=lines.append)
-    assert len(out["sweep"]) == 8 and len(out["large_vocab"]) == 3 and len(out["claims"]) == 3
+    assert len(out["sweep"]) == 8 and len(out["large_vocab"]) == 3 and len(out["claims"]) == 4
+    assert len(out["multistep"]) == 2
     assert json.loads((tmp_path / "d.json").read_text())["claims"] == out["claims"]
     assert any("What the toy says" in line for line in lines)

@@ -23,12 +23,17 @@ import numpy as np
 
 from ..decoding import generate, warp
 from ..losses import softmax
+from ..multistep import accept_length_loss
 from ..positions import LOSSES, multi_position
 from ..theory import expected_accept_length
 from .lm import ARDraft, HeadsDraft, TargetLM, contexts, sample_sequences
 from .optim import AdamW, clip_by_global_norm, cosine_lr
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["TrainConfig", "train", "TRAIN_LOSSES"]
+
+#: The per-position losses, and "accept_length": the multi-step objective K + 1 - E[tau]
+#: over all positions at once (lkref.multistep), which needs no gamma and no lambda.
+TRAIN_LOSSES = tuple(sorted(LOSSES)) + ("accept_length",)
 
 
 @dataclass
@@ -59,8 +64,8 @@ class TrainConfig:
     def check(self):
         if self.eta is None:
             self.eta = 10.0 if self.draft == "heads" else 3.0
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
+        if self.loss not in TRAIN_LOSSES:
+            raise ValueError(f"loss must be one of {TRAIN_LOSSES}, got {self.loss!r}")
         if self.draft not in ("heads", "ar"):
             raise ValueError(f"draft must be 'heads' or 'ar', got {self.draft!r}")
         for name in ("vocab", "heads", "hidden", "steps", "batch"):
@@ -113,11 +118,16 @@ def loss_and_grads(draft, table: TargetTable, b, t, cfg: TrainConfig):
     logits, cache = draft.forward(contexts(table.tokens, (b, t)))
     K = logits.shape[1]
     ps = [table(b, t + k) for k in range(K)]
-    extra = {"eta": cfg.eta} if cfg.loss == "lk_lambda" else {}
-    res = multi_position(cfg.loss, [logits[:, k] for k in range(K)], ps, gamma=cfg.gamma,
-                         temperature=cfg.temperature, **extra)
+    zs = [logits[:, k] for k in range(K)]
+    if cfg.loss == "accept_length":
+        res = accept_length_loss(zs, ps, temperature=cfg.temperature)
+        alpha_1 = res.alphas[0]
+    else:
+        extra = {"eta": cfg.eta} if cfg.loss == "lk_lambda" else {}
+        res = multi_position(cfg.loss, zs, ps, gamma=cfg.gamma, temperature=cfg.temperature, **extra)
+        alpha_1 = res.positions[0].alpha
     grads = draft.backward(np.stack(res.grads, axis=1), cache)
-    return res, grads
+    return res.loss, alpha_1, grads
 
 
 def evaluate(draft, target, cfg: TrainConfig, rng) -> dict:
@@ -160,13 +170,13 @@ def train(cfg: TrainConfig, progress=None) -> dict:
     for step in range(cfg.steps):
         b = rng.integers(0, cfg.train_sequences, size=cfg.batch)
         t = rng.integers(1, cfg.seq_len - K + 1, size=cfg.batch)
-        res, grads = loss_and_grads(draft, table, b, t, cfg)
+        loss, alpha_1, grads = loss_and_grads(draft, table, b, t, cfg)
         norm = clip_by_global_norm(grads, cfg.clip)
         opt.step(grads, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
-        history.append(float(res.loss))
+        history.append(float(loss))
         if progress is not None and (step + 1) % max(1, cfg.steps // 5) == 0:
-            progress(f"  step {step + 1}/{cfg.steps}  loss {float(res.loss):.4f}  grad-norm {norm:.3g}  "
-                     f"alpha_1 {float(res.positions[0].alpha.mean()):.3f}")
+            progress(f"  step {step + 1}/{cfg.steps}  loss {float(loss):.4f}  grad-norm {norm:.3g}  "
+                     f"alpha_1 {float(alpha_1.mean()):.3f}")
     out = {"config": asdict(cfg), "loss_first": history[0], "loss_last": float(np.mean(history[-20:]))}
     out.update(evaluate(draft, target, cfg, np.random.default_rng(cfg.seed + 10_000)))
     out["seconds"] = time.perf_counter() - start
