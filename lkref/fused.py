@@ -262,8 +262,12 @@ def _run(pb: _Problem, threads: int, fn):
 
 
 def numpy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None,
-               eta=3.0, kl_scale=1.0, lam=None, out=None, threads=None):
+               eta=3.0, kl_scale=1.0, lam=None, out=None, threads=None, reduce=None):
     """The chunked NumPy path of a reduced loss; same arguments and result as losses.<name>.
+
+    With a reduce hook the mean needs every row's loss before any gradient, so the rows take
+    two passes (q waits in the gradient's memory between them); the hook is called in the
+    same order as on the reference path: (LK^lambda) sum w alpha, then sum w loss.
 
     out: an array of draft_logits' shape and dtype, C-contiguous, to receive the gradient;
     it may be draft_logits itself.  threads: chunks run on this many threads
@@ -294,13 +298,15 @@ def numpy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, 
     pb = _Problem(name, z, p, mask, T, index, lam, eta, kl_scale, out)
     threads = default_threads(pb.N * V) if threads is None else max(1, int(threads))
     errors: list = []
-    if (name == "lk_lambda" and lam is None) or index is not None:
-        # lambda and the weights (rows without target mass drop out) need every row's pass 1 first
+    if (name == "lk_lambda" and lam is None) or index is not None or reduce is not None:
+        # lambda, the weights (rows without target mass drop out) or the all-reduced mean need
+        # every row's pass 1 before any gradient
         _run(pb, threads, lambda buf, a, b: _pass1(pb, buf, a, b, errors))
         _raise_first(pb, errors)
-        w, total = _weights(pb)
-        lam_v = _lambda(pb, w, total, lam)
-        d = w * (1 / total if total > 0 else 0)
+        w = _weights(pb)
+        lam_v = _lambda(pb, w, lam, reduce)
+        loss, scale = _loss(pb, w, lam_v, reduce)
+        d = w * scale
 
         def second(buf, a, b):
             if pb.direct:                           # q is waiting in out
@@ -313,9 +319,10 @@ def numpy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, 
             _pass2(pb, buf, a, b, chunk, d[a:b], lam_v, mask_valid=False)
         _run(pb, threads, second)
     else:
-        w, total = _weights(pb)
+        w = _weights(pb)
         lam_v = None if lam is None else float(lam)
-        d = w * (1 / total if total > 0 else 0)
+        count = float(w.sum())
+        d = w * (1 / count if count > 0 else 0)
 
         def one(buf, a, b):
             chunk = _pass1(pb, buf, a, b, errors)
@@ -323,7 +330,7 @@ def numpy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, 
                 _pass2(pb, buf, a, b, chunk, d[a:b], lam_v, mask_valid=True)
         _run(pb, threads, one)
         _raise_first(pb, errors)
-    loss = _loss(pb, w, total, lam_v)
+        loss, _ = _loss(pb, w, lam_v, None)
     result_lam = np.asarray(lam_v, dtype=wd) if name == "lk_lambda" else None
     return ref.LossResult(loss, out, pb.alpha.reshape(lead), result_lam)
 
@@ -368,20 +375,29 @@ def _raise_first(pb, errors):
 
 
 def _weights(pb):
-    w = np.where(pb.pmass > 0, pb.w, 0) if pb.index is not None else pb.w
-    return w, float(w.sum())
+    return np.where(pb.pmass > 0, pb.w, 0) if pb.index is not None else pb.w
 
 
-def _lambda(pb, w, total, lam):
+def _mean(pb, w, values, reduce):
+    """(mean, 1 / count) of the rows' values with weights w, over all ranks when reduce is given."""
+    total, count = np.asarray(np.dot(w, values), pb.wd), np.asarray(w.sum(), pb.wd)
+    if reduce is not None:
+        total, count = reduce(total, count)
+    scale = 1 / float(count) if float(count) > 0 else 0.0
+    return float(total) * scale, scale
+
+
+def _lambda(pb, w, lam, reduce):
     if pb.name != "lk_lambda":
         return None
     if lam is not None:
         return float(lam)
-    mean_alpha = float(np.dot(w, pb.alpha) / total) if total > 0 else 0.0
+    mean_alpha, _ = _mean(pb, w, pb.alpha, reduce)
     return float(ref.lambda_from_alpha(np.asarray(mean_alpha, pb.wd), eta=pb.eta, kl_scale=pb.kl_scale))
 
 
-def _loss(pb, w, total, lam):
+def _loss(pb, w, lam, reduce):
+    """(the mean loss as a 0-d array, 1 / count) from pass 1's row values."""
     live = pb.pmass > 0
     if pb.name == "kl":
         per = pb.kl
@@ -395,4 +411,5 @@ def _loss(pb, w, total, lam):
         per = lam * pb.kl + (1 - lam) * (1 - pb.alpha)
     per = np.where(live, per, 0)
     pb.losses = per
-    return np.asarray(np.dot(w, per) / total if total > 0 else 0.0, dtype=pb.wd)
+    mean, scale = _mean(pb, w, per, reduce)
+    return np.asarray(mean, dtype=pb.wd), scale

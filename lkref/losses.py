@@ -262,13 +262,20 @@ def lambda_from_alpha(mean_alpha, *, eta=3.0, kl_scale=1.0):
 # the masked mean over positions
 
 
-def mean_forward(losses, weights=None):
-    """loss = sum_t w_t losses_t / sum_t w_t (w = 1 without weights); 0 when sum_t w_t = 0."""
+def mean_forward(losses, weights=None, reduce=None):
+    """loss = sum_t w_t losses_t / sum_t w_t (w = 1 without weights); 0 when sum_t w_t = 0.
+
+    reduce: for data parallelism, a hook (total, count) -> (total, count) that sums both
+    over the ranks (an all-reduce), so that every rank gets the mean of the whole batch and
+    the gradient of its own shard of it.  See lkref.distributed.
+    """
     xp = namespace(losses)
     w = xp.ones_like(losses) if weights is None else weights.astype(losses.dtype, copy=False)
-    total = xp.sum(w)
-    scale = xp.where(total > 0, 1 / xp.where(total > 0, total, 1), 0)
-    return xp.sum(w * losses) * scale, {"w": w, "scale": scale}
+    total, count = xp.sum(w * losses), xp.sum(w)
+    if reduce is not None:
+        total, count = reduce(total, count)
+    scale = xp.where(count > 0, 1 / xp.where(count > 0, count, 1), 0)
+    return total * scale, {"w": w, "scale": scale}
 
 
 def mean_backward(dloss, cache):
@@ -336,8 +343,8 @@ def _alpha(q, p):
     return xp.sum(xp.minimum(p, q), axis=-1)
 
 
-def _reduce(losses, cache, backward, w, out_dtype):
-    loss, mcache = mean_forward(losses, w)
+def _reduce(losses, cache, backward, w, out_dtype, reduce=None):
+    loss, mcache = mean_forward(losses, w, reduce)
     dlosses = mean_backward(1, mcache)
     dz = backward(dlosses, cache)
     return loss, dz.astype(out_dtype, copy=False)
@@ -375,52 +382,52 @@ def _deliver(result, out):
 
 @dlpack_interop
 def kl(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None,
-       impl="auto", out=None):
+       impl="auto", out=None, reduce=None):
     """Forward KL(p || q), masked mean over positions.  Returns a LossResult."""
     fast = _fast("kl", impl, draft_logits, target_probs, out, mask=mask, temperature=temperature,
-                 draft_to_target=draft_to_target)
+                 draft_to_target=draft_to_target, reduce=reduce)
     if fast is not None:
         return fast
     xp, z, p, p_kl, w, out_dtype, T = _prepare(
         draft_logits, target_probs, mask, temperature, draft_to_target, need_kl=True)
     losses, cache = kl_forward(z, p_kl, temperature=T)
-    loss, grad = _reduce(losses, cache, kl_backward, w, out_dtype)
+    loss, grad = _reduce(losses, cache, kl_backward, w, out_dtype, reduce)
     return _deliver(LossResult(loss, grad, _alpha(cache["q"], p)), out)
 
 
 @dlpack_interop
 def tv(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None,
-       impl="auto", out=None):
+       impl="auto", out=None, reduce=None):
     """Total variation 1 - alpha, masked mean over positions.  Returns a LossResult."""
     fast = _fast("tv", impl, draft_logits, target_probs, out, mask=mask, temperature=temperature,
-                 draft_to_target=draft_to_target)
+                 draft_to_target=draft_to_target, reduce=reduce)
     if fast is not None:
         return fast
     xp, z, p, _, w, out_dtype, T = _prepare(
         draft_logits, target_probs, mask, temperature, draft_to_target, need_kl=False)
     losses, cache = tv_forward(z, p, temperature=T)
-    loss, grad = _reduce(losses, cache, tv_backward, w, out_dtype)
+    loss, grad = _reduce(losses, cache, tv_backward, w, out_dtype, reduce)
     return _deliver(LossResult(loss, grad, cache["alpha"]), out)
 
 
 @dlpack_interop
 def lk_alpha(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None,
-             impl="auto", out=None):
+             impl="auto", out=None, reduce=None):
     """LK^alpha = mean_t -log alpha_t (log per position, then the masked mean).  Returns a LossResult."""
     fast = _fast("lk_alpha", impl, draft_logits, target_probs, out, mask=mask, temperature=temperature,
-                 draft_to_target=draft_to_target)
+                 draft_to_target=draft_to_target, reduce=reduce)
     if fast is not None:
         return fast
     xp, z, p, _, w, out_dtype, T = _prepare(
         draft_logits, target_probs, mask, temperature, draft_to_target, need_kl=False)
     losses, cache = lk_alpha_forward(z, p, temperature=T)
-    loss, grad = _reduce(losses, cache, lk_alpha_backward, w, out_dtype)
+    loss, grad = _reduce(losses, cache, lk_alpha_backward, w, out_dtype, reduce)
     return _deliver(LossResult(loss, grad, cache["alpha"]), out)
 
 
 @dlpack_interop
 def lk_lambda(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None,
-              eta=3.0, kl_scale=1.0, lam=None, impl="auto", out=None):
+              eta=3.0, kl_scale=1.0, lam=None, impl="auto", out=None, reduce=None):
     """LK^lambda = lam KL + (1 - lam) TV with lam = kl_scale exp(-eta * mean alpha), stop-gradient.
 
     mean alpha is the masked mean of this call's alpha: one lambda per call, and a
@@ -433,19 +440,19 @@ def lk_lambda(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_t
     if lam is not None:
         lam = check_real_scalar(lam, "lam", low=0)
     fast = _fast("lk_lambda", impl, draft_logits, target_probs, out, mask=mask, temperature=temperature,
-                 draft_to_target=draft_to_target, eta=eta, kl_scale=kl_scale, lam=lam)
+                 draft_to_target=draft_to_target, eta=eta, kl_scale=kl_scale, lam=lam, reduce=reduce)
     if fast is not None:
         return fast
     xp, z, p, p_kl, w, out_dtype, T = _prepare(
         draft_logits, target_probs, mask, temperature, draft_to_target, need_kl=True)
     if lam is None:
         alpha = _alpha(softmax(z, T), p)
-        mean_alpha, _ = mean_forward(alpha, w)
+        mean_alpha, _ = mean_forward(alpha, w, reduce)
         lam = lambda_from_alpha(mean_alpha, eta=eta, kl_scale=kl_scale)
     else:
         lam = xp.asarray(lam, dtype=z.dtype)
     losses, cache = lk_lambda_forward(z, p, lam, temperature=T, p_kl=p_kl)
-    loss, grad = _reduce(losses, cache, lk_lambda_backward, w, out_dtype)
+    loss, grad = _reduce(losses, cache, lk_lambda_backward, w, out_dtype, reduce)
     return _deliver(LossResult(loss, grad, cache["tv"]["alpha"], lam), out)
 
 

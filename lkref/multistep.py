@@ -62,12 +62,13 @@ class AcceptLengthResult:
 
 
 def accept_length_loss(draft_logits: Sequence, target_probs: Sequence, *, mask=None, temperature=1.0,
-                       draft_to_target=None) -> AcceptLengthResult:
+                       draft_to_target=None, reduce=None) -> AcceptLengthResult:
     """The multi-step objective over K positions given as sequences of K arrays (like multi_position).
 
     All positions share the leading shape; mask (one array for all positions) weighs the
     rounds t.  A position with no target mass on the draft vocabulary has alpha = 0, which
-    ends the round there (it is not dropped, unlike in the per-position losses).
+    ends the round there (it is not dropped, unlike in the per-position losses).  reduce: the
+    data-parallel hook of mean_forward, called once.
     """
     if not isinstance(draft_logits, (list, tuple)) or not isinstance(target_probs, (list, tuple)):
         raise TypeError("draft_logits and target_probs must be sequences (list or tuple) of K arrays")
@@ -88,8 +89,7 @@ def accept_length_loss(draft_logits: Sequence, target_probs: Sequence, *, mask=N
             if w is None else w
     A = xp.stack(alphas, axis=-1)
     losses, acache = accept_length_forward(A)
-    loss, mcache = L.mean_forward(losses, w)
+    loss, mcache = L.mean_forward(losses, w, reduce)
     dA = accept_length_backward(L.mean_backward(1, mcache), acache)
     grads = [L.tv_backward(-dA[..., k], caches[k][0]).astype(caches[k][2], copy=False) for k in range(K)]
-    tau, _ = L.mean_forward(K + 1 - losses, w)
-    return AcceptLengthResult(loss, grads, alphas, tau)
+    return AcceptLengthResult(loss, grads, alphas, K + 1 - loss)
