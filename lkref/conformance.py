@@ -198,24 +198,28 @@ def _ref(case, **over):
     return fn(z, p, mask=inp["mask"], draft_to_target=inp["draft_to_target"], impl="reference", **opts)
 
 
-def _weights(case):
-    mask = case["inputs"]["mask"]
-    n = np.asarray(case["inputs"]["draft_logits"]).shape[0]
-    return np.ones(n) if mask is None else np.asarray(mask, np.float64)
+def _parts(case):
+    """(z, p, p_kl, w, T) in float64 as the reference sees them: p restricted to the draft
+    vocabulary, p_kl renormalised, w the weights with rows that have no target mass dropped."""
+    inp = case["inputs"]
+    _, z, p, p_kl, w, _, T = L._prepare(np.asarray(inp["draft_logits"], np.float64),
+                                        np.asarray(inp["target_probs"], np.float64), inp["mask"],
+                                        case["options"]["temperature"], inp["draft_to_target"], need_kl=True)
+    return z, p, p_kl, w, T
 
 
 def _v_log_of_mean(case):
     if case["loss"] != "lk_alpha":
         return None
     t = _ref(case, loss="tv")
-    w = _weights(case)
+    w = _parts(case)[3]
     mean_alpha = float(np.dot(w, t.alpha) / w.sum())
     return -np.log(mean_alpha), t.grad / mean_alpha, t.alpha
 
 
 def _v_renormalised_alpha(case):
     d2t = case["inputs"]["draft_to_target"]
-    if d2t is None or case["loss"] == "kl":
+    if d2t is None:
         return None
     p = np.asarray(case["inputs"]["target_probs"], np.float64).copy()
     mass = p[:, d2t].sum(-1, keepdims=True)
@@ -229,15 +233,12 @@ def _v_renormalised_alpha(case):
 def _v_per_token_lambda(case):
     if case["loss"] != "lk_lambda":
         return None
-    z = np.asarray(case["inputs"]["draft_logits"], np.float64)
-    p = np.asarray(case["inputs"]["target_probs"], np.float64)
-    T, eta, ks = case["options"]["temperature"], case["options"]["eta"], case["options"]["kl_scale"]
-    if case["inputs"]["draft_to_target"] is not None:
-        return None
+    z, p, p_kl, w, T = _parts(case)
+    eta, ks = case["options"]["eta"], case["options"]["kl_scale"]
     alpha = L.tv_forward(z, p, temperature=T)[1]["alpha"]
     lam = ks * np.exp(-eta * alpha)                     # one lambda per token
-    losses, cache = L.lk_lambda_forward(z, p, lam, temperature=T)
-    loss, mc = L.mean_forward(losses, _weights(case))
+    losses, cache = L.lk_lambda_forward(z, p, lam, temperature=T, p_kl=p_kl)
+    loss, mc = L.mean_forward(losses, w)
     return loss, L.lk_lambda_backward(L.mean_backward(1.0, mc), cache), alpha
 
 
@@ -281,12 +282,12 @@ def _v_missing_temperature(case):
 
 
 def _v_clamped_alpha(case):
-    if case["loss"] != "lk_alpha" or case["trap"] != "alpha = 0":
+    if case["loss"] != "lk_alpha":
         return None
     t = _ref(case, loss="tv")
     a = np.maximum(t.alpha, 1e-8)
-    w = _weights(case)
-    loss = float(np.dot(w, -np.log(a)) / w.sum())
+    w = _parts(case)[3]
+    loss = float(np.dot(w, np.where(w > 0, -np.log(a), 0)) / w.sum())
     grad = t.grad / a[:, None] * (t.alpha >= 1e-8)[:, None]
     return loss, grad, t.alpha
 
