@@ -98,7 +98,7 @@ def cmd_bench(args) -> int:
     backends = ("numpy", "cupy") if args.backend == "all" else (args.backend,)
     sizes = args.sizes or (benchmark.QUICK_SIZES if args.quick else benchmark.DEFAULT_SIZES)
     rows = benchmark.run(backends=backends, losses=args.loss or tuple(benchmark.LOSSES), sizes=sizes,
-                         repeat=args.repeat, with_peers=not args.no_peers)
+                         repeat=args.repeat, with_peers=not args.no_peers, skip_peers=tuple(args.skip_peer or ()))
     if args.csv and rows:
         benchmark.write_csv(rows, args.csv, sorted({r.backend for r in rows}))
         print(f"rows appended to {args.csv}")
@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a first look")
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--no-peers", action="store_true", help="skip bench/peers.py")
+    p.add_argument("--skip-peer", action="append", help="a peer to leave out (repeatable), e.g. torch-compile")
     p.add_argument("--csv", default=None, help="append CSV rows here")
     p.set_defaults(func=cmd_bench)
 

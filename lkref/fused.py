@@ -359,9 +359,13 @@ def dispatch(name, draft_logits, target_probs, *, out=None, required=False, **op
     from .backend import is_cupy_array
 
     if is_cupy_array(draft_logits):
-        if required:
-            raise ValueError("impl='fused' has no CuPy kernels yet; use impl='auto' or 'reference'")
-        return None
+        # the CuPy kernels (fused_cupy.py) are opt-in until a GPU run has checked them:
+        # impl="auto" keeps CuPy arrays on the reference path
+        if not required:
+            return None
+        from .fused_cupy import cupy_loss
+
+        return cupy_loss(name, draft_logits, target_probs, out=out, **options)
     return numpy_loss(name, draft_logits, target_probs, out=out, **options)
 
 

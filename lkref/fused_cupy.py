@@ -1,0 +1,366 @@
+"""CuPy fused kernels for the reduced losses (not yet verified on a GPU: opt-in, impl="fused").
+
+One thread block per row.  A row is read in three phases inside the block: (1) max and
+sum of exp over the logits, (2) alpha, S and the KL sums over logits and target, (3) the
+gradient.  For V <= THREADS * MAX_ITEMS the row's logits stay in registers between the
+phases (read once); the target row is read twice (the second read mostly from L2).  For
+larger V the phases re-read the row from memory.  Two-pass losses (LK^lambda with no given
+lambda, draft_to_target, a reduce hook) run the kernel once for the row statistics, then
+again for the gradient with the statistics as input.
+
+The math is that of lkref/fused.py; q = exp((z - max z) / T) * (1 / sum) is formed the same
+way, but the block's summation order differs from CuPy's, so q agrees with the reference
+to rounding, not bit for bit (an exact tie q == p may resolve differently).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from . import losses as ref
+from .validation import TARGET_SUM_ATOL, as_array, check_index_map, check_mask, check_real_scalar
+
+THREADS = 512
+MAX_ITEMS = 64                       # registers per thread for cached logits
+MODES = {"kl": 0, "tv": 1, "lk_alpha": 2, "lk_lambda": 3}
+ALPHA_FLOOR = 1e-30
+
+_SOURCE = r"""
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#define THREADS __THREADS__
+#define ITEMS __ITEMS__
+typedef __IN_T__ in_t;
+typedef __OUT_T__ out_t;
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ void store(float* o, float v) { *o = v; }
+__device__ __forceinline__ void store(__half* o, float v) { *o = __float2half_rn(v); }
+__device__ __forceinline__ void store(__nv_bfloat16* o, float v) { *o = __float2bfloat16_rn(v); }
+
+// block-wide reductions of up to 4 values; every thread gets the results
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+__device__ float block_max(float v, float* sh) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    v = (threadIdx.x < THREADS / 32) ? sh[threadIdx.x] : -INFINITY;
+    if (warp == 0) v = warp_max(v);
+    if (threadIdx.x == 0) sh[0] = v;
+    __syncthreads();
+    return sh[0];
+}
+__device__ void block_sum4(float* v, float* sh) {   // sh: 4 * 32 floats
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int k = 0; k < 4; k++) v[k] = warp_sum(v[k]);
+    __syncthreads();
+    if (lane == 0) for (int k = 0; k < 4; k++) sh[k * 32 + warp] = v[k];
+    __syncthreads();
+    if (warp == 0) {
+        for (int k = 0; k < 4; k++) {
+            float x = (lane < THREADS / 32) ? sh[k * 32 + lane] : 0.f;
+            x = warp_sum(x);
+            if (lane == 0) sh[k * 32] = x;
+        }
+    }
+    __syncthreads();
+    for (int k = 0; k < 4; k++) v[k] = sh[k * 32];
+    __syncthreads();
+}
+
+__device__ __forceinline__ float target(const float* __restrict__ prow, const int* __restrict__ idx, int has_idx, int v) {
+    return has_idx ? prow[idx[v]] : prow[v];
+}
+
+// phase: 0 = statistics and gradient in one launch; 1 = statistics only; 2 = gradient from statistics.
+// stats per row (8 floats): max, sum, alpha, S, psum, sum p x, sum p log p, input flags
+// (flags: 1 = a non-finite logit, 2 = a negative target, 4 = a non-finite target)
+extern "C" __global__ void __launch_bounds__(THREADS)
+lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restrict__ g,
+        const float* __restrict__ d, float* __restrict__ stats, const int* __restrict__ idx, int has_idx,
+        int V, int Vt, float T, float lam, int mode, int phase)
+{
+    __shared__ float sh[4 * 32];
+    const long row = blockIdx.x;
+    const in_t* zr = z + row * (long)V;
+    const float* pr = p + row * (long)Vt;
+    float* st = stats + row * 8;
+    const int tid = threadIdx.x;
+#if ITEMS > 0
+    float xr[ITEMS];
+#endif
+    float m, s;
+    int flags = 0;
+    if (phase != 2) {
+        float lmax = -INFINITY;
+#if ITEMS > 0
+        #pragma unroll
+        for (int i = 0; i < ITEMS; i++) {
+            int v = tid + i * THREADS;
+            xr[i] = v < V ? to_f(zr[v]) : -INFINITY;
+            if (v < V && !isfinite(xr[i])) flags |= 1;
+            lmax = fmaxf(lmax, xr[i]);
+        }
+#else
+        for (int v = tid; v < V; v += THREADS) {
+            float zv = to_f(zr[v]);
+            if (!isfinite(zv)) flags |= 1;
+            lmax = fmaxf(lmax, zv);
+        }
+#endif
+        m = block_max(lmax, sh);
+        if (!isfinite(m)) m = 0.f;                       // flagged; keeps the arithmetic below quiet
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#if ITEMS > 0
+        #pragma unroll
+        for (int i = 0; i < ITEMS; i++) {
+            int v = tid + i * THREADS;
+            xr[i] = v < V ? (xr[i] - m) / T : 0.f;            // x = (z - max z) / T
+            if (v < V) acc[0] += expf(xr[i]);
+        }
+#else
+        for (int v = tid; v < V; v += THREADS) acc[0] += expf((to_f(zr[v]) - m) / T);
+#endif
+        block_sum4(acc, sh);
+        s = acc[0];
+    } else {
+        m = st[0];
+        s = st[1];
+#if ITEMS > 0
+        #pragma unroll
+        for (int i = 0; i < ITEMS; i++) {
+            int v = tid + i * THREADS;
+            xr[i] = v < V ? (to_f(zr[v]) - m) / T : 0.f;
+        }
+#endif
+    }
+    const float inv = 1.f / s;
+    float alpha, S, psum, px, plogp;
+    if (phase != 2) {
+        // alpha = sum min(q, p); S = sum q [q < p]; psum; sum p x; sum p log p
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        float acc2[4] = {0.f, 0.f, 0.f, 0.f};
+#if ITEMS > 0
+        #pragma unroll
+        for (int i = 0; i < ITEMS; i++) {
+            int v = tid + i * THREADS;
+            if (v < V) {
+                float x = xr[i];
+#else
+        for (int v = tid; v < V; v += THREADS) {
+            {
+                float x = (to_f(zr[v]) - m) / T;
+#endif
+                float q = expf(x) * inv;
+                float pv = target(pr, idx, has_idx, v);
+                acc[0] += fminf(q, pv);
+                acc[1] += q < pv ? q : 0.f;
+                acc[2] += pv;
+                acc2[0] += pv * x;
+                acc2[1] += pv > 0.f ? pv * logf(pv) : 0.f;
+                if (pv < 0.f) flags |= 2;
+                if (!isfinite(pv)) flags |= 4;
+            }
+        }
+        block_sum4(acc, sh);
+        block_sum4(acc2, sh);
+        alpha = acc[0]; S = acc[1]; psum = acc[2]; px = acc2[0]; plogp = acc2[1];
+        int f1 = __syncthreads_or(flags & 1), f2 = __syncthreads_or(flags & 2), f4 = __syncthreads_or(flags & 4);
+        if (tid == 0) {
+            st[0] = m; st[1] = s; st[2] = alpha; st[3] = S; st[4] = psum; st[5] = px; st[6] = plogp;
+            st[7] = (float)((f1 ? 1 : 0) | (f2 ? 2 : 0) | (f4 ? 4 : 0));
+        }
+        if (phase == 1) return;
+    } else {
+        alpha = st[2]; S = st[3]; psum = st[4];
+    }
+    // the gradient: g = q (S - m) c_tv + (q sum p_kl - p_kl) c_kl, with p_kl = p * kls
+    const float dr = d[row];
+    const float kls = has_idx ? (psum > 0.f ? 1.f / psum : 0.f) : 1.f;
+    float c_tv = 0.f, c_kl = 0.f;
+    if (mode == 0) c_kl = dr / T;
+    if (mode == 1) c_tv = dr / T;
+    if (mode == 2) c_tv = alpha >= __ALPHA_FLOOR__ ? dr / (alpha * T) : 0.f;
+    if (mode == 3) { c_tv = (1.f - lam) * dr / T; c_kl = lam * dr / T; }
+    const float psum_kl = psum * kls;
+#if ITEMS > 0
+    #pragma unroll
+    for (int i = 0; i < ITEMS; i++) {
+        int v = tid + i * THREADS;
+        if (v < V) {
+            float x = xr[i];
+#else
+    for (int v = tid; v < V; v += THREADS) {
+        {
+            float x = (to_f(zr[v]) - m) / T;
+#endif
+            float q = expf(x) * inv;
+            float pv = target(pr, idx, has_idx, v);
+            float gv = 0.f;
+            if (c_tv != 0.f) gv = q < pv ? (q * c_tv) * (S - 1.f) : q * (S * c_tv);
+            if (c_kl != 0.f) gv += c_kl * (q * psum_kl - pv * kls);
+            store(g + row * (long)V + v, gv);
+        }
+    }
+}
+"""
+
+_cache: dict = {}
+
+
+def _kernel(in_dtype, out_dtype, items):
+    cp = sys.modules["cupy"]
+    names = {np.dtype(np.float32): "float", np.dtype(np.float16): "__half"}
+    key = (str(in_dtype), str(out_dtype), items)
+    if key not in _cache:
+        def cname(dt):
+            if np.dtype(dt) in names:
+                return names[np.dtype(dt)]
+            if "bfloat16" in str(dt):
+                return "__nv_bfloat16"
+            raise TypeError(f"no fused kernel for dtype {dt}")
+        src = (_SOURCE.replace("__THREADS__", str(THREADS)).replace("__ITEMS__", str(items))
+               .replace("__IN_T__", cname(in_dtype)).replace("__OUT_T__", cname(out_dtype))
+               .replace("__ALPHA_FLOOR__", f"{ALPHA_FLOOR:e}f"))
+        _cache[key] = cp.RawKernel(src, "lk_rows", options=("-std=c++17",))
+    return _cache[key]
+
+
+def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None,
+              eta=3.0, kl_scale=1.0, lam=None, out=None, reduce=None):
+    """The fused CuPy path of a reduced loss (float32 math; float32 or float16 logits).
+
+    float64 logits return None (the caller runs the reference).  The value checks run inside
+    the kernel (flags per row) and are raised after it; with draft_to_target, the target
+    entries outside the draft vocabulary are checked by separate array operations.
+    """
+    cp = sys.modules["cupy"]
+    z = as_array(draft_logits, "draft_logits")
+    if z.dtype == cp.float64:
+        return None
+    if z.dtype not in (cp.float32, cp.float16):
+        raise TypeError(f"draft_logits must be float32 or float16 for the fused CuPy path, got {z.dtype}")
+    if z.ndim < 1 or z.shape[-1] == 0:
+        raise ValueError("draft_logits has an empty vocabulary (last axis has size 0)")
+    lead, V = tuple(z.shape[:-1]), z.shape[-1]
+    p = as_array(target_probs, "target_probs")
+    if np.dtype(p.dtype).kind != "f":
+        raise TypeError(f"target_probs must be a floating-point array, got dtype {p.dtype}")
+    if draft_to_target is None and tuple(p.shape) != lead + (V,):
+        raise ValueError(f"target_probs must have shape {lead + (V,)}, got {tuple(p.shape)}")
+    if tuple(p.shape[:-1]) != lead:
+        raise ValueError(f"target_probs must have the leading shape {lead} of draft_logits, got {tuple(p.shape)}")
+    idx = None
+    if draft_to_target is not None:
+        idx = check_index_map(draft_to_target, "draft_to_target", V, p.shape[-1]).astype(cp.int32)
+    mask = check_mask(mask, "mask", lead)
+    T = check_real_scalar(temperature, "temperature", low=0, low_inclusive=False)
+    N = int(np.prod(lead)) if lead else 1
+    Vt = p.shape[-1]
+    z2 = cp.ascontiguousarray(z.reshape(N, V))
+    p2 = cp.ascontiguousarray(p.reshape(N, Vt).astype(cp.float32, copy=False))
+    if idx is not None:                                # entries the kernel does not read
+        if not bool(cp.isfinite(p2).all()):
+            raise ValueError("target_probs contains non-finite values (NaN or inf)")
+        if not bool((p2 >= 0).all()):
+            raise ValueError("target_probs contains negative probabilities")
+    if out is None:
+        out = cp.empty(z.shape, z.dtype)
+    g2 = out.reshape(N, V)
+    w = cp.ones(N, cp.float32) if mask is None else mask.reshape(N).astype(cp.float32)
+    items = -(-V // THREADS)
+    kern = _kernel(z.dtype, out.dtype, items if items <= MAX_ITEMS else 0)
+    stats = cp.zeros((N, 8), cp.float32)
+    idx_arg = idx if idx is not None else cp.zeros(1, cp.int32)
+
+    def launch(phase, d, lam_v):
+        kern((N,), (THREADS,), (z2, p2, g2, d, stats, idx_arg, np.int32(idx is not None), np.int32(V),
+                                np.int32(Vt), np.float32(T), np.float32(lam_v), np.int32(MODES[name]),
+                                np.int32(phase)))
+
+    two_pass = (name == "lk_lambda" and lam is None) or idx is not None or reduce is not None
+    lam_v = float(lam) if lam is not None else 0.0
+    if two_pass:
+        launch(1, w, 0.0)
+    else:
+        count = w.sum()
+        d = (w / cp.where(count > 0, count, 1)).astype(cp.float32)
+        launch(0, d, lam_v)
+    _raise_flags(cp, stats, p2 if idx is not None else None, idx is None)
+    psum = stats[:, 4]
+    if idx is not None:
+        w = cp.where(psum > 0, w, 0)
+    if name == "lk_lambda" and lam is None:
+        mean_alpha, _ = ref.mean_forward(stats[:, 2], w, reduce)
+        lam_v = float(ref.lambda_from_alpha(mean_alpha, eta=eta, kl_scale=kl_scale))
+    per = _row_losses(cp, name, stats, idx is not None, lam_v)
+    fallback = _fallback_losses(cp, z2, p2, idx, stats, T, per) if name == "lk_alpha" else None
+    loss, mcache = ref.mean_forward(per, w, reduce)
+    d = (w * mcache["scale"]).astype(cp.float32)
+    if two_pass:
+        launch(2, d, lam_v)
+    if fallback is not None:
+        low, cache = fallback
+        g2[low] = ref.lk_alpha_backward(d[low], cache).astype(g2.dtype)
+    alpha = stats[:, 2].reshape(lead)
+    return ref.LossResult(loss, out, alpha, cp.asarray(lam_v, cp.float32) if name == "lk_lambda" else None)
+
+
+def _raise_flags(cp, stats, p_full, check_sums):
+    flags = int(stats[:, 7].max()) if stats.shape[0] else 0
+    if flags & 1:
+        raise ValueError("draft_logits contains non-finite values (NaN or inf)")
+    if flags & 4:
+        raise ValueError("target_probs contains non-finite values (NaN or inf)")
+    if flags & 2:
+        raise ValueError("target_probs contains negative probabilities")
+    sums = stats[:, 4] if check_sums else (p_full.sum(axis=1) if p_full is not None else None)
+    if sums is not None and sums.size:
+        err = float(cp.abs(sums - 1).max())
+        if err > TARGET_SUM_ATOL:
+            raise ValueError(f"target_probs rows must sum to 1 (within {TARGET_SUM_ATOL}); "
+                             f"the worst row is off by {err:.3g}")
+
+
+def _row_losses(cp, name, stats, restricted, lam):
+    s, alpha, psum, px, plogp = stats[:, 1], stats[:, 2], stats[:, 4], stats[:, 5], stats[:, 6]
+    kls = cp.where(psum > 0, 1 / cp.where(psum > 0, psum, 1), 0) if restricted else cp.ones_like(psum)
+    kl = kls * (plogp + psum * cp.log(cp.where(kls > 0, kls, 1))) - kls * (px - psum * cp.log(s))
+    tv = 1 - alpha
+    if name == "kl":
+        per = kl
+    elif name == "tv":
+        per = tv
+    elif name == "lk_alpha":
+        per = -cp.log(cp.where(alpha > 0, alpha, 1))
+    else:
+        per = lam * kl + (1 - lam) * tv
+    return cp.where(psum > 0, per, 0) if restricted else per
+
+
+def _fallback_losses(cp, z2, p2, idx, stats, T, per):
+    """LK^alpha rows with alpha below ALPHA_FLOOR: the reference's log-space loss now, the
+    gradient once the rows' weights are known.  Returns (rows, cache) or None."""
+    alpha, psum = stats[:, 2], stats[:, 4]
+    low = cp.nonzero((alpha < ALPHA_FLOOR) & (psum > 0))[0]
+    if int(low.size) == 0:
+        return None
+    zr = z2[low].astype(cp.float32)
+    pr = p2[low] if idx is None else cp.take(p2[low], idx, axis=1)
+    losses, cache = ref.lk_alpha_forward(zr, pr, temperature=T)
+    per[low] = losses
+    stats[low, 2] = cache["alpha"]
+    return low, cache

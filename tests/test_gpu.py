@@ -1,0 +1,123 @@
+"""GPU checks (CuPy with a device; skipped otherwise): the fused kernels against the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lkref
+from lkref.backend import to_numpy
+
+from .strategies import make_logits, make_probs
+
+pytestmark = pytest.mark.gpu
+REDUCED = sorted(lkref.LOSSES)
+
+
+@pytest.fixture(scope="module")
+def cp():
+    if not lkref.cupy_available():
+        pytest.skip("CuPy with a CUDA device is not available")
+    import cupy
+    return cupy
+
+
+def peaked_probs(rng, shape):
+    logits = rng.standard_normal(shape) * 3
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
+def compare(cp, name, z, p, rtol=2e-4, **kw):
+    ref = lkref.LOSSES[name](cp.asarray(z), cp.asarray(p), impl="reference", **kw)
+    fast = lkref.LOSSES[name](cp.asarray(z), cp.asarray(p), impl="fused", **kw)
+    g_ref, g = to_numpy(ref.grad).astype(np.float64), to_numpy(fast.grad).astype(np.float64)
+    scale = max(np.abs(g_ref).max(), 1e-30)
+    assert fast.grad.dtype == ref.grad.dtype and fast.grad.shape == ref.grad.shape
+    np.testing.assert_allclose(g, g_ref, rtol=rtol, atol=rtol * scale)
+    np.testing.assert_allclose(to_numpy(fast.loss), to_numpy(ref.loss), rtol=rtol, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(fast.alpha), to_numpy(ref.alpha), rtol=rtol, atol=1e-6)
+    if ref.lam is not None:
+        np.testing.assert_allclose(float(fast.lam), float(ref.lam), rtol=rtol)
+    return fast
+
+
+@pytest.mark.parametrize("name", REDUCED)
+@pytest.mark.parametrize("N, V", [(1, 7), (3, 1000), (17, 32_000), (5, 50_257), (2, 128_256), (4096, 1031)])
+def test_fused_matches_reference_on_odd_shapes(cp, name, N, V):
+    rng = np.random.default_rng(N + V)
+    z = make_logits(rng, (N, V), scale=2.0, dtype=np.float32)
+    compare(cp, name, z, peaked_probs(rng, (N, V)).astype(np.float32))
+
+
+@pytest.mark.parametrize("name", REDUCED)
+def test_fused_with_mask_temperature_and_draft_to_target(cp, name):
+    rng = np.random.default_rng(1)
+    N, V, Vt = 64, 3000, 3500
+    z = make_logits(rng, (N, V), scale=2.0, dtype=np.float32)
+    p = peaked_probs(rng, (N, Vt)).astype(np.float32)
+    d2t = rng.permutation(Vt)[:V]
+    p[5] = 0
+    p[5, np.setdiff1d(np.arange(Vt), d2t)[:3]] = 1 / 3          # a row with no mass on the draft vocabulary
+    mask = rng.random(N) < 0.7
+    compare(cp, name, z, p[:, :V] / p[:, :V].sum(-1, keepdims=True), mask=cp.asarray(mask), temperature=0.7)
+    compare(cp, name, z, p, draft_to_target=cp.asarray(d2t), mask=cp.asarray(mask))
+
+
+@pytest.mark.parametrize("name", REDUCED)
+def test_fused_float16_logits(cp, name):
+    rng = np.random.default_rng(2)
+    z = make_logits(rng, (32, 4099), scale=2.0, dtype=np.float16)
+    p = peaked_probs(rng, (32, 4099)).astype(np.float32)
+    r = compare(cp, name, z, p, rtol=5e-3)
+    assert r.grad.dtype == np.float16 and r.loss.dtype == np.float32
+
+
+def test_fused_lk_alpha_disjoint_rows_fall_back_to_log_space(cp):
+    z = np.zeros((3, 300), np.float32)
+    z[0, 0] = 200.0
+    p = np.full((3, 300), 1 / 299, np.float32)
+    p[0, 0] = 0.0                                   # row 0: alpha = e^-200, below float32's range
+    fast = compare(cp, "lk_alpha", z, p)
+    assert np.isfinite(to_numpy(fast.grad)).all() and float(fast.loss) > 60
+
+
+def test_fused_lambda_given_and_errors(cp):
+    rng = np.random.default_rng(3)
+    z = make_logits(rng, (8, 500), dtype=np.float32)
+    p = peaked_probs(rng, (8, 500)).astype(np.float32)
+    compare(cp, "lk_lambda", z, p, lam=0.25)
+    bad = z.copy()
+    bad[2, 7] = np.nan
+    with pytest.raises(ValueError, match="draft_logits contains non-finite"):
+        lkref.lk_alpha(cp.asarray(bad), cp.asarray(p), impl="fused")
+    with pytest.raises(ValueError, match="rows must sum to 1"):
+        lkref.lk_alpha(cp.asarray(z), cp.asarray(p * 1.01), impl="fused")
+
+
+def test_verify_on_the_gpu_accepts_as_on_the_cpu(cp):
+    p, q = lkref.testing.sampler_problem(0, 4, 6)
+    B = 4096
+    rng = np.random.default_rng(0)
+    cdf = np.cumsum(q, -1)
+    tok = np.minimum((rng.random((B, 4))[..., None] >= cdf).sum(-1), 5)
+    qq, pp = np.broadcast_to(q, (B, 4, 6)).copy(), np.broadcast_to(p, (B, 5, 6)).copy()
+    u = rng.random((B, 4))
+    cpu = lkref.verify(tok, qq, pp, rng=np.random.default_rng(1), uniforms=u)
+    gpu = lkref.verify(cp.asarray(tok), cp.asarray(qq), cp.asarray(pp), rng=cp.random.default_rng(1),
+                       uniforms=cp.asarray(u))
+    np.testing.assert_array_equal(to_numpy(gpu.num_accepted), cpu.num_accepted)
+    n = cpu.num_accepted
+    emitted = to_numpy(gpu.tokens)
+    assert np.all(pp[np.arange(B), n, emitted[np.arange(B), n]] > 0)
+
+
+def test_torch_cuda_tensors_round_trip(cp):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    z = torch.from_numpy(make_logits(rng, (4, 100), dtype=np.float32)).cuda()
+    p = torch.from_numpy(peaked_probs(rng, (4, 100)).astype(np.float32)).cuda()
+    r = lkref.lk_alpha(z, p)
+    assert isinstance(r.grad, torch.Tensor) and r.grad.is_cuda
+    want = lkref.lk_alpha(z.cpu().numpy(), p.cpu().numpy())
+    np.testing.assert_allclose(r.grad.cpu().numpy(), want.grad, rtol=1e-4, atol=1e-9)
