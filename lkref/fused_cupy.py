@@ -2,8 +2,9 @@
 
 One thread block per row.  A row is read in three phases inside the block: (1) max and
 sum of exp over the logits, (2) alpha, S and the KL sums over logits and target, (3) the
-gradient.  For V <= THREADS * MAX_ITEMS the row's logits stay in registers between the
-phases (read once); the target row is read twice (the second read mostly from L2).  For
+gradient.  For V <= THREADS * MAX_ITEMS the row stays in registers between the phases
+(the logits, then q: read once, one exp per element); the target row is read twice (the
+second read mostly from L2).  For
 larger V the phases re-read the row from memory.  Two-pass losses (LK^lambda with no given
 lambda, draft_to_target, a reduce hook) run the kernel once for the row statistics, then
 again for the gradient with the statistics as input.
@@ -139,15 +140,17 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
     } else {
         m = st[0];
         s = st[1];
+    }
+    const float inv = 1.f / s;
 #if ITEMS > 0
+    if (phase == 2) {                                    // registers hold q from here on
         #pragma unroll
         for (int i = 0; i < ITEMS; i++) {
             int v = tid + i * THREADS;
-            xr[i] = v < V ? (to_f(zr[v]) - m) / T : 0.f;
+            xr[i] = v < V ? expf((to_f(zr[v]) - m) / T) * inv : 0.f;
         }
-#endif
     }
-    const float inv = 1.f / s;
+#endif
     float alpha, S, psum, px, plogp;
     if (phase != 2) {
         // alpha = sum min(q, p); S = sum q [q < p]; psum; sum p x; sum p log p
@@ -165,12 +168,17 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
                 float x = (to_f(zr[v]) - m) / T;
 #endif
                 float q = expf(x) * inv;
+#if ITEMS > 0
+                xr[i] = q;                               // registers hold q from here on
+#endif
                 float pv = target(pr, idx, has_idx, v);
                 acc[0] += fminf(q, pv);
                 acc[1] += q < pv ? q : 0.f;
                 acc[2] += pv;
-                acc2[0] += pv * x;
-                acc2[1] += pv > 0.f ? pv * logf(pv) : 0.f;
+                if (mode == 0 || mode == 3) {            // the KL sums
+                    acc2[0] += pv * x;
+                    acc2[1] += pv > 0.f ? pv * logf(pv) : 0.f;
+                }
                 if (pv < 0.f) flags |= 2;
                 if (!isfinite(pv)) flags |= 4;
             }
@@ -201,13 +209,12 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
     for (int i = 0; i < ITEMS; i++) {
         int v = tid + i * THREADS;
         if (v < V) {
-            float x = xr[i];
+            float q = xr[i];
 #else
     for (int v = tid; v < V; v += THREADS) {
         {
-            float x = (to_f(zr[v]) - m) / T;
+            float q = expf((to_f(zr[v]) - m) / T) * inv;
 #endif
-            float q = expf(x) * inv;
             float pv = target(pr, idx, has_idx, v);
             float gv = 0.f;
             if (c_tv != 0.f) gv = q < pv ? (q * c_tv) * (S - 1.f) : q * (S * c_tv);
