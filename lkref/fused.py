@@ -94,14 +94,13 @@ class _Problem:
         self.T = temperature
         self.w = (np.ones(self.N, self.wd) if mask is None
                   else np.asarray(mask).reshape(self.N).astype(self.wd))
-        self.lam, self.eta, self.kl_scale = lam, eta, kl_scale
+        self.eta, self.kl_scale = eta, kl_scale
         self.out = out.reshape(self.N, self.V)
         self.direct = out.dtype == self.wd          # compute straight into out
         self.alias = np.shares_memory(out, z)
         self.need_kl = name in ("kl", "lk_lambda")
         self.need_tv = name in ("tv", "lk_alpha", "lk_lambda")
         rows = max(1, CHUNK_BYTES // (self.V * self.wd.itemsize))
-        self.ones = None
         self.chunks = [(a, min(a + rows, self.N)) for a in range(0, self.N, rows)]
         # per-row results
         self.alpha = np.zeros(self.N, self.wd)
