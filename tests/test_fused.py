@@ -171,3 +171,16 @@ def test_auto_takes_the_fast_path_on_numpy(monkeypatch):
     lkref.lk_alpha(np.zeros((1, 2)), np.full((1, 2), 0.5))
     lkref.lk_alpha(np.zeros((1, 2)), np.full((1, 2), 0.5), impl="reference")
     assert calls == ["lk_alpha"]
+
+
+@pytest.mark.parametrize("name", REDUCED)
+def test_non_contiguous_and_mixed_dtype_inputs(name):
+    rng = np.random.default_rng(5)
+    z = make_logits(rng, (40, 30), dtype=np.float32).T          # (30, 40), Fortran order
+    p = np.asfortranarray(make_probs(rng, (30, 40)).astype(np.float16).astype(np.float32))
+    p = (p / p.sum(-1, keepdims=True)).astype(np.float16)        # a float16 target with float32 logits
+    zs = make_logits(rng, (30, 80), dtype=np.float32)[:, ::2]    # strided columns
+    for zz in (z, zs):
+        ref, fast = both(name, zz, p)
+        assert_same(ref, fast, np.float32)
+        assert fast.grad.flags.c_contiguous and fast.grad.shape == zz.shape
