@@ -31,6 +31,9 @@ ALPHA_FLOOR = 1e-30
 _SOURCE = r"""
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#ifndef INFINITY                                      // NVRTC has no <math.h>
+#define INFINITY __int_as_float(0x7f800000)
+#endif
 #define THREADS __THREADS__
 #define ITEMS __ITEMS__
 typedef __IN_T__ in_t;
