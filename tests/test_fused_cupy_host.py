@@ -1,0 +1,162 @@
+"""The host side of the CuPy fused path, run on the CPU: NumPy stands in for CuPy and a
+NumPy transcription of the kernel (one row per block, the same phases, formulas and stats
+layout) stands in for the compiled kernel.  This checks the launch arguments, the phase
+logic, the row losses, lambda, the reduce hook, draft_to_target, the LK^alpha fallback and
+the input flags without a GPU.  The kernel itself is checked by tests/test_gpu.py."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+import lkref
+from lkref import fused_cupy
+
+from .strategies import make_logits, make_probs
+
+REDUCED = sorted(lkref.LOSSES)
+
+
+def kernel_on_the_cpu(grid, block, args):
+    """lk_rows, transcribed: each row is one block."""
+    z2, p2, g2, d, stats, idx, has_idx, V, Vt, T, lam, mode, phase = args
+    T, lam, mode, phase = float(T), float(lam), int(mode), int(phase)
+    z = z2.astype(np.float32)
+    p = p2[:, idx] if int(has_idx) else p2
+    if phase != 2:
+        flags = ((~np.isfinite(z)).any(1) * 1 | (p < 0).any(1) * 2 | (~np.isfinite(p)).any(1) * 4)
+        m = np.fmax.reduce(np.where(np.isnan(z), -np.inf, z), axis=1)        # fmaxf ignores NaN
+        m = np.where(np.isfinite(m), m, 0).astype(np.float32)
+        with np.errstate(invalid="ignore", over="ignore"):
+            x = (z - m[:, None]) / np.float32(T)
+            s = np.exp(x).sum(1)
+            q = np.exp(x) * (1 / s)[:, None]
+        alpha = np.minimum(q, p).sum(1)
+        S = np.where(q < p, q, 0).sum(1)
+        psum = p.sum(1)
+        kl_sums = mode in (0, 3)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            px = (p * x).sum(1) if kl_sums else 0 * psum
+            plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0).sum(1) if kl_sums else 0 * psum
+        stats[:, :8] = np.stack([m, s, alpha, S, psum, px, plogp, flags.astype(np.float32)], 1)
+        if phase == 1:
+            return
+    else:
+        m, s, alpha, S, psum = stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3], stats[:, 4]
+        q = np.exp((z - m[:, None]) / np.float32(T)) * (1 / s)[:, None]
+    kls = np.where(psum > 0, 1 / np.where(psum > 0, psum, 1), 0) if int(has_idx) else np.ones_like(psum)
+    c_tv = np.zeros_like(d)
+    c_kl = np.zeros_like(d)
+    if mode == 0:
+        c_kl = d / T
+    if mode == 1:
+        c_tv = d / T
+    if mode == 2:
+        c_tv = np.where(alpha >= fused_cupy.ALPHA_FLOOR, d / (np.where(alpha > 0, alpha, 1) * T), 0)
+    if mode == 3:
+        c_tv, c_kl = (1 - lam) * d / T, lam * d / T
+    g = np.where(q < p, (q * c_tv[:, None]) * (S - 1)[:, None], q * (S * c_tv)[:, None])
+    g = g + c_kl[:, None] * (q * (psum * kls)[:, None] - p * kls[:, None])
+    g2[...] = g.astype(g2.dtype)
+
+
+@pytest.fixture
+def numpy_as_cupy(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", np)
+    monkeypatch.setattr(fused_cupy, "_kernel", lambda *a: kernel_on_the_cpu)
+
+
+def run(name, z, p, **kw):
+    return fused_cupy.cupy_loss(name, z, p, **kw)
+
+
+def close(fast, ref, rtol=2e-5):
+    scale = max(np.abs(ref.grad.astype(np.float64)).max(), 1e-30)
+    np.testing.assert_allclose(fast.grad.astype(np.float64), ref.grad, rtol=rtol, atol=rtol * scale)
+    np.testing.assert_allclose(fast.loss, ref.loss, rtol=rtol, atol=1e-7)
+    np.testing.assert_allclose(fast.alpha, ref.alpha, rtol=rtol, atol=1e-7)
+    if ref.lam is not None:
+        np.testing.assert_allclose(float(fast.lam), float(ref.lam), rtol=rtol)
+
+
+@pytest.mark.parametrize("name", REDUCED)
+@pytest.mark.parametrize("case", ["plain", "mask_T", "d2t", "lam", "reduce"])
+def test_host_logic_matches_the_reference(numpy_as_cupy, name, case):
+    rng = np.random.default_rng(hash(case) % 1000)
+    N, V, Vt = 12, 40, 45
+    z = make_logits(rng, (N, V), dtype=np.float32)
+    kw = {}
+    if case == "d2t":
+        p = make_probs(rng, (N, Vt), dtype=np.float32)
+        kw["draft_to_target"] = rng.permutation(Vt)[:V]
+        p[3] = 0
+        p[3, np.setdiff1d(np.arange(Vt), kw["draft_to_target"])] = 0.2
+    else:
+        p = make_probs(rng, (N, V), dtype=np.float32)
+    if case == "mask_T":
+        kw.update(mask=rng.random(N) < 0.6, temperature=0.7)
+    if case == "lam":
+        if name != "lk_lambda":
+            pytest.skip("lam is LK^lambda's")
+        kw["lam"] = 0.3
+    if case == "reduce":
+        calls = []
+        kw["reduce"] = lambda t, c: (calls.append(1), (t, c))[1]
+    if name == "lk_lambda":
+        kw.setdefault("eta", 3.0)
+        kw.setdefault("kl_scale", 1.0)
+    fast = run(name, z, p, **kw)
+    ref = lkref.LOSSES[name](z.astype(np.float64), p.astype(np.float64), impl="reference",
+                             **{k: v for k, v in kw.items() if k != "reduce"})
+    close(fast, ref)
+    if case == "reduce":
+        assert len(calls) == (2 if name == "lk_lambda" else 1)
+
+
+def test_lk_alpha_fallback_rows(numpy_as_cupy):
+    z = np.zeros((3, 50), np.float32)
+    z[0, 0] = 150.0
+    p = np.full((3, 50), 1 / 49, np.float32)
+    p[0, 0] = 0
+    p[1:] = 1 / 50
+    fast = run("lk_alpha", z, p)
+    ref = lkref.lk_alpha(z.astype(np.float64), p.astype(np.float64), impl="reference")
+    close(fast, ref, rtol=1e-4)
+    assert float(fast.loss) > 40
+
+
+def test_float16_logits(numpy_as_cupy):
+    rng = np.random.default_rng(3)
+    z = make_logits(rng, (6, 30), dtype=np.float16)
+    p = make_probs(rng, (6, 30), dtype=np.float32)
+    fast = run("tv", z, p)
+    assert fast.grad.dtype == np.float16 and fast.loss.dtype == np.float32
+    ref = lkref.tv(z.astype(np.float64), p.astype(np.float64), impl="reference")
+    np.testing.assert_allclose(fast.grad.astype(np.float64), ref.grad, rtol=2e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("nan_logit", "draft_logits contains non-finite"), ("neg_target", "target_probs contains negative"),
+    ("nan_target", "target_probs contains non-finite"), ("sum", "rows must sum to 1"),
+])
+def test_input_flags(numpy_as_cupy, bad, match):
+    rng = np.random.default_rng(4)
+    z = make_logits(rng, (4, 10), dtype=np.float32)
+    p = make_probs(rng, (4, 10), dtype=np.float32)
+    if bad == "nan_logit":
+        z[2, 3] = np.nan
+    elif bad == "neg_target":
+        p[1, 1] = -0.01
+        p[1, 2] += 0.01
+    elif bad == "nan_target":
+        p[0, 0] = np.nan
+    else:
+        p *= 1.01
+    with pytest.raises(ValueError, match=match):
+        run("lk_alpha", z, p)
+
+
+def test_float64_stays_on_the_reference(numpy_as_cupy):
+    assert run("kl", np.zeros((2, 3)), np.full((2, 3), 1 / 3)) is None
