@@ -1,11 +1,12 @@
 """CuPy fused kernels for the reduced losses (not yet verified on a GPU: opt-in, impl="fused").
 
-One thread block per row.  A row is read in three phases inside the block: (1) max and
-sum of exp over the logits, (2) alpha, S and the KL sums over logits and target, (3) the
-gradient.  For V <= THREADS * MAX_ITEMS the row stays in registers between the phases
-(the logits, then q: read once, one exp per element); the target row is read twice (the
-second read mostly from L2).  For
-larger V the phases re-read the row from memory.  Two-pass losses (LK^lambda with no given
+One thread block per row, or a Hopper thread-block cluster of 2-8 blocks per row (the
+blocks exchange their partial reductions through distributed shared memory).  A row is
+read in three phases: (1) max and sum of exp over the logits, (2) alpha, S and the KL sums
+over logits and target, (3) the gradient.  For V <= 8 * THREADS * MAX_ITEMS (262 144) the
+row stays in registers between the phases (the logits, then q: read once, one exp per
+element); the target row is read twice (the second read mostly from L2).  For larger V
+the phases re-read the row from memory.  Two-pass losses (LK^lambda with no given
 lambda, draft_to_target, a reduce hook) run the kernel once for the row statistics, then
 again for the gradient with the statistics as input.
 
@@ -36,6 +37,11 @@ _SOURCE = r"""
 #endif
 #define THREADS __THREADS__
 #define ITEMS __ITEMS__
+#define CLUSTER __CLUSTER__                           // blocks per row (a Hopper thread-block cluster)
+#if CLUSTER > 1
+#include <cooperative_groups.h>
+namespace cg = cooperative_groups;
+#endif
 typedef __IN_T__ in_t;
 typedef __OUT_T__ out_t;
 
@@ -85,6 +91,39 @@ __device__ void block_sum4(float* v, float* sh) {   // sh: 4 * 32 floats
     __syncthreads();
 }
 
+// Row-wide reductions: the block's, then (with a cluster) over the cluster's blocks through
+// distributed shared memory, in rank order, so every block of the row gets identical values.
+__device__ float row_max(float v, float* sh) {
+    v = block_max(v, sh);
+#if CLUSTER > 1
+    __shared__ float xchg_max;
+    cg::cluster_group cluster = cg::this_cluster();
+    if (threadIdx.x == 0) xchg_max = v;
+    cluster.sync();
+    float r = -INFINITY;
+    for (int k = 0; k < CLUSTER; k++) r = fmaxf(r, *cluster.map_shared_rank(&xchg_max, k));
+    cluster.sync();                                  // nobody overwrites xchg_max before all have read
+    v = r;
+#endif
+    return v;
+}
+__device__ void row_sum4(float* v, float* sh) {
+    block_sum4(v, sh);
+#if CLUSTER > 1
+    __shared__ float xchg_sum[4];
+    cg::cluster_group cluster = cg::this_cluster();
+    if (threadIdx.x == 0) for (int j = 0; j < 4; j++) xchg_sum[j] = v[j];
+    cluster.sync();
+    float r[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int k = 0; k < CLUSTER; k++) {
+        float* other = cluster.map_shared_rank(xchg_sum, k);
+        for (int j = 0; j < 4; j++) r[j] += other[j];
+    }
+    cluster.sync();
+    for (int j = 0; j < 4; j++) v[j] = r[j];
+#endif
+}
+
 __device__ __forceinline__ float target(const float* __restrict__ prow, const int* __restrict__ idx, int has_idx, int v) {
     return has_idx ? prow[idx[v]] : prow[v];
 }
@@ -93,16 +132,20 @@ __device__ __forceinline__ float target(const float* __restrict__ prow, const in
 // stats per row (8 floats): max, sum, alpha, S, psum, sum p x, sum p log p, input flags
 // (flags: 1 = a non-finite logit, 2 = a negative target, 4 = a non-finite target)
 extern "C" __global__ void __launch_bounds__(THREADS)
+#if CLUSTER > 1
+__cluster_dims__(CLUSTER, 1, 1)
+#endif
 lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restrict__ g,
         const float* __restrict__ d, float* __restrict__ stats, const int* __restrict__ idx, int has_idx,
         int V, int Vt, float T, float lam, int mode, int phase)
 {
     __shared__ float sh[4 * 32];
-    const long row = blockIdx.x;
+    const long row = blockIdx.x / CLUSTER;
+    const int rank = blockIdx.x % CLUSTER;            // this block's share of the row's columns
     const in_t* zr = z + row * (long)V;
     const float* pr = p + row * (long)Vt;
     float* st = stats + row * 8;
-    const int tid = threadIdx.x;
+    const int tid = threadIdx.x + rank * THREADS * (ITEMS > 0 ? ITEMS : 0);
 #if ITEMS > 0
     float xr[ITEMS];
 #endif
@@ -125,7 +168,7 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
             lmax = fmaxf(lmax, zv);
         }
 #endif
-        m = block_max(lmax, sh);
+        m = row_max(lmax, sh);
         if (!isfinite(m)) m = 0.f;                       // flagged; keeps the arithmetic below quiet
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #if ITEMS > 0
@@ -138,7 +181,7 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
 #else
         for (int v = tid; v < V; v += THREADS) acc[0] += expf((to_f(zr[v]) - m) / T);
 #endif
-        block_sum4(acc, sh);
+        row_sum4(acc, sh);
         s = acc[0];
     } else {
         m = st[0];
@@ -186,11 +229,13 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
                 if (!isfinite(pv)) flags |= 4;
             }
         }
-        block_sum4(acc, sh);
-        block_sum4(acc2, sh);
+        row_sum4(acc, sh);
+        row_sum4(acc2, sh);
         alpha = acc[0]; S = acc[1]; psum = acc[2]; px = acc2[0]; plogp = acc2[1];
-        int f1 = __syncthreads_or(flags & 1), f2 = __syncthreads_or(flags & 2), f4 = __syncthreads_or(flags & 4);
-        if (tid == 0) {
+        float fl[4] = {(flags & 1) ? 1.f : 0.f, (flags & 2) ? 1.f : 0.f, (flags & 4) ? 1.f : 0.f, 0.f};
+        row_sum4(fl, sh);                                // how many threads saw each problem
+        int f1 = fl[0] > 0.f, f2 = fl[1] > 0.f, f4 = fl[2] > 0.f;
+        if (threadIdx.x == 0 && rank == 0) {
             st[0] = m; st[1] = s; st[2] = alpha; st[3] = S; st[4] = psum; st[5] = px; st[6] = plogp;
             st[7] = (float)((f1 ? 1 : 0) | (f2 ? 2 : 0) | (f4 ? 4 : 0));
         }
@@ -231,20 +276,41 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
 _cache: dict = {}
 
 
-def _kernel(in_dtype, out_dtype, items):
+def plan(V: int):
+    """(items, cluster) for a row of V logits: items per thread held in registers and blocks per
+    row.  Rows up to THREADS * MAX_ITEMS fit one block; up to 8 times that, a cluster of 2, 4 or 8
+    blocks shares the row; beyond, the blocks stream the row from memory (items = 0)."""
+    per_thread = -(-V // THREADS)
+    if per_thread <= MAX_ITEMS:
+        return per_thread, 1
+    for cluster in (2, 4, 8):
+        if per_thread <= MAX_ITEMS * cluster:
+            return -(-V // (THREADS * cluster)), cluster
+    return 0, 1
+
+
+def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "float") -> str:
+    """The CUDA source for one (items, cluster, input type, output type)."""
+    return (_SOURCE.replace("__THREADS__", str(THREADS)).replace("__ITEMS__", str(items))
+            .replace("__CLUSTER__", str(cluster)).replace("__IN_T__", in_t).replace("__OUT_T__", out_t)
+            .replace("__ALPHA_FLOOR__", f"{ALPHA_FLOOR:e}f"))
+
+
+def _ctype(dt):
+    if np.dtype(dt) == np.float32:
+        return "float"
+    if np.dtype(dt) == np.float16:
+        return "__half"
+    if "bfloat16" in str(dt):
+        return "__nv_bfloat16"
+    raise TypeError(f"no fused kernel for dtype {dt}")
+
+
+def _kernel(in_dtype, out_dtype, items, cluster):
     cp = sys.modules["cupy"]
-    names = {np.dtype(np.float32): "float", np.dtype(np.float16): "__half"}
-    key = (str(in_dtype), str(out_dtype), items)
+    key = (str(in_dtype), str(out_dtype), items, cluster)
     if key not in _cache:
-        def cname(dt):
-            if np.dtype(dt) in names:
-                return names[np.dtype(dt)]
-            if "bfloat16" in str(dt):
-                return "__nv_bfloat16"
-            raise TypeError(f"no fused kernel for dtype {dt}")
-        src = (_SOURCE.replace("__THREADS__", str(THREADS)).replace("__ITEMS__", str(items))
-               .replace("__IN_T__", cname(in_dtype)).replace("__OUT_T__", cname(out_dtype))
-               .replace("__ALPHA_FLOOR__", f"{ALPHA_FLOOR:e}f"))
+        src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype))
         _cache[key] = cp.RawKernel(src, "lk_rows", options=("-std=c++17",))
     return _cache[key]
 
@@ -291,13 +357,13 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
         out = cp.empty(z.shape, z.dtype)
     g2 = out.reshape(N, V)
     w = cp.ones(N, cp.float32) if mask is None else mask.reshape(N).astype(cp.float32)
-    items = -(-V // THREADS)
-    kern = _kernel(z.dtype, out.dtype, items if items <= MAX_ITEMS else 0)
+    items, cluster = plan(V)
+    kern = _kernel(z.dtype, out.dtype, items, cluster)
     stats = cp.zeros((N, 8), cp.float32)
     idx_arg = idx if idx is not None else cp.zeros(1, cp.int32)
 
     def launch(phase, d, lam_v):
-        kern((N,), (THREADS,), (z2, p2, g2, d, stats, idx_arg, np.int32(idx is not None), np.int32(V),
+        kern((N * cluster,), (THREADS,), (z2, p2, g2, d, stats, idx_arg, np.int32(idx is not None), np.int32(V),
                                 np.int32(Vt), np.float32(T), np.float32(lam_v), np.int32(MODES[name]),
                                 np.int32(phase)))
 

@@ -160,3 +160,31 @@ def test_input_flags(numpy_as_cupy, bad, match):
 
 def test_float64_stays_on_the_reference(numpy_as_cupy):
     assert run("kl", np.zeros((2, 3)), np.full((2, 3), 1 / 3)) is None
+
+
+def test_plan_covers_every_vocabulary():
+    assert fused_cupy.plan(7) == (1, 1)
+    assert fused_cupy.plan(32_000) == (63, 1)
+    assert fused_cupy.plan(128_256) == (63, 4)
+    assert fused_cupy.plan(10**6) == (0, 1)
+    for V in (1, 512, 32_768, 32_769, 50_257, 262_144, 262_145):
+        items, cluster = fused_cupy.plan(V)
+        assert items == 0 or items * fused_cupy.THREADS * cluster >= V
+        assert items <= fused_cupy.MAX_ITEMS and cluster in (1, 2, 4, 8)
+
+
+@pytest.mark.parametrize("V, in_t, out_t", [(32_000, "float", "float"), (128_256, "__half", "__half"),
+                                            (300_000, "float", "__half")])
+def test_kernel_source_compiles_for_hopper(tmp_path, V, in_t, out_t):
+    """nvcc (when the machine has it) must build every variant for sm_90 without errors."""
+    import shutil
+    import subprocess
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not installed")
+    items, cluster = fused_cupy.plan(V)
+    src = tmp_path / "k.cu"
+    src.write_text(fused_cupy.kernel_source(items, cluster, in_t, out_t))
+    r = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "k.cubin"), str(src)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
