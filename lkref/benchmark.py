@@ -301,3 +301,27 @@ def write_csv(rows, path, backend_names):
                         f"{r.p80_ms:.3f}", f"{r.gbps:.2f}", f"{r.pct_copy_bw:.1f}", f"{r.limit_ms:.3f}",
                         f"{r.peak_extra_mib:.2f}", f"{r.vs_baseline:.3f}", f"{r.max_rel_err:.2e}",
                         os.environ.get("LKREF_THREADS", "auto")])
+
+
+def verify_scaling(B=64, V=32_000, ks=(1, 4, 16, 64), repeat=10, say=print):
+    """verify() time against K, with and without the input scan: the scan reads all of
+    draft_probs and target_probs (O(B K V)); without it the work is O(B K + B V)."""
+    from .sampler import verify
+
+    rng = np.random.default_rng(0)
+    rows = []
+    say(f"verify on {machine_name('numpy')}: B = {B}, V = {V}, p50 ms")
+    say(f"   {'K':>4s} {'validate=True':>14s} {'validate=False':>15s}")
+    for K in ks:
+        q = rng.random((B, K, V), dtype=np.float32)
+        q /= q.sum(-1, keepdims=True)
+        p = rng.random((B, K + 1, V), dtype=np.float32)
+        p /= p.sum(-1, keepdims=True)
+        tok = rng.integers(0, V, size=(B, K))
+        t = {}
+        for validate in (True, False):
+            times = timed(np, lambda: verify(tok, q, p, rng=rng, validate=validate), repeat)
+            t[validate] = float(np.median(times))
+        rows.append((K, t[True], t[False]))
+        say(f"   {K:4d} {t[True]:14.2f} {t[False]:15.2f}")
+    return rows

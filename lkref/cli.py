@@ -95,6 +95,9 @@ def _sizes(text):
 def cmd_bench(args) -> int:
     from . import benchmark
 
+    if args.sampler:
+        benchmark.verify_scaling(repeat=args.repeat)
+        return 0
     backends = ("numpy", "cupy") if args.backend == "all" else (args.backend,)
     sizes = args.sizes or (benchmark.QUICK_SIZES if args.quick else benchmark.DEFAULT_SIZES)
     rows = benchmark.run(backends=backends, losses=args.loss or tuple(benchmark.LOSSES), sizes=sizes,
@@ -147,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--no-peers", action="store_true", help="skip bench/peers.py")
     p.add_argument("--skip-peer", action="append", help="a peer to leave out (repeatable), e.g. torch-compile")
+    p.add_argument("--sampler", action="store_true", help="time verify() against K instead of the losses")
     p.add_argument("--csv", default=None, help="append CSV rows here")
     p.set_defaults(func=cmd_bench)
 

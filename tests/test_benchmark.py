@@ -50,3 +50,9 @@ def test_peers_agree_with_lkref():
         ref = lkref.LOSSES[name](z, p, impl="reference")
         np.testing.assert_allclose(grad, ref.grad, rtol=1e-4, atol=1e-9)
         np.testing.assert_allclose(loss, ref.loss, rtol=1e-5)
+
+
+def test_verify_scaling_runs():
+    lines = []
+    rows = benchmark.verify_scaling(B=4, V=50, ks=(1, 3), repeat=2, say=lines.append)
+    assert [r[0] for r in rows] == [1, 3] and all(r[1] > 0 and r[2] > 0 for r in rows)
