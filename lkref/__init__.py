@@ -27,7 +27,8 @@ from .positions import LOSSES, MultiPositionResult, multi_position
 from .validation import TARGET_SUM_ATOL
 from .sampler import VerifyResult, verify, verify_greedy
 from .decoding import GenerateResult, MarkovChain, generate, warp
-from . import theory, testing
+from .multistep import AcceptLengthResult, accept_length_loss
+from . import distributed, multistep, theory, testing
 
 __version__ = "0.1.0"
 
@@ -42,5 +43,6 @@ __all__ = [
     "TARGET_SUM_ATOL",
     "VerifyResult", "verify", "verify_greedy",
     "GenerateResult", "MarkovChain", "generate", "warp",
-    "theory", "testing",
+    "AcceptLengthResult", "accept_length_loss",
+    "distributed", "multistep", "theory", "testing",
 ]
