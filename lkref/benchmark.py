@@ -165,6 +165,8 @@ def _entries(xp, backend, fn, loss, z, p, out, N, V):
 
 def run(backends=("numpy",), losses=tuple(LOSSES), sizes=None, repeat=10, with_peers=True, say=print,
         skip_peers=()):
+    """sizes: a list of (N, V) for every backend, or a dict backend -> list (default DEFAULT_SIZES)."""
+    sizes = DEFAULT_SIZES if sizes is None else sizes
     rows = []
     peer_mod = load_peers() if with_peers else None
     for backend in backends:
@@ -174,7 +176,7 @@ def run(backends=("numpy",), losses=tuple(LOSSES), sizes=None, repeat=10, with_p
         xp = np if backend == "numpy" else sys.modules["cupy"]
         bw = copy_bandwidth(xp)
         say(f"{backend} on {machine_name(backend)}: measured copy bandwidth {bw / 1e9:.1f} GB/s")
-        for N, V in (sizes or DEFAULT_SIZES)[backend] if isinstance(sizes or DEFAULT_SIZES, dict) else sizes:
+        for N, V in (sizes[backend] if isinstance(sizes, dict) else sizes):
             z, p = make_problem(xp, N, V)
             nbytes = 3 * N * V * 4
             limit_ms = nbytes / bw * 1e3

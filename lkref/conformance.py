@@ -202,7 +202,7 @@ def _parts(case):
     """(z, p, p_kl, w, T) in float64 as the reference sees them: p restricted to the draft
     vocabulary, p_kl renormalised, w the weights with rows that have no target mass dropped."""
     inp = case["inputs"]
-    _, z, p, p_kl, w, _, T = L._prepare(np.asarray(inp["draft_logits"], np.float64),
+    _, z, p, p_kl, w, _, T = L.prepare_inputs(np.asarray(inp["draft_logits"], np.float64),
                                         np.asarray(inp["target_probs"], np.float64), inp["mask"],
                                         case["options"]["temperature"], inp["draft_to_target"], need_kl=True)
     return z, p, p_kl, w, T

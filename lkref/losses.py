@@ -67,7 +67,7 @@ __all__ = [
     "lk_lambda_forward", "lk_lambda_backward",
     "mean_forward", "mean_backward",
     "kl", "tv", "lk_alpha", "lk_lambda",
-    "lambda_from_alpha", "LOSSES_BY_NAME",
+    "lambda_from_alpha", "prepare_inputs", "LOSSES_BY_NAME",
 ]
 
 
@@ -303,8 +303,8 @@ class LossResult:
     lam: Any = None
 
 
-def _prepare(draft_logits, target_probs, mask, temperature, draft_to_target, *, need_kl):
-    """Check every input and bring it to the working form.
+def prepare_inputs(draft_logits, target_probs, mask, temperature, draft_to_target, *, need_kl):
+    """Check every input and bring it to the working form (shared with multistep and conformance).
 
     Returns (xp, z, p, p_kl, w, out_dtype, T): z and p in the work dtype, p restricted
     to the draft vocabulary (not renormalised), p_kl renormalised (or None), and w the
@@ -388,7 +388,7 @@ def kl(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_targe
                  draft_to_target=draft_to_target, reduce=reduce)
     if fast is not None:
         return fast
-    xp, z, p, p_kl, w, out_dtype, T = _prepare(
+    xp, z, p, p_kl, w, out_dtype, T = prepare_inputs(
         draft_logits, target_probs, mask, temperature, draft_to_target, need_kl=True)
     losses, cache = kl_forward(z, p_kl, temperature=T)
     loss, grad = _reduce(losses, cache, kl_backward, w, out_dtype, reduce)
@@ -403,7 +403,7 @@ def tv(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_targe
                  draft_to_target=draft_to_target, reduce=reduce)
     if fast is not None:
         return fast
-    xp, z, p, _, w, out_dtype, T = _prepare(
+    xp, z, p, _, w, out_dtype, T = prepare_inputs(
         draft_logits, target_probs, mask, temperature, draft_to_target, need_kl=False)
     losses, cache = tv_forward(z, p, temperature=T)
     loss, grad = _reduce(losses, cache, tv_backward, w, out_dtype, reduce)
@@ -418,7 +418,7 @@ def lk_alpha(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to
                  draft_to_target=draft_to_target, reduce=reduce)
     if fast is not None:
         return fast
-    xp, z, p, _, w, out_dtype, T = _prepare(
+    xp, z, p, _, w, out_dtype, T = prepare_inputs(
         draft_logits, target_probs, mask, temperature, draft_to_target, need_kl=False)
     losses, cache = lk_alpha_forward(z, p, temperature=T)
     loss, grad = _reduce(losses, cache, lk_alpha_backward, w, out_dtype, reduce)
@@ -443,7 +443,7 @@ def lk_lambda(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_t
                  draft_to_target=draft_to_target, eta=eta, kl_scale=kl_scale, lam=lam, reduce=reduce)
     if fast is not None:
         return fast
-    xp, z, p, p_kl, w, out_dtype, T = _prepare(
+    xp, z, p, p_kl, w, out_dtype, T = prepare_inputs(
         draft_logits, target_probs, mask, temperature, draft_to_target, need_kl=True)
     if lam is None:
         alpha = _alpha(softmax(z, T), p)

@@ -78,7 +78,7 @@ def accept_length_loss(draft_logits: Sequence, target_probs: Sequence, *, mask=N
                          f"got {K} and {len(target_probs)}")
     caches, alphas, w = [], [], None
     for k in range(K):
-        xp, z, p, _, wk, out_dtype, T = L._prepare(draft_logits[k], target_probs[k], mask, temperature,
+        xp, z, p, _, _, out_dtype, T = L.prepare_inputs(draft_logits[k], target_probs[k], mask, temperature,
                                                    draft_to_target, need_kl=False)
         if k and tuple(z.shape) != tuple(caches[0][1].shape):
             raise ValueError(f"every position must have the shape of the first, got {tuple(z.shape)} at {k}")
