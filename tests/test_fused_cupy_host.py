@@ -1,8 +1,16 @@
-"""The host side of the CuPy fused path, run on the CPU: NumPy stands in for CuPy and a
-NumPy transcription of the kernel (one row per block, the same phases, formulas and stats
-layout) stands in for the compiled kernel.  This checks the launch arguments, the phase
-logic, the row losses, lambda, the reduce hook, draft_to_target, the LK^alpha fallback and
-the input flags without a GPU.  The kernel itself is checked by tests/test_gpu.py."""
+"""The CuPy fused path, run on the CPU: NumPy stands in for CuPy, and two stand-ins for the
+compiled kernel:
+
+- "transcription": a NumPy transcription of lk_rows (one row per block, the same phases,
+  formulas and stats layout), which checks the host logic: the launch arguments, the phase
+  logic, the row losses, lambda, the reduce hook, draft_to_target, the LK^alpha fallback and
+  the input flags;
+- "simt": the kernel's own CUDA source, built with g++ against tests/simt_cpu.h, which runs
+  every CUDA thread as a fiber with real barriers, warp shuffles, shared memory and
+  thread-block clusters (under two schedules, with guard zones around the arrays).  This
+  checks the kernel's indexing, reductions and cluster exchange without a GPU; the
+  schedule, timing and rounding of a real GPU are checked by tests/test_gpu.py.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ import pytest
 import lkref
 from lkref import fused_cupy
 
+from . import simt_cpu
 from .strategies import make_logits, make_probs
 
 REDUCED = sorted(lkref.LOSSES)
@@ -62,10 +71,38 @@ def kernel_on_the_cpu(grid, block, args):
     g2[...] = g.astype(g2.dtype)
 
 
-@pytest.fixture
-def numpy_as_cupy(monkeypatch):
+def simt_kernel(in_dtype, out_dtype, items, cluster):
+    """The kernel's CUDA source built for the CPU (tests/simt_cpu.py); replaces fused_cupy._kernel."""
+    src = fused_cupy.kernel_source(items, cluster, fused_cupy._ctype(in_dtype), fused_cupy._ctype(out_dtype))
+    return simt_cpu.CpuKernel(src)
+
+
+needs_cxx = pytest.mark.skipif(simt_cpu.compiler() is None, reason="no C++ compiler for the SIMT stand-in")
+
+
+@pytest.fixture(params=["transcription", pytest.param("simt", marks=needs_cxx)])
+def numpy_as_cupy(request, monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", np)
-    monkeypatch.setattr(fused_cupy, "_kernel", lambda *a: kernel_on_the_cpu)
+    if request.param == "transcription":
+        monkeypatch.setattr(fused_cupy, "_kernel", lambda *a: kernel_on_the_cpu)
+    else:                        # small blocks keep the fibers few; the real size is tested below
+        small_blocks(monkeypatch)
+        monkeypatch.setattr(fused_cupy, "_kernel", simt_kernel)
+    return request.param
+
+
+def small_blocks(monkeypatch):
+    """64 threads and up to 4 registers per thread: clusters from V = 257, streaming beyond V = 2048."""
+    monkeypatch.setattr(fused_cupy, "THREADS", 64)
+    monkeypatch.setattr(fused_cupy, "MAX_ITEMS", 4)
+
+
+@pytest.fixture
+def simt(monkeypatch):
+    if simt_cpu.compiler() is None:
+        pytest.skip("no C++ compiler for the SIMT stand-in")
+    monkeypatch.setitem(sys.modules, "cupy", np)
+    monkeypatch.setattr(fused_cupy, "_kernel", simt_kernel)
 
 
 def run(name, z, p, **kw):
@@ -188,3 +225,76 @@ def test_kernel_source_compiles_for_hopper(tmp_path, V, in_t, out_t):
     r = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "k.cubin"), str(src)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def reference(name, z, p, **kw):
+    return lkref.LOSSES[name](z.astype(np.float64), p.astype(np.float64), impl="reference", **kw)
+
+
+@pytest.mark.parametrize("name", REDUCED)
+@pytest.mark.parametrize("V, plan", [(300, (3, 2)), (1000, (4, 4)), (2000, (4, 8)), (3000, (0, 1))])
+def test_simt_every_plan(simt, monkeypatch, name, V, plan):
+    """The kernel source itself, in clusters of 2, 4 and 8 blocks and streaming, with a mask, a
+    temperature, a target vocabulary of its own and (LK^lambda) the two-pass lambda."""
+    small_blocks(monkeypatch)
+    assert fused_cupy.plan(V) == plan
+    rng = np.random.default_rng(V)
+    N, Vt = 5, V + 7
+    z = make_logits(rng, (N, V), dtype=np.float32)
+    p = make_probs(rng, (N, Vt), dtype=np.float32)
+    kw = dict(mask=np.array([1, 1, 0, 1, 1], bool), temperature=0.7, draft_to_target=rng.permutation(Vt)[:V])
+    close(run(name, z, p, **kw), reference(name, z, p, **kw))
+    kw.pop("draft_to_target")
+    p = make_probs(rng, (N, V), dtype=np.float32)
+    close(run(name, z, p, **kw), reference(name, z, p, **kw))
+
+
+@pytest.mark.parametrize("name, V, N, dtype", [("lk_alpha", 32_000, 2, np.float32),
+                                               ("lk_lambda", 128_256, 1, np.float16),
+                                               ("tv", 300_000, 1, np.float32)])
+def test_simt_at_the_benchmark_sizes(simt, name, V, N, dtype):
+    """The shipped configuration (512 threads): one block, a cluster of 4, and streaming."""
+    rng = np.random.default_rng(7)
+    z = make_logits(rng, (N, V), dtype=dtype)
+    p = make_probs(rng, (N, V), dtype=np.float32)
+    fast, ref = run(name, z, p), reference(name, z, p)
+    if dtype == np.float16:                       # the gradient is rounded to float16
+        np.testing.assert_allclose(fast.grad.astype(np.float64), ref.grad, rtol=1e-3,
+                                   atol=1e-3 * np.abs(ref.grad).max())
+        np.testing.assert_allclose(fast.loss, ref.loss, rtol=1e-5)
+    else:
+        close(fast, ref)
+
+
+# kernel bugs planted in the source; the SIMT stand-in must catch each one
+PLANTED = {
+    "race in the block sum": ("    if (lane == 0) for (int k = 0; k < 4; k++) sh[k * 32 + warp] = v[k];\n    __syncthreads();",
+                              "    if (lane == 0) for (int k = 0; k < 4; k++) sh[k * 32 + warp] = v[k];\n",
+                              "depends on the thread schedule"),
+    "cluster exits while read": ("r[j] += other[j];\n    }\n    cluster.sync();", "r[j] += other[j];\n    }\n",
+                                 "has exited"),
+    "barrier in divergent code": ("    if (warp == 0) v = warp_max(v);", "    if (warp == 0) { v = warp_max(v); __syncthreads(); }",
+                                  "deadlock"),
+    "stats written off by one": ("float* st = stats + row * 8;", "float* st = stats + row * 8 + 1;",
+                                 "wrote outside an array"),
+    "blocks of a cluster overlap": ("rank * THREADS * (ITEMS > 0 ? ITEMS : 0)", "rank * THREADS", None),
+}
+
+
+@pytest.mark.parametrize("bug", sorted(PLANTED))
+def test_simt_catches_planted_kernel_bugs(simt, monkeypatch, bug):
+    """Negative controls for the stand-in: each planted bug fails, the unchanged source passes."""
+    small_blocks(monkeypatch)
+    old, new, message = PLANTED[bug]
+    assert fused_cupy._SOURCE.count(old) == 1
+    rng = np.random.default_rng(11)
+    z = make_logits(rng, (5, 1000), dtype=np.float32)
+    p = make_probs(rng, (5, 1000), dtype=np.float32)
+    close(run("lk_lambda", z, p), reference("lk_lambda", z, p))
+    monkeypatch.setattr(fused_cupy, "_SOURCE", fused_cupy._SOURCE.replace(old, new))
+    if message is None:                           # a wrong result: the comparison or a check fails
+        with pytest.raises((AssertionError, ValueError)):
+            close(run("lk_lambda", z, p), reference("lk_lambda", z, p))
+    else:
+        with pytest.raises(AssertionError, match=message):
+            run("lk_lambda", z, p)

@@ -1,0 +1,230 @@
+// Runs a CUDA kernel's source on the CPU: every CUDA thread is a fiber (ucontext), and the
+// fibers of one thread-block cluster switch at each barrier and shuffle, in a seeded order.
+//
+// What it models: __syncthreads, __shfl_xor_sync (all 32 lanes must take part), static
+// __shared__ memory per block (tests/simt_cpu.py rewrites the declarations into
+// emu::shared<T>(name, count) calls; fresh memory is filled with NaN bytes), and the
+// cooperative-groups cluster API (this_cluster().sync(), map_shared_rank).  A barrier that
+// not every thread reaches is reported as a deadlock; DSMEM use of a block that has exited
+// is reported too.  Results that change with the seed betray a race on shared memory (see
+// the scheduling note below for the orders tried).
+//
+// What it does not model: timing, the memory model beyond barriers, register limits,
+// launch limits, and the GPU's exact expf/logf rounding.
+#pragma once
+#include <ucontext.h>
+#include <math.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <algorithm>
+#include <functional>
+#include <numeric>
+#include <queue>
+#include <random>
+#include <string>
+#include <vector>
+
+struct emu_dim3 { unsigned x, y, z; };
+
+namespace emu {
+
+struct Barrier { int count = 0, arrived = 0; std::vector<unsigned> waiters; };
+struct Fiber { ucontext_t ctx; unsigned tid = 0, block = 0; bool done = false; uint32_t priority = 0; };
+struct Alloc { std::string name; std::vector<char> mem; };
+struct Block {
+    std::vector<Alloc> shared;
+    Barrier bar;
+    std::vector<Barrier> warp_bar;
+    std::vector<float> slots;                 // one per thread, for shuffles
+    int live = 0;                             // threads not yet returned
+};
+
+// Scheduling: the fiber with the highest key among the ready ones runs until it reaches a
+// barrier.  Odd seeds draw a fresh random key each time a fiber becomes ready (a random
+// interleaving); even seeds give each fiber one random key for the whole launch, so some
+// threads run as far ahead as the barriers let them while others lag (the adversarial case).
+struct State {
+    ucontext_t sched;
+    std::vector<Fiber> fibers;
+    std::vector<Block> blocks;                // the running cluster's blocks
+    Barrier cluster_bar;
+    std::priority_queue<std::pair<uint32_t, unsigned>> ready;
+    std::mt19937 rng;
+    bool sticky = false;
+    Fiber* cur = nullptr;
+    unsigned block_base = 0, threads = 0;
+    std::function<void()> body;
+    std::string error;
+};
+static State S;
+
+inline void make_ready(unsigned i) {
+    Fiber& f = S.fibers[i];
+    S.ready.push({S.sticky ? f.priority : (uint32_t)S.rng(), i});
+}
+inline unsigned self() { return (unsigned)(S.cur - S.fibers.data()); }
+inline void yield() { swapcontext(&S.cur->ctx, &S.sched); }
+inline void fail(const std::string& why) {
+    if (S.error.empty()) S.error = why;
+    for (;;) yield();                         // the scheduler stops at the first error
+}
+inline Block& blk() { return S.blocks[S.cur->block]; }
+
+inline void wait(Barrier& b) {
+    if (++b.arrived == b.count) {             // the last one releases everybody
+        b.arrived = 0;
+        for (unsigned i : b.waiters) make_ready(i);
+        b.waiters.clear();
+        make_ready(self());
+    } else {
+        b.waiters.push_back(self());
+    }
+    yield();
+}
+
+inline float shfl_xor(float v, int lane_mask) {
+    Block& B = blk();
+    unsigned t = S.cur->tid;
+    B.slots[t] = v;
+    wait(B.warp_bar[t / 32]);
+    float r = B.slots[(t & ~31u) | ((t & 31u) ^ (unsigned)lane_mask)];
+    wait(B.warp_bar[t / 32]);                 // nobody writes its slot again before all have read
+    return r;
+}
+
+inline Alloc* find(Block& B, const std::string& name) {
+    for (auto& a : B.shared) if (a.name == name) return &a;
+    return nullptr;
+}
+
+template <class T> T* shared_in(Block& B, const char* name, size_t count) {
+    Alloc* a = find(B, name);
+    if (!a) {
+        B.shared.push_back(Alloc{name, std::vector<char>(count * sizeof(T), (char)0xff)});
+        a = &B.shared.back();
+    }
+    return reinterpret_cast<T*>(a->mem.data());
+}
+template <class T> T* shared(const char* name, size_t count) { return shared_in<T>(blk(), name, count); }
+
+template <class T> T* map_rank(T* p, unsigned rank) {
+    if (rank >= S.blocks.size()) fail("map_shared_rank: rank " + std::to_string(rank) + " outside the cluster");
+    Block& me = blk();
+    for (auto& a : me.shared) {
+        char* base = a.mem.data();
+        char* c = reinterpret_cast<char*>(p);
+        if (c >= base && c < base + a.mem.size()) {
+            Block& other = S.blocks[rank];
+            if (other.live == 0) fail("map_shared_rank: block " + std::to_string(rank) + " has exited");
+            char* ob = reinterpret_cast<char*>(shared_in<char>(other, a.name.c_str(), a.mem.size()));
+            return reinterpret_cast<T*>(ob + (c - base));
+        }
+    }
+    fail("map_shared_rank: the pointer is not in this block's shared memory");
+    return nullptr;
+}
+
+inline void entry() {
+    S.body();
+    S.cur->done = true;
+    blk().live--;
+}
+
+// Runs body on grid blocks of `threads` threads, `cluster` blocks at a time.  Returns 0, or 1
+// with the reason in S.error.
+inline int run(unsigned grid, unsigned threads, unsigned cluster, unsigned seed, std::function<void()> body) {
+    S.body = std::move(body);
+    S.threads = threads;
+    S.error.clear();
+    if (threads == 0 || threads % 32 || cluster == 0 || grid % cluster) {
+        S.error = "launch: threads must be a positive multiple of 32 and grid a multiple of the cluster size";
+        return 1;
+    }
+    S.rng.seed(seed);
+    S.sticky = seed % 2 == 0;
+    const size_t stack_bytes = 64 * 1024;
+    const size_t n = (size_t)threads * cluster;
+    std::vector<char> stacks(n * stack_bytes);
+    for (unsigned c0 = 0; c0 < grid; c0 += cluster) {
+        S.block_base = c0;
+        S.blocks.assign(cluster, Block{});
+        for (auto& B : S.blocks) {
+            B.bar.count = (int)threads;
+            B.warp_bar.assign(threads / 32, Barrier{32, 0, {}});
+            B.slots.assign(threads, 0.f);
+            B.live = (int)threads;
+        }
+        S.cluster_bar = Barrier{(int)n, 0, {}};
+        S.fibers.assign(n, Fiber{});
+        S.ready = {};
+        for (size_t i = 0; i < n; i++) {
+            Fiber& f = S.fibers[i];
+            f.block = (unsigned)(i / threads);
+            f.tid = (unsigned)(i % threads);
+            f.priority = (uint32_t)S.rng();
+            getcontext(&f.ctx);
+            f.ctx.uc_stack.ss_sp = stacks.data() + i * stack_bytes;
+            f.ctx.uc_stack.ss_size = stack_bytes;
+            f.ctx.uc_link = &S.sched;
+            makecontext(&f.ctx, entry, 0);
+            make_ready((unsigned)i);
+        }
+        size_t finished = 0;
+        while (!S.ready.empty()) {
+            unsigned i = S.ready.top().second;
+            S.ready.pop();
+            S.cur = &S.fibers[i];
+            swapcontext(&S.sched, &S.cur->ctx);
+            if (!S.error.empty()) return 1;
+            if (S.cur->done) finished++;
+        }
+        if (finished != n) {
+            S.error = "deadlock: a barrier or shuffle that not every thread reaches (block "
+                      + std::to_string(c0) + ", " + std::to_string(n - finished) + " threads stuck)";
+            return 1;
+        }
+    }
+    return 0;
+}
+
+}  // namespace emu
+
+// The CUDA names the kernels use.
+#define __device__
+#define __global__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __cluster_dims__(...)
+#define threadIdx (emu_dim3{emu::S.cur->tid, 0u, 0u})
+#define blockIdx (emu_dim3{emu::S.block_base + emu::S.cur->block, 0u, 0u})
+#define blockDim (emu_dim3{emu::S.threads, 1u, 1u})
+
+typedef _Float16 __half;
+struct __nv_bfloat16 { uint16_t bits; };        // bfloat16 by its bits (no compiler type needed)
+inline float __half2float(__half x) { return (float)x; }
+inline __half __float2half_rn(float v) { return (__half)v; }
+inline float __bfloat162float(__nv_bfloat16 x) {
+    uint32_t u = (uint32_t)x.bits << 16; float f; std::memcpy(&f, &u, sizeof f); return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float v) {    // round to nearest even; NaN stays NaN
+    uint32_t u; std::memcpy(&u, &v, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{(uint16_t)((u >> 16) | 0x40)};
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return __nv_bfloat16{(uint16_t)(u >> 16)};
+}
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, sizeof f); return f; }
+inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
+    if (mask != 0xffffffffu) emu::fail("__shfl_xor_sync: only the full-warp mask is modelled");
+    return emu::shfl_xor(v, lane_mask);
+}
+inline void __syncthreads() { emu::wait(emu::blk().bar); }
+
+namespace cooperative_groups {
+struct cluster_group {
+    void sync() { emu::wait(emu::S.cluster_bar); }
+    unsigned block_rank() const { return emu::S.cur->block; }
+    template <class T> T* map_shared_rank(T* p, unsigned rank) { return emu::map_rank(p, rank); }
+};
+inline cluster_group this_cluster() { return cluster_group{}; }
+}  // namespace cooperative_groups

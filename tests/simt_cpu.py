@@ -1,0 +1,127 @@
+"""Build lkref's CUDA kernel source for the CPU with tests/simt_cpu.h and launch it on NumPy arrays.
+
+The kernel text is the one lkref.fused_cupy compiles for the GPU; only its static
+``__shared__`` declarations are rewritten (into per-block allocations) and its #include lines
+dropped.  Every launch runs under several scheduling seeds on guarded copies of the arrays:
+the results must be the same bit for bit (else a race on shared memory), and the guard zones
+around every array must be untouched (else an out-of-bounds write).  Reads out of bounds
+land in NaN guards and show as wrong results.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HEADER = Path(__file__).with_name("simt_cpu.h")
+GUARD = 256                                  # elements of guard zone on each side of an array
+
+# lk_rows' parameters after the pointers' types: (ctypes type, numpy type) per argument
+_LK_ROWS_ARGS = "const in_t* z, const float* p, out_t* g, const float* d, float* stats, const int* idx, " \
+                "int has_idx, int V, int Vt, float T, float lam, int mode, int phase"
+_LK_ROWS_OUTPUTS = (2, 4)                      # g and stats are written
+_built: dict = {}
+
+
+def compiler():
+    """The C++ compiler to use, or None."""
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def cpu_source(cuda_source: str, kernel: str, params: str) -> str:
+    """The kernel's CUDA text rewritten for tests/simt_cpu.h, plus an extern "C" launcher."""
+    src = "\n".join(line for line in cuda_source.splitlines() if not line.lstrip().startswith("#include"))
+    src = re.sub(r"__shared__\s+(\w+)\s+(\w+)\s*\[([^\]]+)\]\s*;",
+                 r'\1* \2 = emu::shared<\1>("\2", \3);', src)
+    src = re.sub(r"__shared__\s+(\w+)\s+(\w+)\s*;", r'\1& \2 = *emu::shared<\1>("\2", 1);', src)
+    if "__shared__" in src:
+        raise ValueError("a __shared__ declaration the rewrite does not handle")
+    names = [p.strip().split()[-1].lstrip("*") for p in params.split(",")]
+    launcher = (f'\nextern "C" int launch(unsigned grid, unsigned threads, unsigned seed, {params}) {{\n'
+                f"    if (threads != THREADS) return 2;\n"
+                f"    return emu::run(grid, threads, CLUSTER, seed, [=] {{ {kernel}({', '.join(names)}); }});\n"
+                f"}}\n"
+                f'extern "C" const char* last_error() {{ return emu::S.error.c_str(); }}\n')
+    return f'#include "{HEADER}"\n' + src + launcher
+
+
+def build(cuda_source: str, kernel: str = "lk_rows", params: str = _LK_ROWS_ARGS):
+    """The compiled shared library (cached per source text)."""
+    text = cpu_source(cuda_source, kernel, params)
+    key = hashlib.sha256(text.encode() + HEADER.read_bytes()).hexdigest()[:16]
+    if key not in _built:
+        cxx = compiler()
+        if cxx is None:
+            raise RuntimeError("no C++ compiler")
+        work = Path(tempfile.mkdtemp(prefix="lkref-simt-"))
+        atexit.register(shutil.rmtree, work, True)      # a loaded library outlives its file
+        (work / "k.cpp").write_text(text)
+        lib = work / "k.so"
+        r = subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas",
+                            "-o", str(lib), str(work / "k.cpp")], capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError("the kernel did not build for the CPU:\n" + r.stderr[-4000:])
+        dll = ctypes.CDLL(str(lib))
+        dll.last_error.restype = ctypes.c_char_p
+        _built[key] = dll
+    return _built[key]
+
+
+def _guarded(a):
+    """A copy of a with GUARD sentinel elements each side: (buffer, the copy inside it)."""
+    a = np.ascontiguousarray(a)
+    flat = a.reshape(-1)
+    fill = np.nan if a.dtype.kind == "f" else -1
+    buf = np.full(flat.size + 2 * GUARD, fill, dtype=a.dtype)
+    buf[GUARD:GUARD + flat.size] = flat
+    return buf
+
+
+class CpuKernel:
+    """Callable like a CuPy RawKernel: kernel(grid, block, args); runs lk_rows under every seed."""
+
+    def __init__(self, cuda_source, seeds=(1, 2), outputs=_LK_ROWS_OUTPUTS):
+        self.dll = build(cuda_source)
+        self.seeds = seeds
+        self.outputs = outputs
+        self.launches = 0
+
+    def __call__(self, grid, block, args):
+        self.launches += 1
+        results = []
+        for seed in self.seeds:
+            bufs, cargs = [], []
+            for a in args:
+                if isinstance(a, np.ndarray) and a.ndim > 0:
+                    buf = _guarded(a)
+                    bufs.append(buf)
+                    cargs.append(ctypes.c_void_p(buf.ctypes.data + GUARD * buf.itemsize))
+                elif isinstance(a, np.floating):
+                    cargs.append(ctypes.c_float(float(a)))
+                else:
+                    cargs.append(ctypes.c_int(int(a)))
+            rc = self.dll.launch(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), ctypes.c_uint(seed), *cargs)
+            if rc != 0:
+                raise AssertionError("kernel failed on the CPU: " + (self.dll.last_error().decode() or f"rc {rc}"))
+            for buf in bufs:
+                head, tail = buf[:GUARD], buf[-GUARD:]
+                sentinel = np.isnan(head).all() and np.isnan(tail).all() if buf.dtype.kind == "f" \
+                    else (head == -1).all() and (tail == -1).all()
+                if not sentinel:
+                    raise AssertionError("the kernel wrote outside an array")
+            results.append([bufs[i][GUARD:-GUARD].copy() for i in self.outputs])
+        for other in results[1:]:
+            for a, b in zip(results[0], other):
+                if not np.array_equal(a.view(np.uint8), b.view(np.uint8)):
+                    raise AssertionError("the result depends on the thread schedule (a race on shared memory)")
+        for i, res in zip(self.outputs, results[0]):
+            args[i].reshape(-1)[...] = res
