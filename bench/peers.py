@@ -8,9 +8,15 @@ the checkout's bench/ folder; nothing in lkref/ imports PyTorch or any other pee
                   (the baseline of the CPU goal)
   torch-eager     PyTorch autograd on the formulas as SpecForge writes them
   torch-compile   torch.compile of the same
+  speculators     vLLM speculators' fused Triton losses (speculators.losses.fused), on CUDA:
+                  nla for LK^alpha, tv, kl_div, and lk_hybrid for LK^lambda (its lambda is
+                  per token, not lkref's batch mean, so its error column is not a rounding
+                  error).  They take target logits; log p is passed, made before timing.
+  liger-tvd       Liger-Kernel's TV distance (liger_kernel.ops.tvd) on probabilities, after a
+                  PyTorch softmax of the logits (autograd carries its gradient back), on CUDA.
 
-Not wired up yet (no GPU session has had them installed): vLLM speculators' fused Triton
-losses and Liger-Kernel's fused TV distance.
+A peer function may carry a `prepare(z, p)` attribute: the bench calls it once, before
+checking and timing, to put the inputs in the peer's own form.
 """
 
 from __future__ import annotations
@@ -103,6 +109,53 @@ def torch_loss(name, compiled=False, eta=3.0):
     return run
 
 
+# --------------------------------------------------------------------------------------
+# vLLM speculators: fused Triton losses from draft and target logits, per position
+
+
+def speculators_loss(name):
+    try:
+        from speculators.losses import fused
+    except Exception:                                 # absent, or no Triton / CUDA
+        return None
+    per_position = {"lk_alpha": "fused_nla_loss", "tv": "fused_tv_loss", "kl": "fused_kl_div_loss",
+                    "lk_lambda": "fused_lk_hybrid_loss"}
+    loss_fn = getattr(fused, per_position[name], None)
+    if loss_fn is None:
+        return None
+
+    def run(z, target_logits):
+        z = z.detach().requires_grad_(True)
+        loss = loss_fn(z, target_logits).mean()
+        loss.backward()
+        return loss.detach(), z.grad.reshape(z.shape[1:])
+
+    def prepare(z, p):                                # [1, N, V]: they take (batch, positions, vocab)
+        import torch
+        return z[None], torch.log(p)[None]
+    run.prepare = prepare
+    return run
+
+
+# --------------------------------------------------------------------------------------
+# Liger-Kernel: TV distance on probabilities; the softmax is PyTorch's
+
+
+def liger_tv():
+    try:
+        from liger_kernel.ops.tvd import LigerTVDLossFunction
+    except Exception:
+        return None
+
+    def run(z, p):
+        z = z.detach().requires_grad_(True)
+        q = z.float().softmax(-1)
+        loss = LigerTVDLossFunction.apply(q, p)      # batchmean: sum_v |q - p| / 2, mean over rows
+        loss.backward()
+        return loss.detach(), z.grad
+    return run
+
+
 def peers(backend: str, name: str) -> dict:
     """The peers available here for one loss on one backend: {label: (fn, kind)}."""
     out = {}
@@ -117,4 +170,10 @@ def peers(backend: str, name: str) -> dict:
             fn = torch_loss(name, compiled)
             if fn is not None:
                 out[label] = (fn, "torch-cuda")
+        fn = speculators_loss(name)
+        if fn is not None:
+            out["speculators" if name != "lk_lambda" else "speculators λ/tok"] = (fn, "torch-cuda")
+        fn = liger_tv() if name == "tv" else None
+        if fn is not None:
+            out["liger-tvd"] = (fn, "torch-cuda")
     return out

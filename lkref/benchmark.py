@@ -158,9 +158,25 @@ def _entries(xp, backend, fn, loss, z, p, out, N, V):
                    ("lkref fused out=", lambda: fn(z, p, impl="fused", out=out), False)]
         if loss == "lk_lambda":
             entries.append(("lkref fused lam=", lambda: fn(z, p, impl="fused", lam=0.5), True))
+        if loss == "lk_alpha":                     # launch shapes to tune the defaults with
+            for threads, blocks in TUNING_SHAPES:
+                entries.append((f"fused {threads}t>={blocks}b", _shaped(fn, z, p, out, threads, blocks), False))
     if N * V <= 512 * 32_000 or backend == "cupy":
         entries.append(("lkref reference", lambda: fn(z, p, impl="reference"), True))
     return entries
+
+
+#: (threads per block, fewest blocks per row) tried for LK^alpha on CuPy, beside the default 512 / 1
+TUNING_SHAPES = [(256, 1), (1024, 1), (512, 2), (1024, 2)]
+
+
+def _shaped(fn, z, p, out, threads, blocks):
+    from . import fused_cupy
+
+    def call():
+        with fused_cupy.configured(threads=threads, min_cluster=blocks):
+            return fn(z, p, impl="fused", out=out)
+    return call
 
 
 def run(backends=("numpy",), losses=tuple(LOSSES), sizes=None, repeat=10, with_peers=True, say=print,
@@ -235,6 +251,8 @@ def _run_peers(mod, xp, backend, loss, N, V, z, p, ref, repeat, nbytes, bw, limi
             dev = "cuda" if kind == "torch-cuda" else "cpu"
             args = (torch.as_tensor(to_numpy(z), device=dev), torch.as_tensor(to_numpy(p), device=dev))
             sync = torch.cuda.synchronize if dev == "cuda" else None
+        if hasattr(fn, "prepare"):                  # the peer's own input form, made before timing
+            args = fn.prepare(*args)
         try:
             got_loss, got_grad = fn(*args)
             err = max(rel_err(np.asarray(got_grad.cpu() if hasattr(got_grad, "cpu") else got_grad), ref.grad),
@@ -244,12 +262,23 @@ def _run_peers(mod, xp, backend, loss, N, V, z, p, ref, repeat, nbytes, bw, limi
                 mem = peak_extra(np, lambda: fn(*args), z.nbytes)
             else:
                 t = _timed_torch(fn, args, repeat, sync)
-                mem = float("nan")
+                mem = _torch_peak_extra(fn, args, z.nbytes) if kind == "torch-cuda" else float("nan")
         except Exception as exc:  # a peer that fails is reported, not fatal
             say(f"   peer {label} failed: {type(exc).__name__}: {exc}")
             continue
         rows.append(_row(backend, label, loss, N, V, t, nbytes, bw, limit_ms, mem, err))
     return rows
+
+
+def _torch_peak_extra(fn, args, grad_bytes):
+    """Peak CUDA memory PyTorch allocates during fn beyond the gradient, in MiB."""
+    import torch
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn(*args)
+    torch.cuda.synchronize()
+    return max(0, torch.cuda.max_memory_allocated() - before - grad_bytes) / 2**20
 
 
 def _timed_torch(fn, args, repeat, sync):

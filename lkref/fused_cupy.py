@@ -17,15 +17,22 @@ to rounding, not bit for bit (an exact tie q == p may resolve differently).
 
 from __future__ import annotations
 
+import os
 import sys
+from contextlib import contextmanager
 
 import numpy as np
 
 from . import losses as ref
 from .validation import TARGET_SUM_ATOL, as_array, check_index_map, check_mask, check_real_scalar
 
+#: Threads per block.  MAX_ITEMS (logits cached in registers per thread) keeps a block's
+#: row share at 32 768 floats; MIN_CLUSTER is the fewest blocks per row.  The defaults are
+#: untuned; `configured` (and LKREF_CUPY_THREADS / LKREF_CUPY_MIN_CLUSTER) try others.
 THREADS = 512
-MAX_ITEMS = 64                       # registers per thread for cached logits
+MAX_ITEMS = 64
+MIN_CLUSTER = 1
+_ROW_FLOATS_PER_BLOCK = 32_768
 MODES = {"kl": 0, "tv": 1, "lk_alpha": 2, "lk_lambda": 3}
 ALPHA_FLOOR = 1e-30
 
@@ -279,14 +286,52 @@ _cache: dict = {}
 def plan(V: int):
     """(items, cluster) for a row of V logits: items per thread held in registers and blocks per
     row.  Rows up to THREADS * MAX_ITEMS fit one block; up to 8 times that, a cluster of 2, 4 or 8
-    blocks shares the row; beyond, the blocks stream the row from memory (items = 0)."""
+    blocks shares the row; beyond, the blocks stream the row from memory (items = 0).  No
+    cluster is smaller than MIN_CLUSTER."""
     per_thread = -(-V // THREADS)
-    if per_thread <= MAX_ITEMS:
-        return per_thread, 1
-    for cluster in (2, 4, 8):
-        if per_thread <= MAX_ITEMS * cluster:
+    for cluster in (1, 2, 4, 8):
+        if cluster >= MIN_CLUSTER and per_thread <= MAX_ITEMS * cluster:
             return -(-V // (THREADS * cluster)), cluster
     return 0, 1
+
+
+@contextmanager
+def configured(threads=None, min_cluster=None):
+    """Run the kernels with another block size or more blocks per row (for tuning):
+    threads in 64, 128, ..., 1024; min_cluster in 1, 2, 4, 8."""
+    global THREADS, MAX_ITEMS, MIN_CLUSTER
+    old = THREADS, MAX_ITEMS, MIN_CLUSTER
+    try:
+        if threads is not None:
+            THREADS = _check_choice(threads, "threads", (64, 128, 256, 512, 1024))
+            MAX_ITEMS = _ROW_FLOATS_PER_BLOCK // THREADS
+        if min_cluster is not None:
+            MIN_CLUSTER = _check_choice(min_cluster, "min_cluster", (1, 2, 4, 8))
+        yield
+    finally:
+        THREADS, MAX_ITEMS, MIN_CLUSTER = old
+
+
+def _check_choice(value, name, choices):
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, one of {choices}; got {value!r}")
+    if int(value) not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return int(value)
+
+
+def _configure_from_environment():
+    global THREADS, MAX_ITEMS, MIN_CLUSTER
+    if os.environ.get("LKREF_CUPY_THREADS"):
+        THREADS = _check_choice(os.environ["LKREF_CUPY_THREADS"], "LKREF_CUPY_THREADS", (64, 128, 256, 512, 1024))
+        MAX_ITEMS = _ROW_FLOATS_PER_BLOCK // THREADS
+    if os.environ.get("LKREF_CUPY_MIN_CLUSTER"):
+        MIN_CLUSTER = _check_choice(os.environ["LKREF_CUPY_MIN_CLUSTER"], "LKREF_CUPY_MIN_CLUSTER", (1, 2, 4, 8))
+
+
+_configure_from_environment()
 
 
 def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "float") -> str:
@@ -308,7 +353,7 @@ def _ctype(dt):
 
 def _kernel(in_dtype, out_dtype, items, cluster):
     cp = sys.modules["cupy"]
-    key = (str(in_dtype), str(out_dtype), items, cluster)
+    key = (str(in_dtype), str(out_dtype), items, cluster, THREADS)
     if key not in _cache:
         src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype))
         _cache[key] = cp.RawKernel(src, "lk_rows", options=("-std=c++17",))

@@ -56,3 +56,123 @@ def test_verify_scaling_runs():
     lines = []
     rows = benchmark.verify_scaling(B=4, V=50, ks=(1, 3), repeat=2, say=lines.append)
     assert [r[0] for r in rows] == [1, 3] and all(r[1] > 0 and r[2] > 0 for r in rows)
+
+
+def _fake_peer_modules(monkeypatch, torch):
+    """Stand-ins with the call forms of speculators.losses.fused and liger_kernel.ops.tvd (the real
+    ones need Triton and a GPU): per-position losses from [B, T, V] draft and target logits, and
+    a batch-mean TV on probabilities."""
+    import sys
+    import types
+
+    def parts(z, t):
+        q, p = z.float().softmax(-1), t.float().softmax(-1)
+        return q, p, torch.minimum(q, p).sum(-1)
+
+    fused_mod = types.ModuleType("speculators.losses.fused")
+    fused_mod.fused_nla_loss = lambda z, t: -torch.log(parts(z, t)[2].clamp_min(1e-5))
+    fused_mod.fused_tv_loss = lambda z, t: 1 - parts(z, t)[2]
+    fused_mod.fused_kl_div_loss = lambda z, t: (torch.xlogy(parts(z, t)[1], parts(z, t)[1])
+                                                - parts(z, t)[1] * z.float().log_softmax(-1)).sum(-1)
+    tvd_mod = types.ModuleType("liger_kernel.ops.tvd")
+
+    class LigerTVDLossFunction:
+        @staticmethod
+        def apply(q, p):
+            return 0.5 * (q - p).abs().sum() / q.shape[0]
+    tvd_mod.LigerTVDLossFunction = LigerTVDLossFunction
+    for name, mod in [("speculators", types.ModuleType("speculators")),
+                      ("speculators.losses", types.ModuleType("speculators.losses")),
+                      ("speculators.losses.fused", fused_mod), ("liger_kernel", types.ModuleType("liger_kernel")),
+                      ("liger_kernel.ops", types.ModuleType("liger_kernel.ops")), ("liger_kernel.ops.tvd", tvd_mod)]:
+        monkeypatch.setitem(sys.modules, name, mod)
+    sys.modules["speculators.losses"].fused = fused_mod
+    sys.modules["liger_kernel.ops"].tvd = tvd_mod
+
+
+def test_speculators_and_liger_adapters(monkeypatch):
+    """The glue for the GPU peers (shapes, log p as target logits, the mean over positions)
+    gives lkref's loss and gradient when the peer computes the same loss."""
+    import pytest
+    torch = pytest.importorskip("torch")
+    _fake_peer_modules(monkeypatch, torch)
+    mod = benchmark.load_peers()
+    z, p = benchmark.make_problem(np, 6, 50)
+    cases = [(mod.speculators_loss(name), name) for name in ("lk_alpha", "tv", "kl")] + [(mod.liger_tv(), "tv")]
+    assert mod.speculators_loss("lk_lambda") is None          # the stand-in has no lk_hybrid
+    for fn, name in cases:
+        args = (torch.as_tensor(z), torch.as_tensor(p))
+        if hasattr(fn, "prepare"):
+            args = fn.prepare(*args)
+        loss, grad = fn(*args)
+        ref = lkref.LOSSES[name](z, p, impl="reference")
+        assert tuple(grad.shape) == z.shape
+        np.testing.assert_allclose(grad.numpy(), ref.grad, rtol=1e-4, atol=1e-8)
+        np.testing.assert_allclose(float(loss), float(ref.loss), rtol=1e-5)
+
+
+def test_gpu_peers_are_absent_without_their_libraries(monkeypatch):
+    import sys
+    for name in ("speculators", "speculators.losses", "speculators.losses.fused", "liger_kernel",
+                 "liger_kernel.ops", "liger_kernel.ops.tvd"):
+        monkeypatch.setitem(sys.modules, name, None)           # import fails
+    mod = benchmark.load_peers()
+    assert mod.speculators_loss("lk_alpha") is None and mod.liger_tv() is None
+
+
+def _fake_cupy():
+    """NumPy dressed as CuPy for the benchmark's own code (events, memory pool, device name);
+    the losses still see NumPy arrays, so this checks the GPU branch of the bench, not the kernels."""
+    import types
+
+    fake = types.ModuleType("cupy")
+    for name in dir(np):
+        if not name.startswith("__"):
+            setattr(fake, name, getattr(np, name))
+
+    class Event:
+        def record(self):
+            import time
+            self.t = time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+    class Pool:
+        def used_bytes(self):
+            return 0
+
+        def total_bytes(self):
+            return 1 << 20
+
+        def free_all_blocks(self):
+            pass
+
+    class Device:
+        id = 0
+
+        def synchronize(self):
+            pass
+
+    fake.cuda = types.SimpleNamespace(
+        Event=Event, Device=Device, get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3,
+        runtime=types.SimpleNamespace(getDeviceProperties=lambda i: {"name": b"Fake GPU"}, getDeviceCount=lambda: 1))
+    fake.get_default_memory_pool = Pool
+    return fake
+
+
+def test_the_gpu_branch_of_the_bench_runs(monkeypatch, tmp_path):
+    import sys
+    from lkref import fused_cupy
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy())
+    monkeypatch.setattr(benchmark, "cupy_available", lambda: True)
+    lines = []
+    rows = benchmark.run(backends=("cupy",), losses=("lk_alpha", "lk_lambda"), sizes={"cupy": [(4, 300)]},
+                         repeat=2, with_peers=False, say=lines.append)
+    impls = {(r.loss, r.impl) for r in rows}
+    shapes = {f"fused {t}t>={b}b" for t, b in benchmark.TUNING_SHAPES}
+    assert {("lk_alpha", s) for s in shapes} <= impls
+    assert {("lk_lambda", "lkref fused lam="), ("lk_alpha", "lkref reference")} <= impls
+    assert "Fake GPU" in lines[0] and fused_cupy.THREADS == 512
+    benchmark.write_csv(rows, str(tmp_path / "g.csv"), ["cupy"])
+    assert "Fake GPU" in (tmp_path / "g.csv").read_text()

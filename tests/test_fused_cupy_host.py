@@ -298,3 +298,39 @@ def test_simt_catches_planted_kernel_bugs(simt, monkeypatch, bug):
     else:
         with pytest.raises(AssertionError, match=message):
             run("lk_lambda", z, p)
+
+
+@pytest.mark.parametrize("threads, min_cluster, V", [(1024, 1, 5_000), (128, 1, 3_000), (64, 2, 40),
+                                                     (256, 8, 9_000)])
+def test_simt_other_launch_shapes(simt, threads, min_cluster, V):
+    """The tuning shapes `configured` offers (bench tries them on a GPU) compute the same thing;
+    with min_cluster = 2 at V = 40 the second block of each row has no columns at all."""
+    rng = np.random.default_rng(threads + V)
+    z = make_logits(rng, (3, V), dtype=np.float32)
+    p = make_probs(rng, (3, V), dtype=np.float32)
+    with fused_cupy.configured(threads=threads, min_cluster=min_cluster):
+        assert fused_cupy.plan(V)[1] >= min_cluster
+        fast = run("lk_alpha", z, p, temperature=1.3)
+    close(fast, reference("lk_alpha", z, p, temperature=1.3))
+    assert fused_cupy.THREADS == 512 and fused_cupy.MIN_CLUSTER == 1     # restored
+
+
+@pytest.mark.parametrize("kw, error", [({"threads": 100}, ValueError), ({"threads": 2.0}, TypeError),
+                                       ({"min_cluster": 3}, ValueError), ({"min_cluster": "two"}, TypeError)])
+def test_configured_rejects_bad_shapes(kw, error):
+    with pytest.raises(error, match=next(iter(kw))):
+        with fused_cupy.configured(**kw):
+            pass
+    assert fused_cupy.THREADS == 512 and fused_cupy.MIN_CLUSTER == 1
+
+
+def test_launch_shape_from_the_environment(monkeypatch):
+    for name in ("THREADS", "MAX_ITEMS", "MIN_CLUSTER"):
+        monkeypatch.setattr(fused_cupy, name, getattr(fused_cupy, name))     # restored afterwards
+    monkeypatch.setenv("LKREF_CUPY_THREADS", "256")
+    monkeypatch.setenv("LKREF_CUPY_MIN_CLUSTER", "2")
+    fused_cupy._configure_from_environment()
+    assert (fused_cupy.THREADS, fused_cupy.MAX_ITEMS, fused_cupy.MIN_CLUSTER) == (256, 128, 2)
+    monkeypatch.setenv("LKREF_CUPY_MIN_CLUSTER", "5")
+    with pytest.raises(ValueError, match="LKREF_CUPY_MIN_CLUSTER"):
+        fused_cupy._configure_from_environment()

@@ -7,6 +7,7 @@ import pytest
 
 import lkref
 from lkref.backend import to_numpy
+from lkref.benchmark import TUNING_SHAPES
 
 from .strategies import make_logits, make_probs
 
@@ -121,3 +122,15 @@ def test_torch_cuda_tensors_round_trip(cp):
     assert isinstance(r.grad, torch.Tensor) and r.grad.is_cuda
     want = lkref.lk_alpha(z.cpu().numpy(), p.cpu().numpy())
     np.testing.assert_allclose(r.grad.cpu().numpy(), want.grad, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("V", [32_000, 128_256])
+@pytest.mark.parametrize("threads, blocks", TUNING_SHAPES)
+def test_fused_tuning_shapes(cp, threads, blocks, V):
+    """The launch shapes the benchmark tries (lkref.benchmark.TUNING_SHAPES) on the device."""
+    from lkref import fused_cupy
+    rng = np.random.default_rng(threads + blocks)
+    z = make_logits(rng, (3, V), dtype=np.float32)
+    p = peaked_probs(rng, (3, V)).astype(np.float32)
+    with fused_cupy.configured(threads=threads, min_cluster=blocks):
+        compare(cp, "lk_alpha", z, p)
