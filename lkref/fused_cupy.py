@@ -1,4 +1,8 @@
-"""CuPy fused kernels for the reduced losses (not yet verified on a GPU: opt-in, impl="fused").
+"""CuPy fused kernels for the reduced losses (not yet run on a GPU: opt-in, impl="fused").
+
+Checked without a GPU by tests/test_fused_cupy_host.py: the host code against a NumPy
+transcription of the kernel, and this CUDA source itself on the CPU (tests/simt_cpu.h runs
+each CUDA thread as a fiber, with barriers, shuffles, shared memory and clusters).
 
 One thread block per row, or a Hopper thread-block cluster of 2-8 blocks per row (the
 blocks exchange their partial reductions through distributed shared memory).  A row is
