@@ -360,13 +360,28 @@ def _kernel(in_dtype, out_dtype, items, cluster):
     key = (str(in_dtype), str(out_dtype), items, cluster, THREADS)
     if key not in _cache:
         src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype))
-        _cache[key] = cp.RawKernel(src, "lk_rows", options=("-std=c++17",))
+        _cache[key] = cp.RawKernel(src, "lk_rows", options=_compile_options(cp))
     return _cache[key]
+
+
+def _compile_options(cp):
+    """NVRTC options: C++17, and the toolkit's include folders (cuda_fp16.h, cooperative_groups.h
+    and, on CUDA 13, the CCCL headers they pull in) in case CuPy does not pass them itself."""
+    options = ["-std=c++17"]
+    try:
+        root = cp.cuda.get_cuda_path()
+    except Exception:
+        root = None
+    for sub in ("include", os.path.join("include", "cccl")):
+        if root and os.path.isdir(os.path.join(root, sub)):
+            options.append("-I" + os.path.join(root, sub))
+    return tuple(options)
 
 
 def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None,
               eta=3.0, kl_scale=1.0, lam=None, out=None, reduce=None):
-    """The fused CuPy path of a reduced loss (float32 math; float32 or float16 logits).
+    """The fused CuPy path of a reduced loss (float32 math; float32, float16 or bfloat16 logits,
+    the last where CuPy has the ml_dtypes type).
 
     float64 logits return None (the caller runs the reference).  The value checks run inside
     the kernel (flags per row) and are raised after it; with draft_to_target, the target
@@ -376,8 +391,8 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     z = as_array(draft_logits, "draft_logits")
     if z.dtype == cp.float64:
         return None
-    if z.dtype not in (cp.float32, cp.float16):
-        raise TypeError(f"draft_logits must be float32 or float16 for the fused CuPy path, got {z.dtype}")
+    if z.dtype not in (cp.float32, cp.float16) and np.dtype(z.dtype).name != "bfloat16":
+        raise TypeError(f"draft_logits must be float32, float16 or bfloat16 for the fused CuPy path, got {z.dtype}")
     if z.ndim < 1 or z.shape[-1] == 0:
         raise ValueError("draft_logits has an empty vocabulary (last axis has size 0)")
     lead, V = tuple(z.shape[:-1]), z.shape[-1]

@@ -174,6 +174,19 @@ def test_float16_logits(numpy_as_cupy):
     np.testing.assert_allclose(fast.grad.astype(np.float64), ref.grad, rtol=2e-3, atol=1e-6)
 
 
+def test_bfloat16_logits(numpy_as_cupy):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(5)
+    z = make_logits(rng, (6, 300), dtype=np.float32).astype(ml_dtypes.bfloat16)
+    p = make_probs(rng, (6, 300), dtype=np.float32)
+    fast = run("lk_alpha", z, p)
+    assert fast.grad.dtype == z.dtype and fast.loss.dtype == np.float32
+    ref = lkref.lk_alpha(z.astype(np.float64), p.astype(np.float64), impl="reference")
+    np.testing.assert_allclose(fast.loss, ref.loss, rtol=1e-5)
+    np.testing.assert_allclose(fast.grad.astype(np.float64), ref.grad, rtol=1e-2,      # bf16 gradient: 8 bits
+                               atol=1e-2 * np.abs(ref.grad).max())
+
+
 @pytest.mark.parametrize("bad, match", [
     ("nan_logit", "draft_logits contains non-finite"), ("neg_target", "target_probs contains negative"),
     ("nan_target", "target_probs contains non-finite"), ("sum", "rows must sum to 1"),
@@ -197,6 +210,16 @@ def test_input_flags(numpy_as_cupy, bad, match):
 
 def test_float64_stays_on_the_reference(numpy_as_cupy):
     assert run("kl", np.zeros((2, 3)), np.full((2, 3), 1 / 3)) is None
+
+
+def test_compile_options_name_the_toolkit_headers(tmp_path):
+    import types
+    (tmp_path / "include" / "cccl").mkdir(parents=True)
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(get_cuda_path=lambda: str(tmp_path)))
+    opts = fused_cupy._compile_options(fake)
+    assert opts == ("-std=c++17", f"-I{tmp_path}/include", f"-I{tmp_path}/include/cccl")
+    fake.cuda.get_cuda_path = lambda: None                  # no toolkit found: CuPy's own paths only
+    assert fused_cupy._compile_options(fake) == ("-std=c++17",)
 
 
 def test_plan_covers_every_vocabulary():

@@ -134,3 +134,20 @@ def test_fused_tuning_shapes(cp, threads, blocks, V):
     p = peaked_probs(rng, (3, V)).astype(np.float32)
     with fused_cupy.configured(threads=threads, min_cluster=blocks):
         compare(cp, "lk_alpha", z, p)
+
+
+def test_fused_bfloat16_logits_where_cupy_has_them(cp):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(6)
+    z = make_logits(rng, (16, 4099), dtype=np.float32).astype(ml_dtypes.bfloat16)
+    try:
+        zc = cp.asarray(z)
+    except Exception as exc:                         # CuPy without bfloat16
+        pytest.skip(f"this CuPy has no bfloat16 arrays: {exc}")
+    p = cp.asarray(peaked_probs(rng, (16, 4099)).astype(np.float32))
+    fast = lkref.lk_alpha(zc, p, impl="fused")
+    ref = lkref.lk_alpha(cp.asarray(z.astype(np.float32)), p, impl="reference")
+    assert str(fast.grad.dtype) == "bfloat16"
+    np.testing.assert_allclose(float(fast.loss), float(ref.loss), rtol=1e-5)
+    g, g_ref = to_numpy(fast.grad).astype(np.float64), to_numpy(ref.grad).astype(np.float64)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-2, atol=1e-2 * np.abs(g_ref).max())
