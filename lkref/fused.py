@@ -353,14 +353,26 @@ def check_out(out, z, p, mask, same_backend=False):
     return out
 
 
+#: Whether impl="auto" takes the CuPy kernels (fused_cupy.py).  False until a GPU run has
+#: checked them (bench/gpu_check.sh); LKREF_CUPY_FUSED=1 or 0 overrides it.
+CUPY_FUSED_BY_DEFAULT = False
+
+
+def cupy_fused_by_default() -> bool:
+    env = os.environ.get("LKREF_CUPY_FUSED", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    if env:
+        raise ValueError(f"LKREF_CUPY_FUSED must be 0 or 1, got {env!r}")
+    return CUPY_FUSED_BY_DEFAULT
+
+
 def dispatch(name, draft_logits, target_probs, *, out=None, required=False, **options):
     """The fast path for these arrays, or None (then the caller runs the reference)."""
     from .backend import is_cupy_array
 
     if is_cupy_array(draft_logits):
-        # the CuPy kernels (fused_cupy.py) are opt-in until a GPU run has checked them:
-        # impl="auto" keeps CuPy arrays on the reference path
-        if not required:
+        if not (required or cupy_fused_by_default()):
             return None
         from .fused_cupy import cupy_loss
 

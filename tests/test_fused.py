@@ -184,3 +184,15 @@ def test_non_contiguous_and_mixed_dtype_inputs(name):
         ref, fast = both(name, zz, p)
         assert_same(ref, fast, np.float32)
         assert fast.grad.flags.c_contiguous and fast.grad.shape == zz.shape
+
+
+def test_cupy_default_switch(monkeypatch):
+    from lkref import fused as fused_mod
+    monkeypatch.delenv("LKREF_CUPY_FUSED", raising=False)
+    assert fused_mod.cupy_fused_by_default() is fused_mod.CUPY_FUSED_BY_DEFAULT
+    for value, want in (("1", True), ("0", False)):
+        monkeypatch.setenv("LKREF_CUPY_FUSED", value)
+        assert fused_mod.cupy_fused_by_default() is want
+    monkeypatch.setenv("LKREF_CUPY_FUSED", "yes")
+    with pytest.raises(ValueError, match="LKREF_CUPY_FUSED"):
+        fused_mod.cupy_fused_by_default()

@@ -151,3 +151,16 @@ def test_fused_bfloat16_logits_where_cupy_has_them(cp):
     np.testing.assert_allclose(float(fast.loss), float(ref.loss), rtol=1e-5)
     g, g_ref = to_numpy(fast.grad).astype(np.float64), to_numpy(ref.grad).astype(np.float64)
     np.testing.assert_allclose(g, g_ref, rtol=1e-2, atol=1e-2 * np.abs(g_ref).max())
+
+
+def test_auto_takes_the_kernels_when_switched_on(cp, monkeypatch):
+    rng = np.random.default_rng(8)
+    z = cp.asarray(make_logits(rng, (8, 2000), dtype=np.float32))
+    p = cp.asarray(peaked_probs(rng, (8, 2000)).astype(np.float32))
+    fused = lkref.lk_alpha(z, p, impl="fused")
+    monkeypatch.setenv("LKREF_CUPY_FUSED", "1")
+    auto = lkref.lk_alpha(z, p)
+    np.testing.assert_array_equal(to_numpy(auto.grad), to_numpy(fused.grad))
+    monkeypatch.setenv("LKREF_CUPY_FUSED", "0")
+    ref = lkref.lk_alpha(z, p, impl="reference")
+    np.testing.assert_array_equal(to_numpy(lkref.lk_alpha(z, p).grad), to_numpy(ref.grad))
