@@ -385,7 +385,9 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
 
     float64 logits return None (the caller runs the reference).  The value checks run inside
     the kernel (flags per row) and are raised after it; with draft_to_target, the target
-    entries outside the draft vocabulary are checked by separate array operations.
+    entries outside the draft vocabulary are checked by two reductions (min, max).  Extra
+    memory is O(N) (row statistics, weights) for float32 targets; a target in another dtype
+    is first converted to float32 (an N x V copy).
     """
     cp = sys.modules["cupy"]
     z = as_array(draft_logits, "draft_logits")
@@ -412,10 +414,11 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     Vt = p.shape[-1]
     z2 = cp.ascontiguousarray(z.reshape(N, V))
     p2 = cp.ascontiguousarray(p.reshape(N, Vt).astype(cp.float32, copy=False))
-    if idx is not None:                                # entries the kernel does not read
-        if not bool(cp.isfinite(p2).all()):
+    if idx is not None and p2.size:                    # entries the kernel does not read
+        lo, hi = float(p2.min()), float(p2.max())      # reductions: no N x V temporary
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # a NaN shows in both, an inf in one
             raise ValueError("target_probs contains non-finite values (NaN or inf)")
-        if not bool((p2 >= 0).all()):
+        if lo < 0:
             raise ValueError("target_probs contains negative probabilities")
     if out is None:
         out = cp.empty(z.shape, z.dtype)

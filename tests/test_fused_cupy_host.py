@@ -208,6 +208,17 @@ def test_input_flags(numpy_as_cupy, bad, match):
         run("lk_alpha", z, p)
 
 
+@pytest.mark.parametrize("bad, match", [(np.nan, "non-finite"), (np.inf, "non-finite"), (-0.1, "negative")])
+def test_input_flags_outside_the_draft_vocabulary(numpy_as_cupy, bad, match):
+    """With draft_to_target the kernel reads only the mapped columns; the others are checked too."""
+    rng = np.random.default_rng(6)
+    z = make_logits(rng, (4, 10), dtype=np.float32)
+    p = make_probs(rng, (4, 12), dtype=np.float32)
+    p[1, 11] = bad                                       # column 11 is not in the map
+    with pytest.raises(ValueError, match=match):
+        run("kl", z, p, draft_to_target=np.arange(10))
+
+
 def test_float64_stays_on_the_reference(numpy_as_cupy):
     assert run("kl", np.zeros((2, 3)), np.full((2, 3), 1 / 3)) is None
 
