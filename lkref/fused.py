@@ -153,17 +153,21 @@ def _rows(pb: _Problem, buf: _Buffers, a, b, errors, check=True):
     return zc, pc, pc_kl, mx
 
 
-def _softmax_into(g, zc, T, mx=None):
-    """g = q = exp((z - max z) / T) * (1 / sum), the same operations as losses.softmax_parts."""
+def _softmax_into(g, zc, T, mx=None, weights=None):
+    """g = q = exp((z - max z) / T) * (1 / sum), the same operations as losses.softmax_parts.
+
+    Returns (max z, sum, weights . x per row) with x = (z - max z) / T; the last is None
+    without weights."""
     if mx is None:
         mx = zc.max(axis=1, keepdims=True)
     np.subtract(zc, mx, out=g)
     if T != 1.0:
         np.divide(g, T, out=g)
+    wx = None if weights is None else _rowdot(weights, g)
     np.exp(g, out=g)
     s = g.sum(axis=1, keepdims=True)
     np.multiply(g, 1 / s, out=g)
-    return mx, s
+    return mx, s, wx
 
 
 def _rowdot(a, b):
@@ -183,13 +187,12 @@ def _pass1(pb: _Problem, buf: _Buffers, a, b, errors):
     n = b - a
     g = pb.out[a:b] if pb.direct else buf.g[:n]
     t = buf.t[:n]
+    # KL: sum_v p log q = sum_v p x - log s sum_v p, with x = (z - max z) / T <= 0 taken before
+    # the exp (sum p z - max z sum p would cancel digits of the size of the logits)
+    mx, s, px = _softmax_into(g, zc, pb.T, mx, weights=pc_kl if pb.need_kl else None)
     if pb.need_kl:
-        # sum_v p log q = sum_v p x - log s sum_v p, x = (z - max z) / T; z is read before g is written
         psum_kl = pc_kl @ buf.ones
-        pz = _rowdot(pc_kl, zc)
-    mx, s = _softmax_into(g, zc, pb.T, mx)
-    if pb.need_kl:
-        p_logq = (pz - mx[:, 0] * psum_kl) / pb.T - np.log(s[:, 0]) * psum_kl
+        p_logq = px - np.log(s[:, 0]) * psum_kl
         np.maximum(pc_kl, np.finfo(pb.wd).tiny, out=t)
         np.log(t, out=t)
         pb.kl[a:b] = _rowdot(pc_kl, t) - p_logq      # 0 log tiny = 0 where p = 0
@@ -313,7 +316,7 @@ def numpy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, 
                 chunk = (pc, pc_kl, pb.out[a:b])
             else:                                   # q lived in a buffer: form it again
                 zc, pc, pc_kl, _ = _rows(pb, buf, a, b, errors, check=False)
-                _softmax_into(buf.g[:b - a], zc, pb.T)
+                _softmax_into(buf.g[:b - a], zc, pb.T)          # q again; the sums are known
                 chunk = (pc, pc_kl, buf.g[:b - a])
             _pass2(pb, buf, a, b, chunk, d[a:b], lam_v, mask_valid=False)
         _run(pb, threads, second)
