@@ -11,6 +11,7 @@ import lkref
 from lkref import fused
 from lkref import losses as L
 
+from .bounds import grad_terms, kl_terms
 from .strategies import make_logits, make_probs
 
 REDUCED = ["kl", "tv", "lk_alpha", "lk_lambda"]
@@ -22,34 +23,6 @@ def both(name, z, p, **kw):
     ref = lkref.LOSSES[name](z, p, impl="reference", **kw)
     fast = lkref.LOSSES[name](z, p, impl="fused", **kw)
     return ref, fast
-
-
-def kl_terms(z, p, T=1.0, draft_to_target=None):
-    """The largest row sum of |p log p| + |p log q| (float64): KL is the difference of two such
-    sums, so float rounding can leave an absolute error of a few eps times this, whichever way
-    it is summed, even where KL itself is 0 (q == p)."""
-    z, p = np.asarray(z, np.float64), np.asarray(p, np.float64)
-    if draft_to_target is not None:
-        p = p[:, draft_to_target]
-        mass = p.sum(-1, keepdims=True)
-        p = p / np.where(mass > 0, mass, 1)
-    logq = L.log_softmax(z, T)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(p > 0, p * (np.abs(np.log(p)) + np.abs(logq)), 0)
-    return float(terms.sum(-1).max()) if terms.size else 0.0
-
-
-def grad_terms(name, ref, mask, T):
-    """The largest size of the terms a gradient element is a difference of: q and p (both <= 1)
-    times the row's weight d / T (and 1 / alpha for LK^alpha).  Where q ~ p the gradient
-    cancels to a few eps times this, whichever way it is computed."""
-    n = ref.alpha.size
-    w = np.ones(n) if mask is None else np.asarray(mask, np.float64).reshape(n)
-    d = w / w.sum() if w.sum() > 0 else w
-    if name == "lk_alpha":
-        alpha = np.asarray(ref.alpha, np.float64).reshape(n)
-        d = np.where(alpha > 0, d / np.where(alpha > 0, alpha, 1), 0)
-    return float(d.max()) / T if n else 0.0
 
 
 def assert_same(ref, fast, dtype, loss_scale=0.0, grad_scale=0.0):

@@ -18,11 +18,14 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lkref
 from lkref import fused_cupy
 
 from . import simt_cpu
+from .bounds import grad_terms, kl_terms
 from .strategies import make_logits, make_probs
 
 REDUCED = sorted(lkref.LOSSES)
@@ -368,3 +371,37 @@ def test_launch_shape_from_the_environment(monkeypatch):
     monkeypatch.setenv("LKREF_CUPY_MIN_CLUSTER", "5")
     with pytest.raises(ValueError, match="LKREF_CUPY_MIN_CLUSTER"):
         fused_cupy._configure_from_environment()
+
+
+@settings(max_examples=30)
+@given(seed=st.integers(0, 2**32 - 1), name=st.sampled_from(REDUCED), N=st.integers(1, 4),
+       V=st.sampled_from([1, 2, 5, 63, 64, 65, 257, 700, 2049]), T=st.sampled_from([1.0, 0.5, 2.0]),
+       mask=st.sampled_from([None, "bool", "weights"]), d2t=st.booleans(), lam=st.sampled_from([None, 0.3]),
+       scale=st.sampled_from([0.1, 3.0, 30.0]))
+def test_simt_kernel_matches_reference_property(simt, monkeypatch, seed, name, N, V, T, mask, d2t, lam, scale):
+    """Random problems through the kernel's own source (small blocks: one block, clusters of
+    2-8 and streaming, by V), against the float64 reference, within float32 rounding of the
+    size of the terms (the bounds of tests/test_fused.py)."""
+    small_blocks(monkeypatch)
+    rng = np.random.default_rng(seed)
+    z = make_logits(rng, (N, V), scale=scale, dtype=np.float32)
+    Vt = V + 3 if d2t else V
+    p = make_probs(rng, (N, Vt), zero_frac=0.4, dtype=np.float32)
+    kw = {"temperature": T}
+    if mask == "bool":
+        kw["mask"] = rng.random(N) < 0.7
+    elif mask == "weights":
+        kw["mask"] = (rng.random(N) * 2).astype(np.float32)
+    if d2t:
+        kw["draft_to_target"] = rng.permutation(Vt)[:V]
+    if name == "lk_lambda" and lam is not None:
+        kw["lam"] = lam
+    fast = run(name, z, p, **kw)
+    ref = reference(name, z, p, **kw)
+    eps = np.finfo(np.float32).eps
+    loss_scale = (kl_terms(z, p, T, kw.get("draft_to_target")) if name in ("kl", "lk_lambda") else 0.0) \
+        + (1.0 if name != "kl" else 0.0) + abs(float(ref.loss))
+    g_scale = grad_terms(name, ref, kw.get("mask"), T)
+    np.testing.assert_allclose(fast.grad.astype(np.float64), ref.grad, rtol=2e-5, atol=8 * eps * g_scale + 1e-30)
+    np.testing.assert_allclose(float(fast.loss), float(ref.loss), rtol=0, atol=8 * eps * loss_scale + 1e-30)
+    np.testing.assert_allclose(fast.alpha.astype(np.float64), ref.alpha, rtol=2e-5, atol=8 * eps)
