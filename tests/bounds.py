@@ -14,14 +14,16 @@ def kl_terms(z, p, T=1.0, draft_to_target=None):
     sums, so float rounding can leave an absolute error of a few eps times this, whichever way
     it is summed, even where KL itself is 0 (q == p)."""
     z, p = np.asarray(z, np.float64), np.asarray(p, np.float64)
-    if draft_to_target is not None:
-        p = p[:, draft_to_target]
-        mass = p.sum(-1, keepdims=True)
+    renorm = 0.0
+    if draft_to_target is not None:            # p renormalised on the draft vocabulary: a path
+        p = p[:, draft_to_target]              # that sums first and divides after (the CuPy
+        mass = p.sum(-1, keepdims=True)        # kernel) also cancels terms of size |log mass|
         p = p / np.where(mass > 0, mass, 1)
+        renorm = float(np.abs(np.log(mass[mass > 0])).max()) if np.any(mass > 0) else 0.0
     logq = L.log_softmax(z, T)
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p > 0, p * (np.abs(np.log(p)) + np.abs(logq)), 0)
-    return float(terms.sum(-1).max()) if terms.size else 0.0
+    return (float(terms.sum(-1).max()) if terms.size else 0.0) + renorm
 
 
 def grad_terms(name, ref, mask, T):
