@@ -69,6 +69,9 @@ def machine_name(backend: str) -> str:
 
 
 def git_sha() -> str:
+    """The checkout's short sha; LKREF_GIT_SHA where the copy has no .git (a device machine)."""
+    if os.environ.get("LKREF_GIT_SHA"):
+        return os.environ["LKREF_GIT_SHA"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,

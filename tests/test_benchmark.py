@@ -176,3 +176,10 @@ def test_the_gpu_branch_of_the_bench_runs(monkeypatch, tmp_path):
     assert "Fake GPU" in lines[0] and fused_cupy.THREADS == 512
     benchmark.write_csv(rows, str(tmp_path / "g.csv"), ["cupy"])
     assert "Fake GPU" in (tmp_path / "g.csv").read_text()
+
+
+def test_git_sha_from_the_environment(monkeypatch):
+    monkeypatch.setenv("LKREF_GIT_SHA", "abc1234")
+    assert benchmark.git_sha() == "abc1234"
+    monkeypatch.delenv("LKREF_GIT_SHA")
+    assert benchmark.git_sha() != "abc1234"
