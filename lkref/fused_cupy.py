@@ -360,13 +360,31 @@ def _kernel(in_dtype, out_dtype, items, cluster):
     key = (str(in_dtype), str(out_dtype), items, cluster, THREADS)
     if key not in _cache:
         src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype))
-        _cache[key] = cp.RawKernel(src, "lk_rows", options=_compile_options(cp))
+        _cache[key] = _build(cp, src)
     return _cache[key]
 
 
+def _build(cp, src):
+    """Compile now (not at the first launch), with CuPy's own include paths; if the headers
+    are not found that way, again with the toolkit's include folders named."""
+    kern = cp.RawKernel(src, "lk_rows", options=("-std=c++17",))
+    try:
+        kern.compile()
+    except cp.cuda.compiler.CompileException as first:
+        options = _compile_options(cp)
+        if len(options) == 1:
+            raise
+        kern = cp.RawKernel(src, "lk_rows", options=options)
+        try:
+            kern.compile()
+        except cp.cuda.compiler.CompileException:
+            raise first from None
+    return kern
+
+
 def _compile_options(cp):
-    """NVRTC options: C++17, and the toolkit's include folders (cuda_fp16.h, cooperative_groups.h
-    and, on CUDA 13, the CCCL headers they pull in) in case CuPy does not pass them itself."""
+    """NVRTC options with the toolkit's include folders (cuda_fp16.h, cooperative_groups.h and,
+    on CUDA 13, the CCCL headers they pull in), for a CuPy that does not pass them itself."""
     options = ["-std=c++17"]
     try:
         root = cp.cuda.get_cuda_path()

@@ -236,6 +236,32 @@ def test_compile_options_name_the_toolkit_headers(tmp_path):
     assert fused_cupy._compile_options(fake) == ("-std=c++17",)
 
 
+def test_build_retries_with_the_toolkit_headers(tmp_path):
+    """A CuPy whose NVRTC does not find cuda_fp16.h gets the toolkit's include folders."""
+    import types
+    (tmp_path / "include").mkdir()
+
+    class CompileException(Exception):
+        pass
+    built = []
+
+    class RawKernel:
+        def __init__(self, src, name, options):
+            self.options = options
+            built.append(options)
+
+        def compile(self):
+            if not any(o.startswith("-I") for o in self.options):
+                raise CompileException("cannot open source file cuda_fp16.h")
+    fake = types.SimpleNamespace(RawKernel=RawKernel, cuda=types.SimpleNamespace(
+        get_cuda_path=lambda: str(tmp_path), compiler=types.SimpleNamespace(CompileException=CompileException)))
+    kern = fused_cupy._build(fake, "src")
+    assert kern.options == ("-std=c++17", f"-I{tmp_path}/include") and len(built) == 2
+    fake.cuda.get_cuda_path = lambda: None                  # nowhere else to look: the first error
+    with pytest.raises(CompileException, match="cuda_fp16"):
+        fused_cupy._build(fake, "src")
+
+
 def test_plan_covers_every_vocabulary():
     assert fused_cupy.plan(7) == (1, 1)
     assert fused_cupy.plan(32_000) == (63, 1)
