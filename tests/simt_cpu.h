@@ -57,8 +57,11 @@ struct State {
     unsigned block_base = 0, threads = 0;
     std::function<void()> body;
     std::string error;
+    long reads[2] = {0, 0};                   // global reads counted by the harness's rewrite
 };
 static State S;
+
+template <class T> inline T counted(int which, T value) { S.reads[which]++; return value; }
 
 inline void make_ready(unsigned i) {
     Fiber& f = S.fibers[i];
@@ -138,6 +141,7 @@ inline int run(unsigned grid, unsigned threads, unsigned cluster, unsigned seed,
     S.body = std::move(body);
     S.threads = threads;
     S.error.clear();
+    S.reads[0] = S.reads[1] = 0;
     if (threads == 0 || threads % 32 || cluster == 0 || grid % cluster) {
         S.error = "launch: threads must be a positive multiple of 32 and grid a multiple of the cluster size";
         return 1;

@@ -29,6 +29,8 @@ GUARD = 256                                  # elements of guard zone on each si
 _LK_ROWS_ARGS = "const in_t* z, const float* p, out_t* g, const float* d, float* stats, const int* idx, " \
                 "int has_idx, int V, int Vt, float T, float lam, int mode, int phase"
 _LK_ROWS_OUTPUTS = (2, 4)                      # g and stats are written
+# lk_rows reads the logits only through to_f(zr[v]) and the target only through target(...)
+COUNTED = (r"to_f\(zr\[v\]\)", r"target\(pr, idx, has_idx, v\)")
 _built: dict = {}
 
 
@@ -45,12 +47,15 @@ def cpu_source(cuda_source: str, kernel: str, params: str) -> str:
     src = re.sub(r"__shared__\s+(\w+)\s+(\w+)\s*;", r'\1& \2 = *emu::shared<\1>("\2", 1);', src)
     if "__shared__" in src:
         raise ValueError("a __shared__ declaration the rewrite does not handle")
+    for which, pattern in enumerate(COUNTED):          # count the global reads of z and of p
+        src = re.sub(pattern, lambda m: f"emu::counted({which}, {m.group(0)})", src)
     names = [p.strip().split()[-1].lstrip("*") for p in params.split(",")]
     launcher = (f'\nextern "C" int launch(unsigned grid, unsigned threads, unsigned seed, {params}) {{\n'
                 f"    if (threads != THREADS) return 2;\n"
                 f"    return emu::run(grid, threads, CLUSTER, seed, [=] {{ {kernel}({', '.join(names)}); }});\n"
                 f"}}\n"
-                f'extern "C" const char* last_error() {{ return emu::S.error.c_str(); }}\n')
+                f'extern "C" const char* last_error() {{ return emu::S.error.c_str(); }}\n'
+                f'extern "C" long reads(int which) {{ return emu::S.reads[which]; }}\n')
     return f'#include "{HEADER}"\n' + src + launcher
 
 
@@ -72,6 +77,7 @@ def build(cuda_source: str, kernel: str = "lk_rows", params: str = _LK_ROWS_ARGS
             raise RuntimeError("the kernel did not build for the CPU:\n" + r.stderr[-4000:])
         dll = ctypes.CDLL(str(lib))
         dll.last_error.restype = ctypes.c_char_p
+        dll.reads.restype = ctypes.c_long
         _built[key] = dll
     return _built[key]
 
@@ -94,6 +100,7 @@ class CpuKernel:
         self.seeds = seeds
         self.outputs = outputs
         self.launches = 0
+        self.reads = []                          # per launch: (logit reads, target reads)
 
     def __call__(self, grid, block, args):
         self.launches += 1
@@ -119,6 +126,8 @@ class CpuKernel:
                 if not sentinel:
                     raise AssertionError("the kernel wrote outside an array")
             results.append([bufs[i][GUARD:-GUARD].copy() for i in self.outputs])
+            if seed == self.seeds[0]:
+                self.reads.append((self.dll.reads(0), self.dll.reads(1)))
         for other in results[1:]:
             for a, b in zip(results[0], other):
                 if not np.array_equal(a.view(np.uint8), b.view(np.uint8)):

@@ -431,3 +431,26 @@ def test_simt_kernel_matches_reference_property(simt, monkeypatch, seed, name, N
     np.testing.assert_allclose(fast.grad.astype(np.float64), ref.grad, rtol=2e-5, atol=8 * eps * g_scale + 1e-30)
     np.testing.assert_allclose(float(fast.loss), float(ref.loss), rtol=0, atol=8 * eps * loss_scale + 1e-30)
     np.testing.assert_allclose(fast.alpha.astype(np.float64), ref.alpha, rtol=2e-5, atol=8 * eps)
+
+
+@pytest.mark.parametrize("V, name, kw, want", [
+    (1000, "lk_alpha", {}, [(1, 2)]),                      # a cluster of 4, registers: z once, p twice
+    (40, "lk_lambda", {"lam": 0.3}, [(1, 2)]),              # a given lambda: one pass
+    (40, "lk_lambda", {}, [(1, 1), (1, 1)]),                # lambda from the batch: stats, then gradient
+    (3000, "tv", {}, [(4, 2)]),                             # streaming: z for max, sum, stats, gradient
+])
+def test_simt_global_reads_per_element(simt, monkeypatch, V, name, kw, want):
+    """How often the kernel reads each logit and each target entry, counted on the stand-in:
+    the memory traffic the bandwidth goals assume (the logits once where the row fits in registers)."""
+    small_blocks(monkeypatch)
+    kernels = []
+
+    def recording(*a):
+        kernels.append(simt_kernel(*a))
+        return kernels[-1]
+    monkeypatch.setattr(fused_cupy, "_kernel", recording)
+    N = 3
+    rng = np.random.default_rng(12)
+    run(name, make_logits(rng, (N, V), dtype=np.float32), make_probs(rng, (N, V), dtype=np.float32), **kw)
+    reads = [r for k in kernels for r in k.reads]
+    assert [(z / (N * V), p / (N * V)) for z, p in reads] == want
