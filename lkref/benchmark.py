@@ -162,22 +162,24 @@ def _entries(xp, backend, fn, loss, z, p, out, N, V):
         if loss == "lk_lambda":
             entries.append(("lkref fused lam=", lambda: fn(z, p, impl="fused", lam=0.5), True))
         if loss == "lk_alpha":                     # launch shapes to tune the defaults with
-            for threads, blocks in TUNING_SHAPES:
-                entries.append((f"fused {threads}t>={blocks}b", _shaped(fn, z, p, out, threads, blocks), False))
+            for threads, blocks, cache in TUNING_SHAPES:
+                label = f"fused {threads}t>={blocks}b" + ("" if cache else " nocache")
+                entries.append((label, _shaped(fn, z, p, out, threads, blocks, cache), False))
     if N * V <= 512 * 32_000 or backend == "cupy":
         entries.append(("lkref reference", lambda: fn(z, p, impl="reference"), True))
     return entries
 
 
-#: (threads per block, fewest blocks per row) tried for LK^alpha on CuPy, beside the default 512 / 1
-TUNING_SHAPES = [(256, 1), (1024, 1), (512, 2), (1024, 2)]
+#: (threads per block, fewest blocks per row, target cache) tried for LK^alpha on CuPy, beside the
+#: default (512, 1, True)
+TUNING_SHAPES = [(512, 1, False), (256, 1, True), (1024, 1, True), (512, 2, True), (1024, 2, True)]
 
 
-def _shaped(fn, z, p, out, threads, blocks):
+def _shaped(fn, z, p, out, threads, blocks, cache):
     from . import fused_cupy
 
     def call():
-        with fused_cupy.configured(threads=threads, min_cluster=blocks):
+        with fused_cupy.configured(threads=threads, min_cluster=blocks, cache_target=cache):
             return fn(z, p, impl="fused", out=out)
     return call
 
@@ -305,10 +307,10 @@ def _print_block(say, rows):
     r0 = rows[0]
     say(f"  {r0.loss}  N = {r0.N}  V = {r0.V}   (bandwidth limit {r0.limit_ms:.2f} ms)")
     base = "x naive" if r0.backend == "numpy" else "x ref"
-    say(f"    {'implementation':18s} {'p20':>8s} {'p50':>8s} {'p80':>8s} {'GB/s':>7s} {'%copy':>6s} "
+    say(f"    {'implementation':24s} {'p20':>8s} {'p50':>8s} {'p80':>8s} {'GB/s':>7s} {'%copy':>6s} "
         f"{base:>8s} {'extra MiB':>10s} {'max rel err':>12s}")
     for r in rows:
-        say(f"    {r.impl:18s} {r.p20_ms:8.2f} {r.p50_ms:8.2f} {r.p80_ms:8.2f} {r.gbps:7.1f} {r.pct_copy_bw:6.1f} "
+        say(f"    {r.impl:24s} {r.p20_ms:8.2f} {r.p50_ms:8.2f} {r.p80_ms:8.2f} {r.gbps:7.1f} {r.pct_copy_bw:6.1f} "
             f"{r.vs_baseline:8.2f} {r.peak_extra_mib:10.1f} {r.max_rel_err:12.2e}")
 
 

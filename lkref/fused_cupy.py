@@ -36,6 +36,10 @@ from .validation import TARGET_SUM_ATOL, as_array, check_index_map, check_mask, 
 THREADS = 512
 MAX_ITEMS = 64
 MIN_CLUSTER = 1
+#: Keep each block's share of the target row in shared memory (items x THREADS floats, up to
+#: 128 KiB) between the statistics and the gradient, so that a one-pass launch reads the
+#: target once from memory instead of counting on L2 for the second read.
+CACHE_TARGET = True
 _ROW_FLOATS_PER_BLOCK = 32_768
 MODES = {"kl": 0, "tv": 1, "lk_alpha": 2, "lk_lambda": 3}
 ALPHA_FLOOR = 1e-30
@@ -49,6 +53,7 @@ _SOURCE = r"""
 #define THREADS __THREADS__
 #define ITEMS __ITEMS__
 #define CLUSTER __CLUSTER__                           // blocks per row (a Hopper thread-block cluster)
+#define PCACHE __PCACHE__                             // 1: target entries kept in shared memory between phases
 #if CLUSTER > 1
 #include <cooperative_groups.h>
 namespace cg = cooperative_groups;
@@ -160,6 +165,9 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
 #if ITEMS > 0
     float xr[ITEMS];
 #endif
+#if ITEMS > 0 && PCACHE
+    extern __shared__ float p_cache[];                // ITEMS * THREADS floats: each thread's own entries
+#endif
     float m, s;
     int flags = 0;
     if (phase != 2) {
@@ -229,6 +237,9 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
                 xr[i] = q;                               // registers hold q from here on
 #endif
                 float pv = target(pr, idx, has_idx, v);
+#if ITEMS > 0 && PCACHE
+                p_cache[i * THREADS + threadIdx.x] = pv;  // read back by this thread only: no barrier
+#endif
                 acc[0] += fminf(q, pv);
                 acc[1] += q < pv ? q : 0.f;
                 acc[2] += pv;
@@ -274,7 +285,11 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
         {
             float q = expf((to_f(zr[v]) - m) / T) * inv;
 #endif
+#if ITEMS > 0 && PCACHE
+            float pv = phase == 0 ? p_cache[i * THREADS + threadIdx.x] : target(pr, idx, has_idx, v);
+#else
             float pv = target(pr, idx, has_idx, v);
+#endif
             float gv = 0.f;
             if (c_tv != 0.f) gv = q < pv ? (q * c_tv) * (S - 1.f) : q * (S * c_tv);
             if (c_kl != 0.f) gv += c_kl * (q * psum_kl - pv * kls);
@@ -287,25 +302,30 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
 _cache: dict = {}
 
 
-def plan(V: int):
+def plan(V: int, clusters: bool = True):
     """(items, cluster) for a row of V logits: items per thread held in registers and blocks per
     row.  Rows up to THREADS * MAX_ITEMS fit one block; up to 8 times that, a cluster of 2, 4 or 8
     blocks shares the row; beyond, the blocks stream the row from memory (items = 0).  No
-    cluster is smaller than MIN_CLUSTER."""
+    cluster is smaller than MIN_CLUSTER.  clusters=False (GPUs before Hopper): one block per
+    row, streaming beyond THREADS * MAX_ITEMS."""
     per_thread = -(-V // THREADS)
-    for cluster in (1, 2, 4, 8):
+    for cluster in ((1, 2, 4, 8) if clusters else (1,)):
         if cluster >= MIN_CLUSTER and per_thread <= MAX_ITEMS * cluster:
             return -(-V // (THREADS * cluster)), cluster
     return 0, 1
 
 
 @contextmanager
-def configured(threads=None, min_cluster=None):
-    """Run the kernels with another block size or more blocks per row (for tuning):
-    threads in 64, 128, ..., 1024; min_cluster in 1, 2, 4, 8."""
-    global THREADS, MAX_ITEMS, MIN_CLUSTER
-    old = THREADS, MAX_ITEMS, MIN_CLUSTER
+def configured(threads=None, min_cluster=None, cache_target=None):
+    """Run the kernels with another block size or more blocks per row, or without the target
+    cache (for tuning): threads in 64, 128, ..., 1024; min_cluster in 1, 2, 4, 8."""
+    global THREADS, MAX_ITEMS, MIN_CLUSTER, CACHE_TARGET
+    old = THREADS, MAX_ITEMS, MIN_CLUSTER, CACHE_TARGET
     try:
+        if cache_target is not None:
+            if not isinstance(cache_target, (bool, np.bool_)):
+                raise TypeError(f"cache_target must be True or False, got {cache_target!r}")
+            CACHE_TARGET = bool(cache_target)
         if threads is not None:
             THREADS = _check_choice(threads, "threads", (64, 128, 256, 512, 1024))
             MAX_ITEMS = _ROW_FLOATS_PER_BLOCK // THREADS
@@ -313,7 +333,7 @@ def configured(threads=None, min_cluster=None):
             MIN_CLUSTER = _check_choice(min_cluster, "min_cluster", (1, 2, 4, 8))
         yield
     finally:
-        THREADS, MAX_ITEMS, MIN_CLUSTER = old
+        THREADS, MAX_ITEMS, MIN_CLUSTER, CACHE_TARGET = old
 
 
 def _check_choice(value, name, choices):
@@ -327,7 +347,12 @@ def _check_choice(value, name, choices):
 
 
 def _configure_from_environment():
-    global THREADS, MAX_ITEMS, MIN_CLUSTER
+    global THREADS, MAX_ITEMS, MIN_CLUSTER, CACHE_TARGET
+    if os.environ.get("LKREF_CUPY_CACHE_TARGET"):
+        flag = os.environ["LKREF_CUPY_CACHE_TARGET"].strip()
+        if flag not in ("0", "1"):
+            raise ValueError(f"LKREF_CUPY_CACHE_TARGET must be 0 or 1, got {flag!r}")
+        CACHE_TARGET = flag == "1"
     if os.environ.get("LKREF_CUPY_THREADS"):
         THREADS = _check_choice(os.environ["LKREF_CUPY_THREADS"], "LKREF_CUPY_THREADS", (64, 128, 256, 512, 1024))
         MAX_ITEMS = _ROW_FLOATS_PER_BLOCK // THREADS
@@ -338,9 +363,12 @@ def _configure_from_environment():
 _configure_from_environment()
 
 
-def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "float") -> str:
-    """The CUDA source for one (items, cluster, input type, output type)."""
+def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "float", cache_target=None) -> str:
+    """The CUDA source for one (items, cluster, input type, output type); cache_target (default
+    CACHE_TARGET) keeps the target entries in shared memory between the phases of a launch."""
+    pcache = int(bool(CACHE_TARGET if cache_target is None else cache_target) and items > 0)
     return (_SOURCE.replace("__THREADS__", str(THREADS)).replace("__ITEMS__", str(items))
+            .replace("__PCACHE__", str(pcache))
             .replace("__CLUSTER__", str(cluster)).replace("__IN_T__", in_t).replace("__OUT_T__", out_t)
             .replace("__ALPHA_FLOOR__", f"{ALPHA_FLOOR:e}f"))
 
@@ -357,11 +385,27 @@ def _ctype(dt):
 
 def _kernel(in_dtype, out_dtype, items, cluster):
     cp = sys.modules["cupy"]
-    key = (str(in_dtype), str(out_dtype), items, cluster, THREADS)
+    key = (str(in_dtype), str(out_dtype), items, cluster, THREADS, CACHE_TARGET)
     if key not in _cache:
-        src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype))
-        _cache[key] = _build(cp, src)
+        cache = CACHE_TARGET and items > 0
+        kern = _build(cp, kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), cache))
+        smem = 4 * items * THREADS if cache else 0
+        if smem > 48 * 1024:                           # beyond the default, opt in per kernel
+            try:
+                kern.max_dynamic_shared_size_bytes = smem
+            except Exception:                           # a GPU with less shared memory: no cache
+                kern = _build(cp, kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), False))
+                smem = 0
+        _cache[key] = (kern, smem)
     return _cache[key]
+
+
+def _has_clusters(cp) -> bool:
+    """Thread-block clusters need compute capability 9.0 (Hopper) or later."""
+    try:
+        return int(cp.cuda.Device().compute_capability) >= 90
+    except Exception:
+        return False
 
 
 def _build(cp, src):
@@ -442,15 +486,15 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
         out = cp.empty(z.shape, z.dtype)
     g2 = out.reshape(N, V)
     w = cp.ones(N, cp.float32) if mask is None else mask.reshape(N).astype(cp.float32)
-    items, cluster = plan(V)
-    kern = _kernel(z.dtype, out.dtype, items, cluster)
+    items, cluster = plan(V, clusters=_has_clusters(cp))
+    kern, smem = _kernel(z.dtype, out.dtype, items, cluster)
     stats = cp.zeros((N, 8), cp.float32)
     idx_arg = idx if idx is not None else cp.zeros(1, cp.int32)
 
     def launch(phase, d, lam_v):
         kern((N * cluster,), (THREADS,), (z2, p2, g2, d, stats, idx_arg, np.int32(idx is not None), np.int32(V),
                                 np.int32(Vt), np.float32(T), np.float32(lam_v), np.int32(MODES[name]),
-                                np.int32(phase)))
+                                np.int32(phase)), shared_mem=smem)
 
     two_pass = (name == "lk_lambda" and lam is None) or idx is not None or reduce is not None
     lam_v = float(lam) if lam is not None else 0.0

@@ -58,6 +58,7 @@ struct State {
     std::function<void()> body;
     std::string error;
     long reads[2] = {0, 0};                   // global reads counted by the harness's rewrite
+    size_t dynamic_smem = 0;                  // bytes of extern __shared__ memory per block
 };
 static State S;
 

@@ -45,13 +45,17 @@ def cpu_source(cuda_source: str, kernel: str, params: str) -> str:
     src = re.sub(r"__shared__\s+(\w+)\s+(\w+)\s*\[([^\]]+)\]\s*;",
                  r'\1* \2 = emu::shared<\1>("\2", \3);', src)
     src = re.sub(r"__shared__\s+(\w+)\s+(\w+)\s*;", r'\1& \2 = *emu::shared<\1>("\2", 1);', src)
+    src = re.sub(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;",     # dynamic: the launch's size
+                 r'\1* \2 = emu::shared<\1>("\2", emu::S.dynamic_smem / sizeof(\1));', src)
     if "__shared__" in src:
         raise ValueError("a __shared__ declaration the rewrite does not handle")
     for which, pattern in enumerate(COUNTED):          # count the global reads of z and of p
         src = re.sub(pattern, lambda m: f"emu::counted({which}, {m.group(0)})", src)
     names = [p.strip().split()[-1].lstrip("*") for p in params.split(",")]
-    launcher = (f'\nextern "C" int launch(unsigned grid, unsigned threads, unsigned seed, {params}) {{\n'
+    launcher = (f'\nextern "C" int launch(unsigned grid, unsigned threads, unsigned seed, unsigned long smem, '
+                f'{params}) {{\n'
                 f"    if (threads != THREADS) return 2;\n"
+                f"    emu::S.dynamic_smem = smem;\n"
                 f"    return emu::run(grid, threads, CLUSTER, seed, [=] {{ {kernel}({', '.join(names)}); }});\n"
                 f"}}\n"
                 f'extern "C" const char* last_error() {{ return emu::S.error.c_str(); }}\n'
@@ -102,7 +106,7 @@ class CpuKernel:
         self.launches = 0
         self.reads = []                          # per launch: (logit reads, target reads)
 
-    def __call__(self, grid, block, args):
+    def __call__(self, grid, block, args, shared_mem=0):
         self.launches += 1
         results = []
         for seed in self.seeds:
@@ -116,7 +120,8 @@ class CpuKernel:
                     cargs.append(ctypes.c_float(float(a)))
                 else:
                     cargs.append(ctypes.c_int(int(a)))
-            rc = self.dll.launch(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), ctypes.c_uint(seed), *cargs)
+            rc = self.dll.launch(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), ctypes.c_uint(seed),
+                                 ctypes.c_ulong(shared_mem), *cargs)
             if rc != 0:
                 raise AssertionError("kernel failed on the CPU: " + (self.dll.last_error().decode() or f"rc {rc}"))
             for buf in bufs:

@@ -31,7 +31,7 @@ from .strategies import make_logits, make_probs
 REDUCED = sorted(lkref.LOSSES)
 
 
-def kernel_on_the_cpu(grid, block, args):
+def kernel_on_the_cpu(grid, block, args, shared_mem=0):
     """lk_rows, transcribed: each row is one block."""
     z2, p2, g2, d, stats, idx, has_idx, V, Vt, T, lam, mode, phase = args
     T, lam, mode, phase = float(T), float(lam), int(mode), int(phase)
@@ -77,7 +77,8 @@ def kernel_on_the_cpu(grid, block, args):
 def simt_kernel(in_dtype, out_dtype, items, cluster):
     """The kernel's CUDA source built for the CPU (tests/simt_cpu.py); replaces fused_cupy._kernel."""
     src = fused_cupy.kernel_source(items, cluster, fused_cupy._ctype(in_dtype), fused_cupy._ctype(out_dtype))
-    return simt_cpu.CpuKernel(src)
+    cache = fused_cupy.CACHE_TARGET and items > 0
+    return simt_cpu.CpuKernel(src), 4 * items * fused_cupy.THREADS if cache else 0
 
 
 needs_cxx = pytest.mark.skipif(simt_cpu.compiler() is None, reason="no C++ compiler for the SIMT stand-in")
@@ -86,8 +87,9 @@ needs_cxx = pytest.mark.skipif(simt_cpu.compiler() is None, reason="no C++ compi
 @pytest.fixture(params=["transcription", pytest.param("simt", marks=needs_cxx)])
 def numpy_as_cupy(request, monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", np)
+    monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: True)          # a Hopper stand-in
     if request.param == "transcription":
-        monkeypatch.setattr(fused_cupy, "_kernel", lambda *a: kernel_on_the_cpu)
+        monkeypatch.setattr(fused_cupy, "_kernel", lambda *a: (kernel_on_the_cpu, 0))
     else:                        # small blocks keep the fibers few; the real size is tested below
         small_blocks(monkeypatch)
         monkeypatch.setattr(fused_cupy, "_kernel", simt_kernel)
@@ -105,6 +107,7 @@ def simt(monkeypatch):
     if simt_cpu.compiler() is None:
         pytest.skip("no C++ compiler for the SIMT stand-in")
     monkeypatch.setitem(sys.modules, "cupy", np)
+    monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: True)          # a Hopper stand-in
     monkeypatch.setattr(fused_cupy, "_kernel", simt_kernel)
 
 
@@ -262,11 +265,22 @@ def test_build_retries_with_the_toolkit_headers(tmp_path):
         fused_cupy._build(fake, "src")
 
 
+def test_clusters_only_from_hopper_on():
+    import types
+
+    def device(cc):
+        return types.SimpleNamespace(cuda=types.SimpleNamespace(Device=lambda: types.SimpleNamespace(compute_capability=cc)))
+    assert fused_cupy._has_clusters(device("90")) and fused_cupy._has_clusters(device("100"))
+    assert not fused_cupy._has_clusters(device("80")) and not fused_cupy._has_clusters(np)
+
+
 def test_plan_covers_every_vocabulary():
     assert fused_cupy.plan(7) == (1, 1)
     assert fused_cupy.plan(32_000) == (63, 1)
     assert fused_cupy.plan(128_256) == (63, 4)
     assert fused_cupy.plan(10**6) == (0, 1)
+    assert fused_cupy.plan(128_256, clusters=False) == (0, 1)          # before Hopper: stream the row
+    assert fused_cupy.plan(32_000, clusters=False) == (63, 1)
     for V in (1, 512, 32_768, 32_769, 50_257, 262_144, 262_145):
         items, cluster = fused_cupy.plan(V)
         assert items == 0 or items * fused_cupy.THREADS * cluster >= V
@@ -363,23 +377,25 @@ def test_simt_catches_planted_kernel_bugs(simt, monkeypatch, bug):
             run("lk_lambda", z, p)
 
 
-@pytest.mark.parametrize("threads, min_cluster, V", [(1024, 1, 5_000), (128, 1, 3_000), (64, 2, 40),
-                                                     (256, 8, 9_000)])
-def test_simt_other_launch_shapes(simt, threads, min_cluster, V):
+@pytest.mark.parametrize("threads, min_cluster, V, cache", [(1024, 1, 5_000, True), (128, 1, 3_000, True),
+                                                            (64, 2, 40, True), (256, 8, 9_000, True),
+                                                            (512, 2, 40_000, False), (512, 1, 7_000, False)])
+def test_simt_other_launch_shapes(simt, threads, min_cluster, V, cache):
     """The tuning shapes `configured` offers (bench tries them on a GPU) compute the same thing;
     with min_cluster = 2 at V = 40 the second block of each row has no columns at all."""
     rng = np.random.default_rng(threads + V)
     z = make_logits(rng, (3, V), dtype=np.float32)
     p = make_probs(rng, (3, V), dtype=np.float32)
-    with fused_cupy.configured(threads=threads, min_cluster=min_cluster):
+    with fused_cupy.configured(threads=threads, min_cluster=min_cluster, cache_target=cache):
         assert fused_cupy.plan(V)[1] >= min_cluster
         fast = run("lk_alpha", z, p, temperature=1.3)
     close(fast, reference("lk_alpha", z, p, temperature=1.3))
-    assert fused_cupy.THREADS == 512 and fused_cupy.MIN_CLUSTER == 1     # restored
+    assert fused_cupy.THREADS == 512 and fused_cupy.MIN_CLUSTER == 1 and fused_cupy.CACHE_TARGET   # restored
 
 
 @pytest.mark.parametrize("kw, error", [({"threads": 100}, ValueError), ({"threads": 2.0}, TypeError),
-                                       ({"min_cluster": 3}, ValueError), ({"min_cluster": "two"}, TypeError)])
+                                       ({"min_cluster": 3}, ValueError), ({"min_cluster": "two"}, TypeError),
+                                       ({"cache_target": "no"}, TypeError)])
 def test_configured_rejects_bad_shapes(kw, error):
     with pytest.raises(error, match=next(iter(kw))):
         with fused_cupy.configured(**kw):
@@ -388,12 +404,14 @@ def test_configured_rejects_bad_shapes(kw, error):
 
 
 def test_launch_shape_from_the_environment(monkeypatch):
-    for name in ("THREADS", "MAX_ITEMS", "MIN_CLUSTER"):
+    for name in ("THREADS", "MAX_ITEMS", "MIN_CLUSTER", "CACHE_TARGET"):
         monkeypatch.setattr(fused_cupy, name, getattr(fused_cupy, name))     # restored afterwards
     monkeypatch.setenv("LKREF_CUPY_THREADS", "256")
     monkeypatch.setenv("LKREF_CUPY_MIN_CLUSTER", "2")
+    monkeypatch.setenv("LKREF_CUPY_CACHE_TARGET", "0")
     fused_cupy._configure_from_environment()
-    assert (fused_cupy.THREADS, fused_cupy.MAX_ITEMS, fused_cupy.MIN_CLUSTER) == (256, 128, 2)
+    assert (fused_cupy.THREADS, fused_cupy.MAX_ITEMS, fused_cupy.MIN_CLUSTER, fused_cupy.CACHE_TARGET) == \
+        (256, 128, 2, False)
     monkeypatch.setenv("LKREF_CUPY_MIN_CLUSTER", "5")
     with pytest.raises(ValueError, match="LKREF_CUPY_MIN_CLUSTER"):
         fused_cupy._configure_from_environment()
@@ -433,13 +451,14 @@ def test_simt_kernel_matches_reference_property(simt, monkeypatch, seed, name, N
     np.testing.assert_allclose(fast.alpha.astype(np.float64), ref.alpha, rtol=2e-5, atol=8 * eps)
 
 
-@pytest.mark.parametrize("V, name, kw, want", [
-    (1000, "lk_alpha", {}, [(1, 2)]),                      # a cluster of 4, registers: z once, p twice
-    (40, "lk_lambda", {"lam": 0.3}, [(1, 2)]),              # a given lambda: one pass
-    (40, "lk_lambda", {}, [(1, 1), (1, 1)]),                # lambda from the batch: stats, then gradient
-    (3000, "tv", {}, [(4, 2)]),                             # streaming: z for max, sum, stats, gradient
+@pytest.mark.parametrize("V, name, kw, cache, want", [
+    (1000, "lk_alpha", {}, True, [(1, 1)]),                # a cluster of 4, registers + target cache: once each
+    (1000, "lk_alpha", {}, False, [(1, 2)]),               # without the cache the target is read twice
+    (40, "lk_lambda", {"lam": 0.3}, True, [(1, 1)]),        # a given lambda: one pass
+    (40, "lk_lambda", {}, True, [(1, 1), (1, 1)]),          # lambda from the batch: stats, then gradient
+    (3000, "tv", {}, True, [(4, 2)]),                       # streaming: z for max, sum, stats, gradient
 ])
-def test_simt_global_reads_per_element(simt, monkeypatch, V, name, kw, want):
+def test_simt_global_reads_per_element(simt, monkeypatch, V, name, kw, cache, want):
     """How often the kernel reads each logit and each target entry, counted on the stand-in:
     the memory traffic the bandwidth goals assume (the logits once where the row fits in registers)."""
     small_blocks(monkeypatch)
@@ -448,9 +467,10 @@ def test_simt_global_reads_per_element(simt, monkeypatch, V, name, kw, want):
     def recording(*a):
         kernels.append(simt_kernel(*a))
         return kernels[-1]
+    monkeypatch.setattr(fused_cupy, "CACHE_TARGET", cache)
     monkeypatch.setattr(fused_cupy, "_kernel", recording)
     N = 3
     rng = np.random.default_rng(12)
     run(name, make_logits(rng, (N, V), dtype=np.float32), make_probs(rng, (N, V), dtype=np.float32), **kw)
-    reads = [r for k in kernels for r in k.reads]
+    reads = [r for k, _ in kernels for r in k.reads]
     assert [(z / (N * V), p / (N * V)) for z, p in reads] == want

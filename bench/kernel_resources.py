@@ -1,0 +1,62 @@
+"""Registers, spills and shared memory of the CuPy kernel's variants, from nvcc's ptxas
+(no GPU needed): python bench/kernel_resources.py [--arch sm_90].  Occupancy follows from
+them: an H100 SM has 65 536 registers and 228 KiB of shared memory."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lkref import fused_cupy  # noqa: E402
+from lkref.benchmark import TUNING_SHAPES  # noqa: E402
+
+
+def resources(V, threads, min_cluster, cache, arch, work):
+    with fused_cupy.configured(threads=threads, min_cluster=min_cluster, cache_target=cache):
+        items, cluster = fused_cupy.plan(V)
+        src = fused_cupy.kernel_source(items, cluster, "float", "float")
+    path = os.path.join(work, "k.cu")
+    with open(path, "w") as f:
+        f.write(src)
+    r = subprocess.run(["nvcc", "-std=c++17", f"-arch={arch}", "-cubin", "-ftz=true", "-Xptxas", "-v",
+                        "-o", os.path.join(work, "k.cubin"), path], capture_output=True, text=True)
+    if r.returncode != 0:
+        return items, cluster, None
+    log = r.stderr
+    get = lambda pattern: int(m.group(1)) if (m := re.search(pattern, log)) else 0  # noqa: E731
+    return items, cluster, {"regs": get(r"Used (\d+) registers"), "spill": get(r"(\d+) bytes spill stores"),
+                            "smem": get(r"(\d+) bytes smem")}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="sm_90")
+    args = ap.parse_args()
+    if shutil.which("nvcc") is None:
+        sys.exit("nvcc is not installed")
+    shapes = [(512, 1, True)] + list(TUNING_SHAPES)
+    print(f"{'V':>7} {'threads':>7} {'>=blocks':>8} {'cache':>5} | {'items':>5} {'cluster':>7} {'regs':>5} "
+          f"{'spill B':>7} {'static smem':>11} {'dyn smem KiB':>12} {'blocks/SM':>9}")
+    with tempfile.TemporaryDirectory() as work:
+        for V in (32_000, 128_256, 300_000):
+            for threads, blocks, cache in shapes:
+                items, cluster, res = resources(V, threads, blocks, cache, args.arch, work)
+                if res is None:
+                    print(f"{V:7d} {threads:7d} {blocks:8d} {cache!s:>5} | build failed")
+                    continue
+                dyn = 4 * items * threads if cache and items else 0
+                by_regs = 65536 // max(1, res["regs"] * threads)
+                by_smem = (228 * 1024) // max(1, dyn + res["smem"] + 1024)
+                print(f"{V:7d} {threads:7d} {blocks:8d} {cache!s:>5} | {items:5d} {cluster:7d} {res['regs']:5d} "
+                      f"{res['spill']:7d} {res['smem']:11d} {dyn / 1024:12.0f} {min(by_regs, by_smem, 2048 // threads):9d}")
+
+
+if __name__ == "__main__":
+    main()
