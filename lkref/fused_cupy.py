@@ -9,10 +9,13 @@ blocks exchange their partial reductions through distributed shared memory).  A 
 read in three phases: (1) max and sum of exp over the logits, (2) alpha, S and the KL sums
 over logits and target, (3) the gradient.  For V <= 8 * THREADS * MAX_ITEMS (262 144) the
 row stays in registers between the phases (the logits, then q: read once, one exp per
-element); the target row is read twice (the second read mostly from L2).  For larger V
-the phases re-read the row from memory.  Two-pass losses (LK^lambda with no given
-lambda, draft_to_target, a reduce hook) run the kernel once for the row statistics, then
-again for the gradient with the statistics as input.
+element) and the target entries in shared memory (read once; CACHE_TARGET), so one launch
+reads z and p once and writes the gradient once, the least traffic there is.  For larger V
+the phases re-read the row from memory (z four times, p twice), and GPUs before Hopper
+(no clusters) stream beyond 32 768.  Two-pass losses (LK^lambda with no given lambda,
+draft_to_target, a reduce hook) run the kernel once for the row statistics, then again
+for the gradient with the statistics as input: z and p are read twice.  The read counts
+are checked on the CPU SIMT stand-in (tests/test_fused_cupy_host.py).
 
 The math is that of lkref/fused.py; q = exp((z - max z) / T) * (1 / sum) is formed the same
 way, but the block's summation order differs from CuPy's, so q agrees with the reference
