@@ -339,21 +339,43 @@ def numpy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, 
 
 def check_out(out, z, p, mask, same_backend=False):
     """None -> a new array; else out must be z's shape and dtype, C-contiguous, writeable,
-    and share memory with nothing but (all of) draft_logits."""
+    and share memory with nothing but (all of) draft_logits.  same_backend: out is of z's
+    array type (CuPy for CuPy); otherwise a NumPy array."""
     if out is None:
         return np.empty(z.shape, z.dtype)
-    kind_ok = same_backend and type(out) is type(z) or isinstance(out, np.ndarray)
+    kind_ok = type(out) is type(z) if same_backend else isinstance(out, np.ndarray)
     if not kind_ok or tuple(out.shape) != tuple(z.shape) or out.dtype != z.dtype:
         raise ValueError(f"out must be an array of shape {tuple(z.shape)} and dtype {z.dtype} "
                          "on the backend of draft_logits")
-    if not out.flags.c_contiguous or not out.flags.writeable:
+    if not out.flags.c_contiguous or not getattr(out.flags, "writeable", True):   # CuPy has no flag
         raise ValueError("out must be C-contiguous and writeable")
-    if isinstance(out, np.ndarray) and p is not None:
-        if np.shares_memory(out, p) or (mask is not None and np.shares_memory(out, mask)):
+    if p is not None:
+        if _overlap(out, p) or (mask is not None and _overlap(out, mask)):
             raise ValueError("out may share memory with draft_logits only")
-        if np.shares_memory(out, z) and not (z.flags.c_contiguous and out.ctypes.data == z.ctypes.data):
+        if _overlap(out, z) and not (z.flags.c_contiguous and _bounds(out)[0] == _bounds(z)[0]):
             raise ValueError("out overlaps draft_logits without being the same array")
     return out
+
+
+def _bounds(a):
+    """[first byte, last byte + 1) of an array's memory, for NumPy and CuPy arrays alike."""
+    ptr = a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr
+    lo = hi = ptr
+    for n, st in zip(a.shape, a.strides):
+        if n == 0:
+            return ptr, ptr
+        lo += min(0, (n - 1) * st)
+        hi += max(0, (n - 1) * st)
+    return lo, hi + a.itemsize
+
+
+def _overlap(a, b) -> bool:
+    if not hasattr(b, "shape") or type(b) is not type(a):
+        return False
+    if isinstance(a, np.ndarray):
+        return bool(np.shares_memory(a, b))
+    (a0, a1), (b0, b1) = _bounds(a), _bounds(b)
+    return a0 < b1 and b0 < a1
 
 
 #: Whether impl="auto" takes the CuPy kernels (fused_cupy.py).  False until a GPU run has

@@ -485,8 +485,13 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
             raise ValueError("target_probs contains non-finite values (NaN or inf)")
         if lo < 0:
             raise ValueError("target_probs contains negative probabilities")
+    from .fused import _bounds, check_out
     if out is None:
         out = cp.empty(z.shape, z.dtype)
+        alias = False
+    else:
+        out = check_out(out, z, p, mask, same_backend=True)
+        alias = _bounds(out)[0] == _bounds(z)[0]       # out is draft_logits itself
     g2 = out.reshape(N, V)
     w = cp.ones(N, cp.float32) if mask is None else mask.reshape(N).astype(cp.float32)
     items, cluster = plan(V, clusters=_has_clusters(cp))
@@ -499,7 +504,10 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
                                 np.int32(Vt), np.float32(T), np.float32(lam_v), np.int32(MODES[name]),
                                 np.int32(phase)), shared_mem=smem)
 
-    two_pass = (name == "lk_lambda" and lam is None) or idx is not None or reduce is not None
+    # two launches where lambda, the weights or the mean need every row first, and where the
+    # gradient overwrites the logits that the LK^alpha fallback rows still have to read
+    two_pass = (name == "lk_lambda" and lam is None) or idx is not None or reduce is not None \
+        or (alias and name == "lk_alpha")
     lam_v = float(lam) if lam is not None else 0.0
     if two_pass:
         launch(1, w, 0.0)

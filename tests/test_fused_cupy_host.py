@@ -474,3 +474,53 @@ def test_simt_global_reads_per_element(simt, monkeypatch, V, name, kw, cache, wa
     run(name, make_logits(rng, (N, V), dtype=np.float32), make_probs(rng, (N, V), dtype=np.float32), **kw)
     reads = [r for k, _ in kernels for r in k.reads]
     assert [(z / (N * V), p / (N * V)) for z, p in reads] == want
+
+
+def test_out_may_be_the_logits_even_with_fallback_rows(numpy_as_cupy):
+    """out=draft_logits: the gradient overwrites the logits, which the LK^alpha fallback rows
+    (alpha below float32's range) still have to read; they must be read first."""
+    z = np.zeros((3, 50), np.float32)
+    z[0, 0] = 150.0
+    p = np.full((3, 50), 1 / 49, np.float32)
+    p[0, 0] = 0
+    p[1:] = 1 / 50
+    ref = lkref.lk_alpha(z.astype(np.float64), p.astype(np.float64), impl="reference")
+    buf = z.copy()
+    fast = run("lk_alpha", buf, p, out=buf)
+    assert fast.grad is buf
+    close(fast, ref, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bad", ["shape", "dtype", "strided", "target"])
+def test_out_is_checked(numpy_as_cupy, bad):
+    rng = np.random.default_rng(7)
+    z = make_logits(rng, (4, 10), dtype=np.float32)
+    p = make_probs(rng, (4, 10), dtype=np.float32)
+    out = {"shape": np.empty((4, 11), np.float32), "dtype": np.empty((4, 10), np.float16),
+           "strided": np.empty((4, 20), np.float32)[:, ::2], "target": p}[bad]
+    with pytest.raises(ValueError, match="out "):
+        run("tv", z, p, out=out)
+
+
+def test_check_out_on_a_device_array_type():
+    """CuPy arrays have no `writeable` flag and no ctypes: the checks use flags.c_contiguous
+    and data.ptr.  A minimal stand-in type with just those."""
+    import types
+    from lkref.fused import check_out
+
+    class DeviceArray:
+        def __init__(self, ptr, shape=(4, 10), strides=(40, 4)):
+            self.shape, self.strides, self.dtype, self.itemsize = shape, strides, np.dtype(np.float32), 4
+            self.flags = types.SimpleNamespace(c_contiguous=strides == (40, 4))
+            self.data = types.SimpleNamespace(ptr=ptr)
+    z, p = DeviceArray(1000), DeviceArray(5000)
+    assert check_out(DeviceArray(9000), z, p, None, same_backend=True) is not None
+    assert check_out(z, z, p, None, same_backend=True) is z                 # the logits themselves
+    with pytest.raises(ValueError, match="share memory"):
+        check_out(DeviceArray(5080), z, p, None, same_backend=True)          # inside the target
+    with pytest.raises(ValueError, match="overlaps draft_logits"):
+        check_out(DeviceArray(1040), z, p, None, same_backend=True)          # half over the logits
+    with pytest.raises(ValueError, match="C-contiguous"):
+        check_out(DeviceArray(9000, strides=(80, 8)), z, p, None, same_backend=True)
+    with pytest.raises(ValueError, match="backend"):
+        check_out(np.empty((4, 10), np.float32), z, p, None, same_backend=True)

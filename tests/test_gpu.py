@@ -164,3 +164,22 @@ def test_auto_takes_the_kernels_when_switched_on(cp, monkeypatch):
     monkeypatch.setenv("LKREF_CUPY_FUSED", "0")
     ref = lkref.lk_alpha(z, p, impl="reference")
     np.testing.assert_array_equal(to_numpy(lkref.lk_alpha(z, p).grad), to_numpy(ref.grad))
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_out_on_the_device(cp, impl):
+    """out= with CuPy arrays (CuPy's flags have no `writeable`), including the logits themselves."""
+    rng = np.random.default_rng(9)
+    z = make_logits(rng, (6, 700), dtype=np.float32)
+    p = cp.asarray(peaked_probs(rng, (6, 700)).astype(np.float32))
+    want = lkref.lk_alpha(cp.asarray(z), p, impl="reference")
+    out = cp.empty((6, 700), cp.float32)
+    r = lkref.lk_alpha(cp.asarray(z), p, impl=impl, out=out)
+    assert r.grad is out
+    buf = cp.asarray(z)
+    r2 = lkref.lk_alpha(buf, p, impl=impl, out=buf)
+    assert r2.grad is buf
+    for got in (out, buf):
+        np.testing.assert_allclose(to_numpy(got), to_numpy(want.grad), rtol=2e-4, atol=1e-8)
+    with pytest.raises(ValueError, match="out "):
+        lkref.lk_alpha(cp.asarray(z), p, impl=impl, out=cp.empty((6, 701), cp.float32))
