@@ -31,6 +31,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from . import losses as ref
+from .backend import namespace
 from .validation import TARGET_SUM_ATOL, as_array, check_index_map, check_mask, check_real_scalar
 
 #: Threads per block.  MAX_ITEMS (logits cached in registers per thread) keeps a block's
@@ -475,6 +476,7 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
         idx = check_index_map(draft_to_target, "draft_to_target", V, p.shape[-1]).astype(cp.int32)
     mask = check_mask(mask, "mask", lead)
     T = check_real_scalar(temperature, "temperature", low=0, low_inclusive=False)
+    namespace(z, p, mask, draft_to_target)             # all on the device (a TypeError otherwise)
     N = int(np.prod(lead)) if lead else 1
     Vt = p.shape[-1]
     z2 = cp.ascontiguousarray(z.reshape(N, V))

@@ -183,3 +183,13 @@ def test_out_on_the_device(cp, impl):
         np.testing.assert_allclose(to_numpy(got), to_numpy(want.grad), rtol=2e-4, atol=1e-8)
     with pytest.raises(ValueError, match="out "):
         lkref.lk_alpha(cp.asarray(z), p, impl=impl, out=cp.empty((6, 701), cp.float32))
+
+
+def test_fused_refuses_host_arrays_beside_device_ones(cp):
+    rng = np.random.default_rng(10)
+    z = cp.asarray(make_logits(rng, (4, 50), dtype=np.float32))
+    p = peaked_probs(rng, (4, 50)).astype(np.float32)
+    with pytest.raises(TypeError, match="backends"):
+        lkref.tv(z, p, impl="fused")
+    with pytest.raises(TypeError, match="backends"):
+        lkref.tv(z, cp.asarray(p), impl="fused", mask=np.ones(4, bool))
