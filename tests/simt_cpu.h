@@ -1,8 +1,8 @@
 // Runs a CUDA kernel's source on the CPU: every CUDA thread is a fiber (ucontext), and the
 // fibers of one thread-block cluster switch at each barrier and shuffle, in a seeded order.
 //
-// What it models: __syncthreads, __shfl_xor_sync (all 32 lanes must take part), static
-// __shared__ memory per block (tests/simt_cpu.py rewrites the declarations into
+// What it models: __syncthreads, __shfl_xor_sync (all 32 lanes must take part), static and
+// dynamic __shared__ memory per block (tests/simt_cpu.py rewrites the declarations into
 // emu::shared<T>(name, count) calls; fresh memory is filled with NaN bytes), and the
 // cooperative-groups cluster API (this_cluster().sync(), map_shared_rank).  A barrier that
 // not every thread reaches is reported as a deadlock; DSMEM use of a block that has exited
