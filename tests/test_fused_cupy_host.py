@@ -15,6 +15,7 @@ compiled kernel:
 from __future__ import annotations
 
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -127,7 +128,7 @@ def close(fast, ref, rtol=2e-5):
 @pytest.mark.parametrize("name", REDUCED)
 @pytest.mark.parametrize("case", ["plain", "mask_T", "d2t", "lam", "reduce"])
 def test_host_logic_matches_the_reference(numpy_as_cupy, name, case):
-    rng = np.random.default_rng(hash(case) % 1000)
+    rng = np.random.default_rng(zlib.crc32(case.encode()) % 1000)      # str hash() varies per process
     N, V, Vt = 12, 40, 45
     z = make_logits(rng, (N, V), dtype=np.float32)
     kw = {}
