@@ -525,3 +525,19 @@ def test_check_out_on_a_device_array_type():
         check_out(DeviceArray(9000, strides=(80, 8)), z, p, None, same_backend=True)
     with pytest.raises(ValueError, match="backend"):
         check_out(np.empty((4, 10), np.float32), z, p, None, same_backend=True)
+
+
+@pytest.mark.parametrize("V", [300, 3000])
+@pytest.mark.parametrize("name", ["kl", "lk_lambda"])
+def test_simt_out_is_the_logits_in_clusters_and_streaming(simt, monkeypatch, name, V):
+    """out=draft_logits where a row is split over a cluster (V = 300) or streamed (V = 3000):
+    every logit is read before its gradient overwrites it."""
+    small_blocks(monkeypatch)
+    rng = np.random.default_rng(V)
+    z = make_logits(rng, (3, V), dtype=np.float32)
+    p = make_probs(rng, (3, V), dtype=np.float32)
+    want = reference(name, z, p, temperature=1.5)
+    buf = z.copy()
+    got = run(name, buf, p, out=buf, temperature=1.5)
+    assert got.grad is buf
+    close(got, want)
