@@ -34,7 +34,7 @@ import numpy as np
 
 from . import losses as ref
 from .backend import work_dtype
-from .validation import TARGET_SUM_ATOL, as_array, check_index_map, check_mask, check_real_scalar
+from .validation import TARGET_SUM_ATOL, as_array, check_index_map, check_mask, check_real_scalar, env_flag
 
 __all__ = ["numpy_loss", "ALPHA_FLOOR", "CHUNK_BYTES", "default_threads"]
 
@@ -384,12 +384,8 @@ CUPY_FUSED_BY_DEFAULT = False
 
 
 def cupy_fused_by_default() -> bool:
-    env = os.environ.get("LKREF_CUPY_FUSED", "").strip()
-    if env in ("0", "1"):
-        return env == "1"
-    if env:
-        raise ValueError(f"LKREF_CUPY_FUSED must be 0 or 1, got {env!r}")
-    return CUPY_FUSED_BY_DEFAULT
+    flag = env_flag("LKREF_CUPY_FUSED")
+    return CUPY_FUSED_BY_DEFAULT if flag is None else flag
 
 
 def dispatch(name, draft_logits, target_probs, *, out=None, required=False, **options):

@@ -32,7 +32,8 @@ import numpy as np
 
 from . import losses as ref
 from .backend import namespace
-from .validation import TARGET_SUM_ATOL, as_array, check_index_map, check_mask, check_real_scalar
+from .fused import _bounds, check_out
+from .validation import TARGET_SUM_ATOL, as_array, check_index_map, check_mask, check_real_scalar, env_flag
 
 #: Threads per block.  MAX_ITEMS (logits cached in registers per thread) keeps a block's
 #: row share at 32 768 floats; MIN_CLUSTER is the fewest blocks per row.  The defaults are
@@ -313,31 +314,45 @@ def plan(V: int, clusters: bool = True):
     cluster is smaller than MIN_CLUSTER.  clusters=False (GPUs before Hopper): one block per
     row, streaming beyond THREADS * MAX_ITEMS."""
     per_thread = -(-V // THREADS)
-    for cluster in ((1, 2, 4, 8) if clusters else (1,)):
+    for cluster in (CLUSTER_CHOICES if clusters else (1,)):
         if cluster >= MIN_CLUSTER and per_thread <= MAX_ITEMS * cluster:
             return -(-V // (THREADS * cluster)), cluster
     return 0, 1
 
 
+THREAD_CHOICES = (64, 128, 256, 512, 1024)
+CLUSTER_CHOICES = (1, 2, 4, 8)
+
+
 @contextmanager
 def configured(threads=None, min_cluster=None, cache_target=None):
     """Run the kernels with another block size or more blocks per row, or without the target
-    cache (for tuning): threads in 64, 128, ..., 1024; min_cluster in 1, 2, 4, 8."""
-    global THREADS, MAX_ITEMS, MIN_CLUSTER, CACHE_TARGET
+    cache (for tuning): threads in THREAD_CHOICES; min_cluster in CLUSTER_CHOICES."""
     old = THREADS, MAX_ITEMS, MIN_CLUSTER, CACHE_TARGET
     try:
-        if cache_target is not None:
-            if not isinstance(cache_target, (bool, np.bool_)):
-                raise TypeError(f"cache_target must be True or False, got {cache_target!r}")
-            CACHE_TARGET = bool(cache_target)
-        if threads is not None:
-            THREADS = _check_choice(threads, "threads", (64, 128, 256, 512, 1024))
-            MAX_ITEMS = _ROW_FLOATS_PER_BLOCK // THREADS
-        if min_cluster is not None:
-            MIN_CLUSTER = _check_choice(min_cluster, "min_cluster", (1, 2, 4, 8))
+        if cache_target is not None and not isinstance(cache_target, (bool, np.bool_)):
+            raise TypeError(f"cache_target must be True or False, got {cache_target!r}")
+        _set(threads, "threads", min_cluster, "min_cluster", cache_target)
         yield
     finally:
-        THREADS, MAX_ITEMS, MIN_CLUSTER, CACHE_TARGET = old
+        _restore(old)
+
+
+def _set(threads, threads_name, min_cluster, cluster_name, cache_target):
+    """Check and apply the launch settings that are not None (MAX_ITEMS follows THREADS)."""
+    global THREADS, MAX_ITEMS, MIN_CLUSTER, CACHE_TARGET
+    if cache_target is not None:
+        CACHE_TARGET = bool(cache_target)
+    if threads is not None:
+        THREADS = _check_choice(threads, threads_name, THREAD_CHOICES)
+        MAX_ITEMS = _ROW_FLOATS_PER_BLOCK // THREADS
+    if min_cluster is not None:
+        MIN_CLUSTER = _check_choice(min_cluster, cluster_name, CLUSTER_CHOICES)
+
+
+def _restore(saved):
+    global THREADS, MAX_ITEMS, MIN_CLUSTER, CACHE_TARGET
+    THREADS, MAX_ITEMS, MIN_CLUSTER, CACHE_TARGET = saved
 
 
 def _check_choice(value, name, choices):
@@ -351,17 +366,9 @@ def _check_choice(value, name, choices):
 
 
 def _configure_from_environment():
-    global THREADS, MAX_ITEMS, MIN_CLUSTER, CACHE_TARGET
-    if os.environ.get("LKREF_CUPY_CACHE_TARGET"):
-        flag = os.environ["LKREF_CUPY_CACHE_TARGET"].strip()
-        if flag not in ("0", "1"):
-            raise ValueError(f"LKREF_CUPY_CACHE_TARGET must be 0 or 1, got {flag!r}")
-        CACHE_TARGET = flag == "1"
-    if os.environ.get("LKREF_CUPY_THREADS"):
-        THREADS = _check_choice(os.environ["LKREF_CUPY_THREADS"], "LKREF_CUPY_THREADS", (64, 128, 256, 512, 1024))
-        MAX_ITEMS = _ROW_FLOATS_PER_BLOCK // THREADS
-    if os.environ.get("LKREF_CUPY_MIN_CLUSTER"):
-        MIN_CLUSTER = _check_choice(os.environ["LKREF_CUPY_MIN_CLUSTER"], "LKREF_CUPY_MIN_CLUSTER", (1, 2, 4, 8))
+    _set(os.environ.get("LKREF_CUPY_THREADS") or None, "LKREF_CUPY_THREADS",
+         os.environ.get("LKREF_CUPY_MIN_CLUSTER") or None, "LKREF_CUPY_MIN_CLUSTER",
+         env_flag("LKREF_CUPY_CACHE_TARGET"))
 
 
 _configure_from_environment()
@@ -487,7 +494,6 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
             raise ValueError("target_probs contains non-finite values (NaN or inf)")
         if lo < 0:
             raise ValueError("target_probs contains negative probabilities")
-    from .fused import _bounds, check_out
     if out is None:
         out = cp.empty(z.shape, z.dtype)
         alias = False

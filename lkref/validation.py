@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import numpy as np
 
@@ -22,6 +23,7 @@ __all__ = [
     "check_probs",
     "check_mask",
     "check_index_map",
+    "env_flag",
 ]
 
 #: A target row must sum to 1 within this absolute tolerance (any dtype).
@@ -132,3 +134,13 @@ def check_index_map(index, name: str, length: int, upper: int):
     if length and int(xp.unique(index).size) != length:
         raise ValueError(f"{name} has duplicate entries: each draft token must map to its own target token")
     return index
+
+
+def env_flag(name: str):
+    """The environment variable ``name`` as a switch: True for "1", False for "0", None when unset."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
