@@ -106,6 +106,7 @@ class _Problem:
         self.alpha = np.zeros(self.N, self.wd)
         self.S = np.zeros(self.N, self.wd)
         self.kl = np.zeros(self.N, self.wd)          # KL per row (KL and LK^lambda)
+        self.psum_kl = np.zeros(self.N, self.wd)     # sum of the KL target per row (pass 1, for pass 2)
         self.pmass = np.ones(self.N, self.wd)        # target mass on the draft vocabulary
         self.losses = np.zeros(self.N, self.wd)
         self.sum_errs: list = []                      # worst |row sum - 1| per chunk
@@ -191,7 +192,7 @@ def _pass1(pb: _Problem, buf: _Buffers, a, b, errors):
     # the exp (sum p z - max z sum p would cancel digits of the size of the logits)
     mx, s, px = _softmax_into(g, zc, pb.T, mx, weights=pc_kl if pb.need_kl else None)
     if pb.need_kl:
-        psum_kl = pc_kl @ buf.ones
+        psum_kl = pb.psum_kl[a:b] = pc_kl @ buf.ones
         p_logq = px - np.log(s[:, 0]) * psum_kl
         np.maximum(pc_kl, np.finfo(pb.wd).tiny, out=t)
         np.log(t, out=t)
@@ -231,11 +232,11 @@ def _pass2(pb: _Problem, buf: _Buffers, a, b, chunk, d, lam, mask_valid):
         np.add(t, (pb.S[a:b] * c_tv)[:, None], out=t)
         if pb.need_kl:
             c_kl = lam * d / T
-            np.add(t, (c_kl * (pc_kl @ buf.ones))[:, None], out=t)
+            np.add(t, (c_kl * pb.psum_kl[a:b])[:, None], out=t)
         np.multiply(g, t, out=g)                    # q (S - m) c_tv  [+ q c_kl sum p]
     if pb.name == "kl":
         c_kl = d / T
-        np.multiply(g, (c_kl * (pc_kl @ buf.ones))[:, None], out=g)
+        np.multiply(g, (c_kl * pb.psum_kl[a:b])[:, None], out=g)
     if pb.need_kl:
         np.multiply(pc_kl, c_kl[:, None], out=t)
         np.subtract(g, t, out=g)                    # - p c_kl
