@@ -21,6 +21,11 @@ checking and timing, to put the inputs in the peer's own form.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+import types
+
 import numpy as np
 
 
@@ -113,10 +118,53 @@ def torch_loss(name, compiled=False, eta=3.0):
 # vLLM speculators: fused Triton losses from draft and target logits, per position
 
 
-def speculators_loss(name):
+def _speculators_fused():
+    """speculators.losses.fused, or None.
+
+    The package's __init__ pulls in transformers, pydantic, datasets, openai and more, which a
+    GPU image may lack (the device image does; its wheels travel with --no-deps, see
+    bench/README.md).  The fused losses need only torch, Triton and
+    speculators.utils.util.is_npu_available, so when the package import fails the one file
+    is loaded alone: the parent packages become empty modules (their __init__ is not run)
+    and is_npu_available is False, as on any CUDA machine.  This process is the benchmark's
+    own; nothing else in it imports speculators."""
     try:
         from speculators.losses import fused
-    except Exception:                                 # absent, or no Triton / CUDA
+        return fused
+    except Exception:
+        pass
+    try:
+        spec = importlib.util.find_spec("speculators")   # locates, does not run __init__
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = list(spec.submodule_search_locations)[0]
+    path = os.path.join(root, "losses", "fused.py")
+    if not os.path.isfile(path):
+        return None
+    for pkg, where in (("speculators", root), ("speculators.utils", os.path.join(root, "utils")),
+                       ("speculators.losses", os.path.join(root, "losses"))):
+        mod = types.ModuleType(pkg)
+        mod.__path__ = [where]
+        sys.modules[pkg] = mod
+    util = types.ModuleType("speculators.utils.util")
+    util.is_npu_available = lambda: False
+    sys.modules["speculators.utils.util"] = util
+    try:
+        fspec = importlib.util.spec_from_file_location("speculators.losses.fused", path)
+        fused = importlib.util.module_from_spec(fspec)
+        sys.modules[fspec.name] = fused                   # Triton's jit reads the source by module
+        fspec.loader.exec_module(fused)
+    except Exception:                                     # no Triton, or a torch it cannot use
+        return None
+    fused.LOADED_ALONE = True
+    return fused
+
+
+def speculators_loss(name):
+    fused = _speculators_fused()
+    if fused is None:
         return None
     per_position = {"lk_alpha": "fused_nla_loss", "tv": "fused_tv_loss", "kl": "fused_kl_div_loss",
                     "lk_lambda": "fused_lk_hybrid_loss"}

@@ -185,8 +185,11 @@ def _shaped(fn, z, p, out, threads, blocks, cache):
 
 
 def run(backends=("numpy",), losses=tuple(LOSSES), sizes=None, repeat=10, with_peers=True, say=print,
-        skip_peers=()):
-    """sizes: a list of (N, V) for every backend, or a dict backend -> list (default DEFAULT_SIZES)."""
+        skip_peers=(), csv_path=None):
+    """sizes: a list of (N, V) for every backend, or a dict backend -> list (default DEFAULT_SIZES).
+
+    csv_path: each block's rows are appended there as soon as the block is done, so a run
+    stopped by a time limit keeps what it measured."""
     sizes = DEFAULT_SIZES if sizes is None else sizes
     rows = []
     peer_mod = load_peers() if with_peers else None
@@ -233,7 +236,10 @@ def run(backends=("numpy",), losses=tuple(LOSSES), sizes=None, repeat=10, with_p
                 for r in rows:
                     if r.backend == backend and r.loss == loss and r.N == N and r.V == V and base is not None:
                         r.vs_baseline = r.p50_ms / base.p50_ms
-                _print_block(say, [r for r in rows if r.backend == backend and r.loss == loss and r.N == N and r.V == V])
+                block = [r for r in rows if r.backend == backend and r.loss == loss and r.N == N and r.V == V]
+                _print_block(say, block)
+                if csv_path and block:
+                    write_csv(block, csv_path, [backend])
     return rows
 
 

@@ -101,10 +101,10 @@ def cmd_bench(args) -> int:
     backends = ("numpy", "cupy") if args.backend == "all" else (args.backend,)
     sizes = args.sizes or (benchmark.QUICK_SIZES if args.quick else benchmark.DEFAULT_SIZES)
     rows = benchmark.run(backends=backends, losses=args.loss or tuple(benchmark.LOSSES), sizes=sizes,
-                         repeat=args.repeat, with_peers=not args.no_peers, skip_peers=tuple(args.skip_peer or ()))
+                         repeat=args.repeat, with_peers=not args.no_peers, skip_peers=tuple(args.skip_peer or ()),
+                         csv_path=args.csv)
     if args.csv and rows:
-        benchmark.write_csv(rows, args.csv, sorted({r.backend for r in rows}))
-        print(f"rows appended to {args.csv}")
+        print(f"rows appended to {args.csv} block by block")
     return 0
 
 

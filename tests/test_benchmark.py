@@ -10,6 +10,11 @@ import lkref
 from lkref import benchmark, fused
 
 
+def _csv_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
 def test_rows_and_csv(tmp_path):
     lines = []
     rows = benchmark.run(backends=("numpy",), losses=("lk_alpha",), sizes=[(8, 300)], repeat=2,
@@ -22,8 +27,24 @@ def test_rows_and_csv(tmp_path):
     assert naive.vs_baseline == 1.0
     path = tmp_path / "b.csv"
     benchmark.write_csv(rows, str(path), ["numpy"])
-    got = list(csv.DictReader(open(path)))
+    got = _csv_rows(path)
     assert len(got) == len(rows) and got[0]["machine"] and got[0]["git_sha"] and "numpy=" in got[0]["versions"]
+
+
+def test_csv_rows_are_written_block_by_block(tmp_path):
+    """A run stopped by a time limit (the GPU check's timeout) keeps the blocks it finished."""
+    path = tmp_path / "b.csv"
+    seen = []
+
+    def say(line):
+        if "N = 4  V = 120" in line:                 # the second block's header: the first is on disk
+            seen.append(len(_csv_rows(path)) if path.exists() else 0)
+    rows = benchmark.run(backends=("numpy",), losses=("tv",), sizes=[(4, 100), (4, 120)], repeat=2,
+                         with_peers=False, say=say, csv_path=str(path))
+    first = [r for r in rows if r.V == 100]
+    assert seen == [len(first)] and len(first) > 0
+    got = _csv_rows(path)
+    assert len(got) == len(rows) and {int(r["V"]) for r in got} == {100, 120}
 
 
 def test_a_fast_path_that_differs_is_not_timed(monkeypatch):
@@ -118,6 +139,88 @@ def test_gpu_peers_are_absent_without_their_libraries(monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)           # import fails
     mod = benchmark.load_peers()
     assert mod.speculators_loss("lk_alpha") is None and mod.liger_tv() is None
+
+
+def _fake_speculators_tree(root, with_fused=True):
+    """A speculators package whose __init__ files fail as the real ones do without transformers,
+    pydantic, datasets...; only losses/fused.py (when present) can run."""
+    pkg = root / "speculators"
+    for sub in ("", "utils", "losses"):
+        (pkg / sub).mkdir(parents=True, exist_ok=True)
+        (pkg / sub / "__init__.py").write_text("import a_dependency_this_machine_lacks\n")
+    (pkg / "utils" / "util.py").write_text("import a_dependency_this_machine_lacks\n")
+    if with_fused:
+        (pkg / "losses" / "fused.py").write_text(
+            "from speculators.utils.util import is_npu_available\n"
+            "ON_NPU = is_npu_available()\n"
+            "def fused_nla_loss(logits, targets):\n    return None\n")
+
+
+def _forget_speculators(monkeypatch):
+    import sys
+    for name in [k for k in sys.modules if k == "speculators" or k.startswith("speculators.")]:
+        monkeypatch.delitem(sys.modules, name)
+
+
+def test_speculators_fused_file_loads_alone(tmp_path, monkeypatch):
+    """The device image lacks speculators' package dependencies: its fused losses file is then
+    loaded by itself, with the package __init__s (which fail) not run."""
+    import sys
+    _fake_speculators_tree(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _forget_speculators(monkeypatch)
+    try:
+        mod = benchmark.load_peers()
+        fused_mod = mod._speculators_fused()
+        assert fused_mod is not None and fused_mod.LOADED_ALONE
+        assert fused_mod.__file__ == str(tmp_path / "speculators" / "losses" / "fused.py")
+        assert fused_mod.ON_NPU is False
+        assert mod.speculators_loss("lk_alpha") is not None
+        assert mod.speculators_loss("tv") is None                # the file has no fused_tv_loss
+    finally:
+        for name in [k for k in sys.modules if k == "speculators" or k.startswith("speculators.")]:
+            del sys.modules[name]
+
+
+def test_speculators_without_its_fused_file_is_absent(tmp_path, monkeypatch):
+    import sys
+    _fake_speculators_tree(tmp_path, with_fused=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _forget_speculators(monkeypatch)
+    try:
+        assert benchmark.load_peers().speculators_loss("lk_alpha") is None
+    finally:
+        for name in [k for k in sys.modules if k == "speculators" or k.startswith("speculators.")]:
+            del sys.modules[name]
+
+
+def test_real_speculators_peer_in_the_triton_interpreter():
+    """The adapter against the real speculators code (bench/peer_wheels.sh's wheel), run by
+    Triton's CPU interpreter; skipped where torch, Triton or speculators is absent (as in CI)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+    for name in ("torch", "triton", "speculators"):
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(f"{name} is not installed")
+    code = (
+        "import numpy as np, torch, lkref\n"
+        "from lkref import benchmark\n"
+        "m = benchmark.load_peers()\n"
+        "z, p = benchmark.make_problem(np, 4, 200)\n"
+        "for name in ('lk_alpha', 'tv', 'kl'):\n"
+        "    fn = m.speculators_loss(name)\n"
+        "    loss, grad = fn(*fn.prepare(torch.as_tensor(z), torch.as_tensor(p)))\n"
+        "    ref = lkref.LOSSES[name](z, p, impl='reference')\n"
+        "    np.testing.assert_allclose(grad.numpy(), ref.grad, rtol=1e-4, atol=1e-9)\n"
+        "    np.testing.assert_allclose(float(loss), float(ref.loss), rtol=1e-5)\n"
+        "print('agree')\n")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "agree" in done.stdout, done.stderr[-2000:]
 
 
 def _fake_cupy():
