@@ -37,6 +37,7 @@ timeout 210 python3 -m pytest -q -rfE -m gpu tests -p no:cacheprovider 2>&1 | te
 # per kernel), which must not cost lkref's rows.  Rows reach the CSV block by block.
 echo "== quick benchmark: lkref"
 timeout 120 python3 -m lkref bench --backend cupy --repeat 20 --no-peers \
+  --loss lk_alpha --loss lk_lambda --loss tv --loss kl \
   --csv "$out/gpu-$card-bench.csv" 2>&1 | tee "$out/gpu-$card-bench.txt"
 echo "== quick benchmark: lkref and the peers, same run"
 timeout 150 python3 -m lkref bench --backend cupy --repeat 20 --loss lk_alpha --loss tv --skip-peer torch-compile \
