@@ -42,3 +42,5 @@ timeout 120 python3 -m lkref bench --backend cupy --repeat 20 --no-peers \
 echo "== quick benchmark: lkref and the peers, same run"
 timeout 150 python3 -m lkref bench --backend cupy --repeat 20 --loss lk_alpha --loss tv --skip-peer torch-compile \
   --csv "$out/gpu-$card-bench.csv" 2>&1 | tee -a "$out/gpu-$card-bench.txt"
+echo "== the goals (bench/goals.py)"
+python3 bench/goals.py "$out/gpu-$card-bench.csv" 2>&1 | tee "$out/gpu-$card-goals.md"

@@ -191,6 +191,7 @@ def run(backends=("numpy",), losses=tuple(LOSSES), sizes=None, repeat=10, with_p
     csv_path: each block's rows are appended there as soon as the block is done, so a run
     stopped by a time limit keeps what it measured."""
     sizes = DEFAULT_SIZES if sizes is None else sizes
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())     # the run's, on every CSV row
     rows = []
     peer_mod = load_peers() if with_peers else None
     for backend in backends:
@@ -239,7 +240,7 @@ def run(backends=("numpy",), losses=tuple(LOSSES), sizes=None, repeat=10, with_p
                 block = [r for r in rows if r.backend == backend and r.loss == loss and r.N == N and r.V == V]
                 _print_block(say, block)
                 if csv_path and block:
-                    write_csv(block, csv_path, [backend])
+                    write_csv(block, csv_path, [backend], stamp)
     return rows
 
 
@@ -320,14 +321,16 @@ def _print_block(say, rows):
             f"{r.vs_baseline:8.2f} {r.peak_extra_mib:10.1f} {r.max_rel_err:12.2e}")
 
 
-def write_csv(rows, path, backend_names):
+def write_csv(rows, path, backend_names, stamp=None):
+    """Append rows to path; stamp (default: now) is the `time` column, one per run, so that
+    rows of the same run can be told from a later run's."""
     import lkref
 
     versions = {"numpy": np.__version__, "lkref": lkref.__version__, "python": platform.python_version()}
     for mod in ("cupy", "torch"):
         if mod in sys.modules:
             versions[mod] = getattr(sys.modules[mod], "__version__", "?")
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    stamp = stamp or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     sha = git_sha()
     machines = {b: machine_name(b) for b in backend_names}
     new = not os.path.exists(path)

@@ -45,6 +45,7 @@ def test_csv_rows_are_written_block_by_block(tmp_path):
     assert seen == [len(first)] and len(first) > 0
     got = _csv_rows(path)
     assert len(got) == len(rows) and {int(r["V"]) for r in got} == {100, 120}
+    assert len({r["time"] for r in got}) == 1                # one run, one stamp
 
 
 def test_a_fast_path_that_differs_is_not_timed(monkeypatch):
@@ -286,3 +287,58 @@ def test_git_sha_from_the_environment(monkeypatch):
     assert benchmark.git_sha() == "abc1234"
     monkeypatch.delenv("LKREF_GIT_SHA")
     assert benchmark.git_sha() != "abc1234"
+
+
+def _load_goals():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "goals.py")
+    spec = importlib.util.spec_from_file_location("lkref_bench_goals", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _gpu_rows(alpha_ms, lam_ms, extra_mib):
+    def row(impl, loss, V, p50, extra=extra_mib):
+        return benchmark.Row("cupy", impl, loss, 4096, V, p50, p50, p50, 1.0, 1.0, 1.0, extra, 1e-7)
+    rows = []
+    for V in (32_000, 128_256):
+        rows += [row("lkref fused", "lk_alpha", V, alpha_ms[V]), row("lkref fused", "lk_lambda", V, lam_ms[V]),
+                 row("lkref fused lam=", "lk_lambda", V, alpha_ms[V]), row("speculators", "lk_alpha", V, 5.0)]
+    return rows
+
+
+def test_goals_report_on_gpu_rows(tmp_path):
+    goals = _load_goals()
+    path = tmp_path / "gpu.csv"
+    benchmark.write_csv(_gpu_rows({32_000: 0.7, 128_256: 2.9}, {32_000: 1.0, 128_256: 4.0}, 0.5), str(path),
+                        ["numpy"], stamp="run-1")
+    lines = []
+    assert goals.report([str(path)], say=lines.append) is True
+    text = "\n".join(lines)
+    assert "| GPU LK^α N=4096 V=32000: ≤ 0.75 ms | 0.700 ms | yes |" in text
+    assert "| GPU LK^λ V=128256 (batch λ, two launches): ≤ 1.5× LK^α | 4.000 ms = 1.38× | yes |" in text
+    assert "| lk_alpha | 4096 | 128256 | speculators | 5.000 | 2.900 | 1.72× |" in text
+    # a second run, each goal missed: reported apart from the first, and the report says so
+    benchmark.write_csv(_gpu_rows({32_000: 0.8, 128_256: 3.1}, {32_000: 1.3, 128_256: 4.0}, 8.0), str(path),
+                        ["numpy"], stamp="run-2")
+    lines = []
+    assert goals.report([str(path)], say=lines.append) is False
+    second = "\n".join(lines[lines.index(next(x for x in lines if "run-2" in x)):])
+    # LK^α at both V; LK^λ (batch λ) at V = 32 000 only (1.3 / 0.8 > 1.5, 4.0 / 3.1 < 1.5); memory on
+    # the six lkref fused rows (LK^α, LK^λ, LK^λ lam=, at both V)
+    assert second.count("**no**") == 2 + 1 + 6
+    assert "| GPU LK^λ V=32000 (lam= given): ≤ 1.5× LK^α | 0.800 ms = 1.00× | yes |" in second
+
+
+def test_goals_report_on_the_committed_cpu_run():
+    import glob
+    import os
+    goals = _load_goals()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = sorted(glob.glob(os.path.join(root, "bench", "results", "cpu-*.csv")))
+    assert paths
+    lines = []
+    goals.report(paths, say=lines.append)
+    assert any("CPU LK^α N=512 V=32000" in line for line in lines)
