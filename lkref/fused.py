@@ -36,10 +36,15 @@ from . import losses as ref
 from .backend import work_dtype
 from .validation import TARGET_SUM_ATOL, as_array, check_index_map, check_mask, check_real_scalar, env_flag
 
-__all__ = ["numpy_loss", "ALPHA_FLOOR", "CHUNK_BYTES", "default_threads"]
+__all__ = ["numpy_loss", "ALPHA_FLOOR", "MIN_TEMPERATURE", "CHUNK_BYTES", "default_threads"]
 
 #: LK^alpha rows with alpha below this go through the reference's log-space code.
 ALPHA_FLOOR = {np.dtype(np.float32): 1e-30, np.dtype(np.float64): 1e-290}
+#: Temperatures below this go to the reference (numpy_loss returns None): the fast paths fold
+#: d / (alpha T) into one factor per row, which overflows float32 for alpha near ALPHA_FLOOR
+#: once T < 1 / (ALPHA_FLOOR * float32 max) ~ 3e-9, and then 0 * inf gives NaN where the
+#: reference, dividing by T last, gives 0.
+MIN_TEMPERATURE = 1e-8
 #: Target size of one chunk of float work rows (it should sit in L2 with its buffers).
 CHUNK_BYTES = 1 << 20
 
@@ -57,7 +62,8 @@ def default_threads(elements: int) -> int:
 def _check_value_rows(zc, pc_full, pb, buf, errors):
     """The value checks of validation.py on one chunk, while it is in cache.
 
-    Returns the rows' max z (the softmax needs it), or None after recording the error."""
+    Returns the rows' max z (the softmax needs it), or None after recording the error (a
+    row sum off by more than TARGET_SUM_ATOL is recorded in pb.sum_errs, for _raise_first)."""
     mx = zc.max(axis=1, keepdims=True)
     # a NaN or +inf shows in the max; a -inf in the row sum (a dot product, cheaper than a min);
     # a sum that overflows on huge finite logits is sent to the exact check
@@ -66,17 +72,22 @@ def _check_value_rows(zc, pc_full, pb, buf, errors):
     if not finite and not np.all(np.isfinite(zc)):
         errors.append(ValueError("draft_logits contains non-finite values (NaN or inf)"))
         return None
-    if pc_full.dtype == pb.wd and pc_full.shape[1] == pb.V:
-        psum = pc_full @ buf.ones
-    else:
-        psum = pc_full.sum(axis=1, dtype=pb.wd)
-    if not np.all(np.isfinite(psum)):
+    with np.errstate(over="ignore", invalid="ignore"):   # a sum that overflows is off by inf below
+        if pc_full.dtype == pb.wd and pc_full.shape[1] == pb.V:
+            psum = pc_full @ buf.ones
+        else:
+            psum = pc_full.sum(axis=1, dtype=pb.wd)
+    if not np.all(np.isfinite(psum)) and not np.all(np.isfinite(pc_full)):
         errors.append(ValueError("target_probs contains non-finite values (NaN or inf)"))
         return None
     if not np.all(pc_full.min(axis=1) >= 0):
         errors.append(ValueError("target_probs contains negative probabilities"))
         return None
-    pb.sum_errs.append(float(np.max(np.abs(psum - 1))) if len(psum) else 0.0)
+    with np.errstate(invalid="ignore"):
+        worst = float(np.max(np.abs(psum - 1))) if len(psum) else 0.0
+    pb.sum_errs.append(worst)
+    if worst > TARGET_SUM_ATOL:                 # _raise_first says so; computing on would only warn
+        return None
     return mx
 
 
@@ -295,8 +306,10 @@ def numpy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, 
         if tuple(p.shape[:-1]) != lead:
             raise ValueError(f"target_probs must have the leading shape {lead} of draft_logits, got {tuple(p.shape)}")
         index = np.asarray(check_index_map(draft_to_target, "draft_to_target", V, p.shape[-1]))
-    mask = check_mask(mask, "mask", lead)
+    mask = check_mask(mask, "mask", lead, wd)
     T = check_real_scalar(temperature, "temperature", low=0, low_inclusive=False)
+    if T < MIN_TEMPERATURE:
+        return None
     out = check_out(out, z, p, mask)
     pb = _Problem(name, z, p, mask, T, index, lam, eta, kl_scale, out)
     threads = default_threads(pb.N * V) if threads is None else max(1, int(threads))

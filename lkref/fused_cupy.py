@@ -32,7 +32,7 @@ import numpy as np
 
 from . import losses as ref
 from .backend import namespace
-from .fused import _bounds, check_out
+from .fused import MIN_TEMPERATURE, _bounds, check_out
 from .validation import TARGET_SUM_ATOL, as_array, check_index_map, check_mask, check_real_scalar, env_flag
 
 #: Threads per block.  MAX_ITEMS (logits cached in registers per thread) keeps a block's
@@ -456,7 +456,8 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     """The fused CuPy path of a reduced loss (float32 math; float32, float16 or bfloat16 logits,
     the last where CuPy has the ml_dtypes type).
 
-    float64 logits return None (the caller runs the reference).  The value checks run inside
+    float64 logits, and temperatures below fused.MIN_TEMPERATURE, return None (the caller runs
+    the reference).  The value checks run inside
     the kernel (flags per row) and are raised after it; with draft_to_target, the target
     entries outside the draft vocabulary are checked by two reductions (min, max).  Extra
     memory is O(N) (row statistics, weights) for float32 targets; a target in another dtype
@@ -481,8 +482,10 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     idx = None
     if draft_to_target is not None:
         idx = check_index_map(draft_to_target, "draft_to_target", V, p.shape[-1]).astype(cp.int32)
-    mask = check_mask(mask, "mask", lead)
+    mask = check_mask(mask, "mask", lead, np.float32)
     T = check_real_scalar(temperature, "temperature", low=0, low_inclusive=False)
+    if T < MIN_TEMPERATURE:                            # the reference's (see lkref/fused.py)
+        return None
     namespace(z, p, mask, draft_to_target)             # all on the device (a TypeError otherwise)
     N = int(np.prod(lead)) if lead else 1
     Vt = p.shape[-1]

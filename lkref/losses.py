@@ -320,7 +320,7 @@ def prepare_inputs(draft_logits, target_probs, mask, temperature, draft_to_targe
             raise ValueError(
                 f"target_probs must have the leading shape {lead} of draft_logits, got {tuple(p.shape)}")
         index = check_index_map(draft_to_target, "draft_to_target", V, p.shape[-1])
-    mask = check_mask(mask, "mask", lead)
+    mask = check_mask(mask, "mask", lead, wd)
     T = check_real_scalar(temperature, "temperature", low=0, low_inclusive=False)
     xp = namespace(z, p, mask, draft_to_target)
     out_dtype = z.dtype

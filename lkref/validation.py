@@ -93,7 +93,8 @@ def check_probs(p, name: str, *, shape=None, normalised=True):
     if not _all(xp, p >= 0):
         raise ValueError(f"{name} contains negative probabilities")
     if normalised and p.size:
-        sums = p.astype(wd, copy=False).sum(axis=-1)
+        with np.errstate(over="ignore"):           # huge entries: a sum off by inf, said below
+            sums = p.astype(wd, copy=False).sum(axis=-1)
         err = float(xp.max(xp.abs(sums - 1)))
         if err > TARGET_SUM_ATOL:
             raise ValueError(
@@ -103,8 +104,12 @@ def check_probs(p, name: str, *, shape=None, normalised=True):
     return p
 
 
-def check_mask(mask, name: str, shape):
-    """None, or an array of the given shape of bools or finite non-negative weights."""
+def check_mask(mask, name: str, shape, dtype=None):
+    """None, or an array of the given shape of bools or finite non-negative weights.
+
+    dtype: the work dtype of the masked mean; weights whose sum it cannot hold are refused
+    (their sum would overflow to inf and the mean become NaN).  Scaling every weight by the
+    same factor does not change the mean."""
     if mask is None:
         return None
     mask = as_array(mask, name)
@@ -118,6 +123,13 @@ def check_mask(mask, name: str, shape):
         raise ValueError(f"{name} contains non-finite values")
     if kind in "if" and not _all(xp, mask >= 0):
         raise ValueError(f"{name} contains negative weights")
+    if dtype is not None and kind in "iuf" and mask.size:
+        with np.errstate(over="ignore"):            # beyond float64 too: inf, refused below
+            total = float(xp.sum(mask, dtype=xp.float64))
+        limit = float(np.finfo(dtype).max)
+        if not total <= limit:
+            raise ValueError(f"{name}'s weights sum to {total:.3g}, more than {np.dtype(dtype).name} holds "
+                             f"({limit:.3g}): scale them down (the masked mean does not change)")
     return mask
 
 

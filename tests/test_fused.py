@@ -152,13 +152,35 @@ def test_inputs_untouched_and_errors_identical(chunking):
     for a, b in zip((z, p, mask), copies):
         assert np.array_equal(a, b)
     for bad_z, bad_p in [(np.where(np.arange(20) == 7, np.nan, z), p), (np.where(np.arange(20) == 7, -np.inf, z), p),
-                         (z, np.where(np.arange(20) == 3, -0.1, p)), (z, p * 1.01), (z, np.where(np.arange(20) == 3, np.inf, p))]:
+                         (z, np.where(np.arange(20) == 3, -0.1, p)), (z, p * 1.01), (z, np.where(np.arange(20) == 3, np.inf, p)),
+                         (z, np.where(np.arange(20) < 3, 1e308, p)), (z, np.where(np.arange(20) == 3, 1e300, p))]:
         msgs = []
         for impl in ("reference", "fused"):
             with pytest.raises(ValueError) as e:
                 lkref.lk_alpha(bad_z, bad_p, impl=impl)
             msgs.append(str(e.value).split(";")[0])
         assert msgs[0] == msgs[1]
+
+
+@pytest.mark.parametrize("name", REDUCED)
+@pytest.mark.parametrize("T", [1e-38, 1e-12, fused.MIN_TEMPERATURE])
+def test_tiny_temperatures_give_the_reference(name, T):
+    """Below MIN_TEMPERATURE the per-row factor d / (alpha T) could overflow float32 (then 0 * inf
+    is NaN where the reference, dividing by T last, has 0): the fast path hands over to the
+    reference.  At MIN_TEMPERATURE itself the fast path runs and must agree."""
+    import warnings
+    rng = np.random.default_rng(5)
+    z = make_logits(rng, (6, 50), dtype=np.float32)
+    p = make_probs(rng, (6, 50), dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)     # (z - max z) / T overflows to -inf: q one-hot
+        ref, fast = both(name, z, p, temperature=T)
+    assert np.array_equal(np.isnan(fast.grad), np.isnan(ref.grad)) and not np.isnan(ref.grad).any()
+    if T < fused.MIN_TEMPERATURE:
+        np.testing.assert_array_equal(fast.grad, ref.grad)
+    else:
+        finite = np.isfinite(ref.grad)
+        np.testing.assert_allclose(fast.grad[finite], ref.grad[finite], rtol=1e-5)
 
 
 def test_huge_finite_logits_are_not_called_non_finite():

@@ -230,6 +230,15 @@ def test_float64_stays_on_the_reference(numpy_as_cupy):
     assert run("kl", np.zeros((2, 3)), np.full((2, 3), 1 / 3)) is None
 
 
+@pytest.mark.parametrize("name", REDUCED)
+def test_tiny_temperatures_stay_on_the_reference(numpy_as_cupy, name):
+    """As on NumPy (lkref/fused.py, MIN_TEMPERATURE): d / (alpha T) could overflow float32."""
+    from lkref import fused
+    z, p = np.zeros((2, 3), np.float32), np.full((2, 3), 1 / 3, np.float32)
+    assert run(name, z, p, temperature=fused.MIN_TEMPERATURE / 10) is None
+    assert run(name, z, p, temperature=fused.MIN_TEMPERATURE) is not None
+
+
 def test_compile_options_name_the_toolkit_headers(tmp_path):
     import types
     (tmp_path / "include" / "cccl").mkdir(parents=True)

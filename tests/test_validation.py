@@ -20,6 +20,11 @@ P = np.array([[0.2, 0.3, 0.5], [0.1, 0.1, 0.8]])
     (Z, P, {"mask": np.array([1.0, -1.0])}, ValueError, "mask contains negative"),
     (Z, P, {"mask": np.array([1.0, np.nan])}, ValueError, "mask contains non-finite"),
     (Z, P, {"mask": np.array(["a", "b"])}, TypeError, "mask must hold"),
+    (Z, P, {"mask": np.array([1e308, 1e308])}, ValueError, "mask's weights sum to inf, more than float64"),
+    (Z.astype(np.float32), P.astype(np.float32), {"mask": np.array([3e38, 3e38], np.float32)}, ValueError,
+     "mask's weights sum to 6e.38, more than float32"),
+    (Z.astype(np.float32), P.astype(np.float32), {"mask": np.array([3e38, 3e38])}, ValueError,
+     "more than float32"),                                 # float64 weights, float32 work
     (np.where(Z > 0.5, np.nan, Z), P, {}, ValueError, "draft_logits contains non-finite"),
     (np.where(Z > 0.5, np.inf, Z), P, {}, ValueError, "draft_logits contains non-finite"),
     (np.ones((2, 3), dtype=np.int64), P, {}, TypeError, "draft_logits must be a floating-point"),
@@ -28,6 +33,7 @@ P = np.array([[0.2, 0.3, 0.5], [0.1, 0.1, 0.8]])
     (np.float64(1.0), np.float64(1.0), {}, ValueError, "draft_logits must have a vocabulary axis"),
     (Z, P - 0.2, {}, ValueError, "target_probs contains negative"),
     (Z, P * 1.01, {}, ValueError, "target_probs rows must sum to 1"),
+    (Z, np.where(P > 0.2, 1e308, P), {}, ValueError, "target_probs rows must sum to 1.*off by inf"),  # sum overflows
     (Z, np.where(P > 0.4, np.nan, P), {}, ValueError, "target_probs contains non-finite"),
     (Z, (P > 0.4).astype(np.int64), {}, TypeError, "target_probs must be a floating-point"),
     (Z, P, {"temperature": 0.0}, ValueError, "temperature must be > 0"),
