@@ -175,7 +175,14 @@ def _softmax_into(g, zc, T, mx=None, weights=None):
     np.subtract(zc, mx, out=g)
     if T != 1.0:
         np.divide(g, T, out=g)
-    wx = None if weights is None else _rowdot(weights, g)
+    wx = None
+    if weights is not None:
+        with np.errstate(invalid="ignore"):
+            wx = _rowdot(weights, g)
+        bad = np.nonzero(np.isnan(wx))[0]        # 0 * -inf: x overflowed where the weight is 0
+        for r in bad:                            # such terms are 0 (0 log q = 0), as in the reference
+            with np.errstate(invalid="ignore"):
+                wx[r] = np.sum(np.where(weights[r] > 0, weights[r] * g[r], 0))
     np.exp(g, out=g)
     s = g.sum(axis=1, keepdims=True)
     np.multiply(g, 1 / s, out=g)
@@ -430,7 +437,8 @@ def _weights(pb):
 
 def _mean(pb, w, values, reduce):
     """(mean, 1 / count) of the rows' values with weights w, over all ranks when reduce is given."""
-    total, count = np.asarray(np.dot(w, values), pb.wd), np.asarray(w.sum(), pb.wd)
+    # a row of weight 0 adds nothing, even when its loss is infinite (as losses.mean_forward)
+    total, count = np.asarray(np.dot(w, np.where(w > 0, values, 0)), pb.wd), np.asarray(w.sum(), pb.wd)
     if reduce is not None:
         total, count = reduce(total, count)
     scale = 1 / float(count) if float(count) > 0 else 0.0
@@ -458,7 +466,7 @@ def _loss(pb, w, lam, reduce):
         for a, (low, losses, _) in pb.fallback.items():
             per[a + low] = losses                     # the log-space loss of the fallback rows
     else:
-        per = lam * pb.kl + (1 - lam) * (1 - pb.alpha)
+        per = (lam * pb.kl if lam != 0 else 0) + (1 - lam) * (1 - pb.alpha)     # lam = 0: no KL, even inf
     per = np.where(live, per, 0)
     pb.losses = per
     mean, scale = _mean(pb, w, per, reduce)

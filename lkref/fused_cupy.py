@@ -249,7 +249,7 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
                 acc[1] += q < pv ? q : 0.f;
                 acc[2] += pv;
                 if (mode == 0 || mode == 3) {            // the KL sums
-                    acc2[0] += pv * x;
+                    acc2[0] += pv > 0.f ? pv * x : 0.f;   // 0 where p = 0, also where x = -inf
                     acc2[1] += pv > 0.f ? pv * logf(pv) : 0.f;
                 }
                 if (pv < 0.f) flags |= 2;
@@ -574,7 +574,7 @@ def _row_losses(cp, name, stats, restricted, lam):
     elif name == "lk_alpha":
         per = -cp.log(cp.where(alpha > 0, alpha, 1))
     else:
-        per = lam * kl + (1 - lam) * tv
+        per = (lam * kl if lam != 0 else 0) + (1 - lam) * tv                     # lam = 0: no KL, even inf
     return cp.where(psum > 0, per, 0) if restricted else per
 
 

@@ -141,7 +141,9 @@ def kl_forward(z, p, *, temperature=1.0):
     q, logq = softmax_parts(z, temperature)
     with _quiet(xp):
         plogp = xp.where(p > 0, p * xp.log(p), 0)
-    losses = xp.sum(plogp - p * logq, axis=-1)
+        # p log q is 0 where p = 0, also where log q = -inf ((z - max z) / T overflowed)
+        plogq = xp.where(p > 0, p * logq, 0)
+    losses = xp.sum(plogp - plogq, axis=-1)
     cache = {"q": q, "p": p, "T": temperature}
     return losses, cache
 
@@ -242,7 +244,10 @@ def lk_lambda_forward(z, p, lam, *, temperature=1.0, p_kl=None):
     kl_losses, kl_cache = kl_forward(z, p if p_kl is None else p_kl, temperature=temperature)
     tv_losses, tv_cache = tv_forward(z, p, temperature=temperature)
     cache = {"lam": lam, "kl": kl_cache, "tv": tv_cache}
-    return lam * kl_losses + (1 - lam) * tv_losses, cache
+    xp = namespace(kl_losses)
+    with _quiet(xp):                             # lam = 0 drops KL, even an infinite one (0 * inf)
+        kl_part = xp.where(lam != 0, lam * kl_losses, 0)
+    return kl_part + (1 - lam) * tv_losses, cache
 
 
 def lk_lambda_backward(dlosses, cache):
@@ -271,7 +276,8 @@ def mean_forward(losses, weights=None, reduce=None):
     """
     xp = namespace(losses)
     w = xp.ones_like(losses) if weights is None else weights.astype(losses.dtype, copy=False)
-    total, count = xp.sum(w * losses), xp.sum(w)
+    # a row of weight 0 adds nothing, even when its loss is infinite (0 * inf would be NaN)
+    total, count = xp.sum(xp.where(w > 0, w * losses, 0)), xp.sum(w)
     if reduce is not None:
         total, count = reduce(total, count)
     scale = xp.where(count > 0, 1 / xp.where(count > 0, count, 1), 0)

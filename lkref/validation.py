@@ -107,9 +107,9 @@ def check_probs(p, name: str, *, shape=None, normalised=True):
 def check_mask(mask, name: str, shape, dtype=None):
     """None, or an array of the given shape of bools or finite non-negative weights.
 
-    dtype: the work dtype of the masked mean; weights whose sum it cannot hold are refused
-    (their sum would overflow to inf and the mean become NaN).  Scaling every weight by the
-    same factor does not change the mean."""
+    dtype: the work dtype of the masked mean; weights whose sum it cannot hold, or whose
+    sum's reciprocal it cannot hold, are refused (the mean would be NaN).  Scaling every
+    weight by the same factor does not change the mean."""
     if mask is None:
         return None
     mask = as_array(mask, name)
@@ -126,10 +126,14 @@ def check_mask(mask, name: str, shape, dtype=None):
     if dtype is not None and kind in "iuf" and mask.size:
         with np.errstate(over="ignore"):            # beyond float64 too: inf, refused below
             total = float(xp.sum(mask, dtype=xp.float64))
-        limit = float(np.finfo(dtype).max)
-        if not total <= limit:
+        info = np.finfo(dtype)
+        if not total <= float(info.max):
             raise ValueError(f"{name}'s weights sum to {total:.3g}, more than {np.dtype(dtype).name} holds "
-                             f"({limit:.3g}): scale them down (the masked mean does not change)")
+                             f"({float(info.max):.3g}): scale them down (the masked mean does not change)")
+        if 0 < total < float(info.tiny):                # 1 / sum would overflow
+            raise ValueError(f"{name}'s weights sum to {total:.3g}, below the smallest normal "
+                             f"{np.dtype(dtype).name} ({float(info.tiny):.3g}): scale them up (the masked mean "
+                             f"does not change)")
     return mask
 
 

@@ -183,6 +183,36 @@ def test_tiny_temperatures_give_the_reference(name, T):
         np.testing.assert_allclose(fast.grad[finite], ref.grad[finite], rtol=1e-5)
 
 
+def _overflowing_rows(dtype):
+    """Row 0: finite logits whose spread overflows (z - max z = -inf): q = (1, 0, 0), p = (1, 0, 0),
+    so KL = 0 once 0 log q counts as 0 where p = 0; row 1: KL = inf (p > 0 where q = 0); row 2: plain."""
+    big = np.finfo(dtype).max * 0.9
+    z = np.array([[big, -big, 0.0], [big, -big, 0.0], [0.1, 0.2, 0.3]], dtype)
+    p = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]], dtype)
+    return z, p
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_overflowing_logits_give_no_nan(impl, dtype):
+    """0 log q = 0 where p = 0 even where log q = -inf; a row of weight 0 adds nothing to the mean
+    even when its loss is inf; lam = 0 drops the KL term even when it is inf."""
+    import warnings
+    z, p = _overflowing_rows(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)      # the overflow of z - max z itself
+        r = lkref.kl(z[:1], p[:1], impl=impl)
+        assert float(r.loss) == 0 and np.all(r.grad == 0)
+        masked = lkref.kl(z, p, mask=np.array([1.0, 0.0, 1.0]), impl=impl)
+        plain = lkref.kl(z[[0, 2]], p[[0, 2]], impl=impl)
+        assert np.isfinite(masked.loss) and np.isclose(float(masked.loss), float(plain.loss), rtol=1e-6)
+        assert np.all(masked.grad[1] == 0) and not np.isnan(masked.grad).any()
+        assert np.isinf(lkref.kl(z, p, impl=impl).loss)                         # unmasked: inf, not NaN
+        lam0 = lkref.lk_lambda(z, p, lam=0.0, impl=impl)
+        tv = lkref.tv(z, p, impl=impl)
+        assert np.isclose(float(lam0.loss), float(tv.loss), rtol=1e-6) and not np.isnan(lam0.grad).any()
+
+
 def test_huge_finite_logits_are_not_called_non_finite():
     z = np.full((2, 3), 3e38, np.float32)             # the row sum overflows; the values are finite
     z[:, 0] = 0

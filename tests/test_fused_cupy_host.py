@@ -51,7 +51,7 @@ def kernel_on_the_cpu(grid, block, args, shared_mem=0):
         psum = p.sum(1)
         kl_sums = mode in (0, 3)
         with np.errstate(divide="ignore", invalid="ignore"):
-            px = (p * x).sum(1) if kl_sums else 0 * psum
+            px = np.where(p > 0, p * x, 0).sum(1) if kl_sums else 0 * psum
             plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0).sum(1) if kl_sums else 0 * psum
         stats[:, :8] = np.stack([m, s, alpha, S, psum, px, plogp, flags.astype(np.float32)], 1)
         if phase == 1:
@@ -228,6 +228,21 @@ def test_input_flags_outside_the_draft_vocabulary(numpy_as_cupy, bad, match):
 
 def test_float64_stays_on_the_reference(numpy_as_cupy):
     assert run("kl", np.zeros((2, 3)), np.full((2, 3), 1 / 3)) is None
+
+
+def test_overflowing_logits_give_no_nan(numpy_as_cupy):
+    """The kernel's sum p x skips p = 0, where x = (z - max z) / T may be -inf (0 log q = 0)."""
+    import warnings
+    big = np.finfo(np.float32).max * 0.9
+    z = np.array([[big, -big, 0.0], [0.1, 0.2, 0.3]], np.float32)
+    p = np.array([[1.0, 0.0, 0.0], [0.2, 0.3, 0.5]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for name in ("kl", "lk_lambda"):
+            fast, ref = run(name, z, p), lkref.LOSSES[name](z, p, impl="reference")
+            assert np.isfinite(fast.loss) and not np.isnan(fast.grad).any()
+            np.testing.assert_allclose(float(fast.loss), float(ref.loss), rtol=1e-5)
+            np.testing.assert_allclose(fast.grad, ref.grad, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", REDUCED)

@@ -25,6 +25,9 @@ P = np.array([[0.2, 0.3, 0.5], [0.1, 0.1, 0.8]])
      "mask's weights sum to 6e.38, more than float32"),
     (Z.astype(np.float32), P.astype(np.float32), {"mask": np.array([3e38, 3e38])}, ValueError,
      "more than float32"),                                 # float64 weights, float32 work
+    (Z.astype(np.float32), P.astype(np.float32), {"mask": np.array([1e-41, 0.0], np.float32)}, ValueError,
+     "mask's weights sum to 1e-41, below the smallest normal float32"),   # 1 / sum overflows
+    (Z, P, {"mask": np.array([1e-310, 0.0])}, ValueError, "below the smallest normal float64"),
     (np.where(Z > 0.5, np.nan, Z), P, {}, ValueError, "draft_logits contains non-finite"),
     (np.where(Z > 0.5, np.inf, Z), P, {}, ValueError, "draft_logits contains non-finite"),
     (np.ones((2, 3), dtype=np.int64), P, {}, TypeError, "draft_logits must be a floating-point"),
