@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import lkref
@@ -272,3 +272,67 @@ def test_kl_keeps_its_digits_with_large_logits(name, seed):
     ref, fast = both(name, z, p, temperature=0.7, **({"lam": 1.0} if name == "lk_lambda" else {}))
     bound = 4 * np.finfo(np.float32).eps * (kl_terms(z, p, 0.7) + (name != "kl"))
     assert abs(float(fast.loss) - float(ref.loss)) <= bound
+
+
+def _outcome(name, z, p, impl, kw):
+    try:
+        return lkref.LOSSES[name](z, p, impl=impl, **kw)
+    except (ValueError, TypeError) as exc:
+        return f"{type(exc).__name__}: {str(exc).split(';')[0]}"
+
+
+@given(seed=st.integers(0, 2**32 - 1), name=st.sampled_from(REDUCED), dtype=st.sampled_from([np.float32, np.float64]),
+       N=st.sampled_from([0, 1, 3]), V=st.sampled_from([1, 2, 7, 40]),
+       zscale=st.sampled_from([1e-30, 1.0, 30.0, 1e3, 1e30, "max"]), pkind=st.sampled_from(["spread", "peaked", "point",
+                                                                                              "sliver"]),
+       T=st.sampled_from([None, 1e-38, 1e-12, 1e-8, 1e-3, 0.7, 1e3, 1e30]),
+       mask=st.sampled_from([None, 0.0, 1e-30, 1.0, 1e30]), lam=st.sampled_from([None, 0.0, 0.5, 1.0]))
+@example(seed=0, name="kl", dtype=np.float32, N=3, V=2, zscale="max", pkind="point", T=None, mask=0.0, lam=None)
+@example(seed=1, name="lk_lambda", dtype=np.float64, N=3, V=40, zscale="max", pkind="sliver", T=1e-8, mask=None,
+         lam=0.0)
+@example(seed=2, name="lk_alpha", dtype=np.float32, N=3, V=7, zscale=1.0, pkind="spread", T=1e-38, mask=None, lam=None)
+def test_extreme_inputs_agree_and_give_no_nan(seed, name, dtype, N, V, zscale, pkind, T, mask, lam):
+    """Finite inputs at the edges of the dtype (logits near its max, tiny and huge temperatures,
+    point and near-point targets, masks with zeros and extreme weights): the fast path and the
+    reference raise the same error or agree, and neither returns a NaN."""
+    import warnings
+    rng = np.random.default_rng(seed)
+    big = float(np.finfo(dtype).max) * 0.9
+    if zscale == "max":                                   # the widest finite logits: z - max z overflows
+        z = (rng.uniform(-1, 1, (N, V)) * big).astype(dtype)
+    else:
+        z = (rng.standard_normal((N, V)) * zscale).astype(dtype)
+    if pkind == "spread":
+        p = rng.dirichlet(np.ones(V), N) if N else np.zeros((0, V))
+    elif pkind == "peaked":
+        p = rng.dirichlet(np.full(V, 0.01), N) if N else np.zeros((0, V))
+    else:
+        p = np.eye(V)[rng.integers(V, size=N)]
+        if pkind == "sliver" and V > 1:                   # a point mass with a trace elsewhere
+            p = p * (1 - 1e-30) + np.roll(p, 1, axis=1) * 1e-30
+    p = p.astype(dtype)
+    kw = {} if T is None else {"temperature": T}
+    if mask is not None and N:
+        w = rng.random(N) * mask
+        w[0] = 0.0                                        # a masked row, whatever its loss
+        kw["mask"] = w
+    if name == "lk_lambda" and lam is not None:
+        kw["lam"] = lam
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # overflows of z - max z, of 1/T ...: the limits are meant
+        ref, fast = _outcome(name, z, p, "reference", kw), _outcome(name, z, p, "fused", kw)
+    if isinstance(ref, str) or isinstance(fast, str):
+        assert ref == fast
+        return
+    eps = float(np.finfo(dtype).eps)
+    atol = 100 * eps * max(1.0, 1.0 / (T or 1.0))
+    rtol = 1e-4 if dtype == np.float32 else 1e-9
+    for field in ("loss", "grad", "alpha"):
+        a, b = (np.asarray(getattr(r, field), np.float64) for r in (ref, fast))
+        assert not np.isnan(a).any() and not np.isnan(b).any(), field
+        assert np.array_equal(np.isfinite(a), np.isfinite(b)), field
+        assert np.array_equal(a[~np.isfinite(a)], b[~np.isfinite(b)]), field          # the same infinities
+        fin = np.isfinite(a)
+        if fin.any():
+            np.testing.assert_allclose(b[fin], a[fin], rtol=0, atol=rtol * float(np.abs(a[fin]).max()) + atol,
+                                       err_msg=field)
