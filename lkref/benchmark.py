@@ -192,6 +192,8 @@ def run(backends=("numpy",), losses=tuple(LOSSES), sizes=None, repeat=10, with_p
     stopped by a time limit keeps what it measured."""
     sizes = DEFAULT_SIZES if sizes is None else sizes
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())     # the run's, on every CSV row
+    import lkref
+    say(f"== lkref {lkref.__version__}, git {git_sha()}, {stamp}")
     rows = []
     peer_mod = load_peers() if with_peers else None
     for backend in backends:
