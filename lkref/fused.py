@@ -27,6 +27,7 @@ np.where or where=, which run many times slower on random masks.
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -63,28 +64,27 @@ def _check_value_rows(zc, pc_full, pb, buf, errors):
     """The value checks of validation.py on one chunk, while it is in cache.
 
     Returns the rows' max z (the softmax needs it), or None after recording the error (a
-    row sum off by more than TARGET_SUM_ATOL is recorded in pb.sum_errs, for _raise_first)."""
+    row sum off by more than TARGET_SUM_ATOL is recorded in pb.sum_errs, for _raise_first).
+    Each input gets one combined test, a Python float (few small NumPy calls: they hold the
+    GIL that the other chunk threads wait for); the exact check runs only when it fails."""
     mx = zc.max(axis=1, keepdims=True)
-    # a NaN or +inf shows in the max; a -inf in the row sum (a dot product, cheaper than a min);
-    # a sum that overflows on huge finite logits is sent to the exact check
     with np.errstate(over="ignore", invalid="ignore"):
-        finite = np.all(np.isfinite(mx)) and np.all(np.isfinite(zc @ buf.ones))
-    if not finite and not np.all(np.isfinite(zc)):
-        errors.append(ValueError("draft_logits contains non-finite values (NaN or inf)"))
-        return None
-    with np.errstate(over="ignore", invalid="ignore"):   # a sum that overflows is off by inf below
+        # a NaN or +inf shows in the max; a -inf in the row sum (a dot product, cheaper than a
+        # min); a sum that overflows on huge finite logits is sent to the exact check
+        if not math.isfinite(float(mx.sum()) + float((zc @ buf.ones).sum())) and not np.isfinite(zc).all():
+            errors.append(ValueError("draft_logits contains non-finite values (NaN or inf)"))
+            return None
         if pc_full.dtype == pb.wd and pc_full.shape[1] == pb.V:
             psum = pc_full @ buf.ones
         else:
             psum = pc_full.sum(axis=1, dtype=pb.wd)
-    if not np.all(np.isfinite(psum)) and not np.all(np.isfinite(pc_full)):
-        errors.append(ValueError("target_probs contains non-finite values (NaN or inf)"))
-        return None
-    if not np.all(pc_full.min(axis=1) >= 0):
-        errors.append(ValueError("target_probs contains negative probabilities"))
-        return None
-    with np.errstate(invalid="ignore"):
-        worst = float(np.max(np.abs(psum - 1))) if len(psum) else 0.0
+        if not math.isfinite(float(psum.sum())) and not np.isfinite(pc_full).all():
+            errors.append(ValueError("target_probs contains non-finite values (NaN or inf)"))
+            return None
+        if not float(pc_full.min()) >= 0:
+            errors.append(ValueError("target_probs contains negative probabilities"))
+            return None
+        worst = float(np.abs(psum - 1).max())       # a sum that overflowed is off by inf
     pb.sum_errs.append(worst)
     if worst > TARGET_SUM_ATOL:                 # _raise_first says so; computing on would only warn
         return None
@@ -179,10 +179,10 @@ def _softmax_into(g, zc, T, mx=None, weights=None):
     if weights is not None:
         with np.errstate(invalid="ignore"):
             wx = _rowdot(weights, g)
-        bad = np.nonzero(np.isnan(wx))[0]        # 0 * -inf: x overflowed where the weight is 0
-        for r in bad:                            # such terms are 0 (0 log q = 0), as in the reference
-            with np.errstate(invalid="ignore"):
-                wx[r] = np.sum(np.where(weights[r] > 0, weights[r] * g[r], 0))
+        if math.isnan(float(wx.sum())):          # 0 * -inf: x overflowed where the weight is 0;
+            for r in np.nonzero(np.isnan(wx))[0]:   # such terms are 0 (0 log q = 0), as in the reference
+                with np.errstate(invalid="ignore"):
+                    wx[r] = np.sum(np.where(weights[r] > 0, weights[r] * g[r], 0))
     np.exp(g, out=g)
     s = g.sum(axis=1, keepdims=True)
     np.multiply(g, 1 / s, out=g)
@@ -216,11 +216,11 @@ def _pass1(pb: _Problem, buf: _Buffers, a, b, errors):
         np.log(t, out=t)
         pb.kl[a:b] = _rowdot(pc_kl, t) - p_logq      # 0 log tiny = 0 where p = 0
     np.minimum(g, pc, out=t)
-    pb.alpha[a:b] = t @ buf.ones
+    np.matmul(t, buf.ones, out=pb.alpha[a:b])
     if pb.need_tv:
         np.less(g, pc, out=t, casting="unsafe")    # m as 0.0 / 1.0
         pb.S[a:b] = _rowdot(g, t)
-    if pb.name == "lk_alpha":
+    if pb.name == "lk_alpha" and float(pb.alpha[a:b].min()) < pb.floor:
         low = np.nonzero((pb.pmass[a:b] > 0) & (pb.alpha[a:b] < pb.floor))[0]
         if len(low):                                # the reference's log space, at unit weight
             losses, cache = ref.lk_alpha_forward(zc[low], pc[low], temperature=pb.T)
@@ -238,9 +238,8 @@ def _pass2(pb: _Problem, buf: _Buffers, a, b, chunk, d, lam, mask_valid):
     T = pb.T
     if pb.need_tv:
         c_tv = d / T
-        if pb.name == "lk_alpha":
-            alpha = pb.alpha[a:b]
-            c_tv = np.where(alpha >= pb.floor, c_tv / np.where(alpha >= pb.floor, alpha, 1), 0)
+        if pb.name == "lk_alpha":                   # rows under the floor: the fallback's, below
+            c_tv = c_tv / np.maximum(pb.alpha[a:b], pb.floor)
         elif pb.name == "lk_lambda":
             c_tv = (1 - lam) * c_tv
         if not mask_valid:
