@@ -193,3 +193,18 @@ def test_fused_refuses_host_arrays_beside_device_ones(cp):
         lkref.tv(z, p, impl="fused")
     with pytest.raises(TypeError, match="backends"):
         lkref.tv(z, cp.asarray(p), impl="fused", mask=np.ones(4, bool))
+
+
+@pytest.mark.parametrize("name", REDUCED)
+def test_fused_edges_give_no_nan(cp, name):
+    """Finite logits whose spread overflows (q = 0 where p = 0: 0 log q = 0), a masked row with an
+    infinite KL, and a temperature below fused.MIN_TEMPERATURE (the reference's path)."""
+    big = np.finfo(np.float32).max * 0.9
+    z = np.array([[big, -big, 0.0], [big, -big, 0.0], [0.1, 0.2, 0.3]], np.float32)
+    p = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]], np.float32)
+    fast = compare(cp, name, z, p, mask=cp.asarray([1.0, 0.0, 1.0], cp.float32))
+    assert np.isfinite(to_numpy(fast.loss)) and not np.isnan(to_numpy(fast.grad)).any()
+    rng = np.random.default_rng(7)
+    z2, p2 = make_logits(rng, (4, 300), dtype=np.float32), peaked_probs(rng, (4, 300)).astype(np.float32)
+    tiny = lkref.LOSSES[name](cp.asarray(z2), cp.asarray(p2), impl="fused", temperature=1e-38)
+    assert not np.isnan(to_numpy(tiny.grad)).any()
