@@ -21,8 +21,10 @@ Per chunk, with g the gradient rows (holding q after the softmax) and t a work b
     KL:        g = (q sum p - p) * d / T
     LK^lambda: g = lam * KL's + (1 - lam) * TV's
 with d = w / sum w the weight of the row in the masked mean.  Row sums other than the
-softmax's are dot products (BLAS); masked selections are arithmetic on 0/1 floats, never
-np.where or where=, which run many times slower on random masks.
+softmax's are einsum loops (as fast as a BLAS product with a vector of ones, and unlike
+NumPy's matmul they release the GIL, which the other chunk threads wait for); masked
+selections are arithmetic on 0/1 floats, never np.where or where=, which run many times
+slower on random masks.
 """
 
 from __future__ import annotations
@@ -71,13 +73,10 @@ def _check_value_rows(zc, pc_full, pb, buf, errors):
     with np.errstate(over="ignore", invalid="ignore"):
         # a NaN or +inf shows in the max; a -inf in the row sum (a dot product, cheaper than a
         # min); a sum that overflows on huge finite logits is sent to the exact check
-        if not math.isfinite(float(mx.sum()) + float((zc @ buf.ones).sum())) and not np.isfinite(zc).all():
+        if not math.isfinite(float(mx.sum()) + float(_rowsum(zc).sum())) and not np.isfinite(zc).all():
             errors.append(ValueError("draft_logits contains non-finite values (NaN or inf)"))
             return None
-        if pc_full.dtype == pb.wd and pc_full.shape[1] == pb.V:
-            psum = pc_full @ buf.ones
-        else:
-            psum = pc_full.sum(axis=1, dtype=pb.wd)
+        psum = _rowsum(pc_full) if pc_full.dtype == pb.wd else pc_full.sum(axis=1, dtype=pb.wd)
         if not math.isfinite(float(psum.sum())) and not np.isfinite(pc_full).all():
             errors.append(ValueError("target_probs contains non-finite values (NaN or inf)"))
             return None
@@ -133,7 +132,6 @@ class _Buffers:
         self.t = np.empty((rows, V), wd)
         self.g = None if pb.direct else np.empty((rows, V), wd)   # out has another dtype
         self.z = np.empty((rows, V), wd) if pb.alias else None     # out is z: keep the logits
-        self.ones = np.ones(V, wd)                   # row sums as BLAS dot products
 
 
 def _rows(pb: _Problem, buf: _Buffers, a, b, errors, check=True):
@@ -189,9 +187,15 @@ def _softmax_into(g, zc, T, mx=None, weights=None):
     return mx, s, wx
 
 
+def _rowsum(a, out=None):
+    """sum_v a[i, v] for every row i.  einsum, not a BLAS product with a vector of ones, which
+    is as fast but holds the GIL (numpy#11821) and so stalls the other chunk threads."""
+    return np.einsum("ij->i", a, out=out)
+
+
 def _rowdot(a, b):
-    """sum_v a[i, v] b[i, v] for every row i, as a batch of BLAS dot products."""
-    return np.matmul(a[:, None, :], b[:, :, None])[:, 0, 0]
+    """sum_v a[i, v] b[i, v] for every row i (einsum: it releases the GIL, see _rowsum)."""
+    return np.einsum("ij,ij->i", a, b)
 
 
 def _pass1(pb: _Problem, buf: _Buffers, a, b, errors):
@@ -210,13 +214,13 @@ def _pass1(pb: _Problem, buf: _Buffers, a, b, errors):
     # the exp (sum p z - max z sum p would cancel digits of the size of the logits)
     mx, s, px = _softmax_into(g, zc, pb.T, mx, weights=pc_kl if pb.need_kl else None)
     if pb.need_kl:
-        psum_kl = pb.psum_kl[a:b] = pc_kl @ buf.ones
+        psum_kl = _rowsum(pc_kl, out=pb.psum_kl[a:b])
         p_logq = px - np.log(s[:, 0]) * psum_kl
         np.maximum(pc_kl, np.finfo(pb.wd).tiny, out=t)
         np.log(t, out=t)
         pb.kl[a:b] = _rowdot(pc_kl, t) - p_logq      # 0 log tiny = 0 where p = 0
     np.minimum(g, pc, out=t)
-    np.matmul(t, buf.ones, out=pb.alpha[a:b])
+    _rowsum(t, out=pb.alpha[a:b])
     if pb.need_tv:
         np.less(g, pc, out=t, casting="unsafe")    # m as 0.0 / 1.0
         pb.S[a:b] = _rowdot(g, t)
