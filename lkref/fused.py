@@ -1,30 +1,30 @@
 """Fast paths for the reduced losses, checked against lkref/losses.py (the specification).
 
 NumPy (this file): the rows are cut into chunks small enough to stay in cache; every
-chunk is worked on in place in the gradient's own memory plus two small work buffers
-(a float one and a bool one), with one exp per element.  Chunks can run on several
+chunk is worked on in place in the gradient's own memory plus a small float work buffer,
+with one exp per element.  Chunks can run on several
 threads (NumPy releases the GIL inside its loops).  Peak extra memory is the work
 buffers plus O(N), whatever N is.
 
-q is formed with exactly the operations of losses.softmax_parts, so q, alpha and the tie
-rule 1[q < p] agree with the reference bit for bit; the gradients agree to rounding.
+q is formed with exactly the operations of losses.softmax_parts, so q and with it the tie
+rule 1[q < p] agree with the reference bit for bit; alpha, S and the gradients agree to
+rounding.
 LK^alpha rows whose alpha is too small for 1/alpha (alpha < ALPHA_FLOOR) are recomputed
 with the reference's log-space code, so disjoint supports stay exact here too.
 
 Per chunk, with g the gradient rows (holding q after the softmax) and t a work buffer:
 
     g = exp((z - max z) / T) * (1 / sum)    q
-    t = min(g, p)                           alpha = t . 1
-    t = 1[g < p]  (as 0.0 / 1.0)            S = g . t          (TV, LK^alpha, LK^lambda)
-    TV:        g = q (S - m) * d / T
-    LK^alpha:  g = q (S - m) * d / (alpha T)
+    t = min(g, p)                           alpha = sum_v t
+    t = g * 1[g < p]  (m as 0.0 / 1.0)      S = sum_v t        (TV, LK^alpha, LK^lambda)
+    TV:        g = (q S - t) * c,  c = d / T
+    LK^alpha:  g = (q S - t) * c,  c = d / (alpha T)
     KL:        g = (q sum p - p) * d / T
     LK^lambda: g = lam * KL's + (1 - lam) * TV's
-with d = w / sum w the weight of the row in the masked mean.  Row sums other than the
-softmax's are einsum loops (as fast as a BLAS product with a vector of ones, and unlike
-NumPy's matmul they release the GIL, which the other chunk threads wait for); masked
-selections are arithmetic on 0/1 floats, never np.where or where=, which run many times
-slower on random masks.
+with d = w / sum w the weight of the row in the masked mean.  Row sums (_rowsum) are einsum
+over blocks, then pairwise: they release the GIL, which the other chunk threads wait for
+(NumPy's matmul does not); masked selections are arithmetic on 0/1 floats, never np.where
+or where=, which run many times slower on random masks.
 """
 
 from __future__ import annotations
@@ -65,18 +65,19 @@ def default_threads(elements: int) -> int:
 def _check_value_rows(zc, pc_full, pb, buf, errors):
     """The value checks of validation.py on one chunk, while it is in cache.
 
-    Returns the rows' max z (the softmax needs it), or None after recording the error (a
-    row sum off by more than TARGET_SUM_ATOL is recorded in pb.sum_errs, for _raise_first).
+    Returns (max z, target row sums) (the softmax and KL need them), or None after recording
+    the error (a row sum off by more than TARGET_SUM_ATOL is recorded in pb.sum_errs, for
+    _raise_first).
     Each input gets one combined test, a Python float (few small NumPy calls: they hold the
     GIL that the other chunk threads wait for); the exact check runs only when it fails."""
     mx = zc.max(axis=1, keepdims=True)
     with np.errstate(over="ignore", invalid="ignore"):
         # a NaN or +inf shows in the max; a -inf in the row sum (a dot product, cheaper than a
         # min); a sum that overflows on huge finite logits is sent to the exact check
-        if not math.isfinite(float(mx.sum()) + float(_rowsum(zc).sum())) and not np.isfinite(zc).all():
+        if not math.isfinite(float(mx.sum()) + float(np.einsum("ij->i", zc).sum())) and not np.isfinite(zc).all():
             errors.append(ValueError("draft_logits contains non-finite values (NaN or inf)"))
             return None
-        psum = _rowsum(pc_full) if pc_full.dtype == pb.wd else pc_full.sum(axis=1, dtype=pb.wd)
+        psum = _rowsum(pc_full if pc_full.dtype == pb.wd else pc_full.astype(pb.wd))
         if not math.isfinite(float(psum.sum())) and not np.isfinite(pc_full).all():
             errors.append(ValueError("target_probs contains non-finite values (NaN or inf)"))
             return None
@@ -87,7 +88,7 @@ def _check_value_rows(zc, pc_full, pb, buf, errors):
     pb.sum_errs.append(worst)
     if worst > TARGET_SUM_ATOL:                 # _raise_first says so; computing on would only warn
         return None
-    return mx
+    return mx, psum
 
 
 class _Problem:
@@ -135,7 +136,8 @@ class _Buffers:
 
 
 def _rows(pb: _Problem, buf: _Buffers, a, b, errors, check=True):
-    """Chunk [a, b) in the work dtype: (zc, pc, pc_kl); None after a failed value check.
+    """Chunk [a, b) in the work dtype: (zc, pc, pc_kl, max z, row sums of the full target);
+    None after a failed value check (the last two are None without the check).
 
     pc is the target on the draft vocabulary (not renormalised), pc_kl the one KL uses."""
     n = b - a
@@ -146,11 +148,12 @@ def _rows(pb: _Problem, buf: _Buffers, a, b, errors, check=True):
         np.copyto(buf.z[:n], zc)                    # out is z: keep the logits for the fallback
         zc = buf.z[:n]
     pc_full = pb.p[a:b]
-    mx = None
+    mx = psum = None
     if check:
-        mx = _check_value_rows(zc, pc_full, pb, buf, errors)
-        if mx is None:
+        got = _check_value_rows(zc, pc_full, pb, buf, errors)
+        if got is None:
             return None
+        mx, psum = got
     pc = pc_full if pb.index is None else np.take(pc_full, pb.index, axis=1)
     if pc.dtype != pb.wd:
         pc = pc.astype(pb.wd)
@@ -160,14 +163,14 @@ def _rows(pb: _Problem, buf: _Buffers, a, b, errors, check=True):
         pb.pmass[a:b] = mass
         if pb.need_kl:
             pc_kl = pc / np.where(mass > 0, mass, 1)[:, None]
-    return zc, pc, pc_kl, mx
+    return zc, pc, pc_kl, mx, psum
 
 
-def _softmax_into(g, zc, T, mx=None, weights=None):
+def _softmax_into(g, zc, T, mx=None, weights=None, scratch=None):
     """g = q = exp((z - max z) / T) * (1 / sum), the same operations as losses.softmax_parts.
 
     Returns (max z, sum, weights . x per row) with x = (z - max z) / T; the last is None
-    without weights."""
+    without weights (then scratch, an array of g's shape, is needed)."""
     if mx is None:
         mx = zc.max(axis=1, keepdims=True)
     np.subtract(zc, mx, out=g)
@@ -176,7 +179,7 @@ def _softmax_into(g, zc, T, mx=None, weights=None):
     wx = None
     if weights is not None:
         with np.errstate(invalid="ignore"):
-            wx = _rowdot(weights, g)
+            wx = _rowsum(np.multiply(weights, g, out=scratch))
         if math.isnan(float(wx.sum())):          # 0 * -inf: x overflowed where the weight is 0;
             for r in np.nonzero(np.isnan(wx))[0]:   # such terms are 0 (0 log q = 0), as in the reference
                 with np.errstate(invalid="ignore"):
@@ -187,43 +190,64 @@ def _softmax_into(g, zc, T, mx=None, weights=None):
     return mx, s, wx
 
 
+#: Row sums add blocks of this many values with einsum, then the block sums pairwise.
+SUM_BLOCK = 256
+
+
 def _rowsum(a, out=None):
-    """sum_v a[i, v] for every row i.  einsum, not a BLAS product with a vector of ones, which
-    is as fast but holds the GIL (numpy#11821) and so stalls the other chunk threads."""
-    return np.einsum("ij->i", a, out=out)
+    """sum_v a[i, v] for every row i, nearly as accurate as the reference's pairwise sums
+    (float32: ~1e-7 relative, where one einsum over the row gives ~6e-7) and three times as
+    fast.  Not a BLAS product with a vector of ones, as fast and as accurate: NumPy's matmul
+    holds the GIL (numpy#11821) and so stalls the other chunk threads; einsum and add.reduce
+    release it."""
+    n, V = a.shape
+    k = V // SUM_BLOCK
+    if k < 2:
+        return np.einsum("ij->i", a, out=out)
+    head = np.einsum("ijk->ij", a[:, :k * SUM_BLOCK].reshape(n, k, SUM_BLOCK))
+    total = np.add.reduce(head, axis=1, out=out)
+    if k * SUM_BLOCK < V:
+        total += np.einsum("ij->i", a[:, k * SUM_BLOCK:])
+    return total
 
 
-def _rowdot(a, b):
-    """sum_v a[i, v] b[i, v] for every row i (einsum: it releases the GIL, see _rowsum)."""
-    return np.einsum("ij,ij->i", a, b)
+def _masked_q(g, pc, t):
+    """t = u = q m = q 1[q < p], the terms of S (m as 0.0 / 1.0 first)."""
+    np.less(g, pc, out=t, casting="unsafe")
+    np.multiply(g, t, out=t)
 
 
 def _pass1(pb: _Problem, buf: _Buffers, a, b, errors):
     """q into the gradient rows g; per row alpha, S, KL; the LK^alpha fallback rows.
 
-    Returns (pc, pc_kl, g), or None after a failed value check.  Leaves 1[q < p] in buf.t
-    for TV, LK^alpha and LK^lambda."""
+    Returns (pc, pc_kl, g), or None after a failed value check.  Leaves u = q 1[q < p] in
+    buf.t for TV, LK^alpha and LK^lambda."""
     got = _rows(pb, buf, a, b, errors)
     if got is None:
         return None
-    zc, pc, pc_kl, mx = got
+    zc, pc, pc_kl, mx, psum = got
     n = b - a
     g = pb.out[a:b] if pb.direct else buf.g[:n]
     t = buf.t[:n]
     # KL: sum_v p log q = sum_v p x - log s sum_v p, with x = (z - max z) / T <= 0 taken before
     # the exp (sum p z - max z sum p would cancel digits of the size of the logits)
-    mx, s, px = _softmax_into(g, zc, pb.T, mx, weights=pc_kl if pb.need_kl else None)
+    mx, s, px = _softmax_into(g, zc, pb.T, mx, weights=pc_kl if pb.need_kl else None, scratch=t)
     if pb.need_kl:
-        psum_kl = _rowsum(pc_kl, out=pb.psum_kl[a:b])
+        if pb.index is None:                        # the target's row sums, from the check
+            pb.psum_kl[a:b] = psum
+        else:
+            _rowsum(pc_kl, out=pb.psum_kl[a:b])
+        psum_kl = pb.psum_kl[a:b]
         p_logq = px - np.log(s[:, 0]) * psum_kl
         np.maximum(pc_kl, np.finfo(pb.wd).tiny, out=t)
         np.log(t, out=t)
-        pb.kl[a:b] = _rowdot(pc_kl, t) - p_logq      # 0 log tiny = 0 where p = 0
+        np.multiply(pc_kl, t, out=t)
+        pb.kl[a:b] = _rowsum(t) - p_logq            # 0 log tiny = 0 where p = 0
     np.minimum(g, pc, out=t)
     _rowsum(t, out=pb.alpha[a:b])
     if pb.need_tv:
-        np.less(g, pc, out=t, casting="unsafe")    # m as 0.0 / 1.0
-        pb.S[a:b] = _rowdot(g, t)
+        _masked_q(g, pc, t)
+        _rowsum(t, out=pb.S[a:b])
     if pb.name == "lk_alpha" and float(pb.alpha[a:b].min()) < pb.floor:
         low = np.nonzero((pb.pmass[a:b] > 0) & (pb.alpha[a:b] < pb.floor))[0]
         if len(low):                                # the reference's log space, at unit weight
@@ -247,14 +271,15 @@ def _pass2(pb: _Problem, buf: _Buffers, a, b, chunk, d, lam, mask_valid):
         elif pb.name == "lk_lambda":
             c_tv = (1 - lam) * c_tv
         if not mask_valid:
-            np.less(g, pc, out=t, casting="unsafe")
-        # t = (S - m) c_tv
-        np.multiply(t, -c_tv[:, None], out=t)
-        np.add(t, (pb.S[a:b] * c_tv)[:, None], out=t)
+            _masked_q(g, pc, t)
+        # g = q (S - m) c_tv [+ q c_kl sum p] = q (S c_tv [+ c_kl sum p]) - u c_tv
+        row = pb.S[a:b] * c_tv
         if pb.need_kl:
             c_kl = lam * d / T
-            np.add(t, (c_kl * pb.psum_kl[a:b])[:, None], out=t)
-        np.multiply(g, t, out=g)                    # q (S - m) c_tv  [+ q c_kl sum p]
+            row = row + c_kl * pb.psum_kl[a:b]
+        np.multiply(g, row[:, None], out=g)
+        np.multiply(t, c_tv[:, None], out=t)
+        np.subtract(g, t, out=g)
     if pb.name == "kl":
         c_kl = d / T
         np.multiply(g, (c_kl * pb.psum_kl[a:b])[:, None], out=g)
@@ -336,10 +361,10 @@ def numpy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, 
 
         def second(buf, a, b):
             if pb.direct:                           # q is waiting in out
-                _, pc, pc_kl, _ = _rows(pb, buf, a, b, errors, check=False)
+                _, pc, pc_kl, _, _ = _rows(pb, buf, a, b, errors, check=False)
                 chunk = (pc, pc_kl, pb.out[a:b])
             else:                                   # q lived in a buffer: form it again
-                zc, pc, pc_kl, _ = _rows(pb, buf, a, b, errors, check=False)
+                zc, pc, pc_kl, _, _ = _rows(pb, buf, a, b, errors, check=False)
                 _softmax_into(buf.g[:b - a], zc, pb.T)          # q again; the sums are known
                 chunk = (pc, pc_kl, buf.g[:b - a])
             _pass2(pb, buf, a, b, chunk, d[a:b], lam_v, mask_valid=False)

@@ -336,3 +336,25 @@ def test_extreme_inputs_agree_and_give_no_nan(seed, name, dtype, N, V, zscale, p
         if fin.any():
             np.testing.assert_allclose(b[fin], a[fin], rtol=0, atol=rtol * float(np.abs(a[fin]).max()) + atol,
                                        err_msg=field)
+
+
+@pytest.mark.parametrize("V", [1, 300, 512, 513, 32_000, 50_257])
+def test_row_sums_are_accurate(V):
+    """_rowsum (einsum over blocks of SUM_BLOCK values, then a pairwise sum of the blocks)
+    against float64, into out= and not.  Bound: a sum of B positive float32 terms in order
+    is off by at most (B - 1) eps of the total, pairwise over k blocks by log2(k) eps more.
+    On long rows it must also beat one einsum over the whole row on the same data."""
+    rng = np.random.default_rng(V)
+    a = rng.dirichlet(np.full(V, 0.5), 9).astype(np.float32)
+    exact = a.astype(np.float64).sum(1)
+    out = np.full(12, -1.0, np.float32)
+    fused._rowsum(a, out=out[2:11])
+    assert np.all(out[[0, 1, 11]] == -1)                       # only the rows asked for
+    B = min(V, 2 * fused.SUM_BLOCK)
+    bound = (B - 1 + np.log2(max(V / fused.SUM_BLOCK, 1)) + 1) * np.finfo(np.float32).eps
+    err = np.abs(out[2:11] / exact - 1)
+    assert err.max() <= bound
+    np.testing.assert_array_equal(fused._rowsum(a), out[2:11])
+    if V >= 32_000:
+        plain = np.abs(np.einsum("ij->i", a) / exact - 1)
+        assert err.max() < 0.5 * plain.max()
