@@ -2,7 +2,9 @@
 
 For each backend x loss x size: build fp32 draft logits z [N, V] and target probabilities
 p [N, V]; check the default path against impl="reference" (loss, alpha, gradient); time
-forward + backward (perf_counter on the CPU, CUDA events on a GPU) and report p20 / p50 /
+forward + backward (perf_counter on the CPU, in interleaved rounds over the block's
+implementations so that ratios survive a noisy machine; CUDA events on a GPU, one
+implementation after the other) and report p20 / p50 /
 p80, the effective bandwidth (read z, read p, write the gradient: 12 N V bytes), its share
 of the measured copy bandwidth, the time that bandwidth allows, and the peak extra memory.
 Peers from the checkout's bench/peers.py run in the same process on the same data, when
@@ -211,28 +213,19 @@ def run(backends=("numpy",), losses=tuple(LOSSES), sizes=None, repeat=10, with_p
                 fn = LOSSES[loss]
                 ref = fn(z, p, impl="reference")
                 out = xp.empty_like(z)
-                for label, call, new_grad in _entries(xp, backend, fn, loss, z, p, out, N, V):
+                cands = _lkref_candidates(xp, backend, fn, loss, z, p, out, N, V, ref, say)
+                if peer_mod is not None:
+                    cands += _peer_candidates(peer_mod, xp, backend, loss, z, p, ref, say, skip_peers)
+                for c, t in zip(cands, _time_all(xp, backend, cands, repeat, say)):
+                    if t is None:
+                        continue
                     try:
-                        got = call()
-                    except Exception as exc:
-                        say(f"   {label} failed: {type(exc).__name__}: {exc}")
-                        continue
-                    if "lam=" in label:
-                        want = fn(z, p, impl="reference", lam=0.5)
-                    else:
-                        want = ref
-                    err = max(rel_err(got.grad, want.grad), rel_err(got.loss, want.loss), rel_err(got.alpha, want.alpha))
-                    if err > 1e-4:
-                        say(f"   {label}: differs from the reference by {err:.3g} (relative); not timed")
-                        continue
-                    t = timed(xp, call, repeat)
-                    mem = peak_extra(xp, call, z.nbytes if new_grad else 0)
-                    rows.append(_row(backend, label, loss, N, V, t, nbytes, bw, limit_ms, mem, err))
+                        mem = c.mem()
+                    except Exception:                   # a peer whose memory cannot be read: unknown
+                        mem = float("nan")
+                    rows.append(_row(backend, c.label, loss, N, V, t, nbytes, bw, limit_ms, mem, c.err))
                     if backend == "cupy":
                         xp.get_default_memory_pool().free_all_blocks()
-                if peer_mod is not None:
-                    rows += _run_peers(peer_mod, xp, backend, loss, N, V, z, p, ref, repeat, nbytes, bw, limit_ms, say,
-                                       skip_peers)
                 base_name = "numpy-naive" if backend == "numpy" else "lkref reference"
                 base = next((r for r in rows if r.backend == backend and r.loss == loss and r.N == N
                              and r.V == V and r.impl == base_name), None)
@@ -252,36 +245,132 @@ def _row(backend, label, loss, N, V, t, nbytes, bw, limit_ms, mem, err):
     return Row(backend, label, loss, N, V, p20, p50, p80, gbps, 100 * gbps * 1e9 / bw, limit_ms, mem, err)
 
 
-def _run_peers(mod, xp, backend, loss, N, V, z, p, ref, repeat, nbytes, bw, limit_ms, say, skip=()):
-    rows = []
+@dataclass
+class _Candidate:
+    """One implementation in a block, checked already: call() runs it, once() times one call
+    (ms), mem() measures its peak extra memory (MiB)."""
+
+    label: str
+    call: object
+    once: object
+    mem: object
+    err: float
+
+
+def _stopwatch(xp, call, sync=None):
+    """ms of one call: CUDA events on CuPy, perf_counter otherwise (synchronising a torch device)."""
+    if xp is not np and sync is None:
+        start, stop = xp.cuda.Event(), xp.cuda.Event()
+
+        def once():
+            start.record()
+            call()
+            stop.record()
+            stop.synchronize()
+            return xp.cuda.get_elapsed_time(start, stop)
+        return once
+
+    def once():
+        if sync:
+            sync()
+        t = time.perf_counter()
+        call()
+        if sync:
+            sync()
+        return (time.perf_counter() - t) * 1e3
+    return once
+
+
+def _lkref_candidates(xp, backend, fn, loss, z, p, out, N, V, ref, say):
+    cands = []
+    for label, call, new_grad in _entries(xp, backend, fn, loss, z, p, out, N, V):
+        try:
+            got = call()
+        except Exception as exc:
+            say(f"   {label} failed: {type(exc).__name__}: {exc}")
+            continue
+        want = fn(z, p, impl="reference", lam=0.5) if "lam=" in label else ref
+        err = max(rel_err(got.grad, want.grad), rel_err(got.loss, want.loss), rel_err(got.alpha, want.alpha))
+        if err > 1e-4:
+            say(f"   {label}: differs from the reference by {err:.3g} (relative); not timed")
+            continue
+        grad_bytes = z.nbytes if new_grad else 0
+        cands.append(_Candidate(label, call, _stopwatch(xp, call),
+                                lambda call=call, grad_bytes=grad_bytes: peak_extra(xp, call, grad_bytes), err))
+    return cands
+
+
+def _peer_candidates(mod, xp, backend, loss, z, p, ref, say, skip=()):
+    cands = []
     for label, (fn, kind) in mod.peers(backend, loss).items():
         if label in skip:
             continue
-        if kind == "numpy":
-            args = (z, p)
-            sync = None
-        else:
-            import torch
-            dev = "cuda" if kind == "torch-cuda" else "cpu"
-            args = (torch.as_tensor(to_numpy(z), device=dev), torch.as_tensor(to_numpy(p), device=dev))
-            sync = torch.cuda.synchronize if dev == "cuda" else None
-        if hasattr(fn, "prepare"):                  # the peer's own input form, made before timing
-            args = fn.prepare(*args)
         try:
+            if kind == "numpy":
+                args = (z, p)
+                sync = None
+            else:
+                import torch
+                dev = "cuda" if kind == "torch-cuda" else "cpu"
+                args = (torch.as_tensor(to_numpy(z), device=dev), torch.as_tensor(to_numpy(p), device=dev))
+                sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+            if hasattr(fn, "prepare"):              # the peer's own input form, made before timing
+                args = fn.prepare(*args)
             got_loss, got_grad = fn(*args)
             err = max(rel_err(np.asarray(got_grad.cpu() if hasattr(got_grad, "cpu") else got_grad), ref.grad),
                       rel_err(np.asarray(float(got_loss)), ref.loss))
-            if kind == "numpy":
-                t = timed(np, lambda: fn(*args), repeat)
-                mem = peak_extra(np, lambda: fn(*args), z.nbytes)
-            else:
-                t = _timed_torch(fn, args, repeat, sync)
-                mem = _torch_peak_extra(fn, args, z.nbytes) if kind == "torch-cuda" else float("nan")
         except Exception as exc:  # a peer that fails is reported, not fatal
             say(f"   peer {label} failed: {type(exc).__name__}: {exc}")
             continue
-        rows.append(_row(backend, label, loss, N, V, t, nbytes, bw, limit_ms, mem, err))
-    return rows
+        call = (lambda fn=fn, args=args: fn(*args))
+        if kind == "numpy":
+            mem = (lambda call=call: peak_extra(np, call, z.nbytes))
+        elif kind == "torch-cuda":
+            mem = (lambda fn=fn, args=args: _torch_peak_extra(fn, args, z.nbytes))
+        else:
+            mem = (lambda: float("nan"))
+        cands.append(_Candidate(label, call, _stopwatch(np if kind != "torch-cuda" else xp, call, sync), mem, err))
+    return cands
+
+
+def _time_all(xp, backend, cands, repeat, say, warmup=2):
+    """Times (ms) of every candidate, None for one that fails.  On the CPU the calls are
+    interleaved, each round in a rotated order, so that the machine's slow and fast spells
+    fall on every candidate alike and the ratios between them hold; on a GPU, whose speed
+    holds still, each candidate is timed in turn (its memory pool freed in between)."""
+    times = [[] for _ in cands]
+    alive = [True] * len(cands)
+
+    def one(i, record):
+        try:
+            ms = cands[i].once()
+        except Exception as exc:  # a peer that fails is reported, not fatal
+            say(f"   {cands[i].label} failed: {type(exc).__name__}: {exc}")
+            alive[i] = False
+            return
+        if record:
+            times[i].append(ms)
+    if backend == "numpy":
+        for i in range(len(cands)):
+            for _ in range(warmup):
+                if alive[i]:
+                    one(i, False)
+        for r in range(repeat):
+            for k in range(len(cands)):
+                i = (k + r) % len(cands)
+                if alive[i]:
+                    one(i, True)
+    else:
+        for i in range(len(cands)):
+            for _ in range(warmup):
+                if alive[i]:
+                    one(i, False)
+            for _ in range(repeat):
+                if alive[i]:
+                    one(i, True)
+            if backend == "cupy" and not cands[i].label.startswith(("torch", "speculators", "liger")):
+                xp.get_default_memory_pool().free_all_blocks()
+    return [t if alive[i] and t else None for i, t in enumerate(times)]
 
 
 def _torch_peak_extra(fn, args, grad_bytes):
@@ -293,21 +382,6 @@ def _torch_peak_extra(fn, args, grad_bytes):
     fn(*args)
     torch.cuda.synchronize()
     return max(0, torch.cuda.max_memory_allocated() - before - grad_bytes) / 2**20
-
-
-def _timed_torch(fn, args, repeat, sync):
-    for _ in range(3):
-        fn(*args)
-    out = []
-    for _ in range(repeat):
-        if sync:
-            sync()
-        t = time.perf_counter()
-        fn(*args)
-        if sync:
-            sync()
-        out.append((time.perf_counter() - t) * 1e3)
-    return out
 
 
 def _print_block(say, rows):
