@@ -156,7 +156,11 @@ def _speculators_fused():
         fused = importlib.util.module_from_spec(fspec)
         sys.modules[fspec.name] = fused                   # Triton's jit reads the source by module
         fspec.loader.exec_module(fused)
-    except Exception:                                     # no Triton, or a torch it cannot use
+    except Exception as exc:                              # no Triton, or a torch it cannot use
+        for name in ("speculators.losses.fused", "speculators.utils.util", "speculators.losses",
+                     "speculators.utils", "speculators"):
+            sys.modules.pop(name, None)                   # no half-made module for the next call
+        print(f"peer speculators: {path} did not load alone: {type(exc).__name__}: {exc}", file=sys.stderr)
         return None
     fused.LOADED_ALONE = True
     return fused

@@ -183,6 +183,25 @@ def test_speculators_fused_file_loads_alone(tmp_path, monkeypatch):
             del sys.modules[name]
 
 
+def test_speculators_fused_file_that_fails_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    """A fused.py that raises (say, a Triton too old for it) is reported once per try, and no
+    half-made module stays in sys.modules for the next try to pick up."""
+    import sys
+    _fake_speculators_tree(tmp_path)
+    (tmp_path / "speculators" / "losses" / "fused.py").write_text(
+        "def fused_nla_loss(logits, targets):\n    return None\nraise RuntimeError('too old')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _forget_speculators(monkeypatch)
+    try:
+        mod = benchmark.load_peers()
+        assert mod.speculators_loss("lk_alpha") is None and mod.speculators_loss("lk_alpha") is None
+        assert not [k for k in sys.modules if k == "speculators" or k.startswith("speculators.")]
+        assert capsys.readouterr().err.count("did not load alone: RuntimeError: too old") == 2
+    finally:
+        for name in [k for k in sys.modules if k == "speculators" or k.startswith("speculators.")]:
+            del sys.modules[name]
+
+
 def test_speculators_without_its_fused_file_is_absent(tmp_path, monkeypatch):
     import sys
     _fake_speculators_tree(tmp_path, with_fused=False)
