@@ -196,7 +196,12 @@ def speculators_loss(name):
 def liger_tv():
     try:
         from liger_kernel.ops.tvd import LigerTVDLossFunction
-    except Exception:
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("liger_kernel"):   # installed, but something it needs is not
+            print(f"peer liger-tvd: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+    except Exception as exc:                              # installed, but it does not import here
+        print(f"peer liger-tvd: {type(exc).__name__}: {exc}", file=sys.stderr)
         return None
 
     def run(z, p):
