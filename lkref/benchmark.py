@@ -406,6 +406,13 @@ def write_csv(rows, path, backend_names, stamp=None):
     for mod in ("cupy", "torch"):
         if mod in sys.modules:
             versions[mod] = getattr(sys.modules[mod], "__version__", "?")
+    from importlib import metadata
+    for mod, dist in (("triton", "triton"), ("speculators", "speculators"), ("liger_kernel", "liger-kernel")):
+        if mod in sys.modules:                  # the peers' (speculators may be loaded without its package)
+            try:
+                versions[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                versions[dist] = "?"
     stamp = stamp or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     sha = git_sha()
     machines = {b: machine_name(b) for b in backend_names}

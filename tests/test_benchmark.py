@@ -383,3 +383,13 @@ def test_cpu_timing_interleaves_so_ratios_survive_slow_spells():
         calls[0] = 0
         a, b = benchmark._time_all(xp, backend, [cand("a", 1.0), cand("b", 2.0)], repeat=20, say=print)
         assert np.median(b) / np.median(a) == want
+
+
+def test_csv_names_the_peer_libraries_in_use(tmp_path, monkeypatch):
+    import sys
+    import types
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    rows = [benchmark.Row("numpy", "liger-tvd", "tv", 1, 2, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0)]
+    benchmark.write_csv(rows, str(tmp_path / "v.csv"), ["numpy"])
+    versions = _csv_rows(tmp_path / "v.csv")[0]["versions"]
+    assert "liger-kernel=" in versions and "speculators=" not in versions
