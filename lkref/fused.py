@@ -2,9 +2,8 @@
 
 NumPy (this file): the rows are cut into chunks small enough to stay in cache; every
 chunk is worked on in place in the gradient's own memory plus a small float work buffer,
-with one exp per element.  Chunks can run on several
-threads (NumPy releases the GIL inside its loops).  Peak extra memory is the work
-buffers plus O(N), whatever N is.
+with one exp per element.  Chunks can run on several threads (NumPy releases the GIL
+inside its loops).  Peak extra memory is the work buffers plus O(N), whatever N is.
 
 q is formed with exactly the operations of losses.softmax_parts, so q and with it the tie
 rule 1[q < p] agree with the reference bit for bit; alpha, S and the gradients agree to
@@ -170,7 +169,7 @@ def _softmax_into(g, zc, T, mx=None, weights=None, scratch=None):
     """g = q = exp((z - max z) / T) * (1 / sum), the same operations as losses.softmax_parts.
 
     Returns (max z, sum, weights . x per row) with x = (z - max z) / T; the last is None
-    without weights (then scratch, an array of g's shape, is needed)."""
+    without weights.  With weights, scratch (an array of g's shape) receives weights * x."""
     if mx is None:
         mx = zc.max(axis=1, keepdims=True)
     np.subtract(zc, mx, out=g)
@@ -197,9 +196,9 @@ SUM_BLOCK = 256
 def _rowsum(a, out=None):
     """sum_v a[i, v] for every row i, nearly as accurate as the reference's pairwise sums
     (float32: ~1e-7 relative, where one einsum over the row gives ~6e-7) and three times as
-    fast.  Not a BLAS product with a vector of ones, as fast and as accurate: NumPy's matmul
-    holds the GIL (numpy#11821) and so stalls the other chunk threads; einsum and add.reduce
-    release it."""
+    fast as them (np.add.reduce).  Not a BLAS product with a vector of ones, as fast and as
+    accurate: NumPy's matmul holds the GIL (numpy#11821) and so stalls the other chunk
+    threads; einsum and add.reduce release it."""
     n, V = a.shape
     k = V // SUM_BLOCK
     if k < 2:
