@@ -248,13 +248,14 @@ def _row(backend, label, loss, N, V, t, nbytes, bw, limit_ms, mem, err):
 @dataclass
 class _Candidate:
     """One implementation in a block, checked already: call() runs it, once() times one call
-    (ms), mem() measures its peak extra memory (MiB)."""
+    (ms), mem() measures its peak extra memory (MiB); lkref's own use CuPy's memory pool."""
 
     label: str
     call: object
     once: object
     mem: object
     err: float
+    lkref: bool = False
 
 
 def _stopwatch(xp, call, sync=None):
@@ -296,7 +297,8 @@ def _lkref_candidates(xp, backend, fn, loss, z, p, out, N, V, ref, say):
             continue
         grad_bytes = z.nbytes if new_grad else 0
         cands.append(_Candidate(label, call, _stopwatch(xp, call),
-                                lambda call=call, grad_bytes=grad_bytes: peak_extra(xp, call, grad_bytes), err))
+                                lambda call=call, grad_bytes=grad_bytes: peak_extra(xp, call, grad_bytes), err,
+                                lkref=True))
     return cands
 
 
@@ -368,7 +370,7 @@ def _time_all(xp, backend, cands, repeat, say, warmup=2):
             for _ in range(repeat):
                 if alive[i]:
                     one(i, True)
-            if backend == "cupy" and not cands[i].label.startswith(("torch", "speculators", "liger")):
+            if backend == "cupy" and cands[i].lkref:
                 xp.get_default_memory_pool().free_all_blocks()
     return [t if alive[i] and t else None for i, t in enumerate(times)]
 

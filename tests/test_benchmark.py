@@ -375,14 +375,16 @@ def test_cpu_timing_interleaves_so_ratios_survive_slow_spells():
         return 1.0 if calls[0] <= 22 else 3.0
 
     def cand(label, cost):
-        return benchmark._Candidate(label, None, lambda: cost * speed(), lambda: 0.0, 0.0)
+        return benchmark._Candidate(label, None, lambda: cost * speed(), lambda: 0.0, 0.0, lkref=True)
     import types
-    pool = types.SimpleNamespace(free_all_blocks=lambda: None)
+    freed = []
+    pool = types.SimpleNamespace(free_all_blocks=lambda: freed.append(1))
     fake_cupy = types.SimpleNamespace(get_default_memory_pool=lambda: pool)
     for backend, xp, want in (("numpy", np, 2.0), ("cupy", fake_cupy, 6.0)):
         calls[0] = 0
         a, b = benchmark._time_all(xp, backend, [cand("a", 1.0), cand("b", 2.0)], repeat=20, say=print)
         assert np.median(b) / np.median(a) == want
+    assert len(freed) == 2                            # on the GPU, lkref's pool after each candidate
 
 
 def test_csv_names_the_peer_libraries_in_use(tmp_path, monkeypatch):
