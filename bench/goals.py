@@ -108,7 +108,7 @@ def report(paths, say=print) -> bool:
         say("no benchmark rows to check")
         return False
     all_met = True
-    by_goal = defaultdict(list)                      # (machine, goal) -> [met] over the runs
+    by_goal = defaultdict(list)                      # (machine, git sha, goal) -> [met] over the runs
     for (machine, stamp), rows in runs.items():
         say(f"\n### {machine}, {stamp}, git {rows[0]['git_sha']}\n")
         checked = goals(rows)
@@ -117,7 +117,7 @@ def report(paths, say=print) -> bool:
             for goal, measured, met in checked:
                 say(f"| {goal} | {measured} | {'yes' if met else '**no**'} |")
                 all_met &= met
-                by_goal[(machine, goal)].append(met)
+                by_goal[(machine, rows[0]["git_sha"], goal)].append(met)
         ratios = peers(rows)
         if ratios:
             say("\n| loss | N | V | peer | peer p50 (ms) | lkref p50 (ms) | peer / lkref |\n|---|---|---|---|---|---|---|")
@@ -125,9 +125,9 @@ def report(paths, say=print) -> bool:
                 say(f"| {loss} | {N} | {V} | {peer} | {t:.3f} | {base:.3f} | {ratio:.2f}× |")
     repeated = {key: mets for key, mets in by_goal.items() if len(mets) > 1}
     if repeated:
-        say("\n### Over the runs\n\n| machine | goal | met in |\n|---|---|---|")
-        for (machine, goal), mets in repeated.items():
-            say(f"| {machine} | {goal} | {sum(mets)} of {len(mets)} runs |")
+        say("\n### Over the runs of each commit\n\n| machine | git | goal | met in |\n|---|---|---|---|")
+        for (machine, sha, goal), mets in repeated.items():
+            say(f"| {machine} | {sha} | {goal} | {sum(mets)} of {len(mets)} runs |")
     return all_met
 
 

@@ -349,7 +349,7 @@ def test_goals_report_on_gpu_rows(tmp_path):
     # the six lkref fused rows (LK^α, LK^λ, LK^λ lam=, at both V)
     assert second.count("**no**") == 2 + 1 + 6
     assert "| GPU LK^λ V=32000 (lam= given): ≤ 1.5× LK^α | 0.800 ms = 1.00× | yes |" in second
-    assert "| ? | GPU LK^α N=4096 V=32000: ≤ 0.75 ms | 1 of 2 runs |" in second         # the summary
+    assert "| GPU LK^α N=4096 V=32000: ≤ 0.75 ms | 1 of 2 runs |" in second            # the summary
 
 
 def test_goals_report_on_the_committed_cpu_run():
