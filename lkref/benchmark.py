@@ -116,21 +116,8 @@ def timed(xp, fn, repeat, warmup=2):
     """Milliseconds per call: CUDA events on CuPy, perf_counter on NumPy."""
     for _ in range(warmup):
         fn()
-    out = []
-    if xp is np:
-        for _ in range(repeat):
-            t = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t) * 1e3)
-        return out
-    start, stop = xp.cuda.Event(), xp.cuda.Event()
-    for _ in range(repeat):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        out.append(xp.cuda.get_elapsed_time(start, stop))
-    return out
+    once = _stopwatch(xp, fn)
+    return [once() for _ in range(repeat)]
 
 
 def peak_extra(xp, fn, result_bytes) -> float:
@@ -315,7 +302,7 @@ def _peer_candidates(mod, xp, backend, loss, z, p, ref, say, skip=()):
                 import torch
                 dev = "cuda" if kind == "torch-cuda" else "cpu"
                 args = (torch.as_tensor(to_numpy(z), device=dev), torch.as_tensor(to_numpy(p), device=dev))
-                sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+                sync = torch.cuda.synchronize if dev == "cuda" else None
             if hasattr(fn, "prepare"):              # the peer's own input form, made before timing
                 args = fn.prepare(*args)
             got_loss, got_grad = fn(*args)
@@ -352,24 +339,20 @@ def _time_all(xp, backend, cands, repeat, say, warmup=2):
             return
         if record:
             times[i].append(ms)
+    def calls(i, n, record):
+        for _ in range(n):
+            if alive[i]:
+                one(i, record)
     if backend == "numpy":
         for i in range(len(cands)):
-            for _ in range(warmup):
-                if alive[i]:
-                    one(i, False)
+            calls(i, warmup, False)
         for r in range(repeat):
             for k in range(len(cands)):
-                i = (k + r) % len(cands)
-                if alive[i]:
-                    one(i, True)
+                calls((k + r) % len(cands), 1, True)
     else:
         for i in range(len(cands)):
-            for _ in range(warmup):
-                if alive[i]:
-                    one(i, False)
-            for _ in range(repeat):
-                if alive[i]:
-                    one(i, True)
+            calls(i, warmup, False)
+            calls(i, repeat, True)
             if backend == "cupy" and cands[i].lkref:
                 xp.get_default_memory_pool().free_all_blocks()
     return [t if alive[i] and t else None for i, t in enumerate(times)]

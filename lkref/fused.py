@@ -73,7 +73,7 @@ def _check_value_rows(zc, pc_full, pb, buf, errors):
     GIL that the other chunk threads wait for); the exact check runs only when it fails."""
     mx = zc.max(axis=1, keepdims=True)
     with np.errstate(over="ignore", invalid="ignore"):
-        # a NaN or +inf shows in the max; a -inf in the row sum (a dot product, cheaper than a
+        # a NaN or +inf shows in the max; a -inf in the row sum (one einsum, cheaper than a
         # min); a sum that overflows on huge finite logits is sent to the exact check
         if not math.isfinite(float(mx.sum()) + float(np.einsum("ij->i", zc).sum())) and not np.isfinite(zc).all():
             errors.append(ValueError("draft_logits contains non-finite values (NaN or inf)"))
@@ -171,7 +171,8 @@ def _softmax_into(g, zc, T, mx=None, weights=None, scratch=None):
     """g = q = exp((z - max z) / T) * (1 / sum), the same operations as losses.softmax_parts.
 
     Returns (max z, sum, weights . x per row) with x = (z - max z) / T; the last is None
-    without weights.  With weights, scratch (an array of g's shape) receives weights * x."""
+    without weights.  With weights, scratch (an array of g's shape) receives weights * x
+    (it must be given then)."""
     if mx is None:
         mx = zc.max(axis=1, keepdims=True)
     np.subtract(zc, mx, out=g)
@@ -183,8 +184,7 @@ def _softmax_into(g, zc, T, mx=None, weights=None, scratch=None):
             wx = _rowsum(np.multiply(weights, g, out=scratch))
         if math.isnan(float(wx.sum())):          # 0 * -inf: x overflowed where the weight is 0;
             for r in np.nonzero(np.isnan(wx))[0]:   # such terms are 0 (0 log q = 0), as in the reference
-                with np.errstate(invalid="ignore"):
-                    wx[r] = np.sum(np.where(weights[r] > 0, weights[r] * g[r], 0))
+                wx[r] = np.sum(np.where(weights[r] > 0, scratch[r], 0))
     np.exp(g, out=g)
     s = g.sum(axis=1, keepdims=True)
     np.multiply(g, 1 / s, out=g)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 
 import numpy as np
+import pytest
 
 import lkref
 from lkref import benchmark, fused
@@ -115,7 +116,6 @@ def _fake_peer_modules(monkeypatch, torch):
 def test_speculators_and_liger_adapters(monkeypatch):
     """The glue for the GPU peers (shapes, log p as target logits, the mean over positions)
     gives lkref's loss and gradient when the peer computes the same loss."""
-    import pytest
     torch = pytest.importorskip("torch")
     _fake_peer_modules(monkeypatch, torch)
     mod = benchmark.load_peers()
@@ -157,61 +157,52 @@ def _fake_speculators_tree(root, with_fused=True):
             "def fused_nla_loss(logits, targets):\n    return None\n")
 
 
-def _forget_speculators(monkeypatch):
+def _speculators_modules():
     import sys
-    for name in [k for k in sys.modules if k == "speculators" or k.startswith("speculators.")]:
+    return [k for k in sys.modules if k == "speculators" or k.startswith("speculators.")]
+
+
+@pytest.fixture
+def fake_speculators(tmp_path, monkeypatch):
+    """A fake speculators tree first on sys.path, none of speculators in sys.modules before the
+    test, and none left after it (the loader registers stand-in packages)."""
+    import sys
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in _speculators_modules():
         monkeypatch.delitem(sys.modules, name)
+    yield tmp_path
+    for name in _speculators_modules():
+        del sys.modules[name]
 
 
-def test_speculators_fused_file_loads_alone(tmp_path, monkeypatch):
+def test_speculators_fused_file_loads_alone(fake_speculators):
     """The device image lacks speculators' package dependencies: its fused losses file is then
     loaded by itself, with the package __init__s (which fail) not run."""
-    import sys
-    _fake_speculators_tree(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    _forget_speculators(monkeypatch)
-    try:
-        mod = benchmark.load_peers()
-        fused_mod = mod._speculators_fused()
-        assert fused_mod is not None and fused_mod.LOADED_ALONE
-        assert fused_mod.__file__ == str(tmp_path / "speculators" / "losses" / "fused.py")
-        assert fused_mod.ON_NPU is False
-        assert mod.speculators_loss("lk_alpha") is not None
-        assert mod.speculators_loss("tv") is None                # the file has no fused_tv_loss
-    finally:
-        for name in [k for k in sys.modules if k == "speculators" or k.startswith("speculators.")]:
-            del sys.modules[name]
+    _fake_speculators_tree(fake_speculators)
+    mod = benchmark.load_peers()
+    fused_mod = mod._speculators_fused()
+    assert fused_mod is not None and fused_mod.LOADED_ALONE
+    assert fused_mod.__file__ == str(fake_speculators / "speculators" / "losses" / "fused.py")
+    assert fused_mod.ON_NPU is False
+    assert mod.speculators_loss("lk_alpha") is not None
+    assert mod.speculators_loss("tv") is None                    # the file has no fused_tv_loss
 
 
-def test_speculators_fused_file_that_fails_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+def test_speculators_fused_file_that_fails_leaves_nothing_behind(fake_speculators, capsys):
     """A fused.py that raises (say, a Triton too old for it) is reported once per try, and no
     half-made module stays in sys.modules for the next try to pick up."""
-    import sys
-    _fake_speculators_tree(tmp_path)
-    (tmp_path / "speculators" / "losses" / "fused.py").write_text(
+    _fake_speculators_tree(fake_speculators)
+    (fake_speculators / "speculators" / "losses" / "fused.py").write_text(
         "def fused_nla_loss(logits, targets):\n    return None\nraise RuntimeError('too old')\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    _forget_speculators(monkeypatch)
-    try:
-        mod = benchmark.load_peers()
-        assert mod.speculators_loss("lk_alpha") is None and mod.speculators_loss("lk_alpha") is None
-        assert not [k for k in sys.modules if k == "speculators" or k.startswith("speculators.")]
-        assert capsys.readouterr().err.count("did not load alone: RuntimeError: too old") == 2
-    finally:
-        for name in [k for k in sys.modules if k == "speculators" or k.startswith("speculators.")]:
-            del sys.modules[name]
+    mod = benchmark.load_peers()
+    assert mod.speculators_loss("lk_alpha") is None and mod.speculators_loss("lk_alpha") is None
+    assert not _speculators_modules()
+    assert capsys.readouterr().err.count("did not load alone: RuntimeError: too old") == 2
 
 
-def test_speculators_without_its_fused_file_is_absent(tmp_path, monkeypatch):
-    import sys
-    _fake_speculators_tree(tmp_path, with_fused=False)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    _forget_speculators(monkeypatch)
-    try:
-        assert benchmark.load_peers().speculators_loss("lk_alpha") is None
-    finally:
-        for name in [k for k in sys.modules if k == "speculators" or k.startswith("speculators.")]:
-            del sys.modules[name]
+def test_speculators_without_its_fused_file_is_absent(fake_speculators):
+    _fake_speculators_tree(fake_speculators, with_fused=False)
+    assert benchmark.load_peers().speculators_loss("lk_alpha") is None
 
 
 def test_real_speculators_peer_in_the_triton_interpreter():
@@ -221,8 +212,6 @@ def test_real_speculators_peer_in_the_triton_interpreter():
     import os
     import subprocess
     import sys
-
-    import pytest
     for name in ("torch", "triton", "speculators"):
         if importlib.util.find_spec(name) is None:
             pytest.skip(f"{name} is not installed")
