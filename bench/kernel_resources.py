@@ -29,7 +29,7 @@ def resources(V, threads, min_cluster, cache, arch, work):
                         "-o", os.path.join(work, "k.cubin"), path], capture_output=True, text=True)
     if r.returncode != 0:
         return items, cluster, None
-    log = r.stderr
+    log = r.stderr.split("entry function 'lk_rows'")[-1].split("entry function")[0]   # lk_rows' lines only
     get = lambda pattern: int(m.group(1)) if (m := re.search(pattern, log)) else 0  # noqa: E731
     return items, cluster, {"regs": get(r"Used (\d+) registers"), "spill": get(r"(\d+) bytes spill stores"),
                             "smem": get(r"(\d+) bytes smem")}

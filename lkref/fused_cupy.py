@@ -17,6 +17,13 @@ draft_to_target, a reduce hook) run the kernel once for the row statistics, then
 for the gradient with the statistics as input: z and p are read twice.  The read counts
 are checked on the CPU SIMT stand-in (tests/test_fused_cupy_host.py).
 
+A second, one-block kernel (lk_finish) turns the row statistics into the rows' losses and the
+sums of their masked mean, and gathers the input flags; the host then reads 8 numbers, its
+only wait for the device in a one-pass call.  A one-pass call without a mask asks the device
+for nothing else: on a GPU each small CuPy operation costs the host microseconds while the
+device idles, and at N = 4096, V = 32 000 the dozens a loss, a mean and the checks take in
+CuPy would add about half the kernel's own time (tests/device_ops.py counts them).
+
 The math is that of lkref/fused.py; q = exp((z - max z) / T) * (1 / sum) is formed the same
 way, but the block's summation order differs from CuPy's, so q agrees with the reference
 to rounding, not bit for bit (an exact tie q == p may resolve differently).
@@ -27,6 +34,7 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -94,21 +102,22 @@ __device__ float block_max(float v, float* sh) {
     __syncthreads();
     return sh[0];
 }
-__device__ void block_sum4(float* v, float* sh) {   // sh: 4 * 32 floats
+// block-wide sums of K values; every thread gets the results (sh: K * 32 floats)
+template <int K> __device__ void block_sum(float* v, float* sh) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int k = 0; k < 4; k++) v[k] = warp_sum(v[k]);
+    #pragma unroll
+    for (int k = 0; k < K; k++) v[k] = warp_sum(v[k]);
     __syncthreads();
-    if (lane == 0) for (int k = 0; k < 4; k++) sh[k * 32 + warp] = v[k];
+    if (lane == 0) for (int k = 0; k < K; k++) sh[k * 32 + warp] = v[k];
     __syncthreads();
-    if (warp == 0) {
-        for (int k = 0; k < 4; k++) {
-            float x = (lane < THREADS / 32) ? sh[k * 32 + lane] : 0.f;
-            x = warp_sum(x);
-            if (lane == 0) sh[k * 32] = x;
-        }
+    for (int k = warp; k < K; k += THREADS / 32) {    // warp k adds up the warps' partial sums of value k
+        float x = (lane < THREADS / 32) ? sh[k * 32 + lane] : 0.f;
+        x = warp_sum(x);
+        if (lane == 0) sh[k * 32] = x;
     }
     __syncthreads();
-    for (int k = 0; k < 4; k++) v[k] = sh[k * 32];
+    #pragma unroll
+    for (int k = 0; k < K; k++) v[k] = sh[k * 32];
     __syncthreads();
 }
 
@@ -128,20 +137,21 @@ __device__ float row_max(float v, float* sh) {
 #endif
     return v;
 }
-__device__ void row_sum4(float* v, float* sh) {
-    block_sum4(v, sh);
+template <int K> __device__ void row_sum(float* v, float* sh) {
+    block_sum<K>(v, sh);
 #if CLUSTER > 1
-    __shared__ float xchg_sum[4];
+    __shared__ float xchg_sum[8];                    // K <= 8
     cg::cluster_group cluster = cg::this_cluster();
-    if (threadIdx.x == 0) for (int j = 0; j < 4; j++) xchg_sum[j] = v[j];
+    if (threadIdx.x == 0) for (int j = 0; j < K; j++) xchg_sum[j] = v[j];
     cluster.sync();
-    float r[4] = {0.f, 0.f, 0.f, 0.f};
+    float r[K];
+    for (int j = 0; j < K; j++) r[j] = 0.f;
     for (int k = 0; k < CLUSTER; k++) {
         float* other = cluster.map_shared_rank(xchg_sum, k);
-        for (int j = 0; j < 4; j++) r[j] += other[j];
+        for (int j = 0; j < K; j++) r[j] += other[j];
     }
     cluster.sync();
-    for (int j = 0; j < 4; j++) v[j] = r[j];
+    for (int j = 0; j < K; j++) v[j] = r[j];
 #endif
 }
 
@@ -152,15 +162,18 @@ __device__ __forceinline__ float target(const float* __restrict__ prow, const in
 // phase: 0 = statistics and gradient in one launch; 1 = statistics only; 2 = gradient from statistics.
 // stats per row (8 floats): max, sum, alpha, S, psum, sum p x, sum p log p, input flags
 // (flags: 1 = a non-finite logit, 2 = a negative target, 4 = a non-finite target)
+// The row's weight in the mean: d = w[row] (1 without has_w) times 1 / wsum[0] (0 if that is 0)
+// with has_wsum, else times scale; 0 for a row without target mass (draft_to_target).
 extern "C" __global__ void __launch_bounds__(THREADS)
 #if CLUSTER > 1
 __cluster_dims__(CLUSTER, 1, 1)
 #endif
 lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restrict__ g,
-        const float* __restrict__ d, float* __restrict__ stats, const int* __restrict__ idx, int has_idx,
+        const float* __restrict__ w, int has_w, const float* __restrict__ wsum, int has_wsum, float scale,
+        float* __restrict__ stats, const int* __restrict__ idx, int has_idx,
         int V, int Vt, float T, float lam, int mode, int phase)
 {
-    __shared__ float sh[4 * 32];
+    __shared__ float sh[8 * 32];
     const long row = blockIdx.x / CLUSTER;
     const int rank = blockIdx.x % CLUSTER;            // this block's share of the row's columns
     const in_t* zr = z + row * (long)V;
@@ -194,7 +207,7 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
 #endif
         m = row_max(lmax, sh);
         if (!isfinite(m)) m = 0.f;                       // flagged; keeps the arithmetic below quiet
-        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        float acc[1] = {0.f};
 #if ITEMS > 0
         #pragma unroll
         for (int i = 0; i < ITEMS; i++) {
@@ -205,7 +218,7 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
 #else
         for (int v = tid; v < V; v += THREADS) acc[0] += expf((to_f(zr[v]) - m) / T);
 #endif
-        row_sum4(acc, sh);
+        row_sum<1>(acc, sh);
         s = acc[0];
     } else {
         m = st[0];
@@ -223,9 +236,9 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
 #endif
     float alpha, S, psum, px, plogp;
     if (phase != 2) {
-        // alpha = sum min(q, p); S = sum q [q < p]; psum; sum p x; sum p log p
-        float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        float acc2[4] = {0.f, 0.f, 0.f, 0.f};
+        // alpha = sum min(q, p); S = sum q [q < p]; psum; sum p x; sum p log p; and how many
+        // threads saw each input problem: one reduction of 8 values
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 #if ITEMS > 0
         #pragma unroll
         for (int i = 0; i < ITEMS; i++) {
@@ -249,19 +262,19 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
                 acc[1] += q < pv ? q : 0.f;
                 acc[2] += pv;
                 if (mode == 0 || mode == 3) {            // the KL sums
-                    acc2[0] += pv > 0.f ? pv * x : 0.f;   // 0 where p = 0, also where x = -inf
-                    acc2[1] += pv > 0.f ? pv * logf(pv) : 0.f;
+                    acc[3] += pv > 0.f ? pv * x : 0.f;    // 0 where p = 0, also where x = -inf
+                    acc[4] += pv > 0.f ? pv * logf(pv) : 0.f;
                 }
                 if (pv < 0.f) flags |= 2;
                 if (!isfinite(pv)) flags |= 4;
             }
         }
-        row_sum4(acc, sh);
-        row_sum4(acc2, sh);
-        alpha = acc[0]; S = acc[1]; psum = acc[2]; px = acc2[0]; plogp = acc2[1];
-        float fl[4] = {(flags & 1) ? 1.f : 0.f, (flags & 2) ? 1.f : 0.f, (flags & 4) ? 1.f : 0.f, 0.f};
-        row_sum4(fl, sh);                                // how many threads saw each problem
-        int f1 = fl[0] > 0.f, f2 = fl[1] > 0.f, f4 = fl[2] > 0.f;
+        acc[5] = (flags & 1) ? 1.f : 0.f;
+        acc[6] = (flags & 2) ? 1.f : 0.f;
+        acc[7] = (flags & 4) ? 1.f : 0.f;
+        row_sum<8>(acc, sh);
+        alpha = acc[0]; S = acc[1]; psum = acc[2]; px = acc[3]; plogp = acc[4];
+        int f1 = acc[5] > 0.f, f2 = acc[6] > 0.f, f4 = acc[7] > 0.f;
         if (threadIdx.x == 0 && rank == 0) {
             st[0] = m; st[1] = s; st[2] = alpha; st[3] = S; st[4] = psum; st[5] = px; st[6] = plogp;
             st[7] = (float)((f1 ? 1 : 0) | (f2 ? 2 : 0) | (f4 ? 4 : 0));
@@ -271,7 +284,8 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
         alpha = st[2]; S = st[3]; psum = st[4];
     }
     // the gradient: g = q (S - m) c_tv + (q sum p_kl - p_kl) c_kl, with p_kl = p * kls
-    const float dr = d[row];
+    float dr = (has_w ? w[row] : 1.f) * (has_wsum ? (wsum[0] > 0.f ? 1.f / wsum[0] : 0.f) : scale);
+    if (has_idx && !(psum > 0.f)) dr = 0.f;              // no target mass on the draft vocabulary: dropped
     const float kls = has_idx ? (psum > 0.f ? 1.f / psum : 0.f) : 1.f;
     float c_tv = 0.f, c_kl = 0.f;
     if (mode == 0) c_kl = dr / T;
@@ -300,6 +314,61 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
             if (c_kl != 0.f) gv += c_kl * (q * psum_kl - pv * kls);
             store(g + row * (long)V + v, gv);
         }
+    }
+}
+
+// After lk_rows: the rows' losses and the sums of their masked mean, by one block in a fixed
+// order (the same result on every run), so that the host waits for the device once per call.
+// per[row]: the row's loss.  out: 0 sum w loss (a row of weight 0 adds nothing, even an
+// infinite loss), 1 sum w, 2 sum w alpha, 3 the input flags of all rows, 4 the worst
+// |psum - 1|, 5 LK^alpha rows with alpha below ALPHA_FLOOR and target mass, 6 the mean
+// (sum w loss) (1 / sum w), 0 when sum w = 0, 7 lam.  restricted (draft_to_target): a row
+// without target mass on the draft vocabulary weighs 0; the KL uses the renormalised target.
+extern "C" __global__ void __launch_bounds__(THREADS)
+lk_finish(const float* __restrict__ stats, const float* __restrict__ w, int has_w, int restricted, int N,
+          int mode, float lam, float* __restrict__ per, float* __restrict__ out)
+{
+    __shared__ float sh[8 * 32];
+    // sum w loss, sum w, sum w alpha, low rows, rows with each input flag (3)
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    float worst = 0.f;
+    for (int r = threadIdx.x; r < N; r += THREADS) {
+        const float* st = stats + r * 8;
+        const float s = st[1], alpha = st[2], psum = st[4], px = st[5], plogp = st[6];
+        const int flags = (int)st[7];
+        const bool live = !restricted || psum > 0.f;
+        const float wr = live ? (has_w ? w[r] : 1.f) : 0.f;
+        const float kls = restricted ? (live ? 1.f / psum : 0.f) : 1.f;
+        float loss;
+        if (mode == 1) {
+            loss = 1.f - alpha;
+        } else if (mode == 2) {
+            loss = -logf(alpha > 0.f ? alpha : 1.f);
+        } else {                                         // KL = sum p_kl log p_kl - sum p_kl log q
+            float kl = kls * (plogp + psum * logf(kls > 0.f ? kls : 1.f)) - kls * (px - psum * logf(s));
+            loss = mode == 0 ? kl : (lam != 0.f ? lam * kl : 0.f) + (1.f - lam) * (1.f - alpha);  // lam = 0: no KL, even inf
+        }
+        if (!live) loss = 0.f;
+        per[r] = loss;
+        if (wr > 0.f) {
+            acc[0] += wr * loss;
+            acc[2] += wr * alpha;
+        }
+        acc[1] += wr;
+        if (mode == 2 && alpha < __ALPHA_FLOOR__ && psum > 0.f) acc[3] += 1.f;
+        acc[4] += (flags & 1) ? 1.f : 0.f;
+        acc[5] += (flags & 2) ? 1.f : 0.f;
+        acc[6] += (flags & 4) ? 1.f : 0.f;
+        worst = fmaxf(worst, fabsf(psum - 1.f));
+    }
+    block_sum<8>(acc, sh);
+    worst = block_max(worst, sh);
+    if (threadIdx.x == 0) {
+        out[0] = acc[0]; out[1] = acc[1]; out[2] = acc[2];
+        out[3] = (float)((acc[4] > 0.f ? 1 : 0) | (acc[5] > 0.f ? 2 : 0) | (acc[6] > 0.f ? 4 : 0));
+        out[4] = worst; out[5] = acc[3];
+        out[6] = acc[0] * (acc[1] > 0.f ? 1.f / acc[1] : 0.f);
+        out[7] = lam;
     }
 }
 """
@@ -394,20 +463,32 @@ def _ctype(dt):
     raise TypeError(f"no fused kernel for dtype {dt}")
 
 
-def _kernel(in_dtype, out_dtype, items, cluster):
+class Kernels(NamedTuple):
+    """The two kernels of one variant: lk_rows (the rows), lk_finish (the mean), and the
+    dynamic shared memory lk_rows is launched with."""
+
+    rows: Any
+    finish: Any
+    smem: int
+
+
+def _kernel(in_dtype, out_dtype, items, cluster) -> Kernels:
     cp = sys.modules["cupy"]
     key = (str(in_dtype), str(out_dtype), items, cluster, THREADS, CACHE_TARGET)
     if key not in _cache:
         cache = CACHE_TARGET and items > 0
-        kern = _build(cp, kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), cache))
+        src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), cache)
+        kern = _build(cp, src)
         smem = 4 * items * THREADS if cache else 0
         if smem > 48 * 1024:                           # beyond the default, opt in per kernel
             try:
                 kern.max_dynamic_shared_size_bytes = smem
             except Exception:                           # a GPU with less shared memory: no cache
-                kern = _build(cp, kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), False))
+                src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), False)
+                kern = _build(cp, src)
                 smem = 0
-        _cache[key] = (kern, smem)
+        finish = cp.RawKernel(src, "lk_finish", options=kern.options)     # the same module, compiled once
+        _cache[key] = Kernels(kern, finish, smem)
     return _cache[key]
 
 
@@ -504,16 +585,31 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
         out = check_out(out, z, p, mask, same_backend=True)
         alias = _bounds(out)[0] == _bounds(z)[0]       # out is draft_logits itself
     g2 = out.reshape(N, V)
-    w = cp.ones(N, cp.float32) if mask is None else mask.reshape(N).astype(cp.float32)
+    w = None if mask is None else mask.reshape(N).astype(cp.float32, copy=False)
     items, cluster = plan(V, clusters=_has_clusters(cp))
-    kern, smem = _kernel(z.dtype, out.dtype, items, cluster)
-    stats = cp.zeros((N, 8), cp.float32)
-    idx_arg = idx if idx is not None else cp.zeros(1, cp.int32)
+    kern = _kernel(z.dtype, out.dtype, items, cluster)
+    stats = cp.empty((N, 8), cp.float32)              # every row's 8 entries are written by lk_rows
+    per = cp.empty(N, cp.float32)
+    summary = cp.empty(8, cp.float32)                 # lk_finish's sums (see its comment)
+    absent = cp.empty(1, cp.float32)                  # passed for an array argument that is not given
+    w_arg = absent if w is None else w
+    idx_arg = cp.empty(1, cp.int32) if idx is None else idx
+    mode = np.int32(MODES[name])
 
-    def launch(phase, d, lam_v):
-        kern((N * cluster,), (THREADS,), (z2, p2, g2, d, stats, idx_arg, np.int32(idx is not None), np.int32(V),
-                                np.int32(Vt), np.float32(T), np.float32(lam_v), np.int32(MODES[name]),
-                                np.int32(phase)), shared_mem=smem)
+    def rows(phase, lam_v, wsum=None, scale=0.0):
+        if N:
+            kern.rows((N * cluster,), (THREADS,), (
+                z2, p2, g2, w_arg, np.int32(w is not None), absent if wsum is None else wsum,
+                np.int32(wsum is not None), np.float32(scale), stats, idx_arg, np.int32(idx is not None),
+                np.int32(V), np.int32(Vt), np.float32(T), np.float32(lam_v), mode, np.int32(phase)),
+                shared_mem=kern.smem)
+
+    def finish(lam_v):
+        kern.finish((1,), (THREADS,), (stats, w_arg, np.int32(w is not None), np.int32(idx is not None),
+                                       np.int32(N), mode, np.float32(lam_v), per, summary))
+
+    def sums(*at):                                    # 0-d views of summary entries (no copy)
+        return tuple(summary[k:k + 1].reshape(()) for k in at)
 
     # two launches where lambda, the weights or the mean need every row first, and where the
     # gradient overwrites the logits that the LK^alpha fallback rows still have to read
@@ -521,66 +617,59 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
         or (alias and name == "lk_alpha")
     lam_v = float(lam) if lam is not None else 0.0
     if two_pass:
-        launch(1, w, 0.0)
+        rows(1, 0.0)
+    elif w is None:
+        rows(0, lam_v, scale=1 / N if N else 0.0)
     else:
-        count = w.sum()
-        d = (w / cp.where(count > 0, count, 1)).astype(cp.float32)
-        launch(0, d, lam_v)
-    _raise_flags(cp, stats, p2 if idx is not None else None, idx is None)
-    psum = stats[:, 4]
-    if idx is not None:
-        w = cp.where(psum > 0, w, 0)
+        rows(0, lam_v, wsum=w.sum(keepdims=True))     # the kernel divides: no wait for the sum
+    finish(lam_v)
+    host = summary.tolist()                           # the one wait for the device in a one-pass call
+    _raise_flags(cp, host, p2 if idx is not None else None)
     if name == "lk_lambda" and lam is None:
-        mean_alpha, _ = ref.mean_forward(stats[:, 2], w, reduce)
+        mean_alpha, _ = ref.mean_from_sums(*sums(2, 1), reduce)
         lam_v = float(ref.lambda_from_alpha(mean_alpha, eta=eta, kl_scale=kl_scale))
-    per = _row_losses(cp, name, stats, idx is not None, lam_v)
-    fallback = _fallback_losses(cp, z2, p2, idx, stats, T, per) if name == "lk_alpha" else None
-    loss, mcache = ref.mean_forward(per, w, reduce)
-    d = (w * mcache["scale"]).astype(cp.float32)
+        finish(lam_v)                                 # the rows' losses with this lambda
+    fallback = _fallback_losses(cp, z2, p2, idx, stats, T, per) if name == "lk_alpha" and host[5] > 0 else None
+    if fallback is not None:                          # per has changed: the mean again
+        weights = cp.ones(N, cp.float32) if w is None else w
+        if idx is not None:
+            weights = cp.where(stats[:, 4] > 0, weights, 0)
+        loss, mcache = ref.mean_forward(per, weights, reduce)
+        scale = mcache["scale"]
+    elif two_pass:
+        loss, scale = ref.mean_from_sums(*sums(0, 1), reduce)
+    else:
+        loss, scale = sums(6)[0], None
     if two_pass:
-        launch(2, d, lam_v)
+        rows(2, lam_v, scale=float(scale))
     if fallback is not None:
         low, cache = fallback
-        g2[low] = ref.lk_alpha_backward(d[low], cache).astype(g2.dtype)
+        d = (cp.ones(low.shape, cp.float32) if w is None else w[low]) * scale
+        g2[low] = ref.lk_alpha_backward(d, cache).astype(g2.dtype)
     alpha = stats[:, 2].reshape(lead)
-    return ref.LossResult(loss, out, alpha, cp.asarray(lam_v, cp.float32) if name == "lk_lambda" else None)
+    return ref.LossResult(loss, out, alpha, sums(7)[0] if name == "lk_lambda" else None)
 
 
-def _raise_flags(cp, stats, p_full, check_sums):
-    flags = int(stats[:, 7].max()) if stats.shape[0] else 0
+def _raise_flags(cp, host, p_full):
+    """The input errors lk_finish found (host: its summary as a list), in the reference's order;
+    with draft_to_target (p_full given) the row sums are those of the whole target rows."""
+    flags = int(host[3])
     if flags & 1:
         raise ValueError("draft_logits contains non-finite values (NaN or inf)")
     if flags & 4:
         raise ValueError("target_probs contains non-finite values (NaN or inf)")
     if flags & 2:
         raise ValueError("target_probs contains negative probabilities")
-    sums = stats[:, 4] if check_sums else (p_full.sum(axis=1) if p_full is not None else None)
-    if sums is not None and sums.size:
-        err = float(cp.abs(sums - 1).max())
-        if err > TARGET_SUM_ATOL:
-            raise ValueError(f"target_probs rows must sum to 1 (within {TARGET_SUM_ATOL}); "
-                             f"the worst row is off by {err:.3g}")
-
-
-def _row_losses(cp, name, stats, restricted, lam):
-    s, alpha, psum, px, plogp = stats[:, 1], stats[:, 2], stats[:, 4], stats[:, 5], stats[:, 6]
-    kls = cp.where(psum > 0, 1 / cp.where(psum > 0, psum, 1), 0) if restricted else cp.ones_like(psum)
-    kl = kls * (plogp + psum * cp.log(cp.where(kls > 0, kls, 1))) - kls * (px - psum * cp.log(s))
-    tv = 1 - alpha
-    if name == "kl":
-        per = kl
-    elif name == "tv":
-        per = tv
-    elif name == "lk_alpha":
-        per = -cp.log(cp.where(alpha > 0, alpha, 1))
-    else:
-        per = (lam * kl if lam != 0 else 0) + (1 - lam) * tv                     # lam = 0: no KL, even inf
-    return cp.where(psum > 0, per, 0) if restricted else per
+    err = host[4] if p_full is None else (float(cp.abs(p_full.sum(axis=1) - 1).max()) if p_full.shape[0] else 0.0)
+    if err > TARGET_SUM_ATOL:
+        raise ValueError(f"target_probs rows must sum to 1 (within {TARGET_SUM_ATOL}); "
+                         f"the worst row is off by {err:.3g}")
 
 
 def _fallback_losses(cp, z2, p2, idx, stats, T, per):
-    """LK^alpha rows with alpha below ALPHA_FLOOR: the reference's log-space loss now, the
-    gradient once the rows' weights are known.  Returns (rows, cache) or None."""
+    """LK^alpha rows with alpha below ALPHA_FLOOR: the reference's log-space loss (into per) and
+    alpha (into stats) now, the gradient once the rows' weights are known.  Returns (rows, cache)
+    or None."""
     alpha, psum = stats[:, 2], stats[:, 4]
     low = cp.nonzero((alpha < ALPHA_FLOOR) & (psum > 0))[0]
     if int(low.size) == 0:

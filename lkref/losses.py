@@ -278,10 +278,19 @@ def mean_forward(losses, weights=None, reduce=None):
     w = xp.ones_like(losses) if weights is None else weights.astype(losses.dtype, copy=False)
     # a row of weight 0 adds nothing, even when its loss is infinite (0 * inf would be NaN)
     total, count = xp.sum(xp.where(w > 0, w * losses, 0)), xp.sum(w)
+    loss, scale = mean_from_sums(total, count, reduce)
+    return loss, {"w": w, "scale": scale}
+
+
+def mean_from_sums(total, count, reduce=None):
+    """(total / count, 1 / count) from the sums of a masked mean, 0-d arrays, after the reduce
+    hook; both 0 when count = 0.  The CuPy kernels' path, which forms the sums on the device,
+    shares it."""
+    xp = namespace(total)
     if reduce is not None:
         total, count = reduce(total, count)
     scale = xp.where(count > 0, 1 / xp.where(count > 0, count, 1), 0)
-    return total * scale, {"w": w, "scale": scale}
+    return total * scale, scale
 
 
 def mean_backward(dloss, cache):

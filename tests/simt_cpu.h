@@ -105,6 +105,8 @@ inline Alloc* find(Block& B, const std::string& name) {
 
 template <class T> T* shared_in(Block& B, const char* name, size_t count) {
     Alloc* a = find(B, name);
+    if (a && a->mem.size() < count * sizeof(T))      // two declarations of one name (template instances)
+        fail(std::string("shared: '") + name + "' declared again with a larger size");
     if (!a) {
         B.shared.push_back(Alloc{name, std::vector<char>(count * sizeof(T), (char)0xff)});
         a = &B.shared.back();

@@ -26,10 +26,6 @@ import numpy as np
 HEADER = Path(__file__).with_name("simt_cpu.h")
 GUARD = 256                                  # elements of guard zone on each side of an array
 
-# lk_rows' parameters after the pointers' types: (ctypes type, numpy type) per argument
-_LK_ROWS_ARGS = "const in_t* z, const float* p, out_t* g, const float* d, float* stats, const int* idx, " \
-                "int has_idx, int V, int Vt, float T, float lam, int mode, int phase"
-_LK_ROWS_OUTPUTS = (2, 4)                      # g and stats are written
 # lk_rows reads the logits only through to_f(zr[v]) and the target only through target(...)
 COUNTED = (r"to_f\(zr\[v\]\)", r"target\(pr, idx, has_idx, v\)")
 _built: dict = {}
@@ -40,8 +36,18 @@ def compiler():
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
-def cpu_source(cuda_source: str, kernel: str, params: str) -> str:
-    """The kernel's CUDA text rewritten for tests/simt_cpu.h, plus an extern "C" launcher."""
+def kernel_params(cuda_source: str, kernel: str) -> str:
+    """The parameter list of a kernel in the source, as written there."""
+    m = re.search(rf"\b{kernel}\(([^)]*)\)\s*{{", cuda_source)
+    if m is None:
+        raise ValueError(f"no kernel {kernel} in the source")
+    return " ".join(m.group(1).split())
+
+
+def cpu_source(cuda_source: str, kernel: str, cluster: str) -> str:
+    """The kernel's CUDA text rewritten for tests/simt_cpu.h, plus an extern "C" launcher that
+    runs `kernel` in clusters of `cluster` blocks (a C expression)."""
+    params = kernel_params(cuda_source, kernel)
     src = "\n".join(line for line in cuda_source.splitlines() if not line.lstrip().startswith("#include"))
     src = re.sub(r"__shared__\s+(\w+)\s+(\w+)\s*\[([^\]]+)\]\s*;",
                  r'\1* \2 = emu::shared<\1>("\2", \3);', src)
@@ -57,16 +63,16 @@ def cpu_source(cuda_source: str, kernel: str, params: str) -> str:
                 f'{params}) {{\n'
                 f"    if (threads != THREADS) return 2;\n"
                 f"    emu::S.dynamic_smem = smem;\n"
-                f"    return emu::run(grid, threads, CLUSTER, seed, [=] {{ {kernel}({', '.join(names)}); }});\n"
+                f"    return emu::run(grid, threads, {cluster}, seed, [=] {{ {kernel}({', '.join(names)}); }});\n"
                 f"}}\n"
                 f'extern "C" const char* last_error() {{ return emu::S.error.c_str(); }}\n'
                 f'extern "C" long reads(int which) {{ return emu::S.reads[which]; }}\n')
     return f'#include "{HEADER}"\n' + src + launcher
 
 
-def build(cuda_source: str, kernel: str = "lk_rows", params: str = _LK_ROWS_ARGS):
+def build(cuda_source: str, kernel: str = "lk_rows", cluster: str = "CLUSTER"):
     """The compiled shared library (cached per source text)."""
-    text = cpu_source(cuda_source, kernel, params)
+    text = cpu_source(cuda_source, kernel, cluster)
     key = hashlib.sha256(text.encode() + HEADER.read_bytes()).hexdigest()[:16]
     if key not in _built:
         cxx = compiler()
@@ -98,12 +104,16 @@ def _guarded(a):
 
 
 class CpuKernel:
-    """Callable like a CuPy RawKernel: kernel(grid, block, args); runs lk_rows under every seed."""
+    """Callable like a CuPy RawKernel: kernel(grid, block, args); runs the kernel under every seed.
 
-    def __init__(self, cuda_source, seeds=(1, 2), outputs=_LK_ROWS_OUTPUTS):
-        self.dll = build(cuda_source)
+    The arrays it writes are its pointer parameters without const.  lk_rows runs in the
+    source's clusters (CLUSTER blocks), any other kernel in single blocks."""
+
+    def __init__(self, cuda_source, kernel="lk_rows", seeds=(1, 2)):
+        self.dll = build(cuda_source, kernel, "CLUSTER" if kernel == "lk_rows" else "1")
+        params = [p.strip() for p in kernel_params(cuda_source, kernel).split(",")]
+        self.outputs = [i for i, p in enumerate(params) if "*" in p and not p.startswith("const")]
         self.seeds = seeds
-        self.outputs = outputs
         self.launches = 0
         self.reads = []                          # per launch: (logit reads, target reads)
 
@@ -111,11 +121,11 @@ class CpuKernel:
         self.launches += 1
         results = []
         for seed in self.seeds:
-            bufs, cargs = [], []
-            for a in args:
+            bufs, cargs = {}, []                 # bufs: argument index -> guarded copy
+            for k, a in enumerate(args):
                 if isinstance(a, np.ndarray) and a.ndim > 0:
                     buf = _guarded(a)
-                    bufs.append(buf)
+                    bufs[k] = buf
                     cargs.append(ctypes.c_void_p(buf.ctypes.data + GUARD * buf.itemsize))
                 elif isinstance(a, np.floating):
                     cargs.append(ctypes.c_float(float(a)))
@@ -125,7 +135,7 @@ class CpuKernel:
                                  ctypes.c_ulong(shared_mem), *cargs)
             if rc != 0:
                 raise AssertionError("kernel failed on the CPU: " + (self.dll.last_error().decode() or f"rc {rc}"))
-            for buf in bufs:
+            for buf in bufs.values():
                 head, tail = buf[:GUARD], buf[-GUARD:]
                 sentinel = np.isnan(head).all() and np.isnan(tail).all() if buf.dtype.kind == "f" \
                     else (head == -1).all() and (tail == -1).all()

@@ -34,7 +34,7 @@ REDUCED = sorted(lkref.LOSSES)
 
 def kernel_on_the_cpu(grid, block, args, shared_mem=0):
     """lk_rows, transcribed: each row is one block."""
-    z2, p2, g2, d, stats, idx, has_idx, V, Vt, T, lam, mode, phase = args
+    z2, p2, g2, w, has_w, wsum, has_wsum, scale, stats, idx, has_idx, V, Vt, T, lam, mode, phase = args
     T, lam, mode, phase = float(T), float(lam), int(mode), int(phase)
     z = z2.astype(np.float32)
     p = p2[:, idx] if int(has_idx) else p2
@@ -60,6 +60,11 @@ def kernel_on_the_cpu(grid, block, args, shared_mem=0):
         m, s, alpha, S, psum = stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3], stats[:, 4]
         q = np.exp((z - m[:, None]) / np.float32(T)) * (1 / s)[:, None]
     kls = np.where(psum > 0, 1 / np.where(psum > 0, psum, 1), 0) if int(has_idx) else np.ones_like(psum)
+    if int(has_wsum):
+        scale = 1 / wsum[0] if wsum[0] > 0 else np.float32(0)
+    d = (w if int(has_w) else np.ones_like(psum)) * np.float32(scale)
+    if int(has_idx):
+        d = np.where(psum > 0, d, 0)
     c_tv = np.zeros_like(d)
     c_kl = np.zeros_like(d)
     if mode == 0:
@@ -75,11 +80,35 @@ def kernel_on_the_cpu(grid, block, args, shared_mem=0):
     g2[...] = g.astype(g2.dtype)
 
 
+def finish_on_the_cpu(grid, block, args, shared_mem=0):
+    """lk_finish, transcribed."""
+    stats, w, has_w, restricted, N, mode, lam, per, out = args
+    mode, lam = int(mode), np.float32(lam)
+    s, alpha, psum, px, plogp = (stats[:, k] for k in (1, 2, 4, 5, 6))
+    flags = stats[:, 7].astype(int)
+    live = psum > 0 if int(restricted) else np.ones(len(psum), bool)
+    wr = np.where(live, w if int(has_w) else 1, 0).astype(np.float32)
+    kls = np.where(live, 1 / np.where(live, psum, 1), 0) if int(restricted) else np.ones_like(psum)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = kls * (plogp + psum * np.log(np.where(kls > 0, kls, 1))) - kls * (px - psum * np.log(s))
+        loss = {0: kl, 1: 1 - alpha, 2: -np.log(np.where(alpha > 0, alpha, 1)),
+                3: (lam * kl if lam != 0 else 0) + (1 - lam) * (1 - alpha)}[mode]
+    loss = np.where(live, loss, 0).astype(np.float32)
+    per[...] = loss
+    total, count = np.where(wr > 0, wr * loss, 0).sum(), wr.sum()
+    bits = np.bitwise_or.reduce(flags) if len(flags) else 0
+    out[...] = [total, count, np.where(wr > 0, wr * alpha, 0).sum(), bits,
+                np.fmax.reduce(np.abs(psum - 1), initial=0),
+                ((alpha < fused_cupy.ALPHA_FLOOR) & (psum > 0)).sum() if mode == 2 else 0,
+                total * (1 / count if count > 0 else 0), lam]
+
+
 def simt_kernel(in_dtype, out_dtype, items, cluster):
-    """The kernel's CUDA source built for the CPU (tests/simt_cpu.py); replaces fused_cupy._kernel."""
+    """The kernels' CUDA source built for the CPU (tests/simt_cpu.py); replaces fused_cupy._kernel."""
     src = fused_cupy.kernel_source(items, cluster, fused_cupy._ctype(in_dtype), fused_cupy._ctype(out_dtype))
     cache = fused_cupy.CACHE_TARGET and items > 0
-    return simt_cpu.CpuKernel(src), 4 * items * fused_cupy.THREADS if cache else 0
+    return fused_cupy.Kernels(simt_cpu.CpuKernel(src), simt_cpu.CpuKernel(src, "lk_finish"),
+                              4 * items * fused_cupy.THREADS if cache else 0)
 
 
 needs_cxx = pytest.mark.skipif(simt_cpu.compiler() is None, reason="no C++ compiler for the SIMT stand-in")
@@ -90,7 +119,7 @@ def numpy_as_cupy(request, monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", np)
     monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: True)          # a Hopper stand-in
     if request.param == "transcription":
-        monkeypatch.setattr(fused_cupy, "_kernel", lambda *a: (kernel_on_the_cpu, 0))
+        monkeypatch.setattr(fused_cupy, "_kernel", lambda *a: fused_cupy.Kernels(kernel_on_the_cpu, finish_on_the_cpu, 0))
     else:                        # small blocks keep the fibers few; the real size is tested below
         small_blocks(monkeypatch)
         monkeypatch.setattr(fused_cupy, "_kernel", simt_kernel)
@@ -370,8 +399,8 @@ def test_simt_at_the_benchmark_sizes(simt, name, V, N, dtype):
 
 # kernel bugs planted in the source; the SIMT stand-in must catch each one
 PLANTED = {
-    "race in the block sum": ("    if (lane == 0) for (int k = 0; k < 4; k++) sh[k * 32 + warp] = v[k];\n    __syncthreads();",
-                              "    if (lane == 0) for (int k = 0; k < 4; k++) sh[k * 32 + warp] = v[k];\n",
+    "race in the block sum": ("    if (lane == 0) for (int k = 0; k < K; k++) sh[k * 32 + warp] = v[k];\n    __syncthreads();",
+                              "    if (lane == 0) for (int k = 0; k < K; k++) sh[k * 32 + warp] = v[k];\n",
                               "depends on the thread schedule"),
     "cluster exits while read": ("r[j] += other[j];\n    }\n    cluster.sync();", "r[j] += other[j];\n    }\n",
                                  "has exited"),
@@ -497,7 +526,7 @@ def test_simt_global_reads_per_element(simt, monkeypatch, V, name, kw, cache, wa
     N = 3
     rng = np.random.default_rng(12)
     run(name, make_logits(rng, (N, V), dtype=np.float32), make_probs(rng, (N, V), dtype=np.float32), **kw)
-    reads = [r for k, _ in kernels for r in k.reads]
+    reads = [r for k in kernels for r in k.rows.reads]
     assert [(z / (N * V), p / (N * V)) for z, p in reads] == want
 
 
@@ -565,3 +594,36 @@ def test_simt_out_is_the_logits_in_clusters_and_streaming(simt, monkeypatch, nam
     got = run(name, buf, p, out=buf, temperature=1.5)
     assert got.grad is buf
     close(got, want)
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    """CuPy replaced by tests/device_ops.py's counting stand-in, the kernels by their transcriptions."""
+    from . import device_ops
+    monkeypatch.setitem(sys.modules, "cupy", device_ops.module)
+    monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: True)
+    monkeypatch.setattr(fused_cupy, "_kernel", lambda *a: fused_cupy.Kernels(
+        device_ops.launch(kernel_on_the_cpu), device_ops.launch(finish_on_the_cpu), 0))
+    device_ops.log.clear()
+    return device_ops
+
+
+@pytest.mark.parametrize("name, kw, ops", [("lk_alpha", {}, 0), ("tv", {}, 0), ("kl", {}, 0),
+                                           ("lk_lambda", {"lam": 0.3}, 0),
+                                           ("lk_alpha", {"mask": "bool"}, 2)])    # the mask to float, its sum
+def test_one_pass_calls_wait_for_the_device_once(counting, name, kw, ops):
+    """What a one-pass call asks of the device: two kernels (lk_rows, lk_finish), one transfer
+    to the host (the input flags, after both), and no other array operation without a mask.
+    On a GPU each operation costs the host microseconds while the device waits, and each
+    transfer waits for the device: the 0.75 ms goal at N = 4096, V = 32 000 has no room for
+    the dozens of small CuPy operations the loss, the mean and the checks would otherwise take."""
+    rng = np.random.default_rng(13)
+    z, p = make_logits(rng, (6, 50), dtype=np.float32), make_probs(rng, (6, 50), dtype=np.float32)
+    mask = np.array([1, 0, 1, 1, 1, 0], bool) if kw.get("mask") else None
+    if mask is not None:
+        kw = dict(kw, mask=counting.counted(mask))
+    fast = run(name, counting.counted(z), counting.counted(p), **kw)
+    log = dict(counting.log)
+    want = reference(name, z, p, **dict(kw, mask=mask) if mask is not None else kw)
+    close(fast, want)
+    assert log == {"launches": 2, "to_host": 1, **({"ops": ops} if ops else {})}
