@@ -18,8 +18,8 @@ from lkref import fused_cupy  # noqa: E402
 from lkref.benchmark import TUNING_SHAPES  # noqa: E402
 
 
-def resources(V, threads, min_cluster, cache, arch, work):
-    with fused_cupy.configured(threads=threads, min_cluster=min_cluster, cache_target=cache):
+def resources(V, threads, share, cache, arch, work):
+    with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
         items, cluster = fused_cupy.plan(V)
         src = fused_cupy.kernel_source(items, cluster, "float", "float")
     path = os.path.join(work, "k.cu")
@@ -41,20 +41,20 @@ def main():
     args = ap.parse_args()
     if shutil.which("nvcc") is None:
         sys.exit("nvcc is not installed")
-    shapes = [(512, 1, True)] + list(TUNING_SHAPES)
-    print(f"{'V':>7} {'threads':>7} {'>=blocks':>8} {'cache':>5} | {'items':>5} {'cluster':>7} {'regs':>5} "
+    shapes = [(512, 32_768, True)] + list(TUNING_SHAPES)
+    print(f"{'V':>7} {'threads':>7} {'share':>6} {'cache':>5} | {'items':>5} {'cluster':>7} {'regs':>5} "
           f"{'spill B':>7} {'static smem':>11} {'dyn smem KiB':>12} {'blocks/SM':>9}")
     with tempfile.TemporaryDirectory() as work:
         for V in (32_000, 128_256, 300_000):
-            for threads, blocks, cache in shapes:
-                items, cluster, res = resources(V, threads, blocks, cache, args.arch, work)
+            for threads, share, cache in shapes:
+                items, cluster, res = resources(V, threads, share, cache, args.arch, work)
                 if res is None:
-                    print(f"{V:7d} {threads:7d} {blocks:8d} {cache!s:>5} | build failed")
+                    print(f"{V:7d} {threads:7d} {share:6d} {cache!s:>5} | build failed")
                     continue
                 dyn = 4 * items * threads if cache and items else 0
                 by_regs = 65536 // max(1, res["regs"] * threads)
                 by_smem = (228 * 1024) // max(1, dyn + res["smem"] + 1024)
-                print(f"{V:7d} {threads:7d} {blocks:8d} {cache!s:>5} | {items:5d} {cluster:7d} {res['regs']:5d} "
+                print(f"{V:7d} {threads:7d} {share:6d} {cache!s:>5} | {items:5d} {cluster:7d} {res['regs']:5d} "
                       f"{res['spill']:7d} {res['smem']:11d} {dyn / 1024:12.0f} {min(by_regs, by_smem, 2048 // threads):9d}")
 
 

@@ -151,24 +151,32 @@ def _entries(xp, backend, fn, loss, z, p, out, N, V):
         if loss == "lk_lambda":
             entries.append(("lkref fused lam=", lambda: fn(z, p, impl="fused", lam=0.5), True))
         if loss == "lk_alpha":                     # launch shapes to tune the defaults with
-            for threads, blocks, cache in TUNING_SHAPES:
-                label = f"fused {threads}t>={blocks}b" + ("" if cache else " nocache")
-                entries.append((label, _shaped(fn, z, p, out, threads, blocks, cache), False))
+            for threads, share, cache in TUNING_SHAPES:
+                entries.append((shape_label(threads, share, cache), _shaped(fn, z, p, out, threads, share, cache), False))
     if N * V <= 512 * 32_000 or backend == "cupy":
         entries.append(("lkref reference", lambda: fn(z, p, impl="reference"), True))
     return entries
 
 
-#: (threads per block, fewest blocks per row, target cache) tried for LK^alpha on CuPy, beside the
-#: default (512, 1, True)
-TUNING_SHAPES = [(512, 1, False), (256, 1, True), (1024, 1, True), (512, 2, True), (1024, 2, True)]
+#: (threads per block, floats of a row per block, target cache) tried for LK^alpha on CuPy,
+#: beside the default (512, 32 768, True).  At 16 384 floats per block a 512-thread block needs
+#: 64 registers per thread and two fit an SM: V = 32 000 takes clusters of 2, V = 128 256 of 8.
+#: (256 threads at 32 768 floats would need 125 logits and 255 registers per thread: one block of
+#: 8 warps per SM, and 15 s of NVRTC per variant.)
+TUNING_SHAPES = [(512, 32_768, False), (1024, 32_768, True), (512, 16_384, True), (1024, 16_384, True),
+                 (256, 16_384, True)]
 
 
-def _shaped(fn, z, p, out, threads, blocks, cache):
+def shape_label(threads, share, cache):
+    """The benchmark's name for a launch shape, e.g. 'fused 512t/16k'."""
+    return f"fused {threads}t/{share // 1024}k" + ("" if cache else " nocache")
+
+
+def _shaped(fn, z, p, out, threads, share, cache):
     from . import fused_cupy
 
     def call():
-        with fused_cupy.configured(threads=threads, min_cluster=blocks, cache_target=cache):
+        with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
             return fn(z, p, impl="fused", out=out)
     return call
 

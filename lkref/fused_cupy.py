@@ -43,17 +43,19 @@ from .backend import namespace
 from .fused import MIN_TEMPERATURE, _bounds, check_out
 from .validation import TARGET_SUM_ATOL, as_array, check_index_map, check_mask, check_real_scalar, env_flag
 
-#: Threads per block.  MAX_ITEMS (logits cached in registers per thread) keeps a block's
-#: row share at 32 768 floats; MIN_CLUSTER is the fewest blocks per row.  The defaults are
-#: untuned; `configured` (and LKREF_CUPY_THREADS / LKREF_CUPY_MIN_CLUSTER) try others.
+#: Threads per block, and a block's share of a row held on chip (BLOCK_SHARE floats: logits in
+#: registers, MAX_ITEMS = BLOCK_SHARE / THREADS per thread; the target in shared memory).  A row
+#: longer than BLOCK_SHARE is split over a cluster of 2, 4 or 8 blocks.  A smaller share means
+#: fewer registers per thread and more blocks per SM (16 384 at 512 threads: two per SM, at
+#: 64 registers), whose phases can overlap.  The defaults are untuned; `configured` (and
+#: LKREF_CUPY_THREADS / LKREF_CUPY_BLOCK_SHARE) try others.
 THREADS = 512
-MAX_ITEMS = 64
-MIN_CLUSTER = 1
+BLOCK_SHARE = 32_768
+MAX_ITEMS = BLOCK_SHARE // THREADS
 #: Keep each block's share of the target row in shared memory (items x THREADS floats, up to
 #: 128 KiB) between the statistics and the gradient, so that a one-pass launch reads the
 #: target once from memory instead of counting on L2 for the second read.
 CACHE_TARGET = True
-_ROW_FLOATS_PER_BLOCK = 32_768
 MODES = {"kl": 0, "tv": 1, "lk_alpha": 2, "lk_lambda": 3}
 ALPHA_FLOOR = 1e-30
 
@@ -379,49 +381,50 @@ _cache: dict = {}
 def plan(V: int, clusters: bool = True):
     """(items, cluster) for a row of V logits: items per thread held in registers and blocks per
     row.  Rows up to THREADS * MAX_ITEMS fit one block; up to 8 times that, a cluster of 2, 4 or 8
-    blocks shares the row; beyond, the blocks stream the row from memory (items = 0).  No
-    cluster is smaller than MIN_CLUSTER.  clusters=False (GPUs before Hopper): one block per
-    row, streaming beyond THREADS * MAX_ITEMS."""
+    blocks shares the row; beyond, the blocks stream the row from memory (items = 0).
+    clusters=False (GPUs before Hopper): one block per row, streaming beyond THREADS * MAX_ITEMS."""
     per_thread = -(-V // THREADS)
     for cluster in (CLUSTER_CHOICES if clusters else (1,)):
-        if cluster >= MIN_CLUSTER and per_thread <= MAX_ITEMS * cluster:
+        if per_thread <= MAX_ITEMS * cluster:
             return -(-V // (THREADS * cluster)), cluster
     return 0, 1
 
 
 THREAD_CHOICES = (64, 128, 256, 512, 1024)
+SHARE_CHOICES = (8_192, 16_384, 32_768)
 CLUSTER_CHOICES = (1, 2, 4, 8)
 
 
 @contextmanager
-def configured(threads=None, min_cluster=None, cache_target=None):
-    """Run the kernels with another block size or more blocks per row, or without the target
-    cache (for tuning): threads in THREAD_CHOICES; min_cluster in CLUSTER_CHOICES."""
-    old = THREADS, MAX_ITEMS, MIN_CLUSTER, CACHE_TARGET
+def configured(threads=None, block_share=None, cache_target=None):
+    """Run the kernels with another block size or share of a row per block, or without the
+    target cache (for tuning): threads in THREAD_CHOICES, block_share in SHARE_CHOICES."""
+    old = THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET
     try:
         if cache_target is not None and not isinstance(cache_target, (bool, np.bool_)):
             raise TypeError(f"cache_target must be True or False, got {cache_target!r}")
-        _set(threads, "threads", min_cluster, "min_cluster", cache_target)
+        _set(threads, "threads", block_share, "block_share", cache_target)
         yield
     finally:
         _restore(old)
 
 
-def _set(threads, threads_name, min_cluster, cluster_name, cache_target):
-    """Check and apply the launch settings that are not None (MAX_ITEMS follows THREADS)."""
-    global THREADS, MAX_ITEMS, MIN_CLUSTER, CACHE_TARGET
+def _set(threads, threads_name, block_share, share_name, cache_target):
+    """Check and apply the launch settings that are not None (MAX_ITEMS follows from them)."""
+    global THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET
     if cache_target is not None:
         CACHE_TARGET = bool(cache_target)
     if threads is not None:
         THREADS = _check_choice(threads, threads_name, THREAD_CHOICES)
-        MAX_ITEMS = _ROW_FLOATS_PER_BLOCK // THREADS
-    if min_cluster is not None:
-        MIN_CLUSTER = _check_choice(min_cluster, cluster_name, CLUSTER_CHOICES)
+    if block_share is not None:
+        BLOCK_SHARE = _check_choice(block_share, share_name, SHARE_CHOICES)
+    if threads is not None or block_share is not None:
+        MAX_ITEMS = BLOCK_SHARE // THREADS
 
 
 def _restore(saved):
-    global THREADS, MAX_ITEMS, MIN_CLUSTER, CACHE_TARGET
-    THREADS, MAX_ITEMS, MIN_CLUSTER, CACHE_TARGET = saved
+    global THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET
+    THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET = saved
 
 
 def _check_choice(value, name, choices):
@@ -436,7 +439,7 @@ def _check_choice(value, name, choices):
 
 def _configure_from_environment():
     _set(os.environ.get("LKREF_CUPY_THREADS") or None, "LKREF_CUPY_THREADS",
-         os.environ.get("LKREF_CUPY_MIN_CLUSTER") or None, "LKREF_CUPY_MIN_CLUSTER",
+         os.environ.get("LKREF_CUPY_BLOCK_SHARE") or None, "LKREF_CUPY_BLOCK_SHARE",
          env_flag("LKREF_CUPY_CACHE_TARGET"))
 
 

@@ -282,7 +282,7 @@ def test_the_gpu_branch_of_the_bench_runs(monkeypatch, tmp_path):
     rows = benchmark.run(backends=("cupy",), losses=("lk_alpha", "lk_lambda"), sizes={"cupy": [(4, 300)]},
                          repeat=2, with_peers=False, say=lines.append)
     impls = {(r.loss, r.impl) for r in rows}
-    shapes = {f"fused {t}t>={b}b" + ("" if c else " nocache") for t, b, c in benchmark.TUNING_SHAPES}
+    shapes = {benchmark.shape_label(*shape) for shape in benchmark.TUNING_SHAPES}
     assert {("lk_alpha", s) for s in shapes} <= impls
     assert {("lk_lambda", "lkref fused lam="), ("lk_alpha", "lkref reference")} <= impls
     assert lines[0].startswith("== lkref ") and "Fake GPU" in lines[1] and fused_cupy.THREADS == 512

@@ -431,43 +431,55 @@ def test_simt_catches_planted_kernel_bugs(simt, monkeypatch, bug):
             run("lk_lambda", z, p)
 
 
-@pytest.mark.parametrize("threads, min_cluster, V, cache", [(1024, 1, 5_000, True), (128, 1, 3_000, True),
-                                                            (64, 2, 40, True), (256, 8, 9_000, True),
-                                                            (512, 2, 40_000, False), (512, 1, 7_000, False)])
-def test_simt_other_launch_shapes(simt, threads, min_cluster, V, cache):
-    """The tuning shapes `configured` offers (bench tries them on a GPU) compute the same thing;
-    with min_cluster = 2 at V = 40 the second block of each row has no columns at all."""
+@pytest.mark.parametrize("threads, share, V, cache, cluster", [
+    (1024, 32_768, 5_000, True, 1), (128, 8_192, 9_000, True, 2), (64, 8_192, 40_000, True, 8),
+    (256, 16_384, 9_000, True, 1), (512, 16_384, 40_000, False, 4), (512, 8_192, 7_000, False, 1)])
+def test_simt_other_launch_shapes(simt, threads, share, V, cache, cluster):
+    """The tuning shapes `configured` offers (bench tries them on a GPU) compute the same thing."""
     rng = np.random.default_rng(threads + V)
     z = make_logits(rng, (3, V), dtype=np.float32)
     p = make_probs(rng, (3, V), dtype=np.float32)
-    with fused_cupy.configured(threads=threads, min_cluster=min_cluster, cache_target=cache):
-        assert fused_cupy.plan(V)[1] >= min_cluster
+    with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
+        assert fused_cupy.plan(V)[1] == cluster
         fast = run("lk_alpha", z, p, temperature=1.3)
     close(fast, reference("lk_alpha", z, p, temperature=1.3))
-    assert fused_cupy.THREADS == 512 and fused_cupy.MIN_CLUSTER == 1 and fused_cupy.CACHE_TARGET   # restored
+    assert (fused_cupy.THREADS, fused_cupy.BLOCK_SHARE, fused_cupy.MAX_ITEMS, fused_cupy.CACHE_TARGET) == \
+        (512, 32_768, 64, True)                     # restored
+
+
+def test_simt_blocks_without_columns(simt, monkeypatch):
+    """A cluster of 8 whose last blocks get no columns (V = 1025 over 8 x 64 threads x 3 items):
+    they still take part in every reduction and write nothing."""
+    small_blocks(monkeypatch)
+    assert fused_cupy.plan(1025) == (3, 8) and 6 * 64 * 3 >= 1025
+    rng = np.random.default_rng(14)
+    z = make_logits(rng, (3, 1025), dtype=np.float32)
+    p = make_probs(rng, (3, 1025), dtype=np.float32)
+    for name in REDUCED:
+        close(run(name, z, p), reference(name, z, p))
 
 
 @pytest.mark.parametrize("kw, error", [({"threads": 100}, ValueError), ({"threads": 2.0}, TypeError),
-                                       ({"min_cluster": 3}, ValueError), ({"min_cluster": "two"}, TypeError),
+                                       ({"block_share": 1000}, ValueError), ({"block_share": "two"}, TypeError),
                                        ({"cache_target": "no"}, TypeError)])
 def test_configured_rejects_bad_shapes(kw, error):
     with pytest.raises(error, match=next(iter(kw))):
         with fused_cupy.configured(**kw):
             pass
-    assert fused_cupy.THREADS == 512 and fused_cupy.MIN_CLUSTER == 1
+    assert fused_cupy.THREADS == 512 and fused_cupy.BLOCK_SHARE == 32_768
 
 
 def test_launch_shape_from_the_environment(monkeypatch):
-    for name in ("THREADS", "MAX_ITEMS", "MIN_CLUSTER", "CACHE_TARGET"):
+    for name in ("THREADS", "BLOCK_SHARE", "MAX_ITEMS", "CACHE_TARGET"):
         monkeypatch.setattr(fused_cupy, name, getattr(fused_cupy, name))     # restored afterwards
     monkeypatch.setenv("LKREF_CUPY_THREADS", "256")
-    monkeypatch.setenv("LKREF_CUPY_MIN_CLUSTER", "2")
+    monkeypatch.setenv("LKREF_CUPY_BLOCK_SHARE", "16384")
     monkeypatch.setenv("LKREF_CUPY_CACHE_TARGET", "0")
     fused_cupy._configure_from_environment()
-    assert (fused_cupy.THREADS, fused_cupy.MAX_ITEMS, fused_cupy.MIN_CLUSTER, fused_cupy.CACHE_TARGET) == \
-        (256, 128, 2, False)
-    monkeypatch.setenv("LKREF_CUPY_MIN_CLUSTER", "5")
-    with pytest.raises(ValueError, match="LKREF_CUPY_MIN_CLUSTER"):
+    assert (fused_cupy.THREADS, fused_cupy.BLOCK_SHARE, fused_cupy.MAX_ITEMS, fused_cupy.CACHE_TARGET) == \
+        (256, 16_384, 64, False)
+    monkeypatch.setenv("LKREF_CUPY_BLOCK_SHARE", "5")
+    with pytest.raises(ValueError, match="LKREF_CUPY_BLOCK_SHARE"):
         fused_cupy._configure_from_environment()
 
 

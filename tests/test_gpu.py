@@ -125,14 +125,14 @@ def test_torch_cuda_tensors_round_trip(cp):
 
 
 @pytest.mark.parametrize("V", [32_000, 128_256])
-@pytest.mark.parametrize("threads, blocks, cache", TUNING_SHAPES)
-def test_fused_tuning_shapes(cp, threads, blocks, cache, V):
+@pytest.mark.parametrize("threads, share, cache", TUNING_SHAPES)
+def test_fused_tuning_shapes(cp, threads, share, cache, V):
     """The launch shapes the benchmark tries (lkref.benchmark.TUNING_SHAPES) on the device."""
     from lkref import fused_cupy
-    rng = np.random.default_rng(threads + blocks)
+    rng = np.random.default_rng(threads + share)
     z = make_logits(rng, (3, V), dtype=np.float32)
     p = peaked_probs(rng, (3, V)).astype(np.float32)
-    with fused_cupy.configured(threads=threads, min_cluster=blocks, cache_target=cache):
+    with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
         compare(cp, "lk_alpha", z, p)
 
 
