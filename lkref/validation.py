@@ -119,6 +119,14 @@ def check_mask(mask, name: str, shape, dtype=None):
     if kind not in "biuf":
         raise TypeError(f"{name} must hold booleans or real weights, got dtype {mask.dtype}")
     xp = namespace(mask)
+    if kind in "iuf" and mask.size and dtype is not None:
+        # one look at the values (one wait on a GPU): the smallest weight and the float64 sum
+        # pass a mask that every check below passes; otherwise those say what is wrong
+        with np.errstate(over="ignore", invalid="ignore"):
+            lo, total = xp.stack([xp.min(mask).astype(xp.float64), xp.sum(mask, dtype=xp.float64)]).tolist()
+        info = np.finfo(dtype)
+        if lo >= 0 and total <= float(info.max) and not 0 < total < float(info.tiny):
+            return mask
     if kind == "f" and not _all(xp, xp.isfinite(mask)):
         raise ValueError(f"{name} contains non-finite values")
     if kind in "if" and not _all(xp, mask >= 0):

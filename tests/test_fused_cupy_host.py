@@ -409,6 +409,9 @@ PLANTED = {
     "stats written off by one": ("float* st = stats + row * 8;", "float* st = stats + row * 8 + 1;",
                                  "wrote outside an array"),
     "blocks of a cluster overlap": ("rank * THREADS * (ITEMS > 0 ? ITEMS : 0)", "rank * THREADS", None),
+    "the mean misses the last row": ("for (int r = threadIdx.x; r < N; r += THREADS)",
+                                     "for (int r = threadIdx.x; r < N - 1; r += THREADS)", None),
+    "the result's lambda not written": ("        out[7] = lam;", "        out[7] = 0.f;", None),
 }
 
 
@@ -620,10 +623,11 @@ def counting(monkeypatch):
     return device_ops
 
 
-@pytest.mark.parametrize("name, kw, ops", [("lk_alpha", {}, 0), ("tv", {}, 0), ("kl", {}, 0),
-                                           ("lk_lambda", {"lam": 0.3}, 0),
-                                           ("lk_alpha", {"mask": "bool"}, 2)])    # the mask to float, its sum
-def test_one_pass_calls_wait_for_the_device_once(counting, name, kw, ops):
+@pytest.mark.parametrize("name, kw, ops, waits", [
+    ("lk_alpha", {}, 0, 1), ("tv", {}, 0, 1), ("kl", {}, 0, 1), ("lk_lambda", {"lam": 0.3}, 0, 1),
+    ("lk_alpha", {"mask": "bool"}, 2, 1),        # the mask to float, its sum
+    ("lk_alpha", {"mask": "weights"}, 5, 2)])    # + the mask check's min and sum, stacked: one wait
+def test_one_pass_calls_wait_for_the_device_once(counting, name, kw, ops, waits):
     """What a one-pass call asks of the device: two kernels (lk_rows, lk_finish), one transfer
     to the host (the input flags, after both), and no other array operation without a mask.
     On a GPU each operation costs the host microseconds while the device waits, and each
@@ -631,11 +635,10 @@ def test_one_pass_calls_wait_for_the_device_once(counting, name, kw, ops):
     the dozens of small CuPy operations the loss, the mean and the checks would otherwise take."""
     rng = np.random.default_rng(13)
     z, p = make_logits(rng, (6, 50), dtype=np.float32), make_probs(rng, (6, 50), dtype=np.float32)
-    mask = np.array([1, 0, 1, 1, 1, 0], bool) if kw.get("mask") else None
-    if mask is not None:
-        kw = dict(kw, mask=counting.counted(mask))
-    fast = run(name, counting.counted(z), counting.counted(p), **kw)
+    mask = {None: None, "bool": np.array([1, 0, 1, 1, 1, 0], bool),
+            "weights": np.array([1, 0, 2, 0.5, 1, 0], np.float32)}[kw.get("mask")]
+    fast = run(name, counting.counted(z), counting.counted(p),
+               **dict(kw, mask=None if mask is None else counting.counted(mask)))
     log = dict(counting.log)
-    want = reference(name, z, p, **dict(kw, mask=mask) if mask is not None else kw)
-    close(fast, want)
-    assert log == {"launches": 2, "to_host": 1, **({"ops": ops} if ops else {})}
+    close(fast, reference(name, z, p, **dict(kw, mask=mask)))
+    assert log == {"launches": 2, "to_host": waits, **({"ops": ops} if ops else {})}
