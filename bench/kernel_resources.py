@@ -25,7 +25,7 @@ def resources(V, threads, share, cache, arch, work):
     path = os.path.join(work, "k.cu")
     with open(path, "w") as f:
         f.write(src)
-    r = subprocess.run(["nvcc", "-std=c++17", f"-arch={arch}", "-cubin", "-ftz=true", "-Xptxas", "-v",
+    r = subprocess.run(["nvcc", "-std=c++17", f"-arch={arch}", "-cubin", "-Xptxas", "-v",
                         "-o", os.path.join(work, "k.cubin"), path], capture_output=True, text=True)
     if r.returncode != 0:
         return items, cluster, None
@@ -42,6 +42,8 @@ def main():
     if shutil.which("nvcc") is None:
         sys.exit("nvcc is not installed")
     shapes = [(512, 32_768, True)] + list(TUNING_SHAPES)
+    version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    print(f"# lk_rows, nvcc -std=c++17 -arch={args.arch} (the options CuPy gives NVRTC); {version}")
     print(f"{'V':>7} {'threads':>7} {'share':>6} {'cache':>5} | {'items':>5} {'cluster':>7} {'regs':>5} "
           f"{'spill B':>7} {'static smem':>11} {'dyn smem KiB':>12} {'blocks/SM':>9}")
     with tempfile.TemporaryDirectory() as work:

@@ -10,7 +10,9 @@ read in three phases: (1) max and sum of exp over the logits, (2) alpha, S and t
 over logits and target, (3) the gradient.  For V <= 8 * THREADS * MAX_ITEMS (262 144) the
 row stays in registers between the phases (the logits, then q: read once, one exp per
 element) and the target entries in shared memory (read once; CACHE_TARGET), so one launch
-reads z and p once and writes the gradient once, the least traffic there is.  For larger V
+reads z and p once and writes the gradient once, the least traffic there is.  The target
+entries are copied into shared memory asynchronously (cp.async) as the launch starts, so
+that they arrive while phase (1) works on the logits instead of after it.  For larger V
 the phases re-read the row from memory (z four times, p twice), and GPUs before Hopper
 (no clusters) stream beyond 32 768.  Two-pass losses (LK^lambda with no given lambda,
 draft_to_target, a reduce hook) run the kernel once for the row statistics, then again
@@ -54,7 +56,8 @@ BLOCK_SHARE = 32_768
 MAX_ITEMS = BLOCK_SHARE // THREADS
 #: Keep each block's share of the target row in shared memory (items x THREADS floats, up to
 #: 128 KiB) between the statistics and the gradient, so that a one-pass launch reads the
-#: target once from memory instead of counting on L2 for the second read.
+#: target once from memory instead of counting on L2 for the second read; the copy starts
+#: with the launch (cp.async) and overlaps the work on the logits.
 CACHE_TARGET = True
 MODES = {"kl": 0, "tv": 1, "lk_alpha": 2, "lk_lambda": 3}
 ALPHA_FLOOR = 1e-30
@@ -68,7 +71,7 @@ _SOURCE = r"""
 #define THREADS __THREADS__
 #define ITEMS __ITEMS__
 #define CLUSTER __CLUSTER__                           // blocks per row (a Hopper thread-block cluster)
-#define PCACHE __PCACHE__                             // 1: target entries kept in shared memory between phases
+#define PCACHE __PCACHE__                             // 1: target entries copied to shared memory, read from there
 #if CLUSTER > 1
 #include <cooperative_groups.h>
 namespace cg = cooperative_groups;
@@ -160,6 +163,29 @@ template <int K> __device__ void row_sum(float* v, float* sh) {
 __device__ __forceinline__ float target(const float* __restrict__ prow, const int* __restrict__ idx, int has_idx, int v) {
     return has_idx ? prow[idx[v]] : prow[v];
 }
+__device__ __forceinline__ const float* target_at(const float* __restrict__ prow, const int* __restrict__ idx,
+                                                  int has_idx, int v) {
+    return has_idx ? prow + idx[v] : prow + v;
+}
+
+#ifdef __CUDACC__
+// copy_async: one float from global to shared memory, without waiting for it (Ampere and later:
+// cp.async, which holds no register while in flight); wait_copies: until this thread's copies
+// have landed.  The CPU stand-in (tests/simt_cpu.h) has its own, which copy at the wait.
+__device__ __forceinline__ void copy_async(float* dst, const float* src) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n"
+                 :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src) : "memory");
+#else
+    *dst = *src;
+#endif
+}
+__device__ __forceinline__ void wait_copies() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+#endif
 
 // phase: 0 = statistics and gradient in one launch; 1 = statistics only; 2 = gradient from statistics.
 // stats per row (8 floats): max, sum, alpha, S, psum, sum p x, sum p log p, input flags
@@ -191,6 +217,23 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
     float m, s;
     int flags = 0;
     if (phase != 2) {
+#if ITEMS > 0 && PCACHE
+        // the block's target entries start for shared memory now and arrive while the logits
+        // are worked on; each thread copies, and later reads, its own entries only
+        if (has_idx) {                                 // two loops: plain addresses need no registers
+            #pragma unroll
+            for (int i = 0; i < ITEMS; i++) {
+                int v = tid + i * THREADS;
+                if (v < V) copy_async(&p_cache[i * THREADS + threadIdx.x], target_at(pr, idx, 1, v));
+            }
+        } else {
+            #pragma unroll
+            for (int i = 0; i < ITEMS; i++) {
+                int v = tid + i * THREADS;
+                if (v < V) copy_async(&p_cache[i * THREADS + threadIdx.x], target_at(pr, idx, 0, v));
+            }
+        }
+#endif
         float lmax = -INFINITY;
 #if ITEMS > 0
         #pragma unroll
@@ -241,6 +284,9 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
         // alpha = sum min(q, p); S = sum q [q < p]; psum; sum p x; sum p log p; and how many
         // threads saw each input problem: one reduction of 8 values
         float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#if ITEMS > 0 && PCACHE
+        wait_copies();
+#endif
 #if ITEMS > 0
         #pragma unroll
         for (int i = 0; i < ITEMS; i++) {
@@ -256,9 +302,10 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
 #if ITEMS > 0
                 xr[i] = q;                               // registers hold q from here on
 #endif
-                float pv = target(pr, idx, has_idx, v);
 #if ITEMS > 0 && PCACHE
-                p_cache[i * THREADS + threadIdx.x] = pv;  // read back by this thread only: no barrier
+                float pv = p_cache[i * THREADS + threadIdx.x];
+#else
+                float pv = target(pr, idx, has_idx, v);
 #endif
                 acc[0] += fminf(q, pv);
                 acc[1] += q < pv ? q : 0.f;

@@ -1,7 +1,8 @@
 // Runs a CUDA kernel's source on the CPU: every CUDA thread is a fiber (ucontext), and the
 // fibers of one thread-block cluster switch at each barrier and shuffle, in a seeded order.
 //
-// What it models: __syncthreads, __shfl_xor_sync (all 32 lanes must take part), static and
+// What it models: __syncthreads, __shfl_xor_sync (all 32 lanes must take part), cp.async
+// (copy_async / wait_copies: the copy happens at the wait), static and
 // dynamic __shared__ memory per block (tests/simt_cpu.py rewrites the declarations into
 // emu::shared<T>(name, count) calls; fresh memory is filled with NaN bytes), and the
 // cooperative-groups cluster API (this_cluster().sync(), map_shared_rank).  A barrier that
@@ -31,7 +32,13 @@ struct emu_dim3 { unsigned x, y, z; };
 namespace emu {
 
 struct Barrier { int count = 0, arrived = 0; std::vector<unsigned> waiters; };
-struct Fiber { ucontext_t ctx; unsigned tid = 0, block = 0; bool done = false; uint32_t priority = 0; };
+struct Fiber {
+    ucontext_t ctx;
+    unsigned tid = 0, block = 0;
+    bool done = false;
+    uint32_t priority = 0;
+    std::vector<std::pair<float*, const float*>> copies;   // copy_async issued, not yet waited for
+};
 struct Alloc { std::string name; std::vector<char> mem; };
 struct Block {
     std::vector<Alloc> shared;
@@ -227,6 +234,14 @@ inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
     return emu::shfl_xor(v, lane_mask);
 }
 inline void __syncthreads() { emu::wait(emu::blk().bar); }
+
+// cp.async: the copy lands at the latest moment the GPU allows, the thread's wait, so a read of
+// the destination before the wait sees what was there (fresh shared memory holds NaN)
+inline void copy_async(float* dst, const float* src) { emu::S.cur->copies.push_back({dst, src}); }
+inline void wait_copies() {
+    for (auto& c : emu::S.cur->copies) *c.first = *c.second;
+    emu::S.cur->copies.clear();
+}
 
 namespace cooperative_groups {
 struct cluster_group {

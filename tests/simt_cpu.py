@@ -26,8 +26,9 @@ import numpy as np
 HEADER = Path(__file__).with_name("simt_cpu.h")
 GUARD = 256                                  # elements of guard zone on each side of an array
 
-# lk_rows reads the logits only through to_f(zr[v]) and the target only through target(...)
-COUNTED = (r"to_f\(zr\[v\]\)", r"target\(pr, idx, has_idx, v\)")
+# lk_rows reads the logits only through to_f(zr[v]) and the target only through target(...) or
+# copies from target_at(...): (counter, pattern)
+COUNTED = ((0, r"to_f\(zr\[v\]\)"), (1, r"target\(pr, idx, has_idx, v\)"), (1, r"target_at\(pr, idx, [01], v\)"))
 _built: dict = {}
 
 
@@ -56,7 +57,7 @@ def cpu_source(cuda_source: str, kernel: str, cluster: str) -> str:
                  r'\1* \2 = emu::shared<\1>("\2", emu::S.dynamic_smem / sizeof(\1));', src)
     if "__shared__" in src:
         raise ValueError("a __shared__ declaration the rewrite does not handle")
-    for which, pattern in enumerate(COUNTED):          # count the global reads of z and of p
+    for which, pattern in COUNTED:                     # count the global reads of z and of p
         src = re.sub(pattern, lambda m: f"emu::counted({which}, {m.group(0)})", src)
     names = [p.strip().split()[-1].lstrip("*") for p in params.split(",")]
     launcher = (f'\nextern "C" int launch(unsigned grid, unsigned threads, unsigned seed, unsigned long smem, '
