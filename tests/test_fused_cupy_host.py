@@ -643,3 +643,16 @@ def test_one_pass_calls_wait_for_the_device_once(counting, name, kw, ops, waits)
     log = dict(counting.log)
     close(fast, reference(name, z, p, **dict(kw, mask=mask)))
     assert log == {"launches": 2, "to_host": waits, **({"ops": ops} if ops else {})}
+
+
+@pytest.mark.parametrize("name", REDUCED)
+def test_no_rows_launches_no_row_kernel(counting, name):
+    """N = 0: a grid of no blocks is an error on a GPU, so lk_rows is not launched; the mean of
+    nothing is 0, as on the reference path."""
+    z, p = np.zeros((0, 10), np.float32), np.zeros((0, 10), np.float32)
+    fast = run(name, counting.counted(z), counting.counted(p))
+    assert counting.log["launches"] == (2 if name == "lk_lambda" else 1)     # lk_finish (twice for LK^lambda's lambda)
+    want = reference(name, z, p)
+    assert fast.grad.shape == (0, 10) and fast.alpha.shape == (0,) and float(fast.loss) == float(want.loss) == 0
+    if name == "lk_lambda":
+        assert float(fast.lam) == float(want.lam)
