@@ -9,7 +9,7 @@ blocks exchange their partial reductions through distributed shared memory).  A 
 read in three phases: (1) max and sum of exp over the logits, (2) alpha, S and the KL sums
 over logits and target, (3) the gradient.  For V <= 8 * THREADS * MAX_ITEMS (262 144) the
 row stays in registers between the phases (the logits, then q: read once, one exp per
-element) and the target entries in shared memory (read once; CACHE_TARGET), so one launch
+element for TV and LK^alpha, two for the KL sums, which need x = (z - max z) / T as well) and the target entries in shared memory (read once; CACHE_TARGET), so one launch
 reads z and p once and writes the gradient once, the least traffic there is.  The target
 entries are copied into shared memory asynchronously (cp.async) as the launch starts, so
 that they arrive while phase (1) works on the logits instead of after it.  For larger V
@@ -216,6 +216,7 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
 #endif
     float m, s;
     int flags = 0;
+    const bool need_x = mode == 0 || mode == 3;          // KL and LK^lambda: sum p x
     if (phase != 2) {
 #if ITEMS > 0 && PCACHE
         // the block's target entries start for shared memory now and arrive while the logits
@@ -257,8 +258,10 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
         #pragma unroll
         for (int i = 0; i < ITEMS; i++) {
             int v = tid + i * THREADS;
-            xr[i] = v < V ? (xr[i] - m) / T : 0.f;            // x = (z - max z) / T
-            if (v < V) acc[0] += expf(xr[i]);
+            float x = v < V ? (xr[i] - m) / T : 0.f;          // x = (z - max z) / T
+            float e = v < V ? expf(x) : 0.f;
+            acc[0] += e;
+            xr[i] = need_x ? x : e;                          // the KL sums need x; TV and LK^alpha only e
         }
 #else
         for (int v = tid; v < V; v += THREADS) acc[0] += expf((to_f(zr[v]) - m) / T);
@@ -292,13 +295,14 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
         for (int i = 0; i < ITEMS; i++) {
             int v = tid + i * THREADS;
             if (v < V) {
-                float x = xr[i];
+                float x = need_x ? xr[i] : 0.f;
+                float q = (need_x ? expf(x) : xr[i]) * inv;  // one exp per element for TV and LK^alpha
 #else
         for (int v = tid; v < V; v += THREADS) {
             {
                 float x = (to_f(zr[v]) - m) / T;
-#endif
                 float q = expf(x) * inv;
+#endif
 #if ITEMS > 0
                 xr[i] = q;                               // registers hold q from here on
 #endif

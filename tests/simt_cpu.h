@@ -64,7 +64,7 @@ struct State {
     unsigned block_base = 0, threads = 0;
     std::function<void()> body;
     std::string error;
-    long reads[2] = {0, 0};                   // global reads counted by the harness's rewrite
+    long reads[3] = {0, 0, 0};                // global reads of z and p counted by the harness's rewrite, expf calls
     size_t dynamic_smem = 0;                  // bytes of extern __shared__ memory per block
 };
 static State S;
@@ -151,7 +151,7 @@ inline int run(unsigned grid, unsigned threads, unsigned cluster, unsigned seed,
     S.body = std::move(body);
     S.threads = threads;
     S.error.clear();
-    S.reads[0] = S.reads[1] = 0;
+    S.reads[0] = S.reads[1] = S.reads[2] = 0;
     if (threads == 0 || threads % 32 || cluster == 0 || grid % cluster) {
         S.error = "launch: threads must be a positive multiple of 32 and grid a multiple of the cluster size";
         return 1;
@@ -234,6 +234,7 @@ inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
     return emu::shfl_xor(v, lane_mask);
 }
 inline void __syncthreads() { emu::wait(emu::blk().bar); }
+#define expf(x) emu::counted(2, ::expf(x))       // counted: the kernels' exp per element
 
 // cp.async: the copy lands at the latest moment the GPU allows, the thread's wait, so a read of
 // the destination before the wait sees what was there (fresh shared memory holds NaN)

@@ -116,7 +116,7 @@ class CpuKernel:
         self.outputs = [i for i, p in enumerate(params) if "*" in p and not p.startswith("const")]
         self.seeds = seeds
         self.launches = 0
-        self.reads = []                          # per launch: (logit reads, target reads)
+        self.reads = []                          # per launch: (logit reads, target reads, expf calls)
 
     def __call__(self, grid, block, args, shared_mem=0):
         self.launches += 1
@@ -144,7 +144,7 @@ class CpuKernel:
                     raise AssertionError("the kernel wrote outside an array")
             results.append([bufs[i][GUARD:-GUARD].copy() for i in self.outputs])
             if seed == self.seeds[0]:
-                self.reads.append((self.dll.reads(0), self.dll.reads(1)))
+                self.reads.append((self.dll.reads(0), self.dll.reads(1), self.dll.reads(2)))
         for other in results[1:]:
             for a, b in zip(results[0], other):
                 if not np.array_equal(a.view(np.uint8), b.view(np.uint8)):

@@ -522,15 +522,16 @@ def test_simt_kernel_matches_reference_property(simt, monkeypatch, seed, name, N
 
 
 @pytest.mark.parametrize("V, name, kw, cache, want", [
-    (1000, "lk_alpha", {}, True, [(1, 1)]),                # a cluster of 4, registers + target cache: once each
-    (1000, "lk_alpha", {}, False, [(1, 2)]),               # without the cache the target is read twice
-    (40, "lk_lambda", {"lam": 0.3}, True, [(1, 1)]),        # a given lambda: one pass
-    (40, "lk_lambda", {}, True, [(1, 1), (1, 1)]),          # lambda from the batch: stats, then gradient
-    (3000, "tv", {}, True, [(4, 2)]),                       # streaming: z for max, sum, stats, gradient
+    (1000, "lk_alpha", {}, True, [(1, 1, 1)]),             # a cluster of 4, registers + target cache: once each
+    (1000, "lk_alpha", {}, False, [(1, 2, 1)]),            # without the cache the target is read twice
+    (40, "lk_lambda", {"lam": 0.3}, True, [(1, 1, 2)]),     # a given lambda: one pass; the KL sums need x and q
+    (40, "lk_lambda", {}, True, [(1, 1, 2), (1, 1, 1)]),    # lambda from the batch: stats, then gradient
+    (3000, "tv", {}, True, [(4, 2, 3)]),                    # streaming: z for max, sum, stats, gradient
 ])
 def test_simt_global_reads_per_element(simt, monkeypatch, V, name, kw, cache, want):
-    """How often the kernel reads each logit and each target entry, counted on the stand-in:
-    the memory traffic the bandwidth goals assume (the logits once where the row fits in registers)."""
+    """How often the kernel reads each logit and each target entry, and takes an exp, per
+    element, counted on the stand-in: the memory traffic the bandwidth goals assume (the
+    logits once where the row fits in registers) and the exp count (one for LK^alpha)."""
     small_blocks(monkeypatch)
     kernels = []
 
@@ -542,8 +543,8 @@ def test_simt_global_reads_per_element(simt, monkeypatch, V, name, kw, cache, wa
     N = 3
     rng = np.random.default_rng(12)
     run(name, make_logits(rng, (N, V), dtype=np.float32), make_probs(rng, (N, V), dtype=np.float32), **kw)
-    reads = [r for k in kernels for r in k.rows.reads]
-    assert [(z / (N * V), p / (N * V)) for z, p in reads] == want
+    counts = [c for k in kernels for c in k.rows.reads]
+    assert [tuple(c / (N * V) for c in launch) for launch in counts] == want
 
 
 def test_out_may_be_the_logits_even_with_fallback_rows(numpy_as_cupy):
