@@ -33,7 +33,7 @@ def compare(cp, name, z, p, rtol=2e-4, **kw):
     ref = lkref.LOSSES[name](cp.asarray(z), cp.asarray(p), impl="reference", **kw)
     fast = lkref.LOSSES[name](cp.asarray(z), cp.asarray(p), impl="fused", **kw)
     g_ref, g = to_numpy(ref.grad).astype(np.float64), to_numpy(fast.grad).astype(np.float64)
-    scale = max(np.abs(g_ref).max(), 1e-30)
+    scale = max(np.abs(g_ref).max(initial=0), 1e-30)
     assert fast.grad.dtype == ref.grad.dtype and fast.grad.shape == ref.grad.shape
     np.testing.assert_allclose(g, g_ref, rtol=rtol, atol=rtol * scale)
     np.testing.assert_allclose(to_numpy(fast.loss), to_numpy(ref.loss), rtol=rtol, atol=1e-6)
@@ -63,6 +63,17 @@ def test_fused_with_mask_temperature_and_draft_to_target(cp, name):
     mask = rng.random(N) < 0.7
     compare(cp, name, z, p[:, :V] / p[:, :V].sum(-1, keepdims=True), mask=cp.asarray(mask), temperature=0.7)
     compare(cp, name, z, p, draft_to_target=cp.asarray(d2t), mask=cp.asarray(mask))
+
+
+@pytest.mark.parametrize("name", REDUCED)
+def test_fused_weight_masks_and_no_rows(cp, name):
+    """Real weights (the kernel divides by their sum on the device) and N = 0 (no row launch)."""
+    rng = np.random.default_rng(11)
+    z = make_logits(rng, (40, 5000), scale=2.0, dtype=np.float32)
+    p = peaked_probs(rng, (40, 5000)).astype(np.float32)
+    weights = (rng.random(40) * 3 * (rng.random(40) < 0.8)).astype(np.float32)
+    compare(cp, name, z, p, mask=cp.asarray(weights))
+    compare(cp, name, z[:0], p[:0])
 
 
 @pytest.mark.parametrize("name", REDUCED)
