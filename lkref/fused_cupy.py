@@ -677,11 +677,20 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     else:
         rows(0, lam_v, wsum=w.sum(keepdims=True))     # the kernel divides: no wait for the sum
     finish(lam_v)
-    host = summary.tolist()                           # the one wait for the device in a one-pass call
+    host = summary.tolist()                           # the one wait for the device (without reduce)
     _raise_flags(cp, host, p2 if idx is not None else None)
+
+    def mean(total_at, count_at):
+        """(mean, 1 / count) of summary entries: through the reduce hook on the device, or
+        else on the host from the values read already, in float32 as the device would."""
+        if reduce is not None:
+            return ref.mean_from_sums(*sums(total_at, count_at), reduce)
+        count = np.float32(host[count_at])
+        scale = np.float32(1) / count if count > 0 else np.float32(0)
+        return np.float32(host[total_at]) * scale, scale
+
     if name == "lk_lambda" and lam is None:
-        mean_alpha, _ = ref.mean_from_sums(*sums(2, 1), reduce)
-        lam_v = float(ref.lambda_from_alpha(mean_alpha, eta=eta, kl_scale=kl_scale))
+        lam_v = float(ref.lambda_from_alpha(mean(2, 1)[0], eta=eta, kl_scale=kl_scale))
         finish(lam_v)                                 # the rows' losses with this lambda
     fallback = _fallback_losses(cp, z2, p2, idx, stats, T, per) if name == "lk_alpha" and host[5] > 0 else None
     if fallback is not None:                          # per has changed: the mean again
@@ -690,10 +699,10 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
             weights = cp.where(stats[:, 4] > 0, weights, 0)
         loss, mcache = ref.mean_forward(per, weights, reduce)
         scale = mcache["scale"]
-    elif two_pass:
-        loss, scale = ref.mean_from_sums(*sums(0, 1), reduce)
-    else:
-        loss, scale = sums(6)[0], None
+    elif reduce is not None:
+        loss, scale = mean(0, 1)
+    else:                                             # lk_finish's mean (of the last lambda)
+        loss, scale = sums(6)[0], mean(0, 1)[1]
     if two_pass:
         rows(2, lam_v, scale=float(scale))
     if fallback is not None:
