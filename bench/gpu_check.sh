@@ -31,7 +31,7 @@ PY
 } 2>&1 | tee "$out/gpu-$card-env.txt"
 echo "== GPU tests"
 # no -x: one run should show every failure; the benchmark refuses to time a path that is wrong
-timeout 210 python3 -m pytest -q -rfE -m gpu tests -p no:cacheprovider 2>&1 | tee "$out/gpu-$card-tests.txt"
+timeout 210 python3 -m pytest -q -rfE --durations=15 -m gpu tests -p no:cacheprovider 2>&1 | tee "$out/gpu-$card-tests.txt"
 # lkref's own rows first (every loss, both goal sizes, the tuning shapes), then the peers beside
 # LK^alpha and TV: Triton autotunes the speculators kernels at their first call (some 20 tiles
 # per kernel), which must not cost lkref's rows.  Rows reach the CSV block by block.
