@@ -86,7 +86,7 @@ __device__ __forceinline__ void store(float* o, float v) { *o = v; }
 __device__ __forceinline__ void store(__half* o, float v) { *o = __float2half_rn(v); }
 __device__ __forceinline__ void store(__nv_bfloat16* o, float v) { *o = __float2bfloat16_rn(v); }
 
-// block-wide reductions of up to 4 values; every thread gets the results
+// block- and row-wide reductions; every thread gets the results
 __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
     return v;
