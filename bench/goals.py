@@ -13,6 +13,8 @@ ratio is always between rows measured in the same run.  Printed as markdown tabl
     LK^lambda p50 <= 1.5 x LK^alpha's (with its batch lambda, and with lam= given);
     extra memory O(N), checked as <= 1 KiB per row (a row of the gradient is 4 V bytes)
   Peers: every peer's p50 beside lkref's in the same run, and their ratio.
+  Launch shapes (GPU): LK^alpha's p50 in every shape the run timed ("fused <T>t/<S>k"),
+  fastest first, against the default's: the one to make the default if it wins.
 
 A goal whose rows are missing from a run is not listed for that run.
 """
@@ -94,6 +96,19 @@ def peers(rows):
     return out
 
 
+def shapes(rows):
+    """[(V, shape, p50, p50 / default's p50)] for LK^alpha at N = 4096, fastest first per V."""
+    out = []
+    for V in GPU_MS:
+        default = _p50(rows, "lkref fused", "lk_alpha", GPU_N, V)
+        timed = sorted((float(r["p50_ms"]), r["impl"]) for r in rows
+                       if r["impl"].startswith("fused ") and r["loss"] == "lk_alpha"
+                       and int(r["N"]) == GPU_N and int(r["V"]) == V)
+        if default is not None:
+            out += [(V, impl, t, t / default) for t, impl in sorted(timed + [(default, "default")])]
+    return out
+
+
 def _exists(path, say):
     if not os.path.isfile(path):
         say(f"{path}: no such file (did the benchmark run?)")
@@ -123,6 +138,11 @@ def report(paths, say=print) -> bool:
             say("\n| loss | N | V | peer | peer p50 (ms) | lkref p50 (ms) | peer / lkref |\n|---|---|---|---|---|---|---|")
             for loss, N, V, peer, t, base, ratio in ratios:
                 say(f"| {loss} | {N} | {V} | {peer} | {t:.3f} | {base:.3f} | {ratio:.2f}× |")
+        timed = shapes(rows)
+        if len(timed) > len({V for V, *_ in timed}):      # more than the default alone
+            say(f"\n| V | launch shape (LK^α, N = {GPU_N}) | p50 (ms) | / default |\n|---|---|---|---|")
+            for V, impl, t, ratio in timed:
+                say(f"| {V} | {impl} | {t:.3f} | {ratio:.2f}× |")
     repeated = {key: mets for key, mets in by_goal.items() if len(mets) > 1}
     if repeated:
         say("\n### Over the runs of each commit\n\n| machine | git | goal | met in |\n|---|---|---|---|")

@@ -313,7 +313,8 @@ def _gpu_rows(alpha_ms, lam_ms, extra_mib):
     rows = []
     for V in (32_000, 128_256):
         rows += [row("lkref fused", "lk_alpha", V, alpha_ms[V]), row("lkref fused", "lk_lambda", V, lam_ms[V]),
-                 row("lkref fused lam=", "lk_lambda", V, alpha_ms[V]), row("speculators", "lk_alpha", V, 5.0)]
+                 row("lkref fused lam=", "lk_lambda", V, alpha_ms[V]), row("speculators", "lk_alpha", V, 5.0),
+                 row("fused 512t/16k", "lk_alpha", V, alpha_ms[V] * 0.9), row("fused 1024t/32k", "lk_alpha", V, 9.0)]
     return rows
 
 
@@ -328,6 +329,10 @@ def test_goals_report_on_gpu_rows(tmp_path):
     assert "| GPU LK^α N=4096 V=32000: ≤ 0.75 ms | 0.700 ms | yes |" in text
     assert "| GPU LK^λ V=128256 (batch λ, two launches): ≤ 1.5× LK^α | 4.000 ms = 1.38× | yes |" in text
     assert "| lk_alpha | 4096 | 128256 | speculators | 5.000 | 2.900 | 1.72× |" in text
+    shapes = [line for line in lines if line.startswith("| 32000 | ")]   # the launch shapes, fastest first
+    assert shapes == ["| 32000 | fused 512t/16k | 0.630 | 0.90× |", "| 32000 | default | 0.700 | 1.00× |",
+                      "| 32000 | fused 1024t/32k | 9.000 | 12.86× |"]
+    assert not any("fused 512t/16k" in line and "**no**" in line for line in lines)   # shapes are no goals
     # a second run, each goal missed: reported apart from the first, and the report says so
     benchmark.write_csv(_gpu_rows({32_000: 0.8, 128_256: 3.1}, {32_000: 1.3, 128_256: 4.0}, 8.0), str(path),
                         ["numpy"], stamp="run-2")
