@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, run from the checkout without installing (the device image has CuPy,
 # PyTorch, pytest and hypothesis): the GPU tests, then the quick benchmark with peers.
-# Results go to $OUT (the device tool's folder) or bench/results/.  About 4 minutes, at most 8.2.
+# Results go to $OUT (the device tool's folder) or bench/results/.  About 4 minutes, at most 8.3
+# (the profile at the end runs only while the run is under 380 s).
 # A copy without .git (the device tool's) names its commit with LKREF_GIT_SHA=<sha>.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,3 +45,14 @@ timeout 150 python3 -m lkref bench --backend cupy --repeat 20 --loss lk_alpha --
   --csv "$out/gpu-$card-bench.csv" 2>&1 | tee -a "$out/gpu-$card-bench.txt"
 echo "== the goals (bench/goals.py)"
 python3 bench/goals.py "$out/gpu-$card-bench.csv" 2>&1 | tee "$out/gpu-$card-goals.md"
+# what the default LK^alpha kernel waits for, at both goal sizes, if the run has time left
+# (Nsight Compute; it replays the kernel per section and locks the clocks to base)
+if [ "$SECONDS" -lt 380 ] && command -v ncu >/dev/null; then
+  echo "== profile (ncu, lk_rows, LK^alpha N = 4096)"
+  for V in 32000 128256; do
+    timeout 45 ncu --kernel-name lk_rows --launch-skip 1 --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      python3 bench/gpu_profile.py "$V" 2>&1
+  done | tee "$out/gpu-$card-profile.txt"
+fi
+echo "== done in $SECONDS s"
