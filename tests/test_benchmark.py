@@ -290,6 +290,22 @@ def test_the_gpu_branch_of_the_bench_runs(monkeypatch, tmp_path):
     assert "Fake GPU" in (tmp_path / "g.csv").read_text()
 
 
+def test_the_profiled_program_runs(monkeypatch, capsys):
+    """bench/gpu_profile.py (what gpu_check.sh runs under ncu) on the fake CuPy, at a small N."""
+    import importlib.util
+    import os
+    import sys
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy())
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_profile.py")
+    spec = importlib.util.spec_from_file_location("lkref_gpu_profile", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    make = benchmark.make_problem
+    monkeypatch.setattr(mod, "make_problem", lambda xp, N, V: make(xp, 4, V))
+    mod.main(["1000", "256", "16384"])
+    assert "lk_alpha N=4096 V=1000 threads=256 block_share=16384 (items, cluster) = (4, 1)" in capsys.readouterr().out
+
+
 def test_git_sha_from_the_environment(monkeypatch):
     monkeypatch.setenv("LKREF_GIT_SHA", "abc1234")
     assert benchmark.git_sha() == "abc1234"
