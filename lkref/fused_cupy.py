@@ -592,11 +592,11 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     the last where CuPy has the ml_dtypes type).
 
     float64 logits, and temperatures below fused.MIN_TEMPERATURE, return None (the caller runs
-    the reference).  The value checks run inside
-    the kernel (flags per row) and are raised after it; with draft_to_target, the target
-    entries outside the draft vocabulary are checked by two reductions (min, max).  Extra
-    memory is O(N) (row statistics, weights) for float32 targets; a target in another dtype
-    is first converted to float32 (an N x V copy).
+    the reference).  The value checks run inside the kernels (flags per row, gathered by
+    lk_finish) and are raised after them: a one-pass call has written the gradient by then.
+    With draft_to_target, the target entries outside the draft vocabulary are checked by two
+    reductions (min, max).  Extra memory is O(N) (row statistics, losses, weights) for float32
+    targets; a target in another dtype is first converted to float32 (an N x V copy).
     """
     cp = sys.modules["cupy"]
     z = as_array(draft_logits, "draft_logits")
