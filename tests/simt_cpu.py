@@ -1,9 +1,12 @@
-"""Build lkref's CUDA kernel source for the CPU with tests/simt_cpu.h and launch it on NumPy arrays.
+"""Build lkref's CUDA kernel source for the CPU with tests/simt_cpu.h and launch its kernels
+(lk_rows, lk_finish) on NumPy arrays.
 
 The kernel text is the one lkref.fused_cupy compiles for the GPU; only its ``__shared__``
 declarations are rewritten (into per-block allocations; ``extern __shared__`` gets the
-launch's dynamic size), its #include lines dropped, and its global reads of the logits and
-the target wrapped in counters (COUNTED).  Every launch runs under several scheduling seeds on guarded copies of the arrays:
+launch's dynamic size), its #include lines dropped (its CUDA-only helpers, under
+``__CUDACC__``, come from the header instead), and its global reads of the logits and the
+target wrapped in counters (COUNTED; the header counts expf calls too).  Every launch runs
+under several scheduling seeds on guarded copies of the arrays:
 the results must be the same bit for bit (else a race on shared memory), and the guard zones
 around every array must be untouched (else an out-of-bounds write).  Reads out of bounds
 land in NaN guards and show as wrong results.
