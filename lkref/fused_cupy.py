@@ -187,6 +187,20 @@ __device__ __forceinline__ void wait_copies() {
 }
 #endif
 
+#if ITEMS > 0 && PCACHE
+// Start the copies of this thread's target entries into shared memory (p_cache[i * THREADS +
+// threadIdx.x] for column tid + i * THREADS).  IDX (through draft_to_target) is a template
+// argument: a loop choosing per entry would hold registers that plain addresses do not need.
+template <int IDX> __device__ __forceinline__ void prefetch_target(float* p_cache, const float* __restrict__ pr,
+                                                                   const int* __restrict__ idx, int tid, int V) {
+    #pragma unroll
+    for (int i = 0; i < ITEMS; i++) {
+        int v = tid + i * THREADS;
+        if (v < V) copy_async(&p_cache[i * THREADS + threadIdx.x], target_at(pr, idx, IDX, v));
+    }
+}
+#endif
+
 // phase: 0 = statistics and gradient in one launch; 1 = statistics only; 2 = gradient from statistics.
 // stats per row (8 floats): max, sum, alpha, S, psum, sum p x, sum p log p, input flags
 // (flags: 1 = a non-finite logit, 2 = a negative target, 4 = a non-finite target)
@@ -221,19 +235,8 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
 #if ITEMS > 0 && PCACHE
         // the block's target entries start for shared memory now and arrive while the logits
         // are worked on; each thread copies, and later reads, its own entries only
-        if (has_idx) {                                 // two loops: plain addresses need no registers
-            #pragma unroll
-            for (int i = 0; i < ITEMS; i++) {
-                int v = tid + i * THREADS;
-                if (v < V) copy_async(&p_cache[i * THREADS + threadIdx.x], target_at(pr, idx, 1, v));
-            }
-        } else {
-            #pragma unroll
-            for (int i = 0; i < ITEMS; i++) {
-                int v = tid + i * THREADS;
-                if (v < V) copy_async(&p_cache[i * THREADS + threadIdx.x], target_at(pr, idx, 0, v));
-            }
-        }
+        if (has_idx) prefetch_target<1>(p_cache, pr, idx, tid, V);
+        else prefetch_target<0>(p_cache, pr, idx, tid, V);
 #endif
         float lmax = -INFINITY;
 #if ITEMS > 0
@@ -314,7 +317,7 @@ lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restri
                 acc[0] += fminf(q, pv);
                 acc[1] += q < pv ? q : 0.f;
                 acc[2] += pv;
-                if (mode == 0 || mode == 3) {            // the KL sums
+                if (need_x) {                            // the KL sums
                     acc[3] += pv > 0.f ? pv * x : 0.f;    // 0 where p = 0, also where x = -inf
                     acc[4] += pv > 0.f ? pv * logf(pv) : 0.f;
                 }
@@ -731,12 +734,9 @@ def _raise_flags(cp, host, p_full):
 
 def _fallback_losses(cp, z2, p2, idx, stats, T, per):
     """LK^alpha rows with alpha below ALPHA_FLOOR: the reference's log-space loss (into per) and
-    alpha (into stats) now, the gradient once the rows' weights are known.  Returns (rows, cache)
-    or None."""
+    alpha (into stats) now, the gradient once the rows' weights are known.  Returns (rows, cache)."""
     alpha, psum = stats[:, 2], stats[:, 4]
-    low = cp.nonzero((alpha < ALPHA_FLOOR) & (psum > 0))[0]
-    if int(low.size) == 0:
-        return None
+    low = cp.nonzero((alpha < ALPHA_FLOOR) & (psum > 0))[0]              # lk_finish counted them: not empty
     zr = z2[low].astype(cp.float32)
     pr = p2[low] if idx is None else cp.take(p2[low], idx, axis=1)
     losses, cache = ref.lk_alpha_forward(zr, pr, temperature=T)

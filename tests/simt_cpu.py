@@ -31,7 +31,7 @@ GUARD = 256                                  # elements of guard zone on each si
 
 # lk_rows reads the logits only through to_f(zr[v]) and the target only through target(...) or
 # copies from target_at(...): (counter, pattern)
-COUNTED = ((0, r"to_f\(zr\[v\]\)"), (1, r"target\(pr, idx, has_idx, v\)"), (1, r"target_at\(pr, idx, [01], v\)"))
+COUNTED = ((0, r"to_f\(zr\[v\]\)"), (1, r"target\(pr, idx, has_idx, v\)"), (1, r"target_at\(pr, idx, \w+, v\)"))
 _built: dict = {}
 
 
