@@ -46,6 +46,18 @@ def _count(what, n=1):
         log[what] += n
 
 
+def _call(fn, args, kwargs, counts=True):
+    """fn on plain arrays, uncounted inside; one operation when it makes new data (counts)."""
+    _paused[0] += 1
+    try:
+        result = fn(*_plain(args), **{k: _plain(v) for k, v in kwargs.items()})
+    finally:
+        _paused[0] -= 1
+    if counts and not _shares(result, args):
+        _count("ops")
+    return _wrap(result)
+
+
 def _shares(result, inputs):
     """True if result (an array) is a view of one of the inputs."""
     return isinstance(result, np.ndarray) and any(
@@ -62,14 +74,7 @@ class Counted(np.ndarray):
         return _wrap(getattr(ufunc, method)(*_plain(inputs), **kwargs))
 
     def __array_function__(self, func, types_, args, kwargs):
-        _paused[0] += 1                        # one function is one operation, whatever it calls
-        try:
-            result = func(*_plain(args), **{k: _plain(v) for k, v in kwargs.items()})
-        finally:
-            _paused[0] -= 1
-        if not _shares(result, args):
-            _count("ops")
-        return _wrap(result)
+        return _call(func, args, kwargs)       # one function is one operation, whatever it calls
 
     def astype(self, dtype, *args, **kwargs):
         result = self.view(np.ndarray).astype(dtype, *args, **kwargs)
@@ -114,16 +119,7 @@ _ALLOCATE = {"empty", "empty_like"}
 
 
 def _module_function(name, fn):
-    def call(*args, **kwargs):
-        _paused[0] += 1
-        try:
-            result = fn(*_plain(args), **{k: _plain(v) for k, v in kwargs.items()})
-        finally:
-            _paused[0] -= 1
-        if name not in _ALLOCATE and not _shares(result, args):
-            _count("ops")
-        return _wrap(result)
-    return call
+    return lambda *args, **kwargs: _call(fn, args, kwargs, counts=name not in _ALLOCATE)
 
 
 class _Module(types.ModuleType):

@@ -114,15 +114,20 @@ def simt_kernel(in_dtype, out_dtype, items, cluster):
 needs_cxx = pytest.mark.skipif(simt_cpu.compiler() is None, reason="no C++ compiler for the SIMT stand-in")
 
 
+def stand_in(monkeypatch, cupy, kernel):
+    """CuPy replaced by `cupy`, a Hopper GPU assumed, and fused_cupy._kernel by `kernel`."""
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: True)
+    monkeypatch.setattr(fused_cupy, "_kernel", kernel)
+
+
 @pytest.fixture(params=["transcription", pytest.param("simt", marks=needs_cxx)])
 def numpy_as_cupy(request, monkeypatch):
-    monkeypatch.setitem(sys.modules, "cupy", np)
-    monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: True)          # a Hopper stand-in
     if request.param == "transcription":
-        monkeypatch.setattr(fused_cupy, "_kernel", lambda *a: fused_cupy.Kernels(kernel_on_the_cpu, finish_on_the_cpu, 0))
+        stand_in(monkeypatch, np, lambda *a: fused_cupy.Kernels(kernel_on_the_cpu, finish_on_the_cpu, 0))
     else:                        # small blocks keep the fibers few; the real size is tested below
         small_blocks(monkeypatch)
-        monkeypatch.setattr(fused_cupy, "_kernel", simt_kernel)
+        stand_in(monkeypatch, np, simt_kernel)
     return request.param
 
 
@@ -136,9 +141,7 @@ def small_blocks(monkeypatch):
 def simt(monkeypatch):
     if simt_cpu.compiler() is None:
         pytest.skip("no C++ compiler for the SIMT stand-in")
-    monkeypatch.setitem(sys.modules, "cupy", np)
-    monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: True)          # a Hopper stand-in
-    monkeypatch.setattr(fused_cupy, "_kernel", simt_kernel)
+    stand_in(monkeypatch, np, simt_kernel)
 
 
 def run(name, z, p, **kw):
@@ -617,9 +620,7 @@ def test_simt_out_is_the_logits_in_clusters_and_streaming(simt, monkeypatch, nam
 def counting(monkeypatch):
     """CuPy replaced by tests/device_ops.py's counting stand-in, the kernels by their transcriptions."""
     from . import device_ops
-    monkeypatch.setitem(sys.modules, "cupy", device_ops.module)
-    monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: True)
-    monkeypatch.setattr(fused_cupy, "_kernel", lambda *a: fused_cupy.Kernels(
+    stand_in(monkeypatch, device_ops.module, lambda *a: fused_cupy.Kernels(
         device_ops.launch(kernel_on_the_cpu), device_ops.launch(finish_on_the_cpu), 0))
     device_ops.log.clear()
     return device_ops
