@@ -36,6 +36,7 @@ import numpy as np
 
 from . import losses as ref
 from .backend import work_dtype
+from .distributed import call_reduce
 from .validation import TARGET_SUM_ATOL, as_array, check_index_map, check_mask, check_real_scalar, env_flag
 
 __all__ = ["numpy_loss", "ALPHA_FLOOR", "MIN_TEMPERATURE", "CHUNK_BYTES", "default_threads"]
@@ -469,7 +470,7 @@ def _mean(pb, w, values, reduce):
     # a row of weight 0 adds nothing, even when its loss is infinite (as losses.mean_forward)
     total, count = np.asarray(np.dot(w, np.where(w > 0, values, 0)), pb.wd), np.asarray(w.sum(), pb.wd)
     if reduce is not None:
-        total, count = reduce(total, count)
+        total, count = call_reduce(reduce, total, count)
     scale = 1 / float(count) if float(count) > 0 else 0.0
     return float(total) * scale, scale
 

@@ -50,12 +50,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from .backend import dlpack_interop, namespace
+from .distributed import call_reduce
 from .validation import (
     check_index_map,
     check_logits,
     check_mask,
     check_probs,
     check_real_scalar,
+    check_upstream,
 )
 
 __all__ = [
@@ -123,6 +125,15 @@ class _quiet:
             self.ctx.__exit__(*exc)
 
 
+def _upstream(dlosses, cache, loss, keys):
+    """dlosses checked against the forward's cache (a scalar, or an array of its leading shape),
+    in its work dtype; the cache must be the one <loss>_forward returned."""
+    if not (isinstance(cache, dict) and all(k in cache for k in keys)):
+        raise TypeError(f"cache must be what {loss}_forward returned (a dict with {', '.join(map(repr, keys))})")
+    q = cache["q"] if "q" in cache else cache["tv"]["q"]
+    return check_upstream(dlosses, "dlosses", q.shape[:-1], q.dtype, namespace(q))
+
+
 def _check_pair(z, p, temperature):
     if tuple(z.shape) != tuple(p.shape):
         raise ValueError(f"z and p must have the same shape, got {tuple(z.shape)} and {tuple(p.shape)}")
@@ -156,6 +167,7 @@ def kl_backward(dlosses, cache):
     Keeping sum_v p_v makes this the exact gradient for rows that sum to 1 only up
     to rounding, and keeps sum_j dz_j = 0 (the loss does not change under z + c).
     """
+    dlosses = _upstream(dlosses, cache, "kl", ("q", "p", "T"))
     xp = namespace(cache["q"])
     q, p, T = cache["q"], cache["p"], cache["T"]
     psum = xp.sum(p, axis=-1, keepdims=True)
@@ -184,6 +196,7 @@ def tv_backward(dlosses, cache):
     d alpha / d z_j = sum_v m_v q_v (delta_vj - q_j) / T = q_j (m_j - S) / T,
     and TV = 1 - alpha flips the sign.
     """
+    dlosses = _upstream(dlosses, cache, "tv", ("q", "m", "T"))
     xp = namespace(cache["q"])
     q, m, T = cache["q"], cache["m"], cache["T"]
     S = xp.sum(xp.where(m, q, 0), axis=-1, keepdims=True)
@@ -221,6 +234,7 @@ def lk_alpha_backward(dlosses, cache):
                        = -(m_j q_j / alpha - q_j S / alpha) / T.
     r_v = exp(log q_v - log alpha) <= 1 is formed in log space, so nothing overflows.
     """
+    dlosses = _upstream(dlosses, cache, "lk_alpha", ("q", "logq", "m", "log_alpha", "live", "T"))
     xp = namespace(cache["q"])
     q, m, T = cache["q"], cache["m"], cache["T"]
     # where m_v holds, log q_v <= log alpha; the minimum only keeps exp() from overflowing
@@ -239,8 +253,10 @@ def lk_lambda_forward(z, p, lam, *, temperature=1.0, p_kl=None):
     """LK^lambda_t = lam * KL(p_kl || q)_t + (1 - lam) * TV(p, q)_t with lam given (stop-gradient).
 
     p_kl is the target the KL term uses; it defaults to p.  With a smaller draft
-    vocabulary it is the renormalised target while p is not (SPEC section 2).
+    vocabulary it is the renormalised target while p is not (SPEC section 2).  lam is one
+    number, or one per position (an array of the leading shape, as a per-token lambda).
     """
+    _check_lam(lam, z.shape[:-1])
     kl_losses, kl_cache = kl_forward(z, p if p_kl is None else p_kl, temperature=temperature)
     tv_losses, tv_cache = tv_forward(z, p, temperature=temperature)
     cache = {"lam": lam, "kl": kl_cache, "tv": tv_cache}
@@ -250,8 +266,21 @@ def lk_lambda_forward(z, p, lam, *, temperature=1.0, p_kl=None):
     return kl_part + (1 - lam) * tv_losses, cache
 
 
+def _check_lam(lam, lead):
+    """lam >= 0 and finite: a real scalar, or an array of the leading shape."""
+    if getattr(lam, "ndim", 0) == 0:
+        check_real_scalar(lam, "lam", low=0)
+        return
+    if tuple(lam.shape) != tuple(lead):
+        raise ValueError(f"lam must be a scalar or have the leading shape {tuple(lead)}, got {tuple(lam.shape)}")
+    xp = namespace(lam)
+    if not bool(xp.all(xp.isfinite(lam) & (lam >= 0))):
+        raise ValueError("lam must be finite and >= 0 everywhere")
+
+
 def lk_lambda_backward(dlosses, cache):
     """dz = lam * dKL + (1 - lam) * dTV; lam is a constant (stop-gradient)."""
+    dlosses = _upstream(dlosses, cache, "lk_lambda", ("lam", "kl", "tv"))
     lam = cache["lam"]
     return (kl_backward(lam * dlosses, cache["kl"])
             + tv_backward((1 - lam) * dlosses, cache["tv"]))
@@ -288,7 +317,7 @@ def mean_from_sums(total, count, reduce=None):
     shares it."""
     xp = namespace(total)
     if reduce is not None:
-        total, count = reduce(total, count)
+        total, count = call_reduce(reduce, total, count)
     scale = xp.where(count > 0, 1 / xp.where(count > 0, count, 1), 0)
     return total * scale, scale
 

@@ -23,6 +23,7 @@ __all__ = [
     "check_probs",
     "check_mask",
     "check_index_map",
+    "check_upstream",
     "env_flag",
 ]
 
@@ -158,6 +159,27 @@ def check_index_map(index, name: str, length: int, upper: int):
     if length and int(xp.unique(index).size) != length:
         raise ValueError(f"{name} has duplicate entries: each draft token must map to its own target token")
     return index
+
+
+def check_upstream(dlosses, name: str, lead, dtype, xp):
+    """The upstream gradient of a per-position backward: a real scalar, or a finite array of the
+    forward's leading shape on its backend (a wrong shape would broadcast into a wrong-shaped
+    gradient).  Returned in the forward's work dtype."""
+    if isinstance(dlosses, numbers.Real) and not isinstance(dlosses, bool):
+        d = xp.asarray(dlosses, dtype=dtype)
+    else:
+        d = as_array(dlosses, name)
+        if np.dtype(d.dtype).kind not in "iuf":
+            raise TypeError(f"{name} must hold real numbers, got dtype {d.dtype}")
+        if tuple(d.shape) not in ((), tuple(lead)):
+            raise ValueError(f"{name} must have the leading shape {tuple(lead)} of the forward's logits "
+                             f"(or be a scalar), got {tuple(d.shape)}")
+        if namespace(d) is not xp:
+            raise TypeError(f"{name} lives on another backend than the forward's arrays")
+        d = d.astype(dtype, copy=False)
+    if not _all(xp, xp.isfinite(d)):
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    return d
 
 
 def env_flag(name: str):

@@ -23,7 +23,8 @@ def kit(tmp_path_factory):
 
 
 def test_manifest_is_versioned_and_complete(kit):
-    m = json.load(open(f"{kit}/manifest.json"))
+    with open(f"{kit}/manifest.json", encoding="utf-8") as f:
+        m = json.load(f)
     assert m["format"] == "lkref-conformance" and m["version"] == 1
     assert set(m["tolerances"]) == {"float64", "float32", "bfloat16"}
     traps = {c["trap"] for c in m["cases"]}

@@ -84,3 +84,14 @@ def test_bad_input():
         accept_length_loss(z, p + p)
     with pytest.raises(ValueError, match="shape of the first"):
         accept_length_loss(z + [np.zeros((3, 3))], p + [np.full((3, 3), 1 / 3)])
+
+
+def test_backward_checks_the_upstream_gradient_and_the_cache():
+    _, cache = accept_length_forward(np.full((4, 3), 0.5))
+    with pytest.raises(ValueError, match=r"dlosses must have the leading shape \(4,\)"):
+        accept_length_backward(np.ones((4, 4)), cache)           # would broadcast to [4, 4, 3]
+    with pytest.raises(ValueError, match="dlosses contains non-finite"):
+        accept_length_backward(np.full(4, np.nan), cache)
+    with pytest.raises(TypeError, match="cache must be what accept_length_forward returned"):
+        accept_length_backward(np.ones(4), {"q": 1})
+    np.testing.assert_array_equal(accept_length_backward(2.0, cache), accept_length_backward(np.full(4, 2.0), cache))

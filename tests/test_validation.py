@@ -93,3 +93,86 @@ def test_pair_functions_check_shapes_and_temperature():
         lkref.tv_forward(Z, P[:, :2])
     with pytest.raises(ValueError, match="temperature must be > 0"):
         lkref.lk_alpha_forward(Z, P, temperature=0)
+
+
+PAIRS = {
+    "kl": (lkref.kl_forward, lkref.kl_backward, {}),
+    "tv": (lkref.tv_forward, lkref.tv_backward, {}),
+    "lk_alpha": (lkref.lk_alpha_forward, lkref.lk_alpha_backward, {}),
+    "lk_lambda": (lkref.lk_lambda_forward, lkref.lk_lambda_backward, {"lam": 0.3}),
+}
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+@pytest.mark.parametrize("dlosses, err, match", [
+    (np.ones(3), ValueError, r"dlosses must have the leading shape \(2,\) of the forward's logits"),
+    (np.ones((2, 2)), ValueError, r"dlosses must have the leading shape \(2,\)"),   # broadcasts to a wrong shape
+    (np.ones((2, 1)), ValueError, r"dlosses must have the leading shape \(2,\)"),
+    (np.array([1.0, np.nan]), ValueError, "dlosses contains non-finite"),
+    (np.array([1.0, np.inf]), ValueError, "dlosses contains non-finite"),
+    (np.array([True, False]), TypeError, "dlosses must hold real numbers"),
+    ("1", TypeError, "dlosses must"),
+    (None, TypeError, "dlosses must be an array"),
+])
+def test_pair_backward_checks_the_upstream_gradient(name, dlosses, err, match):
+    forward, backward, extra = PAIRS[name]
+    _, cache = forward(Z, P, **extra)
+    with pytest.raises(err, match=match):
+        backward(dlosses, cache)
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_pair_backward_takes_a_scalar_and_keeps_the_forward_dtype(name):
+    forward, backward, extra = PAIRS[name]
+    z, p = Z.astype(np.float32), P.astype(np.float32)
+    _, cache = forward(z, p, **extra)
+    want = backward(np.full(2, 2.0, np.float32), cache)
+    for d in (2.0, np.float64(2.0), np.full(2, 2.0), [2.0, 2.0]):      # float64 upstream: float32 out
+        got = backward(d, cache)
+        assert got.dtype == np.float32 and got.shape == Z.shape
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_pair_backward_names_a_cache_of_another_loss(name):
+    forward, backward, extra = PAIRS[name]
+    other = "kl" if name != "kl" else "lk_alpha"
+    _, cache = PAIRS[other][0](Z, P, **PAIRS[other][2])
+    with pytest.raises(TypeError, match=f"cache must be what {name}_forward returned"):
+        backward(np.ones(2), cache)
+
+
+@pytest.mark.parametrize("lam, err, match", [
+    (float("nan"), ValueError, "lam must be finite"),
+    (-0.5, ValueError, "lam must be >= 0"),
+    ("0.5", TypeError, "lam must be a real number"),
+    (np.array([0.5, 0.5, 0.5]), ValueError, r"lam must be a scalar or have the leading shape \(2,\)"),
+    (np.array([0.5, -0.1]), ValueError, "lam must be finite and >= 0"),
+])
+def test_lk_lambda_pair_checks_lam(lam, err, match):
+    with pytest.raises(err, match=match):
+        lkref.lk_lambda_forward(Z, P, lam)
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+@pytest.mark.parametrize("hook, err, match", [
+    (lambda t, c: (t,), TypeError, r"reduce must return a pair \(total, count\), got a tuple of 1"),
+    (lambda t, c: 3.0, TypeError, r"reduce must return a pair \(total, count\), got float"),
+    (lambda t, c: (np.ones(2), c), ValueError, r"reduce returned a total of shape \(2,\)"),
+    (lambda t, c: (t, "2"), TypeError, "reduce returned a count that is not a real number"),
+    (5, TypeError, r"reduce must be a function \(total, count\) -> \(total, count\), got int"),
+])
+def test_reduce_hook_results_are_checked(impl, hook, err, match):
+    for fn in REDUCED:
+        with pytest.raises(err, match=match):
+            fn(Z, P, impl=impl, reduce=hook)
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_reduce_hook_may_return_python_numbers(impl):
+    """As in lkref.distributed's PyTorch example: floats from .item()."""
+    for fn in REDUCED:
+        want = fn(Z, P, impl=impl)
+        got = fn(Z, P, impl=impl, reduce=lambda t, c: (float(t), float(c)))
+        np.testing.assert_allclose(got.loss, want.loss, rtol=1e-12)
+        np.testing.assert_allclose(got.grad, want.grad, rtol=1e-12)
