@@ -7,6 +7,8 @@ import pytest
 
 import lkref
 
+from .test_losses import PAIRS
+
 REDUCED = [lkref.kl, lkref.tv, lkref.lk_alpha, lkref.lk_lambda]
 Z = np.array([[0.1, 0.2, 0.3], [1.0, -1.0, 0.0]])
 P = np.array([[0.2, 0.3, 0.5], [0.1, 0.1, 0.8]])
@@ -93,14 +95,6 @@ def test_pair_functions_check_shapes_and_temperature():
         lkref.tv_forward(Z, P[:, :2])
     with pytest.raises(ValueError, match="temperature must be > 0"):
         lkref.lk_alpha_forward(Z, P, temperature=0)
-
-
-PAIRS = {
-    "kl": (lkref.kl_forward, lkref.kl_backward, {}),
-    "tv": (lkref.tv_forward, lkref.tv_backward, {}),
-    "lk_alpha": (lkref.lk_alpha_forward, lkref.lk_alpha_backward, {}),
-    "lk_lambda": (lkref.lk_lambda_forward, lkref.lk_lambda_backward, {"lam": 0.3}),
-}
 
 
 @pytest.mark.parametrize("name", list(PAIRS))
