@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
 import sys
 
@@ -39,6 +41,28 @@ def _write_json(obj, path):
         with open(path, "w") as f:
             json.dump(obj, f, indent=2)
         print(f"written to {path}")
+
+
+def _number(kind, low, inclusive=True):
+    """An argparse type: an int or a finite float, >= low (or > low with inclusive=False)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+        if value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {text!r}")
+        return value
+    return parse
+
+
+def _fail(command, message) -> int:
+    """A usage error found after parsing: said like argparse's own, exit status 2."""
+    print(f"python -m lkref {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _pair(text):
@@ -87,9 +111,12 @@ def cmd_demo(args) -> int:
 
 def _sizes(text):
     try:
-        return [tuple(int(v) for v in part.split(":")) for part in text.split(",")]
+        sizes = [tuple(int(v) for v in part.split(":")) for part in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N:V,N:V,..., got {text!r}") from None
+        sizes = None
+    if not sizes or any(len(nv) != 2 or min(nv) < 1 for nv in sizes):
+        raise argparse.ArgumentTypeError(f"expected N:V,N:V,... with N, V >= 1, got {text!r}")
+    return sizes
 
 
 def cmd_bench(args) -> int:
@@ -116,11 +143,17 @@ def cmd_conformance(args) -> int:
         print(f"{len(m['cases'])} cases written to {args.dir} (manifest.json, {m['arrays']})")
         return 0
     if (args.impl is None) == (args.results is None):
-        raise SystemExit("conformance check needs exactly one of --impl module:function or --results FILE.npz")
-    import numpy as np
-
-    rows = C.check(args.dir, fn=C.load_impl(args.impl) if args.impl else None,
-                   results=np.load(args.results) if args.results else None)
+        return _fail("conformance", "check needs exactly one of --impl module:function or --results FILE.npz")
+    if not os.path.isfile(os.path.join(args.dir, "manifest.json")):
+        return _fail("conformance", f"{args.dir} holds no manifest.json (write the vectors with: "
+                                    f"python -m lkref conformance export {args.dir})")
+    try:
+        fn = C.load_impl(args.impl) if args.impl else None
+        results = np.load(args.results) if args.results else None
+    except (ImportError, AttributeError, OSError, ValueError) as exc:
+        flag = "--impl" if args.impl else "--results"
+        return _fail("conformance", str(exc) if str(exc).startswith(flag) else f"{flag}: {type(exc).__name__}: {exc}")
+    rows = C.check(args.dir, fn=fn, results=results)
     print(C.format_table(rows))
     return 0 if all(r.passed for r in rows) else 1
 
@@ -137,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train toy drafts with every loss and compare (the main job)")
     p.add_argument("--quick", action="store_true", help="a smaller run, under 30 s")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 2, 1 with --quick)")
+    p.add_argument("--seeds", type=_number(int, 1), default=None, help="seeds per setting (default 2, 1 with --quick)")
     p.add_argument("--json", default=None, help="write all results to this JSON file")
     p.add_argument("--plot", default="lkref_demo.png", help="PNG path (needs matplotlib; '' for none)")
     p.set_defaults(func=cmd_demo)
@@ -147,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", action="append", choices=sorted(LOSSES), help="repeatable; default: all four")
     p.add_argument("--sizes", type=_sizes, default=None, help="N:V,N:V,... (default: the goals' sizes)")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a first look")
-    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--repeat", type=_number(int, 1), default=10)
     p.add_argument("--no-peers", action="store_true", help="skip bench/peers.py")
     p.add_argument("--skip-peer", action="append", help="a peer to leave out (repeatable), e.g. torch-compile")
     p.add_argument("--sampler", action="store_true", help="time verify() against K instead of the losses")
@@ -167,8 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss", choices=TOY_LOSSES, required=True)
     g.add_argument("--mixture", default=None, help="W:MU:SIGMA,... (default: the paper's mixture)")
     g.add_argument("--init", type=_pair, default=(0.0, 4.0), help="MU,SIGMA to start from (default 0,4)")
-    g.add_argument("--steps", type=int, default=3000)
-    g.add_argument("--eta", type=float, default=3.0, help="eta of LK^lambda")
+    g.add_argument("--steps", type=_number(int, 0), default=3000)
+    g.add_argument("--eta", type=_number(float, 0), default=3.0, help="eta of LK^lambda")
     g.add_argument("--json", default=None)
     g.set_defaults(func=cmd_toy)
 
@@ -176,13 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=TRAIN_LOSSES, required=True,
                    help="a per-position loss, or accept_length: the multi-step objective K + 1 - E[tau]")
     p.add_argument("--draft", choices=("heads", "ar"), default="heads")
-    p.add_argument("--vocab", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4, help="K, the draft positions")
-    p.add_argument("--hidden", type=int, default=32, help="the draft's capacity")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--eta", type=float, default=None,
+    p.add_argument("--vocab", type=_number(int, 2), default=256)
+    p.add_argument("--heads", type=_number(int, 1), default=4, help="K, the draft positions")
+    p.add_argument("--hidden", type=_number(int, 1), default=32, help="the draft's capacity")
+    p.add_argument("--steps", type=_number(int, 1), default=400)
+    p.add_argument("--seed", type=_number(int, 0), default=0)
+    p.add_argument("--temperature", type=_number(float, 0, inclusive=False), default=1.0)
+    p.add_argument("--eta", type=_number(float, 0), default=None,
                    help="eta of LK^lambda (default: the paper's, 10 for heads, 3 for ar)")
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_train)

@@ -1,0 +1,60 @@
+"""python -m lkref: bad arguments end in one line naming the argument (exit status 2), not a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from lkref import conformance
+from lkref.cli import main
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["train", "--loss", "kl", "--steps", "-1"], "argument --steps: must be >= 1, got '-1'"),
+    (["train", "--loss", "kl", "--steps", "2.5"], "argument --steps: expected an integer, got '2.5'"),
+    (["train", "--loss", "kl", "--vocab", "1"], "argument --vocab: must be >= 2"),
+    (["train", "--loss", "kl", "--seed", "-1"], "argument --seed: must be >= 0"),
+    (["train", "--loss", "kl", "--temperature", "0"], "argument --temperature: must be > 0"),
+    (["train", "--loss", "lk_lambda", "--eta", "nan"], "argument --eta: must be finite"),
+    (["toy", "gaussian", "--loss", "lk_lambda", "--eta", "-1"], "argument --eta: must be >= 0"),
+    (["demo", "--seeds", "0"], "argument --seeds: must be >= 1"),
+    (["bench", "--repeat", "0"], "argument --repeat: must be >= 1"),
+    (["bench", "--sizes", "0:10"], "argument --sizes: expected N:V,N:V,... with N, V >= 1, got '0:10'"),
+    (["bench", "--sizes", "4"], "argument --sizes: expected N:V"),
+    (["bench", "--sizes", "4:5:6"], "argument --sizes: expected N:V"),
+])
+def test_bad_arguments_are_refused_by_the_parser(capsys, argv, said):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert said in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("kit"))
+    conformance.export(d)
+    return d
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--impl", "no_such_module_here:f"], "--impl: ModuleNotFoundError: No module named 'no_such_module_here'"),
+    (["--impl", "lkref"], "--impl must be module:function, got 'lkref'"),
+    (["--impl", "lkref:no_such_function"], "--impl: AttributeError"),
+    (["--results", "/no/such/file.npz"], "--results: FileNotFoundError"),
+    ([], "check needs exactly one of --impl"),
+])
+def test_conformance_check_says_what_is_wrong_with_its_arguments(capsys, kit, args, said):
+    assert main(["conformance", "check", kit] + args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m lkref conformance: error: ") and said in err
+
+
+def test_conformance_check_of_a_folder_without_vectors(capsys, tmp_path):
+    assert main(["conformance", "check", str(tmp_path), "--impl", "lkref:kl"]) == 2
+    assert "holds no manifest.json" in capsys.readouterr().err
+
+
+def test_good_arguments_pass_through_the_parser_types(capsys):
+    """--steps 0 is allowed for the toy (the initial Gaussian) and reaches the command as an int."""
+    assert main(["toy", "gaussian", "--loss", "kl", "--steps", "0", "--eta", "0", "--init", "1,2"]) == 0
+    assert "kl: mu = 1.0000  sigma = 2.0000" in capsys.readouterr().out
