@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .backend import namespace
-from .sampler import sample_rows, verify, verify_greedy
+from .sampler import _check_prob_rows, _check_rng, sample_rows, verify, verify_greedy
 from .validation import as_array, check_real_scalar
 
 __all__ = ["Model", "MarkovChain", "GenerateResult", "warp", "generate"]
@@ -106,6 +106,32 @@ class GenerateResult:
     tau: float
 
 
+def _check_model(model, name, methods):
+    if not any(callable(getattr(model, m, None)) for m in methods):
+        said = " or ".join(f"{m}(tokens)" for m in methods)
+        raise TypeError(f"{name} must be a model: an object with {said}, got {type(model).__name__}")
+
+
+def _model_probs(probs, name, tokens, extra=()):
+    """A model's output for tokens [B, L]: an array [B, L, *extra, V] on the tokens' backend."""
+    probs = as_array(probs, name)
+    want = tuple(tokens.shape) + extra
+    if probs.ndim != len(want) + 1 or tuple(probs.shape[:-1]) != want:
+        raise ValueError(f"{name} returned shape {tuple(probs.shape)} for tokens of shape {tuple(tokens.shape)}; "
+                         f"it must be [{', '.join(map(str, want))}, V]")
+    if np.dtype(probs.dtype).kind != "f":
+        raise TypeError(f"{name} returned {'integers' if np.dtype(probs.dtype).kind in 'iub' else probs.dtype}; "
+                        f"it must return floating-point probabilities")
+    namespace(probs, tokens)                          # a TypeError if the backends differ
+    return probs
+
+
+def _check_prompt_ids(prompt, V, xp):
+    """The prompt's ids must lie in the models' vocabulary [0, V)."""
+    if bool(xp.any(prompt >= V)):
+        raise ValueError(f"prompt has token ids outside [0, {V}) (the models' vocabulary)")
+
+
 def _at(probs, lengths, offsets, xp):
     """probs[b, lengths[b] - 1 + offsets] -> [B, len(offsets), V]."""
     b = xp.arange(probs.shape[0])[:, None]
@@ -116,8 +142,10 @@ def generate(target, draft, prompt, *, max_new_tokens, k, rng, temperature=1.0, 
              top_p=None) -> GenerateResult:
     """Speculative decoding of max_new_tokens tokens after prompt [B, L0] (or [L0]).
 
-    target, draft: models (see the module doc); draft may be None when k = 0.
-    rng: numpy.random.Generator (cupy.random.Generator for CuPy models).
+    target, draft: models (see the module doc); draft may be None when k = 0.  The rows of their
+    output that a round uses must be finite and non-negative with some mass (they are checked:
+    O(B (k + 1) V) a round); they may be unnormalised weights, as warp() normalises them.
+    rng: numpy.random.Generator (cupy.random.Generator for CuPy models); unused at temperature 0.
     """
     prompt = as_array(prompt, "prompt")
     if np.dtype(prompt.dtype).kind not in "iu":
@@ -131,6 +159,9 @@ def generate(target, draft, prompt, *, max_new_tokens, k, rng, temperature=1.0, 
             raise ValueError(f"{name} must be a non-negative int, got {val!r}")
     if k > 0 and draft is None:
         raise ValueError("draft must be a model when k > 0")
+    _check_model(target, "target", ("next_token_probs",))
+    if k > 0:
+        _check_model(draft, "draft", ("next_token_probs", "head_probs"))
     T = check_real_scalar(temperature, "temperature", low=0)
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
@@ -138,6 +169,12 @@ def generate(target, draft, prompt, *, max_new_tokens, k, rng, temperature=1.0, 
         check_real_scalar(top_p, "top_p", low=0, low_inclusive=False, high=1)
     xp = namespace(prompt)
     greedy = T == 0
+    if not greedy:
+        _check_rng(rng, xp)
+    if bool(xp.any(prompt < 0)):
+        raise ValueError("prompt has token ids below 0")
+    if getattr(target, "vocab_size", None) is not None:
+        _check_prompt_ids(prompt, target.vocab_size, xp)
     multi_head = draft is not None and hasattr(draft, "head_probs")
     if multi_head and k > getattr(draft, "heads", k):
         raise ValueError(f"k = {k} is more drafts than the draft has heads ({draft.heads})")
@@ -164,20 +201,37 @@ def generate(target, draft, prompt, *, max_new_tokens, k, rng, temperature=1.0, 
         # draft: k tokens, one call each (or one call for a multi-head draft)
         drafts = xp.zeros((B, k), dtype=xp.int64)
         q_rows = []
-        heads = draft.head_probs(buf[:, :int(lengths.max())])[b, lengths - 1] if multi_head and k else None
+        heads = None
+        if multi_head and k:
+            tokens = buf[:, :int(lengths.max())]
+            heads = _model_probs(draft.head_probs(tokens), "draft.head_probs", tokens, (draft.heads,))
+            heads = heads[b, lengths - 1][:, :k]
+            _check_prob_rows(heads, "draft.head_probs", active[:, None] & (xp.arange(k)[None, :] < nd[:, None]), xp)
         for j in range(k):
             if multi_head:
                 q = dist(heads[:, j])
             else:
-                probs = draft.next_token_probs(buf[:, :int(lengths.max()) + j])
-                q = dist(_at(probs, lengths + j, xp.zeros(1, dtype=xp.int64), xp)[:, 0])
+                tokens = buf[:, :int(lengths.max()) + j]
+                probs = _model_probs(draft.next_token_probs(tokens), "draft.next_token_probs", tokens)
+                rows = _at(probs, lengths + j, xp.zeros(1, dtype=xp.int64), xp)
+                _check_prob_rows(rows, "draft.next_token_probs", (active & (nd > j))[:, None], xp)
+                q = dist(rows[:, 0])
             x = xp.argmax(q, axis=-1) if greedy else sample_rows(q, rng.random(B, dtype=xp.float64))
             drafts[:, j] = x
             buf[b, lengths + j] = x
             q_rows.append(q)
         # target: one call scores every draft and the bonus position
-        probs = target.next_token_probs(buf[:, :int(lengths.max()) + k])
-        p = dist(_at(probs, lengths, xp.arange(k + 1), xp))
+        tokens = buf[:, :int(lengths.max()) + k]
+        probs = _model_probs(target.next_token_probs(tokens), "target.next_token_probs", tokens)
+        if not rounds:
+            _check_prompt_ids(prompt, probs.shape[-1], xp)
+        if q_rows and q_rows[0].shape[-1] != probs.shape[-1]:
+            raise ValueError(f"the draft and the target disagree on the vocabulary: {q_rows[0].shape[-1]} "
+                             f"and {probs.shape[-1]} tokens")
+        rows = _at(probs, lengths, xp.arange(k + 1), xp)
+        used = active[:, None] & (xp.arange(k + 1)[None, :] <= nd[:, None])      # positions verify() reads
+        _check_prob_rows(rows, "target.next_token_probs", used, xp)
+        p = dist(rows)
         if greedy:
             res = verify_greedy(drafts, p, num_draft=nd)
         else:

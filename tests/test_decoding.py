@@ -166,3 +166,86 @@ def test_bad_input(kw, err, match):
     d = args.pop("draft") if "draft" in args else MarkovChain(draft)
     with pytest.raises(err, match=match):
         generate(MarkovChain(target), d, args.pop("prompt"), **args)
+
+
+class Returns:
+    """A model whose next_token_probs gives what make(tokens) builds (to plant bad outputs)."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def next_token_probs(self, tokens):
+        return self.make(tokens)
+
+
+def uniform(tokens, V=V):
+    return np.full(tokens.shape + (V,), 1 / V)
+
+
+@pytest.mark.parametrize("which", ["target", "draft"])
+@pytest.mark.parametrize("make, err, match", [
+    (lambda t: uniform(t)[:, :1], ValueError,
+     r"next_token_probs returned shape \(2, 1, 3\) for tokens of shape \(2, \d\); it must be \[2, \d, V\]"),
+    (lambda t: uniform(t)[..., 0], ValueError, r"next_token_probs returned shape"),
+    (lambda t: np.where(uniform(t) > 0, np.nan, 0), ValueError, "negative or non-finite probabilities"),
+    (lambda t: uniform(t) - 0.5, ValueError, "negative or non-finite probabilities"),
+    (lambda t: uniform(t) * 0, ValueError, "an all-zero row"),
+    (lambda t: uniform(t).astype(np.int64), TypeError, "next_token_probs returned integers"),
+    (lambda t: uniform(t, V=4), ValueError, "the draft and the target disagree on the vocabulary: 3 and 4|4 and 3"),
+])
+def test_bad_model_output_is_named(which, make, err, match):
+    """A model's output is checked where generate() uses it: shape, values, and one vocabulary."""
+    target, draft = chains()
+    models = {"target": MarkovChain(target), "draft": MarkovChain(draft)}
+    models[which] = Returns(make)
+    with pytest.raises(err, match=match) as exc:
+        generate(models["target"], models["draft"], np.zeros((2, 1), np.int64), max_new_tokens=3, k=1,
+                 rng=np.random.default_rng(0))
+    if "disagree" not in match:
+        assert str(exc.value).startswith(f"{which}.next_token_probs")
+
+
+def test_unnormalised_model_rows_are_weights():
+    """Rows are renormalised (warp) before sampling, so a model may return unnormalised weights."""
+    target, draft = chains()
+    scaled = Returns(lambda t: 3.0 * target[t])
+    a = generate(MarkovChain(target), MarkovChain(draft), np.zeros((5, 1), np.int64), max_new_tokens=4, k=2,
+                 rng=np.random.default_rng(3))
+    b = generate(scaled, MarkovChain(draft), np.zeros((5, 1), np.int64), max_new_tokens=4, k=2,
+                 rng=np.random.default_rng(3))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+@pytest.mark.parametrize("models, rng, err, match", [
+    ((None, "chain"), "ok", TypeError, r"target must be a model: an object with next_token_probs\(tokens\)"),
+    (("chain", object()), "ok", TypeError, r"draft must be a model: an object with next_token_probs\(tokens\) "
+                                           r"or head_probs\(tokens\)"),
+    (("chain", "chain"), None, TypeError, "rng must be a numpy.random.Generator"),
+    (("chain", "chain"), 0, TypeError, "rng must be a numpy.random.Generator"),
+])
+def test_models_and_rng_are_checked_before_any_call(models, rng, err, match):
+    target, draft = chains()
+    t, d = (MarkovChain(target) if m == "chain" else m for m in models)
+    with pytest.raises(err, match=match):
+        generate(t, d, np.zeros((2, 1), np.int64), max_new_tokens=2, k=1,
+                 rng=np.random.default_rng(0) if rng == "ok" else rng)
+
+
+def test_greedy_needs_no_rng():
+    target, draft = chains()
+    r = generate(MarkovChain(target), MarkovChain(draft), np.zeros((2, 1), np.int64), max_new_tokens=3, k=2,
+                 rng=None, temperature=0)
+    assert r.tokens.shape == (2, 3)
+
+
+def test_prompt_ids_outside_the_vocabulary():
+    target, draft = chains()
+    with pytest.raises(ValueError, match="prompt has token ids below 0"):
+        generate(MarkovChain(target), MarkovChain(draft), np.full((2, 1), -1), max_new_tokens=2, k=1,
+                 rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"prompt has token ids outside \[0, 3\)"):    # known from vocab_size
+        generate(MarkovChain(target), MarkovChain(draft), np.full((2, 1), 3), max_new_tokens=2, k=1,
+                 rng=np.random.default_rng(0))
+    wide = Returns(lambda t: np.full(t.shape + (3,), 1 / 3))                          # no vocab_size: after its call
+    with pytest.raises(ValueError, match=r"prompt has token ids outside \[0, 3\)"):
+        generate(wide, None, np.full((2, 1), 7), max_new_tokens=2, k=0, rng=np.random.default_rng(0))
