@@ -32,7 +32,7 @@ import numpy as np
 
 from .backend import namespace
 from .sampler import _check_prob_rows, _check_rng, sample_rows, verify, verify_greedy
-from .validation import as_array, check_real_scalar
+from .validation import as_array, check_probs, check_real_scalar
 
 __all__ = ["Model", "MarkovChain", "GenerateResult", "warp", "generate"]
 
@@ -47,9 +47,10 @@ class MarkovChain:
 
     def __init__(self, transition):
         self.transition = as_array(transition, "transition")
-        V = self.transition.shape[-1]
-        if self.transition.ndim != 2 or self.transition.shape[0] != V:
-            raise ValueError(f"transition must be a square [V, V] matrix, got {tuple(self.transition.shape)}")
+        shape = tuple(self.transition.shape)
+        if len(shape) != 2 or shape[0] != shape[1]:
+            raise ValueError(f"transition must be a square [V, V] matrix, got {shape}")
+        check_probs(self.transition, "transition")       # rows: probability distributions
 
     @property
     def vocab_size(self):
@@ -59,6 +60,13 @@ class MarkovChain:
         return self.transition[tokens]
 
 
+def _check_top(top_k, top_p):
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None:
+        check_real_scalar(top_p, "top_p", low=0, low_inclusive=False, high=1)
+
+
 def warp(probs, temperature=1.0, top_k=None, top_p=None):
     """Apply temperature, then top-k, then top-p to probability rows [..., V] (renormalised).
 
@@ -66,6 +74,8 @@ def warp(probs, temperature=1.0, top_k=None, top_p=None):
     (ties with the k-th are kept).  top_p: keep the most likely tokens until their mass
     reaches top_p (the most likely token is always kept).
     """
+    check_real_scalar(temperature, "temperature", low=0, low_inclusive=False)
+    _check_top(top_k, top_p)
     xp = namespace(probs)
     p = probs.astype(xp.float64)
     if temperature != 1.0:
@@ -163,10 +173,7 @@ def generate(target, draft, prompt, *, max_new_tokens, k, rng, temperature=1.0, 
     if k > 0:
         _check_model(draft, "draft", ("next_token_probs", "head_probs"))
     T = check_real_scalar(temperature, "temperature", low=0)
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None:
-        check_real_scalar(top_p, "top_p", low=0, low_inclusive=False, high=1)
+    _check_top(top_k, top_p)
     xp = namespace(prompt)
     greedy = T == 0
     if not greedy:

@@ -165,6 +165,11 @@ def check_sampler(verify_fn, *, seed=0, trials=100_000, K=4, V=6) -> SamplerRepo
       accepted-count   histogram of N  ~  theory.accept_length_pmf(alpha)   (chi-square)
       marginal[j]      token emitted at position j (rounds with N >= j)  ~  p_j   (chi-square)
     """
+    if not callable(verify_fn):
+        raise TypeError(f"verify_fn must be a function with lkref.verify's signature, got {type(verify_fn).__name__}")
+    for name, value, low in (("seed", seed, 0), ("trials", trials, 1), ("K", K, 1), ("V", V, 2)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     p, q = sampler_problem(seed, K, V)
     alphas = np.minimum(p[:K], q).sum(-1)
     rng = np.random.default_rng(seed + 1)
@@ -176,6 +181,9 @@ def check_sampler(verify_fn, *, seed=0, trials=100_000, K=4, V=6) -> SamplerRepo
     dq = np.broadcast_to(q, (B, K, V))
     dp = np.broadcast_to(p, (B, K + 1, V))
     res = verify_fn(drafts, dq, dp, rng=np.random.default_rng(seed + 2))
+    if not (hasattr(res, "num_accepted") and hasattr(res, "tokens")):
+        raise TypeError(f"verify_fn must return an object with .num_accepted and .tokens (as lkref.verify), "
+                        f"got {type(res).__name__}")
     n = np.asarray(res.num_accepted)
     tok = np.asarray(res.tokens)
     report = SamplerReport()

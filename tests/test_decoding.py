@@ -249,3 +249,27 @@ def test_prompt_ids_outside_the_vocabulary():
     wide = Returns(lambda t: np.full(t.shape + (3,), 1 / 3))                          # no vocab_size: after its call
     with pytest.raises(ValueError, match=r"prompt has token ids outside \[0, 3\)"):
         generate(wide, None, np.full((2, 1), 7), max_new_tokens=2, k=0, rng=np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    ({"temperature": -1.0}, ValueError, "temperature must be > 0"),     # p^(1/T) would invert the ranking
+    ({"temperature": 0.0}, ValueError, "temperature must be > 0"),
+    ({"top_k": 0}, ValueError, "top_k must be a positive int"),
+    ({"top_k": 1.5}, ValueError, "top_k must be a positive int"),
+    ({"top_p": 0.0}, ValueError, "top_p must be > 0"),
+    ({"top_p": 2.0}, ValueError, "top_p must be <= 1"),
+])
+def test_warp_checks_its_options(kw, err, match):
+    with pytest.raises(err, match=match):
+        warp(np.full((2, 3), 1 / 3), **kw)
+
+
+@pytest.mark.parametrize("transition, err, match", [
+    (np.array([[1.5, -0.5], [0.5, 0.5]]), ValueError, "transition contains negative"),
+    (np.array([[0.5, 0.4], [0.5, 0.5]]), ValueError, "transition rows must sum to 1"),
+    (np.eye(2, dtype=np.int64), TypeError, "transition must be a floating-point"),
+    (np.full((2, 3), 1 / 3), ValueError, r"transition must be a square \[V, V\] matrix"),
+])
+def test_markov_chain_checks_its_transition(transition, err, match):
+    with pytest.raises(err, match=match):
+        MarkovChain(transition)

@@ -287,3 +287,16 @@ def test_verify_bad_input(args, kw, err, match):
     kw = {"rng": np.random.default_rng(0), **kw}
     with pytest.raises(err, match=match):
         verify(*args, **kw)
+
+
+@pytest.mark.parametrize("fn, kw, err, match", [
+    ("verify", {"trials": 0}, ValueError, "trials must be an int >= 1"),
+    ("verify", {"K": 0}, ValueError, "K must be an int >= 1"),
+    ("verify", {"V": 1}, ValueError, "V must be an int >= 2"),
+    ("verify", {"seed": -1}, ValueError, "seed must be an int >= 0"),
+    ("lkref.verify", {}, TypeError, "verify_fn must be a function with lkref.verify's signature, got str"),
+    (lambda t, q, p, rng: (t, q), {}, TypeError, "verify_fn must return an object with .num_accepted and .tokens"),
+])
+def test_check_sampler_checks_its_arguments(fn, kw, err, match):
+    with pytest.raises(err, match=match):
+        check_sampler(verify if fn == "verify" else fn, **kw)
