@@ -47,6 +47,17 @@ def test_mixture_is_normalised_and_parsed():
         parse_mixture("1:0:-1")
 
 
+@pytest.mark.parametrize("kw, match", [
+    ({"steps": -1}, "steps must be a non-negative int"),      # ran no steps, silently
+    ({"steps": 2.5}, "steps must be a non-negative int"),
+    ({"lr": 0.0}, "lr must be > 0"),
+    ({"init": (0.0, 0.0)}, "init sigma must be > 0"),
+])
+def test_fit_gaussian_checks_its_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        fit_gaussian("kl", **kw)
+
+
 def test_gaussian_cli_writes_json(tmp_path):
     out = tmp_path / "fit.json"
     subprocess.run([sys.executable, "-m", "lkref", "toy", "gaussian", "--loss", "kl", "--steps", "300",

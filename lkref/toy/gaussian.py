@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import losses
+from ..validation import check_real_scalar
 from .optim import AdamW, cosine_lr
 
 __all__ = ["PAPER_MIXTURE", "GaussianFit", "parse_mixture", "mixture_probs", "fit_gaussian", "TOY_LOSSES"]
@@ -88,6 +89,9 @@ def fit_gaussian(loss: str, mixture=PAPER_MIXTURE, init=(0.0, 4.0), steps=3000, 
         raise ValueError(f"loss must be one of {TOY_LOSSES}, got {loss!r}")
     if init[1] <= 0:
         raise ValueError(f"init sigma must be > 0, got {init[1]}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    check_real_scalar(lr, "lr", low=0, low_inclusive=False)
     x = grid_for(mixture)
     p = mixture_probs(x, mixture)
     params = {"mu": np.array(float(init[0])), "s": np.array(np.log(init[1]))}
