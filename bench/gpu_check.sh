@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, run from the checkout without installing (the device image has CuPy,
 # PyTorch, pytest and hypothesis): the GPU tests, then the quick benchmark with peers.
-# Results go to $OUT (the device tool's folder) or bench/results/.  About 4 minutes, at most 8.3
+# Results go to $OUT (the device tool's folder) or bench/results/.  About 4 minutes, at most 8.5
 # (the profile at the end runs only while the run is under 380 s).
 # A copy without .git (the device tool's) names its commit with LKREF_GIT_SHA=<sha>.
 set -uo pipefail
@@ -30,9 +30,11 @@ for name in ("torch", "triton", "liger-kernel", "speculators"):
         print(name, "absent")
 PY
 } 2>&1 | tee "$out/gpu-$card-env.txt"
+echo "== the kernel variants, compiled side by side into CuPy's cache (bench/gpu_warm.py)"
+timeout 60 python3 bench/gpu_warm.py 2>&1 | tee "$out/gpu-$card-warm.txt"
 echo "== GPU tests"
 # no -x: one run should show every failure; the benchmark refuses to time a path that is wrong
-timeout 210 python3 -m pytest -q -rfE --durations=15 -m gpu tests -p no:cacheprovider 2>&1 | tee "$out/gpu-$card-tests.txt"
+timeout 180 python3 -m pytest -q -rfE --durations=15 -m gpu tests -p no:cacheprovider 2>&1 | tee "$out/gpu-$card-tests.txt"
 # lkref's own rows first (every loss, both goal sizes, the tuning shapes), then the peers beside
 # LK^alpha and TV: Triton autotunes the speculators kernels at their first call (some 20 tiles
 # per kernel), which must not cost lkref's rows.  Rows reach the CSV block by block.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import sys
 
 import numpy as np
 import pytest
@@ -292,14 +293,8 @@ def test_the_gpu_branch_of_the_bench_runs(monkeypatch, tmp_path):
 
 def test_the_profiled_program_runs(monkeypatch, capsys):
     """bench/gpu_profile.py (what gpu_check.sh runs under ncu) on the fake CuPy, at a small N."""
-    import importlib.util
-    import os
-    import sys
     monkeypatch.setitem(sys.modules, "cupy", _fake_cupy())
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_profile.py")
-    spec = importlib.util.spec_from_file_location("lkref_gpu_profile", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _load_bench("gpu_profile")
     make = benchmark.make_problem
     monkeypatch.setattr(mod, "make_problem", lambda xp, N, V: make(xp, 4, V))
     mod.main(["1000", "256", "16384"])
@@ -313,14 +308,61 @@ def test_git_sha_from_the_environment(monkeypatch):
     assert benchmark.git_sha() != "abc1234"
 
 
-def _load_goals():
+def _load_bench(name):
+    """A script of bench/ as a module (bench/ is not a package)."""
     import importlib.util
     import os
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "goals.py")
-    spec = importlib.util.spec_from_file_location("lkref_bench_goals", path)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"lkref_bench_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _load_goals():
+    return _load_bench("goals")
+
+
+def test_gpu_warm_compiles_each_source_once_and_covers_the_tests():
+    """bench/gpu_warm.py: one variant per kernel source, covering the GPU tests' row lengths and
+    the benchmark's launch shapes at the goal sizes."""
+    from lkref import fused_cupy
+
+    from . import test_gpu
+    warm = _load_bench("gpu_warm")
+    specs = warm.variants()
+    sources = set()
+    for threads, share, cache, dt, V in specs:
+        with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
+            sources.add((dt, fused_cupy.kernel_source(*fused_cupy.plan(V))))
+    assert len(sources) == len(specs)                       # nothing compiled twice
+    covered = set()
+    for threads, share, cache, dt, V in specs:
+        with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
+            covered.add((threads, cache, dt, fused_cupy.plan(V)))
+    marks = [m for m in test_gpu.test_fused_matches_reference_on_odd_shapes.pytestmark if m.args[0] == "N, V"]
+    for _, V in marks[0].args[1]:
+        assert (fused_cupy.THREADS, True, "float32", fused_cupy.plan(V)) in covered, V
+    for threads, share, cache in benchmark.TUNING_SHAPES:
+        for V in (32_000, 128_256):
+            with fused_cupy.configured(threads=threads, block_share=share):
+                assert (threads, cache, "float32", fused_cupy.plan(V)) in covered, (threads, share, cache, V)
+
+
+def test_gpu_warm_builds_through_lkrefs_own_kernel_cache(monkeypatch):
+    """_compile (run in worker processes on the GPU) calls fused_cupy._kernel as the losses do."""
+    import types
+    from lkref import fused_cupy
+    warm = _load_bench("gpu_warm")
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(Device=lambda: types.SimpleNamespace(compute_capability="90"))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    built = []
+    monkeypatch.setattr(fused_cupy, "_kernel", lambda i, o, items, cluster: built.append(
+        (str(i), str(o), items, cluster, fused_cupy.THREADS, fused_cupy.BLOCK_SHARE)))
+    warm._compile((512, 16_384, True, "float32", 128_256))
+    warm._compile((512, 32_768, True, "float16", 4099))
+    assert built == [("float32", "float32", 32, 8, 512, 16_384), ("float16", "float16", 9, 1, 512, 32_768)]
 
 
 def _gpu_rows(alpha_ms, lam_ms, extra_mib):

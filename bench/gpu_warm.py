@@ -1,0 +1,90 @@
+"""Compile the CuPy kernel variants that bench/gpu_check.sh will use, in parallel processes.
+
+NVRTC takes 1-15 s per variant (one per row length class, dtype and launch shape), and the
+GPU tests and the benchmark would compile some twenty of them one after another: most of a
+minute of a 15-minute device session.  Compiled here side by side, they land in CuPy's
+kernel cache (~/.cupy/kernel_cache, keyed by source, options and GPU), where the tests and
+the benchmark find them.  A variant missing from this list is simply compiled when first
+used; a failure here is reported and left to the tests to show.
+
+    python3 bench/gpu_warm.py [workers]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lkref import fused_cupy  # noqa: E402
+from lkref.benchmark import DEFAULT_SIZES, TUNING_SHAPES  # noqa: E402
+
+#: Row lengths of tests/test_gpu.py (float32 logits unless said) and of the benchmark.
+TEST_VOCABS = (3, 7, 50, 300, 500, 700, 1000, 1031, 2000, 3000, 5000, 32_000, 50_257, 128_256)
+HALF_VOCABS = {"float16": (4099,), "bfloat16": (4099,)}
+
+
+def variants(clusters=True):
+    """The distinct (threads, block_share, cache_target, dtype, V) to compile: one V per
+    (items, cluster) class, in the launch shapes the tests and the benchmark run."""
+    default = (fused_cupy.THREADS, fused_cupy.BLOCK_SHARE, fused_cupy.CACHE_TARGET)
+    wanted = [(default, "float32", V) for V in TEST_VOCABS]
+    wanted += [(default, dt, V) for dt, vocabs in HALF_VOCABS.items() for V in vocabs]
+    goal_vocabs = sorted({V for _, V in DEFAULT_SIZES["cupy"]})
+    wanted += [(shape, "float32", V) for shape in TUNING_SHAPES for V in goal_vocabs]
+    seen, out = set(), []
+    for (threads, share, cache), dt, V in wanted:
+        with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
+            items, cluster = fused_cupy.plan(V, clusters)
+        key = (threads, cache and items > 0, dt, items, cluster)    # what the kernel's source depends on
+        if key not in seen:
+            seen.add(key)
+            out.append((threads, share, cache, dt, V))
+    return out
+
+
+def _compile(spec):
+    """In a worker process: build one variant the way lkref.fused_cupy does (its cache key and
+    source), so that CuPy's kernel cache holds what the tests will ask for."""
+    import cupy
+    import numpy as np
+
+    threads, share, cache, dt, V = spec
+    dtype = np.dtype(dt) if dt != "bfloat16" else np.dtype(__import__("ml_dtypes").bfloat16)
+    t0 = time.perf_counter()
+    with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
+        items, cluster = fused_cupy.plan(V, clusters=fused_cupy._has_clusters(cupy))
+        fused_cupy._kernel(dtype, dtype, items, cluster)
+    return time.perf_counter() - t0
+
+
+def main(argv):
+    import lkref
+    if not lkref.cupy_available():
+        print("CuPy with a CUDA device is not available: nothing to compile")
+        return
+    workers = int(argv[0]) if argv else min(16, os.cpu_count() or 1)
+    specs = variants()
+    t0 = time.perf_counter()
+    failed = 0
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(_compile, s): s for s in specs}
+        for f in as_completed(futures):
+            threads, share, cache, dt, V = futures[f]
+            with fused_cupy.configured(threads=threads, block_share=share):
+                what = f"{dt} V={V} (items, cluster) = {fused_cupy.plan(V)} at {threads}t/{share // 1024}k" \
+                       + ("" if cache else " nocache")
+            try:
+                print(f"  {f.result():5.1f} s  {what}")
+            except Exception as exc:              # the tests will show it again, with context
+                failed += 1
+                print(f"  failed  {what}: {type(exc).__name__}: {str(exc)[:300]}")
+    print(f"{len(specs)} variants, {failed} failed, in {time.perf_counter() - t0:.1f} s with {workers} processes")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
