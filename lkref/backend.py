@@ -143,7 +143,10 @@ def from_dlpack(x, name="array"):
 
 
 def _to_kind(value, like):
-    """value (NumPy/CuPy) as the kind of array `like` is, through that library's from_dlpack."""
+    """value (NumPy/CuPy, or a NumPy scalar) as the kind of array `like` is, through that
+    library's from_dlpack."""
+    if isinstance(value, np.generic):
+        value = np.asarray(value)
     if not (isinstance(value, np.ndarray) or is_cupy_array(value)):
         return value
     module = type(like).__module__
@@ -159,8 +162,10 @@ def dlpack_interop(fn):
     """Let fn take DLPack-capable arrays of any library, and give its results back in that kind.
 
     Arguments that are neither NumPy nor CuPy arrays but speak DLPack are viewed (no copy)
-    as NumPy (CPU) or CuPy (CUDA) arrays; the array fields of the returned dataclass are
-    handed back through the first such argument's library's from_dlpack (no copy).
+    as NumPy (CPU) or CuPy (CUDA) arrays; the result's arrays (a returned array, the arrays of
+    a returned tuple, or the array fields of a returned dataclass) are handed back through
+    the first such argument's library's from_dlpack (no copy).  A cache dict returned by a
+    forward stays NumPy/CuPy: the matching backward reads it as it is.
     """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -174,8 +179,12 @@ def dlpack_interop(fn):
         args = [view(a, f"argument {i}") for i, a in enumerate(args)]
         kwargs = {k: view(v, k) for k, v in kwargs.items()}
         result = fn(*args, **kwargs)
-        if not like or not dataclasses.is_dataclass(result):
+        if not like:
             return result
-        back = {f.name: _to_kind(getattr(result, f.name), like[0]) for f in dataclasses.fields(result)}
-        return dataclasses.replace(result, **back)
+        if isinstance(result, tuple):
+            return tuple(_to_kind(r, like[0]) for r in result)
+        if dataclasses.is_dataclass(result):
+            back = {f.name: _to_kind(getattr(result, f.name), like[0]) for f in dataclasses.fields(result)}
+            return dataclasses.replace(result, **back)
+        return _to_kind(result, like[0])
     return wrapper

@@ -145,6 +145,7 @@ def _check_pair(z, p, temperature):
 # forward KL(p || q)
 
 
+@dlpack_interop
 def kl_forward(z, p, *, temperature=1.0):
     """KL_t = sum_v p_v (log p_v - log q_v), with 0 log 0 = 0.  p must sum to 1."""
     _check_pair(z, p, temperature)
@@ -159,6 +160,7 @@ def kl_forward(z, p, *, temperature=1.0):
     return losses, cache
 
 
+@dlpack_interop
 def kl_backward(dlosses, cache):
     """dz = dlosses * (q * sum_v p_v - p) / T, which is (q - p) / T for a normalised p.
 
@@ -178,6 +180,7 @@ def kl_backward(dlosses, cache):
 # total variation TV = 1 - alpha
 
 
+@dlpack_interop
 def tv_forward(z, p, *, temperature=1.0):
     """TV_t = 1 - alpha_t, alpha_t = sum_v min(p_v, q_v).  p may sum to less than 1."""
     _check_pair(z, p, temperature)
@@ -189,6 +192,7 @@ def tv_forward(z, p, *, temperature=1.0):
     return 1 - alpha, cache
 
 
+@dlpack_interop
 def tv_backward(dlosses, cache):
     """dz = -dlosses * q * (m - S) / T, S = sum_v q_v m_v.
 
@@ -207,6 +211,7 @@ def tv_backward(dlosses, cache):
 # LK^alpha = -log alpha
 
 
+@dlpack_interop
 def lk_alpha_forward(z, p, *, temperature=1.0):
     """LK^alpha_t = -log alpha_t, computed in log space so that it is exact where alpha underflows.
 
@@ -227,6 +232,7 @@ def lk_alpha_forward(z, p, *, temperature=1.0):
     return losses, cache
 
 
+@dlpack_interop
 def lk_alpha_backward(dlosses, cache):
     """dz = -dlosses * (r - q s) / T with r_v = m_v q_v / alpha and s = sum_v r_v = S / alpha.
 
@@ -249,6 +255,7 @@ def lk_alpha_backward(dlosses, cache):
 # LK^lambda = lambda KL + (1 - lambda) TV, lambda given
 
 
+@dlpack_interop
 def lk_lambda_forward(z, p, lam, *, temperature=1.0, p_kl=None):
     """LK^lambda_t = lam * KL(p_kl || q)_t + (1 - lam) * TV(p, q)_t with lam given (stop-gradient).
 
@@ -278,6 +285,7 @@ def _check_lam(lam, lead):
         raise ValueError("lam must be finite and >= 0 everywhere")
 
 
+@dlpack_interop
 def lk_lambda_backward(dlosses, cache):
     """dz = lam * dKL + (1 - lam) * dTV; lam is a constant (stop-gradient)."""
     dlosses = _upstream(dlosses, cache, "lk_lambda", ("lam", "kl", "tv"))
@@ -296,6 +304,7 @@ def lambda_from_alpha(mean_alpha, *, eta=3.0, kl_scale=1.0):
 # the masked mean over positions
 
 
+@dlpack_interop
 def mean_forward(losses, weights=None, reduce=None):
     """loss = sum_t w_t losses_t / sum_t w_t (w = 1 without weights); 0 when sum_t w_t = 0.
 
@@ -322,6 +331,7 @@ def mean_from_sums(total, count, reduce=None):
     return total * scale, scale
 
 
+@dlpack_interop
 def mean_backward(dloss, cache):
     """dlosses_t = dloss * w_t / sum_t w_t."""
     return dloss * cache["w"] * cache["scale"]

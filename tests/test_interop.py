@@ -87,3 +87,37 @@ def test_torch_cpu_tensors_round_trip():
     np.testing.assert_array_equal(r.grad.numpy(), lkref.lk_lambda(z, p).grad)
     with pytest.raises(TypeError, match="bfloat16"):
         lkref.tv(zt.to(torch.bfloat16), pt)
+
+
+@pytest.mark.parametrize("name", ["kl", "tv", "lk_alpha", "lk_lambda"])
+def test_per_position_pairs_take_and_return_foreign_arrays(name):
+    """A porter's tensors through forward and backward: losses and dz come back as their kind."""
+    from .test_losses import PAIRS
+    forward, backward, extra = PAIRS[name]
+    rng = np.random.default_rng(3)
+    z = make_logits(rng, (4, 6), dtype=np.float32)
+    p = make_probs(rng, (4, 6), dtype=np.float32)
+    dl = rng.standard_normal(4).astype(np.float32)
+    losses, cache = forward(Foreign(z), Foreign(p), temperature=0.7, **extra)
+    dz = backward(Foreign(dl), cache)
+    want_losses, want_cache = forward(z, p, temperature=0.7, **extra)
+    assert isinstance(losses, Foreign) and isinstance(dz, Foreign)
+    np.testing.assert_array_equal(losses.a, want_losses)
+    np.testing.assert_array_equal(dz.a, backward(dl, want_cache))
+    loss, mcache = lkref.mean_forward(Foreign(want_losses), Foreign(np.array([1.0, 0.0, 2.0, 1.0], np.float32)))
+    assert isinstance(loss, Foreign)
+    assert isinstance(lkref.mean_backward(1.0, mcache), np.ndarray)      # no foreign argument: NumPy
+
+
+def test_per_position_pairs_with_torch_tensors():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    z = make_logits(rng, (3, 8), dtype=np.float32)
+    p = make_probs(rng, (3, 8), dtype=np.float32)
+    losses, cache = lkref.lk_alpha_forward(torch.from_numpy(z), torch.from_numpy(p))
+    dz = lkref.lk_alpha_backward(torch.ones(3), cache)
+    assert isinstance(losses, torch.Tensor) and isinstance(dz, torch.Tensor)
+    np.testing.assert_array_equal(dz.numpy(), lkref.lk_alpha_backward(np.ones(3, np.float32),
+                                                                        lkref.lk_alpha_forward(z, p)[1]))
+    with pytest.raises(TypeError, match="cannot be shared through DLPack"):
+        lkref.lk_alpha_forward(torch.from_numpy(z).requires_grad_(), torch.from_numpy(p))
