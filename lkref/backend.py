@@ -172,6 +172,8 @@ def dlpack_interop(fn):
         like = []
 
         def view(v, name):
+            if isinstance(v, (list, tuple)) and any(_is_foreign(x) for x in v):    # K positions
+                return type(v)(view(x, f"{name}[{i}]") for i, x in enumerate(v))
             if _is_foreign(v):
                 like.append(v)
                 return from_dlpack(v, name)
@@ -179,12 +181,17 @@ def dlpack_interop(fn):
         args = [view(a, f"argument {i}") for i, a in enumerate(args)]
         kwargs = {k: view(v, k) for k, v in kwargs.items()}
         result = fn(*args, **kwargs)
-        if not like:
-            return result
-        if isinstance(result, tuple):
-            return tuple(_to_kind(r, like[0]) for r in result)
-        if dataclasses.is_dataclass(result):
-            back = {f.name: _to_kind(getattr(result, f.name), like[0]) for f in dataclasses.fields(result)}
-            return dataclasses.replace(result, **back)
-        return _to_kind(result, like[0])
+        return _back(result, like[0]) if like else result
     return wrapper
+
+
+def _back(value, like):
+    """The arrays in a result (itself, in a tuple or list, in dataclass fields) as like's kind."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _back(getattr(value, f.name), like)
+                                             for f in dataclasses.fields(value)})
+    if isinstance(value, tuple) and hasattr(value, "_fields"):                  # a NamedTuple
+        return type(value)(*(_back(v, like) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_back(v, like) for v in value)
+    return _to_kind(value, like)

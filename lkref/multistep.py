@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from . import losses as L
-from .backend import namespace
+from .backend import dlpack_interop, namespace
 from .validation import check_upstream
 
 __all__ = ["accept_length_forward", "accept_length_backward", "AcceptLengthResult", "accept_length_loss"]
 
 
+@dlpack_interop
 def accept_length_forward(alphas):
     """losses_t = K + 1 - tau_t from alphas [..., K]; the cache holds the prefix products and tails."""
     xp = namespace(alphas)
@@ -45,6 +46,7 @@ def accept_length_forward(alphas):
     return K + 1 - tau, {"P": P, "R": R}
 
 
+@dlpack_interop
 def accept_length_backward(dlosses, cache):
     """dalphas_k = -dlosses * P_{k-1} R_k  (d tau / d alpha_k = P_{k-1} R_k)."""
     if not (isinstance(cache, dict) and "P" in cache and "R" in cache):
@@ -65,6 +67,7 @@ class AcceptLengthResult:
     tau: Any
 
 
+@dlpack_interop
 def accept_length_loss(draft_logits: Sequence, target_probs: Sequence, *, mask=None, temperature=1.0,
                        draft_to_target=None, reduce=None) -> AcceptLengthResult:
     """The multi-step objective over K positions given as sequences of K arrays (like multi_position).

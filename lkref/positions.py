@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from . import losses as _losses
+from .backend import dlpack_interop
 from .validation import check_real_scalar
 
 __all__ = ["MultiPositionResult", "multi_position", "LOSSES"]
@@ -43,6 +44,7 @@ def _per_position(value, name, K):
     return list(value)
 
 
+@dlpack_interop
 def multi_position(loss, draft_logits: Sequence, target_probs: Sequence, *, gamma=0.8,
                    mask=None, **options) -> MultiPositionResult:
     """Combine K draft positions with weights gamma^(k-1), one reduced-loss call per position.

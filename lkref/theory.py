@@ -15,12 +15,13 @@ NumPy or CuPy arrays alike.
 
 from __future__ import annotations
 
-from .backend import namespace
+from .backend import dlpack_interop, namespace
 from .validation import as_array, check_probs, check_real_scalar
 
 __all__ = ["acceptance_rate", "expected_accept_length", "accept_length_pmf", "speedup"]
 
 
+@dlpack_interop
 def acceptance_rate(p, q):
     """alpha = sum_v min(p_v, q_v) over the last axis, for probability rows p and q of one shape."""
     p = check_probs(p, "p")
@@ -42,12 +43,14 @@ def _check_alphas(alphas, name="alphas"):
     return xp, a
 
 
+@dlpack_interop
 def expected_accept_length(alphas):
     """E[tau] = 1 + sum_k prod_{j<=k} alpha_j; alphas (..., K) -> (...).  K = 0 gives 1."""
     xp, a = _check_alphas(alphas)
     return 1 + xp.sum(xp.cumprod(a, axis=-1), axis=-1)
 
 
+@dlpack_interop
 def accept_length_pmf(alphas):
     """P(N = n) for n = 0..K; alphas (..., K) -> (..., K + 1), each row summing to 1."""
     xp, a = _check_alphas(alphas)
@@ -57,6 +60,7 @@ def accept_length_pmf(alphas):
     return reach * stop
 
 
+@dlpack_interop
 def speedup(alpha, k, cost_ratio):
     """Expected walltime improvement factor (1 - a^(k+1)) / ((1 - a)(k c + 1)) (Leviathan Thm 3.8).
 

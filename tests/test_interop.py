@@ -121,3 +121,23 @@ def test_per_position_pairs_with_torch_tensors():
                                                                         lkref.lk_alpha_forward(z, p)[1]))
     with pytest.raises(TypeError, match="cannot be shared through DLPack"):
         lkref.lk_alpha_forward(torch.from_numpy(z).requires_grad_(), torch.from_numpy(p))
+
+
+def test_theory_multistep_and_positions_take_foreign_arrays():
+    """Every public function of arrays speaks DLPack, lists of K positions included."""
+    from lkref import theory
+    from lkref.multistep import accept_length_loss
+    rng = np.random.default_rng(5)
+    zs = [make_logits(rng, (4, 6), dtype=np.float32) for _ in range(2)]
+    ps = [make_probs(rng, (4, 6), dtype=np.float32) for _ in range(2)]
+    alphas = np.array([0.5, 0.25])
+    for fn, args in [(theory.acceptance_rate, (ps[0], ps[1])), (theory.expected_accept_length, (alphas,)),
+                     (theory.accept_length_pmf, (alphas,))]:
+        got = fn(*(Foreign(a) for a in args))
+        assert isinstance(got, Foreign)
+        np.testing.assert_array_equal(got.a, fn(*args))
+    for fn in (accept_length_loss, lambda z, p: lkref.multi_position(lkref.lk_alpha, z, p)):
+        got, want = fn([Foreign(z) for z in zs], [Foreign(p) for p in ps]), fn(zs, ps)
+        assert isinstance(got.loss, Foreign) and all(isinstance(g, Foreign) for g in got.grads)
+        for g, w in zip(got.grads, want.grads):
+            np.testing.assert_array_equal(g.a, w)
