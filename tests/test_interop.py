@@ -141,3 +141,35 @@ def test_theory_multistep_and_positions_take_foreign_arrays():
         assert isinstance(got.loss, Foreign) and all(isinstance(g, Foreign) for g in got.grads)
         for g, w in zip(got.grads, want.grads):
             np.testing.assert_array_equal(g.a, w)
+
+
+def _readme_torch_block():
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "torch.autograd.Function" in b]
+    assert len(blocks) == 1, "README should hold one PyTorch autograd block"
+    lines = blocks[0].splitlines()
+    indent = min(len(line) - len(line.lstrip()) for line in lines if line.strip())
+    return "\n".join(line[indent:] for line in lines)
+
+
+@pytest.mark.parametrize("name", sorted(lkref.LOSSES))
+def test_readme_pytorch_loss_trains_through_autograd(name):
+    """The README's LKLoss: the parameters' gradient is lkref's gradient chained through the layer."""
+    torch = pytest.importorskip("torch")
+    scope = {}
+    exec(_readme_torch_block(), scope)
+    LKLoss = scope["LKLoss"]
+    rng = np.random.default_rng(6)
+    x = torch.from_numpy(rng.standard_normal((5, 4)).astype(np.float32))
+    W = torch.from_numpy(rng.standard_normal((4, 7)).astype(np.float32)).requires_grad_()
+    p = torch.from_numpy(make_probs(rng, (5, 7), dtype=np.float32))
+    mask = torch.tensor([True, True, False, True, True])
+    loss = LKLoss.apply(x @ W, p, name, {"mask": mask})
+    (2 * loss).backward()
+    want = lkref.LOSSES[name]((x @ W).detach().numpy(), p.numpy(), mask=mask.numpy())
+    np.testing.assert_allclose(float(loss.detach()), float(want.loss), rtol=1e-6)
+    np.testing.assert_allclose(W.grad.numpy(), 2 * x.numpy().T @ want.grad, rtol=1e-5, atol=1e-7)
