@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import namespace
+from .backend import _is_foreign, from_dlpack, namespace
 
 __all__ = ["mpi_reduce", "call_reduce"]
 
 
 def call_reduce(reduce, total, count):
-    """reduce(total, count), checked: two real scalars (0-d arrays, NumPy or Python numbers),
-    returned as 0-d arrays of total's backend and dtype.  Every path's masked mean calls the
+    """reduce(total, count), checked: two real scalars (0-d arrays of NumPy, CuPy or any DLPack
+    library, or Python numbers), returned as 0-d arrays of total's backend and dtype.  Every path's masked mean calls the
     hook through this."""
     if not callable(reduce):
         raise TypeError(f"reduce must be a function (total, count) -> (total, count), got {type(reduce).__name__}")
@@ -39,6 +39,8 @@ def call_reduce(reduce, total, count):
     xp = namespace(total)
     sums = []
     for name, value in zip(("total", "count"), got):
+        if _is_foreign(value):                        # a 0-d tensor of the caller's library
+            value = from_dlpack(value, f"reduce's {name}")
         try:
             kind = np.dtype(getattr(value, "dtype", type(value))).kind
         except TypeError:                             # a type NumPy does not know

@@ -170,3 +170,12 @@ def test_reduce_hook_may_return_python_numbers(impl):
         got = fn(Z, P, impl=impl, reduce=lambda t, c: (float(t), float(c)))
         np.testing.assert_allclose(got.loss, want.loss, rtol=1e-12)
         np.testing.assert_allclose(got.grad, want.grad, rtol=1e-12)
+
+
+def test_reduce_hook_may_return_torch_tensors():
+    torch = pytest.importorskip("torch")
+    for fn in REDUCED:
+        want = fn(Z, P)
+        got = fn(Z, P, reduce=lambda t, c: (torch.tensor(float(t), dtype=torch.float64),
+                                           torch.tensor(float(c), dtype=torch.float64)))
+        np.testing.assert_allclose(got.loss, want.loss, rtol=1e-12)
