@@ -21,37 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import _is_foreign, from_dlpack, namespace
+from .backend import namespace
 
-__all__ = ["mpi_reduce", "call_reduce"]
-
-
-def call_reduce(reduce, total, count):
-    """reduce(total, count), checked: two real scalars (0-d arrays of NumPy, CuPy or any DLPack
-    library, or Python numbers), returned as 0-d arrays of total's backend and dtype.  Every path's masked mean calls the
-    hook through this."""
-    if not callable(reduce):
-        raise TypeError(f"reduce must be a function (total, count) -> (total, count), got {type(reduce).__name__}")
-    got = reduce(total, count)
-    if not isinstance(got, (tuple, list)) or len(got) != 2:
-        what = f"a {type(got).__name__} of {len(got)}" if isinstance(got, (tuple, list)) else type(got).__name__
-        raise TypeError(f"reduce must return a pair (total, count), got {what}")
-    xp = namespace(total)
-    sums = []
-    for name, value in zip(("total", "count"), got):
-        if _is_foreign(value):                        # a 0-d tensor of the caller's library
-            value = from_dlpack(value, f"reduce's {name}")
-        try:
-            kind = np.dtype(getattr(value, "dtype", type(value))).kind
-        except TypeError:                             # a type NumPy does not know
-            kind = "O"
-        if isinstance(value, bool) or kind not in "iuf":
-            raise TypeError(f"reduce returned a {name} that is not a real number: {value!r}")
-        value = xp.asarray(value, dtype=total.dtype)
-        if value.shape != ():
-            raise ValueError(f"reduce returned a {name} of shape {value.shape}; it must be a scalar")
-        sums.append(value)
-    return tuple(sums)
+__all__ = ["mpi_reduce"]
 
 
 def mpi_reduce(comm=None):

@@ -36,8 +36,8 @@ import numpy as np
 
 from . import losses as ref
 from .backend import work_dtype
-from .distributed import call_reduce
-from .validation import TARGET_SUM_ATOL, as_array, check_index_map, check_mask, check_real_scalar, env_flag
+from .validation import (TARGET_SUM_ATOL, as_array, call_reduce, check_index_map, check_mask, check_real_scalar,
+                         env_flag)
 
 __all__ = ["numpy_loss", "ALPHA_FLOOR", "MIN_TEMPERATURE", "CHUNK_BYTES", "default_threads"]
 

@@ -50,8 +50,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .backend import dlpack_interop, namespace
-from .distributed import call_reduce
 from .validation import (
+    call_reduce,
     check_index_map,
     check_logits,
     check_mask,

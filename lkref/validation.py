@@ -1,4 +1,5 @@
-"""Input checks shared by the losses, the sampler and the theory functions.
+"""Input checks shared by the losses, the sampler and the theory functions (and the call of
+the data-parallel reduce hook, whose result is checked like an input).
 
 Every check raises TypeError (wrong kind of thing) or ValueError (right kind,
 wrong value) with a message that starts with the argument's name.  No check
@@ -13,7 +14,7 @@ import os
 
 import numpy as np
 
-from .backend import namespace, work_dtype
+from .backend import _is_foreign, from_dlpack, namespace, work_dtype
 
 __all__ = [
     "TARGET_SUM_ATOL",
@@ -24,6 +25,7 @@ __all__ = [
     "check_mask",
     "check_index_map",
     "check_upstream",
+    "call_reduce",
     "env_flag",
 ]
 
@@ -180,6 +182,35 @@ def check_upstream(dlosses, name: str, lead, dtype, xp):
     if not _all(xp, xp.isfinite(d)):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
     return d
+
+
+def call_reduce(reduce, total, count):
+    """reduce(total, count), the data-parallel hook of the masked means (lkref.distributed),
+    with its result checked: two real scalars (0-d arrays of NumPy, CuPy or any DLPack
+    library, or Python numbers), returned as 0-d arrays of total's backend and dtype.  Every
+    path's masked mean calls the hook through this."""
+    if not callable(reduce):
+        raise TypeError(f"reduce must be a function (total, count) -> (total, count), got {type(reduce).__name__}")
+    got = reduce(total, count)
+    if not isinstance(got, (tuple, list)) or len(got) != 2:
+        what = f"a {type(got).__name__} of {len(got)}" if isinstance(got, (tuple, list)) else type(got).__name__
+        raise TypeError(f"reduce must return a pair (total, count), got {what}")
+    xp = namespace(total)
+    sums = []
+    for name, value in zip(("total", "count"), got):
+        if _is_foreign(value):                        # a 0-d tensor of the caller's library
+            value = from_dlpack(value, f"reduce's {name}")
+        try:
+            kind = np.dtype(getattr(value, "dtype", type(value))).kind
+        except TypeError:                             # a type NumPy does not know
+            kind = "O"
+        if isinstance(value, bool) or kind not in "iuf":
+            raise TypeError(f"reduce returned a {name} that is not a real number: {value!r}")
+        value = xp.asarray(value, dtype=total.dtype)
+        if value.shape != ():
+            raise ValueError(f"reduce returned a {name} of shape {value.shape}; it must be a scalar")
+        sums.append(value)
+    return tuple(sums)
 
 
 def env_flag(name: str):
