@@ -90,11 +90,13 @@ def cmd_train(args) -> int:
     from .toy.train import TrainConfig, train
 
     cfg = TrainConfig(loss=args.loss, draft=args.draft, vocab=args.vocab, heads=args.heads, hidden=args.hidden,
-                      steps=args.steps, seed=args.seed, temperature=args.temperature, eta=args.eta)
+                      steps=args.steps, seed=args.seed, temperature=args.temperature, eta=args.eta,
+                      train_sequences=args.train_sequences)
     print(f"training a {cfg.draft} draft with {cfg.loss}: V = {cfg.vocab}, K = {cfg.heads}, hidden = {cfg.hidden}, "
           f"{cfg.steps} steps, seed {cfg.seed}")
     r = train(cfg, progress=print)
     print("alpha per position   " + " ".join(f"{a:.4f}" for a in r["alpha_per_position"]))
+    print("  on training data   " + " ".join(f"{a:.4f}" for a in r["alpha_per_position_train"]))
     print(f"tau (theory)         {r['accept_length_theory']:.4f}")
     print(f"tau (measured)       {r['accept_length_measured']:.4f}  ({r['target_calls']} target calls)")
     print(f"loss                 {r['loss_first']:.4f} -> {r['loss_last']:.4f}   ({r['seconds']:.1f} s)")
@@ -213,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=_number(int, 1), default=4, help="K, the draft positions")
     p.add_argument("--hidden", type=_number(int, 1), default=32, help="the draft's capacity")
     p.add_argument("--steps", type=_number(int, 1), default=400)
+    p.add_argument("--train-sequences", type=_number(int, 1), default=512,
+                   help="target-generated training sequences (a fixed set, drawn once)")
     p.add_argument("--seed", type=_number(int, 0), default=0)
     p.add_argument("--temperature", type=_number(float, 0, inclusive=False), default=1.0)
     p.add_argument("--eta", type=_number(float, 0), default=None,

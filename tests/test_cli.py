@@ -58,3 +58,19 @@ def test_good_arguments_pass_through_the_parser_types(capsys):
     """--steps 0 is allowed for the toy (the initial Gaussian) and reaches the command as an int."""
     assert main(["toy", "gaussian", "--loss", "kl", "--steps", "0", "--eta", "0", "--init", "1,2"]) == 0
     assert "kl: mu = 1.0000  sigma = 2.0000" in capsys.readouterr().out
+
+
+def test_train_options_reach_the_config(monkeypatch, capsys):
+    """--train-sequences (and the others) arrive in TrainConfig as given."""
+    from lkref.toy import train as T
+    seen = {}
+
+    def fake_train(cfg, progress=None):
+        seen["cfg"] = cfg
+        return {"alpha_per_position": [0.5], "alpha_per_position_train": [0.6], "accept_length_theory": 1.5, "accept_length_measured": 1.5,
+                "target_calls": 1, "loss_first": 1.0, "loss_last": 0.5, "seconds": 0.0}
+    monkeypatch.setattr(T, "train", fake_train)
+    assert main(["train", "--loss", "tv", "--hidden", "16", "--steps", "7", "--train-sequences", "2048",
+                 "--seed", "3"]) == 0
+    cfg = seen["cfg"]
+    assert (cfg.loss, cfg.hidden, cfg.steps, cfg.train_sequences, cfg.seed) == ("tv", 16, 7, 2048, 3)

@@ -182,6 +182,17 @@ def test_result_fields_and_theory_agree_with_measurement():
     assert abs(r["accept_length_measured"] - r["accept_length_theory"]) < 0.15
 
 
+def test_training_alpha_shows_overfitting_on_a_tiny_training_set():
+    """alpha_per_position_train is measured on training sequences: with 4 of them the draft
+    learns them by heart (train alpha far above held-out), with 64 the gap nearly closes."""
+    tiny = train(TrainConfig(loss="kl", **{**SMALL, "hidden": 32, "steps": 150, "train_sequences": 4}))
+    more = train(TrainConfig(loss="kl", **{**SMALL, "hidden": 32, "steps": 150}))
+    gap_tiny = tiny["alpha_per_position_train"][0] - tiny["alpha_per_position"][0]
+    gap_more = more["alpha_per_position_train"][0] - more["alpha_per_position"][0]
+    assert len(tiny["alpha_per_position_train"]) == 4
+    assert gap_tiny > 0.1 and gap_tiny > 3 * gap_more
+
+
 def test_bad_config():
     with pytest.raises(ValueError, match="loss must be one of"):
         train(TrainConfig(loss="ce"))

@@ -7,6 +7,7 @@ lambda per position; the gradient flows back through the draft by hand; AdamW st
 
 Evaluation on held-out sequences:
   alpha_per_position       teacher-forced alpha_k = mean_t sum_v min(p_{t+k+1}, q_k)
+  (alpha_per_position_train: the same on as many of the training sequences, for the gap)
   accept_length_theory     1 + sum_k prod_{j<=k} alpha_j
   accept_length_measured   tau, tokens per target call of real speculative decoding (lkref.generate)
 For the AR draft there is one trained position; its alpha is reported for every position k,
@@ -130,20 +131,24 @@ def loss_and_grads(draft, table: TargetTable, b, t, cfg: TrainConfig):
     return res.loss, alpha_1, grads
 
 
-def evaluate(draft, target, cfg: TrainConfig, rng) -> dict:
-    tokens = sample_sequences(target, cfg.eval_sequences, cfg.seq_len, rng)
+def teacher_forced_alphas(draft, table: TargetTable, n, cfg: TrainConfig) -> list:
+    """alpha_k = mean_t sum_v min(p_{t+k+1}, q_k) over every context of the first n sequences of
+    table's tokens (for the AR draft, its one position's alpha repeated for each of the K)."""
     K = cfg.heads
-    t_max = cfg.seq_len - K
-    b, t = np.meshgrid(np.arange(cfg.eval_sequences), np.arange(1, t_max + 1), indexing="ij")
+    b, t = np.meshgrid(np.arange(n), np.arange(1, cfg.seq_len - K + 1), indexing="ij")
     b, t = b.ravel(), t.ravel()
-    logits, _ = draft.forward(contexts(tokens, (b, t)))
-    table = TargetTable(target, tokens, cfg.temperature)
+    logits, _ = draft.forward(contexts(table.tokens, (b, t)))
     alphas = []
     for k in range(logits.shape[1]):
         q = softmax(logits[:, k], cfg.temperature)
         alphas.append(float(np.minimum(table(b, t + k), q).sum(-1).mean()))
-    if cfg.draft == "ar":
-        alphas = alphas * K
+    return alphas * K if cfg.draft == "ar" else alphas
+
+
+def evaluate(draft, target, cfg: TrainConfig, rng) -> dict:
+    tokens = sample_sequences(target, cfg.eval_sequences, cfg.seq_len, rng)
+    K = cfg.heads
+    alphas = teacher_forced_alphas(draft, TargetTable(target, tokens, cfg.temperature), cfg.eval_sequences, cfg)
     gen = generate(target, draft, tokens[:, :2], max_new_tokens=cfg.eval_new_tokens, k=K, rng=rng,
                    temperature=cfg.temperature)
     return {
@@ -179,6 +184,9 @@ def train(cfg: TrainConfig, progress=None) -> dict:
                      f"alpha_1 {float(alpha_1.mean()):.3f}")
     out = {"config": asdict(cfg), "loss_first": history[0], "loss_last": float(np.mean(history[-20:]))}
     out.update(evaluate(draft, target, cfg, np.random.default_rng(cfg.seed + 10_000)))
+    # the same alphas on as many training sequences as held-out ones: the gap is overfitting
+    out["alpha_per_position_train"] = teacher_forced_alphas(draft, table, min(cfg.eval_sequences,
+                                                                               cfg.train_sequences), cfg)
     out["seconds"] = time.perf_counter() - start
     return out
 
