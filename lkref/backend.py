@@ -150,12 +150,18 @@ def _to_kind(value, like):
     if not (isinstance(value, np.ndarray) or is_cupy_array(value)):
         return value
     module = type(like).__module__
-    for name in (module, module.split(".")[0]):
-        mod = sys.modules.get(name)
+    top = module.split(".")[0]
+    for name in (module, top, _DLPACK_HOMES.get(top)):
+        mod = sys.modules.get(name) if name else None
         fn = getattr(mod, "from_dlpack", None)
         if fn is not None:
             return fn(value)
     return value
+
+
+#: Where a library whose array type lives elsewhere keeps its from_dlpack (JAX's arrays are
+#: jaxlib's types; jax.numpy.from_dlpack makes them).
+_DLPACK_HOMES = {"jaxlib": "jax.numpy"}
 
 
 def dlpack_interop(fn):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -173,3 +175,32 @@ def test_readme_pytorch_loss_trains_through_autograd(name):
     want = lkref.LOSSES[name]((x @ W).detach().numpy(), p.numpy(), mask=mask.numpy())
     np.testing.assert_allclose(float(loss.detach()), float(want.loss), rtol=1e-6)
     np.testing.assert_allclose(W.grad.numpy(), 2 * x.numpy().T @ want.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_results_come_back_through_the_librarys_own_from_dlpack_even_when_it_lives_elsewhere(monkeypatch):
+    """JAX's arrays are jaxlib types, and jaxlib has no from_dlpack: results must still come back as
+    JAX arrays (through jax.numpy.from_dlpack), not silently as NumPy.  Fake modules stand in."""
+    import types
+    made = []
+
+    class JaxLikeArray(Foreign):
+        pass
+    JaxLikeArray.__module__ = "jaxlib._jax"
+    home = types.ModuleType("jax.numpy")
+    home.from_dlpack = lambda x: made.append(1) or JaxLikeArray(np.from_dlpack(x))
+    monkeypatch.setitem(sys.modules, "jaxlib", types.ModuleType("jaxlib"))
+    monkeypatch.setitem(sys.modules, "jaxlib._jax", types.ModuleType("jaxlib._jax"))
+    monkeypatch.setitem(sys.modules, "jax.numpy", home)
+    z = np.zeros((2, 3), np.float32)
+    got = lkref.tv(JaxLikeArray(z), JaxLikeArray(np.full((2, 3), 1 / 3, np.float32)))
+    assert isinstance(got.grad, JaxLikeArray) and isinstance(got.loss, JaxLikeArray) and made
+
+
+def test_jax_arrays_round_trip():
+    jnp = pytest.importorskip("jax.numpy")
+    rng = np.random.default_rng(7)
+    z = make_logits(rng, (3, 8), dtype=np.float32)
+    p = make_probs(rng, (3, 8), dtype=np.float32)
+    r = lkref.lk_alpha(jnp.asarray(z), jnp.asarray(p))
+    assert type(r.grad) is type(jnp.asarray(z))
+    np.testing.assert_array_equal(np.asarray(r.grad), lkref.lk_alpha(z, p).grad)
