@@ -59,6 +59,17 @@ def _number(kind, low, inclusive=True):
     return parse
 
 
+def _out_path(text):
+    """An argparse type for a file lkref writes at the end of a run: its folder must exist now,
+    not after minutes of work ('' passes: no file)."""
+    folder = os.path.dirname(os.path.abspath(text)) if text else None
+    if folder is not None and not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"the folder {folder} does not exist")
+    if text and os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    return text
+
+
 def _fail(command, message) -> int:
     """A usage error found after parsing: said like argparse's own, exit status 2."""
     print(f"python -m lkref {command}: error: {message}", file=sys.stderr)
@@ -141,6 +152,8 @@ def cmd_conformance(args) -> int:
     from . import conformance as C
 
     if args.action == "export":
+        if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+            return _fail("conformance", f"{args.dir} exists and is not a folder")
         m = C.export(args.dir)
         print(f"{len(m['cases'])} cases written to {args.dir} (manifest.json, {m['arrays']})")
         return 0
@@ -173,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train toy drafts with every loss and compare (the main job)")
     p.add_argument("--quick", action="store_true", help="a smaller run, under 30 s")
     p.add_argument("--seeds", type=_number(int, 1), default=None, help="seeds per setting (default 2, 1 with --quick)")
-    p.add_argument("--json", default=None, help="write all results to this JSON file")
-    p.add_argument("--plot", default="lkref_demo.png", help="PNG path (needs matplotlib; '' for none)")
+    p.add_argument("--json", type=_out_path, default=None, help="write all results to this JSON file")
+    p.add_argument("--plot", type=_out_path, default="lkref_demo.png",
+                   help="PNG path (needs matplotlib; '' for none)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="check the fast paths against the reference, then time them and the peers")
@@ -186,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-peers", action="store_true", help="skip bench/peers.py")
     p.add_argument("--skip-peer", action="append", help="a peer to leave out (repeatable), e.g. torch-compile")
     p.add_argument("--sampler", action="store_true", help="time verify() against K instead of the losses")
-    p.add_argument("--csv", default=None, help="append CSV rows here")
+    p.add_argument("--csv", type=_out_path, default=None, help="append CSV rows here")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("conformance", help="golden vectors for ports, and a checker that names what differs")
@@ -204,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init", type=_pair, default=(0.0, 4.0), help="MU,SIGMA to start from (default 0,4)")
     g.add_argument("--steps", type=_number(int, 0), default=3000)
     g.add_argument("--eta", type=_number(float, 0), default=3.0, help="eta of LK^lambda")
-    g.add_argument("--json", default=None)
+    g.add_argument("--json", type=_out_path, default=None)
     g.set_defaults(func=cmd_toy)
 
     p = sub.add_parser("train", help="train a toy draft against the toy target LM")
@@ -221,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=_number(float, 0, inclusive=False), default=1.0)
     p.add_argument("--eta", type=_number(float, 0), default=None,
                    help="eta of LK^lambda (default: the paper's, 10 for heads, 3 for ar)")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", type=_out_path, default=None)
     p.set_defaults(func=cmd_train)
     return ap
 

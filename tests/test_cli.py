@@ -21,6 +21,11 @@ from lkref.cli import main
     (["bench", "--sizes", "0:10"], "argument --sizes: expected N:V,N:V,... with N, V >= 1, got '0:10'"),
     (["bench", "--sizes", "4"], "argument --sizes: expected N:V"),
     (["bench", "--sizes", "4:5:6"], "argument --sizes: expected N:V"),
+    (["demo", "--json", "/no/such/folder/out.json"], "argument --json: the folder /no/such/folder does not exist"),
+    (["demo", "--plot", "/no/such/folder/p.png"], "argument --plot: the folder /no/such/folder does not exist"),
+    (["bench", "--csv", "/no/such/folder/b.csv"], "argument --csv: the folder"),
+    (["train", "--loss", "kl", "--json", "/no/such/folder/t.json"], "argument --json: the folder"),
+    (["toy", "gaussian", "--loss", "kl", "--json", "/"], "argument --json: / is a folder"),
 ])
 def test_bad_arguments_are_refused_by_the_parser(capsys, argv, said):
     with pytest.raises(SystemExit) as exc:
@@ -74,3 +79,9 @@ def test_train_options_reach_the_config(monkeypatch, capsys):
                  "--seed", "3"]) == 0
     cfg = seen["cfg"]
     assert (cfg.loss, cfg.hidden, cfg.steps, cfg.train_sequences, cfg.seed) == ("tv", 16, 7, 2048, 3)
+
+
+def test_conformance_export_into_a_file_is_refused(capsys, tmp_path):
+    (tmp_path / "f").write_text("x")
+    assert main(["conformance", "export", str(tmp_path / "f")]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
