@@ -338,11 +338,19 @@ def _scores(got, expected, tol):
             _err(got[2], expected["alpha"], tol["rtol"], tol["atol"]))
 
 
+class PortResultError(TypeError):
+    """A port returned something that is not (loss, grad, alpha)."""
+
+
 def _unpack(result):
-    if hasattr(result, "grad"):
+    if hasattr(result, "grad") and hasattr(result, "loss") and hasattr(result, "alpha"):
         return result.loss, result.grad, result.alpha
-    loss, grad, alpha = result
-    return loss, grad, alpha
+    if isinstance(result, (tuple, list)) and len(result) == 3:
+        return tuple(result)
+    what = f"a {type(result).__name__} of {len(result)}" if isinstance(result, (tuple, list)) \
+        else type(result).__name__
+    raise PortResultError(f"the port must return (loss, grad, alpha) or an object with .loss, .grad and "
+                          f".alpha; it returned {what}")
 
 
 def _to_numpy(x):
@@ -370,9 +378,18 @@ def check(directory, fn=None, results=None):
             else:
                 got = tuple(results[f"{cid}/{k}"] for k in ("loss", "grad", "alpha"))
             got = tuple(_to_numpy(x) for x in got)
+        except PortResultError as exc:
+            rows.append(CaseResult(cid, case["loss"], case["trap"], False, np.inf, np.inf, np.inf, str(exc)))
+            continue
         except Exception as exc:
             rows.append(CaseResult(cid, case["loss"], case["trap"], False, np.inf, np.inf, np.inf,
                                    f"raised {type(exc).__name__}: {exc}"))
+            continue
+        shapes = [f"{name} has shape {g.shape}, expected {np.shape(case['expected'][key])}"
+                  for name, key, g in zip(("loss", "gradient", "alpha"), ("loss", "grad", "alpha"), got)
+                  if g.shape != np.shape(case["expected"][key])]
+        if shapes:
+            rows.append(CaseResult(cid, case["loss"], case["trap"], False, np.inf, np.inf, np.inf, "; ".join(shapes)))
             continue
         e = _scores(got, case["expected"], tol)
         ok = all(x <= 1 for x in e)

@@ -95,3 +95,17 @@ def test_a_port_that_raises_or_returns_nan_is_reported(kit):
     def raising(loss, z, p, **kw):
         raise RuntimeError("boom")
     assert all("raised RuntimeError: boom" in r.message for r in C.check(kit, raising))
+
+
+@pytest.mark.parametrize("port, said", [
+    (lambda loss, z, p, **kw: (1.0,), "the port must return (loss, grad, alpha) or an object with .loss, .grad "
+                                      "and .alpha; it returned a tuple of 1"),
+    (lambda loss, z, p, **kw: None, "it returned NoneType"),
+    (lambda loss, z, p, **kw: (lambda r: (r.loss, r.grad[:1], r.alpha))(lkref.LOSSES[loss](z, p, **kw)),
+     "gradient has shape (1, "),
+])
+def test_a_port_returning_the_wrong_thing_is_told_what(kit, port, said):
+    """Not 'raised ValueError: not enough values to unpack' (lkref's own unpacking) nor 'off by inf'."""
+    rows = C.check(kit, port)
+    assert not any(r.passed for r in rows)
+    assert all(said in r.message for r in rows), rows[0].message
