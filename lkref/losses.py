@@ -51,6 +51,7 @@ from typing import Any
 
 from .backend import dlpack_interop, namespace
 from .validation import (
+    as_array,
     call_reduce,
     check_index_map,
     check_logits,
@@ -312,7 +313,11 @@ def mean_forward(losses, weights=None, reduce=None):
     over the ranks (an all-reduce), so that every rank gets the mean of the whole batch and
     the gradient of its own shard of it.  See lkref.distributed.
     """
-    xp = namespace(losses)
+    losses = as_array(losses, "losses")
+    if losses.dtype.kind != "f":
+        raise TypeError(f"losses must be a floating-point array, got dtype {losses.dtype}")
+    weights = check_mask(weights, "weights", losses.shape, losses.dtype)    # shape, >= 0, finite
+    xp = namespace(losses, weights)
     w = xp.ones_like(losses) if weights is None else weights.astype(losses.dtype, copy=False)
     # a row of weight 0 adds nothing, even when its loss is infinite (0 * inf would be NaN)
     total, count = xp.sum(xp.where(w > 0, w * losses, 0)), xp.sum(w)
@@ -334,6 +339,9 @@ def mean_from_sums(total, count, reduce=None):
 @dlpack_interop
 def mean_backward(dloss, cache):
     """dlosses_t = dloss * w_t / sum_t w_t."""
+    if not (isinstance(cache, dict) and "w" in cache and "scale" in cache):
+        raise TypeError("cache must be what mean_forward returned (a dict with 'w', 'scale')")
+    dloss = check_upstream(dloss, "dloss", (), cache["w"].dtype, namespace(cache["w"]))
     return dloss * cache["w"] * cache["scale"]
 
 

@@ -174,6 +174,8 @@ def check_upstream(dlosses, name: str, lead, dtype, xp):
         if np.dtype(d.dtype).kind not in "iuf":
             raise TypeError(f"{name} must hold real numbers, got dtype {d.dtype}")
         if tuple(d.shape) not in ((), tuple(lead)):
+            if tuple(lead) == ():
+                raise ValueError(f"{name} must be a scalar, got shape {tuple(d.shape)}")
             raise ValueError(f"{name} must have the leading shape {tuple(lead)} of the forward's logits "
                              f"(or be a scalar), got {tuple(d.shape)}")
         if namespace(d) is not xp:

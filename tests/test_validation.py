@@ -179,3 +179,27 @@ def test_reduce_hook_may_return_torch_tensors():
         got = fn(Z, P, reduce=lambda t, c: (torch.tensor(float(t), dtype=torch.float64),
                                            torch.tensor(float(c), dtype=torch.float64)))
         np.testing.assert_allclose(got.loss, want.loss, rtol=1e-12)
+
+
+@pytest.mark.parametrize("losses, weights, err, match", [
+    (np.ones(4), np.ones((4, 4)), ValueError, r"weights must have the leading shape \(4,\)"),  # broadcast before
+    (np.ones(4), -np.ones(4), ValueError, "weights contains negative"),                     # loss 0 before
+    (np.ones(4), np.array([1.0, np.nan, 1.0, 1.0]), ValueError, "weights contains non-finite"),
+    (np.ones(4, np.int64), None, TypeError, "losses must be a floating-point array"),
+])
+def test_mean_pair_checks_its_inputs(losses, weights, err, match):
+    with pytest.raises(err, match=match):
+        lkref.mean_forward(losses, weights)
+
+
+@pytest.mark.parametrize("dloss, err, match", [
+    (np.ones(3), ValueError, r"dloss must be a scalar, got shape \(3,\)"),
+    (float("nan"), ValueError, "dloss contains non-finite"),
+    ("1", TypeError, "dloss must hold real numbers"),
+])
+def test_mean_backward_checks_dloss_and_cache(dloss, err, match):
+    _, cache = lkref.mean_forward(np.ones(4), np.ones(4))
+    with pytest.raises(err, match=match):
+        lkref.mean_backward(dloss, cache)
+    with pytest.raises(TypeError, match="cache must be what mean_forward returned"):
+        lkref.mean_backward(1.0, {"q": 1})
