@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .theory import accept_length_pmf
+from .validation import check_real_scalar
 
 __all__ = ["SIGMAS", "MIN_P_VALUE", "chi2_sf", "binomial_check", "goodness_of_fit",
            "Check", "SamplerReport", "sampler_problem", "check_sampler"]
@@ -73,6 +74,13 @@ class Check:
 
 def binomial_check(name: str, k: int, n: int, a: float, sigmas: float = SIGMAS) -> Check:
     """k successes out of n trials against rate a, within `sigmas` binomial standard deviations."""
+    for arg, value in (("k", k), ("n", n)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{arg} must be a non-negative int, got {value!r}")
+    if k > n:
+        raise ValueError(f"k must be <= n (successes out of trials), got k = {k}, n = {n}")
+    check_real_scalar(a, "a", low=0, high=1)
+    check_real_scalar(sigmas, "sigmas", low=0, low_inclusive=False)
     mean = n * a
     sd = math.sqrt(max(n * a * (1 - a), 0.0))
     ok = abs(k - mean) <= sigmas * sd if sd > 0 else k == round(mean)
@@ -81,9 +89,17 @@ def binomial_check(name: str, k: int, n: int, a: float, sigmas: float = SIGMAS) 
 
 
 def goodness_of_fit(name: str, counts, probs, min_p: float = MIN_P_VALUE) -> Check:
-    """Chi-square test of counts against probs; zero-probability cells must be empty."""
+    """Chi-square test of counts against probs (weights: normalised here); zero-probability
+    cells must be empty."""
     counts = np.asarray(counts, dtype=np.float64)
     probs = np.asarray(probs, dtype=np.float64)
+    if counts.shape != probs.shape or counts.ndim != 1:
+        raise ValueError(f"counts and probs must be 1-d of one length, got shapes {counts.shape} and {probs.shape}")
+    if not (np.all(np.isfinite(counts)) and np.all(counts >= 0) and np.all(counts == np.round(counts))):
+        raise ValueError("counts must be non-negative whole numbers")
+    if not (np.all(np.isfinite(probs)) and np.all(probs >= 0) and probs.sum() > 0):
+        raise ValueError("probs must be finite, non-negative and not all zero")
+    check_real_scalar(min_p, "min_p", low=0, high=1)
     probs = probs / probs.sum()
     n = counts.sum()
     zero = probs <= 0
