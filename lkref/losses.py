@@ -51,6 +51,7 @@ from typing import Any
 
 from .backend import dlpack_interop, namespace
 from .validation import (
+    TARGET_SUM_ATOL,
     as_array,
     call_reduce,
     check_index_map,
@@ -85,6 +86,7 @@ def softmax_parts(z, temperature=1.0):
     The fast paths form q with exactly these operations, so that q, and with it the tie
     rule 1[q < p], is the same bit for bit.
     """
+    check_real_scalar(temperature, "temperature", low=0, low_inclusive=False)
     xp = namespace(z)
     x = (z - xp.max(z, axis=-1, keepdims=True)) / temperature
     e = xp.exp(x)
@@ -297,7 +299,15 @@ def lk_lambda_backward(dlosses, cache):
 
 def lambda_from_alpha(mean_alpha, *, eta=3.0, kl_scale=1.0):
     """The paper's adaptive weight: lam = kl_scale * exp(-eta * mean_alpha) (Eq. 5; kl_scale as SpecForge)."""
+    eta = check_real_scalar(eta, "eta", low=0)
+    kl_scale = check_real_scalar(kl_scale, "kl_scale", low=0)
+    mean_alpha = as_array(mean_alpha, "mean_alpha")
     xp = namespace(mean_alpha)
+    if mean_alpha.dtype.kind not in "iuf":
+        raise TypeError(f"mean_alpha must hold real numbers, got dtype {mean_alpha.dtype}")
+    # an acceptance rate: in [0, 1], up to the target rows' own tolerance on their sum
+    if not bool(xp.all(xp.isfinite(mean_alpha) & (mean_alpha >= 0) & (mean_alpha <= 1 + TARGET_SUM_ATOL))):
+        raise ValueError("mean_alpha must lie in [0, 1] (an acceptance rate); got a value outside it or NaN")
     return kl_scale * xp.exp(-eta * mean_alpha)
 
 

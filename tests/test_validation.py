@@ -203,3 +203,26 @@ def test_mean_backward_checks_dloss_and_cache(dloss, err, match):
         lkref.mean_backward(dloss, cache)
     with pytest.raises(TypeError, match="cache must be what mean_forward returned"):
         lkref.mean_backward(1.0, {"q": 1})
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    ({"mean_alpha": float("nan")}, ValueError, "mean_alpha must lie in"),      # NaN lambda before
+    ({"mean_alpha": 2.0}, ValueError, "mean_alpha must lie in"),
+    ({"mean_alpha": 0.5, "eta": -1.0}, ValueError, "eta must be >= 0"),         # lambda > kl_scale before
+    ({"mean_alpha": 0.5, "kl_scale": float("inf")}, ValueError, "kl_scale must be finite"),
+    ({"mean_alpha": "0.5"}, TypeError, "mean_alpha must hold real numbers"),
+])
+def test_lambda_from_alpha_checks_its_arguments(kw, err, match):
+    with pytest.raises(err, match=match):
+        lkref.lambda_from_alpha(**kw)
+
+
+def test_lambda_from_alpha_takes_lists_and_keeps_the_dtype():
+    np.testing.assert_allclose(lkref.lambda_from_alpha([0.0, 0.5], eta=2.0), np.exp([0.0, -1.0]))
+    assert lkref.lambda_from_alpha(np.float32(0.5)).dtype == np.float32
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_a_reduce_hook_that_returns_nan_is_caught_at_lambda(impl):
+    with pytest.raises(ValueError, match="mean_alpha must lie in"):
+        lkref.lk_lambda(Z, P, impl=impl, reduce=lambda t, c: (t * np.nan, c))
