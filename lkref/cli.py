@@ -166,8 +166,8 @@ def cmd_conformance(args) -> int:
         fn = C.load_impl(args.impl) if args.impl else None
         results = np.load(args.results) if args.results else None
     except (ImportError, AttributeError, OSError, ValueError) as exc:
-        flag = "--impl" if args.impl else "--results"
-        return _fail("conformance", str(exc) if str(exc).startswith(flag) else f"{flag}: {type(exc).__name__}: {exc}")
+        said = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        return _fail("conformance", f"{'--impl' if args.impl else '--results'}: {said}")
     rows = C.check(args.dir, fn=fn, results=results)
     print(C.format_table(rows))
     return 0 if all(r.passed for r in rows) else 1

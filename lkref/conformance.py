@@ -418,7 +418,7 @@ def _explain(case, got, e, tol):
 def load_impl(spec: str):
     """'module:function' -> the function (the module may be a file path ending in .py)."""
     if ":" not in spec:
-        raise ValueError(f"--impl must be module:function, got {spec!r}")
+        raise ValueError(f"must be module:function, got {spec!r}")
     mod_name, fn_name = spec.rsplit(":", 1)
     if mod_name.endswith(".py"):
         spec_ = importlib.util.spec_from_file_location("lkref_port_under_test", mod_name)

@@ -54,6 +54,7 @@ from .validation import (
     TARGET_SUM_ATOL,
     as_array,
     call_reduce,
+    check_cache,
     check_index_map,
     check_logits,
     check_mask,
@@ -131,8 +132,7 @@ class _quiet:
 def _upstream(dlosses, cache, loss, keys):
     """dlosses checked against the forward's cache (a scalar, or an array of its leading shape),
     in its work dtype; the cache must be the one <loss>_forward returned."""
-    if not (isinstance(cache, dict) and all(k in cache for k in keys)):
-        raise TypeError(f"cache must be what {loss}_forward returned (a dict with {', '.join(map(repr, keys))})")
+    check_cache(cache, f"{loss}_forward", keys)
     q = cache["q"] if "q" in cache else cache["tv"]["q"]
     return check_upstream(dlosses, "dlosses", q.shape[:-1], q.dtype, namespace(q))
 
@@ -349,8 +349,7 @@ def mean_from_sums(total, count, reduce=None):
 @dlpack_interop
 def mean_backward(dloss, cache):
     """dlosses_t = dloss * w_t / sum_t w_t."""
-    if not (isinstance(cache, dict) and "w" in cache and "scale" in cache):
-        raise TypeError("cache must be what mean_forward returned (a dict with 'w', 'scale')")
+    check_cache(cache, "mean_forward", ("w", "scale"))
     dloss = check_upstream(dloss, "dloss", (), cache["w"].dtype, namespace(cache["w"]))
     return dloss * cache["w"] * cache["scale"]
 

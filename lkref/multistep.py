@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 from . import losses as L
 from .backend import dlpack_interop, namespace
-from .validation import check_upstream
+from .validation import check_cache, check_upstream
 
 __all__ = ["accept_length_forward", "accept_length_backward", "AcceptLengthResult", "accept_length_loss"]
 
@@ -49,8 +49,7 @@ def accept_length_forward(alphas):
 @dlpack_interop
 def accept_length_backward(dlosses, cache):
     """dalphas_k = -dlosses * P_{k-1} R_k  (d tau / d alpha_k = P_{k-1} R_k)."""
-    if not (isinstance(cache, dict) and "P" in cache and "R" in cache):
-        raise TypeError("cache must be what accept_length_forward returned (a dict with 'P', 'R')")
+    check_cache(cache, "accept_length_forward", ("P", "R"))
     P, R = cache["P"], cache["R"]
     dlosses = check_upstream(dlosses, "dlosses", P.shape[:-1], P.dtype, namespace(P))
     return -dlosses[..., None] * P[..., :-1] * R

@@ -25,6 +25,7 @@ __all__ = [
     "check_mask",
     "check_index_map",
     "check_upstream",
+    "check_cache",
     "call_reduce",
     "env_flag",
 ]
@@ -168,7 +169,9 @@ def check_upstream(dlosses, name: str, lead, dtype, xp):
     forward's leading shape on its backend (a wrong shape would broadcast into a wrong-shaped
     gradient).  Returned in the forward's work dtype."""
     if isinstance(dlosses, numbers.Real) and not isinstance(dlosses, bool):
-        d = xp.asarray(dlosses, dtype=dtype)
+        if not math.isfinite(dlosses):                # on the host: no device array to look at
+            raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+        return xp.asarray(dlosses, dtype=dtype)
     else:
         d = as_array(dlosses, name)
         if np.dtype(d.dtype).kind not in "iuf":
@@ -184,6 +187,13 @@ def check_upstream(dlosses, name: str, lead, dtype, xp):
     if not _all(xp, xp.isfinite(d)):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
     return d
+
+
+def check_cache(cache, producer: str, keys):
+    """A backward's cache: the dict that ``producer`` returned, with these keys."""
+    if not (isinstance(cache, dict) and all(k in cache for k in keys)):
+        raise TypeError(f"cache must be what {producer} returned (a dict with {', '.join(map(repr, keys))})")
+    return cache
 
 
 def call_reduce(reduce, total, count):

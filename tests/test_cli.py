@@ -43,7 +43,7 @@ def kit(tmp_path_factory):
 
 @pytest.mark.parametrize("args, said", [
     (["--impl", "no_such_module_here:f"], "--impl: ModuleNotFoundError: No module named 'no_such_module_here'"),
-    (["--impl", "lkref"], "--impl must be module:function, got 'lkref'"),
+    (["--impl", "lkref"], "--impl: must be module:function, got 'lkref'"),
     (["--impl", "lkref:no_such_function"], "--impl: AttributeError"),
     (["--results", "/no/such/file.npz"], "--results: FileNotFoundError"),
     ([], "check needs exactly one of --impl"),
