@@ -12,8 +12,15 @@ the checkout's bench/ folder; nothing in lkref/ imports PyTorch or any other pee
                   nla for LK^alpha, tv, kl_div, and lk_hybrid for LK^lambda (its lambda is
                   per token, not lkref's batch mean, so its error column is not a rounding
                   error).  They take target logits; log p is passed, made before timing.
+  liger-fused     Liger-Kernel's fused cross-entropy + TV (liger_kernel.ops.fused_ce_tvd): per-
+                  position TV from draft and target logits in one streaming kernel, O(N) saved
+                  state, the kernel SPEC.md section 7 timed.  TV is its mean; LK^alpha is
+                  -log(1 - TV) per position, composed in PyTorch as speculators composes nla.
+                  Its cross-entropy needs labels: zeros, whose term is unused (zero gradient).
+                  It takes target logits; log p is passed, made before timing.  On CUDA.
   liger-tvd       Liger-Kernel's TV distance (liger_kernel.ops.tvd) on probabilities, after a
-                  PyTorch softmax of the logits (autograd carries its gradient back), on CUDA.
+                  PyTorch softmax of the logits (autograd carries its gradient back), on CUDA:
+                  how one would use Liger's plain TV op; not fused with the softmax.
 
 A peer function may carry a `prepare(z, p)` attribute: the bench calls it once, before
 checking and timing, to put the inputs in the peer's own form.
@@ -193,15 +200,43 @@ def speculators_loss(name):
 # Liger-Kernel: TV distance on probabilities; the softmax is PyTorch's
 
 
-def liger_tv():
+def _liger(module, name, label):
+    """liger_kernel.ops.<module>.<name>, or None (said on stderr when Liger is installed but
+    this does not import)."""
     try:
-        from liger_kernel.ops.tvd import LigerTVDLossFunction
+        return getattr(importlib.import_module(f"liger_kernel.ops.{module}"), name)
     except ModuleNotFoundError as exc:
         if not (exc.name or "").startswith("liger_kernel"):   # installed, but something it needs is not
-            print(f"peer liger-tvd: {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(f"peer {label}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return None
     except Exception as exc:                              # installed, but it does not import here
-        print(f"peer liger-tvd: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"peer {label}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+
+
+def liger_fused(name):
+    """TV or LK^alpha from Liger's fused CE + TV kernel, or None."""
+    LigerFusedCETVDFunction = _liger("fused_ce_tvd", "LigerFusedCETVDFunction", "liger-fused")
+    if LigerFusedCETVDFunction is None or name not in ("tv", "lk_alpha"):
+        return None
+    torch = _torch()
+
+    def run(z, target_logits, labels):
+        z = z.detach().requires_grad_(True)
+        _ce, tv = LigerFusedCETVDFunction.apply(z, target_logits, labels)
+        loss = tv.mean() if name == "tv" else (-torch.log1p(-tv)).mean()
+        loss.backward()
+        return loss.detach(), z.grad
+
+    def prepare(z, p):
+        return z, torch.log(p), torch.zeros(z.shape[0], dtype=torch.int64, device=z.device)
+    run.prepare = prepare
+    return run
+
+
+def liger_tv():
+    LigerTVDLossFunction = _liger("tvd", "LigerTVDLossFunction", "liger-tvd")
+    if LigerTVDLossFunction is None:
         return None
 
     def run(z, p):
@@ -230,6 +265,9 @@ def peers(backend: str, name: str) -> dict:
         fn = speculators_loss(name)
         if fn is not None:
             out["speculators" if name != "lk_lambda" else "speculators λ/tok"] = (fn, "torch-cuda")
+        fn = liger_fused(name)
+        if fn is not None:
+            out["liger-fused"] = (fn, "torch-cuda")
         fn = liger_tv() if name == "tv" else None
         if fn is not None:
             out["liger-tvd"] = (fn, "torch-cuda")

@@ -105,13 +105,24 @@ def _fake_peer_modules(monkeypatch, torch):
         def apply(q, p):
             return 0.5 * (q - p).abs().sum() / q.shape[0]
     tvd_mod.LigerTVDLossFunction = LigerTVDLossFunction
+    ce_tvd_mod = types.ModuleType("liger_kernel.ops.fused_ce_tvd")
+
+    class LigerFusedCETVDFunction:
+        @staticmethod
+        def apply(z, t, labels):
+            q, p, _ = parts(z, t)
+            ce = torch.logsumexp(z.float(), -1) - z.float().gather(-1, labels[:, None])[:, 0]
+            return ce, 0.5 * (q - p).abs().sum(-1)
+    ce_tvd_mod.LigerFusedCETVDFunction = LigerFusedCETVDFunction
     for name, mod in [("speculators", types.ModuleType("speculators")),
                       ("speculators.losses", types.ModuleType("speculators.losses")),
                       ("speculators.losses.fused", fused_mod), ("liger_kernel", types.ModuleType("liger_kernel")),
-                      ("liger_kernel.ops", types.ModuleType("liger_kernel.ops")), ("liger_kernel.ops.tvd", tvd_mod)]:
+                      ("liger_kernel.ops", types.ModuleType("liger_kernel.ops")), ("liger_kernel.ops.tvd", tvd_mod),
+                      ("liger_kernel.ops.fused_ce_tvd", ce_tvd_mod)]:
         monkeypatch.setitem(sys.modules, name, mod)
     sys.modules["speculators.losses"].fused = fused_mod
     sys.modules["liger_kernel.ops"].tvd = tvd_mod
+    sys.modules["liger_kernel.ops"].fused_ce_tvd = ce_tvd_mod
 
 
 def test_speculators_and_liger_adapters(monkeypatch):
@@ -121,8 +132,11 @@ def test_speculators_and_liger_adapters(monkeypatch):
     _fake_peer_modules(monkeypatch, torch)
     mod = benchmark.load_peers()
     z, p = benchmark.make_problem(np, 6, 50)
-    cases = [(mod.speculators_loss(name), name) for name in ("lk_alpha", "tv", "kl")] + [(mod.liger_tv(), "tv")]
+    cases = [(mod.speculators_loss(name), name) for name in ("lk_alpha", "tv", "kl")] + [(mod.liger_tv(), "tv")] \
+        + [(mod.liger_fused(name), name) for name in ("lk_alpha", "tv")]
     assert mod.speculators_loss("lk_lambda") is None          # the stand-in has no lk_hybrid
+    assert mod.liger_fused("kl") is None and mod.liger_fused("lk_lambda") is None
+    assert {"speculators", "liger-fused", "liger-tvd"} <= set(mod.peers("cupy", "tv"))
     for fn, name in cases:
         args = (torch.as_tensor(z), torch.as_tensor(p))
         if hasattr(fn, "prepare"):
@@ -137,10 +151,10 @@ def test_speculators_and_liger_adapters(monkeypatch):
 def test_gpu_peers_are_absent_without_their_libraries(monkeypatch):
     import sys
     for name in ("speculators", "speculators.losses", "speculators.losses.fused", "liger_kernel",
-                 "liger_kernel.ops", "liger_kernel.ops.tvd"):
+                 "liger_kernel.ops", "liger_kernel.ops.tvd", "liger_kernel.ops.fused_ce_tvd"):
         monkeypatch.setitem(sys.modules, name, None)           # import fails
     mod = benchmark.load_peers()
-    assert mod.speculators_loss("lk_alpha") is None and mod.liger_tv() is None
+    assert mod.speculators_loss("lk_alpha") is None and mod.liger_tv() is None and mod.liger_fused("tv") is None
 
 
 def _fake_speculators_tree(root, with_fused=True):
@@ -232,7 +246,7 @@ def test_real_peers_in_the_triton_interpreter():
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
     out = done.stdout
     assert out.count(" ok") >= 4                                   # torch-eager, every loss
-    for package, label, lines in (("speculators", "speculators ", 3), ("liger_kernel", "liger-tvd", 1)):
+    for package, label, lines in (("speculators", "speculators ", 3), ("liger_kernel", "liger-", 3)):
         if importlib.util.find_spec(package) is not None:
             assert sum(label in line and line.endswith(" ok") for line in out.splitlines()) == lines, out
 
