@@ -28,6 +28,7 @@ checking and timing, to put the inputs in the peer's own form.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import sys
@@ -197,7 +198,7 @@ def speculators_loss(name):
 
 
 # --------------------------------------------------------------------------------------
-# Liger-Kernel: TV distance on probabilities; the softmax is PyTorch's
+# Liger-Kernel: the fused CE + TV from two logits tensors, and the plain TV op on probabilities
 
 
 def _liger(module, name, label):
@@ -216,8 +217,10 @@ def _liger(module, name, label):
 
 def liger_fused(name):
     """TV or LK^alpha from Liger's fused CE + TV kernel, or None."""
+    if name not in ("tv", "lk_alpha"):
+        return None
     LigerFusedCETVDFunction = _liger("fused_ce_tvd", "LigerFusedCETVDFunction", "liger-fused")
-    if LigerFusedCETVDFunction is None or name not in ("tv", "lk_alpha"):
+    if LigerFusedCETVDFunction is None:
         return None
     torch = _torch()
 
