@@ -2,7 +2,7 @@
 # The GPU check, run from the checkout without installing (the device image has CuPy,
 # PyTorch, pytest and hypothesis): the GPU tests, then the quick benchmark with peers.
 # Results go to $OUT (the device tool's folder) or bench/results/.  About 4 minutes, at most 8.5
-# (the profile at the end runs only while the run is under 380 s).
+# (the LK^lambda peers run only while the run is under 300 s, the profile only under 380 s).
 # A copy without .git (the device tool's) names its commit with LKREF_GIT_SHA=<sha>.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +45,13 @@ timeout 120 python3 -m lkref bench --backend cupy --repeat 20 --no-peers \
 echo "== quick benchmark: lkref and the peers, same run"
 timeout 150 python3 -m lkref bench --backend cupy --repeat 20 --loss lk_alpha --loss tv --skip-peer torch-compile \
   --csv "$out/gpu-$card-bench.csv" 2>&1 | tee -a "$out/gpu-$card-bench.txt"
+# LK^lambda beside speculators' lk_hybrid (lambda per token) and PyTorch eager, if time is left:
+# a run of its own, after LK^alpha's peers, since it autotunes speculators' KL kernel too
+if [ "$SECONDS" -lt 300 ]; then
+  echo "== quick benchmark: LK^lambda and its peers"
+  timeout 60 python3 -m lkref bench --backend cupy --repeat 20 --loss lk_lambda --skip-peer torch-compile \
+    --csv "$out/gpu-$card-bench.csv" 2>&1 | tee -a "$out/gpu-$card-bench.txt"
+fi
 echo "== the goals (bench/goals.py)"
 python3 bench/goals.py "$out/gpu-$card-bench.csv" 2>&1 | tee "$out/gpu-$card-goals.md"
 # what the default LK^alpha kernel waits for, at both goal sizes, if the run has time left
