@@ -107,34 +107,88 @@ def _guarded(a):
     return buf
 
 
+# What a launch may pass for each C type of a parameter, as CuPy marshals arguments: a
+# device array for a pointer (its data pointer, whatever its shape), a NumPy scalar of the
+# parameter's own width by value.  A Python int or float would reach the GPU as a 64-bit
+# long long or double and shift every later argument, so they are refused here.
+POINTEE = {"float": "float32", "int": "int32", "long": "int64", "__half": "float16", "__nv_bfloat16": "bfloat16"}
+BY_VALUE = {"float": np.float32, "int": np.int32, "long": np.int64}
+STATIC_SMEM_DEFAULT = 48 * 1024              # dynamic shared memory a kernel may take without opting in
+SMEM_OPTIN_MAX = 227 * 1024                  # the most one block may opt in to on sm_90 (H100, H200)
+
+
+def param_types(cuda_source: str, kernel: str):
+    """[(C type, is a pointer, is const)] of the kernel's parameters, typedefs resolved."""
+    typedefs = dict((new, old) for old, new in re.findall(r"typedef\s+(\w+)\s+(\w+)\s*;", cuda_source))
+    out = []
+    for param in kernel_params(cuda_source, kernel).split(","):
+        words = param.replace("*", " * ").split()
+        base = next(w for w in words if w not in ("const", "__restrict__", "*"))
+        out.append((typedefs.get(base, base), "*" in words, words[0] == "const"))
+    return out
+
+
 class CpuKernel:
-    """Callable like a CuPy RawKernel: kernel(grid, block, args); runs the kernel under every seed.
+    """Callable like a CuPy RawKernel: kernel(grid, block, args, shared_mem=...); runs the
+    kernel under every seed.
 
     The arrays it writes are its pointer parameters without const.  lk_rows runs in the
-    source's clusters (CLUSTER blocks), any other kernel in single blocks."""
+    source's clusters (CLUSTER blocks), any other kernel in single blocks.  Each argument is
+    checked against its parameter's C type as CuPy would pass it (POINTEE, BY_VALUE), and
+    dynamic shared memory beyond 48 KiB needs max_dynamic_shared_size_bytes set first, which
+    refuses more than a block may have (SMEM_OPTIN_MAX), as CUDA does."""
 
-    def __init__(self, cuda_source, kernel="lk_rows", seeds=(1, 2)):
+    def __init__(self, cuda_source, kernel="lk_rows", options=(), seeds=(1, 2)):
         self.dll = build(cuda_source, kernel, "CLUSTER" if kernel == "lk_rows" else "1")
-        params = [p.strip() for p in kernel_params(cuda_source, kernel).split(",")]
-        self.outputs = [i for i, p in enumerate(params) if "*" in p and not p.startswith("const")]
+        self.code, self.name, self.options = cuda_source, kernel, tuple(options)
+        self.params = param_types(cuda_source, kernel)
+        self.outputs = [i for i, (_, pointer, const) in enumerate(self.params) if pointer and not const]
         self.seeds = seeds
         self.launches = 0
         self.reads = []                          # per launch: (logit reads, target reads, expf calls)
+        self._smem_limit = STATIC_SMEM_DEFAULT
+
+    @property
+    def max_dynamic_shared_size_bytes(self):
+        return self._smem_limit
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, nbytes):
+        if not 0 <= nbytes <= SMEM_OPTIN_MAX:
+            raise RuntimeError(f"cudaFuncSetAttribute: {nbytes} bytes of dynamic shared memory (invalid value)")
+        self._smem_limit = int(nbytes)
+
+    def check_launch(self, args, shared_mem):
+        """AssertionError naming the first argument CuPy would pass wrongly, or a launch CUDA refuses."""
+        if len(args) != len(self.params):
+            raise AssertionError(f"{self.name}: {len(args)} arguments for {len(self.params)} parameters")
+        for k, (a, (ctype, pointer, _)) in enumerate(zip(args, self.params)):
+            if pointer:
+                if not isinstance(a, np.ndarray) or a.dtype.name != POINTEE[ctype] or not a.flags.c_contiguous:
+                    what = f"{a.dtype.name} array (contiguous: {a.flags.c_contiguous})" if isinstance(a, np.ndarray) \
+                        else type(a).__name__
+                    raise AssertionError(f"{self.name} argument {k}: a {what} for a {ctype}* parameter")
+            elif type(a) is not BY_VALUE[ctype]:
+                raise AssertionError(f"{self.name} argument {k}: a {type(a).__name__} for a {ctype} parameter "
+                                     f"(CuPy would pass it as {'a 64-bit value' if isinstance(a, (int, float)) else 'another type'})")
+        if shared_mem > self._smem_limit:
+            raise AssertionError(f"{self.name}: {shared_mem} bytes of dynamic shared memory, beyond the kernel's "
+                                 f"{self._smem_limit} (max_dynamic_shared_size_bytes)")
 
     def __call__(self, grid, block, args, shared_mem=0):
+        self.check_launch(args, shared_mem)
         self.launches += 1
         results = []
         for seed in self.seeds:
             bufs, cargs = {}, []                 # bufs: argument index -> guarded copy
             for k, a in enumerate(args):
-                if isinstance(a, np.ndarray) and a.ndim > 0:
+                ctype, pointer, _ = self.params[k]
+                if pointer:
                     buf = _guarded(a)
                     bufs[k] = buf
                     cargs.append(ctypes.c_void_p(buf.ctypes.data + GUARD * buf.itemsize))
-                elif isinstance(a, np.floating):
-                    cargs.append(ctypes.c_float(float(a)))
                 else:
-                    cargs.append(ctypes.c_int(int(a)))
+                    cargs.append({"float": ctypes.c_float, "int": ctypes.c_int, "long": ctypes.c_long}[ctype](a.item()))
             rc = self.dll.launch(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), ctypes.c_uint(seed),
                                  ctypes.c_ulong(shared_mem), *cargs)
             if rc != 0:

@@ -7,7 +7,9 @@ compiled kernel:
   the input flags;
 - "simt": the kernel's own CUDA source, built with g++ against tests/simt_cpu.h, which runs
   every CUDA thread as a fiber with real barriers, warp shuffles, shared memory and
-  thread-block clusters (under two schedules, with guard zones around the arrays).  This
+  thread-block clusters (under two schedules, with guard zones around the arrays), launched
+  through fused_cupy's own _kernel with each argument checked against its parameter's C type
+  as CuPy passes it and the dynamic shared memory against the kernel's opt-in.  This
   checks the kernel's indexing, reductions and cluster exchange without a GPU; the
   schedule, timing and rounding of a real GPU are checked by tests/test_gpu.py.
 """
@@ -103,13 +105,7 @@ def finish_on_the_cpu(grid, block, args, shared_mem=0):
                 total * (1 / count if count > 0 else 0), lam]
 
 
-def simt_kernel(in_dtype, out_dtype, items, cluster):
-    """The kernels' CUDA source built for the CPU (tests/simt_cpu.py); replaces fused_cupy._kernel."""
-    src = fused_cupy.kernel_source(items, cluster, fused_cupy._ctype(in_dtype), fused_cupy._ctype(out_dtype))
-    cache = fused_cupy.CACHE_TARGET and items > 0
-    return fused_cupy.Kernels(simt_cpu.CpuKernel(src), simt_cpu.CpuKernel(src, "lk_finish"),
-                              4 * items * fused_cupy.THREADS if cache else 0)
-
+SIMT_KERNEL = fused_cupy._kernel        # fused_cupy's own, run with CuPy's compiler replaced (simt_stand_in)
 
 needs_cxx = pytest.mark.skipif(simt_cpu.compiler() is None, reason="no C++ compiler for the SIMT stand-in")
 
@@ -121,13 +117,23 @@ def stand_in(monkeypatch, cupy, kernel):
     monkeypatch.setattr(fused_cupy, "_kernel", kernel)
 
 
+def simt_stand_in(monkeypatch):
+    """CuPy's compiler replaced by the CPU build of the kernels' source (tests/simt_cpu.py), so
+    that fused_cupy's own _kernel runs: its shared-memory opt-in and its lk_finish from the same
+    source and options; every launch is checked as CuPy and CUDA would check it."""
+    stand_in(monkeypatch, np, SIMT_KERNEL)
+    monkeypatch.setattr(fused_cupy, "_cache", {})
+    monkeypatch.setattr(fused_cupy, "_build", lambda cp, src: simt_cpu.CpuKernel(src, options=("-std=c++17",)))
+    monkeypatch.setattr(np, "RawKernel", simt_cpu.CpuKernel, raising=False)
+
+
 @pytest.fixture(params=["transcription", pytest.param("simt", marks=needs_cxx)])
 def numpy_as_cupy(request, monkeypatch):
     if request.param == "transcription":
         stand_in(monkeypatch, np, lambda *a: fused_cupy.Kernels(kernel_on_the_cpu, finish_on_the_cpu, 0))
     else:                        # small blocks keep the fibers few; the real size is tested below
         small_blocks(monkeypatch)
-        stand_in(monkeypatch, np, simt_kernel)
+        simt_stand_in(monkeypatch)
     return request.param
 
 
@@ -141,7 +147,7 @@ def small_blocks(monkeypatch):
 def simt(monkeypatch):
     if simt_cpu.compiler() is None:
         pytest.skip("no C++ compiler for the SIMT stand-in")
-    stand_in(monkeypatch, np, simt_kernel)
+    simt_stand_in(monkeypatch)
 
 
 def run(name, z, p, **kw):
@@ -400,6 +406,69 @@ def test_simt_at_the_benchmark_sizes(simt, name, V, N, dtype):
         close(fast, ref)
 
 
+def _wrong_forms(a):
+    """What a host bug could pass instead of argument a: a Python number or another width for
+    a value, another dtype or a strided view for an array."""
+    if isinstance(a, np.ndarray):
+        other = np.float64 if a.dtype.kind == "f" else np.int64
+        strided = [np.repeat(a, 2)[::2]] if a.size > 1 else []      # one element is contiguous anyway
+        return [a.astype(other), a.tolist()] + strided
+    return [a.item(), np.float64(a) if isinstance(a, np.floating) else np.int64(a)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_simt_launches_pass_arguments_as_cupy_does(simt, monkeypatch, dtype):
+    """Every launch the host makes (both kernels, weights and a target vocabulary of its own)
+    passes each argument as its parameter's C type needs; each wrong form of any argument,
+    and a missing argument, is refused by the stand-in (a GPU would read garbage)."""
+    small_blocks(monkeypatch)
+    launches = []
+    real_call = simt_cpu.CpuKernel.__call__
+
+    def recording(self, grid, block, args, shared_mem=0):
+        launches.append((self, args, shared_mem))
+        return real_call(self, grid, block, args, shared_mem)
+    monkeypatch.setattr(simt_cpu.CpuKernel, "__call__", recording)
+    rng = np.random.default_rng(3)
+    z = make_logits(rng, (4, 300), dtype=dtype)
+    p = make_probs(rng, (4, 310), dtype=np.float32)
+    run("lk_lambda", z, p, mask=rng.random(4), draft_to_target=rng.permutation(310)[:300])
+    assert {kern.name for kern, _, _ in launches} == {"lk_rows", "lk_finish"}
+    for kern, args, smem in launches:
+        kern.check_launch(args, smem)
+        for k, a in enumerate(args):
+            for wrong in _wrong_forms(a):
+                with pytest.raises(AssertionError, match=f"argument {k}:"):
+                    kern.check_launch(args[:k] + (wrong,) + args[k + 1:], smem)
+        with pytest.raises(AssertionError, match="arguments for"):
+            kern.check_launch(args[:-1], smem)
+
+
+def test_simt_dynamic_shared_memory_needs_the_opt_in(simt, monkeypatch):
+    """At 512 threads a row of V = 13 000 keeps 53 KiB of target in shared memory: beyond the
+    48 KiB a kernel gets without max_dynamic_shared_size_bytes, which fused_cupy._kernel sets.
+    A launch without it is refused; where the opt-in is refused (a GPU with less shared
+    memory), the kernel is rebuilt without the target cache and still computes the loss."""
+    built = []
+    monkeypatch.setattr(fused_cupy, "_kernel", lambda *a: built.append(SIMT_KERNEL(*a)) or built[-1])
+    rng = np.random.default_rng(5)
+    z = make_logits(rng, (1, 13_000), dtype=np.float32)
+    p = make_probs(rng, (1, 13_000), dtype=np.float32)
+    ref = reference("lk_alpha", z, p)
+    close(run("lk_alpha", z, p), ref)
+    kern = built[-1]
+    assert kern.smem == 4 * 26 * 512 > simt_cpu.STATIC_SMEM_DEFAULT
+    assert kern.rows.max_dynamic_shared_size_bytes == kern.smem
+    kern.rows.max_dynamic_shared_size_bytes = simt_cpu.STATIC_SMEM_DEFAULT      # as if never opted in
+    with pytest.raises(AssertionError, match="dynamic shared memory"):
+        run("lk_alpha", z, p)
+    monkeypatch.setattr(simt_cpu, "SMEM_OPTIN_MAX", 32 * 1024)
+    fused_cupy._cache.clear()
+    close(run("lk_alpha", z, p), ref)
+    assert built[-1].smem == 0 and "#define PCACHE 0" in built[-1].rows.code
+    assert built[-1].finish.code == built[-1].rows.code and built[-1].finish.options == built[-1].rows.options
+
+
 # kernel bugs planted in the source; the SIMT stand-in must catch each one
 PLANTED = {
     "race in the block sum": ("    if (lane == 0) for (int k = 0; k < K; k++) sh[k * 32 + warp] = v[k];\n    __syncthreads();",
@@ -430,6 +499,7 @@ def test_simt_catches_planted_kernel_bugs(simt, monkeypatch, bug):
     p = make_probs(rng, (5, 1000), dtype=np.float32)
     close(run("lk_lambda", z, p), reference("lk_lambda", z, p))
     monkeypatch.setattr(fused_cupy, "_SOURCE", fused_cupy._SOURCE.replace(old, new))
+    fused_cupy._cache.clear()                     # the kernels built from the unchanged source
     if message is None:                           # a wrong result: the comparison or a check fails
         with pytest.raises((AssertionError, ValueError)):
             close(run("lk_lambda", z, p), reference("lk_lambda", z, p))
@@ -539,7 +609,7 @@ def test_simt_global_reads_per_element(simt, monkeypatch, V, name, kw, cache, wa
     kernels = []
 
     def recording(*a):
-        kernels.append(simt_kernel(*a))
+        kernels.append(SIMT_KERNEL(*a))
         return kernels[-1]
     monkeypatch.setattr(fused_cupy, "CACHE_TARGET", cache)
     monkeypatch.setattr(fused_cupy, "_kernel", recording)
