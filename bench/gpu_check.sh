@@ -7,6 +7,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
+# compiled kernels (gpu_warm.py fills CuPy's cache for the tests and the benchmark) in /tmp,
+# which is writable wherever this runs, unlike a home folder may be
+export CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-/tmp/lkref-cupy-cache} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/lkref-triton-cache}
 out=${OUT:-bench/results}
 mkdir -p "$out"
 # the peers the image lacks, as wheels carried from bench/peer_wheels.sh (run(carry=[".whl"]))
