@@ -3,9 +3,9 @@
 NVRTC takes 1-15 s per variant (one per row length class, dtype and launch shape), and the
 GPU tests and the benchmark would compile some twenty of them one after another: most of a
 minute of a 15-minute device session.  Compiled here side by side, they land in CuPy's
-kernel cache (CUPY_CACHE_DIR, which gpu_check.sh sets; keyed by source, options and GPU), where the tests and
-the benchmark find them.  A variant missing from this list is simply compiled when first
-used; a failure here is reported and left to the tests to show.
+kernel cache (CUPY_CACHE_DIR, which gpu_check.sh sets; keyed by source, options and GPU),
+where the tests and the benchmark find them.  A variant missing from this list is simply
+compiled when first used; a failure here is reported and left to the tests to show.
 
     python3 bench/gpu_warm.py [workers]
 """
