@@ -10,8 +10,15 @@
 // is reported too.  Results that change with the seed betray a race on shared memory (see
 // the scheduling note below for the orders tried).
 //
+// Memory traffic (when tracing is on): every global access the harness's rewrite notes (the
+// logits, the target, the gradient's stores) is grouped into the warp instruction it belongs
+// to, that is the same code line, warp and per-thread count of executions of that line, and
+// the 32-byte sectors each group touches are counted: bytes asked for / (32 x sectors) is how
+// well a warp's accesses coalesce (1 when 32 lanes read 32 adjacent floats).
+//
 // What it does not model: timing, the memory model beyond barriers, register limits,
-// launch limits, and the GPU's exact expf/logf rounding.
+// launch limits (tests/simt_cpu.py checks those it knows), and the GPU's exact expf/logf
+// rounding.
 #pragma once
 #include <ucontext.h>
 #include <math.h>
@@ -32,11 +39,24 @@ struct emu_dim3 { unsigned x, y, z; };
 namespace emu {
 
 struct Barrier { int count = 0, arrived = 0; std::vector<unsigned> waiters; };
+// One traced global access: kind 0 logits, 1 target, 2 gradient; the warp instruction it is
+// part of (block, warp, code line, the thread's execution count of that line); its sector.
+struct Access {
+    long kind, block, warp, line, n, sector, bytes;
+    bool operator<(const Access& o) const {
+        const long a[6] = {kind, block, warp, line, n, sector}, b[6] = {o.kind, o.block, o.warp, o.line, o.n, o.sector};
+        return std::lexicographical_compare(a, a + 6, b, b + 6);
+    }
+    bool same_sector(const Access& o) const {
+        return kind == o.kind && block == o.block && warp == o.warp && line == o.line && n == o.n && sector == o.sector;
+    }
+};
 struct Fiber {
     ucontext_t ctx;
     unsigned tid = 0, block = 0;
     bool done = false;
     uint32_t priority = 0;
+    std::vector<std::pair<int, long>> executions;  // (code line, how often this thread ran it), tracing
     std::vector<std::pair<float*, const float*>> copies;   // copy_async issued, not yet waited for
 };
 struct Alloc { std::string name; std::vector<char> mem; };
@@ -66,10 +86,40 @@ struct State {
     std::string error;
     long reads[3] = {0, 0, 0};                // global reads of z and p counted by the harness's rewrite, expf calls
     size_t dynamic_smem = 0;                  // bytes of extern __shared__ memory per block
+    bool trace = false;
+    std::vector<Access> accesses;             // when tracing
 };
 static State S;
 
 template <class T> inline T counted(int which, T value) { S.reads[which]++; return value; }
+
+// A global access at line `line` of kind 0 (logits), 1 (target) or 2 (gradient store): counts
+// the reads, records the access when tracing, and returns the address.
+__attribute__((noinline)) inline void record(int kind, int line, const void* at, long bytes) {
+    auto& ex = S.cur->executions;
+    auto it = std::find_if(ex.begin(), ex.end(), [line](const std::pair<int, long>& e) { return e.first == line; });
+    if (it == ex.end()) it = ex.insert(ex.end(), {line, 0});
+    S.accesses.push_back(Access{kind, (long)(S.block_base + S.cur->block), (long)(S.cur->tid / 32), line,
+                                it->second++, (long)(reinterpret_cast<uintptr_t>(at) / 32), bytes});
+}
+template <class T> inline T* noted(int kind, int line, T* at) {
+    if (kind < 2) S.reads[kind]++;
+    if (S.trace) record(kind, line, at, (long)sizeof(T));
+    return at;
+}
+
+// The traced accesses of one kind: bytes asked for, and 32-byte sectors touched, summed over
+// the warp instructions.
+inline void traffic(int kind, long* bytes, long* sectors) {
+    std::sort(S.accesses.begin(), S.accesses.end());
+    *bytes = *sectors = 0;
+    for (size_t i = 0; i < S.accesses.size(); i++) {
+        const Access& a = S.accesses[i];
+        if (a.kind != kind) continue;
+        *bytes += a.bytes;
+        if (i == 0 || !a.same_sector(S.accesses[i - 1])) ++*sectors;
+    }
+}
 
 inline void make_ready(unsigned i) {
     Fiber& f = S.fibers[i];
@@ -152,6 +202,7 @@ inline int run(unsigned grid, unsigned threads, unsigned cluster, unsigned seed,
     S.threads = threads;
     S.error.clear();
     S.reads[0] = S.reads[1] = S.reads[2] = 0;
+    S.accesses.clear();
     if (threads == 0 || threads % 32 || cluster == 0 || grid % cluster) {
         S.error = "launch: threads must be a positive multiple of 32 and grid a multiple of the cluster size";
         return 1;

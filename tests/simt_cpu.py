@@ -5,7 +5,8 @@ The kernel text is the one lkref.fused_cupy compiles for the GPU; only its ``__s
 declarations are rewritten (into per-block allocations; ``extern __shared__`` gets the
 launch's dynamic size), its #include lines dropped (its CUDA-only helpers, under
 ``__CUDACC__``, come from the header instead), and its global reads of the logits and the
-target wrapped in counters (COUNTED; the header counts expf calls too).  Every launch runs
+target and its stores of the gradient wrapped in emu::noted (NOTED: counted, and recorded
+for the coalescing measure when tracing; the header counts expf calls too).  Every launch runs
 under several scheduling seeds on guarded copies of the arrays:
 the results must be the same bit for bit (else a race on shared memory), and the guard zones
 around every array must be untouched (else an out-of-bounds write).  Reads out of bounds
@@ -30,8 +31,14 @@ HEADER = Path(__file__).with_name("simt_cpu.h")
 GUARD = 256                                  # elements of guard zone on each side of an array
 
 # lk_rows reads the logits only through to_f(zr[v]) and the target only through target(...) or
-# copies from target_at(...): (counter, pattern)
-COUNTED = ((0, r"to_f\(zr\[v\]\)"), (1, r"target\(pr, idx, has_idx, v\)"), (1, r"target_at\(pr, idx, \w+, v\)"))
+# copies from target_at(...), and stores the gradient only through store(g + ..., gv): each
+# becomes the same access through emu::noted(kind, line, address).  (pattern, replacement);
+# target_at first, since target's replacement contains a target_at.
+NOTED = ((r"target_at\(pr, idx, (\w+), v\)", r"emu::noted(1, __LINE__, target_at(pr, idx, \1, v))"),
+         (r"target\(pr, idx, has_idx, v\)", r"(*emu::noted(1, __LINE__, target_at(pr, idx, has_idx, v)))"),
+         (r"to_f\(zr\[v\]\)", r"to_f(*emu::noted(0, __LINE__, &zr[v]))"),
+         (r"store\((g \+ row \* \(long\)V \+ v), gv\)", r"store(emu::noted(2, __LINE__, \1), gv)"))
+TRAFFIC_KINDS = ("logits", "target", "gradient")
 _built: dict = {}
 
 
@@ -60,8 +67,10 @@ def cpu_source(cuda_source: str, kernel: str, cluster: str) -> str:
                  r'\1* \2 = emu::shared<\1>("\2", emu::S.dynamic_smem / sizeof(\1));', src)
     if "__shared__" in src:
         raise ValueError("a __shared__ declaration the rewrite does not handle")
-    for which, pattern in COUNTED:                     # count the global reads of z and of p
-        src = re.sub(pattern, lambda m: f"emu::counted({which}, {m.group(0)})", src)
+    for pattern, replacement in NOTED:                 # the global accesses of z, p and g
+        src, n = re.subn(pattern, replacement, src)
+        if n == 0 and kernel == "lk_rows":
+            raise ValueError(f"no access matches {pattern!r}: the kernel's source changed, update NOTED")
     names = [p.strip().split()[-1].lstrip("*") for p in params.split(",")]
     launcher = (f'\nextern "C" int launch(unsigned grid, unsigned threads, unsigned seed, unsigned long smem, '
                 f'{params}) {{\n'
@@ -70,7 +79,9 @@ def cpu_source(cuda_source: str, kernel: str, cluster: str) -> str:
                 f"    return emu::run(grid, threads, {cluster}, seed, [=] {{ {kernel}({', '.join(names)}); }});\n"
                 f"}}\n"
                 f'extern "C" const char* last_error() {{ return emu::S.error.c_str(); }}\n'
-                f'extern "C" long reads(int which) {{ return emu::S.reads[which]; }}\n')
+                f'extern "C" long reads(int which) {{ return emu::S.reads[which]; }}\n'
+                f'extern "C" void set_trace(int on) {{ emu::S.trace = on != 0; }}\n'
+                f'extern "C" void traffic(int kind, long* bytes, long* sectors) {{ emu::traffic(kind, bytes, sectors); }}\n')
     return f'#include "{HEADER}"\n' + src + launcher
 
 
@@ -98,11 +109,16 @@ def build(cuda_source: str, kernel: str = "lk_rows", cluster: str = "CLUSTER"):
 
 
 def _guarded(a):
-    """A copy of a with GUARD sentinel elements each side: (buffer, the copy inside it)."""
+    """A copy of a with GUARD sentinel elements each side, the copy starting on a 256-byte
+    boundary as cudaMalloc's allocations do (the coalescing measure counts 32-byte sectors)."""
     a = np.ascontiguousarray(a)
     flat = a.reshape(-1)
     fill = np.nan if a.dtype.kind == "f" else -1
-    buf = np.full(flat.size + 2 * GUARD, fill, dtype=a.dtype)
+    nbytes = (flat.size + 2 * GUARD) * a.dtype.itemsize
+    raw = np.empty(nbytes + 256, np.uint8)
+    skip = -(raw.ctypes.data + GUARD * a.dtype.itemsize) % 256
+    buf = raw[skip:skip + nbytes].view(a.dtype)
+    buf[...] = fill
     buf[GUARD:GUARD + flat.size] = flat
     return buf
 
@@ -146,7 +162,17 @@ class CpuKernel:
         self.seeds = seeds
         self.launches = 0
         self.reads = []                          # per launch: (logit reads, target reads, expf calls)
+        self.trace = False                       # record the memory traffic (slower)
+        self.traffic = []                        # per launch when tracing: {kind: (bytes, 32-byte sectors)}
         self._smem_limit = STATIC_SMEM_DEFAULT
+
+    def _traffic(self):
+        out = {}
+        for kind, name in enumerate(TRAFFIC_KINDS):
+            nbytes, sectors = ctypes.c_long(), ctypes.c_long()
+            self.dll.traffic(kind, ctypes.byref(nbytes), ctypes.byref(sectors))
+            out[name] = (nbytes.value, sectors.value)
+        return out
 
     @property
     def max_dynamic_shared_size_bytes(self):
@@ -189,6 +215,7 @@ class CpuKernel:
                     cargs.append(ctypes.c_void_p(buf.ctypes.data + GUARD * buf.itemsize))
                 else:
                     cargs.append({"float": ctypes.c_float, "int": ctypes.c_int, "long": ctypes.c_long}[ctype](a.item()))
+            self.dll.set_trace(int(self.trace and seed == self.seeds[0]))
             rc = self.dll.launch(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), ctypes.c_uint(seed),
                                  ctypes.c_ulong(shared_mem), *cargs)
             if rc != 0:
@@ -202,6 +229,8 @@ class CpuKernel:
             results.append([bufs[i][GUARD:-GUARD].copy() for i in self.outputs])
             if seed == self.seeds[0]:
                 self.reads.append((self.dll.reads(0), self.dll.reads(1), self.dll.reads(2)))
+                if self.trace:
+                    self.traffic.append(self._traffic())
         for other in results[1:]:
             for a, b in zip(results[0], other):
                 if not np.array_equal(a.view(np.uint8), b.view(np.uint8)):

@@ -9,9 +9,11 @@ compiled kernel:
   every CUDA thread as a fiber with real barriers, warp shuffles, shared memory and
   thread-block clusters (under two schedules, with guard zones around the arrays), launched
   through fused_cupy's own _kernel with each argument checked against its parameter's C type
-  as CuPy passes it and the dynamic shared memory against the kernel's opt-in.  This
-  checks the kernel's indexing, reductions and cluster exchange without a GPU; the
-  schedule, timing and rounding of a real GPU are checked by tests/test_gpu.py.
+  as CuPy passes it and the dynamic shared memory against the kernel's opt-in, and with its
+  global reads and stores counted and, where asked, grouped into warp accesses to measure
+  how they coalesce.  This checks the kernel's indexing, reductions and cluster exchange
+  without a GPU; the schedule, timing and rounding of a real GPU are checked by
+  tests/test_gpu.py.
 """
 
 from __future__ import annotations
@@ -618,6 +620,61 @@ def test_simt_global_reads_per_element(simt, monkeypatch, V, name, kw, cache, wa
     run(name, make_logits(rng, (N, V), dtype=np.float32), make_probs(rng, (N, V), dtype=np.float32), **kw)
     counts = [c for k in kernels for c in k.rows.reads]
     assert [tuple(c / (N * V) for c in launch) for launch in counts] == want
+
+
+def _traced_run(monkeypatch, name, z, p, **kw):
+    """The loss on the stand-in with lk_rows' memory traffic recorded: (result, {kind: bytes /
+    (32 x sectors)}) over its launches, 1.0 where every warp's accesses coalesce fully."""
+    kernels = []
+
+    def tracing(*a):
+        kernels.append(SIMT_KERNEL(*a))
+        kernels[-1].rows.trace = True
+        return kernels[-1]
+    monkeypatch.setattr(fused_cupy, "_kernel", tracing)
+    result = run(name, z, p, **kw)
+    totals = {kind: [0, 0] for kind in simt_cpu.TRAFFIC_KINDS}
+    for k in kernels:
+        for launch in k.rows.traffic:
+            for kind, (nbytes, sectors) in launch.items():
+                totals[kind][0] += nbytes
+                totals[kind][1] += sectors
+    return result, {kind: nbytes / (32 * sectors) for kind, (nbytes, sectors) in totals.items() if sectors}
+
+
+# v = tid + i * THREADS (a warp's 32 lanes on 32 adjacent entries) replaced by each thread
+# taking ITEMS adjacent entries: the same columns per block, so the same losses, but a warp's
+# accesses spread over ITEMS times as many sectors
+STRIDED = ("int v = tid + i * THREADS;", "int v = tid - (int)threadIdx.x + (int)threadIdx.x * ITEMS + i;")
+
+
+@pytest.mark.parametrize("V, dtype, plan", [(200, np.float32, (4, 1)), (1000, np.float32, (4, 4)),
+                                            (3000, np.float32, (0, 1)), (1024, np.float16, (4, 4)),
+                                            (32_000, np.float32, (63, 1))])
+def test_simt_warp_accesses_coalesce(simt, monkeypatch, V, dtype, plan):
+    """Every warp-wide read of the logits and the target, and every store of the gradient,
+    touches only the 32-byte sectors its bytes need (rows start on sector boundaries here, as
+    V x itemsize is a multiple of 32): what reaching the memory's bandwidth needs, measured on
+    the stand-in.  Negative control: the same kernel with each thread on adjacent entries
+    computes the same loss but wastes most of each sector.  V = 32 000 runs the shipped
+    512-thread blocks (63 entries per thread), the others 64-thread ones."""
+    if V != 32_000:
+        small_blocks(monkeypatch)
+    assert fused_cupy.plan(V) == plan
+    rng = np.random.default_rng(V)
+    z = make_logits(rng, (3, V), dtype=dtype)
+    p = make_probs(rng, (3, V), dtype=np.float32)
+    mask = rng.random(3)
+    result, efficiency = _traced_run(monkeypatch, "lk_lambda", z, p, mask=mask)
+    assert efficiency == {"logits": 1.0, "target": 1.0, "gradient": 1.0}
+    if plan[0] == 0:                                # streaming: no per-thread items to plant
+        return
+    assert fused_cupy._SOURCE.count(STRIDED[0]) == 6
+    monkeypatch.setattr(fused_cupy, "_SOURCE", fused_cupy._SOURCE.replace(*STRIDED))
+    fused_cupy._cache.clear()
+    planted, worse = _traced_run(monkeypatch, "lk_lambda", z, p, mask=mask)
+    close(planted, result)                          # the same loss and gradient, to rounding
+    assert all(worse[kind] < 0.5 for kind in worse), worse
 
 
 def test_out_may_be_the_logits_even_with_fallback_rows(numpy_as_cupy):
