@@ -537,8 +537,8 @@ def _kernel(in_dtype, out_dtype, items, cluster) -> Kernels:
         src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), cache)
         kern = _build(cp, src)
         smem = 4 * items * THREADS if cache else 0
-        if smem > 48 * 1024:                           # beyond the default, opt in per kernel
-            try:
+        if smem:                                       # opt in: without it a block gets 48 KiB of static
+            try:                                       # and dynamic shared memory together (lk_rows has ~1 KiB static)
                 kern.max_dynamic_shared_size_bytes = smem
             except Exception:                           # a GPU with less shared memory: no cache
                 src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), False)

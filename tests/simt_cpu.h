@@ -59,7 +59,7 @@ struct Fiber {
     std::vector<std::pair<int, long>> executions;  // (code line, how often this thread ran it), tracing
     std::vector<std::pair<float*, const float*>> copies;   // copy_async issued, not yet waited for
 };
-struct Alloc { std::string name; std::vector<char> mem; };
+struct Alloc { std::string name; std::vector<char> mem; bool dynamic = false; };
 struct Block {
     std::vector<Alloc> shared;
     Barrier bar;
@@ -86,6 +86,7 @@ struct State {
     std::string error;
     long reads[3] = {0, 0, 0};                // global reads of z and p counted by the harness's rewrite, expf calls
     size_t dynamic_smem = 0;                  // bytes of extern __shared__ memory per block
+    size_t static_smem = 0;                   // bytes of static __shared__ memory of the largest block
     bool trace = false;
     std::vector<Access> accesses;             // when tracing
 };
@@ -160,17 +161,26 @@ inline Alloc* find(Block& B, const std::string& name) {
     return nullptr;
 }
 
-template <class T> T* shared_in(Block& B, const char* name, size_t count) {
+template <class T> T* shared_in(Block& B, const char* name, size_t count, bool dynamic = false) {
     Alloc* a = find(B, name);
     if (a && a->mem.size() < count * sizeof(T))      // two declarations of one name (template instances)
         fail(std::string("shared: '") + name + "' declared again with a larger size");
     if (!a) {
-        B.shared.push_back(Alloc{name, std::vector<char>(count * sizeof(T), (char)0xff)});
+        B.shared.push_back(Alloc{name, std::vector<char>(count * sizeof(T), (char)0xff), dynamic});
         a = &B.shared.back();
     }
     return reinterpret_cast<T*>(a->mem.data());
 }
-template <class T> T* shared(const char* name, size_t count) { return shared_in<T>(blk(), name, count); }
+template <class T> T* shared(const char* name, size_t count, bool dynamic = false) {
+    return shared_in<T>(blk(), name, count, dynamic);
+}
+inline void note_static_smem() {              // of the blocks that have run
+    for (auto& B : S.blocks) {
+        size_t bytes = 0;
+        for (auto& a : B.shared) if (!a.dynamic) bytes += a.mem.size();
+        S.static_smem = std::max(S.static_smem, bytes);
+    }
+}
 
 template <class T> T* map_rank(T* p, unsigned rank) {
     if (rank >= S.blocks.size()) fail("map_shared_rank: rank " + std::to_string(rank) + " outside the cluster");
@@ -203,8 +213,10 @@ inline int run(unsigned grid, unsigned threads, unsigned cluster, unsigned seed,
     S.error.clear();
     S.reads[0] = S.reads[1] = S.reads[2] = 0;
     S.accesses.clear();
-    if (threads == 0 || threads % 32 || cluster == 0 || grid % cluster) {
-        S.error = "launch: threads must be a positive multiple of 32 and grid a multiple of the cluster size";
+    S.static_smem = 0;
+    S.blocks.clear();
+    if (threads == 0 || threads % 32 || threads > 1024 || cluster == 0 || grid % cluster) {
+        S.error = "launch: threads must be a multiple of 32 up to 1024, and grid a multiple of the cluster size";
         return 1;
     }
     S.rng.seed(seed);
@@ -214,6 +226,7 @@ inline int run(unsigned grid, unsigned threads, unsigned cluster, unsigned seed,
     std::unique_ptr<char[]> stacks(new char[n * stack_bytes]);   // not zeroed: pages stay untouched until used
     for (unsigned c0 = 0; c0 < grid; c0 += cluster) {
         S.block_base = c0;
+        note_static_smem();
         S.blocks.assign(cluster, Block{});
         for (auto& B : S.blocks) {
             B.bar.count = (int)threads;
@@ -251,6 +264,7 @@ inline int run(unsigned grid, unsigned threads, unsigned cluster, unsigned seed,
             return 1;
         }
     }
+    note_static_smem();
     return 0;
 }
 

@@ -64,7 +64,7 @@ def cpu_source(cuda_source: str, kernel: str, cluster: str) -> str:
                  r'\1* \2 = emu::shared<\1>("\2", \3);', src)
     src = re.sub(r"__shared__\s+(\w+)\s+(\w+)\s*;", r'\1& \2 = *emu::shared<\1>("\2", 1);', src)
     src = re.sub(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;",     # dynamic: the launch's size
-                 r'\1* \2 = emu::shared<\1>("\2", emu::S.dynamic_smem / sizeof(\1));', src)
+                 r'\1* \2 = emu::shared<\1>("\2", emu::S.dynamic_smem / sizeof(\1), true);', src)
     if "__shared__" in src:
         raise ValueError("a __shared__ declaration the rewrite does not handle")
     for pattern, replacement in NOTED:                 # the global accesses of z, p and g
@@ -81,6 +81,7 @@ def cpu_source(cuda_source: str, kernel: str, cluster: str) -> str:
                 f'extern "C" const char* last_error() {{ return emu::S.error.c_str(); }}\n'
                 f'extern "C" long reads(int which) {{ return emu::S.reads[which]; }}\n'
                 f'extern "C" void set_trace(int on) {{ emu::S.trace = on != 0; }}\n'
+                f'extern "C" long static_smem() {{ return (long)emu::S.static_smem; }}\n'
                 f'extern "C" void traffic(int kind, long* bytes, long* sectors) {{ emu::traffic(kind, bytes, sectors); }}\n')
     return f'#include "{HEADER}"\n' + src + launcher
 
@@ -104,6 +105,7 @@ def build(cuda_source: str, kernel: str = "lk_rows", cluster: str = "CLUSTER"):
         dll = ctypes.CDLL(str(lib))
         dll.last_error.restype = ctypes.c_char_p
         dll.reads.restype = ctypes.c_long
+        dll.static_smem.restype = ctypes.c_long
         _built[key] = dll
     return _built[key]
 
@@ -129,8 +131,8 @@ def _guarded(a):
 # long long or double and shift every later argument, so they are refused here.
 POINTEE = {"float": "float32", "int": "int32", "long": "int64", "__half": "float16", "__nv_bfloat16": "bfloat16"}
 BY_VALUE = {"float": np.float32, "int": np.int32, "long": np.int64}
-STATIC_SMEM_DEFAULT = 48 * 1024              # dynamic shared memory a kernel may take without opting in
-SMEM_OPTIN_MAX = 227 * 1024                  # the most one block may opt in to on sm_90 (H100, H200)
+SMEM_DEFAULT = 48 * 1024                     # static + dynamic shared memory of a block without the opt-in
+SMEM_OPTIN_MAX = 227 * 1024                  # static + dynamic with it, on sm_90 (H100, H200)
 
 
 def param_types(cuda_source: str, kernel: str):
@@ -151,8 +153,9 @@ class CpuKernel:
     The arrays it writes are its pointer parameters without const.  lk_rows runs in the
     source's clusters (CLUSTER blocks), any other kernel in single blocks.  Each argument is
     checked against its parameter's C type as CuPy would pass it (POINTEE, BY_VALUE), and
-    dynamic shared memory beyond 48 KiB needs max_dynamic_shared_size_bytes set first, which
-    refuses more than a block may have (SMEM_OPTIN_MAX), as CUDA does."""
+    the shared memory as CUDA checks it: static and dynamic together at most 48 KiB unless
+    max_dynamic_shared_size_bytes was set, then dynamic at most that and static plus that at
+    most SMEM_OPTIN_MAX (the static size is known once the kernel has run: checked after)."""
 
     def __init__(self, cuda_source, kernel="lk_rows", options=(), seeds=(1, 2)):
         self.dll = build(cuda_source, kernel, "CLUSTER" if kernel == "lk_rows" else "1")
@@ -164,7 +167,7 @@ class CpuKernel:
         self.reads = []                          # per launch: (logit reads, target reads, expf calls)
         self.trace = False                       # record the memory traffic (slower)
         self.traffic = []                        # per launch when tracing: {kind: (bytes, 32-byte sectors)}
-        self._smem_limit = STATIC_SMEM_DEFAULT
+        self._smem_limit = None                  # max_dynamic_shared_size_bytes, once set
 
     def _traffic(self):
         out = {}
@@ -184,6 +187,15 @@ class CpuKernel:
             raise RuntimeError(f"cudaFuncSetAttribute: {nbytes} bytes of dynamic shared memory (invalid value)")
         self._smem_limit = int(nbytes)
 
+    def _check_shared_memory(self, dynamic):
+        static = self.dll.static_smem()
+        if self._smem_limit is None and static + dynamic > SMEM_DEFAULT:
+            raise AssertionError(f"{self.name}: {static} bytes of static and {dynamic} of dynamic shared memory, "
+                                 f"beyond the {SMEM_DEFAULT} a launch gets without max_dynamic_shared_size_bytes")
+        if self._smem_limit is not None and (dynamic > self._smem_limit or static + self._smem_limit > SMEM_OPTIN_MAX):
+            raise AssertionError(f"{self.name}: {dynamic} bytes of dynamic shared memory with "
+                                 f"max_dynamic_shared_size_bytes {self._smem_limit} and {static} static")
+
     def check_launch(self, args, shared_mem):
         """AssertionError naming the first argument CuPy would pass wrongly, or a launch CUDA refuses."""
         if len(args) != len(self.params):
@@ -197,7 +209,7 @@ class CpuKernel:
             elif type(a) is not BY_VALUE[ctype]:
                 raise AssertionError(f"{self.name} argument {k}: a {type(a).__name__} for a {ctype} parameter "
                                      f"(CuPy would pass it as {'a 64-bit value' if isinstance(a, (int, float)) else 'another type'})")
-        if shared_mem > self._smem_limit:
+        if shared_mem > (SMEM_DEFAULT if self._smem_limit is None else self._smem_limit):
             raise AssertionError(f"{self.name}: {shared_mem} bytes of dynamic shared memory, beyond the kernel's "
                                  f"{self._smem_limit} (max_dynamic_shared_size_bytes)")
 
@@ -220,6 +232,7 @@ class CpuKernel:
                                  ctypes.c_ulong(shared_mem), *cargs)
             if rc != 0:
                 raise AssertionError("kernel failed on the CPU: " + (self.dll.last_error().decode() or f"rc {rc}"))
+            self._check_shared_memory(shared_mem)
             for buf in bufs.values():
                 head, tail = buf[:GUARD], buf[-GUARD:]
                 sentinel = np.isnan(head).all() and np.isnan(tail).all() if buf.dtype.kind == "f" \

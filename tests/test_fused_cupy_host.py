@@ -447,26 +447,27 @@ def test_simt_launches_pass_arguments_as_cupy_does(simt, monkeypatch, dtype):
 
 
 def test_simt_dynamic_shared_memory_needs_the_opt_in(simt, monkeypatch):
-    """At 512 threads a row of V = 13 000 keeps 53 KiB of target in shared memory: beyond the
-    48 KiB a kernel gets without max_dynamic_shared_size_bytes, which fused_cupy._kernel sets.
-    A launch without it is refused; where the opt-in is refused (a GPU with less shared
+    """At 512 threads the target cache of a row of V = 13 000 takes 53 KiB of shared memory,
+    of V = 12 000 exactly 48 KiB: with lk_rows' static shared memory both exceed the 48 KiB a
+    block gets without max_dynamic_shared_size_bytes, which fused_cupy._kernel sets (it once
+    set it only beyond 48 KiB of dynamic memory, and so failed at V = 11 777 to 12 288).  A
+    launch without it is refused; where the opt-in is refused (a GPU with less shared
     memory), the kernel is rebuilt without the target cache and still computes the loss."""
     built = []
     monkeypatch.setattr(fused_cupy, "_kernel", lambda *a: built.append(SIMT_KERNEL(*a)) or built[-1])
     rng = np.random.default_rng(5)
-    z = make_logits(rng, (1, 13_000), dtype=np.float32)
-    p = make_probs(rng, (1, 13_000), dtype=np.float32)
-    ref = reference("lk_alpha", z, p)
-    close(run("lk_alpha", z, p), ref)
-    kern = built[-1]
-    assert kern.smem == 4 * 26 * 512 > simt_cpu.STATIC_SMEM_DEFAULT
-    assert kern.rows.max_dynamic_shared_size_bytes == kern.smem
-    kern.rows.max_dynamic_shared_size_bytes = simt_cpu.STATIC_SMEM_DEFAULT      # as if never opted in
-    with pytest.raises(AssertionError, match="dynamic shared memory"):
+    for V, items in ((13_000, 26), (12_000, 24)):
+        z = make_logits(rng, (1, V), dtype=np.float32)
+        p = make_probs(rng, (1, V), dtype=np.float32)
+        close(run("lk_alpha", z, p), reference("lk_alpha", z, p))
+        assert built[-1].smem == 4 * items * 512 >= simt_cpu.SMEM_DEFAULT
+        assert built[-1].rows.max_dynamic_shared_size_bytes == built[-1].smem
+    built[-1].rows._smem_limit = None                  # as if never opted in
+    with pytest.raises(AssertionError, match="without max_dynamic_shared_size_bytes"):
         run("lk_alpha", z, p)
     monkeypatch.setattr(simt_cpu, "SMEM_OPTIN_MAX", 32 * 1024)
     fused_cupy._cache.clear()
-    close(run("lk_alpha", z, p), ref)
+    close(run("lk_alpha", z, p), reference("lk_alpha", z, p))
     assert built[-1].smem == 0 and "#define PCACHE 0" in built[-1].rows.code
     assert built[-1].finish.code == built[-1].rows.code and built[-1].finish.options == built[-1].rows.options
 
