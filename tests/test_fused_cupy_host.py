@@ -9,7 +9,7 @@ compiled kernel:
   every CUDA thread as a fiber with real barriers, warp shuffles, shared memory and
   thread-block clusters (under two schedules, with guard zones around the arrays), launched
   through fused_cupy's own _kernel with each argument checked against its parameter's C type
-  as CuPy passes it and the dynamic shared memory against the kernel's opt-in, and with its
+  as CuPy passes it and its shared memory as CUDA counts it, and with its
   global reads and stores counted and, where asked, grouped into warp accesses to measure
   how they coalesce.  This checks the kernel's indexing, reductions and cluster exchange
   without a GPU; the schedule, timing and rounding of a real GPU are checked by
