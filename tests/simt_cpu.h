@@ -5,7 +5,8 @@
 // (copy_async / wait_copies: the copy happens at the wait), static and
 // dynamic __shared__ memory per block (tests/simt_cpu.py rewrites the declarations into
 // emu::shared<T>(name, count) calls; fresh memory is filled with NaN bytes), and the
-// cooperative-groups cluster API (this_cluster().sync(), map_shared_rank).  A barrier that
+// cooperative-groups cluster API (this_cluster().sync(), map_shared_rank), and float32
+// denormals flushed to zero (CuPy compiles every kernel with -ftz=true).  A barrier that
 // not every thread reaches is reported as a deadlock; DSMEM use of a block that has exited
 // is reported too.  Results that change with the seed betray a race on shared memory (see
 // the scheduling note below for the orders tried).
@@ -21,6 +22,7 @@
 // rounding.
 #pragma once
 #include <ucontext.h>
+#include <xmmintrin.h>
 #include <math.h>
 #include <cmath>
 #include <cstdint>
@@ -205,6 +207,14 @@ inline void entry() {
     blk().live--;
 }
 
+// Single-precision denormals flushed to zero, results and inputs (SSE's FTZ and DAZ bits),
+// as on a GPU under -ftz=true, for as long as it lives.
+struct FlushDenormals {
+    unsigned saved = _mm_getcsr();
+    FlushDenormals() { _mm_setcsr(saved | 0x8040u); }
+    ~FlushDenormals() { _mm_setcsr(saved); }
+};
+
 // Runs body on grid blocks of `threads` threads, `cluster` blocks at a time.  Returns 0, or 1
 // with the reason in S.error.
 inline int run(unsigned grid, unsigned threads, unsigned cluster, unsigned seed, std::function<void()> body) {
@@ -221,6 +231,7 @@ inline int run(unsigned grid, unsigned threads, unsigned cluster, unsigned seed,
     }
     S.rng.seed(seed);
     S.sticky = seed % 2 == 0;
+    FlushDenormals ftz;                       // as CuPy compiles every kernel: -ftz=true
     const size_t stack_bytes = 64 * 1024;
     const size_t n = (size_t)threads * cluster;
     std::unique_ptr<char[]> stacks(new char[n * stack_bytes]);   // not zeroed: pages stay untouched until used

@@ -472,6 +472,24 @@ def test_simt_dynamic_shared_memory_needs_the_opt_in(simt, monkeypatch):
     assert built[-1].finish.code == built[-1].rows.code and built[-1].finish.options == built[-1].rows.options
 
 
+def test_simt_flushes_denormals_as_cupy_compiles(simt, monkeypatch):
+    """CuPy compiles every kernel with -ftz=true: float32 results below 2^-126 become 0 on the
+    GPU, and so on the stand-in.  A logit 95 below the row's max gives q = e^-95 ~ 5e-42, a
+    denormal: its gradient entry is exactly 0 here, where NumPy (no flush) keeps ~1e-42; the
+    loss and the rest of the gradient agree with the reference as everywhere else."""
+    small_blocks(monkeypatch)
+    z = np.zeros((2, 40), np.float32)
+    z[:, 1] = -95.0
+    p = np.full((2, 40), 0.5 / 39, np.float32)
+    p[:, 0] = 0.5                                    # q_0 = 1/39 < p_0: a gradient entry far from 0
+    for name in ("tv", "lk_alpha"):
+        fast, ref = run(name, z, p), reference(name, z, p)
+        numpy_fast = lkref.LOSSES[name](z, p, impl="fused")        # lkref's NumPy fast path: no flush
+        assert 0 < abs(float(numpy_fast.grad[0, 1])) < 1e-38
+        assert fast.grad[0, 1] == 0 and fast.grad[0, 0] != 0
+        close(fast, ref)
+
+
 # kernel bugs planted in the source; the SIMT stand-in must catch each one
 PLANTED = {
     "race in the block sum": ("    if (lane == 0) for (int k = 0; k < K; k++) sh[k * 32 + warp] = v[k];\n    __syncthreads();",
