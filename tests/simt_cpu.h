@@ -22,7 +22,9 @@
 // rounding.
 #pragma once
 #include <ucontext.h>
+#if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
+#endif
 #include <math.h>
 #include <cmath>
 #include <cstdint>
@@ -207,13 +209,28 @@ inline void entry() {
     blk().live--;
 }
 
-// Single-precision denormals flushed to zero, results and inputs (SSE's FTZ and DAZ bits),
-// as on a GPU under -ftz=true, for as long as it lives.
+// Single-precision denormals flushed to zero, results and inputs, as on a GPU under
+// -ftz=true, for as long as it lives: SSE's FTZ and DAZ bits on x86, FPCR.FZ on AArch64
+// (not tried: no such machine here); elsewhere nothing (tests/simt_cpu.py: FLUSHES_DENORMALS).
+#if defined(__x86_64__) || defined(__i386__)
 struct FlushDenormals {
     unsigned saved = _mm_getcsr();
     FlushDenormals() { _mm_setcsr(saved | 0x8040u); }
     ~FlushDenormals() { _mm_setcsr(saved); }
 };
+#elif defined(__aarch64__)
+struct FlushDenormals {
+    uint64_t saved;
+    FlushDenormals() {
+        asm volatile("mrs %0, fpcr" : "=r"(saved));
+        uint64_t on = saved | (1ull << 24);
+        asm volatile("msr fpcr, %0" : : "r"(on));
+    }
+    ~FlushDenormals() { asm volatile("msr fpcr, %0" : : "r"(saved)); }
+};
+#else
+struct FlushDenormals {};
+#endif
 
 // Runs body on grid blocks of `threads` threads, `cluster` blocks at a time.  Returns 0, or 1
 // with the reason in S.error.

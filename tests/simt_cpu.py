@@ -19,6 +19,7 @@ import atexit
 import ctypes
 import hashlib
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -40,6 +41,27 @@ NOTED = ((r"target_at\(pr, idx, (\w+), v\)", r"emu::noted(1, __LINE__, target_at
          (r"store\((g \+ row \* \(long\)V \+ v), gv\)", r"store(emu::noted(2, __LINE__, \1), gv)"))
 TRAFFIC_KINDS = ("logits", "target", "gradient")
 _built: dict = {}
+
+
+def _fma_flags():
+    """g++ flags that fuse a * b + c into one rounding where the CPU can, as NVRTC does by
+    default (--fmad=true): -ffp-contract=fast, and -fexpensive-optimizations, without which
+    -O1 does not contract; -mfma on an x86 that has FMA3.  None on an x86 without it."""
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return ["-ffp-contract=fast", "-fexpensive-optimizations"]
+    if machine in ("x86_64", "amd64"):
+        try:
+            with open("/proc/cpuinfo") as f:
+                has_fma = any(line.startswith("flags") and " fma " in line + " " for line in f)
+        except OSError:
+            has_fma = False
+        return ["-mfma", "-ffp-contract=fast", "-fexpensive-optimizations"] if has_fma else []
+    return []
+
+
+FMA_FLAGS = _fma_flags()
+FLUSHES_DENORMALS = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "aarch64", "arm64")
 
 
 def compiler():
@@ -98,7 +120,7 @@ def build(cuda_source: str, kernel: str = "lk_rows", cluster: str = "CLUSTER"):
         atexit.register(shutil.rmtree, work, True)      # a loaded library outlives its file
         (work / "k.cpp").write_text(text)
         lib = work / "k.so"
-        r = subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas",
+        r = subprocess.run([cxx, "-std=c++17", "-O1", *FMA_FLAGS, "-shared", "-fPIC", "-Wno-unknown-pragmas",
                             "-o", str(lib), str(work / "k.cpp")], capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             raise RuntimeError("the kernel did not build for the CPU:\n" + r.stderr[-4000:])
