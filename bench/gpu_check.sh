@@ -8,7 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-# the extras at the end (LK^lambda's peers, the profile) run only where they fit in this many
+# the extras at the end (LK^lambda's peers, the profile, torch.compile) run only where they fit in this many
 # seconds with the rest: by default the issue's 5 minutes
 budget=${LKREF_GPU_CHECK_BUDGET_S:-300}
 # compiled kernels (gpu_warm.py fills CuPy's cache for the tests and the benchmark) in /tmp,
@@ -70,5 +70,13 @@ if [ $((SECONDS + 90)) -le "$budget" ] && command -v ncu >/dev/null; then
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       python3 bench/gpu_profile.py "$V" 2>&1
   done | tee "$out/gpu-$card-profile.txt"
+fi
+# torch.compile beside LK^alpha (the issue's peers include it; Inductor compiles for each
+# shape, so it comes last), and the goals again with its rows
+if [ $((SECONDS + 90)) -le "$budget" ]; then
+  echo "== quick benchmark: LK^alpha beside torch.compile"
+  timeout 90 python3 -m lkref bench --backend cupy --repeat 20 --loss lk_alpha --peer torch-compile \
+    --csv "$out/gpu-$card-bench.csv" 2>&1 | tee -a "$out/gpu-$card-bench.txt"
+  python3 bench/goals.py "$out/gpu-$card-bench.csv" > "$out/gpu-$card-goals.md" 2>&1
 fi
 echo "== done in $SECONDS s"

@@ -182,7 +182,7 @@ def _shaped(fn, z, p, out, threads, share, cache):
 
 
 def run(backends=("numpy",), losses=tuple(LOSSES), sizes=None, repeat=10, with_peers=True, say=print,
-        skip_peers=(), csv_path=None):
+        skip_peers=(), only_peers=None, csv_path=None):
     """sizes: a list of (N, V) for every backend, or a dict backend -> list (default DEFAULT_SIZES).
 
     csv_path: each block's rows are appended there as soon as the block is done, so a run
@@ -210,7 +210,7 @@ def run(backends=("numpy",), losses=tuple(LOSSES), sizes=None, repeat=10, with_p
                 out = xp.empty_like(z)
                 cands = _lkref_candidates(xp, backend, fn, loss, z, p, out, N, V, ref, say)
                 if peer_mod is not None:
-                    cands += _peer_candidates(peer_mod, xp, backend, loss, z, p, ref, say, skip_peers)
+                    cands += _peer_candidates(peer_mod, xp, backend, loss, z, p, ref, say, skip_peers, only_peers)
                 for c, t in zip(cands, _time_all(xp, backend, cands, repeat, say)):
                     if t is None:
                         continue
@@ -297,10 +297,10 @@ def _lkref_candidates(xp, backend, fn, loss, z, p, out, N, V, ref, say):
     return cands
 
 
-def _peer_candidates(mod, xp, backend, loss, z, p, ref, say, skip=()):
+def _peer_candidates(mod, xp, backend, loss, z, p, ref, say, skip=(), only=None):
     cands = []
     for label, (fn, kind) in mod.peers(backend, loss).items():
-        if label in skip:
+        if label in skip or (only is not None and label not in only):
             continue
         try:
             if kind == "numpy":

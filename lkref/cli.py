@@ -142,7 +142,7 @@ def cmd_bench(args) -> int:
     sizes = args.sizes or (benchmark.QUICK_SIZES if args.quick else benchmark.DEFAULT_SIZES)
     rows = benchmark.run(backends=backends, losses=args.loss or tuple(benchmark.LOSSES), sizes=sizes,
                          repeat=args.repeat, with_peers=not args.no_peers, skip_peers=tuple(args.skip_peer or ()),
-                         csv_path=args.csv)
+                         only_peers=tuple(args.peer) if args.peer else None, csv_path=args.csv)
     if args.csv and rows:
         print(f"rows appended to {args.csv} block by block")
     return 0
@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=_number(int, 1), default=10)
     p.add_argument("--no-peers", action="store_true", help="skip bench/peers.py")
     p.add_argument("--skip-peer", action="append", help="a peer to leave out (repeatable), e.g. torch-compile")
+    p.add_argument("--peer", action="append", help="time only these peers (repeatable), e.g. torch-compile")
     p.add_argument("--sampler", action="store_true", help="time verify() against K instead of the losses")
     p.add_argument("--csv", type=_out_path, default=None, help="append CSV rows here")
     p.set_defaults(func=cmd_bench)

@@ -33,6 +33,22 @@ def test_rows_and_csv(tmp_path):
     assert len(got) == len(rows) and got[0]["machine"] and got[0]["git_sha"] and "numpy=" in got[0]["versions"]
 
 
+def test_peers_chosen_by_name(monkeypatch):
+    """--peer times only the named peers, --skip-peer leaves the named ones out."""
+    mod = benchmark.load_peers()
+    naive = mod.numpy_naive("tv")
+    monkeypatch.setattr(mod, "peers", lambda backend, name: {"a": (naive, "numpy"), "b": (naive, "numpy")})
+    monkeypatch.setattr(benchmark, "load_peers", lambda: mod)
+
+    def peer_rows(**kw):
+        rows = benchmark.run(backends=("numpy",), losses=("tv",), sizes=[(4, 50)], repeat=1, say=lambda *_: None, **kw)
+        return {r.impl for r in rows} - {"lkref", "lkref out=", "lkref reference"}
+    assert peer_rows() == {"a", "b"}
+    assert peer_rows(only_peers=("b",)) == {"b"}
+    assert peer_rows(skip_peers=("b",)) == {"a"}
+    assert peer_rows(only_peers=("a", "b"), skip_peers=("a",)) == {"b"}
+
+
 def test_csv_rows_are_written_block_by_block(tmp_path):
     """A run stopped by a time limit (the GPU check's timeout) keeps the blocks it finished."""
     path = tmp_path / "b.csv"
