@@ -491,6 +491,19 @@ def test_simt_flushes_denormals_as_cupy_compiles(simt, monkeypatch):
         close(fast, ref)
 
 
+@pytest.mark.parametrize("V, plan", [(12_288, (24, 1)), (32_768, (64, 1)), (32_769, (33, 2)),
+                                     (262_144, (64, 8)), (262_145, (0, 1))])
+def test_simt_plan_boundaries_at_the_shipped_shape(simt, V, plan):
+    """The row lengths where the shipped launch shape changes: a 48 KiB target cache (the
+    opt-in boundary), the most entries per thread, the first cluster, the largest cluster,
+    the first streamed row."""
+    assert fused_cupy.plan(V) == plan
+    rng = np.random.default_rng(V)
+    z = make_logits(rng, (1, V), dtype=np.float32)
+    p = make_probs(rng, (1, V), dtype=np.float32)
+    close(run("lk_alpha", z, p, temperature=0.7), reference("lk_alpha", z, p, temperature=0.7))
+
+
 # kernel bugs planted in the source; the SIMT stand-in must catch each one
 PLANTED = {
     "race in the block sum": ("    if (lane == 0) for (int k = 0; k < K; k++) sh[k * 32 + warp] = v[k];\n    __syncthreads();",
