@@ -30,9 +30,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lkref                                  # noqa: E402
-from lkref.benchmark import LOSSES, load_peers, make_problem, rel_err   # noqa: E402
+from lkref.benchmark import LOSSES, TOLERANCE, load_peers, make_problem, peer_error   # noqa: E402
 
-TOLERANCE = 1e-4                              # the benchmark's: larger is "differs, not timed"
 PER_TOKEN_LAMBDA = {"speculators λ/tok"}      # another loss by design (bench/peers.py)
 
 
@@ -77,10 +76,7 @@ def main(argv=None) -> int:
                 continue
             seen += 1
             try:
-                inputs = (torch.from_numpy(z), torch.from_numpy(p))
-                inputs = fn.prepare(*inputs) if hasattr(fn, "prepare") else inputs
-                got_loss, got_grad = fn(*inputs)
-                err = max(rel_err(got_grad.detach().numpy(), ref.grad), rel_err(np.asarray(float(got_loss)), ref.loss))
+                _, err = peer_error(fn, (torch.from_numpy(z), torch.from_numpy(p)), ref)
             except Exception as exc:
                 print(f"{loss:9s} {label:18s} failed: {type(exc).__name__}: {exc}")
                 bad.append((loss, label))

@@ -30,6 +30,8 @@ from .backend import cupy_available, to_numpy
 from .positions import LOSSES
 
 DEFAULT_SIZES = {"numpy": [(512, 32_000)], "cupy": [(4096, 32_000), (4096, 128_256)]}
+#: Largest relative difference from the readable path at which a fast path is still timed.
+TOLERANCE = 1e-4
 QUICK_SIZES = {"numpy": [(128, 32_000)], "cupy": [(4096, 32_000)]}
 
 
@@ -287,7 +289,7 @@ def _lkref_candidates(xp, backend, fn, loss, z, p, out, N, V, ref, say):
             continue
         want = fn(z, p, impl="reference", lam=0.5) if "lam=" in label else ref
         err = max(rel_err(got.grad, want.grad), rel_err(got.loss, want.loss), rel_err(got.alpha, want.alpha))
-        if err > 1e-4:
+        if err > TOLERANCE:
             say(f"   {label}: differs from the reference by {err:.3g} (relative); not timed")
             continue
         grad_bytes = z.nbytes if new_grad else 0
@@ -295,6 +297,18 @@ def _lkref_candidates(xp, backend, fn, loss, z, p, out, N, V, ref, say):
                                 lambda call=call, grad_bytes=grad_bytes: peak_extra(xp, call, grad_bytes), err,
                                 lkref=True))
     return cands
+
+
+def peer_error(fn, args, ref):
+    """(the peer's own inputs, its largest relative error in the gradient and the loss against
+    the LossResult ref): one call of the peer fn on args, put in its form first (fn.prepare,
+    made before timing)."""
+    if hasattr(fn, "prepare"):
+        args = fn.prepare(*args)
+    got_loss, got_grad = fn(*args)
+    err = max(rel_err(np.asarray(got_grad.cpu() if hasattr(got_grad, "cpu") else got_grad), ref.grad),
+              rel_err(np.asarray(float(got_loss)), ref.loss))
+    return args, err
 
 
 def _peer_candidates(mod, xp, backend, loss, z, p, ref, say, skip=(), only=None):
@@ -311,11 +325,7 @@ def _peer_candidates(mod, xp, backend, loss, z, p, ref, say, skip=(), only=None)
                 dev = "cuda" if kind == "torch-cuda" else "cpu"
                 args = (torch.as_tensor(to_numpy(z), device=dev), torch.as_tensor(to_numpy(p), device=dev))
                 sync = torch.cuda.synchronize if dev == "cuda" else None
-            if hasattr(fn, "prepare"):              # the peer's own input form, made before timing
-                args = fn.prepare(*args)
-            got_loss, got_grad = fn(*args)
-            err = max(rel_err(np.asarray(got_grad.cpu() if hasattr(got_grad, "cpu") else got_grad), ref.grad),
-                      rel_err(np.asarray(float(got_loss)), ref.loss))
+            args, err = peer_error(fn, args, ref)
         except Exception as exc:  # a peer that fails is reported, not fatal
             say(f"   peer {label} failed: {type(exc).__name__}: {exc}")
             continue

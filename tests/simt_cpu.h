@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 #include <algorithm>
+#include <array>
 #include <functional>
 #include <memory>
 #include <numeric>
@@ -46,14 +47,8 @@ struct Barrier { int count = 0, arrived = 0; std::vector<unsigned> waiters; };
 // One traced global access: kind 0 logits, 1 target, 2 gradient; the warp instruction it is
 // part of (block, warp, code line, the thread's execution count of that line); its sector.
 struct Access {
-    long kind, block, warp, line, n, sector, bytes;
-    bool operator<(const Access& o) const {
-        const long a[6] = {kind, block, warp, line, n, sector}, b[6] = {o.kind, o.block, o.warp, o.line, o.n, o.sector};
-        return std::lexicographical_compare(a, a + 6, b, b + 6);
-    }
-    bool same_sector(const Access& o) const {
-        return kind == o.kind && block == o.block && warp == o.warp && line == o.line && n == o.n && sector == o.sector;
-    }
+    std::array<long, 6> key;                  // kind, block, warp, line, execution, sector
+    long bytes;
 };
 struct Fiber {
     ucontext_t ctx;
@@ -104,8 +99,8 @@ __attribute__((noinline)) inline void record(int kind, int line, const void* at,
     auto& ex = S.cur->executions;
     auto it = std::find_if(ex.begin(), ex.end(), [line](const std::pair<int, long>& e) { return e.first == line; });
     if (it == ex.end()) it = ex.insert(ex.end(), {line, 0});
-    S.accesses.push_back(Access{kind, (long)(S.block_base + S.cur->block), (long)(S.cur->tid / 32), line,
-                                it->second++, (long)(reinterpret_cast<uintptr_t>(at) / 32), bytes});
+    S.accesses.push_back(Access{{kind, (long)(S.block_base + S.cur->block), (long)(S.cur->tid / 32), line,
+                                 it->second++, (long)(reinterpret_cast<uintptr_t>(at) / 32)}, bytes});
 }
 template <class T> inline T* noted(int kind, int line, T* at) {
     if (kind < 2) S.reads[kind]++;
@@ -113,16 +108,16 @@ template <class T> inline T* noted(int kind, int line, T* at) {
     return at;
 }
 
-// The traced accesses of one kind: bytes asked for, and 32-byte sectors touched, summed over
-// the warp instructions.
-inline void traffic(int kind, long* bytes, long* sectors) {
-    std::sort(S.accesses.begin(), S.accesses.end());
-    *bytes = *sectors = 0;
+// The traced accesses per kind (0, 1, 2): out[2 kind] the bytes asked for, out[2 kind + 1] the
+// 32-byte sectors touched, summed over the warp instructions.
+inline void traffic(long* out) {
+    auto by_key = [](const Access& a, const Access& b) { return a.key < b.key; };
+    std::sort(S.accesses.begin(), S.accesses.end(), by_key);
+    std::fill(out, out + 6, 0L);
     for (size_t i = 0; i < S.accesses.size(); i++) {
         const Access& a = S.accesses[i];
-        if (a.kind != kind) continue;
-        *bytes += a.bytes;
-        if (i == 0 || !a.same_sector(S.accesses[i - 1])) ++*sectors;
+        out[2 * a.key[0]] += a.bytes;
+        if (i == 0 || a.key != S.accesses[i - 1].key) out[2 * a.key[0] + 1]++;
     }
 }
 

@@ -104,7 +104,7 @@ def cpu_source(cuda_source: str, kernel: str, cluster: str) -> str:
                 f'extern "C" long reads(int which) {{ return emu::S.reads[which]; }}\n'
                 f'extern "C" void set_trace(int on) {{ emu::S.trace = on != 0; }}\n'
                 f'extern "C" long static_smem() {{ return (long)emu::S.static_smem; }}\n'
-                f'extern "C" void traffic(int kind, long* bytes, long* sectors) {{ emu::traffic(kind, bytes, sectors); }}\n')
+                f'extern "C" void traffic(long* out) {{ emu::traffic(out); }}\n')
     return f'#include "{HEADER}"\n' + src + launcher
 
 
@@ -192,12 +192,9 @@ class CpuKernel:
         self._smem_limit = None                  # max_dynamic_shared_size_bytes, once set
 
     def _traffic(self):
-        out = {}
-        for kind, name in enumerate(TRAFFIC_KINDS):
-            nbytes, sectors = ctypes.c_long(), ctypes.c_long()
-            self.dll.traffic(kind, ctypes.byref(nbytes), ctypes.byref(sectors))
-            out[name] = (nbytes.value, sectors.value)
-        return out
+        out = (ctypes.c_long * (2 * len(TRAFFIC_KINDS)))()
+        self.dll.traffic(out)
+        return {name: (out[2 * kind], out[2 * kind + 1]) for kind, name in enumerate(TRAFFIC_KINDS)}
 
     @property
     def max_dynamic_shared_size_bytes(self):
@@ -218,8 +215,9 @@ class CpuKernel:
             raise AssertionError(f"{self.name}: {dynamic} bytes of dynamic shared memory with "
                                  f"max_dynamic_shared_size_bytes {self._smem_limit} and {static} static")
 
-    def check_launch(self, args, shared_mem):
-        """AssertionError naming the first argument CuPy would pass wrongly, or a launch CUDA refuses."""
+    def check_arguments(self, args):
+        """AssertionError naming the first argument CuPy would pass wrongly (the shared memory
+        is checked after the run, when its static size is known)."""
         if len(args) != len(self.params):
             raise AssertionError(f"{self.name}: {len(args)} arguments for {len(self.params)} parameters")
         for k, (a, (ctype, pointer, _)) in enumerate(zip(args, self.params)):
@@ -231,12 +229,9 @@ class CpuKernel:
             elif type(a) is not BY_VALUE[ctype]:
                 raise AssertionError(f"{self.name} argument {k}: a {type(a).__name__} for a {ctype} parameter "
                                      f"(CuPy would pass it as {'a 64-bit value' if isinstance(a, (int, float)) else 'another type'})")
-        if shared_mem > (SMEM_DEFAULT if self._smem_limit is None else self._smem_limit):
-            raise AssertionError(f"{self.name}: {shared_mem} bytes of dynamic shared memory, beyond the kernel's "
-                                 f"{self._smem_limit} (max_dynamic_shared_size_bytes)")
 
     def __call__(self, grid, block, args, shared_mem=0):
-        self.check_launch(args, shared_mem)
+        self.check_arguments(args)
         self.launches += 1
         results = []
         for seed in self.seeds:

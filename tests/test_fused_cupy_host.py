@@ -119,6 +119,19 @@ def stand_in(monkeypatch, cupy, kernel):
     monkeypatch.setattr(fused_cupy, "_kernel", kernel)
 
 
+def built_kernels(monkeypatch, trace=False):
+    """The kernels fused_cupy._kernel builds from now on (on the stand-in), in a list that
+    fills as they are built; with trace, lk_rows records its memory traffic."""
+    kernels = []
+
+    def build(*a):
+        kernels.append(SIMT_KERNEL(*a))
+        kernels[-1].rows.trace = trace
+        return kernels[-1]
+    monkeypatch.setattr(fused_cupy, "_kernel", build)
+    return kernels
+
+
 def simt_stand_in(monkeypatch):
     """CuPy's compiler replaced by the CPU build of the kernels' source (tests/simt_cpu.py), so
     that fused_cupy's own _kernel runs: its shared-memory opt-in and its lk_finish from the same
@@ -428,22 +441,22 @@ def test_simt_launches_pass_arguments_as_cupy_does(simt, monkeypatch, dtype):
     real_call = simt_cpu.CpuKernel.__call__
 
     def recording(self, grid, block, args, shared_mem=0):
-        launches.append((self, args, shared_mem))
+        launches.append((self, args))
         return real_call(self, grid, block, args, shared_mem)
     monkeypatch.setattr(simt_cpu.CpuKernel, "__call__", recording)
     rng = np.random.default_rng(3)
     z = make_logits(rng, (4, 300), dtype=dtype)
     p = make_probs(rng, (4, 310), dtype=np.float32)
     run("lk_lambda", z, p, mask=rng.random(4), draft_to_target=rng.permutation(310)[:300])
-    assert {kern.name for kern, _, _ in launches} == {"lk_rows", "lk_finish"}
-    for kern, args, smem in launches:
-        kern.check_launch(args, smem)
+    assert {kern.name for kern, _ in launches} == {"lk_rows", "lk_finish"}
+    for kern, args in launches:
+        kern.check_arguments(args)
         for k, a in enumerate(args):
             for wrong in _wrong_forms(a):
                 with pytest.raises(AssertionError, match=f"argument {k}:"):
-                    kern.check_launch(args[:k] + (wrong,) + args[k + 1:], smem)
+                    kern.check_arguments(args[:k] + (wrong,) + args[k + 1:])
         with pytest.raises(AssertionError, match="arguments for"):
-            kern.check_launch(args[:-1], smem)
+            kern.check_arguments(args[:-1])
 
 
 def test_simt_dynamic_shared_memory_needs_the_opt_in(simt, monkeypatch):
@@ -453,8 +466,7 @@ def test_simt_dynamic_shared_memory_needs_the_opt_in(simt, monkeypatch):
     set it only beyond 48 KiB of dynamic memory, and so failed at V = 11 777 to 12 288).  A
     launch without it is refused; where the opt-in is refused (a GPU with less shared
     memory), the kernel is rebuilt without the target cache and still computes the loss."""
-    built = []
-    monkeypatch.setattr(fused_cupy, "_kernel", lambda *a: built.append(SIMT_KERNEL(*a)) or built[-1])
+    built = built_kernels(monkeypatch)
     rng = np.random.default_rng(5)
     for V, items in ((13_000, 26), (12_000, 24)):
         z = make_logits(rng, (1, V), dtype=np.float32)
@@ -641,13 +653,8 @@ def test_simt_global_reads_per_element(simt, monkeypatch, V, name, kw, cache, wa
     element, counted on the stand-in: the memory traffic the bandwidth goals assume (the
     logits once where the row fits in registers) and the exp count (one for LK^alpha)."""
     small_blocks(monkeypatch)
-    kernels = []
-
-    def recording(*a):
-        kernels.append(SIMT_KERNEL(*a))
-        return kernels[-1]
+    kernels = built_kernels(monkeypatch)
     monkeypatch.setattr(fused_cupy, "CACHE_TARGET", cache)
-    monkeypatch.setattr(fused_cupy, "_kernel", recording)
     N = 3
     rng = np.random.default_rng(12)
     run(name, make_logits(rng, (N, V), dtype=np.float32), make_probs(rng, (N, V), dtype=np.float32), **kw)
@@ -658,13 +665,7 @@ def test_simt_global_reads_per_element(simt, monkeypatch, V, name, kw, cache, wa
 def _traced_run(monkeypatch, name, z, p, **kw):
     """The loss on the stand-in with lk_rows' memory traffic recorded: (result, {kind: bytes /
     (32 x sectors)}) over its launches, 1.0 where every warp's accesses coalesce fully."""
-    kernels = []
-
-    def tracing(*a):
-        kernels.append(SIMT_KERNEL(*a))
-        kernels[-1].rows.trace = True
-        return kernels[-1]
-    monkeypatch.setattr(fused_cupy, "_kernel", tracing)
+    kernels = built_kernels(monkeypatch, trace=True)
     result = run(name, z, p, **kw)
     totals = {kind: [0, 0] for kind in simt_cpu.TRAFFIC_KINDS}
     for k in kernels:
