@@ -24,7 +24,8 @@ from lkref import fused_cupy  # noqa: E402
 from lkref.benchmark import DEFAULT_SIZES, TUNING_SHAPES  # noqa: E402
 
 #: Row lengths of tests/test_gpu.py (float32 logits unless said) and of the benchmark.
-TEST_VOCABS = (3, 7, 50, 300, 500, 700, 1000, 1031, 2000, 3000, 5000, 12_000, 32_000, 50_257, 128_256)
+TEST_VOCABS = (3, 7, 50, 300, 500, 700, 1000, 1031, 2000, 3000, 5000, 12_000, 32_000, 50_257, 128_256,
+               151_936, 300_000)
 HALF_VOCABS = {"float16": (4099,), "bfloat16": (4099,)}
 
 

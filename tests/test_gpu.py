@@ -45,10 +45,12 @@ def compare(cp, name, z, p, rtol=2e-4, **kw):
 
 @pytest.mark.parametrize("name", REDUCED)
 @pytest.mark.parametrize("N, V", [(1, 7), (3, 1000), (3, 12_000), (17, 32_000), (5, 50_257), (2, 128_256),
-                                  (4096, 1031)])
+                                  (2, 151_936), (2, 300_000), (4096, 1031)])
 def test_fused_matches_reference_on_odd_shapes(cp, name, N, V):
-    """V = 12 000: a target cache of exactly 48 KiB, which with the static shared memory needs
-    the opt-in (tests/test_fused_cupy_host.py's stand-in checks the rule; this, the GPU)."""
+    """One block per row up to 32 768, clusters of 2, 4 and 8 (151 936: Qwen's vocabulary), and
+    the streaming kernel beyond 262 144.  V = 12 000: a target cache of exactly 48 KiB, which with
+    the static shared memory needs the opt-in (tests/test_fused_cupy_host.py's stand-in checks
+    the rule; this, the GPU)."""
     rng = np.random.default_rng(N + V)
     z = make_logits(rng, (N, V), scale=2.0, dtype=np.float32)
     compare(cp, name, z, peaked_probs(rng, (N, V)).astype(np.float32))
@@ -148,6 +150,18 @@ def test_fused_tuning_shapes(cp, threads, share, cache, V):
     p = peaked_probs(rng, (3, V)).astype(np.float32)
     with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
         compare(cp, "lk_alpha", z, p)
+
+
+@pytest.mark.parametrize("name", REDUCED)
+def test_fused_without_clusters_streams_long_rows(cp, name, monkeypatch):
+    """As on a GPU before Hopper (no thread-block clusters): one block per row, which streams a
+    row longer than THREADS * MAX_ITEMS from memory."""
+    from lkref import fused_cupy
+    monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: False)
+    assert fused_cupy.plan(50_257, clusters=False) == (0, 1)
+    rng = np.random.default_rng(12)
+    z = make_logits(rng, (3, 50_257), scale=2.0, dtype=np.float32)
+    compare(cp, name, z, peaked_probs(rng, (3, 50_257)).astype(np.float32))
 
 
 def test_fused_bfloat16_logits_where_cupy_has_them(cp):
