@@ -8,8 +8,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-# the extras at the end (LK^lambda's peers, the profile, torch.compile) run only where they fit in this many
-# seconds with the rest: by default the issue's 5 minutes
+# the extras at the end (compute-sanitizer, LK^lambda's peers, the profile, torch.compile) run
+# only where they fit in this many seconds with the rest: by default the issue's 5 minutes
 budget=${LKREF_GPU_CHECK_BUDGET_S:-300}
 # compiled kernels (gpu_warm.py fills CuPy's cache for the tests and the benchmark) in /tmp,
 # which is writable wherever this runs, unlike a home folder may be
@@ -52,6 +52,22 @@ timeout 120 python3 -m lkref bench --backend cupy --repeat 20 --no-peers \
 echo "== quick benchmark: lkref and the peers, same run"
 timeout 150 python3 -m lkref bench --backend cupy --repeat 20 --loss lk_alpha --loss tv --skip-peer torch-compile \
   --csv "$out/gpu-$card-bench.csv" 2>&1 | tee -a "$out/gpu-$card-bench.txt"
+# the first extra: compute-sanitizer's four tools side by side over every kind of launch
+# (bench/gpu_sanitize.py), into the tests' file: races, stray accesses, divergent barriers and
+# reads of unwritten memory in the code the GPU runs, which the CPU stand-in can only mimic
+san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+if [ -n "$san" ] && [ $((SECONDS + 70)) -le "$budget" ]; then
+  echo "== compute-sanitizer: memcheck, racecheck, synccheck, initcheck (bench/gpu_sanitize.py)"
+  for tool in memcheck racecheck synccheck initcheck; do
+    timeout 60 "$san" --tool "$tool" --print-limit 10 --show-backtrace device \
+      python3 bench/gpu_sanitize.py > "/tmp/lkref-sanitize-$tool.txt" 2>&1 &
+  done
+  wait
+  for tool in memcheck racecheck synccheck initcheck; do
+    echo "-- compute-sanitizer --tool $tool"
+    head -n 100 "/tmp/lkref-sanitize-$tool.txt"
+  done 2>&1 | tee -a "$out/gpu-$card-tests.txt"
+fi
 # LK^lambda beside speculators' lk_hybrid (lambda per token) and PyTorch eager, if time is left:
 # a run of its own, after LK^alpha's peers, since it autotunes speculators' KL kernel too
 if [ $((SECONDS + 60)) -le "$budget" ]; then

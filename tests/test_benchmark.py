@@ -354,6 +354,31 @@ def test_the_profiled_program_runs(monkeypatch, capsys):
     assert "lk_alpha N=4096 V=1000 threads=256 block_share=16384 (items, cluster) = (4, 1)" in capsys.readouterr().out
 
 
+def test_the_sanitized_program_runs_and_fails_on_a_wrong_result(monkeypatch, capsys):
+    """bench/gpu_sanitize.py (what gpu_check.sh runs under compute-sanitizer) on the fake CuPy:
+    every case runs and matches the reference; a fused path 0.1 % off fails every case."""
+    import lkref
+    fake = _fake_cupy()
+    allocators = []
+    fake.cuda.set_allocator = allocators.append
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    mod = _load_bench("gpu_sanitize")
+    monkeypatch.setattr(mod.lkref, "cupy_available", lambda: True)
+    assert mod.main([]) == 0 and allocators == [None]
+    out = capsys.readouterr().out
+    assert out.count("  ok ") == len(mod.CASES) and f"{len(mod.CASES)} cases, 0 failed" in out
+    right = dict(lkref.LOSSES)
+
+    def off(name):
+        def loss(*args, impl="auto", **kw):
+            r = right[name](*args, impl=impl, **kw)
+            return r._replace(grad=r.grad * 1.001) if impl == "fused" else r
+        return loss
+    monkeypatch.setattr(mod.lkref, "LOSSES", {name: off(name) for name in right})
+    assert mod.main([]) == 1
+    assert f"{len(mod.CASES)} cases, {len(mod.CASES)} failed" in capsys.readouterr().out
+
+
 def test_git_sha_from_the_environment(monkeypatch):
     monkeypatch.setenv("LKREF_GIT_SHA", "abc1234")
     assert benchmark.git_sha() == "abc1234"

@@ -1,0 +1,105 @@
+"""The program bench/gpu_check.sh runs under NVIDIA's compute-sanitizer: every kind of launch of
+the fused kernels once, on two or three rows, each checked against the readable path.
+
+    compute-sanitizer --tool racecheck python3 bench/gpu_sanitize.py
+
+The SIMT stand-in (tests/simt_cpu.h) finds races, stray writes and divergent barriers in the
+kernel source on the CPU; compute-sanitizer finds them in the code the GPU runs: memcheck (out
+of bounds, misaligned), racecheck (shared memory hazards), synccheck (barriers) and initcheck
+(reads of device memory nothing wrote).  CuPy's memory pool is switched off, so that every array
+is its own allocation and a read past its end is caught, not hidden inside a pooled block.
+The kernels come from CuPy's cache, filled by bench/gpu_warm.py: one variant per row length
+class of tests/test_gpu.py.  Exit status 1 if a result differs from the reference.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import lkref  # noqa: E402
+from lkref import fused_cupy  # noqa: E402
+from lkref.backend import to_numpy  # noqa: E402
+from lkref.benchmark import make_problem  # noqa: E402
+
+#: (label, loss, N, V, options): one block per row, the 48 KiB cache boundary, clusters of 2,
+#: 4 and 8, streaming; the two-launch calls (batch lambda, draft_to_target, gradient into the
+#: logits); weights and temperature; float16 logits; rows that take LK^alpha's log-space fallback.
+CASES = (
+    ("one block", "lk_alpha", 3, 1000, {}),
+    ("48 KiB target cache", "tv", 2, 12_000, {}),
+    ("cluster of 2, batch lambda", "lk_lambda", 2, 50_257, {}),
+    ("cluster of 4", "lk_alpha", 2, 128_256, {}),
+    ("cluster of 8", "kl", 2, 151_936, {}),
+    ("streaming", "lk_lambda", 2, 300_000, {"lam": 0.3}),
+    ("draft_to_target", "lk_lambda", 3, 3000, {"draft_to_target": 3500}),
+    ("weights, temperature", "lk_alpha", 3, 5000, {"mask": "weights", "temperature": 0.7}),
+    ("gradient into the logits", "lk_alpha", 3, 2000, {"out": "logits"}),
+    ("float16 logits", "tv", 3, 4099, {"dtype": "float16"}),
+    ("log-space fallback", "lk_alpha", 3, 300, {"disjoint": True}),
+)
+RTOL = 2e-4
+
+
+def problem(cp, N, V, options, seed):
+    """Host arrays (logits, target) and the keyword arguments of one case, on the device."""
+    z, p = make_problem(np, N, V, seed=seed)
+    kw = {k: v for k, v in options.items() if k in ("lam", "temperature")}
+    if options.get("disjoint"):                      # row 0: alpha = e^-200, below float32's range
+        z[0] = 0.0
+        z[0, 0] = 200.0
+        p[0] = 1 / (V - 1)
+        p[0, 0] = 0.0
+    if "draft_to_target" in options:
+        Vt = options["draft_to_target"]
+        _, p = make_problem(np, N, Vt, seed=seed + 1)
+        kw["draft_to_target"] = cp.asarray(np.random.default_rng(seed).permutation(Vt)[:V].astype(np.int64))
+    if options.get("mask") == "weights":
+        kw["mask"] = cp.asarray(np.linspace(0.0, 2.0, N, dtype=np.float32))
+    z = z.astype(options.get("dtype", "float32"))
+    return z, p, kw
+
+
+def check(cp, label, name, N, V, options, seed):
+    """Run one case on the device (the kernels) and on the host (the readable path); the
+    largest gradient error relative to the largest gradient entry, or raise if it is too big."""
+    z, p, kw = problem(cp, N, V, options, seed)
+    host_kw = {k: to_numpy(v) if hasattr(v, "shape") else v for k, v in kw.items()}
+    ref = lkref.LOSSES[name](z.astype(np.float32), p, impl="reference", **host_kw)    # before out= overwrites z
+    zd = cp.asarray(z)
+    fast = lkref.LOSSES[name](zd, cp.asarray(p), impl="fused", **(dict(kw, out=zd) if options.get("out") else kw))
+    g, g_ref = to_numpy(fast.grad).astype(np.float64), ref.grad.astype(np.float64)
+    scale = max(np.abs(g_ref).max(initial=0.0), 1e-30)
+    rtol = 5e-3 if z.dtype == np.float16 else RTOL
+    err = float(np.abs(g - g_ref).max(initial=0.0)) / scale
+    loss_err = abs(float(to_numpy(fast.loss)) - float(ref.loss)) / max(abs(float(ref.loss)), 1e-6)
+    if not (err <= rtol and loss_err <= rtol):
+        raise AssertionError(f"{label}: {name} differs from the reference: gradient {err:.2e}, loss {loss_err:.2e}")
+    return err
+
+
+def main(argv):
+    if not lkref.cupy_available():
+        print("CuPy with a CUDA device is not available: nothing to sanitize")
+        return 0
+    import cupy as cp
+    cp.cuda.set_allocator(None)                      # each array its own allocation (see above)
+    failed = 0
+    for seed, (label, name, N, V, options) in enumerate(CASES):
+        what = f"{label:28s} {name:9s} N={N} V={V:<7d} (items, cluster) = {fused_cupy.plan(V)}"
+        try:
+            err = check(cp, label, name, N, V, options, seed)
+            print(f"  ok       {what}  gradient error {err:.1e}")
+        except Exception as exc:
+            failed += 1
+            print(f"  FAILED   {what}: {type(exc).__name__}: {str(exc)[:300]}")
+    print(f"{len(CASES)} cases, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
