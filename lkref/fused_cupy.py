@@ -206,11 +206,14 @@ template <int IDX> __device__ __forceinline__ void prefetch_target(float* p_cach
 // (flags: 1 = a non-finite logit, 2 = a negative target, 4 = a non-finite target)
 // The row's weight in the mean: d = w[row] (1 without has_w) times 1 / wsum[0] (0 if that is 0)
 // with has_wsum, else times scale; 0 for a row without target mass (draft_to_target).
+// z and g are not __restrict__: out= may be the logits themselves (each thread reads an entry
+// before it writes it), and ld.global.nc, which const __restrict__ allows, needs data that
+// nothing writes during the launch.  The code is otherwise the same (nvcc, sm_90: same registers).
 extern "C" __global__ void __launch_bounds__(THREADS)
 #if CLUSTER > 1
 __cluster_dims__(CLUSTER, 1, 1)
 #endif
-lk_rows(const in_t* __restrict__ z, const float* __restrict__ p, out_t* __restrict__ g,
+lk_rows(const in_t* z, const float* __restrict__ p, out_t* g,
         const float* __restrict__ w, int has_w, const float* __restrict__ wsum, int has_wsum, float scale,
         float* __restrict__ stats, const int* __restrict__ idx, int has_idx,
         int V, int Vt, float T, float lam, int mode, int phase)
