@@ -40,8 +40,20 @@ PY
 echo "== the kernel variants, compiled side by side into CuPy's cache (bench/gpu_warm.py)"
 timeout 60 python3 bench/gpu_warm.py 2>&1 | tee "$out/gpu-$card-warm.txt"
 echo "== GPU tests"
-# no -x: one run should show every failure; the benchmark refuses to time a path that is wrong
-timeout 180 python3 -m pytest -q -rfE --durations=15 -m gpu tests -p no:cacheprovider 2>&1 | tee "$out/gpu-$card-tests.txt"
+# no -x: one run should show every failure; the benchmark refuses to time a path that is wrong.
+# A test that hangs (a kernel that never returns) ends the tests after LKREF_GPU_TEST_TIMEOUT_S
+# seconds with every thread's stack (pytest-timeout, which the device image has; the slowest
+# test takes seconds), and then the whole check: the benchmark would hang the same way, and
+# the device minutes left are worth more to a rerun after the fix
+per_test=()
+python3 -c "import pytest_timeout" 2>/dev/null \
+  && per_test=(--timeout "${LKREF_GPU_TEST_TIMEOUT_S:-60}" --timeout-method thread)
+timeout 180 python3 -m pytest -q -rfE --durations=15 -m gpu tests -p no:cacheprovider "${per_test[@]}" 2>&1 \
+  | tee "$out/gpu-$card-tests.txt"
+if grep -q '+++ Timeout +++' "$out/gpu-$card-tests.txt"; then
+  echo "== a GPU test hung (its stack is above): no benchmark; done in $SECONDS s" | tee -a "$out/gpu-$card-tests.txt"
+  exit 1
+fi
 # lkref's own rows first (every loss, both goal sizes, the tuning shapes), then the peers beside
 # LK^alpha and TV: Triton autotunes the speculators kernels at their first call (some 20 tiles
 # per kernel), which must not cost lkref's rows.  Rows reach the CSV block by block.
