@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import example, given
@@ -358,3 +363,21 @@ def test_row_sums_are_accurate(V):
     if V >= 32_000:
         plain = np.abs(np.einsum("ij->i", a) / exact - 1)
         assert err.max() < 0.5 * plain.max()
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="NumPy's x86 SIMD levels")
+def test_fast_path_agrees_at_numpys_baseline_simd_level():
+    """NumPy picks its exp, sum and comparison kernels by the CPU (x86-64-v2 up to AVX-512), and
+    this machine's tests run at its best level.  The fast path's agreement with the reference,
+    and its bit-exact tie rule, must not depend on that: the property test and the ties test
+    run again in a process held to NumPy's baseline kernels, as on an older CPU."""
+    env = dict(os.environ, NPY_DISABLE_CPU_FEATURES="X86_V3 X86_V4 AVX512_ICL AVX512_SPR", HYPOTHESIS_PROFILE="ci")
+    probe = subprocess.run([sys.executable, "-c", "from numpy._core._multiarray_umath import __cpu_features__ as f; "
+                            "print(f.get('X86_V3'), f.get('X86_V2'))"], env=env, capture_output=True, text=True)
+    if probe.returncode != 0 or probe.stdout.split() != ["False", "True"]:
+        pytest.skip(f"this NumPy names or reports its SIMD levels otherwise: {probe.stdout.strip()!r}")
+    here = os.path.abspath(__file__)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           f"{here}::test_fused_matches_reference", f"{here}::test_ties_and_disjoint_rows_across_chunks"],
+                          env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(here)))
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
