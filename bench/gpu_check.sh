@@ -39,19 +39,39 @@ PY
 } 2>&1 | tee "$out/gpu-$card-env.txt"
 echo "== the kernel variants, compiled side by side into CuPy's cache (bench/gpu_warm.py)"
 timeout 60 python3 bench/gpu_warm.py 2>&1 | tee "$out/gpu-$card-warm.txt"
+# compute-sanitizer's four tools side by side over every kind of launch (bench/gpu_sanitize.py),
+# into the tests' file: races, stray accesses, divergent barriers and reads of unwritten memory
+# in the code the GPU runs, which the CPU stand-in can only mimic (60 s at most)
+san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+sanitize() {
+  echo "== compute-sanitizer: memcheck, racecheck, synccheck, initcheck (bench/gpu_sanitize.py)"
+  for tool in memcheck racecheck synccheck initcheck; do
+    timeout 60 "$san" --tool "$tool" --print-limit 10 --show-backtrace device \
+      python3 bench/gpu_sanitize.py > "/tmp/lkref-sanitize-$tool.txt" 2>&1 &
+  done
+  wait
+  pkill -KILL -f bench/gpu_sanitize.py 2>/dev/null    # a program that outlived its sanitizer's timeout
+  for tool in memcheck racecheck synccheck initcheck; do
+    echo "-- compute-sanitizer --tool $tool"
+    head -n 100 "/tmp/lkref-sanitize-$tool.txt"
+  done 2>&1 | tee -a "$out/gpu-$card-tests.txt"
+}
 echo "== GPU tests"
 # no -x: one run should show every failure; the benchmark refuses to time a path that is wrong.
 # A test that hangs (a kernel that never returns) ends the tests after LKREF_GPU_TEST_TIMEOUT_S
 # seconds with every thread's stack (pytest-timeout, which the device image has; the slowest
-# test takes seconds), and then the whole check: the benchmark would hang the same way, and
-# the device minutes left are worth more to a rerun after the fix
+# test takes seconds), and then, after compute-sanitizer, the whole check: the benchmark would
+# hang the same way, and the device minutes left are worth more to a rerun after the fix
 per_test=()
 python3 -c "import pytest_timeout" 2>/dev/null \
   && per_test=(--timeout "${LKREF_GPU_TEST_TIMEOUT_S:-60}" --timeout-method thread)
 timeout 180 python3 -m pytest -q -rfE --durations=15 -m gpu tests -p no:cacheprovider "${per_test[@]}" 2>&1 \
   | tee "$out/gpu-$card-tests.txt"
 if grep -q '+++ Timeout +++' "$out/gpu-$card-tests.txt"; then
-  echo "== a GPU test hung (its stack is above): no benchmark; done in $SECONDS s" | tee -a "$out/gpu-$card-tests.txt"
+  echo "== a GPU test hung (its stack is above): no benchmark; compute-sanitizer, to show where" \
+    | tee -a "$out/gpu-$card-tests.txt"
+  [ -n "$san" ] && sanitize
+  echo "== done in $SECONDS s"
   exit 1
 fi
 # lkref's own rows first (every loss, both goal sizes, the tuning shapes), then the peers beside
@@ -64,21 +84,9 @@ timeout 120 python3 -m lkref bench --backend cupy --repeat 20 --no-peers \
 echo "== quick benchmark: lkref and the peers, same run"
 timeout 150 python3 -m lkref bench --backend cupy --repeat 20 --loss lk_alpha --loss tv --skip-peer torch-compile \
   --csv "$out/gpu-$card-bench.csv" 2>&1 | tee -a "$out/gpu-$card-bench.txt"
-# the first extra: compute-sanitizer's four tools side by side over every kind of launch
-# (bench/gpu_sanitize.py), into the tests' file: races, stray accesses, divergent barriers and
-# reads of unwritten memory in the code the GPU runs, which the CPU stand-in can only mimic
-san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+# the first extra: compute-sanitizer
 if [ -n "$san" ] && [ $((SECONDS + 70)) -le "$budget" ]; then
-  echo "== compute-sanitizer: memcheck, racecheck, synccheck, initcheck (bench/gpu_sanitize.py)"
-  for tool in memcheck racecheck synccheck initcheck; do
-    timeout 60 "$san" --tool "$tool" --print-limit 10 --show-backtrace device \
-      python3 bench/gpu_sanitize.py > "/tmp/lkref-sanitize-$tool.txt" 2>&1 &
-  done
-  wait
-  for tool in memcheck racecheck synccheck initcheck; do
-    echo "-- compute-sanitizer --tool $tool"
-    head -n 100 "/tmp/lkref-sanitize-$tool.txt"
-  done 2>&1 | tee -a "$out/gpu-$card-tests.txt"
+  sanitize
 fi
 # LK^lambda beside speculators' lk_hybrid (lambda per token) and PyTorch eager, if time is left:
 # a run of its own, after LK^alpha's peers, since it autotunes speculators' KL kernel too
