@@ -26,10 +26,19 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 |
 card=${card:-unknown-gpu}
 {
   echo "== $(date -u +%FT%TZ) git ${LKREF_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} on ${card}"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__)"
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  else
+    echo "nvidia-smi absent"
+  fi
   python3 - <<'PY'
 from importlib import metadata
+import numpy
+try:
+    import cupy
+    print("cupy", cupy.__version__, "numpy", numpy.__version__)
+except ImportError:
+    print("cupy absent", "numpy", numpy.__version__)
 for name in ("torch", "triton", "liger-kernel", "speculators"):
     try:
         print(name, metadata.version(name))

@@ -379,6 +379,38 @@ def test_the_sanitized_program_runs_and_fails_on_a_wrong_result(monkeypatch, cap
     assert f"{len(mod.CASES)} cases, {len(mod.CASES)} failed" in capsys.readouterr().out
 
 
+def test_gpu_check_runs_through_without_a_gpu(tmp_path):
+    """bench/gpu_check.sh on a machine without a GPU (a stand-in compute-sanitizer that just runs
+    the program): every step runs and says so, none breaks (no traceback, no missing file or
+    command), and its files land in $OUT.  On the device a broken step would cost minutes."""
+    import os
+    import shutil
+    import subprocess
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fake = tmp_path / "bin" / "compute-sanitizer"
+    fake.parent.mkdir()
+    fake.write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift 2; done\nexec "$@"\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), LKREF_GPU_CHECK_BUDGET_S="600", LKREF_GIT_SHA="abc1234",
+               PATH=f"{fake.parent}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}")
+    done = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text[-3000:]
+    for bad in ("Traceback", "No such file", "command not found", "Error"):
+        assert bad not in text, text[-3000:]
+    steps = ["git abc1234", "== the kernel variants", "== GPU tests", "== quick benchmark: lkref\n",
+             "== quick benchmark: lkref and the peers", "== compute-sanitizer", "nothing to sanitize",
+             "== quick benchmark: LK^lambda", "== the goals", "== quick benchmark: LK^alpha beside torch.compile",
+             "== done in"]
+    for step in steps:
+        assert step in text, (step, text[-3000:])
+    assert {"env.txt", "warm.txt", "tests.txt", "bench.txt", "goals.md"} <= \
+        {name.split("-")[-1] for name in os.listdir(out)}
+
+
 def test_git_sha_from_the_environment(monkeypatch):
     monkeypatch.setenv("LKREF_GIT_SHA", "abc1234")
     assert benchmark.git_sha() == "abc1234"
