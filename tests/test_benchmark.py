@@ -380,7 +380,7 @@ def test_the_sanitized_program_runs_and_fails_on_a_wrong_result(monkeypatch, cap
 
 
 def test_gpu_check_runs_through_without_a_gpu(tmp_path):
-    """bench/gpu_check.sh on a machine without a GPU (a stand-in compute-sanitizer that just runs
+    """bench/gpu_check.sh as on a machine without a GPU (a stand-in compute-sanitizer that just runs
     the program): every step runs and says so, none breaks (no traceback, no missing file or
     command), and its files land in $OUT.  On the device a broken step would cost minutes."""
     import os
@@ -395,6 +395,7 @@ def test_gpu_check_runs_through_without_a_gpu(tmp_path):
     fake.chmod(0o755)
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), LKREF_GPU_CHECK_BUDGET_S="600", LKREF_GIT_SHA="abc1234",
+               CUDA_VISIBLE_DEVICES="",            # where a GPU is, the check must not run on it from here
                PATH=f"{fake.parent}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}")
     done = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     text = done.stdout + done.stderr
