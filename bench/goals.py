@@ -14,7 +14,9 @@ ratio is always between rows measured in the same run.  Printed as markdown tabl
     extra memory O(N), checked as <= 1 KiB per row (a row of the gradient is 4 V bytes)
   Peers: every peer's p50 beside lkref's in the same run, and their ratio.
   Launch shapes (GPU): LK^alpha's p50 in every shape the run timed ("fused <T>t/<S>k"),
-  fastest first, against the default's: the one to make the default if it wins.
+  fastest first, against the default's: the one to make the default if it wins.  "fused
+  global-meet" is not a shape but the exchange GPUs without clusters use, timed on a GPU
+  with clusters: what meeting in global memory costs against the cluster.
 
 A goal whose rows are missing from a run is not listed for that run.
 """

@@ -28,7 +28,8 @@ from lkref.benchmark import make_problem, rel_err  # noqa: E402
 
 #: (label, loss, N, V, options): one block per row, the 48 KiB cache boundary, clusters of 2,
 #: 4 and 8, streaming; the two-launch calls (batch lambda, draft_to_target, gradient into the
-#: logits); weights and temperature; float16 logits; rows that take LK^alpha's log-space fallback.
+#: logits); weights and temperature; float16 logits; rows that take LK^alpha's log-space
+#: fallback; and blocks that meet in global memory, as on a GPU without clusters.
 CASES = (
     ("one block", "lk_alpha", 3, 1000, {}),
     ("48 KiB target cache", "tv", 2, 12_000, {}),
@@ -41,6 +42,8 @@ CASES = (
     ("gradient into the logits", "lk_alpha", 3, 2000, {"out": "logits"}),
     ("float16 logits", "tv", 3, 4099, {"dtype": "float16"}),
     ("log-space fallback", "lk_alpha", 3, 300, {"disjoint": True}),
+    ("no clusters: 2 blocks meet", "lk_lambda", 3, 50_257, {"clusters": False}),
+    ("no clusters: 4 blocks meet", "lk_alpha", 2, 128_256, {"clusters": False}),
 )
 RTOL = 2e-4                                          # tests/test_gpu.py's
 
@@ -71,7 +74,13 @@ def check(cp, label, name, N, V, options, seed):
     host_kw = {k: to_numpy(v) if hasattr(v, "shape") else v for k, v in kw.items()}
     ref = lkref.LOSSES[name](z.astype(np.float32), p, impl="reference", **host_kw)    # before out= overwrites z
     zd = cp.asarray(z)
-    fast = lkref.LOSSES[name](zd, cp.asarray(p), impl="fused", **(dict(kw, out=zd) if options.get("out") else kw))
+    has_clusters = fused_cupy._has_clusters
+    if options.get("clusters") is False:             # as on a GPU before Hopper
+        fused_cupy._has_clusters = lambda cp: False
+    try:
+        fast = lkref.LOSSES[name](zd, cp.asarray(p), impl="fused", **(dict(kw, out=zd) if options.get("out") else kw))
+    finally:
+        fused_cupy._has_clusters = has_clusters
     rtol = 5e-3 if z.dtype == np.float16 else RTOL
     err, loss_err = rel_err(fast.grad, ref.grad), rel_err(fast.loss, ref.loss)
     if not (err <= rtol and loss_err <= rtol):

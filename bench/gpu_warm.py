@@ -27,24 +27,28 @@ from lkref.benchmark import DEFAULT_SIZES, TUNING_SHAPES  # noqa: E402
 TEST_VOCABS = (3, 7, 50, 300, 500, 700, 1000, 1031, 2000, 3000, 5000, 12_000, 32_000, 50_257, 128_256,
                151_936, 300_000)
 HALF_VOCABS = {"float16": (4099,), "bfloat16": (4099,)}
+#: Row lengths that tests/test_gpu.py also runs as on a GPU without clusters (blocks meet in global memory).
+MEETING_VOCABS = (50_257, 128_256, 151_936)
 
 
 def variants(clusters=True):
-    """The distinct (threads, block_share, cache_target, dtype, V) to compile: one V per
-    (items, cluster) class, in the launch shapes the tests and the benchmark run."""
+    """The distinct (threads, block_share, cache_target, dtype, V, dsmem) to compile: one V per
+    (items, cluster) class, in the launch shapes the tests and the benchmark run; clusters:
+    whether the GPU has them (else every variant meets in global memory)."""
     default = (fused_cupy.THREADS, fused_cupy.BLOCK_SHARE, fused_cupy.CACHE_TARGET)
-    wanted = [(default, "float32", V) for V in TEST_VOCABS]
-    wanted += [(default, dt, V) for dt, vocabs in HALF_VOCABS.items() for V in vocabs]
+    wanted = [(default, "float32", V, clusters) for V in TEST_VOCABS]
+    wanted += [(default, dt, V, clusters) for dt, vocabs in HALF_VOCABS.items() for V in vocabs]
+    wanted += [(default, "float32", V, False) for V in MEETING_VOCABS]
     goal_vocabs = sorted({V for _, V in DEFAULT_SIZES["cupy"]})
-    wanted += [(shape, "float32", V) for shape in TUNING_SHAPES for V in goal_vocabs]
+    wanted += [(shape, "float32", V, clusters) for shape in TUNING_SHAPES for V in goal_vocabs]
     seen, out = set(), []
-    for (threads, share, cache), dt, V in wanted:
+    for (threads, share, cache), dt, V, dsmem in wanted:
         with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
-            items, cluster = fused_cupy.plan(V, clusters)
-        key = (threads, cache and items > 0, dt, items, cluster)    # what the kernel's source depends on
+            items, cluster = fused_cupy.plan(V)
+        key = (threads, cache and items > 0, dt, items, cluster, dsmem or cluster == 1)   # what the source depends on
         if key not in seen:
             seen.add(key)
-            out.append((threads, share, cache, dt, V))
+            out.append((threads, share, cache, dt, V, dsmem))
     return out
 
 
@@ -54,12 +58,12 @@ def _compile(spec):
     import cupy
     import numpy as np
 
-    threads, share, cache, dt, V = spec
+    threads, share, cache, dt, V, dsmem = spec
     dtype = np.dtype(dt) if dt != "bfloat16" else np.dtype(__import__("ml_dtypes").bfloat16)
     t0 = time.perf_counter()
     with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
-        items, cluster = fused_cupy.plan(V, clusters=fused_cupy._has_clusters(cupy))
-        fused_cupy._kernel(dtype, dtype, items, cluster)
+        items, cluster = fused_cupy.plan(V)
+        fused_cupy._kernel(dtype, dtype, items, cluster, dsmem)
     return time.perf_counter() - t0
 
 
@@ -69,16 +73,17 @@ def main(argv):
         print("CuPy with a CUDA device is not available: nothing to compile")
         return
     workers = int(argv[0]) if argv else min(16, os.cpu_count() or 1)
-    specs = variants()
+    import cupy
+    specs = variants(clusters=fused_cupy._has_clusters(cupy))
     t0 = time.perf_counter()
     failed = 0
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(_compile, s): s for s in specs}
         for f in as_completed(futures):
-            threads, share, cache, dt, V = futures[f]
+            threads, share, cache, dt, V, dsmem = futures[f]
             with fused_cupy.configured(threads=threads, block_share=share):
                 what = f"{dt} V={V} (items, cluster) = {fused_cupy.plan(V)} at {threads}t/{share // 1024}k" \
-                       + ("" if cache else " nocache")
+                       + ("" if cache else " nocache") + ("" if dsmem else " global-meeting")
             try:
                 print(f"  {f.result():5.1f} s  {what}")
             except Exception as exc:              # the tests will show it again, with context

@@ -155,6 +155,8 @@ def _entries(xp, backend, fn, loss, z, p, out, N, V):
         if loss == "lk_alpha":                     # launch shapes to tune the defaults with
             for threads, share, cache in TUNING_SHAPES:
                 entries.append((shape_label(threads, share, cache), _shaped(fn, z, p, out, threads, share, cache), False))
+            if _meets_on_this_gpu(xp, V) is False:     # what GPUs without clusters run, timed on this one
+                entries.append((MEETING_LABEL, _meeting(fn, z, p, out), False))
     if N * V <= 512 * 32_000 or backend == "cupy":
         entries.append(("lkref reference", lambda: fn(z, p, impl="reference"), True))
     return entries
@@ -172,6 +174,33 @@ TUNING_SHAPES = [(512, 32_768, False), (1024, 32_768, True), (512, 16_384, True)
 def shape_label(threads, share, cache):
     """The benchmark's name for a launch shape, e.g. 'fused 512t/16k'."""
     return f"fused {threads}t/{share // 1024}k" + ("" if cache else " nocache")
+
+
+MEETING_LABEL = "fused global-meet"
+
+
+def _meets_on_this_gpu(xp, V):
+    """None where a row of V has one block; else whether this GPU's blocks meet in global
+    memory (no clusters) rather than in a cluster."""
+    from . import fused_cupy
+    if fused_cupy.plan(V)[1] == 1:
+        return None
+    return not fused_cupy._has_clusters(xp)
+
+
+def _meeting(fn, z, p, out):
+    """fn as on a GPU without clusters: a row's blocks meet in global memory (timed on a GPU
+    with clusters, it shows what the exchange through memory costs against the cluster's)."""
+    from . import fused_cupy
+
+    def call():
+        has_clusters = fused_cupy._has_clusters
+        fused_cupy._has_clusters = lambda cp: False
+        try:
+            return fn(z, p, impl="fused", out=out)
+        finally:
+            fused_cupy._has_clusters = has_clusters
+    return call
 
 
 def _shaped(fn, z, p, out, threads, share, cache):

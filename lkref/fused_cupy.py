@@ -4,8 +4,10 @@ Checked without a GPU by tests/test_fused_cupy_host.py: the host code against a 
 transcription of the kernel, and this CUDA source itself on the CPU (tests/simt_cpu.h runs
 each CUDA thread as a fiber, with barriers, shuffles, shared memory and clusters).
 
-One thread block per row, or a Hopper thread-block cluster of 2-8 blocks per row (the
-blocks exchange their partial reductions through distributed shared memory).  A row is
+One thread block per row, or 2-8 blocks per row that exchange their partial reductions: on
+Hopper and later as a thread-block cluster, through distributed shared memory; on earlier
+GPUs through global memory, each block taking its row in the order blocks start (a ticket),
+so that it only ever waits for blocks that are running or can start.  A row is
 read in three phases: (1) max and sum of exp over the logits, (2) alpha, S and the KL sums
 over logits and target, (3) the gradient.  For V <= 8 * THREADS * MAX_ITEMS (262 144) the
 row stays in registers between the phases (the logits, then q: read once, one exp per
@@ -13,8 +15,8 @@ element for TV and LK^alpha, two for the KL sums, which need x = (z - max z) / T
 reads z and p once and writes the gradient once, the least traffic there is.  The target
 entries are copied into shared memory asynchronously (cp.async) as the launch starts, so
 that they arrive while phase (1) works on the logits instead of after it.  For larger V
-the phases re-read the row from memory (z four times, p twice), and GPUs before Hopper
-(no clusters) stream beyond 32 768.  Two-pass losses (LK^lambda with no given lambda,
+one block per row re-reads the row from memory in each phase (z four times, p twice).
+Two-pass losses (LK^lambda with no given lambda,
 draft_to_target, a reduce hook) run the kernel once for the row statistics, then again
 for the gradient with the statistics as input: z and p are read twice.  The read counts
 are checked on the CPU SIMT stand-in (tests/test_fused_cupy_host.py).
@@ -70,9 +72,12 @@ _SOURCE = r"""
 #endif
 #define THREADS __THREADS__
 #define ITEMS __ITEMS__
-#define CLUSTER __CLUSTER__                           // blocks per row (a Hopper thread-block cluster)
+#define CLUSTER __CLUSTER__                           // blocks per row
+#define DSMEM __DSMEM__                               // 1: the row's blocks are a Hopper thread-block cluster;
+                                                      // 0: they meet in global memory (GPUs before Hopper)
 #define PCACHE __PCACHE__                             // 1: target entries copied to shared memory, read from there
-#if CLUSTER > 1
+#define GLOBAL_XCHG (CLUSTER > 1 && !DSMEM)
+#if CLUSTER > 1 && DSMEM
 #include <cooperative_groups.h>
 namespace cg = cooperative_groups;
 #endif
@@ -126,37 +131,96 @@ template <int K> __device__ void block_sum(float* v, float* sh) {
     __syncthreads();
 }
 
-// Row-wide reductions: the block's, then (with a cluster) over the cluster's blocks through
-// distributed shared memory, in rank order, so every block of the row gets identical values.
-__device__ float row_max(float v, float* sh) {
+#ifdef __CUDACC__
+// For blocks that meet in global memory (GLOBAL_XCHG): take_ticket, the order in which blocks
+// start; announce, a fence and then one count, so that a block that sees the count sees what
+// was written before it; arrivals, a read of the count that no cache keeps stale;
+// load_from_other_blocks, a read through L2 (not the SM's own L1); pause_briefly, waiting
+// without taking issue slots from the SM's other warps.  The CPU stand-in has its own.
+__device__ __forceinline__ int take_ticket(int* counter) { return atomicAdd(counter, 1); }
+__device__ __forceinline__ void announce(int* counter) { __threadfence(); atomicAdd(counter, 1); }
+__device__ __forceinline__ int arrivals(const int* counter) { return *(const volatile int*)counter; }
+__device__ __forceinline__ float load_from_other_blocks(const float* at) { return __ldcg(at); }
+__device__ __forceinline__ void pause_briefly() {
+#if __CUDA_ARCH__ >= 700
+    __nanosleep(64);
+#endif
+}
+#endif
+
+// Where the blocks of a row meet when they are not a cluster (GLOBAL_XCHG): the row's
+// CLUSTER x 10 partial results in global memory (max, sum, the 8 statistics: one slot per
+// value, so no round overwrites another's) and its count of announced partial results.
+struct Meet {
+    float* parts;
+    int* arrived;
+    int rank, round;
+};
+
+#if GLOBAL_XCHG
+// One round of a row-wide reduction over global memory: thread 0 publishes the block's K
+// values at parts[rank * 10 + at ...], announces them (a fence, then one atomic add on the
+// row's count) and waits until every block of the row has announced this round; then it
+// combines the row's values in rank order, so every block of the row gets identical values.
+__device__ void meet(float* v, int K, int at, bool take_max, Meet& r) {
+    __shared__ float met[8];
+    r.round++;
+    if (threadIdx.x == 0) {
+        for (int j = 0; j < K; j++) r.parts[r.rank * 10 + at + j] = v[j];
+        announce(r.arrived);
+        while (arrivals(r.arrived) < r.round * CLUSTER) pause_briefly();
+        __threadfence();                              // the partial results after their count
+        for (int j = 0; j < K; j++) {
+            float x = take_max ? -INFINITY : 0.f;
+            for (int k = 0; k < CLUSTER; k++) {
+                float o = load_from_other_blocks(&r.parts[k * 10 + at + j]);
+                x = take_max ? fmaxf(x, o) : x + o;
+            }
+            met[j] = x;
+        }
+    }
+    __syncthreads();
+    for (int j = 0; j < K; j++) v[j] = met[j];
+    // no second barrier: thread 0 writes met again only after the next block reduction's barriers
+}
+#endif
+
+// Row-wide reductions: the block's, then (with several blocks per row) over the row's blocks
+// in rank order, through distributed shared memory in a cluster or else through global
+// memory, so every block of the row gets identical values.
+__device__ float row_max(float v, float* sh, Meet& r) {
     v = block_max(v, sh);
-#if CLUSTER > 1
+#if CLUSTER > 1 && DSMEM
     __shared__ float xchg_max;
     cg::cluster_group cluster = cg::this_cluster();
     if (threadIdx.x == 0) xchg_max = v;
     cluster.sync();
-    float r = -INFINITY;
-    for (int k = 0; k < CLUSTER; k++) r = fmaxf(r, *cluster.map_shared_rank(&xchg_max, k));
+    float x = -INFINITY;
+    for (int k = 0; k < CLUSTER; k++) x = fmaxf(x, *cluster.map_shared_rank(&xchg_max, k));
     cluster.sync();                                  // nobody overwrites xchg_max before all have read
-    v = r;
+    v = x;
+#elif GLOBAL_XCHG
+    meet(&v, 1, 0, true, r);
 #endif
     return v;
 }
-template <int K> __device__ void row_sum(float* v, float* sh) {
+template <int K> __device__ void row_sum(float* v, float* sh, Meet& r, int at) {
     block_sum<K>(v, sh);
-#if CLUSTER > 1
+#if CLUSTER > 1 && DSMEM
     __shared__ float xchg_sum[8];                    // K <= 8
     cg::cluster_group cluster = cg::this_cluster();
     if (threadIdx.x == 0) for (int j = 0; j < K; j++) xchg_sum[j] = v[j];
     cluster.sync();
-    float r[K];
-    for (int j = 0; j < K; j++) r[j] = 0.f;
+    float x[K];
+    for (int j = 0; j < K; j++) x[j] = 0.f;
     for (int k = 0; k < CLUSTER; k++) {
         float* other = cluster.map_shared_rank(xchg_sum, k);
-        for (int j = 0; j < K; j++) r[j] += other[j];
+        for (int j = 0; j < K; j++) x[j] += other[j];
     }
     cluster.sync();
-    for (int j = 0; j < K; j++) v[j] = r[j];
+    for (int j = 0; j < K; j++) v[j] = x[j];
+#elif GLOBAL_XCHG
+    meet(v, K, at, false, r);
 #endif
 }
 
@@ -209,18 +273,36 @@ template <int IDX> __device__ __forceinline__ void prefetch_target(float* p_cach
 // z and g are not __restrict__: out= may be the logits themselves (each thread reads an entry
 // before it writes it), and ld.global.nc, which const __restrict__ allows, needs data that
 // nothing writes during the launch.  The code is otherwise the same (nvcc, sm_90: same registers).
+// GLOBAL_XCHG only (else not read): counts, 1 + N ints, zero at the launch (a ticket counter,
+// then each row's count of announced partial results); parts, N x CLUSTER x 10 floats.
 extern "C" __global__ void __launch_bounds__(THREADS)
-#if CLUSTER > 1
+#if CLUSTER > 1 && DSMEM
 __cluster_dims__(CLUSTER, 1, 1)
 #endif
 lk_rows(const in_t* z, const float* __restrict__ p, out_t* g,
         const float* __restrict__ w, int has_w, const float* __restrict__ wsum, int has_wsum, float scale,
         float* __restrict__ stats, const int* __restrict__ idx, int has_idx,
-        int V, int Vt, float T, float lam, int mode, int phase)
+        int V, int Vt, float T, float lam, int mode, int phase, int* __restrict__ counts, float* __restrict__ parts)
 {
     __shared__ float sh[8 * 32];
-    const long row = blockIdx.x / CLUSTER;
-    const int rank = blockIdx.x % CLUSTER;            // this block's share of the row's columns
+    long row = blockIdx.x / CLUSTER;
+    int rank = blockIdx.x % CLUSTER;                  // this block's share of the row's columns
+#if GLOBAL_XCHG
+    if (phase != 2) {
+        // A block that meets others takes its row and rank in the order blocks start, not from
+        // blockIdx (whose blocks may start in any order): it then waits only for blocks that
+        // have started or start as soon as any block of an earlier row ends, so the blocks of
+        // a row never wait for one that cannot start (any GPU holds CLUSTER blocks at once).
+        __shared__ int ticket;
+        if (threadIdx.x == 0) ticket = take_ticket(counts);
+        __syncthreads();
+        row = ticket / CLUSTER;
+        rank = ticket % CLUSTER;
+    }
+    Meet meeting = {parts + row * CLUSTER * 10, counts + 1 + row, rank, 0};
+#else
+    Meet meeting = {nullptr, nullptr, rank, 0};         // not used
+#endif
     const in_t* zr = z + row * (long)V;
     const float* pr = p + row * (long)Vt;
     float* st = stats + row * 8;
@@ -257,7 +339,7 @@ lk_rows(const in_t* z, const float* __restrict__ p, out_t* g,
             lmax = fmaxf(lmax, zv);
         }
 #endif
-        m = row_max(lmax, sh);
+        m = row_max(lmax, sh, meeting);
         if (!isfinite(m)) m = 0.f;                       // flagged; keeps the arithmetic below quiet
         float acc[1] = {0.f};
 #if ITEMS > 0
@@ -272,7 +354,7 @@ lk_rows(const in_t* z, const float* __restrict__ p, out_t* g,
 #else
         for (int v = tid; v < V; v += THREADS) acc[0] += expf((to_f(zr[v]) - m) / T);
 #endif
-        row_sum<1>(acc, sh);
+        row_sum<1>(acc, sh, meeting, 1);
         s = acc[0];
     } else {
         m = st[0];
@@ -331,7 +413,7 @@ lk_rows(const in_t* z, const float* __restrict__ p, out_t* g,
         acc[5] = (flags & 1) ? 1.f : 0.f;
         acc[6] = (flags & 2) ? 1.f : 0.f;
         acc[7] = (flags & 4) ? 1.f : 0.f;
-        row_sum<8>(acc, sh);
+        row_sum<8>(acc, sh, meeting, 2);
         alpha = acc[0]; S = acc[1]; psum = acc[2]; px = acc[3]; plogp = acc[4];
         int f1 = acc[5] > 0.f, f2 = acc[6] > 0.f, f4 = acc[7] > 0.f;
         if (threadIdx.x == 0 && rank == 0) {
@@ -435,13 +517,13 @@ lk_finish(const float* __restrict__ stats, const float* __restrict__ w, int has_
 _cache: dict = {}
 
 
-def plan(V: int, clusters: bool = True):
+def plan(V: int):
     """(items, cluster) for a row of V logits: items per thread held in registers and blocks per
-    row.  Rows up to THREADS * MAX_ITEMS fit one block; up to 8 times that, a cluster of 2, 4 or 8
-    blocks shares the row; beyond, the blocks stream the row from memory (items = 0).
-    clusters=False (GPUs before Hopper): one block per row, streaming beyond THREADS * MAX_ITEMS."""
+    row.  Rows up to THREADS * MAX_ITEMS fit one block; up to 8 times that, 2, 4 or 8 blocks share
+    the row (a thread-block cluster on Hopper and later, else blocks that meet in global memory);
+    beyond, one block streams the row from memory (items = 0)."""
     per_thread = -(-V // THREADS)
-    for cluster in (CLUSTER_CHOICES if clusters else (1,)):
+    for cluster in CLUSTER_CHOICES:
         if per_thread <= MAX_ITEMS * cluster:
             return -(-V // (THREADS * cluster)), cluster
     return 0, 1
@@ -503,12 +585,15 @@ def _configure_from_environment():
 _configure_from_environment()
 
 
-def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "float", cache_target=None) -> str:
+def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "float", cache_target=None,
+                  dsmem: bool = True) -> str:
     """The CUDA source for one (items, cluster, input type, output type); cache_target (default
-    CACHE_TARGET) keeps the target entries in shared memory between the phases of a launch."""
+    CACHE_TARGET) keeps the target entries in shared memory between the phases of a launch;
+    dsmem=False (GPUs before Hopper) has a row's blocks meet in global memory, not in a cluster."""
     pcache = int(bool(CACHE_TARGET if cache_target is None else cache_target) and items > 0)
+    dsmem = bool(dsmem) or cluster == 1                # one block per row meets nobody: one source
     return (_SOURCE.replace("__THREADS__", str(THREADS)).replace("__ITEMS__", str(items))
-            .replace("__PCACHE__", str(pcache))
+            .replace("__PCACHE__", str(pcache)).replace("__DSMEM__", str(int(bool(dsmem))))
             .replace("__CLUSTER__", str(cluster)).replace("__IN_T__", in_t).replace("__OUT_T__", out_t)
             .replace("__ALPHA_FLOOR__", f"{ALPHA_FLOOR:e}f"))
 
@@ -532,19 +617,20 @@ class Kernels(NamedTuple):
     smem: int
 
 
-def _kernel(in_dtype, out_dtype, items, cluster) -> Kernels:
+def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True) -> Kernels:
     cp = sys.modules["cupy"]
-    key = (str(in_dtype), str(out_dtype), items, cluster, THREADS, CACHE_TARGET)
+    dsmem = bool(dsmem) or cluster == 1
+    key = (str(in_dtype), str(out_dtype), items, cluster, THREADS, CACHE_TARGET, dsmem)
     if key not in _cache:
         cache = CACHE_TARGET and items > 0
-        src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), cache)
+        src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), cache, dsmem)
         kern = _build(cp, src)
         smem = 4 * items * THREADS if cache else 0
         if smem:                                       # opt in: without it a block gets 48 KiB of static
             try:                                       # and dynamic shared memory together (lk_rows has ~1 KiB static)
                 kern.max_dynamic_shared_size_bytes = smem
             except Exception:                           # a GPU with less shared memory: no cache
-                src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), False)
+                src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), False, dsmem)
                 kern = _build(cp, src)
                 smem = 0
         finish = cp.RawKernel(src, "lk_finish", options=kern.options)     # the same module, compiled once
@@ -646,8 +732,9 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
         alias = _bounds(out)[0] == _bounds(z)[0]       # out is draft_logits itself
     g2 = out.reshape(N, V)
     w = None if mask is None else mask.reshape(N).astype(cp.float32, copy=False)
-    items, cluster = plan(V, clusters=_has_clusters(cp))
-    kern = _kernel(z.dtype, out.dtype, items, cluster)
+    items, cluster = plan(V)
+    dsmem = _has_clusters(cp)
+    kern = _kernel(z.dtype, out.dtype, items, cluster, dsmem)
     stats = cp.empty((N, 8), cp.float32)              # every row's 8 entries are written by lk_rows
     per = cp.empty(N, cp.float32)
     summary = cp.empty(8, cp.float32)                 # lk_finish's sums (see its comment)
@@ -655,14 +742,17 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     w_arg = absent if w is None else w
     idx_arg = cp.empty(1, cp.int32) if idx is None else idx
     mode = np.int32(MODES[name])
+    meets = cluster > 1 and not dsmem                 # a row's blocks meet in global memory
+    counts = cp.zeros(N + 1, cp.int32) if meets else cp.empty(1, cp.int32)   # one launch per call meets
+    parts = cp.empty(N * cluster * 10, cp.float32) if meets else absent
 
     def rows(phase, lam_v, wsum=None, scale=0.0):
         if N:
             kern.rows((N * cluster,), (THREADS,), (
                 z2, p2, g2, w_arg, np.int32(w is not None), absent if wsum is None else wsum,
                 np.int32(wsum is not None), np.float32(scale), stats, idx_arg, np.int32(idx is not None),
-                np.int32(V), np.int32(Vt), np.float32(T), np.float32(lam_v), mode, np.int32(phase)),
-                shared_mem=kern.smem)
+                np.int32(V), np.int32(Vt), np.float32(T), np.float32(lam_v), mode, np.int32(phase),
+                counts, parts), shared_mem=kern.smem)
 
     def finish(lam_v):
         kern.finish((1,), (THREADS,), (stats, w_arg, np.int32(w is not None), np.int32(idx is not None),

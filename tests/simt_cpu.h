@@ -5,11 +5,17 @@
 // (copy_async / wait_copies: the copy happens at the wait), static and
 // dynamic __shared__ memory per block (tests/simt_cpu.py rewrites the declarations into
 // emu::shared<T>(name, count) calls; fresh memory is filled with NaN bytes), and the
-// cooperative-groups cluster API (this_cluster().sync(), map_shared_rank), and float32
+// cooperative-groups cluster API (this_cluster().sync(), map_shared_rank), blocks that meet
+// in global memory (take_ticket, announce, arrivals, load_from_other_blocks and
+// pause_briefly, which lets the other fibers run), and float32
 // denormals flushed to zero (CuPy compiles every kernel with -ftz=true).  A barrier that
-// not every thread reaches is reported as a deadlock; DSMEM use of a block that has exited
-// is reported too.  Results that change with the seed betray a race on shared memory (see
-// the scheduling note below for the orders tried).
+// not every thread reaches is reported as a deadlock, and so is a spin loop that nothing
+// ends; DSMEM use of a block that has exited is reported too.  Results that change with the
+// seed betray a race on shared memory (see the scheduling note below for the orders tried).
+//
+// Blocks run a cluster at a time, or (resident > 0) the whole grid as one set of which at
+// most `resident` blocks run at once, started in a seeded random order as earlier ones end:
+// a GPU starts blocks in no promised order and holds only so many at once.
 //
 // Memory traffic (when tracing is on): every global access the harness's rewrite notes (the
 // logits, the target, the gradient's stores) is grouped into the warp instruction it belongs
@@ -34,6 +40,7 @@
 #include <functional>
 #include <memory>
 #include <numeric>
+#include <deque>
 #include <queue>
 #include <random>
 #include <string>
@@ -77,6 +84,8 @@ struct State {
     std::vector<Block> blocks;                // the running cluster's blocks
     Barrier cluster_bar;
     std::priority_queue<std::pair<uint32_t, unsigned>> ready;
+    std::deque<unsigned> spinning;            // fibers in pause_briefly, run in turn when nothing else is ready
+    long idle_spins = 0;                      // spins since a fiber last ran from `ready`
     std::mt19937 rng;
     bool sticky = false;
     Fiber* cur = nullptr;
@@ -155,6 +164,12 @@ inline float shfl_xor(float v, int lane_mask) {
     return r;
 }
 
+// A spin loop's pause: the fiber waits until every ready fiber has had its turn.
+inline void spin() {
+    S.spinning.push_back(self());
+    yield();
+}
+
 inline Alloc* find(Block& B, const std::string& name) {
     for (auto& a : B.shared) if (a.name == name) return &a;
     return nullptr;
@@ -227,9 +242,14 @@ struct FlushDenormals {
 struct FlushDenormals {};
 #endif
 
-// Runs body on grid blocks of `threads` threads, `cluster` blocks at a time.  Returns 0, or 1
-// with the reason in S.error.
-inline int run(unsigned grid, unsigned threads, unsigned cluster, unsigned seed, std::function<void()> body) {
+inline void start_block(unsigned b) {
+    for (unsigned t = 0; t < S.threads; t++) make_ready(b * S.threads + t);
+}
+
+// Runs body on grid blocks of `threads` threads, `cluster` blocks at a time, or with resident
+// > 0 all blocks as one set, at most `resident` at once.  Returns 0, or 1 with the reason in S.error.
+inline int run(unsigned grid, unsigned threads, unsigned cluster, unsigned seed, std::function<void()> body,
+               unsigned resident = 0) {
     S.body = std::move(body);
     S.threads = threads;
     S.error.clear();
@@ -245,6 +265,7 @@ inline int run(unsigned grid, unsigned threads, unsigned cluster, unsigned seed,
     S.sticky = seed % 2 == 0;
     FlushDenormals ftz;                       // as CuPy compiles every kernel: -ftz=true
     const size_t stack_bytes = 64 * 1024;
+    if (resident) cluster = grid;             // one set: the whole grid
     const size_t n = (size_t)threads * cluster;
     std::unique_ptr<char[]> stacks(new char[n * stack_bytes]);   // not zeroed: pages stay untouched until used
     for (unsigned c0 = 0; c0 < grid; c0 += cluster) {
@@ -270,16 +291,37 @@ inline int run(unsigned grid, unsigned threads, unsigned cluster, unsigned seed,
             f.ctx.uc_stack.ss_size = stack_bytes;
             f.ctx.uc_link = &S.sched;
             makecontext(&f.ctx, entry, 0);
-            make_ready((unsigned)i);
         }
+        std::vector<unsigned> order(cluster);  // the blocks in the order they start
+        std::iota(order.begin(), order.end(), 0u);
+        if (resident) std::shuffle(order.begin(), order.end(), S.rng);
+        size_t started = resident ? std::min<size_t>(resident, cluster) : cluster;
+        for (size_t b = 0; b < started; b++) start_block(order[b]);
+        S.spinning.clear();
+        S.idle_spins = 0;
         size_t finished = 0;
-        while (!S.ready.empty()) {
-            unsigned i = S.ready.top().second;
-            S.ready.pop();
+        while (!S.ready.empty() || !S.spinning.empty()) {
+            unsigned i;
+            if (!S.ready.empty()) {
+                i = S.ready.top().second;
+                S.ready.pop();
+                S.idle_spins = 0;
+            } else {                          // only spinning fibers: each gets its turn to look
+                i = S.spinning.front();
+                S.spinning.pop_front();
+                if (++S.idle_spins > 4 * (long)n + 100) {
+                    S.error = "deadlock: blocks wait in a spin loop that nothing ends (block "
+                              + std::to_string(S.block_base + S.fibers[i].block) + " waits)";
+                    return 1;
+                }
+            }
             S.cur = &S.fibers[i];
             swapcontext(&S.sched, &S.cur->ctx);
             if (!S.error.empty()) return 1;
-            if (S.cur->done) finished++;
+            if (S.cur->done) {
+                finished++;
+                if (S.blocks[S.cur->block].live == 0 && started < cluster) start_block(order[started++]);
+            }
         }
         if (finished != n) {
             S.error = "deadlock: a barrier or shuffle that not every thread reaches (block "
@@ -331,6 +373,14 @@ inline void wait_copies() {
     for (auto& c : emu::S.cur->copies) *c.first = *c.second;
     emu::S.cur->copies.clear();
 }
+
+// blocks that meet in global memory (one fiber runs at a time: plain reads and writes are atomic)
+inline int take_ticket(int* counter) { return (*counter)++; }
+inline void announce(int* counter) { ++*counter; }
+inline int arrivals(const int* counter) { return *counter; }
+inline float load_from_other_blocks(const float* at) { return *at; }
+inline void pause_briefly() { emu::spin(); }
+inline void __threadfence() {}
 
 namespace cooperative_groups {
 struct cluster_group {

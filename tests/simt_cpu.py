@@ -95,10 +95,10 @@ def cpu_source(cuda_source: str, kernel: str, cluster: str) -> str:
             raise ValueError(f"no access matches {pattern!r}: the kernel's source changed, update NOTED")
     names = [p.strip().split()[-1].lstrip("*") for p in params.split(",")]
     launcher = (f'\nextern "C" int launch(unsigned grid, unsigned threads, unsigned seed, unsigned long smem, '
-                f'{params}) {{\n'
+                f'unsigned resident, {params}) {{\n'
                 f"    if (threads != THREADS) return 2;\n"
                 f"    emu::S.dynamic_smem = smem;\n"
-                f"    return emu::run(grid, threads, {cluster}, seed, [=] {{ {kernel}({', '.join(names)}); }});\n"
+                f"    return emu::run(grid, threads, {cluster}, seed, [=] {{ {kernel}({', '.join(names)}); }}, resident);\n"
                 f"}}\n"
                 f'extern "C" const char* last_error() {{ return emu::S.error.c_str(); }}\n'
                 f'extern "C" long reads(int which) {{ return emu::S.reads[which]; }}\n'
@@ -157,6 +157,15 @@ SMEM_DEFAULT = 48 * 1024                     # static + dynamic shared memory of
 SMEM_OPTIN_MAX = 227 * 1024                  # static + dynamic with it, on sm_90 (H100, H200)
 
 
+def meeting_blocks(cuda_source: str) -> int:
+    """The blocks per row of a kernel variant whose blocks meet in global memory, else 0."""
+    cluster = re.search(r"#define CLUSTER (\d+)", cuda_source)
+    dsmem = re.search(r"#define DSMEM (\d+)", cuda_source)
+    if cluster and dsmem and int(cluster.group(1)) > 1 and dsmem.group(1) == "0":
+        return int(cluster.group(1))
+    return 0
+
+
 def param_types(cuda_source: str, kernel: str):
     """[(C type, is a pointer, is const)] of the kernel's parameters, typedefs resolved."""
     typedefs = dict((new, old) for old, new in re.findall(r"typedef\s+(\w+)\s+(\w+)\s*;", cuda_source))
@@ -173,7 +182,10 @@ class CpuKernel:
     kernel under every seed.
 
     The arrays it writes are its pointer parameters without const.  lk_rows runs in the
-    source's clusters (CLUSTER blocks), any other kernel in single blocks.  Each argument is
+    source's clusters (CLUSTER blocks), any other kernel in single blocks; a variant whose
+    blocks meet in global memory (CLUSTER > 1, DSMEM 0) runs instead as a GPU would run it:
+    the whole grid at once with at most `resident` blocks live (default CLUSTER + 1, so that
+    a row's blocks straddle the set), started in a random order.  Each argument is
     checked against its parameter's C type as CuPy would pass it (POINTEE, BY_VALUE), and
     the shared memory as CUDA checks it: static and dynamic together at most 48 KiB unless
     max_dynamic_shared_size_bytes was set, then dynamic at most that and static plus that at
@@ -185,6 +197,7 @@ class CpuKernel:
         self.params = param_types(cuda_source, kernel)
         self.outputs = [i for i, (_, pointer, const) in enumerate(self.params) if pointer and not const]
         self.seeds = seeds
+        self.resident = meeting_blocks(cuda_source) + 1 if kernel == "lk_rows" and meeting_blocks(cuda_source) else 0
         self.launches = 0
         self.reads = []                          # per launch: (logit reads, target reads, expf calls)
         self.trace = False                       # record the memory traffic (slower)
@@ -246,7 +259,7 @@ class CpuKernel:
                     cargs.append({"float": ctypes.c_float, "int": ctypes.c_int, "long": ctypes.c_long}[ctype](a.item()))
             self.dll.set_trace(int(self.trace and seed == self.seeds[0]))
             rc = self.dll.launch(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), ctypes.c_uint(seed),
-                                 ctypes.c_ulong(shared_mem), *cargs)
+                                 ctypes.c_ulong(shared_mem), ctypes.c_uint(self.resident), *cargs)
             if rc != 0:
                 raise AssertionError("kernel failed on the CPU: " + (self.dll.last_error().decode() or f"rc {rc}"))
             self._check_shared_memory(shared_mem)
@@ -264,6 +277,6 @@ class CpuKernel:
         for other in results[1:]:
             for a, b in zip(results[0], other):
                 if not np.array_equal(a.view(np.uint8), b.view(np.uint8)):
-                    raise AssertionError("the result depends on the thread schedule (a race on shared memory)")
+                    raise AssertionError("the result depends on the thread schedule (a race on shared or global memory)")
         for i, res in zip(self.outputs, results[0]):
             args[i].reshape(-1)[...] = res

@@ -339,6 +339,12 @@ def test_the_gpu_branch_of_the_bench_runs(monkeypatch, tmp_path):
     shapes = {benchmark.shape_label(*shape) for shape in benchmark.TUNING_SHAPES}
     assert {("lk_alpha", s) for s in shapes} <= impls
     assert {("lk_lambda", "lkref fused lam="), ("lk_alpha", "lkref reference")} <= impls
+    assert ("lk_alpha", benchmark.MEETING_LABEL) not in impls        # V = 300: one block per row
+    monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: True)
+    rows = benchmark.run(backends=("cupy",), losses=("lk_alpha",), sizes={"cupy": [(2, 40_000)]},
+                         repeat=1, with_peers=False, say=lines.append)
+    assert ("lk_alpha", benchmark.MEETING_LABEL) in {(r.loss, r.impl) for r in rows}   # two blocks per row
+    assert fused_cupy._has_clusters(None) is True                     # restored
     assert lines[0].startswith("== lkref ") and "Fake GPU" in lines[1] and fused_cupy.THREADS == 512
     benchmark.write_csv(rows, str(tmp_path / "g.csv"), ["cupy"])
     assert "Fake GPU" in (tmp_path / "g.csv").read_text()
@@ -356,18 +362,32 @@ def test_the_profiled_program_runs(monkeypatch, capsys):
 
 def test_the_sanitized_program_runs_and_fails_on_a_wrong_result(monkeypatch, capsys):
     """bench/gpu_sanitize.py (what gpu_check.sh runs under compute-sanitizer) on the fake CuPy:
-    every case runs and matches the reference; a fused path 0.1 % off fails every case."""
+    every case runs and matches the reference, the cases marked clusters=False as on a GPU
+    without clusters; a fused path 0.1 % off fails every case."""
     import lkref
+    from lkref import fused_cupy
     fake = _fake_cupy()
     allocators = []
     fake.cuda.set_allocator = allocators.append
     monkeypatch.setitem(sys.modules, "cupy", fake)
     mod = _load_bench("gpu_sanitize")
     monkeypatch.setattr(mod.lkref, "cupy_available", lambda: True)
+    right = dict(lkref.LOSSES)
+    seen = []                                        # whether each fused call saw clusters
+
+    def watched(name):
+        def loss(*args, impl="auto", **kw):
+            if impl == "fused":
+                seen.append(fused_cupy._has_clusters(fake))
+            return right[name](*args, impl=impl, **kw)
+        return loss
+    monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: True)
+    monkeypatch.setattr(mod.lkref, "LOSSES", {name: watched(name) for name in right})
     assert mod.main([]) == 0 and allocators == [None]
+    assert seen == [case[4].get("clusters", True) for case in mod.CASES] and False in seen
+    assert fused_cupy._has_clusters(fake) is True   # restored after each case
     out = capsys.readouterr().out
     assert out.count("  ok ") == len(mod.CASES) and f"{len(mod.CASES)} cases, 0 failed" in out
-    right = dict(lkref.LOSSES)
 
     def off(name):
         def loss(*args, impl="auto", **kw):
@@ -443,21 +463,26 @@ def test_gpu_warm_compiles_each_source_once_and_covers_the_tests():
     warm = _load_bench("gpu_warm")
     specs = warm.variants()
     sources = set()
-    for threads, share, cache, dt, V in specs:
+    for threads, share, cache, dt, V, dsmem in specs:
         with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
-            sources.add((dt, fused_cupy.kernel_source(*fused_cupy.plan(V))))
+            sources.add((dt, fused_cupy.kernel_source(*fused_cupy.plan(V), dsmem=dsmem)))
     assert len(sources) == len(specs)                       # nothing compiled twice
     covered = set()
-    for threads, share, cache, dt, V in specs:
+    for threads, share, cache, dt, V, dsmem in specs:
         with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
-            covered.add((threads, cache, dt, fused_cupy.plan(V)))
+            covered.add((threads, cache, dt, fused_cupy.plan(V), dsmem))
     marks = [m for m in test_gpu.test_fused_matches_reference_on_odd_shapes.pytestmark if m.args[0] == "N, V"]
     for _, V in marks[0].args[1]:
-        assert (fused_cupy.THREADS, True, "float32", fused_cupy.plan(V)) in covered, V
+        assert (fused_cupy.THREADS, True, "float32", fused_cupy.plan(V), True) in covered, V
+    marks = [m for m in test_gpu.test_fused_without_clusters_blocks_meet_in_global_memory.pytestmark
+             if m.args[0] == "N, V, cluster"]
+    for _, V, _ in marks[0].args[1]:
+        assert (fused_cupy.THREADS, True, "float32", fused_cupy.plan(V), False) in covered, V
     for threads, share, cache in benchmark.TUNING_SHAPES:
         for V in (32_000, 128_256):
             with fused_cupy.configured(threads=threads, block_share=share):
-                assert (threads, cache, "float32", fused_cupy.plan(V)) in covered, (threads, share, cache, V)
+                assert (threads, cache, "float32", fused_cupy.plan(V), True) in covered, (threads, share, cache, V)
+    assert all(dsmem is False for *_, dsmem in warm.variants(clusters=False))   # a GPU before Hopper
 
 
 def test_gpu_warm_builds_through_lkrefs_own_kernel_cache(monkeypatch):
@@ -469,11 +494,13 @@ def test_gpu_warm_builds_through_lkrefs_own_kernel_cache(monkeypatch):
     fake.cuda = types.SimpleNamespace(Device=lambda: types.SimpleNamespace(compute_capability="90"))
     monkeypatch.setitem(sys.modules, "cupy", fake)
     built = []
-    monkeypatch.setattr(fused_cupy, "_kernel", lambda i, o, items, cluster: built.append(
-        (str(i), str(o), items, cluster, fused_cupy.THREADS, fused_cupy.BLOCK_SHARE)))
-    warm._compile((512, 16_384, True, "float32", 128_256))
-    warm._compile((512, 32_768, True, "float16", 4099))
-    assert built == [("float32", "float32", 32, 8, 512, 16_384), ("float16", "float16", 9, 1, 512, 32_768)]
+    monkeypatch.setattr(fused_cupy, "_kernel", lambda i, o, items, cluster, dsmem: built.append(
+        (str(i), str(o), items, cluster, dsmem, fused_cupy.THREADS, fused_cupy.BLOCK_SHARE)))
+    warm._compile((512, 16_384, True, "float32", 128_256, True))
+    warm._compile((512, 32_768, True, "float16", 4099, True))
+    warm._compile((512, 32_768, True, "float32", 50_257, False))
+    assert built == [("float32", "float32", 32, 8, True, 512, 16_384), ("float16", "float16", 9, 1, True, 512, 32_768),
+                     ("float32", "float32", 50, 2, False, 512, 32_768)]
 
 
 def _gpu_rows(alpha_ms, lam_ms, extra_mib):

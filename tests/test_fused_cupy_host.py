@@ -38,7 +38,7 @@ REDUCED = sorted(lkref.LOSSES)
 
 def kernel_on_the_cpu(grid, block, args, shared_mem=0):
     """lk_rows, transcribed: each row is one block."""
-    z2, p2, g2, w, has_w, wsum, has_wsum, scale, stats, idx, has_idx, V, Vt, T, lam, mode, phase = args
+    z2, p2, g2, w, has_w, wsum, has_wsum, scale, stats, idx, has_idx, V, Vt, T, lam, mode, phase, _, _ = args
     T, lam, mode, phase = float(T), float(lam), int(mode), int(phase)
     z = z2.astype(np.float32)
     p = p2[:, idx] if int(has_idx) else p2
@@ -163,6 +163,21 @@ def simt(monkeypatch):
     if simt_cpu.compiler() is None:
         pytest.skip("no C++ compiler for the SIMT stand-in")
     simt_stand_in(monkeypatch)
+
+
+def no_clusters(monkeypatch, resident=None):
+    """As on a GPU before Hopper: a row's blocks meet in global memory.  The stand-in then runs
+    the grid as a GPU may, CLUSTER + 1 blocks live at a time started in a random order, or
+    `resident` at a time."""
+    monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: False)
+    if resident is not None:
+        build = fused_cupy._build
+
+        def with_resident(cp, src):
+            kern = build(cp, src)
+            kern.resident = resident
+            return kern
+        monkeypatch.setattr(fused_cupy, "_build", with_resident)
 
 
 def run(name, z, p, **kw):
@@ -357,18 +372,19 @@ def test_plan_covers_every_vocabulary():
     assert fused_cupy.plan(32_000) == (63, 1)
     assert fused_cupy.plan(128_256) == (63, 4)
     assert fused_cupy.plan(10**6) == (0, 1)
-    assert fused_cupy.plan(128_256, clusters=False) == (0, 1)          # before Hopper: stream the row
-    assert fused_cupy.plan(32_000, clusters=False) == (63, 1)
     for V in (1, 512, 32_768, 32_769, 50_257, 262_144, 262_145):
         items, cluster = fused_cupy.plan(V)
         assert items == 0 or items * fused_cupy.THREADS * cluster >= V
         assert items <= fused_cupy.MAX_ITEMS and cluster in (1, 2, 4, 8)
 
 
-@pytest.mark.parametrize("V, in_t, out_t", [(32_000, "float", "float"), (128_256, "__half", "__half"),
-                                            (300_000, "float", "__half")])
-def test_kernel_source_compiles_for_hopper(tmp_path, V, in_t, out_t):
-    """nvcc (when the machine has it) must build every variant for sm_90 without errors."""
+@pytest.mark.parametrize("V, in_t, out_t, arch", [(32_000, "float", "float", "sm_90"),
+                                                  (128_256, "__half", "__half", "sm_90"),
+                                                  (300_000, "float", "__half", "sm_90"),
+                                                  (128_256, "float", "float", "sm_80")])
+def test_kernel_source_compiles(tmp_path, V, in_t, out_t, arch):
+    """nvcc (when the machine has it) must build every variant without errors: for sm_90 with
+    clusters, for sm_80 (A100) with blocks that meet in global memory."""
     import shutil
     import subprocess
     nvcc = shutil.which("nvcc")
@@ -376,8 +392,8 @@ def test_kernel_source_compiles_for_hopper(tmp_path, V, in_t, out_t):
         pytest.skip("nvcc is not installed")
     items, cluster = fused_cupy.plan(V)
     src = tmp_path / "k.cu"
-    src.write_text(fused_cupy.kernel_source(items, cluster, in_t, out_t))
-    r = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "k.cubin"), str(src)],
+    src.write_text(fused_cupy.kernel_source(items, cluster, in_t, out_t, dsmem=arch == "sm_90"))
+    r = subprocess.run([nvcc, "-std=c++17", f"-arch={arch}", "-cubin", "-o", str(tmp_path / "k.cubin"), str(src)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
 
@@ -402,6 +418,81 @@ def test_simt_every_plan(simt, monkeypatch, name, V, plan):
     kw.pop("draft_to_target")
     p = make_probs(rng, (N, V), dtype=np.float32)
     close(run(name, z, p, **kw), reference(name, z, p, **kw))
+
+
+@pytest.mark.parametrize("name", REDUCED)
+@pytest.mark.parametrize("V, cluster", [(300, 2), (1000, 4), (2000, 8)])
+def test_simt_blocks_meet_in_global_memory(simt, monkeypatch, name, V, cluster):
+    """GPUs before Hopper: a row's 2, 4 or 8 blocks meet in global memory instead of a cluster,
+    run as a GPU may run them (the whole grid, CLUSTER + 1 blocks live at a time, started in a
+    random order, so that a row's blocks wait for others that start only when an earlier row
+    ends); with a mask, a temperature and a target vocabulary of its own (two launches), and
+    in one launch, which reads each logit and target entry once, as a cluster does."""
+    small_blocks(monkeypatch)
+    no_clusters(monkeypatch)
+    kernels = built_kernels(monkeypatch)
+    assert fused_cupy.plan(V)[1] == cluster
+    rng = np.random.default_rng(V + 1)
+    N, Vt = 5, V + 7
+    z = make_logits(rng, (N, V), dtype=np.float32)
+    p = make_probs(rng, (N, Vt), dtype=np.float32)
+    kw = dict(mask=np.array([1, 1, 0, 1, 1], bool), temperature=0.7, draft_to_target=rng.permutation(Vt)[:V])
+    close(run(name, z, p, **kw), reference(name, z, p, **kw))
+    p = make_probs(rng, (N, V), dtype=np.float32)
+    kw = {"lam": 0.3} if name == "lk_lambda" else {}
+    close(run(name, z, p, **kw), reference(name, z, p, **kw))
+    assert simt_cpu.meeting_blocks(kernels[-1].rows.code) == cluster and kernels[-1].rows.resident == cluster + 1
+    logits_reads, target_reads, _ = kernels[-1].rows.reads[-1]
+    assert (logits_reads, target_reads) == (N * V, N * V)
+
+
+@pytest.mark.parametrize("resident", [2, 4, 7, 20])
+def test_simt_meeting_blocks_need_only_one_rows_blocks_live(simt, monkeypatch, resident):
+    """Blocks that meet take their rows in the order they start, so the grid finishes with as
+    few as CLUSTER blocks live at once (4 here), in any start order; with fewer, no row can
+    meet, and the stand-in reports the deadlock."""
+    small_blocks(monkeypatch)
+    no_clusters(monkeypatch, resident=resident)
+    rng = np.random.default_rng(resident)
+    z = make_logits(rng, (5, 1000), dtype=np.float32)
+    p = make_probs(rng, (5, 1000), dtype=np.float32)
+    assert fused_cupy.plan(1000)[1] == 4
+    if resident < 4:
+        with pytest.raises(AssertionError, match="deadlock: blocks wait in a spin loop"):
+            run("lk_alpha", z, p)
+    else:
+        close(run("lk_alpha", z, p), reference("lk_alpha", z, p))
+
+
+# bugs planted in the global-memory meeting; each must fail on the stand-in
+PLANTED_MEETING = {
+    "rows by blockIdx, not by start order": ("        row = ticket / CLUSTER;\n        rank = ticket % CLUSTER;\n", "",
+                                             "deadlock"),
+    "no wait for the other blocks": ("        while (arrivals(r.arrived) < r.round * CLUSTER) pause_briefly();\n", "",
+                                     None),
+    "a wait for one block too few": ("arrivals(r.arrived) < r.round * CLUSTER)",
+                                     "arrivals(r.arrived) < r.round * CLUSTER - 1)", None),
+    "the rounds share their slots": ("r.parts[r.rank * 10 + at + j] = v[j]", "r.parts[r.rank * 10 + j] = v[j]", None),
+}
+
+
+@pytest.mark.parametrize("bug", sorted(PLANTED_MEETING))
+def test_simt_catches_planted_meeting_bugs(simt, monkeypatch, bug):
+    """Negative controls for the global-memory meeting: each planted bug fails (a deadlock, a
+    result that depends on the schedule, or a wrong one); the unchanged source passes."""
+    small_blocks(monkeypatch)
+    no_clusters(monkeypatch)
+    old, new, message = PLANTED_MEETING[bug]
+    assert fused_cupy._SOURCE.count(old) == 1
+    rng = np.random.default_rng(11)
+    z = make_logits(rng, (5, 1000), dtype=np.float32)
+    p = make_probs(rng, (5, 1000), dtype=np.float32)
+    close(run("lk_lambda", z, p), reference("lk_lambda", z, p))
+    monkeypatch.setattr(fused_cupy, "_SOURCE", fused_cupy._SOURCE.replace(old, new))
+    fused_cupy._cache.clear()
+    z = z[::-1].copy()           # other rows: the partial results the last run left in reused memory would be right
+    with pytest.raises((AssertionError, ValueError), match=message):
+        close(run("lk_lambda", z, p), reference("lk_lambda", z, p))
 
 
 @pytest.mark.parametrize("name, V, N, dtype", [("lk_alpha", 32_000, 2, np.float32),
@@ -521,7 +612,7 @@ PLANTED = {
     "race in the block sum": ("    if (lane == 0) for (int k = 0; k < K; k++) sh[k * 32 + warp] = v[k];\n    __syncthreads();",
                               "    if (lane == 0) for (int k = 0; k < K; k++) sh[k * 32 + warp] = v[k];\n",
                               "depends on the thread schedule"),
-    "cluster exits while read": ("r[j] += other[j];\n    }\n    cluster.sync();", "r[j] += other[j];\n    }\n",
+    "cluster exits while read": ("x[j] += other[j];\n    }\n    cluster.sync();", "x[j] += other[j];\n    }\n",
                                  "has exited"),
     "barrier in divergent code": ("    if (warp == 0) v = warp_max(v);", "    if (warp == 0) { v = warp_max(v); __syncthreads(); }",
                                   "deadlock"),
@@ -611,12 +702,14 @@ def test_launch_shape_from_the_environment(monkeypatch):
 @given(seed=st.integers(0, 2**32 - 1), name=st.sampled_from(REDUCED), N=st.integers(1, 4),
        V=st.sampled_from([1, 2, 5, 63, 64, 65, 257, 700, 2049]), T=st.sampled_from([1.0, 0.5, 2.0]),
        mask=st.sampled_from([None, "bool", "weights"]), d2t=st.booleans(), lam=st.sampled_from([None, 0.3]),
-       scale=st.sampled_from([0.1, 3.0, 30.0]))
-def test_simt_kernel_matches_reference_property(simt, monkeypatch, seed, name, N, V, T, mask, d2t, lam, scale):
-    """Random problems through the kernel's own source (small blocks: one block, clusters of
-    2-8 and streaming, by V), against the float64 reference, within float32 rounding of the
-    size of the terms (the bounds of tests/test_fused.py)."""
+       scale=st.sampled_from([0.1, 3.0, 30.0]), clusters=st.booleans())
+def test_simt_kernel_matches_reference_property(simt, monkeypatch, seed, name, N, V, T, mask, d2t, lam, scale,
+                                                 clusters):
+    """Random problems through the kernel's own source (small blocks: one block, 2-8 blocks per
+    row in a cluster or meeting in global memory, and streaming, by V), against the float64
+    reference, within float32 rounding of the size of the terms (the bounds of tests/test_fused.py)."""
     small_blocks(monkeypatch)
+    monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: clusters)
     rng = np.random.default_rng(seed)
     z = make_logits(rng, (N, V), scale=scale, dtype=np.float32)
     Vt = V + 3 if d2t else V
@@ -761,12 +854,13 @@ def test_check_out_on_a_device_array_type():
         check_out(np.empty((4, 10), np.float32), z, p, None, same_backend=True)
 
 
-@pytest.mark.parametrize("V", [300, 3000])
+@pytest.mark.parametrize("V, clusters", [(300, True), (300, False), (3000, True)])
 @pytest.mark.parametrize("name", ["kl", "lk_lambda"])
-def test_simt_out_is_the_logits_in_clusters_and_streaming(simt, monkeypatch, name, V):
-    """out=draft_logits where a row is split over a cluster (V = 300) or streamed (V = 3000):
-    every logit is read before its gradient overwrites it."""
+def test_simt_out_is_the_logits_in_clusters_and_streaming(simt, monkeypatch, name, V, clusters):
+    """out=draft_logits where a row is split over a cluster or blocks that meet in global memory
+    (V = 300) or streamed (V = 3000): every logit is read before its gradient overwrites it."""
     small_blocks(monkeypatch)
+    monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: clusters)
     rng = np.random.default_rng(V)
     z = make_logits(rng, (3, V), dtype=np.float32)
     p = make_probs(rng, (3, V), dtype=np.float32)
@@ -822,3 +916,19 @@ def test_no_rows_launches_no_row_kernel(counting, name):
     assert fast.grad.shape == (0, 10) and fast.alpha.shape == (0,) and float(fast.loss) == float(want.loss) == 0
     if name == "lk_lambda":
         assert float(fast.lam) == float(want.lam)
+
+
+@pytest.mark.parametrize("clusters, ops", [(True, 0), (False, 1)])
+def test_blocks_that_meet_in_memory_add_one_operation(counting, monkeypatch, clusters, ops):
+    """With 2 blocks per row (V = 300 in small blocks), a GPU without clusters has them meet in
+    global memory, whose counters are zeroed for each call: one more operation (a memset on a
+    GPU), still one wait; a cluster needs none."""
+    small_blocks(monkeypatch)
+    monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: clusters)
+    assert fused_cupy.plan(300)[1] == 2
+    rng = np.random.default_rng(15)
+    z, p = make_logits(rng, (6, 300), dtype=np.float32), make_probs(rng, (6, 300), dtype=np.float32)
+    fast = run("lk_alpha", counting.counted(z), counting.counted(p))
+    log = dict(counting.log)
+    close(fast, reference("lk_alpha", z, p))
+    assert log == {"launches": 2, "to_host": 1, **({"ops": ops} if ops else {})}
