@@ -1,6 +1,7 @@
 """Registers, spills and shared memory of the CuPy kernel's variants, from nvcc's ptxas
 (no GPU needed): python bench/kernel_resources.py [--arch sm_90].  Occupancy follows from
-them: an H100 SM has 65 536 registers and 228 KiB of shared memory."""
+them: an SM has 65 536 registers and (SMEM_KIB) 228 KiB of shared memory on an H100, 164 KiB
+on an A100.  Before sm_90 a row's blocks meet in global memory instead of a cluster."""
 
 from __future__ import annotations
 
@@ -18,10 +19,14 @@ from lkref import fused_cupy  # noqa: E402
 from lkref.benchmark import TUNING_SHAPES  # noqa: E402
 
 
+#: shared memory per SM and the most one block may opt in to, KiB (CUDA's tables)
+SMEM_KIB = {75: (64, 64), 80: (164, 163), 86: (100, 99), 87: (164, 163), 89: (100, 99), 90: (228, 227)}
+
+
 def resources(V, threads, share, cache, arch, work):
     with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
         items, cluster = fused_cupy.plan(V)
-        src = fused_cupy.kernel_source(items, cluster, "float", "float")
+        src = fused_cupy.kernel_source(items, cluster, "float", "float", dsmem=_cc(arch) >= 90)
     path = os.path.join(work, "k.cu")
     with open(path, "w") as f:
         f.write(src)
@@ -33,6 +38,10 @@ def resources(V, threads, share, cache, arch, work):
     get = lambda pattern: int(m.group(1)) if (m := re.search(pattern, log)) else 0  # noqa: E731
     return items, cluster, {"regs": get(r"Used (\d+) registers"), "spill": get(r"(\d+) bytes spill stores"),
                             "smem": get(r"(\d+) bytes smem")}
+
+
+def _cc(arch):
+    return int(arch.split("_")[-1].rstrip("a"))
 
 
 def main():
@@ -53,11 +62,16 @@ def main():
                 if res is None:
                     print(f"{V:7d} {threads:7d} {share:6d} {cache!s:>5} | build failed")
                     continue
+                per_sm, per_block = SMEM_KIB.get(_cc(args.arch), SMEM_KIB[90])
                 dyn = 4 * items * threads if cache and items else 0
+                note = ""
+                if dyn + res["smem"] > per_block * 1024:     # lkref then builds the variant without the cache
+                    dyn, note = 0, "  (no room for the target cache: runs without it)"
                 by_regs = 65536 // max(1, res["regs"] * threads)
-                by_smem = (228 * 1024) // max(1, dyn + res["smem"] + 1024)
+                by_smem = (per_sm * 1024) // max(1, dyn + res["smem"] + 1024)
                 print(f"{V:7d} {threads:7d} {share:6d} {cache!s:>5} | {items:5d} {cluster:7d} {res['regs']:5d} "
-                      f"{res['spill']:7d} {res['smem']:11d} {dyn / 1024:12.0f} {min(by_regs, by_smem, 2048 // threads):9d}")
+                      f"{res['spill']:7d} {res['smem']:11d} {dyn / 1024:12.0f} "
+                      f"{min(by_regs, by_smem, 2048 // threads):9d}{note}")
 
 
 if __name__ == "__main__":
