@@ -168,14 +168,16 @@ def simt(monkeypatch):
 def no_clusters(monkeypatch, resident=None):
     """As on a GPU before Hopper: a row's blocks meet in global memory.  The stand-in then runs
     the grid as a GPU may, CLUSTER + 1 blocks live at a time started in a random order, or
-    `resident` at a time."""
+    `resident` at a time (a number, or a function of CLUSTER)."""
     monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: False)
     if resident is not None:
         build = fused_cupy._build
 
         def with_resident(cp, src):
             kern = build(cp, src)
-            kern.resident = resident
+            cluster = simt_cpu.meeting_blocks(src)
+            if cluster:
+                kern.resident = resident(cluster) if callable(resident) else resident
             return kern
         monkeypatch.setattr(fused_cupy, "_build", with_resident)
 
@@ -662,10 +664,13 @@ def test_simt_other_launch_shapes(simt, threads, share, V, cache, cluster):
         (512, 32_768, 64, True)                     # restored
 
 
-def test_simt_blocks_without_columns(simt, monkeypatch):
-    """A cluster of 8 whose last blocks get no columns (V = 1025 over 8 x 64 threads x 3 items):
-    they still take part in every reduction and write nothing."""
+@pytest.mark.parametrize("clusters", [True, False])
+def test_simt_blocks_without_columns(simt, monkeypatch, clusters):
+    """8 blocks per row whose last ones get no columns (V = 1025 over 8 x 64 threads x 3 items),
+    in a cluster or meeting in global memory: they still take part in every reduction and
+    write nothing."""
     small_blocks(monkeypatch)
+    monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: clusters)
     assert fused_cupy.plan(1025) == (3, 8) and 6 * 64 * 3 >= 1025
     rng = np.random.default_rng(14)
     z = make_logits(rng, (3, 1025), dtype=np.float32)
@@ -702,14 +707,16 @@ def test_launch_shape_from_the_environment(monkeypatch):
 @given(seed=st.integers(0, 2**32 - 1), name=st.sampled_from(REDUCED), N=st.integers(1, 4),
        V=st.sampled_from([1, 2, 5, 63, 64, 65, 257, 700, 2049]), T=st.sampled_from([1.0, 0.5, 2.0]),
        mask=st.sampled_from([None, "bool", "weights"]), d2t=st.booleans(), lam=st.sampled_from([None, 0.3]),
-       scale=st.sampled_from([0.1, 3.0, 30.0]), clusters=st.booleans())
+       scale=st.sampled_from([0.1, 3.0, 30.0]), live=st.sampled_from([None, 0, 1, 1000]))
 def test_simt_kernel_matches_reference_property(simt, monkeypatch, seed, name, N, V, T, mask, d2t, lam, scale,
-                                                 clusters):
+                                                 live):
     """Random problems through the kernel's own source (small blocks: one block, 2-8 blocks per
     row in a cluster or meeting in global memory, and streaming, by V), against the float64
-    reference, within float32 rounding of the size of the terms (the bounds of tests/test_fused.py)."""
+    reference, within float32 rounding of the size of the terms (the bounds of tests/test_fused.py).
+    live: None, a cluster; else blocks that meet, with CLUSTER + live blocks live at a time."""
     small_blocks(monkeypatch)
-    monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: clusters)
+    if live is not None:
+        no_clusters(monkeypatch, resident=lambda cluster: cluster + live)
     rng = np.random.default_rng(seed)
     z = make_logits(rng, (N, V), scale=scale, dtype=np.float32)
     Vt = V + 3 if d2t else V
