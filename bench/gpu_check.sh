@@ -55,8 +55,8 @@ san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 
 sanitize() {
   echo "== compute-sanitizer: memcheck, racecheck, synccheck, initcheck (bench/gpu_sanitize.py)"
   for tool in memcheck racecheck synccheck initcheck; do
-    timeout 60 "$san" --tool "$tool" --print-limit 10 --show-backtrace device \
-      python3 bench/gpu_sanitize.py > "/tmp/lkref-sanitize-$tool.txt" 2>&1 &
+    { timeout 60 "$san" --tool "$tool" --print-limit 10 --show-backtrace device python3 bench/gpu_sanitize.py
+      rc=$?; [ $rc = 124 ] && echo "(stopped after 60 s)"; echo "exit status $rc"; } > "/tmp/lkref-sanitize-$tool.txt" 2>&1 &
   done
   wait
   pkill -KILL -f bench/gpu_sanitize.py 2>/dev/null    # a program that outlived its sanitizer's timeout
