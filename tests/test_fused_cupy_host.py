@@ -6,13 +6,14 @@ compiled kernel:
   logic, the row losses, lambda, the reduce hook, draft_to_target, the LK^alpha fallback and
   the input flags;
 - "simt": the kernel's own CUDA source, built with g++ against tests/simt_cpu.h, which runs
-  every CUDA thread as a fiber with real barriers, warp shuffles, shared memory and
-  thread-block clusters (under two schedules, with guard zones around the arrays), launched
-  through fused_cupy's own _kernel with each argument checked against its parameter's C type
-  as CuPy passes it and its shared memory as CUDA counts it, and with its
-  global reads and stores counted and, where asked, grouped into warp accesses to measure
-  how they coalesce.  This checks the kernel's indexing, reductions and cluster exchange
-  without a GPU; the schedule, timing and rounding of a real GPU are checked by
+  every CUDA thread as a fiber with real barriers, warp shuffles, shared memory,
+  thread-block clusters and blocks that meet in global memory (those run as a GPU may run
+  them: few blocks live, started in a random order) under two schedules, with guard zones
+  around the arrays, launched through fused_cupy's own _kernel with each argument checked
+  against its parameter's C type as CuPy passes it and its shared memory as CUDA counts it,
+  and with its global reads and stores counted and, where asked, grouped into warp accesses
+  to measure how they coalesce.  This checks the kernel's indexing, reductions and exchanges
+  between blocks without a GPU; the schedule, timing and rounding of a real GPU are checked by
   tests/test_gpu.py.
 """
 
