@@ -11,7 +11,8 @@
 // denormals flushed to zero (CuPy compiles every kernel with -ftz=true).  A barrier that
 // not every thread reaches is reported as a deadlock, and so is a spin loop that nothing
 // ends; DSMEM use of a block that has exited is reported too.  Results that change with the
-// seed betray a race on shared memory (see the scheduling note below for the orders tried).
+// seed betray a race on shared or global memory (see the scheduling note below for the
+// orders tried).
 //
 // Blocks run a cluster at a time, or (resident > 0) the whole grid as one set of which at
 // most `resident` blocks run at once, started in a seeded random order as earlier ones end:

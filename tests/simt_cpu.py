@@ -6,11 +6,11 @@ declarations are rewritten (into per-block allocations; ``extern __shared__`` ge
 launch's dynamic size), its #include lines dropped (its CUDA-only helpers, under
 ``__CUDACC__``, come from the header instead), and its global reads of the logits and the
 target and its stores of the gradient wrapped in emu::noted (NOTED: counted, and recorded
-for the coalescing measure when tracing; the header counts expf calls too).  Every launch runs
-under several scheduling seeds on guarded copies of the arrays:
-the results must be the same bit for bit (else a race on shared memory), and the guard zones
-around every array must be untouched (else an out-of-bounds write).  Reads out of bounds
-land in NaN guards and show as wrong results.
+for the coalescing measure when tracing; the header counts expf calls too). Every launch
+runs under several scheduling seeds on guarded copies of the arrays: the results must be the
+same bit for bit (else a race on shared or global memory), and the guard zones around every
+array must be untouched (else an out-of-bounds write). Reads out of bounds land in NaN
+guards and show as wrong results.
 """
 
 from __future__ import annotations
