@@ -26,14 +26,13 @@ def kl_terms(z, p, T=1.0, draft_to_target=None):
     return (float(terms.sum(-1).max()) if terms.size else 0.0) + renorm
 
 
-def grad_terms(name, ref, mask, T):
+def grad_terms(ref, mask, T):
     """The largest size of the terms a gradient element is a difference of: q and p (both <= 1)
-    times the row's weight d / T (and 1 / alpha for LK^alpha).  Where q ~ p the gradient
-    cancels to a few eps times this, whichever way it is computed."""
+    times the row's weight d / T.  Where q ~ p the gradient cancels to a few eps times this,
+    whichever way it is computed.  LK^alpha's terms, q m / alpha and q S / alpha, are no larger,
+    however small alpha is: q <= alpha where m = 1 (q = min(q, p) is one of alpha's terms), and
+    S <= alpha (S sums such terms)."""
     n = ref.alpha.size
     w = np.ones(n) if mask is None else np.asarray(mask, np.float64).reshape(n)
     d = w / w.sum() if w.sum() > 0 else w
-    if name == "lk_alpha":
-        alpha = np.asarray(ref.alpha, np.float64).reshape(n)
-        d = np.where(alpha > 0, d / np.where(alpha > 0, alpha, 1), 0)
     return float(d.max()) / T if n else 0.0
