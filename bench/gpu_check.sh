@@ -45,6 +45,7 @@ for name in ("torch", "triton", "liger-kernel", "speculators"):
     except metadata.PackageNotFoundError:
         print(name, "absent")
 PY
+  timeout 30 python3 -m lkref info | sed -n '/^  cupy .*: usable/,/^$/p'    # how this GPU runs the kernels
 } 2>&1 | tee "$out/gpu-$card-env.txt"
 echo "== the kernel variants, compiled side by side into CuPy's cache (bench/gpu_warm.py)"
 timeout 60 python3 bench/gpu_warm.py 2>&1 | tee "$out/gpu-$card-warm.txt"

@@ -21,6 +21,9 @@ def cmd_info(args) -> int:
         state = "usable" if b["usable"] else "not usable"
         version = f" {b['version']}" if b["version"] else ""
         print(f"  {b['name']}{version}: {state} ({b['device']})")
+        if b["name"] == "cupy" and b["usable"]:
+            from . import fused_cupy
+            print(f"    {fused_cupy.describe(sys.modules['cupy'])}")
     print()
     print("worked example (one position, V = 2, T = 1):")
     z = np.log(np.array([0.6, 0.4]))            # draft q = [0.6, 0.4]

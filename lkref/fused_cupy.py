@@ -646,6 +646,23 @@ def _has_clusters(cp) -> bool:
         return False
 
 
+def describe(cp) -> str:
+    """One line for `python -m lkref info`: whether losses on CuPy arrays take these kernels,
+    and how this GPU splits a row over blocks."""
+    from .fused import cupy_fused_by_default
+    try:
+        cc = f"sm_{int(cp.cuda.Device().compute_capability)}"
+    except Exception:
+        cc = "this GPU"
+    share = THREADS * MAX_ITEMS
+    how = "a thread-block cluster of 2-8 blocks" if _has_clusters(cp) else \
+        "2-8 blocks that meet in global memory (no clusters)"
+    when = "on by default" if cupy_fused_by_default() else \
+        'opt-in (impl="fused" or LKREF_CUPY_FUSED=1) until a GPU run has checked them'
+    return (f"fused CuPy kernels: {when}; on {cc} a row of up to {share} logits takes one block, up to "
+            f"{max(CLUSTER_CHOICES) * share} {how}, a longer one is streamed by one block")
+
+
 def _build(cp, src):
     """Compile now (not at the first launch), with CuPy's own include paths; if the headers
     are not found that way, again with the toolkit's include folders named."""

@@ -370,6 +370,21 @@ def test_clusters_only_from_hopper_on():
     assert not fused_cupy._has_clusters(device("80")) and not fused_cupy._has_clusters(np)
 
 
+@pytest.mark.parametrize("cc, how", [("90", "a thread-block cluster of 2-8"), ("80", "2-8 blocks that meet in global memory")])
+@pytest.mark.parametrize("flag, when", [(None, "opt-in"), ("1", "on by default")])
+def test_info_says_how_this_gpu_runs_the_kernels(monkeypatch, cc, how, flag, when):
+    """python -m lkref info's line on the kernels: opt-in or not, and how this GPU splits rows."""
+    import types
+    cp = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=lambda: types.SimpleNamespace(compute_capability=cc)))
+    if flag is None:
+        monkeypatch.delenv("LKREF_CUPY_FUSED", raising=False)
+    else:
+        monkeypatch.setenv("LKREF_CUPY_FUSED", flag)
+    line = fused_cupy.describe(cp)
+    assert how in line and when in line and f"sm_{cc}" in line
+    assert "up to 32768 logits takes one block, up to 262144 " in line
+
+
 def test_plan_covers_every_vocabulary():
     assert fused_cupy.plan(7) == (1, 1)
     assert fused_cupy.plan(32_000) == (63, 1)
