@@ -74,13 +74,8 @@ def check(cp, label, name, N, V, options, seed):
     host_kw = {k: to_numpy(v) if hasattr(v, "shape") else v for k, v in kw.items()}
     ref = lkref.LOSSES[name](z.astype(np.float32), p, impl="reference", **host_kw)    # before out= overwrites z
     zd = cp.asarray(z)
-    has_clusters = fused_cupy._has_clusters
-    if options.get("clusters") is False:             # as on a GPU before Hopper
-        fused_cupy._has_clusters = lambda cp: False
-    try:
+    with fused_cupy.configured(clusters=options.get("clusters")):     # False: as on a GPU before Hopper
         fast = lkref.LOSSES[name](zd, cp.asarray(p), impl="fused", **(dict(kw, out=zd) if options.get("out") else kw))
-    finally:
-        fused_cupy._has_clusters = has_clusters
     rtol = 5e-3 if z.dtype == np.float16 else RTOL
     err, loss_err = rel_err(fast.grad, ref.grad), rel_err(fast.loss, ref.loss)
     if not (err <= rtol and loss_err <= rtol):

@@ -156,7 +156,7 @@ def _entries(xp, backend, fn, loss, z, p, out, N, V):
             for threads, share, cache in TUNING_SHAPES:
                 entries.append((shape_label(threads, share, cache), _shaped(fn, z, p, out, threads, share, cache), False))
             if _meets_on_this_gpu(xp, V) is False:     # what GPUs without clusters run, timed on this one
-                entries.append((MEETING_LABEL, _meeting(fn, z, p, out), False))
+                entries.append((MEETING_LABEL, _shaped(fn, z, p, out, clusters=False), False))
     if N * V <= 512 * 32_000 or backend == "cupy":
         entries.append(("lkref reference", lambda: fn(z, p, impl="reference"), True))
     return entries
@@ -181,33 +181,19 @@ MEETING_LABEL = "fused global-meet"
 
 def _meets_on_this_gpu(xp, V):
     """None where a row of V has one block; else whether this GPU's blocks meet in global
-    memory (no clusters) rather than in a cluster."""
+    memory rather than in a cluster.  Where they form a cluster, the benchmark also times them
+    meeting in memory, as GPUs without clusters run them: what that exchange costs."""
     from . import fused_cupy
     if fused_cupy.plan(V)[1] == 1:
         return None
-    return not fused_cupy._has_clusters(xp)
+    return not fused_cupy._uses_clusters(xp)
 
 
-def _meeting(fn, z, p, out):
-    """fn as on a GPU without clusters: a row's blocks meet in global memory (timed on a GPU
-    with clusters, it shows what the exchange through memory costs against the cluster's)."""
+def _shaped(fn, z, p, out, threads=None, share=None, cache=None, clusters=None):
     from . import fused_cupy
 
     def call():
-        has_clusters = fused_cupy._has_clusters
-        fused_cupy._has_clusters = lambda cp: False
-        try:
-            return fn(z, p, impl="fused", out=out)
-        finally:
-            fused_cupy._has_clusters = has_clusters
-    return call
-
-
-def _shaped(fn, z, p, out, threads, share, cache):
-    from . import fused_cupy
-
-    def call():
-        with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
+        with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, clusters=clusters):
             return fn(z, p, impl="fused", out=out)
     return call
 

@@ -61,6 +61,10 @@ MAX_ITEMS = BLOCK_SHARE // THREADS
 #: target once from memory instead of counting on L2 for the second read; the copy starts
 #: with the launch (cp.async) and overlaps the work on the logits.
 CACHE_TARGET = True
+#: Split a long row over a thread-block cluster where the GPU has them (Hopper and later).
+#: False: the row's blocks meet in global memory, as on GPUs without clusters, which lets a
+#: Hopper GPU test and time that path (`configured(clusters=False)`, LKREF_CUPY_CLUSTERS=0).
+CLUSTERS = True
 MODES = {"kl": 0, "tv": 1, "lk_alpha": 2, "lk_lambda": 3}
 ALPHA_FLOOR = 1e-30
 
@@ -535,24 +539,28 @@ CLUSTER_CHOICES = (1, 2, 4, 8)
 
 
 @contextmanager
-def configured(threads=None, block_share=None, cache_target=None):
-    """Run the kernels with another block size or share of a row per block, or without the
-    target cache (for tuning): threads in THREAD_CHOICES, block_share in SHARE_CHOICES."""
-    old = THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET
+def configured(threads=None, block_share=None, cache_target=None, clusters=None):
+    """Run the kernels with another block size or share of a row per block, without the target
+    cache (for tuning), or without clusters (clusters=False: a row's blocks meet in global
+    memory, as on GPUs before Hopper): threads in THREAD_CHOICES, block_share in SHARE_CHOICES."""
+    old = THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS
     try:
-        if cache_target is not None and not isinstance(cache_target, (bool, np.bool_)):
-            raise TypeError(f"cache_target must be True or False, got {cache_target!r}")
-        _set(threads, "threads", block_share, "block_share", cache_target)
+        for name, value in (("cache_target", cache_target), ("clusters", clusters)):
+            if value is not None and not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
+        _set(threads, "threads", block_share, "block_share", cache_target, clusters)
         yield
     finally:
         _restore(old)
 
 
-def _set(threads, threads_name, block_share, share_name, cache_target):
+def _set(threads, threads_name, block_share, share_name, cache_target, clusters=None):
     """Check and apply the launch settings that are not None (MAX_ITEMS follows from them)."""
-    global THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET
+    global THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS
     if cache_target is not None:
         CACHE_TARGET = bool(cache_target)
+    if clusters is not None:
+        CLUSTERS = bool(clusters)
     if threads is not None:
         THREADS = _check_choice(threads, threads_name, THREAD_CHOICES)
     if block_share is not None:
@@ -562,8 +570,8 @@ def _set(threads, threads_name, block_share, share_name, cache_target):
 
 
 def _restore(saved):
-    global THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET
-    THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET = saved
+    global THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS
+    THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS = saved
 
 
 def _check_choice(value, name, choices):
@@ -579,7 +587,7 @@ def _check_choice(value, name, choices):
 def _configure_from_environment():
     _set(os.environ.get("LKREF_CUPY_THREADS") or None, "LKREF_CUPY_THREADS",
          os.environ.get("LKREF_CUPY_BLOCK_SHARE") or None, "LKREF_CUPY_BLOCK_SHARE",
-         env_flag("LKREF_CUPY_CACHE_TARGET"))
+         env_flag("LKREF_CUPY_CACHE_TARGET"), env_flag("LKREF_CUPY_CLUSTERS"))
 
 
 _configure_from_environment()
@@ -638,6 +646,11 @@ def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True) -> Kernels:
     return _cache[key]
 
 
+def _uses_clusters(cp) -> bool:
+    """Whether a row's blocks form a cluster here (else they meet in global memory)."""
+    return CLUSTERS and _has_clusters(cp)
+
+
 def _has_clusters(cp) -> bool:
     """Thread-block clusters need compute capability 9.0 (Hopper) or later."""
     try:
@@ -655,8 +668,8 @@ def describe(cp) -> str:
     except Exception:
         cc = "this GPU"
     share = THREADS * MAX_ITEMS
-    how = "a thread-block cluster of 2-8 blocks" if _has_clusters(cp) else \
-        "2-8 blocks that meet in global memory (no clusters)"
+    how = "a thread-block cluster of 2-8 blocks" if _uses_clusters(cp) else \
+        f"2-8 blocks that meet in global memory ({'no clusters' if not _has_clusters(cp) else 'clusters off'})"
     when = "on by default" if cupy_fused_by_default() else \
         'opt-in (impl="fused" or LKREF_CUPY_FUSED=1) until a GPU run has checked them'
     return (f"fused CuPy kernels: {when}; on {cc} a row of up to {share} logits takes one block, up to "
@@ -750,7 +763,7 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     g2 = out.reshape(N, V)
     w = None if mask is None else mask.reshape(N).astype(cp.float32, copy=False)
     items, cluster = plan(V)
-    dsmem = _has_clusters(cp)
+    dsmem = _uses_clusters(cp)
     kern = _kernel(z.dtype, out.dtype, items, cluster, dsmem)
     stats = cp.empty((N, 8), cp.float32)              # every row's 8 entries are written by lk_rows
     per = cp.empty(N, cp.float32)

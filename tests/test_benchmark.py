@@ -344,7 +344,7 @@ def test_the_gpu_branch_of_the_bench_runs(monkeypatch, tmp_path):
     rows = benchmark.run(backends=("cupy",), losses=("lk_alpha",), sizes={"cupy": [(2, 40_000)]},
                          repeat=1, with_peers=False, say=lines.append)
     assert ("lk_alpha", benchmark.MEETING_LABEL) in {(r.loss, r.impl) for r in rows}   # two blocks per row
-    assert fused_cupy._has_clusters(None) is True                     # restored
+    assert fused_cupy.CLUSTERS is True                                # restored
     assert lines[0].startswith("== lkref ") and "Fake GPU" in lines[1] and fused_cupy.THREADS == 512
     benchmark.write_csv(rows, str(tmp_path / "g.csv"), ["cupy"])
     assert "Fake GPU" in (tmp_path / "g.csv").read_text()
@@ -378,14 +378,14 @@ def test_the_sanitized_program_runs_and_fails_on_a_wrong_result(monkeypatch, cap
     def watched(name):
         def loss(*args, impl="auto", **kw):
             if impl == "fused":
-                seen.append(fused_cupy._has_clusters(fake))
+                seen.append(fused_cupy._uses_clusters(fake))
             return right[name](*args, impl=impl, **kw)
         return loss
     monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: True)
     monkeypatch.setattr(mod.lkref, "LOSSES", {name: watched(name) for name in right})
     assert mod.main([]) == 0 and allocators == [None]
     assert seen == [case[4].get("clusters", True) for case in mod.CASES] and False in seen
-    assert fused_cupy._has_clusters(fake) is True   # restored after each case
+    assert fused_cupy.CLUSTERS is True               # restored after each case
     out = capsys.readouterr().out
     assert out.count("  ok ") == len(mod.CASES) and f"{len(mod.CASES)} cases, 0 failed" in out
 

@@ -370,19 +370,24 @@ def test_clusters_only_from_hopper_on():
     assert not fused_cupy._has_clusters(device("80")) and not fused_cupy._has_clusters(np)
 
 
-@pytest.mark.parametrize("cc, how", [("90", "a thread-block cluster of 2-8"), ("80", "2-8 blocks that meet in global memory")])
+@pytest.mark.parametrize("cc, clusters, how", [("90", True, "a thread-block cluster of 2-8"),
+                                               ("80", True, "2-8 blocks that meet in global memory (no clusters)"),
+                                               ("90", False, "2-8 blocks that meet in global memory (clusters off)")])
 @pytest.mark.parametrize("flag, when", [(None, "opt-in"), ("1", "on by default")])
-def test_info_says_how_this_gpu_runs_the_kernels(monkeypatch, cc, how, flag, when):
-    """python -m lkref info's line on the kernels: opt-in or not, and how this GPU splits rows."""
+def test_info_says_how_this_gpu_runs_the_kernels(monkeypatch, cc, clusters, how, flag, when):
+    """python -m lkref info's line on the kernels: opt-in or not, and how this GPU splits rows
+    (clusters from Hopper on, unless switched off with configured(clusters=False))."""
     import types
     cp = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=lambda: types.SimpleNamespace(compute_capability=cc)))
     if flag is None:
         monkeypatch.delenv("LKREF_CUPY_FUSED", raising=False)
     else:
         monkeypatch.setenv("LKREF_CUPY_FUSED", flag)
-    line = fused_cupy.describe(cp)
+    with fused_cupy.configured(clusters=clusters):
+        line = fused_cupy.describe(cp)
+        assert fused_cupy._uses_clusters(cp) == (cc == "90" and clusters)
     assert how in line and when in line and f"sm_{cc}" in line
-    assert "up to 32768 logits takes one block, up to 262144 " in line
+    assert "up to 32768 logits takes one block, up to 262144 " in line and fused_cupy.CLUSTERS is True
 
 
 def test_plan_covers_every_vocabulary():
@@ -681,7 +686,7 @@ def test_simt_blocks_without_columns(simt, monkeypatch, clusters):
 
 @pytest.mark.parametrize("kw, error", [({"threads": 100}, ValueError), ({"threads": 2.0}, TypeError),
                                        ({"block_share": 1000}, ValueError), ({"block_share": "two"}, TypeError),
-                                       ({"cache_target": "no"}, TypeError)])
+                                       ({"cache_target": "no"}, TypeError), ({"clusters": 0}, TypeError)])
 def test_configured_rejects_bad_shapes(kw, error):
     with pytest.raises(error, match=next(iter(kw))):
         with fused_cupy.configured(**kw):
@@ -690,14 +695,15 @@ def test_configured_rejects_bad_shapes(kw, error):
 
 
 def test_launch_shape_from_the_environment(monkeypatch):
-    for name in ("THREADS", "BLOCK_SHARE", "MAX_ITEMS", "CACHE_TARGET"):
+    for name in ("THREADS", "BLOCK_SHARE", "MAX_ITEMS", "CACHE_TARGET", "CLUSTERS"):
         monkeypatch.setattr(fused_cupy, name, getattr(fused_cupy, name))     # restored afterwards
     monkeypatch.setenv("LKREF_CUPY_THREADS", "256")
     monkeypatch.setenv("LKREF_CUPY_BLOCK_SHARE", "16384")
     monkeypatch.setenv("LKREF_CUPY_CACHE_TARGET", "0")
+    monkeypatch.setenv("LKREF_CUPY_CLUSTERS", "0")
     fused_cupy._configure_from_environment()
-    assert (fused_cupy.THREADS, fused_cupy.BLOCK_SHARE, fused_cupy.MAX_ITEMS, fused_cupy.CACHE_TARGET) == \
-        (256, 16_384, 64, False)
+    assert (fused_cupy.THREADS, fused_cupy.BLOCK_SHARE, fused_cupy.MAX_ITEMS, fused_cupy.CACHE_TARGET,
+            fused_cupy.CLUSTERS) == (256, 16_384, 64, False, False)
     monkeypatch.setenv("LKREF_CUPY_BLOCK_SHARE", "5")
     with pytest.raises(ValueError, match="LKREF_CUPY_BLOCK_SHARE"):
         fused_cupy._configure_from_environment()

@@ -154,16 +154,17 @@ def test_fused_tuning_shapes(cp, threads, share, cache, V):
 
 @pytest.mark.parametrize("name", REDUCED)
 @pytest.mark.parametrize("N, V, cluster", [(5, 50_257, 2), (300, 128_256, 4), (3, 151_936, 8)])
-def test_fused_without_clusters_blocks_meet_in_global_memory(cp, name, monkeypatch, N, V, cluster):
+def test_fused_without_clusters_blocks_meet_in_global_memory(cp, name, N, V, cluster):
     """As on a GPU before Hopper (no thread-block clusters): a row's 2, 4 or 8 blocks meet in
     global memory.  N = 300 rows of 4 blocks are more blocks than the GPU holds at once, so
     blocks wait for others of their row that start only when earlier rows end."""
     from lkref import fused_cupy
-    monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: False)
     assert fused_cupy.plan(V)[1] == cluster
     rng = np.random.default_rng(N + V)
     z = make_logits(rng, (N, V), scale=2.0, dtype=np.float32)
-    compare(cp, name, z, peaked_probs(rng, (N, V)).astype(np.float32))
+    with fused_cupy.configured(clusters=False):
+        assert not fused_cupy._uses_clusters(cp)
+        compare(cp, name, z, peaked_probs(rng, (N, V)).astype(np.float32))
 
 
 def test_fused_bfloat16_logits_where_cupy_has_them(cp):
