@@ -137,12 +137,14 @@ template <int K> __device__ void block_sum(float* v, float* sh) {
 
 #ifdef __CUDACC__
 // For blocks that meet in global memory (GLOBAL_XCHG): take_ticket, the order in which blocks
-// start; announce, a fence and then one count, so that a block that sees the count sees what
-// was written before it; arrivals, a read of the count that no cache keeps stale;
-// load_from_other_blocks, a read through L2 (not the SM's own L1); pause_briefly, waiting
-// without taking issue slots from the SM's other warps.  The CPU stand-in has its own.
+// start; publish, a store of a partial result; count_in, one atomic add to a row's count;
+// arrivals, a read of the count that no cache keeps stale; load_from_other_blocks, a read
+// through L2 (not the SM's own L1); pause_briefly, waiting without taking issue slots from
+// the SM's other warps.  The CPU stand-in has its own (its published values become visible
+// to other blocks only at the publisher's next __threadfence).
 __device__ __forceinline__ int take_ticket(int* counter) { return atomicAdd(counter, 1); }
-__device__ __forceinline__ void announce(int* counter) { __threadfence(); atomicAdd(counter, 1); }
+__device__ __forceinline__ void publish(float* at, float v) { *at = v; }
+__device__ __forceinline__ void count_in(int* counter) { atomicAdd(counter, 1); }
 __device__ __forceinline__ int arrivals(const int* counter) { return *(const volatile int*)counter; }
 __device__ __forceinline__ float load_from_other_blocks(const float* at) { return __ldcg(at); }
 __device__ __forceinline__ void pause_briefly() {
@@ -151,6 +153,12 @@ __device__ __forceinline__ void pause_briefly() {
 #endif
 }
 #endif
+// The block's published partial results, then its count: the fence keeps the GPU from making
+// the count visible to another block before the values.
+__device__ __forceinline__ void announce(int* counter) {
+    __threadfence();
+    count_in(counter);
+}
 
 // Where the blocks of a row meet when they are not a cluster (GLOBAL_XCHG): the row's
 // CLUSTER x 10 partial results in global memory (max, sum, the 8 statistics: one slot per
@@ -170,7 +178,7 @@ __device__ void meet(float* v, int K, int at, bool take_max, Meet& r) {
     __shared__ float met[8];
     r.round++;
     if (threadIdx.x == 0) {
-        for (int j = 0; j < K; j++) r.parts[r.rank * 10 + at + j] = v[j];
+        for (int j = 0; j < K; j++) publish(&r.parts[r.rank * 10 + at + j], v[j]);
         announce(r.arrived);
         while (arrivals(r.arrived) < r.round * CLUSTER) pause_briefly();
         __threadfence();                              // the partial results after their count

@@ -6,8 +6,9 @@
 // dynamic __shared__ memory per block (tests/simt_cpu.py rewrites the declarations into
 // emu::shared<T>(name, count) calls; fresh memory is filled with NaN bytes), and the
 // cooperative-groups cluster API (this_cluster().sync(), map_shared_rank), blocks that meet
-// in global memory (take_ticket, announce, arrivals, load_from_other_blocks and
-// pause_briefly, which lets the other fibers run), and float32
+// in global memory (take_ticket, publish, whose stores wait for the publisher's
+// __threadfence, count_in, arrivals, load_from_other_blocks and pause_briefly, which lets
+// the other fibers run), and float32
 // denormals flushed to zero (CuPy compiles every kernel with -ftz=true).  A barrier that
 // not every thread reaches is reported as a deadlock, and so is a spin loop that nothing
 // ends; DSMEM use of a block that has exited is reported too.  Results that change with the
@@ -65,6 +66,7 @@ struct Fiber {
     uint32_t priority = 0;
     std::vector<std::pair<int, long>> executions;  // (code line, how often this thread ran it), tracing
     std::vector<std::pair<float*, const float*>> copies;   // copy_async issued, not yet waited for
+    std::vector<std::pair<float*, float>> stores;          // published, not yet fenced (visible to others)
 };
 struct Alloc { std::string name; std::vector<char> mem; bool dynamic = false; };
 struct Block {
@@ -214,8 +216,14 @@ template <class T> T* map_rank(T* p, unsigned rank) {
     return nullptr;
 }
 
+inline void drain_stores() {
+    for (auto& st : S.cur->stores) *st.first = st.second;
+    S.cur->stores.clear();
+}
+
 inline void entry() {
     S.body();
+    drain_stores();                           // all stores are visible once the kernel ends
     S.cur->done = true;
     blk().live--;
 }
@@ -375,13 +383,17 @@ inline void wait_copies() {
     emu::S.cur->copies.clear();
 }
 
-// blocks that meet in global memory (one fiber runs at a time: plain reads and writes are atomic)
+// blocks that meet in global memory (one fiber runs at a time: plain reads and writes are
+// atomic).  A published value waits in its fiber's store buffer until the fiber's next
+// __threadfence (or its end), as a GPU may let a later atomic overtake a store: a count
+// announced without a fence before it shows the readers stale values.
 inline int take_ticket(int* counter) { return (*counter)++; }
-inline void announce(int* counter) { ++*counter; }
+inline void publish(float* at, float v) { emu::S.cur->stores.push_back({at, v}); }
+inline void count_in(int* counter) { ++*counter; }
 inline int arrivals(const int* counter) { return *counter; }
 inline float load_from_other_blocks(const float* at) { return *at; }
 inline void pause_briefly() { emu::spin(); }
-inline void __threadfence() {}
+inline void __threadfence() { emu::drain_stores(); }
 
 namespace cooperative_groups {
 struct cluster_group {

@@ -625,7 +625,9 @@ PLANTED = {
                                               "", "depends on the thread schedule"),
     "meeting: a wait for one block too few": ("arrivals(r.arrived) < r.round * CLUSTER)",
                                               "arrivals(r.arrived) < r.round * CLUSTER - 1)", None),
-    "meeting: the rounds share their slots": ("r.parts[r.rank * 10 + at + j] = v[j]", "r.parts[r.rank * 10 + j] = v[j]",
+    "meeting: the count announced before a fence": ("    __threadfence();\n    count_in(counter);", "    count_in(counter);",
+                                                    None),
+    "meeting: the rounds share their slots": ("publish(&r.parts[r.rank * 10 + at + j], v[j])", "publish(&r.parts[r.rank * 10 + j], v[j])",
                                               None),
 }
 
