@@ -67,6 +67,8 @@ CACHE_TARGET = True
 CLUSTERS = True
 MODES = {"kl": 0, "tv": 1, "lk_alpha": 2, "lk_lambda": 3}
 ALPHA_FLOOR = 1e-30
+#: Slots per block where a row's blocks meet in global memory: the max, the sum, the 8 statistics.
+SLOTS = 10
 
 _SOURCE = r"""
 #include <cuda_fp16.h>
@@ -81,6 +83,7 @@ _SOURCE = r"""
                                                       // 0: they meet in global memory (GPUs before Hopper)
 #define PCACHE __PCACHE__                             // 1: target entries copied to shared memory, read from there
 #define GLOBAL_XCHG (CLUSTER > 1 && !DSMEM)
+#define SLOTS __SLOTS__                               // per block where blocks meet: max, sum, the 8 statistics
 #if CLUSTER > 1 && DSMEM
 #include <cooperative_groups.h>
 namespace cg = cooperative_groups;
@@ -161,7 +164,7 @@ __device__ __forceinline__ void announce(int* counter) {
 }
 
 // Where the blocks of a row meet when they are not a cluster (GLOBAL_XCHG): the row's
-// CLUSTER x 10 partial results in global memory (max, sum, the 8 statistics: one slot per
+// CLUSTER x SLOTS partial results in global memory (max, sum, the 8 statistics: one slot per
 // value, so no round overwrites another's) and its count of announced partial results.
 struct Meet {
     float* parts;
@@ -171,21 +174,21 @@ struct Meet {
 
 #if GLOBAL_XCHG
 // One round of a row-wide reduction over global memory: thread 0 publishes the block's K
-// values at parts[rank * 10 + at ...], announces them (a fence, then one atomic add on the
+// values at parts[rank * SLOTS + at ...], announces them (a fence, then one atomic add on the
 // row's count) and waits until every block of the row has announced this round; then it
 // combines the row's values in rank order, so every block of the row gets identical values.
 __device__ void meet(float* v, int K, int at, bool take_max, Meet& r) {
     __shared__ float met[8];
     r.round++;
     if (threadIdx.x == 0) {
-        for (int j = 0; j < K; j++) publish(&r.parts[r.rank * 10 + at + j], v[j]);
+        for (int j = 0; j < K; j++) publish(&r.parts[r.rank * SLOTS + at + j], v[j]);
         announce(r.arrived);
         while (arrivals(r.arrived) < r.round * CLUSTER) pause_briefly();
         __threadfence();                              // the partial results after their count
         for (int j = 0; j < K; j++) {
             float x = take_max ? -INFINITY : 0.f;
             for (int k = 0; k < CLUSTER; k++) {
-                float o = load_from_other_blocks(&r.parts[k * 10 + at + j]);
+                float o = load_from_other_blocks(&r.parts[k * SLOTS + at + j]);
                 x = take_max ? fmaxf(x, o) : x + o;
             }
             met[j] = x;
@@ -286,7 +289,7 @@ template <int IDX> __device__ __forceinline__ void prefetch_target(float* p_cach
 // before it writes it), and ld.global.nc, which const __restrict__ allows, needs data that
 // nothing writes during the launch.  The code is otherwise the same (nvcc, sm_90: same registers).
 // GLOBAL_XCHG only (else not read): counts, 1 + N ints, zero at the launch (a ticket counter,
-// then each row's count of announced partial results); parts, N x CLUSTER x 10 floats.
+// then each row's count of announced partial results); parts, N x CLUSTER x SLOTS floats.
 extern "C" __global__ void __launch_bounds__(THREADS)
 #if CLUSTER > 1 && DSMEM
 __cluster_dims__(CLUSTER, 1, 1)
@@ -311,7 +314,7 @@ lk_rows(const in_t* z, const float* __restrict__ p, out_t* g,
         row = ticket / CLUSTER;
         rank = ticket % CLUSTER;
     }
-    Meet meeting = {parts + row * CLUSTER * 10, counts + 1 + row, rank, 0};
+    Meet meeting = {parts + row * CLUSTER * SLOTS, counts + 1 + row, rank, 0};
 #else
     Meet meeting = {nullptr, nullptr, rank, 0};         // not used
 #endif
@@ -611,7 +614,7 @@ def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "f
     return (_SOURCE.replace("__THREADS__", str(THREADS)).replace("__ITEMS__", str(items))
             .replace("__PCACHE__", str(pcache)).replace("__DSMEM__", str(int(bool(dsmem))))
             .replace("__CLUSTER__", str(cluster)).replace("__IN_T__", in_t).replace("__OUT_T__", out_t)
-            .replace("__ALPHA_FLOOR__", f"{ALPHA_FLOOR:e}f"))
+            .replace("__ALPHA_FLOOR__", f"{ALPHA_FLOOR:e}f").replace("__SLOTS__", str(SLOTS)))
 
 
 def _ctype(dt):
@@ -778,11 +781,12 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     summary = cp.empty(8, cp.float32)                 # lk_finish's sums (see its comment)
     absent = cp.empty(1, cp.float32)                  # passed for an array argument that is not given
     w_arg = absent if w is None else w
-    idx_arg = cp.empty(1, cp.int32) if idx is None else idx
+    absent_int = cp.empty(1, cp.int32)
+    idx_arg = absent_int if idx is None else idx
     mode = np.int32(MODES[name])
     meets = cluster > 1 and not dsmem                 # a row's blocks meet in global memory
-    counts = cp.zeros(N + 1, cp.int32) if meets else cp.empty(1, cp.int32)   # one launch per call meets
-    parts = cp.empty(N * cluster * 10, cp.float32) if meets else absent
+    counts = cp.zeros(N + 1, cp.int32) if meets else absent_int   # one launch per call meets
+    parts = cp.empty(N * cluster * SLOTS, cp.float32) if meets else absent
 
     def rows(phase, lam_v, wsum=None, scale=0.0):
         if N:

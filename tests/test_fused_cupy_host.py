@@ -627,7 +627,7 @@ PLANTED = {
                                               "arrivals(r.arrived) < r.round * CLUSTER - 1)", None),
     "meeting: the count announced before a fence": ("    __threadfence();\n    count_in(counter);", "    count_in(counter);",
                                                     None),
-    "meeting: the rounds share their slots": ("publish(&r.parts[r.rank * 10 + at + j], v[j])", "publish(&r.parts[r.rank * 10 + j], v[j])",
+    "meeting: the rounds share their slots": ("publish(&r.parts[r.rank * SLOTS + at + j], v[j])", "publish(&r.parts[r.rank * SLOTS + j], v[j])",
                                               None),
 }
 
