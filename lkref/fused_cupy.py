@@ -7,7 +7,11 @@ each CUDA thread as a fiber, with barriers, shuffles, shared memory and clusters
 One thread block per row, or 2-8 blocks per row that exchange their partial reductions: on
 Hopper and later as a thread-block cluster, through distributed shared memory; on earlier
 GPUs through global memory, each block taking its row in the order blocks start (a ticket),
-so that it only ever waits for blocks that are running or can start.  A row is
+so that it only ever waits for blocks that are running or can start.  The row's blocks
+meet twice: once for the max and the sum of exps together (each block's sum taken relative
+to its own max, then moved to the row's), once for the statistics; in a cluster the last
+barrier is split, so that a block writes its gradient while the others finish reading its
+shared memory and waits for them only before it exits.  A row is
 read in three phases: (1) max and sum of exp over the logits, (2) alpha, S and the KL sums
 over logits and target, (3) the gradient.  For V <= 8 * THREADS * MAX_ITEMS (262 144) the
 row stays in registers between the phases (the logits, then q: read once, one exp per
@@ -29,8 +33,9 @@ device idles, and at N = 4096, V = 32 000 the dozens a loss, a mean and the chec
 CuPy would add about half the kernel's own time (tests/device_ops.py counts them).
 
 The math is that of lkref/fused.py; q = exp((z - max z) / T) * (1 / sum) is formed the same
-way, but the block's summation order differs from CuPy's, so q agrees with the reference
-to rounding, not bit for bit (an exact tie q == p may resolve differently).
+way (with several blocks per row as exp((z - block max) / T) * exp((block max - max z) / T)),
+but the block's summation order differs from CuPy's, so q agrees with the reference to
+rounding, not bit for bit (an exact tie q == p may resolve differently).
 """
 
 from __future__ import annotations
@@ -163,9 +168,33 @@ __device__ __forceinline__ void announce(int* counter) {
     count_in(counter);
 }
 
+// The row's values from its blocks' partial values (part(k, j): block k's value j): lane k of
+// each warp takes block k's values, and warp-wide reductions (the same order on every warp of
+// every block) give every thread of the row identical values, with few registers: K sums, or
+// (SOFTMAX) the max and the sum of exp((z - max) / T) from each block's max and its sum of exps
+// relative to that max (the blocks' sums moved to the row's max; a block without finite
+// logits, sum 0, adds nothing).  (expf) keeps that exp, one per thread, out of the stand-in's
+// count of exps per element.
+template <int K, bool SOFTMAX, class Part> __device__ __forceinline__ void combine(Part part, float T, float* v) {
+    const int lane = threadIdx.x & 31;
+    if constexpr (SOFTMAX) {
+        float mk = -INFINITY, sk = 0.f;
+        if (lane < CLUSTER) {
+            mk = part(lane, 0);
+            sk = part(lane, 1);
+        }
+        if (!(sk > 0.f)) mk = -INFINITY;
+        const float m = warp_max(mk);
+        v[0] = m;
+        v[1] = warp_sum(sk > 0.f ? sk * (expf)((mk - m) / T) : 0.f);
+    } else {
+        for (int j = 0; j < K; j++) v[j] = warp_sum(lane < CLUSTER ? part(lane, j) : 0.f);
+    }
+}
+
 // Where the blocks of a row meet when they are not a cluster (GLOBAL_XCHG): the row's
-// CLUSTER x SLOTS partial results in global memory (max, sum, the 8 statistics: one slot per
-// value, so no round overwrites another's) and its count of announced partial results.
+// CLUSTER x SLOTS partial results in global memory (max and sum, then the 8 statistics: one
+// slot per value, so no round overwrites another's) and its count of announced partial results.
 struct Meet {
     float* parts;
     int* arrived;
@@ -175,50 +204,47 @@ struct Meet {
 #if GLOBAL_XCHG
 // One round of a row-wide reduction over global memory: thread 0 publishes the block's K
 // values at parts[rank * SLOTS + at ...], announces them (a fence, then one atomic add on the
-// row's count) and waits until every block of the row has announced this round; then it
-// combines the row's values in rank order, so every block of the row gets identical values.
-__device__ void meet(float* v, int K, int at, bool take_max, Meet& r) {
-    __shared__ float met[8];
+// row's count) and waits until every block of the row has announced this round; after the
+// block's barrier every thread reads and combines the row's values (combine).
+template <int K, bool SOFTMAX> __device__ void meet(float* v, int at, float T, Meet& r) {
     r.round++;
     if (threadIdx.x == 0) {
         for (int j = 0; j < K; j++) publish(&r.parts[r.rank * SLOTS + at + j], v[j]);
         announce(r.arrived);
         while (arrivals(r.arrived) < r.round * CLUSTER) pause_briefly();
         __threadfence();                              // the partial results after their count
-        for (int j = 0; j < K; j++) {
-            float x = take_max ? -INFINITY : 0.f;
-            for (int k = 0; k < CLUSTER; k++) {
-                float o = load_from_other_blocks(&r.parts[k * SLOTS + at + j]);
-                x = take_max ? fmaxf(x, o) : x + o;
-            }
-            met[j] = x;
-        }
     }
-    __syncthreads();
-    for (int j = 0; j < K; j++) v[j] = met[j];
-    // no second barrier: thread 0 writes met again only after the next block reduction's barriers
+    __syncthreads();                                  // the block's reads after thread 0 saw the count
+    const float* parts = r.parts + at;
+    combine<K, SOFTMAX>([parts](int k, int j) { return load_from_other_blocks(&parts[k * SLOTS + j]); }, T, v);
 }
 #endif
 
-// Row-wide reductions: the block's, then (with several blocks per row) over the row's blocks
-// in rank order, through distributed shared memory in a cluster or else through global
-// memory, so every block of the row gets identical values.
-__device__ float row_max(float v, float* sh, Meet& r) {
-    v = block_max(v, sh);
-#if CLUSTER > 1 && DSMEM
-    __shared__ float xchg_max;
+// The row's max m and sum s of exp((z - m) / T), given the block's max and its sum of exps
+// relative to that max: with several blocks per row, one exchange of both, through distributed
+// shared memory in a cluster or else through global memory (rather than one for the max and
+// another for the sum).  No barrier after the cluster's reads: the statistics' exchange has its
+// own buffer, and no block leaves before every block has read that one (leave_row).
+__device__ void row_softmax(float& m, float& s, float T, Meet& r) {
+#if CLUSTER > 1
+    float v[2] = {m, s};
+#if DSMEM
+    __shared__ float xchg_softmax[2];
     cg::cluster_group cluster = cg::this_cluster();
-    if (threadIdx.x == 0) xchg_max = v;
+    if (threadIdx.x == 0) { xchg_softmax[0] = m; xchg_softmax[1] = s; }
     cluster.sync();
-    float x = -INFINITY;
-    for (int k = 0; k < CLUSTER; k++) x = fmaxf(x, *cluster.map_shared_rank(&xchg_max, k));
-    cluster.sync();                                  // nobody overwrites xchg_max before all have read
-    v = x;
-#elif GLOBAL_XCHG
-    meet(&v, 1, 0, true, r);
+    combine<2, true>([&](int k, int j) { return cluster.map_shared_rank(xchg_softmax, k)[j]; }, T, v);
+#else
+    meet<2, true>(v, 0, T, r);
 #endif
-    return v;
+    m = v[0];
+    s = v[1];
+#endif
 }
+// Sums of K values over the row: the block's, then (with several blocks per row) over the
+// row's blocks (combine), so every block of the row gets identical values.  A block of a
+// cluster then says it has read the others' values (a split barrier: it leaves only once all
+// have said so, in leave_row), and goes on with the gradient meanwhile.
 template <int K> __device__ void row_sum(float* v, float* sh, Meet& r, int at) {
     block_sum<K>(v, sh);
 #if CLUSTER > 1 && DSMEM
@@ -226,16 +252,16 @@ template <int K> __device__ void row_sum(float* v, float* sh, Meet& r, int at) {
     cg::cluster_group cluster = cg::this_cluster();
     if (threadIdx.x == 0) for (int j = 0; j < K; j++) xchg_sum[j] = v[j];
     cluster.sync();
-    float x[K];
-    for (int j = 0; j < K; j++) x[j] = 0.f;
-    for (int k = 0; k < CLUSTER; k++) {
-        float* other = cluster.map_shared_rank(xchg_sum, k);
-        for (int j = 0; j < K; j++) x[j] += other[j];
-    }
-    cluster.sync();
-    for (int j = 0; j < K; j++) v[j] = x[j];
+    combine<K, false>([&](int k, int j) { return cluster.map_shared_rank(xchg_sum, k)[j]; }, 1.f, v);
+    cluster.barrier_arrive();
 #elif GLOBAL_XCHG
-    meet(v, K, at, false, r);
+    meet<K, false>(v, at, 1.f, r);
+#endif
+}
+// Before a block of a cluster exits: the other blocks have read its shared memory.
+__device__ __forceinline__ void leave_row() {
+#if CLUSTER > 1 && DSMEM
+    cg::this_cluster().barrier_wait();
 #endif
 }
 
@@ -354,23 +380,37 @@ lk_rows(const in_t* z, const float* __restrict__ p, out_t* g,
             lmax = fmaxf(lmax, zv);
         }
 #endif
-        m = row_max(lmax, sh, meeting);
-        if (!isfinite(m)) m = 0.f;                       // flagged; keeps the arithmetic below quiet
+        // the block's max mb and its sum of exps relative to mb; with several blocks per row one
+        // exchange (row_softmax) makes them the row's max m and sum s, and the block's values in
+        // registers follow: x = (z - m) / T = (z - mb) / T - shift, exp(x) = exp((z - mb) / T) * to_row
+        float mb = block_max(lmax, sh);
+        if (!isfinite(mb)) mb = 0.f;                     // flagged, or no columns; keeps the arithmetic below quiet
         float acc[1] = {0.f};
 #if ITEMS > 0
         #pragma unroll
         for (int i = 0; i < ITEMS; i++) {
             int v = tid + i * THREADS;
-            float x = v < V ? (xr[i] - m) / T : 0.f;          // x = (z - max z) / T
+            float x = v < V ? (xr[i] - mb) / T : 0.f;         // x = (z - max z) / T, the block's max
             float e = v < V ? expf(x) : 0.f;
             acc[0] += e;
             xr[i] = need_x ? x : e;                          // the KL sums need x; TV and LK^alpha only e
         }
 #else
-        for (int v = tid; v < V; v += THREADS) acc[0] += expf((to_f(zr[v]) - m) / T);
+        for (int v = tid; v < V; v += THREADS) acc[0] += expf((to_f(zr[v]) - mb) / T);
 #endif
-        row_sum<1>(acc, sh, meeting, 1);
+        block_sum<1>(acc, sh);
+        m = mb;
         s = acc[0];
+#if CLUSTER > 1
+        row_softmax(m, s, T, meeting);
+        if (!isfinite(m)) m = 0.f;                       // no finite logit in the row: flagged
+        const float shift = (m - mb) / T;
+        const float to_row = acc[0] > 0.f ? (expf)(-shift) : 0.f;   // an exp per block, not per element
+#if ITEMS > 0
+        #pragma unroll
+        for (int i = 0; i < ITEMS; i++) xr[i] = need_x ? xr[i] - shift : xr[i] * to_row;
+#endif
+#endif
     } else {
         m = st[0];
         s = st[1];
@@ -435,7 +475,10 @@ lk_rows(const in_t* z, const float* __restrict__ p, out_t* g,
             st[0] = m; st[1] = s; st[2] = alpha; st[3] = S; st[4] = psum; st[5] = px; st[6] = plogp;
             st[7] = (float)((f1 ? 1 : 0) | (f2 ? 2 : 0) | (f4 ? 4 : 0));
         }
-        if (phase == 1) return;
+        if (phase == 1) {
+            leave_row();
+            return;
+        }
     } else {
         alpha = st[2]; S = st[3]; psum = st[4];
     }
@@ -471,6 +514,7 @@ lk_rows(const in_t* z, const float* __restrict__ p, out_t* g,
             store(g + row * (long)V + v, gv);
         }
     }
+    if (phase == 0) leave_row();
 }
 
 // After lk_rows: the rows' losses and the sums of their masked mean, by one block in a fixed

@@ -5,7 +5,8 @@
 // (copy_async / wait_copies: the copy happens at the wait), static and
 // dynamic __shared__ memory per block (tests/simt_cpu.py rewrites the declarations into
 // emu::shared<T>(name, count) calls; fresh memory is filled with NaN bytes), and the
-// cooperative-groups cluster API (this_cluster().sync(), map_shared_rank), blocks that meet
+// cooperative-groups cluster API (this_cluster().sync(), its split barrier_arrive and
+// barrier_wait, map_shared_rank), blocks that meet
 // in global memory (take_ticket, publish, whose stores wait for the publisher's
 // __threadfence, count_in, arrivals, load_from_other_blocks and pause_briefly, which lets
 // the other fibers run), and float32
@@ -52,7 +53,7 @@ struct emu_dim3 { unsigned x, y, z; };
 
 namespace emu {
 
-struct Barrier { int count = 0, arrived = 0; std::vector<unsigned> waiters; };
+struct Barrier { int count = 0, arrived = 0; std::vector<unsigned> waiters; long phase = 0; };
 // One traced global access: kind 0 logits, 1 target, 2 gradient; the warp instruction it is
 // part of (block, warp, code line, the thread's execution count of that line); its sector.
 struct Access {
@@ -67,6 +68,7 @@ struct Fiber {
     std::vector<std::pair<int, long>> executions;  // (code line, how often this thread ran it), tracing
     std::vector<std::pair<float*, const float*>> copies;   // copy_async issued, not yet waited for
     std::vector<std::pair<float*, float>> stores;          // published, not yet fenced (visible to others)
+    long arrived_at = -1;                     // the cluster barrier's phase of a split arrival not yet waited for
 };
 struct Alloc { std::string name; std::vector<char> mem; bool dynamic = false; };
 struct Block {
@@ -145,11 +147,35 @@ inline void fail(const std::string& why) {
 }
 inline Block& blk() { return S.blocks[S.cur->block]; }
 
+inline void release(Barrier& b) {            // the last arrival ends the phase and frees the waiters
+    b.arrived = 0;
+    b.phase++;
+    for (unsigned i : b.waiters) make_ready(i);
+    b.waiters.clear();
+}
 inline void wait(Barrier& b) {
-    if (++b.arrived == b.count) {             // the last one releases everybody
-        b.arrived = 0;
-        for (unsigned i : b.waiters) make_ready(i);
-        b.waiters.clear();
+    if (++b.arrived == b.count) {
+        release(b);
+        make_ready(self());
+    } else {
+        b.waiters.push_back(self());
+    }
+    yield();
+}
+// A barrier split in two (barrier.cluster.arrive, then .wait): the arrival counts at once, and
+// the wait returns once every thread has arrived in that phase.
+inline void arrive(Barrier& b) {
+    if (S.cur->arrived_at >= 0) fail("barrier_arrive: a second arrival before barrier_wait");
+    S.cur->arrived_at = b.phase;
+    if (++b.arrived == b.count) release(b);
+    make_ready(self());                       // others may run on before this thread goes on
+    yield();
+}
+inline void await(Barrier& b) {
+    long at = S.cur->arrived_at;
+    if (at < 0) fail("barrier_wait: no barrier_arrive before it");
+    S.cur->arrived_at = -1;
+    if (b.phase > at) {                       // all have arrived: go on, after letting others run
         make_ready(self());
     } else {
         b.waiters.push_back(self());
@@ -223,6 +249,7 @@ inline void drain_stores() {
 
 inline void entry() {
     S.body();
+    if (S.cur->arrived_at >= 0) fail("a thread exits with a barrier_arrive it never waited for");
     drain_stores();                           // all stores are visible once the kernel ends
     S.cur->done = true;
     blk().live--;
@@ -397,7 +424,12 @@ inline void __threadfence() { emu::drain_stores(); }
 
 namespace cooperative_groups {
 struct cluster_group {
-    void sync() { emu::wait(emu::S.cluster_bar); }
+    void sync() {
+        if (emu::S.cur->arrived_at >= 0) emu::fail("cluster.sync while a barrier_arrive is not waited for");
+        emu::wait(emu::S.cluster_bar);
+    }
+    void barrier_arrive() { emu::arrive(emu::S.cluster_bar); }
+    void barrier_wait() { emu::await(emu::S.cluster_bar); }
     unsigned block_rank() const { return emu::S.cur->block; }
     template <class T> T* map_shared_rank(T* p, unsigned rank) { return emu::map_rank(p, rank); }
 };

@@ -607,8 +607,19 @@ PLANTED = {
     "race in the block sum": ("    if (lane == 0) for (int k = 0; k < K; k++) sh[k * 32 + warp] = v[k];\n    __syncthreads();",
                               "    if (lane == 0) for (int k = 0; k < K; k++) sh[k * 32 + warp] = v[k];\n",
                               "depends on the thread schedule"),
-    "cluster exits while read": ("x[j] += other[j];\n    }\n    cluster.sync();", "x[j] += other[j];\n    }\n",
-                                 "has exited"),
+    "cluster exits while read": (  # the arrival (that it has read the others) before the reads
+        "    combine<K, false>([&](int k, int j) { return cluster.map_shared_rank(xchg_sum, k)[j]; }, 1.f, v);\n"
+        "    cluster.barrier_arrive();\n",
+        "    cluster.barrier_arrive();\n"
+        "    combine<K, false>([&](int k, int j) { return cluster.map_shared_rank(xchg_sum, k)[j]; }, 1.f, v);\n",
+        "has exited"),
+    "cluster: no wait before exit": ("    cg::this_cluster().barrier_wait();\n", "", "has exited|never waited for"),
+    "cluster: a block's sum not rescaled to the row's max": ("v[1] = warp_sum(sk > 0.f ? sk * (expf)((mk - m) / T) : 0.f);",
+                                                             "v[1] = warp_sum(sk);", None),
+    "cluster: the block's exps not moved to the row's max": ("to_row = acc[0] > 0.f ? (expf)(-shift) : 0.f;",
+                                                            "to_row = 1.f;", None, "lk_alpha"),
+    "cluster: the block's x not moved to the row's max": ("xr[i] = need_x ? xr[i] - shift : xr[i] * to_row;",
+                                                         "xr[i] = need_x ? xr[i] : xr[i] * to_row;", None),
     "barrier in divergent code": ("    if (warp == 0) v = warp_max(v);", "    if (warp == 0) { v = warp_max(v); __syncthreads(); }",
                                   "deadlock"),
     "stats written off by one": ("float* st = stats + row * 8;", "float* st = stats + row * 8 + 1;",
@@ -623,6 +634,9 @@ PLANTED = {
                                                       "", "deadlock"),
     "meeting: no wait for the other blocks": ("        while (arrivals(r.arrived) < r.round * CLUSTER) pause_briefly();\n",
                                               "", "depends on the thread schedule"),
+    "meeting: the block reads before thread 0 saw every count": (
+        "    __syncthreads();                                  // the block's reads after thread 0 saw the count\n",
+        "", None),
     "meeting: a wait for one block too few": ("arrivals(r.arrived) < r.round * CLUSTER)",
                                               "arrivals(r.arrived) < r.round * CLUSTER - 1)", None),
     "meeting: the count announced before a fence": ("    __threadfence();\n    count_in(counter);", "    count_in(counter);",
@@ -634,25 +648,27 @@ PLANTED = {
 
 @pytest.mark.parametrize("bug", sorted(PLANTED))
 def test_simt_catches_planted_kernel_bugs(simt, monkeypatch, bug):
-    """Negative controls for the stand-in: each planted bug fails, the unchanged source passes."""
+    """Negative controls for the stand-in: each planted bug fails, the unchanged source passes
+    (LK^lambda, which takes every statistic, or the loss named after the bug's message)."""
     small_blocks(monkeypatch)
     if bug.startswith("meeting:"):
         no_clusters(monkeypatch)
-    old, new, message = PLANTED[bug]
+    old, new, message, *loss = PLANTED[bug]
+    name = loss[0] if loss else "lk_lambda"
     assert fused_cupy._SOURCE.count(old) == 1
     rng = np.random.default_rng(11)
     z = make_logits(rng, (5, 1000), dtype=np.float32)
     p = make_probs(rng, (5, 1000), dtype=np.float32)
-    close(run("lk_lambda", z, p), reference("lk_lambda", z, p))
+    close(run(name, z, p), reference(name, z, p))
     monkeypatch.setattr(fused_cupy, "_SOURCE", fused_cupy._SOURCE.replace(old, new))
     fused_cupy._cache.clear()                     # the kernels built from the unchanged source
     z = z[::-1].copy()           # other rows: what the last run left in reused memory (partial results) is wrong now
     if message is None:                           # a wrong result: the comparison or a check fails
         with pytest.raises((AssertionError, ValueError)):
-            close(run("lk_lambda", z, p), reference("lk_lambda", z, p))
+            close(run(name, z, p), reference(name, z, p))
     else:
         with pytest.raises(AssertionError, match=message):
-            run("lk_lambda", z, p)
+            run(name, z, p)
 
 
 @pytest.mark.parametrize("threads, share, V, cache, cluster", [
