@@ -29,26 +29,31 @@ TEST_VOCABS = (3, 7, 50, 300, 500, 700, 1000, 1031, 2000, 3000, 5000, 12_000, 32
 HALF_VOCABS = {"float16": (4099,), "bfloat16": (4099,)}
 #: Row lengths that tests/test_gpu.py also runs as on a GPU without clusters (blocks meet in global memory).
 MEETING_VOCABS = (50_257, 128_256, 151_936)
+#: ... and as on a GPU whose blocks may opt in to 99 KiB of shared memory (part of the target cached).
+PARTIAL_CACHE_VOCABS = (32_000, 128_256)
+SMALL_GPU_OPTIN = 99 * 1024
 
 
 def variants(clusters=True):
-    """The distinct (threads, block_share, cache_target, dtype, V, dsmem) to compile: one V per
-    (items, cluster) class, in the launch shapes the tests and the benchmark run; clusters:
-    whether the GPU has them (else every variant meets in global memory)."""
+    """The distinct (threads, block_share, cache_target, dtype, V, dsmem, optin) to compile: one V
+    per (items, cluster) class, in the launch shapes the tests and the benchmark run; clusters:
+    whether the GPU has them (else every variant meets in global memory); optin: a smaller
+    GPU's shared memory per block to size the target cache for (None: this GPU's)."""
     default = (fused_cupy.THREADS, fused_cupy.BLOCK_SHARE, fused_cupy.CACHE_TARGET)
-    wanted = [(default, "float32", V, clusters) for V in TEST_VOCABS]
-    wanted += [(default, dt, V, clusters) for dt, vocabs in HALF_VOCABS.items() for V in vocabs]
-    wanted += [(default, "float32", V, False) for V in MEETING_VOCABS]
+    wanted = [(default, "float32", V, clusters, None) for V in TEST_VOCABS]
+    wanted += [(default, dt, V, clusters, None) for dt, vocabs in HALF_VOCABS.items() for V in vocabs]
+    wanted += [(default, "float32", V, False, None) for V in MEETING_VOCABS]
+    wanted += [(default, "float32", V, False, SMALL_GPU_OPTIN) for V in PARTIAL_CACHE_VOCABS]
     goal_vocabs = sorted({V for _, V in DEFAULT_SIZES["cupy"]})
-    wanted += [(shape, "float32", V, clusters) for shape in TUNING_SHAPES for V in goal_vocabs]
+    wanted += [(shape, "float32", V, clusters, None) for shape in TUNING_SHAPES for V in goal_vocabs]
     seen, out = set(), []
-    for (threads, share, cache), dt, V, dsmem in wanted:
+    for (threads, share, cache), dt, V, dsmem, optin in wanted:
         with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
             items, cluster = fused_cupy.plan(V)
-        key = (threads, cache and items > 0, dt, items, cluster, dsmem or cluster == 1)   # what the source depends on
+        key = (threads, cache and items > 0, dt, items, cluster, dsmem or cluster == 1, optin)   # what the source depends on
         if key not in seen:
             seen.add(key)
-            out.append((threads, share, cache, dt, V, dsmem))
+            out.append((threads, share, cache, dt, V, dsmem, optin))
     return out
 
 
@@ -58,8 +63,10 @@ def _compile(spec):
     import cupy
     import numpy as np
 
-    threads, share, cache, dt, V, dsmem = spec
+    threads, share, cache, dt, V, dsmem, optin = spec
     dtype = np.dtype(dt) if dt != "bfloat16" else np.dtype(__import__("ml_dtypes").bfloat16)
+    if optin is not None:                         # this worker process sizes its target caches for it
+        fused_cupy._smem_optin = lambda cp: optin
     t0 = time.perf_counter()
     with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
         items, cluster = fused_cupy.plan(V)
@@ -80,10 +87,11 @@ def main(argv):
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(_compile, s): s for s in specs}
         for f in as_completed(futures):
-            threads, share, cache, dt, V, dsmem = futures[f]
+            threads, share, cache, dt, V, dsmem, optin = futures[f]
             with fused_cupy.configured(threads=threads, block_share=share):
                 what = f"{dt} V={V} (items, cluster) = {fused_cupy.plan(V)} at {threads}t/{share // 1024}k" \
-                       + ("" if cache else " nocache") + ("" if dsmem else " global-meeting")
+                       + ("" if cache else " nocache") + ("" if dsmem else " global-meeting") \
+                       + ("" if optin is None else f" target cache for {optin // 1024} KiB")
             try:
                 print(f"  {f.result():5.1f} s  {what}")
             except Exception as exc:              # the tests will show it again, with context

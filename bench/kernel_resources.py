@@ -1,5 +1,6 @@
 """Registers, spills and shared memory of the CuPy kernel's variants, from nvcc's ptxas
-(no GPU needed): python bench/kernel_resources.py [--arch sm_90].  Occupancy follows from
+(no GPU needed): python bench/kernel_resources.py [--arch sm_90]; the target cache is sized
+to the arch's shared memory per block, as lkref sizes it on such a GPU.  Occupancy follows from
 them: an SM has 65 536 registers and (SMEM_KIB) 228 KiB of shared memory on an H100, 164 KiB
 on an A100.  Before sm_90 a row's blocks meet in global memory instead of a cluster."""
 
@@ -24,19 +25,23 @@ SMEM_KIB = {75: (64, 64), 80: (164, 163), 86: (100, 99), 87: (164, 163), 89: (10
 
 
 def resources(V, threads, share, cache, arch, work):
+    """(items, cluster, target entries kept per thread, {regs, spill, smem} or None) of one
+    variant as lkref builds it for `arch`: its target cache sized to the arch's shared memory."""
+    optin = SMEM_KIB.get(_cc(arch), SMEM_KIB[90])[1] * 1024
     with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
         items, cluster = fused_cupy.plan(V)
-        src = fused_cupy.kernel_source(items, cluster, "float", "float", dsmem=_cc(arch) >= 90)
+        cached = fused_cupy.cached_items(items, optin)
+        src = fused_cupy.kernel_source(items, cluster, "float", "float", dsmem=_cc(arch) >= 90, cached=cached)
     path = os.path.join(work, "k.cu")
     with open(path, "w") as f:
         f.write(src)
     r = subprocess.run(["nvcc", "-std=c++17", f"-arch={arch}", "-cubin", "-Xptxas", "-v",
                         "-o", os.path.join(work, "k.cubin"), path], capture_output=True, text=True)
     if r.returncode != 0:
-        return items, cluster, None
+        return items, cluster, cached, None
     log = r.stderr.split("entry function 'lk_rows'")[-1].split("entry function")[0]   # lk_rows' lines only
     get = lambda pattern: int(m.group(1)) if (m := re.search(pattern, log)) else 0  # noqa: E731
-    return items, cluster, {"regs": get(r"Used (\d+) registers"), "spill": get(r"(\d+) bytes spill stores"),
+    return items, cluster, cached, {"regs": get(r"Used (\d+) registers"), "spill": get(r"(\d+) bytes spill stores"),
                             "smem": get(r"(\d+) bytes smem")}
 
 
@@ -58,15 +63,17 @@ def main():
     with tempfile.TemporaryDirectory() as work:
         for V in (32_000, 128_256, 300_000):
             for threads, share, cache in shapes:
-                items, cluster, res = resources(V, threads, share, cache, args.arch, work)
+                items, cluster, cached, res = resources(V, threads, share, cache, args.arch, work)
                 if res is None:
                     print(f"{V:7d} {threads:7d} {share:6d} {cache!s:>5} | build failed")
                     continue
                 per_sm, per_block = SMEM_KIB.get(_cc(args.arch), SMEM_KIB[90])
-                dyn = 4 * items * threads if cache and items else 0
+                dyn = 4 * cached * threads
                 note = ""
-                if dyn + res["smem"] > per_block * 1024:     # lkref then builds the variant without the cache
-                    dyn, note = 0, "  (no room for the target cache: runs without it)"
+                if cache and 0 < cached < items:            # this GPU's blocks keep part of the target
+                    note = f"  (target cache: {cached} of {items} entries per thread; the rest read twice)"
+                elif cache and items and not cached:
+                    note = "  (no room for the target cache: runs without it)"
                 by_regs = 65536 // max(1, res["regs"] * threads)
                 by_smem = (per_sm * 1024) // max(1, dyn + res["smem"] + 1024)
                 print(f"{V:7d} {threads:7d} {share:6d} {cache!s:>5} | {items:5d} {cluster:7d} {res['regs']:5d} "

@@ -64,7 +64,9 @@ MAX_ITEMS = BLOCK_SHARE // THREADS
 #: Keep each block's share of the target row in shared memory (items x THREADS floats, up to
 #: 128 KiB) between the statistics and the gradient, so that a one-pass launch reads the
 #: target once from memory instead of counting on L2 for the second read; the copy starts
-#: with the launch (cp.async) and overlaps the work on the logits.
+#: with the launch (cp.async) and overlaps the work on the logits.  A GPU whose blocks get less
+#: shared memory (99 KiB on sm_86/89/120) keeps as many of each thread's entries as fit (for
+#: example 48 of 63 at the default shape) and reads the rest twice.
 CACHE_TARGET = True
 #: Split a long row over a thread-block cluster where the GPU has them (Hopper and later).
 #: False: the row's blocks meet in global memory, as on GPUs without clusters, which lets a
@@ -74,6 +76,9 @@ MODES = {"kl": 0, "tv": 1, "lk_alpha": 2, "lk_lambda": 3}
 ALPHA_FLOOR = 1e-30
 #: Slots per block where a row's blocks meet in global memory: the max, the sum, the 8 statistics.
 SLOTS = 10
+#: Shared memory left for lk_rows' static arrays when the target cache is sized to a GPU's
+#: limit (they take at most 1 104 bytes: bench/kernel_resources.py).
+STATIC_SMEM_ROOM = 2048
 
 _SOURCE = r"""
 #include <cuda_fp16.h>
@@ -86,7 +91,8 @@ _SOURCE = r"""
 #define CLUSTER __CLUSTER__                           // blocks per row
 #define DSMEM __DSMEM__                               // 1: the row's blocks are a Hopper thread-block cluster;
                                                       // 0: they meet in global memory (GPUs before Hopper)
-#define PCACHE __PCACHE__                             // 1: target entries copied to shared memory, read from there
+#define PCACHE __PCACHE__                             // target entries per thread copied to shared memory (the first
+                                                      // PCACHE of its ITEMS: all, or what fits), read from there
 #define GLOBAL_XCHG (CLUSTER > 1 && !DSMEM)
 #define SLOTS __SLOTS__                               // per block where blocks meet: max, sum, the 8 statistics
 #if CLUSTER > 1 && DSMEM
@@ -292,14 +298,14 @@ __device__ __forceinline__ void wait_copies() {
 }
 #endif
 
-#if ITEMS > 0 && PCACHE
-// Start the copies of this thread's target entries into shared memory (p_cache[i * THREADS +
-// threadIdx.x] for column tid + i * THREADS).  IDX (through draft_to_target) is a template
+#if ITEMS > 0 && PCACHE > 0
+// Start the copies of this thread's first PCACHE target entries into shared memory (p_cache[i *
+// THREADS + threadIdx.x] for column tid + i * THREADS).  IDX (through draft_to_target) is a template
 // argument: a loop choosing per entry would hold registers that plain addresses do not need.
 template <int IDX> __device__ __forceinline__ void prefetch_target(float* p_cache, const float* __restrict__ pr,
                                                                    const int* __restrict__ idx, int tid, int V) {
     #pragma unroll
-    for (int i = 0; i < ITEMS; i++) {
+    for (int i = 0; i < PCACHE; i++) {
         int v = tid + i * THREADS;
         if (v < V) copy_async(&p_cache[i * THREADS + threadIdx.x], target_at(pr, idx, IDX, v));
     }
@@ -351,14 +357,14 @@ lk_rows(const in_t* z, const float* __restrict__ p, out_t* g,
 #if ITEMS > 0
     float xr[ITEMS];
 #endif
-#if ITEMS > 0 && PCACHE
-    extern __shared__ float p_cache[];                // ITEMS * THREADS floats: each thread's own entries
+#if ITEMS > 0 && PCACHE > 0
+    extern __shared__ float p_cache[];                // PCACHE * THREADS floats: each thread's own entries
 #endif
     float m, s;
     int flags = 0;
     const bool need_x = mode == 0 || mode == 3;          // KL and LK^lambda: sum p x
     if (phase != 2) {
-#if ITEMS > 0 && PCACHE
+#if ITEMS > 0 && PCACHE > 0
         // the block's target entries start for shared memory now and arrive while the logits
         // are worked on; each thread copies, and later reads, its own entries only
         if (has_idx) prefetch_target<1>(p_cache, pr, idx, tid, V);
@@ -430,7 +436,7 @@ lk_rows(const in_t* z, const float* __restrict__ p, out_t* g,
         // alpha = sum min(q, p); S = sum q [q < p]; psum; sum p x; sum p log p; and how many
         // threads saw each input problem: one reduction of 8 values
         float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-#if ITEMS > 0 && PCACHE
+#if ITEMS > 0 && PCACHE > 0
         wait_copies();
 #endif
 #if ITEMS > 0
@@ -449,8 +455,8 @@ lk_rows(const in_t* z, const float* __restrict__ p, out_t* g,
 #if ITEMS > 0
                 xr[i] = q;                               // registers hold q from here on
 #endif
-#if ITEMS > 0 && PCACHE
-                float pv = p_cache[i * THREADS + threadIdx.x];
+#if ITEMS > 0 && PCACHE > 0
+                float pv = i < PCACHE ? p_cache[i * THREADS + threadIdx.x] : target(pr, idx, has_idx, v);
 #else
                 float pv = target(pr, idx, has_idx, v);
 #endif
@@ -503,8 +509,8 @@ lk_rows(const in_t* z, const float* __restrict__ p, out_t* g,
         {
             float q = expf((to_f(zr[v]) - m) / T) * inv;
 #endif
-#if ITEMS > 0 && PCACHE
-            float pv = phase == 0 ? p_cache[i * THREADS + threadIdx.x] : target(pr, idx, has_idx, v);
+#if ITEMS > 0 && PCACHE > 0
+            float pv = phase == 0 && i < PCACHE ? p_cache[i * THREADS + threadIdx.x] : target(pr, idx, has_idx, v);
 #else
             float pv = target(pr, idx, has_idx, v);
 #endif
@@ -649,11 +655,13 @@ _configure_from_environment()
 
 
 def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "float", cache_target=None,
-                  dsmem: bool = True) -> str:
+                  dsmem: bool = True, cached=None) -> str:
     """The CUDA source for one (items, cluster, input type, output type); cache_target (default
-    CACHE_TARGET) keeps the target entries in shared memory between the phases of a launch;
+    CACHE_TARGET) keeps the target entries in shared memory between the phases of a launch,
+    all `items` of each thread's or the first `cached` of them (a GPU with less shared memory);
     dsmem=False (GPUs before Hopper) has a row's blocks meet in global memory, not in a cluster."""
-    pcache = int(bool(CACHE_TARGET if cache_target is None else cache_target) and items > 0)
+    on = bool(CACHE_TARGET if cache_target is None else cache_target) and items > 0
+    pcache = min(items, items if cached is None else int(cached)) if on else 0
     dsmem = bool(dsmem) or cluster == 1                # one block per row meets nobody: one source
     return (_SOURCE.replace("__THREADS__", str(THREADS)).replace("__ITEMS__", str(items))
             .replace("__PCACHE__", str(pcache)).replace("__DSMEM__", str(int(bool(dsmem))))
@@ -685,20 +693,38 @@ def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True) -> Kernels:
     dsmem = bool(dsmem) or cluster == 1
     key = (str(in_dtype), str(out_dtype), items, cluster, THREADS, CACHE_TARGET, dsmem)
     if key not in _cache:
-        cache = CACHE_TARGET and items > 0
-        src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), cache, dsmem)
-        kern = _build(cp, src)
-        smem = 4 * items * THREADS if cache else 0
+        def build(cached):
+            src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), cached > 0, dsmem, cached)
+            return src, _build(cp, src), 4 * cached * THREADS
+
+        src, kern, smem = build(cached_items(items, _smem_optin(cp)))
         if smem:                                       # opt in: without it a block gets 48 KiB of static
-            try:                                       # and dynamic shared memory together (lk_rows has ~1 KiB static)
+            try:                                       # and dynamic shared memory together
                 kern.max_dynamic_shared_size_bytes = smem
-            except Exception:                           # a GPU with less shared memory: no cache
-                src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), False, dsmem)
-                kern = _build(cp, src)
-                smem = 0
+            except Exception:                          # refused all the same: no cache
+                src, kern, smem = build(0)
         finish = cp.RawKernel(src, "lk_finish", options=kern.options)     # the same module, compiled once
         _cache[key] = Kernels(kern, finish, smem)
     return _cache[key]
+
+
+def cached_items(items, optin=None):
+    """Target entries per thread that a block keeps in shared memory: all its `items` (with
+    CACHE_TARGET), or as many as fit where a block may opt in to only `optin` bytes."""
+    cached = items if CACHE_TARGET else 0
+    if optin is not None:
+        cached = min(cached, max(0, (optin - STATIC_SMEM_ROOM) // (4 * THREADS)))
+    return cached
+
+
+def _smem_optin(cp):
+    """The most shared memory (bytes) a block of this GPU may opt in to (227 KiB on an H100, 163
+    KiB on an A100, 99 KiB on sm_86/89/120 GPUs such as the L4, L40S and RTX cards), or None
+    where CuPy cannot say."""
+    try:
+        return int(cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"])
+    except Exception:
+        return None
 
 
 def _uses_clusters(cp) -> bool:
@@ -716,7 +742,7 @@ def _has_clusters(cp) -> bool:
 
 def describe(cp) -> str:
     """One line for `python -m lkref info`: whether losses on CuPy arrays take these kernels,
-    and how this GPU splits a row over blocks."""
+    how this GPU splits a row over blocks, and how much of the target its blocks keep."""
     from .fused import cupy_fused_by_default
     try:
         cc = f"sm_{int(cp.cuda.Device().compute_capability)}"
@@ -727,8 +753,12 @@ def describe(cp) -> str:
         f"2-8 blocks that meet in global memory ({'no clusters' if not _has_clusters(cp) else 'clusters off'})"
     when = "on by default" if cupy_fused_by_default() else \
         'opt-in (impl="fused" or LKREF_CUPY_FUSED=1) until a GPU run has checked them'
+    kept = cached_items(MAX_ITEMS, _smem_optin(cp))
+    cache = "off" if not CACHE_TARGET else "all of a block's share" if kept == MAX_ITEMS else \
+        f"{kept} of each thread's {MAX_ITEMS} entries (the rest read twice)"
     return (f"fused CuPy kernels: {when}; on {cc} a row of up to {share} logits takes one block, up to "
-            f"{max(CLUSTER_CHOICES) * share} {how}, a longer one is streamed by one block")
+            f"{max(CLUSTER_CHOICES) * share} {how}, a longer one is streamed by one block; "
+            f"target kept in shared memory: {cache}")
 
 
 def _build(cp, src):

@@ -114,9 +114,11 @@ needs_cxx = pytest.mark.skipif(simt_cpu.compiler() is None, reason="no C++ compi
 
 
 def stand_in(monkeypatch, cupy, kernel):
-    """CuPy replaced by `cupy`, a Hopper GPU assumed, and fused_cupy._kernel by `kernel`."""
+    """CuPy replaced by `cupy`, a Hopper GPU assumed (clusters, and the shared memory a block
+    may opt in to as the stand-in allows it), and fused_cupy._kernel by `kernel`."""
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: True)
+    monkeypatch.setattr(fused_cupy, "_smem_optin", lambda cp: simt_cpu.SMEM_OPTIN_MAX)
     monkeypatch.setattr(fused_cupy, "_kernel", kernel)
 
 
@@ -388,6 +390,11 @@ def test_info_says_how_this_gpu_runs_the_kernels(monkeypatch, cc, clusters, how,
         assert fused_cupy._uses_clusters(cp) == (cc == "90" and clusters)
     assert how in line and when in line and f"sm_{cc}" in line
     assert "up to 32768 logits takes one block, up to 262144 " in line and fused_cupy.CLUSTERS is True
+    assert line.endswith("target kept in shared memory: all of a block's share")     # optin unknown here
+    monkeypatch.setattr(fused_cupy, "_smem_optin", lambda cp: 99 * 1024)
+    assert fused_cupy.describe(cp).endswith("48 of each thread's 64 entries (the rest read twice)")
+    with fused_cupy.configured(cache_target=False):
+        assert fused_cupy.describe(cp).endswith("target kept in shared memory: off")
 
 
 def test_plan_covers_every_vocabulary():
@@ -550,8 +557,9 @@ def test_simt_dynamic_shared_memory_needs_the_opt_in(simt, monkeypatch):
     of V = 12 000 exactly 48 KiB: with lk_rows' static shared memory both exceed the 48 KiB a
     block gets without max_dynamic_shared_size_bytes, which fused_cupy._kernel sets (it once
     set it only beyond 48 KiB of dynamic memory, and so failed at V = 11 777 to 12 288).  A
-    launch without it is refused; where the opt-in is refused (a GPU with less shared
-    memory), the kernel is rebuilt without the target cache and still computes the loss."""
+    launch without it is refused.  A GPU with less shared memory keeps as many of each thread's
+    target entries as fit; where the opt-in is refused all the same (or the GPU's limit is
+    unknown and too small), the kernel is rebuilt without the target cache; each computes the loss."""
     built = built_kernels(monkeypatch)
     rng = np.random.default_rng(5)
     for V, items in ((13_000, 26), (12_000, 24)):
@@ -563,10 +571,18 @@ def test_simt_dynamic_shared_memory_needs_the_opt_in(simt, monkeypatch):
     built[-1].rows._smem_limit = None                  # as if never opted in
     with pytest.raises(AssertionError, match="without max_dynamic_shared_size_bytes"):
         run("lk_alpha", z, p)
-    monkeypatch.setattr(simt_cpu, "SMEM_OPTIN_MAX", 32 * 1024)
+    monkeypatch.setattr(simt_cpu, "SMEM_OPTIN_MAX", 32 * 1024)        # 15 of 24 entries fit with 2 KiB to spare
     fused_cupy._cache.clear()
     close(run("lk_alpha", z, p), reference("lk_alpha", z, p))
-    assert built[-1].smem == 0 and "#define PCACHE 0" in built[-1].rows.code
+    assert built[-1].smem == 4 * 15 * 512 and "#define PCACHE 15" in built[-1].rows.code
+    assert built[-1].rows.max_dynamic_shared_size_bytes == built[-1].smem
+    for optin in (None, 32 * 1024):                     # unknown (the opt-in then fails), or refused anyway
+        monkeypatch.setattr(fused_cupy, "_smem_optin", lambda cp: optin)
+        if optin:
+            monkeypatch.setattr(simt_cpu, "SMEM_OPTIN_MAX", 16 * 1024)
+        fused_cupy._cache.clear()
+        close(run("lk_alpha", z, p), reference("lk_alpha", z, p))
+        assert built[-1].smem == 0 and "#define PCACHE 0" in built[-1].rows.code
     assert built[-1].finish.code == built[-1].rows.code and built[-1].finish.options == built[-1].rows.options
 
 
@@ -628,7 +644,7 @@ PLANTED = {
     "the mean misses the last row": ("for (int r = threadIdx.x; r < N; r += THREADS)",
                                      "for (int r = threadIdx.x; r < N - 1; r += THREADS)", None),
     "the result's lambda not written": ("        out[7] = lam;", "        out[7] = 0.f;", None),
-    "the target read before its copy lands": ("#if ITEMS > 0 && PCACHE\n        wait_copies();\n#endif\n", "", None),
+    "the target read before its copy lands": ("#if ITEMS > 0 && PCACHE > 0\n        wait_copies();\n#endif\n", "", None),
     # in blocks that meet in global memory (run as on a GPU without clusters)
     "meeting: rows by blockIdx, not by start order": ("        row = ticket / CLUSTER;\n        rank = ticket % CLUSTER;\n",
                                                       "", "deadlock"),
@@ -731,16 +747,20 @@ def test_launch_shape_from_the_environment(monkeypatch):
 @given(seed=st.integers(0, 2**32 - 1), name=st.sampled_from(REDUCED), N=st.integers(1, 4),
        V=st.sampled_from([1, 2, 5, 63, 64, 65, 257, 700, 2049]), T=st.sampled_from([1.0, 0.5, 2.0]),
        mask=st.sampled_from([None, "bool", "weights"]), d2t=st.booleans(), lam=st.sampled_from([None, 0.3]),
-       scale=st.sampled_from([0.1, 3.0, 30.0]), live=st.sampled_from([None, 0, 1, 1000]))
+       scale=st.sampled_from([0.1, 3.0, 30.0]), live=st.sampled_from([None, 0, 1, 1000]),
+       kept=st.sampled_from([None, 0, 1, 3]))
 def test_simt_kernel_matches_reference_property(simt, monkeypatch, seed, name, N, V, T, mask, d2t, lam, scale,
-                                                 live):
+                                                 live, kept):
     """Random problems through the kernel's own source (small blocks: one block, 2-8 blocks per
     row in a cluster or meeting in global memory, and streaming, by V), against the float64
     reference, within float32 rounding of the size of the terms (the bounds of tests/test_fused.py).
-    live: None, a cluster; else blocks that meet, with CLUSTER + live blocks live at a time."""
+    live: None, a cluster; else blocks that meet, with CLUSTER + live blocks live at a time.
+    kept: None, the whole target cache; else a GPU whose blocks have room for `kept` entries per thread."""
     small_blocks(monkeypatch)
     if live is not None:
         no_clusters(monkeypatch, resident=lambda cluster: cluster + live)
+    if kept is not None:
+        monkeypatch.setattr(fused_cupy, "_smem_optin", lambda cp: fused_cupy.STATIC_SMEM_ROOM + kept * 4 * 64)
     rng = np.random.default_rng(seed)
     z = make_logits(rng, (N, V), scale=scale, dtype=np.float32)
     Vt = V + 3 if d2t else V
@@ -784,6 +804,34 @@ def test_simt_global_reads_per_element(simt, monkeypatch, V, name, kw, cache, wa
     run(name, make_logits(rng, (N, V), dtype=np.float32), make_probs(rng, (N, V), dtype=np.float32), **kw)
     counts = [c for k in kernels for c in k.rows.reads]
     assert [tuple(c / (N * V) for c in launch) for launch in counts] == want
+
+
+@pytest.mark.parametrize("clusters", [True, False])
+def test_simt_partial_target_cache(simt, monkeypatch, clusters):
+    """A GPU whose blocks may keep only part of their target entries in shared memory (99 KiB
+    on sm_86/89/120 against 126 KiB at the default shape): each thread keeps its first entries
+    and reads the others again for the gradient, so the target is read 1 + (the share not
+    kept) times per element rather than twice (counted); the loss is the same."""
+    small_blocks(monkeypatch)                       # 64 threads x 4 entries; V = 1000: 4 blocks per row
+    monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: clusters)
+    monkeypatch.setattr(fused_cupy, "_smem_optin", lambda cp: fused_cupy.STATIC_SMEM_ROOM + 2 * 4 * 64 + 100)
+    kernels = built_kernels(monkeypatch)
+    N, V = 3, 1000
+    rng = np.random.default_rng(21)
+    z = make_logits(rng, (N, V), dtype=np.float32)
+    p = make_probs(rng, (N, V), dtype=np.float32)
+    for name in ("lk_alpha", "kl"):
+        close(run(name, z, p), reference(name, z, p))
+        assert "#define PCACHE 2" in kernels[-1].rows.code and kernels[-1].smem == 2 * 4 * 64
+        kept = (np.arange(V) % 256) // 64 < 2       # entry i of its thread: the first 2 of 4 are kept
+        assert kernels[-1].rows.reads[-1][:2] == (N * V, N * (V + int((~kept).sum())))
+    # negative control: the gradient takes every entry from the cache, also those not kept there
+    kept_only = "phase == 0 && i < PCACHE ? p_cache[i * THREADS + threadIdx.x] : target(pr, idx, has_idx, v)"
+    assert fused_cupy._SOURCE.count(kept_only) == 1
+    monkeypatch.setattr(fused_cupy, "_SOURCE", fused_cupy._SOURCE.replace(kept_only, "phase == 0 ? p_cache[i * THREADS + threadIdx.x] : target(pr, idx, has_idx, v)"))
+    fused_cupy._cache.clear()
+    with pytest.raises((AssertionError, ValueError)):
+        close(run("lk_alpha", z, p), reference("lk_alpha", z, p))
 
 
 def _traced_run(monkeypatch, name, z, p, **kw):

@@ -167,6 +167,23 @@ def test_fused_without_clusters_blocks_meet_in_global_memory(cp, name, N, V, clu
         compare(cp, name, z, peaked_probs(rng, (N, V)).astype(np.float32))
 
 
+@pytest.mark.parametrize("name", REDUCED)
+@pytest.mark.parametrize("V", [32_000, 128_256])
+def test_fused_partial_target_cache_as_on_gpus_with_less_shared_memory(cp, monkeypatch, name, V):
+    """As on a GPU whose blocks may opt in to 99 KiB of shared memory (sm_86/89/120: L4, L40S,
+    RTX cards; no clusters either): each thread keeps 48 of its 63 target entries in shared
+    memory and reads the other 15 twice (the stand-in counts those reads)."""
+    from lkref import fused_cupy
+    monkeypatch.setattr(fused_cupy, "_smem_optin", lambda cp: 99 * 1024)
+    monkeypatch.setattr(fused_cupy, "_cache", {})        # variants sized for this GPU's limit
+    rng = np.random.default_rng(V + 99)
+    z = make_logits(rng, (3, V), scale=2.0, dtype=np.float32)
+    with fused_cupy.configured(clusters=False):
+        compare(cp, name, z, peaked_probs(rng, (3, V)).astype(np.float32))
+        kern = fused_cupy._kernel(np.float32, np.float32, *fused_cupy.plan(V), fused_cupy._uses_clusters(cp))
+    assert kern.smem == 4 * 48 * 512 and "#define PCACHE 48" in kern.rows.code
+
+
 def test_fused_bfloat16_logits_where_cupy_has_them(cp):
     ml_dtypes = pytest.importorskip("ml_dtypes")
     rng = np.random.default_rng(6)
