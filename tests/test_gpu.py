@@ -180,7 +180,8 @@ def test_fused_partial_target_cache_as_on_gpus_with_less_shared_memory(cp, monke
     z = make_logits(rng, (3, V), scale=2.0, dtype=np.float32)
     with fused_cupy.configured(clusters=False):
         compare(cp, name, z, peaked_probs(rng, (3, V)).astype(np.float32))
-        kern = fused_cupy._kernel(np.float32, np.float32, *fused_cupy.plan(V), fused_cupy._uses_clusters(cp))
+        f32 = np.dtype(np.float32)                           # the key compare's call built (no second compile)
+        kern = fused_cupy._kernel(f32, f32, *fused_cupy.plan(V), fused_cupy._uses_clusters(cp))
     assert kern.smem == 4 * 48 * 512 and "#define PCACHE 48" in kern.rows.code
 
 
