@@ -19,7 +19,8 @@ element for TV and LK^alpha, two for the KL sums, which need x = (z - max z) / T
 reads z and p once and writes the gradient once, the least traffic there is.  The target
 entries are copied into shared memory asynchronously (cp.async) as the launch starts, so
 that they arrive while phase (1) works on the logits instead of after it.  For larger V
-one block per row re-reads the row from memory in each phase (z four times, p twice).
+one block per row re-reads the row from memory in each phase (z three times: the max and the
+sum of exps in one pass, then the statistics, then the gradient; p twice).
 Two-pass losses (LK^lambda with no given lambda,
 draft_to_target, a reduce hook) run the kernel once for the row statistics, then again
 for the gradient with the statistics as input: z and p are read twice.  The read counts
@@ -380,10 +381,19 @@ lk_rows(const in_t* z, const float* __restrict__ p, out_t* g,
             lmax = fmaxf(lmax, xr[i]);
         }
 #else
+        // streaming: the thread's max and its sum of exps relative to that max in one pass over
+        // the logits (a larger logit moves the sum to it: still one exp per element)
+        float lsum = 0.f;
         for (int v = tid; v < V; v += THREADS) {
             float zv = to_f(zr[v]);
-            if (!isfinite(zv)) flags |= 1;
-            lmax = fmaxf(lmax, zv);
+            if (!isfinite(zv)) {
+                flags |= 1;                              // flagged; left out of the sums
+            } else if (zv > lmax) {
+                lsum = lsum * expf((lmax - zv) / T) + 1.f;
+                lmax = zv;
+            } else {
+                lsum += expf((zv - lmax) / T);
+            }
         }
 #endif
         // the block's max mb and its sum of exps relative to mb; with several blocks per row one
@@ -402,7 +412,7 @@ lk_rows(const in_t* z, const float* __restrict__ p, out_t* g,
             xr[i] = need_x ? x : e;                          // the KL sums need x; TV and LK^alpha only e
         }
 #else
-        for (int v = tid; v < V; v += THREADS) acc[0] += expf((to_f(zr[v]) - mb) / T);
+        acc[0] = lsum > 0.f ? lsum * (expf)((lmax - mb) / T) : 0.f;   // the thread's sum moved to the block's max
 #endif
         block_sum<1>(acc, sh);
         m = mb;

@@ -633,7 +633,7 @@ PLANTED = {
     "cluster: a block's sum not rescaled to the row's max": ("v[1] = warp_sum(sk > 0.f ? sk * (expf)((mk - m) / T) : 0.f);",
                                                              "v[1] = warp_sum(sk);", None),
     "cluster: the block's exps not moved to the row's max": ("to_row = acc[0] > 0.f ? (expf)(-shift) : 0.f;",
-                                                            "to_row = 1.f;", None, "lk_alpha"),
+                                                            "to_row = 1.f;", None, {"name": "lk_alpha"}),
     "cluster: the block's x not moved to the row's max": ("xr[i] = need_x ? xr[i] - shift : xr[i] * to_row;",
                                                          "xr[i] = need_x ? xr[i] : xr[i] * to_row;", None),
     "barrier in divergent code": ("    if (warp == 0) v = warp_max(v);", "    if (warp == 0) { v = warp_max(v); __syncthreads(); }",
@@ -650,6 +650,10 @@ PLANTED = {
                                                       "", "deadlock"),
     "meeting: no wait for the other blocks": ("        while (arrivals(r.arrived) < r.round * CLUSTER) pause_briefly();\n",
                                               "", "depends on the thread schedule"),
+    "streaming: the sum not moved to a larger logit": ("lsum = lsum * expf((lmax - zv) / T) + 1.f;",
+                                                       "lsum = lsum + 1.f;", None, {"V": 3000}),
+    "streaming: the thread's sum not moved to the block's max": (
+        "acc[0] = lsum > 0.f ? lsum * (expf)((lmax - mb) / T) : 0.f;", "acc[0] = lsum;", None, {"V": 3000}),
     "meeting: the block reads before thread 0 saw every count": (
         "    __syncthreads();                                  // the block's reads after thread 0 saw the count\n",
         "", None),
@@ -665,16 +669,18 @@ PLANTED = {
 @pytest.mark.parametrize("bug", sorted(PLANTED))
 def test_simt_catches_planted_kernel_bugs(simt, monkeypatch, bug):
     """Negative controls for the stand-in: each planted bug fails, the unchanged source passes
-    (LK^lambda, which takes every statistic, or the loss named after the bug's message)."""
+    (LK^lambda, which takes every statistic, on rows of 1000 in clusters of 4 small blocks, or
+    the loss and row length named after the bug's message)."""
     small_blocks(monkeypatch)
     if bug.startswith("meeting:"):
         no_clusters(monkeypatch)
-    old, new, message, *loss = PLANTED[bug]
-    name = loss[0] if loss else "lk_lambda"
+    old, new, message, *how = PLANTED[bug]
+    how = {"name": "lk_lambda", "V": 1000, **(how[0] if how else {})}
+    name = how["name"]
     assert fused_cupy._SOURCE.count(old) == 1
     rng = np.random.default_rng(11)
-    z = make_logits(rng, (5, 1000), dtype=np.float32)
-    p = make_probs(rng, (5, 1000), dtype=np.float32)
+    z = make_logits(rng, (5, how["V"]), dtype=np.float32)
+    p = make_probs(rng, (5, how["V"]), dtype=np.float32)
     close(run(name, z, p), reference(name, z, p))
     monkeypatch.setattr(fused_cupy, "_SOURCE", fused_cupy._SOURCE.replace(old, new))
     fused_cupy._cache.clear()                     # the kernels built from the unchanged source
@@ -790,7 +796,7 @@ def test_simt_kernel_matches_reference_property(simt, monkeypatch, seed, name, N
     (1000, "lk_alpha", {}, False, [(1, 2, 1)]),            # without the cache the target is read twice
     (40, "lk_lambda", {"lam": 0.3}, True, [(1, 1, 2)]),     # a given lambda: one pass; the KL sums need x and q
     (40, "lk_lambda", {}, True, [(1, 1, 2), (1, 1, 1)]),    # lambda from the batch: stats, then gradient
-    (3000, "tv", {}, True, [(4, 2, 3)]),                    # streaming: z for max, sum, stats, gradient
+    (3000, "tv", {}, True, [(3, 2, 3)]),                    # streaming: z for max and sum (one pass), stats, gradient
 ])
 def test_simt_global_reads_per_element(simt, monkeypatch, V, name, kw, cache, want):
     """How often the kernel reads each logit and each target entry, and takes an exp, per
