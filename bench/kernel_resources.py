@@ -27,7 +27,7 @@ SMEM_KIB = {75: (64, 64), 80: (164, 163), 86: (100, 99), 87: (164, 163), 89: (10
 def resources(V, threads, share, cache, arch, work):
     """(items, cluster, target entries kept per thread, {regs, spill, smem} or None) of one
     variant as lkref builds it for `arch`: its target cache sized to the arch's shared memory."""
-    optin = SMEM_KIB.get(_cc(arch), SMEM_KIB[90])[1] * 1024
+    optin = _smem_kib(arch)[1] * 1024
     with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
         items, cluster = fused_cupy.plan(V)
         cached = fused_cupy.cached_items(items, optin)
@@ -43,6 +43,11 @@ def resources(V, threads, share, cache, arch, work):
     get = lambda pattern: int(m.group(1)) if (m := re.search(pattern, log)) else 0  # noqa: E731
     return items, cluster, cached, {"regs": get(r"Used (\d+) registers"), "spill": get(r"(\d+) bytes spill stores"),
                             "smem": get(r"(\d+) bytes smem")}
+
+
+def _smem_kib(arch):
+    """(per SM, most per block) KiB of shared memory for arch (sm_90's where the table lacks it)."""
+    return SMEM_KIB.get(_cc(arch), SMEM_KIB[90])
 
 
 def _cc(arch):
@@ -67,7 +72,7 @@ def main():
                 if res is None:
                     print(f"{V:7d} {threads:7d} {share:6d} {cache!s:>5} | build failed")
                     continue
-                per_sm, per_block = SMEM_KIB.get(_cc(args.arch), SMEM_KIB[90])
+                per_sm = _smem_kib(args.arch)[0]
                 dyn = 4 * cached * threads
                 note = ""
                 if cache and 0 < cached < items:            # this GPU's blocks keep part of the target

@@ -704,7 +704,7 @@ def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True) -> Kernels:
     key = (str(in_dtype), str(out_dtype), items, cluster, THREADS, CACHE_TARGET, dsmem)
     if key not in _cache:
         def build(cached):
-            src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), cached > 0, dsmem, cached)
+            src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), dsmem=dsmem, cached=cached)
             return src, _build(cp, src), 4 * cached * THREADS
 
         src, kern, smem = build(cached_items(items, _smem_optin(cp)))

@@ -88,7 +88,6 @@ struct Block {
 // interleaving); even seeds give each fiber one random key for the whole launch, so some
 // threads run as far ahead as the barriers let them while others lag (the adversarial case).
 struct State {
-    ucontext_t sched;
     jmp_buf sched_jb;                         // the scheduler's loop, where a fiber that yields returns
     std::vector<Fiber> fibers;
     std::vector<Block> blocks;                // the running cluster's blocks
@@ -263,7 +262,7 @@ inline void entry() {
     drain_stores();                           // all stores are visible once the kernel ends
     S.cur->done = true;
     blk().live--;
-    _longjmp(S.sched_jb, 1);                  // back to the loop that ran it (not uc_link's stale context)
+    _longjmp(S.sched_jb, 1);                  // back to the loop that ran it: entry never returns
 }
 
 // Single-precision denormals flushed to zero, results and inputs, as on a GPU under
@@ -336,7 +335,7 @@ inline int run(unsigned grid, unsigned threads, unsigned cluster, unsigned seed,
             getcontext(&f.ctx);
             f.ctx.uc_stack.ss_sp = stacks.get() + i * stack_bytes;
             f.ctx.uc_stack.ss_size = stack_bytes;
-            f.ctx.uc_link = &S.sched;
+            f.ctx.uc_link = nullptr;
             makecontext(&f.ctx, entry, 0);
         }
         std::vector<unsigned> order(cluster);  // the blocks in the order they start
@@ -366,7 +365,7 @@ inline int run(unsigned grid, unsigned threads, unsigned cluster, unsigned seed,
             if (_setjmp(S.sched_jb) == 0) {   // the fiber comes back here when it yields or ends
                 if (!S.cur->started) {
                     S.cur->started = true;
-                    swapcontext(&S.sched, &S.cur->ctx);
+                    setcontext(&S.cur->ctx);
                 } else {
                     _longjmp(S.cur->jb, 1);
                 }
