@@ -24,7 +24,7 @@ from .losses import (
     tv_forward,
 )
 from .positions import LOSSES, MultiPositionResult, multi_position
-from .validation import TARGET_SUM_ATOL
+from .validation import TARGET_SUM_ATOL, target_sum_atol
 from .sampler import VerifyResult, verify, verify_greedy
 from .decoding import GenerateResult, MarkovChain, generate, warp
 from .multistep import AcceptLengthResult, accept_length_loss
@@ -40,7 +40,7 @@ __all__ = [
     "lk_alpha_forward", "lk_alpha_backward", "lk_lambda_forward", "lk_lambda_backward",
     "mean_forward", "mean_backward",
     "LOSSES", "MultiPositionResult", "multi_position",
-    "TARGET_SUM_ATOL",
+    "TARGET_SUM_ATOL", "target_sum_atol",
     "VerifyResult", "verify", "verify_greedy",
     "GenerateResult", "MarkovChain", "generate", "warp",
     "AcceptLengthResult", "accept_length_loss",

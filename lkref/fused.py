@@ -36,8 +36,8 @@ import numpy as np
 
 from . import losses as ref
 from .backend import work_dtype
-from .validation import (TARGET_SUM_ATOL, as_array, call_reduce, check_index_map, check_mask, check_real_scalar,
-                         env_flag)
+from .validation import (as_array, call_reduce, check_index_map, check_mask, check_real_scalar, check_target_sums,
+                         env_flag, target_sum_atol)
 
 __all__ = ["numpy_loss", "ALPHA_FLOOR", "MIN_TEMPERATURE", "CHUNK_BYTES", "default_threads"]
 
@@ -68,7 +68,7 @@ def _check_value_rows(zc, pc_full, pb, buf, errors):
     """The value checks of validation.py on one chunk, while it is in cache.
 
     Returns (max z, target row sums) (the softmax and KL need them), or None after recording
-    the error (a row sum off by more than TARGET_SUM_ATOL is recorded in pb.sum_errs, for
+    the error (a row sum off by more than target_sum_atol is recorded in pb.sum_errs, for
     _raise_first).
     Each input gets one combined test, a Python float (few small NumPy calls: they hold the
     GIL that the other chunk threads wait for); the exact check runs only when it fails."""
@@ -88,7 +88,7 @@ def _check_value_rows(zc, pc_full, pb, buf, errors):
             return None
         worst = float(np.abs(psum - 1).max())       # a sum that overflowed is off by inf
     pb.sum_errs.append(worst)
-    if worst > TARGET_SUM_ATOL:                 # _raise_first says so; computing on would only warn
+    if worst > target_sum_atol(pc_full.dtype):  # _raise_first says so; computing on would only warn
         return None
     return mx, psum
 
@@ -455,10 +455,7 @@ def dispatch(name, draft_logits, target_probs, *, out=None, required=False, **op
 def _raise_first(pb, errors):
     if errors:
         raise errors[0]
-    worst = max(pb.sum_errs, default=0.0)
-    if worst > TARGET_SUM_ATOL:
-        raise ValueError(f"target_probs rows must sum to 1 (within {TARGET_SUM_ATOL}); "
-                         f"the worst row is off by {worst:.3g}")
+    check_target_sums(max(pb.sum_errs, default=0.0), pb.p.dtype)
 
 
 def _weights(pb):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import sys
 
 import numpy as np
 
@@ -18,6 +19,8 @@ from .backend import _is_foreign, from_dlpack, namespace, work_dtype
 
 __all__ = [
     "TARGET_SUM_ATOL",
+    "target_sum_atol",
+    "check_target_sums",
     "as_array",
     "check_real_scalar",
     "check_logits",
@@ -30,10 +33,35 @@ __all__ = [
     "env_flag",
 ]
 
-#: A target row must sum to 1 within this absolute tolerance (any dtype).
-#: Loose enough for float16 / float32 softmax outputs at V = 128k, tight enough
-#: to catch logits, log-probabilities or unnormalised scores passed as probabilities.
+#: A target row must sum to 1 within this absolute tolerance, beyond what rounding its entries
+#: to the target's dtype can move the sum (target_sum_atol).  Loose enough for float16 /
+#: float32 softmax outputs at V = 128k, tight enough to catch logits, log-probabilities or
+#: unnormalised scores passed as probabilities.
 TARGET_SUM_ATOL = 1e-3
+
+
+def target_sum_atol(dtype) -> float:
+    """How far from 1 the rows of a target of this dtype may sum: TARGET_SUM_ATOL plus the
+    dtype's unit roundoff u, as rounding each entry p_v of a normalised row to the dtype moves
+    it by at most u p_v, and so the sum by at most u.  u = 2^-8 for bfloat16 (whose 8-bit
+    significands move a 128k-entry softmax row's sum by some 1.5e-3), 2^-11 for float16,
+    2^-24 for float32."""
+    dt = np.dtype(dtype)
+    try:
+        eps = float(np.finfo(dt).eps)
+    except (TypeError, ValueError):                # ml_dtypes' types (bfloat16): NumPy has no finfo
+        finfo = getattr(sys.modules.get("ml_dtypes"), "finfo", None)
+        eps = float(finfo(dt).eps) if finfo is not None else 2.0 ** -7
+    return TARGET_SUM_ATOL + eps / 2
+
+
+def check_target_sums(worst, dtype, name="target_probs"):
+    """A ValueError naming `name` where the worst |row sum - 1|, `worst`, is beyond
+    target_sum_atol(dtype)."""
+    tol = target_sum_atol(dtype)
+    if worst > tol:
+        raise ValueError(f"{name} rows must sum to 1 (within {tol:.3g} for {np.dtype(dtype).name}); "
+                         f"the worst row is off by {worst:.3g}")
 
 
 def as_array(x, name: str):
@@ -84,7 +112,7 @@ def check_logits(z, name: str = "draft_logits"):
 
 
 def check_probs(p, name: str, *, shape=None, normalised=True):
-    """Floating, finite, non-negative, rows summing to 1 within TARGET_SUM_ATOL."""
+    """Floating, finite, non-negative, rows summing to 1 within target_sum_atol(p.dtype)."""
     p = as_array(p, name)
     wd = work_dtype(p.dtype, name)
     if shape is not None and tuple(p.shape) != tuple(shape):
@@ -99,12 +127,7 @@ def check_probs(p, name: str, *, shape=None, normalised=True):
     if normalised and p.size:
         with np.errstate(over="ignore"):           # huge entries: a sum off by inf, said below
             sums = p.astype(wd, copy=False).sum(axis=-1)
-        err = float(xp.max(xp.abs(sums - 1)))
-        if err > TARGET_SUM_ATOL:
-            raise ValueError(
-                f"{name} rows must sum to 1 (within {TARGET_SUM_ATOL}); "
-                f"the worst row is off by {err:.3g}"
-            )
+        check_target_sums(float(xp.max(xp.abs(sums - 1))), p.dtype, name)
     return p
 
 

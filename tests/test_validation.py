@@ -66,6 +66,31 @@ def test_target_rows_within_the_stated_tolerance_are_accepted():
         lkref.lk_alpha(Z, P * (1 + 1.1 * lkref.TARGET_SUM_ATOL))
 
 
+def test_target_sum_tolerance_follows_the_targets_rounding():
+    """target_sum_atol = TARGET_SUM_ATOL + the dtype's unit roundoff: rounding the entries of a
+    normalised row to bfloat16 (8-bit significands) moves its sum by up to 2^-8 of it, so a row
+    whose largest entry is 0.748 (bfloat16's nearest: 0.746 or 0.75) is off by 1.9e-3, beyond
+    TARGET_SUM_ATOL alone; such a target is accepted by every path, a row 1 % off is not."""
+    assert lkref.target_sum_atol(np.float32) == lkref.TARGET_SUM_ATOL + 2.0 ** -24
+    assert lkref.target_sum_atol(np.float16) == lkref.TARGET_SUM_ATOL + 2.0 ** -11
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = ml_dtypes.bfloat16
+    assert lkref.target_sum_atol(bf16) == lkref.TARGET_SUM_ATOL + 2.0 ** -8
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((4, 1000)) * 3
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p = p / p.sum(-1, keepdims=True) * (1 - 0.748)
+    p[:, 0] += 0.748
+    p = p.astype(bf16)
+    off = np.abs(p.astype(np.float64).sum(-1) - 1).max()
+    assert lkref.TARGET_SUM_ATOL < off < lkref.target_sum_atol(bf16)   # what the widening is for
+    z = rng.standard_normal((4, 1000)).astype(np.float32)
+    for impl in ("reference", "fused"):
+        lkref.lk_alpha(z, p, impl=impl)
+        with pytest.raises(ValueError, match=r"rows must sum to 1 \(within 0.00491 for bfloat16\)"):
+            lkref.lk_alpha(z, (p.astype(np.float32) * 1.01).astype(bf16), impl=impl)
+
+
 def test_draft_to_target_with_leading_shape_mismatch():
     with pytest.raises(ValueError, match="target_probs must have the leading shape"):
         lkref.tv(Z, np.full((3, 4), 0.25), draft_to_target=np.array([0, 1, 2]))
