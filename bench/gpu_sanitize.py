@@ -28,7 +28,8 @@ from lkref.benchmark import make_problem, rel_err  # noqa: E402
 
 #: (label, loss, N, V, options): one block per row, the 48 KiB cache boundary, clusters of 2,
 #: 4 and 8, streaming; the two-launch calls (batch lambda, draft_to_target, gradient into the
-#: logits); weights and temperature; float16 logits; rows that take LK^alpha's log-space
+#: logits); weights and temperature; float16 logits, and a float16 target too (read as it is and
+#: kept in shared memory at its first read); rows that take LK^alpha's log-space
 #: fallback; and blocks that meet in global memory, as on a GPU without clusters.
 CASES = (
     ("one block", "lk_alpha", 3, 1000, {}),
@@ -41,6 +42,7 @@ CASES = (
     ("weights, temperature", "lk_alpha", 3, 5000, {"mask": "weights", "temperature": 0.7}),
     ("gradient into the logits", "lk_alpha", 3, 2000, {"out": "logits"}),
     ("float16 logits", "tv", 3, 4099, {"dtype": "float16"}),
+    ("float16 logits and target", "lk_alpha", 2, 128_256, {"dtype": "float16", "target_dtype": "float16"}),
     ("log-space fallback", "lk_alpha", 3, 300, {"disjoint": True}),
     ("no clusters: 2 blocks meet", "lk_lambda", 3, 50_257, {"clusters": False}),
     ("no clusters: 4 blocks meet", "lk_alpha", 2, 128_256, {"clusters": False}),
@@ -64,6 +66,7 @@ def problem(cp, N, V, options, seed):
     if options.get("mask") == "weights":
         kw["mask"] = cp.asarray(np.linspace(0.0, 2.0, N, dtype=np.float32))
     z = z.astype(options.get("dtype", "float32"))
+    p = p.astype(options.get("target_dtype", "float32"))
     return z, p, kw
 
 

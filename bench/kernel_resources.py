@@ -24,14 +24,15 @@ from lkref.benchmark import TUNING_SHAPES  # noqa: E402
 SMEM_KIB = {75: (64, 64), 80: (164, 163), 86: (100, 99), 87: (164, 163), 89: (100, 99), 90: (228, 227)}
 
 
-def resources(V, threads, share, cache, arch, work):
+def resources(V, threads, share, cache, arch, work, ctype="float"):
     """(items, cluster, target entries kept per thread, {regs, spill, smem} or None) of one
-    variant as lkref builds it for `arch`: its target cache sized to the arch's shared memory."""
+    variant as lkref builds it for `arch`: its target cache sized to the arch's shared memory;
+    ctype: the C type of the logits, the target and the gradient."""
     optin = _smem_kib(arch)[1] * 1024
     with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
         items, cluster = fused_cupy.plan(V)
-        cached = fused_cupy.cached_items(items, optin)
-        src = fused_cupy.kernel_source(items, cluster, "float", "float", dsmem=_cc(arch) >= 90, cached=cached)
+        cached = fused_cupy.cached_items(items, optin, _bytes(ctype))
+        src = fused_cupy.kernel_source(items, cluster, ctype, ctype, dsmem=_cc(arch) >= 90, cached=cached, p_t=ctype)
     path = os.path.join(work, "k.cu")
     with open(path, "w") as f:
         f.write(src)
@@ -50,6 +51,10 @@ def _smem_kib(arch):
     return SMEM_KIB.get(_cc(arch), SMEM_KIB[90])
 
 
+def _bytes(ctype):
+    return 4 if ctype == "float" else 2
+
+
 def _cc(arch):
     return int(arch.split("_")[-1].rstrip("a"))
 
@@ -65,25 +70,27 @@ def main():
     print(f"# lk_rows, nvcc -std=c++17 -arch={args.arch} (the options CuPy gives NVRTC); {version}")
     print(f"{'V':>7} {'threads':>7} {'share':>6} {'cache':>5} | {'items':>5} {'cluster':>7} {'regs':>5} "
           f"{'spill B':>7} {'static smem':>11} {'dyn smem KiB':>12} {'blocks/SM':>9}")
+    # float32 logits, target and gradient in every launch shape; bfloat16 ones at the default
+    variants = [(V, shape, "float") for V in (32_000, 128_256, 300_000) for shape in shapes] + \
+        [(V, shapes[0], "__nv_bfloat16") for V in (32_000, 128_256, 300_000)]
     with tempfile.TemporaryDirectory() as work:
-        for V in (32_000, 128_256, 300_000):
-            for threads, share, cache in shapes:
-                items, cluster, cached, res = resources(V, threads, share, cache, args.arch, work)
-                if res is None:
-                    print(f"{V:7d} {threads:7d} {share:6d} {cache!s:>5} | build failed")
-                    continue
-                per_sm = _smem_kib(args.arch)[0]
-                dyn = 4 * cached * threads
-                note = ""
-                if cache and 0 < cached < items:            # this GPU's blocks keep part of the target
-                    note = f"  (target cache: {cached} of {items} entries per thread; the rest read twice)"
-                elif cache and items and not cached:
-                    note = "  (no room for the target cache: runs without it)"
-                by_regs = 65536 // max(1, res["regs"] * threads)
-                by_smem = (per_sm * 1024) // max(1, dyn + res["smem"] + 1024)
-                print(f"{V:7d} {threads:7d} {share:6d} {cache!s:>5} | {items:5d} {cluster:7d} {res['regs']:5d} "
-                      f"{res['spill']:7d} {res['smem']:11d} {dyn / 1024:12.0f} "
-                      f"{min(by_regs, by_smem, 2048 // threads):9d}{note}")
+        for V, (threads, share, cache), ctype in variants:
+            items, cluster, cached, res = resources(V, threads, share, cache, args.arch, work, ctype)
+            if res is None:
+                print(f"{V:7d} {threads:7d} {share:6d} {cache!s:>5} | build failed")
+                continue
+            per_sm = _smem_kib(args.arch)[0]
+            dyn = _bytes(ctype) * cached * threads
+            note = "  (bfloat16 logits, target and gradient)" if ctype != "float" else ""
+            if cache and 0 < cached < items:            # this GPU's blocks keep part of the target
+                note += f"  (target cache: {cached} of {items} entries per thread; the rest read twice)"
+            elif cache and items and not cached:
+                note += "  (no room for the target cache: runs without it)"
+            by_regs = 65536 // max(1, res["regs"] * threads)
+            by_smem = (per_sm * 1024) // max(1, dyn + res["smem"] + 1024)
+            print(f"{V:7d} {threads:7d} {share:6d} {cache!s:>5} | {items:5d} {cluster:7d} {res['regs']:5d} "
+                  f"{res['spill']:7d} {res['smem']:11d} {dyn / 1024:12.0f} "
+                  f"{min(by_regs, by_smem, 2048 // threads):9d}{note}")
 
 
 if __name__ == "__main__":

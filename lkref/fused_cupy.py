@@ -18,7 +18,9 @@ row stays in registers between the phases (the logits, then q: read once, one ex
 element for TV and LK^alpha, two for the KL sums, which need x = (z - max z) / T as well) and the target entries in shared memory (read once; CACHE_TARGET), so one launch
 reads z and p once and writes the gradient once, the least traffic there is.  The target
 entries are copied into shared memory asynchronously (cp.async) as the launch starts, so
-that they arrive while phase (1) works on the logits instead of after it.  For larger V
+that they arrive while phase (1) works on the logits instead of after it.  A float16 or
+bfloat16 target is read as it is (2 bytes an entry, no float32 copy) and kept in shared
+memory at its first read, in phase (2): cp.async copies 4 bytes or more.  For larger V
 one block per row re-reads the row from memory in each phase (z three times: the max and the
 sum of exps in one pass, then the statistics, then the gradient; p twice).
 Two-pass losses (LK^lambda with no given lambda,
@@ -49,9 +51,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import losses as ref
-from .backend import namespace
+from .backend import namespace, work_dtype
 from .fused import MIN_TEMPERATURE, _bounds, check_out
-from .validation import TARGET_SUM_ATOL, as_array, check_index_map, check_mask, check_real_scalar, env_flag
+from .validation import as_array, check_index_map, check_mask, check_real_scalar, check_target_sums, env_flag
 
 #: Threads per block, and a block's share of a row held on chip (BLOCK_SHARE floats: logits in
 #: registers, MAX_ITEMS = BLOCK_SHARE / THREADS per thread; the target in shared memory).  A row
@@ -100,8 +102,11 @@ _SOURCE = r"""
 #include <cooperative_groups.h>
 namespace cg = cooperative_groups;
 #endif
+#define P_ASYNC __P_ASYNC__                           // 1: a float target, its cached entries copied by cp.async as the
+                                                      // launch starts; 0: a 2-byte target, each kept at its first read
 typedef __IN_T__ in_t;
 typedef __OUT_T__ out_t;
+typedef __P_T__ p_t;                                  // the target's type: float, __half or __nv_bfloat16
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
@@ -272,12 +277,13 @@ __device__ __forceinline__ void leave_row() {
 #endif
 }
 
-__device__ __forceinline__ float target(const float* __restrict__ prow, const int* __restrict__ idx, int has_idx, int v) {
-    return has_idx ? prow[idx[v]] : prow[v];
-}
-__device__ __forceinline__ const float* target_at(const float* __restrict__ prow, const int* __restrict__ idx,
-                                                  int has_idx, int v) {
+// The target entry of draft column v (through draft_to_target with has_idx): its address, its value
+__device__ __forceinline__ const p_t* target_at(const p_t* __restrict__ prow, const int* __restrict__ idx,
+                                                int has_idx, int v) {
     return has_idx ? prow + idx[v] : prow + v;
+}
+__device__ __forceinline__ float target(const p_t* __restrict__ prow, const int* __restrict__ idx, int has_idx, int v) {
+    return to_f(*target_at(prow, idx, has_idx, v));
 }
 
 #ifdef __CUDACC__
@@ -299,11 +305,11 @@ __device__ __forceinline__ void wait_copies() {
 }
 #endif
 
-#if ITEMS > 0 && PCACHE > 0
+#if ITEMS > 0 && PCACHE > 0 && P_ASYNC
 // Start the copies of this thread's first PCACHE target entries into shared memory (p_cache[i *
 // THREADS + threadIdx.x] for column tid + i * THREADS).  IDX (through draft_to_target) is a template
 // argument: a loop choosing per entry would hold registers that plain addresses do not need.
-template <int IDX> __device__ __forceinline__ void prefetch_target(float* p_cache, const float* __restrict__ pr,
+template <int IDX> __device__ __forceinline__ void prefetch_target(float* p_cache, const p_t* __restrict__ pr,
                                                                    const int* __restrict__ idx, int tid, int V) {
     #pragma unroll
     for (int i = 0; i < PCACHE; i++) {
@@ -323,11 +329,20 @@ template <int IDX> __device__ __forceinline__ void prefetch_target(float* p_cach
 // nothing writes during the launch.  The code is otherwise the same (nvcc, sm_90: same registers).
 // GLOBAL_XCHG only (else not read): counts, 1 + N ints, zero at the launch (a ticket counter,
 // then each row's count of announced partial results); parts, N x CLUSTER x SLOTS floats.
-extern "C" __global__ void __launch_bounds__(THREADS)
+// One block per SM is said outright where the blocks meet in global memory and a 2-byte target
+// is read in the statistics' loop: left to itself, ptxas (nvcc 13, sm_80/86, V = 128 256) gives
+// that variant 64 registers and spills 2.8 KB a thread, where it could have 128 (116 bytes of
+// spills then).  Elsewhere the hint would only add spills (bench/kernel_resources.py).
+#if GLOBAL_XCHG && !P_ASYNC
+#define ROWS_BOUNDS __launch_bounds__(THREADS, 1)
+#else
+#define ROWS_BOUNDS __launch_bounds__(THREADS)
+#endif
+extern "C" __global__ void ROWS_BOUNDS
 #if CLUSTER > 1 && DSMEM
 __cluster_dims__(CLUSTER, 1, 1)
 #endif
-lk_rows(const in_t* z, const float* __restrict__ p, out_t* g,
+lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
         const float* __restrict__ w, int has_w, const float* __restrict__ wsum, int has_wsum, float scale,
         float* __restrict__ stats, const int* __restrict__ idx, int has_idx,
         int V, int Vt, float T, float lam, int mode, int phase, int* __restrict__ counts, float* __restrict__ parts)
@@ -352,22 +367,23 @@ lk_rows(const in_t* z, const float* __restrict__ p, out_t* g,
     Meet meeting = {nullptr, nullptr, rank, 0};         // not used
 #endif
     const in_t* zr = z + row * (long)V;
-    const float* pr = p + row * (long)Vt;
+    const p_t* pr = p + row * (long)Vt;
     float* st = stats + row * 8;
     const int tid = threadIdx.x + rank * THREADS * (ITEMS > 0 ? ITEMS : 0);
 #if ITEMS > 0
     float xr[ITEMS];
 #endif
 #if ITEMS > 0 && PCACHE > 0
-    extern __shared__ float p_cache[];                // PCACHE * THREADS floats: each thread's own entries
+    extern __shared__ p_t p_cache[];                  // PCACHE * THREADS entries: each thread's own
 #endif
     float m, s;
     int flags = 0;
     const bool need_x = mode == 0 || mode == 3;          // KL and LK^lambda: sum p x
     if (phase != 2) {
-#if ITEMS > 0 && PCACHE > 0
+#if ITEMS > 0 && PCACHE > 0 && P_ASYNC
         // the block's target entries start for shared memory now and arrive while the logits
-        // are worked on; each thread copies, and later reads, its own entries only
+        // are worked on; each thread copies, and later reads, its own entries only (cp.async
+        // copies 4 bytes or more: a 2-byte target is kept at its first read, below)
         if (has_idx) prefetch_target<1>(p_cache, pr, idx, tid, V);
         else prefetch_target<0>(p_cache, pr, idx, tid, V);
 #endif
@@ -446,7 +462,7 @@ lk_rows(const in_t* z, const float* __restrict__ p, out_t* g,
         // alpha = sum min(q, p); S = sum q [q < p]; psum; sum p x; sum p log p; and how many
         // threads saw each input problem: one reduction of 8 values
         float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-#if ITEMS > 0 && PCACHE > 0
+#if ITEMS > 0 && PCACHE > 0 && P_ASYNC
         wait_copies();
 #endif
 #if ITEMS > 0
@@ -465,8 +481,17 @@ lk_rows(const in_t* z, const float* __restrict__ p, out_t* g,
 #if ITEMS > 0
                 xr[i] = q;                               // registers hold q from here on
 #endif
-#if ITEMS > 0 && PCACHE > 0
+#if ITEMS > 0 && PCACHE > 0 && P_ASYNC
                 float pv = i < PCACHE ? p_cache[i * THREADS + threadIdx.x] : target(pr, idx, has_idx, v);
+#elif ITEMS > 0 && PCACHE > 0
+                float pv;
+                if (i < PCACHE) {                        // read now, and kept for the gradient
+                    const p_t raw = *target_at(pr, idx, has_idx, v);
+                    p_cache[i * THREADS + threadIdx.x] = raw;
+                    pv = to_f(raw);
+                } else {
+                    pv = target(pr, idx, has_idx, v);
+                }
 #else
                 float pv = target(pr, idx, has_idx, v);
 #endif
@@ -520,7 +545,7 @@ lk_rows(const in_t* z, const float* __restrict__ p, out_t* g,
             float q = expf((to_f(zr[v]) - m) / T) * inv;
 #endif
 #if ITEMS > 0 && PCACHE > 0
-            float pv = phase == 0 && i < PCACHE ? p_cache[i * THREADS + threadIdx.x] : target(pr, idx, has_idx, v);
+            float pv = phase == 0 && i < PCACHE ? to_f(p_cache[i * THREADS + threadIdx.x]) : target(pr, idx, has_idx, v);
 #else
             float pv = target(pr, idx, has_idx, v);
 #endif
@@ -665,27 +690,30 @@ _configure_from_environment()
 
 
 def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "float", cache_target=None,
-                  dsmem: bool = True, cached=None) -> str:
-    """The CUDA source for one (items, cluster, input type, output type); cache_target (default
-    CACHE_TARGET) keeps the target entries in shared memory between the phases of a launch,
-    all `items` of each thread's or the first `cached` of them (a GPU with less shared memory);
-    dsmem=False (GPUs before Hopper) has a row's blocks meet in global memory, not in a cluster."""
+                  dsmem: bool = True, cached=None, p_t: str = "float") -> str:
+    """The CUDA source for one (items, cluster, logits' type, gradient's type); cache_target
+    (default CACHE_TARGET) keeps the target entries in shared memory between the phases of a
+    launch, all `items` of each thread's or the first `cached` of them (a GPU with less shared
+    memory); dsmem=False (GPUs before Hopper) has a row's blocks meet in global memory, not in a
+    cluster; p_t is the target's type (float, __half or __nv_bfloat16)."""
     on = bool(CACHE_TARGET if cache_target is None else cache_target) and items > 0
     pcache = min(items, items if cached is None else int(cached)) if on else 0
     dsmem = bool(dsmem) or cluster == 1                # one block per row meets nobody: one source
     return (_SOURCE.replace("__THREADS__", str(THREADS)).replace("__ITEMS__", str(items))
             .replace("__PCACHE__", str(pcache)).replace("__DSMEM__", str(int(bool(dsmem))))
             .replace("__CLUSTER__", str(cluster)).replace("__IN_T__", in_t).replace("__OUT_T__", out_t)
+            .replace("__P_T__", p_t).replace("__P_ASYNC__", str(int(p_t == "float")))
             .replace("__ALPHA_FLOOR__", f"{ALPHA_FLOOR:e}f").replace("__SLOTS__", str(SLOTS)))
 
 
 def _ctype(dt):
+    """The kernels' C type for a dtype (or its name: bfloat16 is ml_dtypes', which NumPy may not know)."""
+    if "bfloat16" in str(dt):
+        return "__nv_bfloat16"
     if np.dtype(dt) == np.float32:
         return "float"
     if np.dtype(dt) == np.float16:
         return "__half"
-    if "bfloat16" in str(dt):
-        return "__nv_bfloat16"
     raise TypeError(f"no fused kernel for dtype {dt}")
 
 
@@ -698,16 +726,19 @@ class Kernels(NamedTuple):
     smem: int
 
 
-def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True) -> Kernels:
+def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True, p_dtype=np.float32) -> Kernels:
     cp = sys.modules["cupy"]
     dsmem = bool(dsmem) or cluster == 1
-    key = (str(in_dtype), str(out_dtype), items, cluster, THREADS, CACHE_TARGET, dsmem)
+    key = (str(in_dtype), str(out_dtype), items, cluster, THREADS, CACHE_TARGET, dsmem, str(p_dtype))
     if key not in _cache:
-        def build(cached):
-            src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), dsmem=dsmem, cached=cached)
-            return src, _build(cp, src), 4 * cached * THREADS
+        p_bytes = np.dtype(p_dtype).itemsize
 
-        src, kern, smem = build(cached_items(items, _smem_optin(cp)))
+        def build(cached):
+            src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), dsmem=dsmem, cached=cached,
+                                p_t=_ctype(p_dtype))
+            return src, _build(cp, src), p_bytes * cached * THREADS
+
+        src, kern, smem = build(cached_items(items, _smem_optin(cp), p_bytes))
         if smem:                                       # opt in: without it a block gets 48 KiB of static
             try:                                       # and dynamic shared memory together
                 kern.max_dynamic_shared_size_bytes = smem
@@ -718,12 +749,13 @@ def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True) -> Kernels:
     return _cache[key]
 
 
-def cached_items(items, optin=None):
+def cached_items(items, optin=None, p_bytes=4):
     """Target entries per thread that a block keeps in shared memory: all its `items` (with
-    CACHE_TARGET), or as many as fit where a block may opt in to only `optin` bytes."""
+    CACHE_TARGET), or as many entries of p_bytes bytes as fit where a block may opt in to only
+    `optin` bytes."""
     cached = items if CACHE_TARGET else 0
     if optin is not None:
-        cached = min(cached, max(0, (optin - STATIC_SMEM_ROOM) // (4 * THREADS)))
+        cached = min(cached, max(0, (optin - STATIC_SMEM_ROOM) // (p_bytes * THREADS)))
     return cached
 
 
@@ -763,9 +795,11 @@ def describe(cp) -> str:
         f"2-8 blocks that meet in global memory ({'no clusters' if not _has_clusters(cp) else 'clusters off'})"
     when = "on by default" if cupy_fused_by_default() else \
         'opt-in (impl="fused" or LKREF_CUPY_FUSED=1) until a GPU run has checked them'
-    kept = cached_items(MAX_ITEMS, _smem_optin(cp))
-    cache = "off" if not CACHE_TARGET else "all of a block's share" if kept == MAX_ITEMS else \
-        f"{kept} of each thread's {MAX_ITEMS} entries (the rest read twice)"
+    def kept(p_bytes):
+        n = cached_items(MAX_ITEMS, _smem_optin(cp), p_bytes)
+        return "all of a block's share" if n == MAX_ITEMS else f"{n} of each thread's {MAX_ITEMS} entries"
+    cache = "off" if not CACHE_TARGET else kept(4) + (" (the rest read twice)" if kept(4) != kept(2) else "") + \
+        ("" if kept(4) == kept(2) else f"; a 2-byte target: {kept(2)}")
     return (f"fused CuPy kernels: {when}; on {cc} a row of up to {share} logits takes one block, up to "
             f"{max(CLUSTER_CHOICES) * share} {how}, a longer one is streamed by one block; "
             f"target kept in shared memory: {cache}")
@@ -812,8 +846,9 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     the reference).  The value checks run inside the kernels (flags per row, gathered by
     lk_finish) and are raised after them: a one-pass call has written the gradient by then.
     With draft_to_target, the target entries outside the draft vocabulary are checked by two
-    reductions (min, max).  Extra memory is O(N) (row statistics, losses, weights) for float32
-    targets; a target in another dtype is first converted to float32 (an N x V copy).
+    reductions (min, max).  Extra memory is O(N) (row statistics, losses, weights) for float32,
+    float16 and bfloat16 targets, which the kernels read as they are; a target of another float
+    dtype (float64) is first converted to float32 (an N x V copy).
     """
     cp = sys.modules["cupy"]
     z = as_array(draft_logits, "draft_logits")
@@ -825,8 +860,7 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
         raise ValueError("draft_logits has an empty vocabulary (last axis has size 0)")
     lead, V = tuple(z.shape[:-1]), z.shape[-1]
     p = as_array(target_probs, "target_probs")
-    if np.dtype(p.dtype).kind != "f":
-        raise TypeError(f"target_probs must be a floating-point array, got dtype {p.dtype}")
+    work_dtype(p.dtype, "target_probs")                # a float (bfloat16 included), else a TypeError
     if draft_to_target is None and tuple(p.shape) != lead + (V,):
         raise ValueError(f"target_probs must have shape {lead + (V,)}, got {tuple(p.shape)}")
     if tuple(p.shape[:-1]) != lead:
@@ -842,13 +876,12 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     N = int(np.prod(lead)) if lead else 1
     Vt = p.shape[-1]
     z2 = cp.ascontiguousarray(z.reshape(N, V))
-    p2 = cp.ascontiguousarray(p.reshape(N, Vt).astype(cp.float32, copy=False))
+    p2 = p.reshape(N, Vt)
+    if np.dtype(p2.dtype).name not in ("float32", "float16", "bfloat16"):   # float64: the kernels read 4 bytes
+        p2 = p2.astype(cp.float32)
+    p2 = cp.ascontiguousarray(p2)
     if idx is not None and p2.size:                    # entries the kernel does not read
-        lo, hi = float(p2.min()), float(p2.max())      # reductions: no N x V temporary
-        if not (np.isfinite(lo) and np.isfinite(hi)):  # a NaN shows in both, an inf in one
-            raise ValueError("target_probs contains non-finite values (NaN or inf)")
-        if lo < 0:
-            raise ValueError("target_probs contains negative probabilities")
+        _check_whole_target(cp, p2)
     if out is None:
         out = cp.empty(z.shape, z.dtype)
         alias = False
@@ -859,7 +892,7 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     w = None if mask is None else mask.reshape(N).astype(cp.float32, copy=False)
     items, cluster = plan(V)
     dsmem = _uses_clusters(cp)
-    kern = _kernel(z.dtype, out.dtype, items, cluster, dsmem)
+    kern = _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype)
     stats = cp.empty((N, 8), cp.float32)              # every row's 8 entries are written by lk_rows
     per = cp.empty(N, cp.float32)
     summary = cp.empty(8, cp.float32)                 # lk_finish's sums (see its comment)
@@ -900,7 +933,7 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
         rows(0, lam_v, wsum=w.sum(keepdims=True))     # the kernel divides: no wait for the sum
     finish(lam_v)
     host = summary.tolist()                           # the one wait for the device (without reduce)
-    _raise_flags(cp, host, p2 if idx is not None else None)
+    _raise_flags(cp, host, p2 if idx is not None else None, p.dtype)
 
     def mean(total_at, count_at):
         """(mean, 1 / count) of summary entries: through the reduce hook on the device, or
@@ -935,9 +968,28 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     return ref.LossResult(loss, out, alpha, sums(7)[0] if name == "lk_lambda" else None)
 
 
-def _raise_flags(cp, host, p_full):
+def _check_whole_target(cp, p2):
+    """Every entry of the target finite and non-negative, by reductions (no N x V temporary):
+    its min and max, or for bfloat16 the max of its bits read as int16 and as uint16 (bfloat16
+    reductions need a CuPy with ml_dtypes support for them; integer ones do not)."""
+    if "bfloat16" in str(p2.dtype):
+        pos, raw = int(p2.view(cp.int16).max()), int(p2.view(cp.uint16).max())
+        # bits 0x7f80-0x7fff: +inf or NaN; 0xff80-0xffff: -inf or NaN; 0x8001-0xff7f: negative
+        # (0x8000 is -0.0).  The largest int16 is the largest entry of positive sign, if any.
+        nonfinite, negative = pos >= 0x7F80 or raw >= 0xFF80, raw > 0x8000
+    else:
+        lo, hi = float(p2.min()), float(p2.max())
+        nonfinite, negative = not (np.isfinite(lo) and np.isfinite(hi)), lo < 0   # a NaN shows in both
+    if nonfinite:
+        raise ValueError("target_probs contains non-finite values (NaN or inf)")
+    if negative:
+        raise ValueError("target_probs contains negative probabilities")
+
+
+def _raise_flags(cp, host, p_full, p_dtype):
     """The input errors lk_finish found (host: its summary as a list), in the reference's order;
-    with draft_to_target (p_full given) the row sums are those of the whole target rows."""
+    with draft_to_target (p_full given) the row sums are those of the whole target rows; the
+    target's own dtype (p_dtype) sets how far they may be from 1."""
     flags = int(host[3])
     if flags & 1:
         raise ValueError("draft_logits contains non-finite values (NaN or inf)")
@@ -945,10 +997,9 @@ def _raise_flags(cp, host, p_full):
         raise ValueError("target_probs contains non-finite values (NaN or inf)")
     if flags & 2:
         raise ValueError("target_probs contains negative probabilities")
-    err = host[4] if p_full is None else (float(cp.abs(p_full.sum(axis=1) - 1).max()) if p_full.shape[0] else 0.0)
-    if err > TARGET_SUM_ATOL:
-        raise ValueError(f"target_probs rows must sum to 1 (within {TARGET_SUM_ATOL}); "
-                         f"the worst row is off by {err:.3g}")
+    err = host[4] if p_full is None else \
+        (float(cp.abs(p_full.sum(axis=1, dtype=cp.float32) - 1).max()) if p_full.shape[0] else 0.0)
+    check_target_sums(err, p_dtype)
 
 
 def _fallback_losses(cp, z2, p2, idx, stats, T, per):
@@ -957,7 +1008,7 @@ def _fallback_losses(cp, z2, p2, idx, stats, T, per):
     alpha, psum = stats[:, 2], stats[:, 4]
     low = cp.nonzero((alpha < ALPHA_FLOOR) & (psum > 0))[0]              # lk_finish counted them: not empty
     zr = z2[low].astype(cp.float32)
-    pr = p2[low] if idx is None else cp.take(p2[low], idx, axis=1)
+    pr = (p2[low] if idx is None else cp.take(p2[low], idx, axis=1)).astype(cp.float32, copy=False)
     losses, cache = ref.lk_alpha_forward(zr, pr, temperature=T)
     per[low] = losses
     stats[low, 2] = cache["alpha"]

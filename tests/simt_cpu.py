@@ -36,7 +36,7 @@ GUARD = 256                                  # elements of guard zone on each si
 # becomes the same access through emu::noted(kind, line, address).  (pattern, replacement);
 # target_at first, since target's replacement contains a target_at.
 NOTED = ((r"target_at\(pr, idx, (\w+), v\)", r"emu::noted(1, __LINE__, target_at(pr, idx, \1, v))"),
-         (r"target\(pr, idx, has_idx, v\)", r"(*emu::noted(1, __LINE__, target_at(pr, idx, has_idx, v)))"),
+         (r"target\(pr, idx, has_idx, v\)", r"to_f(*emu::noted(1, __LINE__, target_at(pr, idx, has_idx, v)))"),
          (r"to_f\(zr\[v\]\)", r"to_f(*emu::noted(0, __LINE__, &zr[v]))"),
          (r"store\((g \+ row \* \(long\)V \+ v), gv\)", r"store(emu::noted(2, __LINE__, \1), gv)"))
 TRAFFIC_KINDS = ("logits", "target", "gradient")

@@ -463,16 +463,16 @@ def test_gpu_warm_compiles_each_source_once_and_covers_the_tests():
     warm = _load_bench("gpu_warm")
     specs = warm.variants()
     sources = set()
-    for threads, share, cache, dt, V, dsmem, optin in specs:
+    for threads, share, cache, dt, pdt, V, dsmem, optin in specs:
         with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
             items, cluster = fused_cupy.plan(V)
-            sources.add((dt, fused_cupy.kernel_source(items, cluster, dsmem=dsmem,
+            sources.add((dt, fused_cupy.kernel_source(items, cluster, dsmem=dsmem, p_t=fused_cupy._ctype(pdt),
                                                       cached=fused_cupy.cached_items(items, optin))))
     assert len(sources) == len(specs)                       # nothing compiled twice
     covered = set()
-    for threads, share, cache, dt, V, dsmem, optin in specs:
+    for threads, share, cache, dt, pdt, V, dsmem, optin in specs:
         with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
-            covered.add((threads, cache, dt, fused_cupy.plan(V), dsmem, optin))
+            covered.add((threads, cache, dt if dt == pdt else (dt, pdt), fused_cupy.plan(V), dsmem, optin))
     marks = [m for m in test_gpu.test_fused_matches_reference_on_odd_shapes.pytestmark if m.args[0] == "N, V"]
     for _, V in marks[0].args[1]:
         assert (fused_cupy.THREADS, True, "float32", fused_cupy.plan(V), True, None) in covered, V
@@ -484,11 +484,16 @@ def test_gpu_warm_compiles_each_source_once_and_covers_the_tests():
              if m.args[0] == "V"]
     for V in marks[0].args[1]:
         assert (fused_cupy.THREADS, True, "float32", fused_cupy.plan(V), False, 99 * 1024) in covered, V
+    marks = [m for m in test_gpu.test_fused_two_byte_targets_read_as_they_are.pytestmark if m.args[0] == "V"]
+    for V in marks[0].args[1]:
+        assert (fused_cupy.THREADS, True, "float16", fused_cupy.plan(V), True, None) in covered, V
+    assert (fused_cupy.THREADS, True, ("float16", "float32"), fused_cupy.plan(4099), True, None) in covered
+    assert (fused_cupy.THREADS, True, "bfloat16", fused_cupy.plan(4099), True, None) in covered
     for threads, share, cache in benchmark.TUNING_SHAPES:
         for V in (32_000, 128_256):
             with fused_cupy.configured(threads=threads, block_share=share):
                 assert (threads, cache, "float32", fused_cupy.plan(V), True, None) in covered, (threads, share, cache, V)
-    assert all(spec[5] is False for spec in warm.variants(clusters=False))   # a GPU before Hopper
+    assert all(spec[6] is False for spec in warm.variants(clusters=False))   # a GPU before Hopper
 
 
 def test_gpu_warm_builds_through_lkrefs_own_kernel_cache(monkeypatch):
@@ -501,17 +506,19 @@ def test_gpu_warm_builds_through_lkrefs_own_kernel_cache(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", fake)
     built = []
     monkeypatch.setattr(fused_cupy, "_smem_optin", fused_cupy._smem_optin)    # _compile's change is undone
-    monkeypatch.setattr(fused_cupy, "_kernel", lambda i, o, items, cluster, dsmem: built.append(
-        (str(i), str(o), items, cluster, dsmem, fused_cupy.THREADS, fused_cupy.BLOCK_SHARE,
+    monkeypatch.setattr(fused_cupy, "_kernel", lambda i, o, items, cluster, dsmem, p: built.append(
+        (str(i), str(o), items, cluster, dsmem, str(p), fused_cupy.THREADS, fused_cupy.BLOCK_SHARE,
          fused_cupy._smem_optin(fake))))
-    warm._compile((512, 16_384, True, "float32", 128_256, True, None))
-    warm._compile((512, 32_768, True, "float16", 4099, True, None))
-    warm._compile((512, 32_768, True, "float32", 50_257, False, None))
-    warm._compile((512, 32_768, True, "float32", 32_000, False, 99 * 1024))
-    assert built == [("float32", "float32", 32, 8, True, 512, 16_384, None),
-                     ("float16", "float16", 9, 1, True, 512, 32_768, None),
-                     ("float32", "float32", 50, 2, False, 512, 32_768, None),
-                     ("float32", "float32", 63, 1, False, 512, 32_768, 99 * 1024)]
+    warm._compile((512, 16_384, True, "float32", "float32", 128_256, True, None))
+    warm._compile((512, 32_768, True, "float16", "float32", 4099, True, None))
+    warm._compile((512, 32_768, True, "float16", "float16", 32_000, True, None))
+    warm._compile((512, 32_768, True, "float32", "float32", 50_257, False, None))
+    warm._compile((512, 32_768, True, "float32", "float32", 32_000, False, 99 * 1024))
+    assert built == [("float32", "float32", 32, 8, True, "float32", 512, 16_384, None),
+                     ("float16", "float16", 9, 1, True, "float32", 512, 32_768, None),
+                     ("float16", "float16", 63, 1, True, "float16", 512, 32_768, None),
+                     ("float32", "float32", 50, 2, False, "float32", 512, 32_768, None),
+                     ("float32", "float32", 63, 1, False, "float32", 512, 32_768, 99 * 1024)]
 
 
 def _gpu_rows(alpha_ms, lam_ms, extra_mib):

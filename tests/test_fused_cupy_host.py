@@ -42,7 +42,7 @@ def kernel_on_the_cpu(grid, block, args, shared_mem=0):
     z2, p2, g2, w, has_w, wsum, has_wsum, scale, stats, idx, has_idx, V, Vt, T, lam, mode, phase, _, _ = args
     T, lam, mode, phase = float(T), float(lam), int(mode), int(phase)
     z = z2.astype(np.float32)
-    p = p2[:, idx] if int(has_idx) else p2
+    p = (p2[:, idx] if int(has_idx) else p2).astype(np.float32)   # the kernel reads a 2-byte target as float
     if phase != 2:
         flags = ((~np.isfinite(z)).any(1) * 1 | (p < 0).any(1) * 2 | (~np.isfinite(p)).any(1) * 4)
         m = np.fmax.reduce(np.where(np.isnan(z), -np.inf, z), axis=1)        # fmaxf ignores NaN
@@ -267,6 +267,75 @@ def test_bfloat16_logits(numpy_as_cupy):
                                atol=1e-2 * np.abs(ref.grad).max())
 
 
+def two_byte(name):
+    """np.float16, or ml_dtypes' bfloat16 (skipped without ml_dtypes, as CuPy needs it too)."""
+    return np.float16 if name == "float16" else pytest.importorskip("ml_dtypes").bfloat16
+
+
+def spy_on_the_target(monkeypatch):
+    """The target arrays lk_rows is launched with, in a list that fills as it runs."""
+    seen, inner = [], fused_cupy._kernel
+
+    def kernel(*a):
+        k = inner(*a)
+
+        def rows(grid, block, args, **kw):
+            seen.append(args[1])
+            return k.rows(grid, block, args, **kw)
+        return fused_cupy.Kernels(rows, k.finish, k.smem)
+    monkeypatch.setattr(fused_cupy, "_kernel", kernel)
+    return seen
+
+
+@pytest.mark.parametrize("name", REDUCED)
+@pytest.mark.parametrize("p_dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", ["mask_T", "d2t"])
+def test_two_byte_targets_are_read_as_they_are(numpy_as_cupy, monkeypatch, name, p_dtype, case):
+    """A float16 or bfloat16 target goes to the kernels as it is, not as an N x V float32 copy
+    (the caller's own memory), and gives the loss of its values; with draft_to_target too,
+    whose checks of the entries outside the draft vocabulary and of the row sums read it."""
+    dt = two_byte(p_dtype)
+    seen = spy_on_the_target(monkeypatch)
+    rng = np.random.default_rng(17)
+    N, V = 5, 300                                 # simt: a cluster of 2 small blocks
+    Vt = V + 7 if case == "d2t" else V
+    z = make_logits(rng, (N, V), dtype=np.float32)
+    p = make_probs(rng, (N, Vt), dtype=np.float32).astype(dt)
+    kw = {"draft_to_target": rng.permutation(Vt)[:V]} if case == "d2t" else \
+        {"mask": np.array([1, 0, 1, 1, 1], bool), "temperature": 0.8}
+    close(run(name, z, p, **kw), reference(name, z, p, **kw))
+    assert seen and all(a.dtype == dt and np.shares_memory(a, p) for a in seen)
+
+
+@pytest.mark.parametrize("p_dtype", ["float16", "bfloat16"])
+def test_whole_target_checks_of_two_byte_targets(p_dtype):
+    """With draft_to_target the entries outside the draft vocabulary are checked by reductions
+    alone; for bfloat16 by the max of its bits as int16 and as uint16.  Each non-finite or
+    negative value is found wherever it is, -0.0 and the extremes of a valid target are not."""
+    dt = two_byte(p_dtype)
+    rng = np.random.default_rng(19)
+    good = make_probs(rng, (3, 40), dtype=np.float32).astype(dt)
+    good[0, 3] = 0.0
+    good[1, 5] = -0.0
+    good[2, 7] = 1.0
+    fused_cupy._check_whole_target(np, good)
+    finfo = np.finfo if dt == np.float16 else pytest.importorskip("ml_dtypes").finfo
+    tiny = np.array([finfo(dt).smallest_subnormal], dt)[0]
+    for value, match in [(np.nan, "non-finite"), (np.inf, "non-finite"), (-np.inf, "non-finite"),
+                         (-np.nan, "non-finite"), (-tiny, "negative"), (-1.0, "negative"),
+                         (-float(finfo(dt).max), "negative")]:
+        for at in [(0, 0), (2, 39)]:
+            bad = good.copy()
+            bad[at] = value
+            with pytest.raises(ValueError, match=f"target_probs contains {match}"):
+                fused_cupy._check_whole_target(np, bad)
+    bad = good.copy()
+    bad[1, 1], bad[2, 2] = -0.5, np.nan           # both: the reference names the non-finite first
+    with pytest.raises(ValueError, match="non-finite"):
+        fused_cupy._check_whole_target(np, bad)
+    fused_cupy._check_whole_target(np, -np.zeros((2, 3), dt))    # -0.0 everywhere (the int16 max is -0.0's)
+
+
 @pytest.mark.parametrize("bad, match", [
     ("nan_logit", "draft_logits contains non-finite"), ("neg_target", "target_probs contains negative"),
     ("nan_target", "target_probs contains non-finite"), ("sum", "rows must sum to 1"),
@@ -392,7 +461,8 @@ def test_info_says_how_this_gpu_runs_the_kernels(monkeypatch, cc, clusters, how,
     assert "up to 32768 logits takes one block, up to 262144 " in line and fused_cupy.CLUSTERS is True
     assert line.endswith("target kept in shared memory: all of a block's share")     # optin unknown here
     monkeypatch.setattr(fused_cupy, "_smem_optin", lambda cp: 99 * 1024)
-    assert fused_cupy.describe(cp).endswith("48 of each thread's 64 entries (the rest read twice)")
+    assert fused_cupy.describe(cp).endswith("48 of each thread's 64 entries (the rest read twice); "
+                                            "a 2-byte target: all of a block's share")
     with fused_cupy.configured(cache_target=False):
         assert fused_cupy.describe(cp).endswith("target kept in shared memory: off")
 
@@ -500,12 +570,16 @@ def test_simt_meeting_blocks_need_only_one_rows_blocks_live(simt, monkeypatch, r
                                                          ("lk_alpha", 128_256, 2, np.float32, False)])
 def test_simt_at_the_benchmark_sizes(simt, monkeypatch, name, V, N, dtype, clusters):
     """The shipped configuration (512 threads): one block, a cluster of 4, streaming, and (as on
-    an A100) 4 blocks that meet in global memory."""
+    an A100) 4 blocks that meet in global memory; float16 logits with a float16 target, read
+    as it is and kept in shared memory (all of it: 63 KiB a block)."""
     monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: clusters)
+    kernels = built_kernels(monkeypatch)
     rng = np.random.default_rng(7)
     z = make_logits(rng, (N, V), dtype=dtype)
-    p = make_probs(rng, (N, V), dtype=np.float32)
+    p = make_probs(rng, (N, V), dtype=np.float32).astype(dtype)
     fast, ref = run(name, z, p), reference(name, z, p)
+    if dtype == np.float16:
+        assert "typedef __half p_t;" in kernels[-1].rows.code and kernels[-1].smem == 2 * 63 * 512
     if dtype == np.float16:                       # the gradient is rounded to float16
         np.testing.assert_allclose(fast.grad.astype(np.float64), ref.grad, rtol=1e-3,
                                    atol=1e-3 * np.abs(ref.grad).max())
@@ -644,7 +718,9 @@ PLANTED = {
     "the mean misses the last row": ("for (int r = threadIdx.x; r < N; r += THREADS)",
                                      "for (int r = threadIdx.x; r < N - 1; r += THREADS)", None),
     "the result's lambda not written": ("        out[7] = lam;", "        out[7] = 0.f;", None),
-    "the target read before its copy lands": ("#if ITEMS > 0 && PCACHE > 0\n        wait_copies();\n#endif\n", "", None),
+    "the target read before its copy lands": ("#if ITEMS > 0 && PCACHE > 0 && P_ASYNC\n        wait_copies();\n#endif\n", "", None),
+    "a 2-byte target not kept at its first read": ("p_cache[i * THREADS + threadIdx.x] = raw;", "", None,
+                                                   {"name": "lk_alpha", "p_dtype": np.float16}),
     # in blocks that meet in global memory (run as on a GPU without clusters)
     "meeting: rows by blockIdx, not by start order": ("        row = ticket / CLUSTER;\n        rank = ticket % CLUSTER;\n",
                                                       "", "deadlock"),
@@ -675,12 +751,12 @@ def test_simt_catches_planted_kernel_bugs(simt, monkeypatch, bug):
     if bug.startswith("meeting:"):
         no_clusters(monkeypatch)
     old, new, message, *how = PLANTED[bug]
-    how = {"name": "lk_lambda", "V": 1000, **(how[0] if how else {})}
+    how = {"name": "lk_lambda", "V": 1000, "p_dtype": np.float32, **(how[0] if how else {})}
     name = how["name"]
     assert fused_cupy._SOURCE.count(old) == 1
     rng = np.random.default_rng(11)
     z = make_logits(rng, (5, how["V"]), dtype=np.float32)
-    p = make_probs(rng, (5, how["V"]), dtype=np.float32)
+    p = make_probs(rng, (5, how["V"]), dtype=np.float32).astype(how["p_dtype"])
     close(run(name, z, p), reference(name, z, p))
     monkeypatch.setattr(fused_cupy, "_SOURCE", fused_cupy._SOURCE.replace(old, new))
     fused_cupy._cache.clear()                     # the kernels built from the unchanged source
@@ -754,14 +830,15 @@ def test_launch_shape_from_the_environment(monkeypatch):
        V=st.sampled_from([1, 2, 5, 63, 64, 65, 257, 700, 2049]), T=st.sampled_from([1.0, 0.5, 2.0]),
        mask=st.sampled_from([None, "bool", "weights"]), d2t=st.booleans(), lam=st.sampled_from([None, 0.3]),
        scale=st.sampled_from([0.1, 3.0, 30.0]), live=st.sampled_from([None, 0, 1, 1000]),
-       kept=st.sampled_from([None, 0, 1, 3]))
+       kept=st.sampled_from([None, 0, 1, 3]), p16=st.booleans())
 def test_simt_kernel_matches_reference_property(simt, monkeypatch, seed, name, N, V, T, mask, d2t, lam, scale,
-                                                 live, kept):
+                                                 live, kept, p16):
     """Random problems through the kernel's own source (small blocks: one block, 2-8 blocks per
     row in a cluster or meeting in global memory, and streaming, by V), against the float64
     reference, within float32 rounding of the size of the terms (the bounds of tests/test_fused.py).
     live: None, a cluster; else blocks that meet, with CLUSTER + live blocks live at a time.
-    kept: None, the whole target cache; else a GPU whose blocks have room for `kept` entries per thread."""
+    kept: None, the whole target cache; else a GPU whose blocks have room for `kept` float32
+    entries per thread.  p16: a float16 target (read as it is; the reference gets its values)."""
     small_blocks(monkeypatch)
     if live is not None:
         no_clusters(monkeypatch, resident=lambda cluster: cluster + live)
@@ -770,7 +847,7 @@ def test_simt_kernel_matches_reference_property(simt, monkeypatch, seed, name, N
     rng = np.random.default_rng(seed)
     z = make_logits(rng, (N, V), scale=scale, dtype=np.float32)
     Vt = V + 3 if d2t else V
-    p = make_probs(rng, (N, Vt), zero_frac=0.4, dtype=np.float32)
+    p = make_probs(rng, (N, Vt), zero_frac=0.4, dtype=np.float32).astype(np.float16 if p16 else np.float32)
     kw = {"temperature": T}
     if mask == "bool":
         kw["mask"] = rng.random(N) < 0.7
@@ -797,6 +874,8 @@ def test_simt_kernel_matches_reference_property(simt, monkeypatch, seed, name, N
     (40, "lk_lambda", {"lam": 0.3}, True, [(1, 1, 2)]),     # a given lambda: one pass; the KL sums need x and q
     (40, "lk_lambda", {}, True, [(1, 1, 2), (1, 1, 1)]),    # lambda from the batch: stats, then gradient
     (3000, "tv", {}, True, [(3, 2, 3)]),                    # streaming: z for max and sum (one pass), stats, gradient
+    (1000, "lk_alpha", {"p16": True}, True, [(1, 1, 1)]),   # a float16 target, kept at its first read: once
+    (3000, "tv", {"p16": True}, True, [(3, 2, 3)]),         # ... streamed: twice, as a float32 one
 ])
 def test_simt_global_reads_per_element(simt, monkeypatch, V, name, kw, cache, want):
     """How often the kernel reads each logit and each target entry, and takes an exp, per
@@ -807,7 +886,10 @@ def test_simt_global_reads_per_element(simt, monkeypatch, V, name, kw, cache, wa
     monkeypatch.setattr(fused_cupy, "CACHE_TARGET", cache)
     N = 3
     rng = np.random.default_rng(12)
-    run(name, make_logits(rng, (N, V), dtype=np.float32), make_probs(rng, (N, V), dtype=np.float32), **kw)
+    kw = dict(kw)
+    z = make_logits(rng, (N, V), dtype=np.float32)
+    p = make_probs(rng, (N, V), dtype=np.float32).astype(np.float16 if kw.pop("p16", False) else np.float32)
+    run(name, z, p, **kw)
     counts = [c for k in kernels for c in k.rows.reads]
     assert [tuple(c / (N * V) for c in launch) for launch in counts] == want
 
@@ -817,7 +899,8 @@ def test_simt_partial_target_cache(simt, monkeypatch, clusters):
     """A GPU whose blocks may keep only part of their target entries in shared memory (99 KiB
     on sm_86/89/120 against 126 KiB at the default shape): each thread keeps its first entries
     and reads the others again for the gradient, so the target is read 1 + (the share not
-    kept) times per element rather than twice (counted); the loss is the same."""
+    kept) times per element rather than twice (counted); the loss is the same.  A float16
+    target, half the bytes, is kept whole in the same room: read once."""
     small_blocks(monkeypatch)                       # 64 threads x 4 entries; V = 1000: 4 blocks per row
     monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: clusters)
     monkeypatch.setattr(fused_cupy, "_smem_optin", lambda cp: fused_cupy.STATIC_SMEM_ROOM + 2 * 4 * 64 + 100)
@@ -831,10 +914,14 @@ def test_simt_partial_target_cache(simt, monkeypatch, clusters):
         assert "#define PCACHE 2" in kernels[-1].rows.code and kernels[-1].smem == 2 * 4 * 64
         kept = (np.arange(V) % 256) // 64 < 2       # entry i of its thread: the first 2 of 4 are kept
         assert kernels[-1].rows.reads[-1][:2] == (N * V, N * (V + int((~kept).sum())))
+        p16 = p.astype(np.float16)
+        close(run(name, z, p16), reference(name, z, p16))
+        assert "#define PCACHE 4" in kernels[-1].rows.code and kernels[-1].smem == 4 * 2 * 64
+        assert kernels[-1].rows.reads[-1][:2] == (N * V, N * V)
     # negative control: the gradient takes every entry from the cache, also those not kept there
-    kept_only = "phase == 0 && i < PCACHE ? p_cache[i * THREADS + threadIdx.x] : target(pr, idx, has_idx, v)"
+    kept_only = "phase == 0 && i < PCACHE ? to_f(p_cache[i * THREADS + threadIdx.x]) : target(pr, idx, has_idx, v)"
     assert fused_cupy._SOURCE.count(kept_only) == 1
-    monkeypatch.setattr(fused_cupy, "_SOURCE", fused_cupy._SOURCE.replace(kept_only, "phase == 0 ? p_cache[i * THREADS + threadIdx.x] : target(pr, idx, has_idx, v)"))
+    monkeypatch.setattr(fused_cupy, "_SOURCE", fused_cupy._SOURCE.replace(kept_only, "phase == 0 ? to_f(p_cache[i * THREADS + threadIdx.x]) : target(pr, idx, has_idx, v)"))
     fused_cupy._cache.clear()
     with pytest.raises((AssertionError, ValueError)):
         close(run("lk_alpha", z, p), reference("lk_alpha", z, p))

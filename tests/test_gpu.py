@@ -90,6 +90,29 @@ def test_fused_float16_logits(cp, name):
     assert r.grad.dtype == np.float16 and r.loss.dtype == np.float32
 
 
+@pytest.mark.parametrize("name", REDUCED)
+@pytest.mark.parametrize("V", [32_000, 128_256])
+def test_fused_two_byte_targets_read_as_they_are(cp, name, V):
+    """float16 logits and target, as a half-precision training step has them: the target goes to
+    the kernel as it is (kept in shared memory at its first read), with draft_to_target too;
+    the reference runs on float32 copies of the same values."""
+    rng = np.random.default_rng(V)
+    N, Vt = 6, V + 1000
+    z = make_logits(rng, (N, V), scale=2.0, dtype=np.float16)
+    p = peaked_probs(rng, (N, Vt)).astype(np.float16)
+    for kw in ({"draft_to_target": rng.permutation(Vt)[:V]}, {"mask": np.array([1, 1, 0, 1, 1, 1], bool)}):
+        pk = p if "draft_to_target" in kw else (p[:, :V] / p[:, :V].astype(np.float32).sum(1, keepdims=True)).astype(np.float16)
+        dev = {k: cp.asarray(v) for k, v in kw.items()}
+        fast = lkref.LOSSES[name](cp.asarray(z), cp.asarray(pk), impl="fused", **dev)
+        ref = lkref.LOSSES[name](cp.asarray(z.astype(np.float32)), cp.asarray(pk.astype(np.float32)),
+                                 impl="reference", **dev)
+        assert fast.grad.dtype == np.float16
+        g, g_ref = to_numpy(fast.grad).astype(np.float64), to_numpy(ref.grad).astype(np.float64)
+        np.testing.assert_allclose(g, g_ref, rtol=5e-3, atol=5e-3 * np.abs(g_ref).max())
+        np.testing.assert_allclose(to_numpy(fast.loss), to_numpy(ref.loss), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(to_numpy(fast.alpha), to_numpy(ref.alpha), rtol=1e-4, atol=1e-6)
+
+
 def test_fused_lk_alpha_disjoint_rows_fall_back_to_log_space(cp):
     z = np.zeros((3, 300), np.float32)
     z[0, 0] = 200.0
@@ -200,6 +223,21 @@ def test_fused_bfloat16_logits_where_cupy_has_them(cp):
     np.testing.assert_allclose(float(fast.loss), float(ref.loss), rtol=1e-5)
     g, g_ref = to_numpy(fast.grad).astype(np.float64), to_numpy(ref.grad).astype(np.float64)
     np.testing.assert_allclose(g, g_ref, rtol=1e-2, atol=1e-2 * np.abs(g_ref).max())
+    # a bfloat16 target too, read as it is; through draft_to_target its entries outside the draft
+    # vocabulary are checked by integer reductions of its bits, its row sums in float32
+    pb = peaked_probs(rng, (16, 4199)).astype(ml_dtypes.bfloat16)
+    d2t = cp.asarray(rng.permutation(4199)[:4099])
+    fast = lkref.lk_alpha(zc, cp.asarray(pb), impl="fused", draft_to_target=d2t)
+    ref = lkref.lk_alpha(cp.asarray(z.astype(np.float32)), cp.asarray(pb.astype(np.float32)), impl="reference",
+                         draft_to_target=d2t)
+    np.testing.assert_allclose(float(fast.loss), float(ref.loss), rtol=1e-5)
+    g, g_ref = to_numpy(fast.grad).astype(np.float64), to_numpy(ref.grad).astype(np.float64)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-2, atol=1e-2 * np.abs(g_ref).max())
+    bad = pb.copy()
+    outside = sorted(set(range(4199)) - set(to_numpy(d2t).tolist()))
+    bad[3, outside[0]] = -0.25
+    with pytest.raises(ValueError, match="target_probs contains negative"):
+        lkref.lk_alpha(zc, cp.asarray(bad), impl="fused", draft_to_target=d2t)
 
 
 def test_auto_takes_the_kernels_when_switched_on(cp, monkeypatch):
