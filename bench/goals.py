@@ -18,6 +18,8 @@ ratio is always between rows measured in the same run.  Printed as markdown tabl
   global-meet" is not a shape but the exchange GPUs without clusters use, timed on a GPU
   with clusters: what meeting in global memory costs against the cluster.
 
+The speed goals are for float32 inputs: rows of another dtype (`--dtype float16`) are checked
+for the memory goal only, and compared with peers of their own dtype.
 A goal whose rows are missing from a run is not listed for that run.
 """
 
@@ -43,9 +45,13 @@ def read(paths):
     return runs
 
 
-def _p50(rows, impl, loss, N, V):
+def _dtype(row):
+    return row.get("dtype") or "float32"
+
+
+def _p50(rows, impl, loss, N, V, dtype="float32"):
     for r in rows:
-        if r["impl"] == impl and r["loss"] == loss and int(r["N"]) == N and int(r["V"]) == V:
+        if r["impl"] == impl and r["loss"] == loss and int(r["N"]) == N and int(r["V"]) == V and _dtype(r) == dtype:
             return float(r["p50_ms"])
     return None
 
@@ -62,7 +68,7 @@ def goals(rows):
                         f"{fast:.1f} / {naive:.1f} ms = {fast / naive:.3f}×", fast / naive <= 0.30))
         grad_mib = N * V * 4 / 2**20
         for r in rows:
-            if r["impl"] in ("lkref", "lkref out=") and (int(r["N"]), int(r["V"])) == CPU_SIZE:
+            if r["impl"] in ("lkref", "lkref out=") and (int(r["N"]), int(r["V"])) == CPU_SIZE and _dtype(r) == "float32":
                 extra = float(r["peak_extra_MiB"])
                 out.append((f"CPU {r['loss']} ({r['impl']}): extra memory ≤ 1.25× the gradient",
                             f"{extra:.1f} MiB = {extra / grad_mib:.3f}×", extra <= 1.25 * grad_mib))
@@ -79,7 +85,8 @@ def goals(rows):
     for r in rows:
         if r["impl"].startswith("lkref fused") and int(r["N"]) == GPU_N:
             per_row = float(r["peak_extra_MiB"]) * 2**20 / GPU_N
-            out.append((f"GPU {r['loss']} V={r['V']} ({r['impl']}): extra memory O(N) (≤ 1 KiB per row)",
+            kind = "" if _dtype(r) == "float32" else f", {_dtype(r)}"
+            out.append((f"GPU {r['loss']} V={r['V']} ({r['impl']}{kind}): extra memory O(N) (≤ 1 KiB per row)",
                         f"{float(r['peak_extra_MiB']):.2f} MiB = {per_row:.0f} B per row", per_row <= 1024))
     return out
 
@@ -92,7 +99,7 @@ def peers(rows):
         if r["impl"].startswith("lkref") or r["impl"].startswith("fused "):
             continue
         N, V = int(r["N"]), int(r["V"])
-        base = _p50(rows, mine.get(r["backend"], "lkref"), r["loss"], N, V)
+        base = _p50(rows, mine.get(r["backend"], "lkref"), r["loss"], N, V, _dtype(r))
         if base is not None:
             out.append((r["loss"], N, V, r["impl"], float(r["p50_ms"]), base, float(r["p50_ms"]) / base))
     return out

@@ -30,8 +30,11 @@ from .backend import cupy_available, to_numpy
 from .positions import LOSSES
 
 DEFAULT_SIZES = {"numpy": [(512, 32_000)], "cupy": [(4096, 32_000), (4096, 128_256)]}
-#: Largest relative difference from the readable path at which a fast path is still timed.
+#: Largest relative difference from the readable path at which a fast path is still timed
+#: (float32 logits and target; see tolerance() for the others).
 TOLERANCE = 1e-4
+#: The input dtypes the benchmark can run (logits and target alike; bfloat16 needs ml_dtypes).
+DTYPES = ("float32", "float16", "bfloat16")
 QUICK_SIZES = {"numpy": [(128, 32_000)], "cupy": [(4096, 32_000)]}
 
 
@@ -52,6 +55,7 @@ class Row:
     max_rel_err: float
     vs_baseline: float = float("nan")
     extra: dict = field(default_factory=dict)
+    dtype: str = "float32"
 
 
 def machine_name(backend: str) -> str:
@@ -96,14 +100,36 @@ def load_peers():
     return None
 
 
-def make_problem(xp, N, V, seed=0):
-    """fp32 logits and a peaked target (most mass on a few tokens), like a language model's."""
+def make_problem(xp, N, V, seed=0, dtype="float32"):
+    """Logits and a peaked target (most mass on a few tokens), like a language model's, made in
+    float32 and both rounded to dtype (one of DTYPES)."""
     rng = np.random.default_rng(seed)
     z = (rng.standard_normal((N, V), dtype=np.float32) * 2).astype(np.float32)
     logits = rng.standard_normal((N, V), dtype=np.float32) * 3
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p = (p / p.sum(-1, keepdims=True)).astype(np.float32)
+    if dtype != "float32":
+        dt = np_dtype(dtype)
+        z, p = z.astype(dt), p.astype(dt)
     return xp.asarray(z), xp.asarray(p)
+
+
+def np_dtype(name):
+    """The NumPy dtype of one of DTYPES (bfloat16: ml_dtypes', an ImportError without it)."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {name!r}")
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def tolerance(dtype) -> float:
+    """TOLERANCE, or for a 2-byte gradient its rounding: the fast path and the reference each
+    round to it, so they may differ by one unit in the last place of the largest entry (eps)."""
+    if np_dtype(dtype).itemsize >= 4:
+        return TOLERANCE
+    return 2.0 ** -7 if dtype == "bfloat16" else 2.0 ** -10
 
 
 def copy_bandwidth(xp, nbytes=256 << 20) -> float:
@@ -152,7 +178,7 @@ def _entries(xp, backend, fn, loss, z, p, out, N, V):
                    ("lkref fused out=", lambda: fn(z, p, impl="fused", out=out), False)]
         if loss == "lk_lambda":
             entries.append(("lkref fused lam=", lambda: fn(z, p, impl="fused", lam=0.5), True))
-        if loss == "lk_alpha":                     # launch shapes to tune the defaults with
+        if loss == "lk_alpha" and z.dtype == np.float32:   # launch shapes to tune the defaults with
             for threads, share, cache in TUNING_SHAPES:
                 entries.append((shape_label(threads, share, cache), _shaped(fn, z, p, out, threads, share, cache), False))
             if _meets_on_this_gpu(xp, V) is False:     # what GPUs without clusters run, timed on this one
@@ -199,17 +225,21 @@ def _shaped(fn, z, p, out, threads=None, share=None, cache=None, clusters=None):
 
 
 def run(backends=("numpy",), losses=tuple(LOSSES), sizes=None, repeat=10, with_peers=True, say=print,
-        skip_peers=(), only_peers=None, csv_path=None):
+        skip_peers=(), only_peers=None, csv_path=None, dtype="float32"):
     """sizes: a list of (N, V) for every backend, or a dict backend -> list (default DEFAULT_SIZES).
 
     csv_path: each block's rows are appended there as soon as the block is done, so a run
-    stopped by a time limit keeps what it measured."""
+    stopped by a time limit keeps what it measured.  dtype: the logits' and the target's (the
+    gradient's too); the peers are timed with float32 inputs only."""
+    itemsize = np_dtype(dtype).itemsize
     sizes = DEFAULT_SIZES if sizes is None else sizes
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())     # the run's, on every CSV row
     import lkref
     say(f"== lkref {lkref.__version__}, git {git_sha()}, {stamp}")
     rows = []
-    peer_mod = load_peers() if with_peers else None
+    if with_peers and dtype != "float32":
+        say(f"peers: timed with float32 inputs only, not {dtype}")
+    peer_mod = load_peers() if with_peers and dtype == "float32" else None
     for backend in backends:
         if backend == "cupy" and not cupy_available():
             say("cupy: not available (CuPy with a CUDA device), skipped")
@@ -218,14 +248,14 @@ def run(backends=("numpy",), losses=tuple(LOSSES), sizes=None, repeat=10, with_p
         bw = copy_bandwidth(xp)
         say(f"{backend} on {machine_name(backend)}: measured copy bandwidth {bw / 1e9:.1f} GB/s")
         for N, V in (sizes[backend] if isinstance(sizes, dict) else sizes):
-            z, p = make_problem(xp, N, V)
-            nbytes = 3 * N * V * 4
+            z, p = make_problem(xp, N, V, dtype=dtype)
+            nbytes = 3 * N * V * itemsize
             limit_ms = nbytes / bw * 1e3
             for loss in losses:
                 fn = LOSSES[loss]
                 ref = fn(z, p, impl="reference")
                 out = xp.empty_like(z)
-                cands = _lkref_candidates(xp, backend, fn, loss, z, p, out, N, V, ref, say)
+                cands = _lkref_candidates(xp, backend, fn, loss, z, p, out, N, V, ref, say, tolerance(dtype))
                 if peer_mod is not None:
                     cands += _peer_candidates(peer_mod, xp, backend, loss, z, p, ref, say, skip_peers, only_peers)
                 for c, t in zip(cands, _time_all(xp, backend, cands, repeat, say)):
@@ -235,7 +265,7 @@ def run(backends=("numpy",), losses=tuple(LOSSES), sizes=None, repeat=10, with_p
                         mem = c.mem()
                     except Exception:                   # a peer whose memory cannot be read: unknown
                         mem = float("nan")
-                    rows.append(_row(backend, c.label, loss, N, V, t, nbytes, bw, limit_ms, mem, c.err))
+                    rows.append(_row(backend, c.label, loss, N, V, t, nbytes, bw, limit_ms, mem, c.err, dtype))
                     if backend == "cupy":
                         xp.get_default_memory_pool().free_all_blocks()
                 base_name = "numpy-naive" if backend == "numpy" else "lkref reference"
@@ -251,10 +281,11 @@ def run(backends=("numpy",), losses=tuple(LOSSES), sizes=None, repeat=10, with_p
     return rows
 
 
-def _row(backend, label, loss, N, V, t, nbytes, bw, limit_ms, mem, err):
+def _row(backend, label, loss, N, V, t, nbytes, bw, limit_ms, mem, err, dtype="float32"):
     p20, p50, p80 = np.percentile(t, [20, 50, 80])
     gbps = nbytes / (p50 / 1e3) / 1e9
-    return Row(backend, label, loss, N, V, p20, p50, p80, gbps, 100 * gbps * 1e9 / bw, limit_ms, mem, err)
+    return Row(backend, label, loss, N, V, p20, p50, p80, gbps, 100 * gbps * 1e9 / bw, limit_ms, mem, err,
+               dtype=dtype)
 
 
 @dataclass
@@ -294,7 +325,7 @@ def _stopwatch(xp, call, sync=None):
     return once
 
 
-def _lkref_candidates(xp, backend, fn, loss, z, p, out, N, V, ref, say):
+def _lkref_candidates(xp, backend, fn, loss, z, p, out, N, V, ref, say, tol=TOLERANCE):
     cands = []
     for label, call, new_grad in _entries(xp, backend, fn, loss, z, p, out, N, V):
         try:
@@ -304,7 +335,7 @@ def _lkref_candidates(xp, backend, fn, loss, z, p, out, N, V, ref, say):
             continue
         want = fn(z, p, impl="reference", lam=0.5) if "lam=" in label else ref
         err = max(rel_err(got.grad, want.grad), rel_err(got.loss, want.loss), rel_err(got.alpha, want.alpha))
-        if err > TOLERANCE:
+        if err > tol:
             say(f"   {label}: differs from the reference by {err:.3g} (relative); not timed")
             continue
         grad_bytes = z.nbytes if new_grad else 0
@@ -406,7 +437,8 @@ def _print_block(say, rows):
     if not rows:
         return
     r0 = rows[0]
-    say(f"  {r0.loss}  N = {r0.N}  V = {r0.V}   (bandwidth limit {r0.limit_ms:.2f} ms)")
+    kind = "" if r0.dtype == "float32" else f"  ({r0.dtype} logits, target and gradient)"
+    say(f"  {r0.loss}  N = {r0.N}  V = {r0.V}{kind}   (bandwidth limit {r0.limit_ms:.2f} ms)")
     base = "x naive" if r0.backend == "numpy" else "x ref"
     say(f"    {'implementation':24s} {'p20':>8s} {'p50':>8s} {'p80':>8s} {'GB/s':>7s} {'%copy':>6s} "
         f"{base:>8s} {'extra MiB':>10s} {'max rel err':>12s}")
@@ -443,7 +475,7 @@ def write_csv(rows, path, backend_names, stamp=None):
                         "vs_baseline", "max_rel_err", "threads"])
         for r in rows:
             w.writerow([stamp, sha, machines.get(r.backend, "?"), " ".join(f"{k}={v}" for k, v in versions.items()),
-                        r.backend, r.impl, r.loss, r.N, r.V, "float32", f"{r.p20_ms:.3f}", f"{r.p50_ms:.3f}",
+                        r.backend, r.impl, r.loss, r.N, r.V, r.dtype, f"{r.p20_ms:.3f}", f"{r.p50_ms:.3f}",
                         f"{r.p80_ms:.3f}", f"{r.gbps:.2f}", f"{r.pct_copy_bw:.1f}", f"{r.limit_ms:.3f}",
                         f"{r.peak_extra_mib:.2f}", f"{r.vs_baseline:.3f}", f"{r.max_rel_err:.2e}",
                         os.environ.get("LKREF_THREADS", "auto")])

@@ -1,4 +1,4 @@
-"""The command line: python -m lkref {info, demo, toy gaussian, train} ..."""
+"""The command line: python -m lkref {info, demo, bench, conformance, toy gaussian, train} ..."""
 
 from __future__ import annotations
 
@@ -145,7 +145,8 @@ def cmd_bench(args) -> int:
     sizes = args.sizes or (benchmark.QUICK_SIZES if args.quick else benchmark.DEFAULT_SIZES)
     rows = benchmark.run(backends=backends, losses=args.loss or tuple(benchmark.LOSSES), sizes=sizes,
                          repeat=args.repeat, with_peers=not args.no_peers, skip_peers=tuple(args.skip_peer or ()),
-                         only_peers=tuple(args.peer) if args.peer else None, csv_path=args.csv)
+                         only_peers=tuple(args.peer) if args.peer else None, csv_path=args.csv,
+                         dtype=args.dtype)
     if args.csv and rows:
         print(f"rows appended to {args.csv} block by block")
     return 0
@@ -177,6 +178,7 @@ def cmd_conformance(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .benchmark import DTYPES
     from .positions import LOSSES
     from .toy.gaussian import TOY_LOSSES
     from .toy.train import TRAIN_LOSSES
@@ -203,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-peers", action="store_true", help="skip bench/peers.py")
     p.add_argument("--skip-peer", action="append", help="a peer to leave out (repeatable), e.g. torch-compile")
     p.add_argument("--peer", action="append", help="time only these peers (repeatable), e.g. torch-compile")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="of the logits, the target and the gradient (default float32; the peers run in float32 "
+                        "only; bfloat16 needs ml_dtypes)")
     p.add_argument("--sampler", action="store_true", help="time verify() against K instead of the losses")
     p.add_argument("--csv", type=_out_path, default=None, help="append CSV rows here")
     p.set_defaults(func=cmd_bench)

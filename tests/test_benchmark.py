@@ -81,6 +81,39 @@ def test_a_fast_path_that_differs_is_not_timed(monkeypatch):
     assert any("differs from the reference" in line for line in lines)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_two_byte_runs(tmp_path, monkeypatch, dtype):
+    """--dtype float16 / bfloat16: logits, target and gradient in it, bytes counted at 2 an entry,
+    checked against the reference at the gradient's rounding (one unit in the last place of the
+    largest entry), the peers left out, the dtype in the CSV; a fast path off by 2 units is
+    not timed."""
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    lines = []
+    rows = benchmark.run(backends=("numpy",), losses=("lk_alpha",), sizes=[(4, 300)], repeat=2, with_peers=True,
+                         say=lines.append, dtype=dtype)
+    assert {r.impl for r in rows} == {"lkref", "lkref out=", "lkref reference"}
+    assert any(f"peers: timed with float32 inputs only, not {dtype}" in line for line in lines)
+    assert any(f"({dtype} logits, target and gradient)" in line for line in lines)
+    r = rows[0]
+    assert r.dtype == dtype and r.gbps == pytest.approx(3 * 4 * 300 * 2 / (r.p50_ms / 1e3) / 1e9)
+    assert all(r.max_rel_err <= benchmark.tolerance(dtype) for r in rows)
+    benchmark.write_csv(rows, str(tmp_path / "h.csv"), ["numpy"])
+    assert {row["dtype"] for row in _csv_rows(tmp_path / "h.csv")} == {dtype}
+    real, eps = fused.numpy_loss, benchmark.tolerance(dtype)
+
+    def wrong(*a, **k):
+        r = real(*a, **k)
+        r.grad[...] = (r.grad.astype(np.float32) * (1 + 2 * eps)).astype(r.grad.dtype)
+        return r
+    monkeypatch.setattr(fused, "numpy_loss", wrong)
+    lines = []
+    rows = benchmark.run(backends=("numpy",), losses=("lk_alpha",), sizes=[(4, 300)], repeat=1, with_peers=False,
+                         say=lines.append, dtype=dtype)
+    assert {r.impl for r in rows} == {"lkref reference"}
+    assert any("differs from the reference" in line for line in lines)
+
+
 def test_peers_agree_with_lkref():
     mod = benchmark.load_peers()
     assert mod is not None
@@ -424,7 +457,7 @@ def test_gpu_check_runs_through_without_a_gpu(tmp_path):
         assert bad not in text, text[-3000:]
     steps = ["git abc1234", "== the kernel variants", "== GPU tests", "== quick benchmark: lkref\n",
              "== quick benchmark: lkref and the peers", "== compute-sanitizer", "nothing to sanitize",
-             "== quick benchmark: LK^lambda", "== the goals", "== quick benchmark: LK^alpha beside torch.compile",
+             "== quick benchmark: LK^alpha in float16", "== quick benchmark: LK^lambda", "== the goals", "== quick benchmark: LK^alpha beside torch.compile",
              "== done in"]
     for step in steps:
         assert step in text, (step, text[-3000:])
@@ -547,6 +580,17 @@ def test_goals_report_on_gpu_rows(tmp_path):
     assert shapes == ["| 32000 | fused 512t/16k | 0.630 | 0.90× |", "| 32000 | default | 0.700 | 1.00× |",
                       "| 32000 | fused 1024t/32k | 9.000 | 12.86× |"]
     assert not any("fused 512t/16k" in line and "**no**" in line for line in lines)   # shapes are no goals
+    # float16 rows of the same run, slower than the float32 goals: judged for memory only (the goals
+    # are for float32), and beside a peer of their own dtype
+    half = [benchmark.Row("cupy", impl, "lk_alpha", 4096, 32_000, t, t, t, 1.0, 1.0, 1.0, 0.5, 1e-4, dtype="float16")
+            for impl, t in (("lkref fused", 5.0), ("speculators", 4.0))]
+    benchmark.write_csv(half, str(path), ["numpy"], stamp="run-1")
+    lines = []
+    assert goals.report([str(path)], say=lines.append) is True
+    text = "\n".join(lines)
+    assert "| GPU LK^α N=4096 V=32000: ≤ 0.75 ms | 0.700 ms | yes |" in text
+    assert "| GPU lk_alpha V=32000 (lkref fused, float16): extra memory O(N) (≤ 1 KiB per row) |" in text
+    assert "| lk_alpha | 4096 | 32000 | speculators | 4.000 | 5.000 | 0.80× |" in text
     # a second run, each goal missed: reported apart from the first, and the report says so
     benchmark.write_csv(_gpu_rows({32_000: 0.8, 128_256: 3.1}, {32_000: 1.3, 128_256: 4.0}, 8.0), str(path),
                         ["numpy"], stamp="run-2")
