@@ -997,9 +997,25 @@ def _raise_flags(cp, host, p_full, p_dtype):
         raise ValueError("target_probs contains non-finite values (NaN or inf)")
     if flags & 2:
         raise ValueError("target_probs contains negative probabilities")
-    err = host[4] if p_full is None else \
-        (float(cp.abs(p_full.sum(axis=1, dtype=cp.float32) - 1).max()) if p_full.shape[0] else 0.0)
+    err = host[4] if p_full is None else (float(cp.abs(_row_sums(cp, p_full) - 1).max()) if p_full.shape[0] else 0.0)
     check_target_sums(err, p_dtype)
+
+
+#: A bfloat16 target's rows are widened to float32 for their sums this many bytes at a time.
+WIDEN_BYTES = 64 << 20
+
+
+def _row_sums(cp, p):
+    """float32 sums of the rows of a 2-d target.  A bfloat16 one is widened through its bits (a
+    bfloat16 is the upper half of a float32), a block of rows at a time, so that no bfloat16
+    arithmetic is asked of CuPy."""
+    if "bfloat16" not in str(p.dtype):
+        return p.sum(axis=1, dtype=cp.float32)
+    bits, out = p.view(cp.uint16), cp.empty(p.shape[0], cp.float32)
+    step = max(1, WIDEN_BYTES // (4 * p.shape[1]))
+    for a in range(0, p.shape[0], step):
+        out[a:a + step] = (bits[a:a + step].astype(cp.uint32) << cp.uint32(16)).view(cp.float32).sum(axis=1)
+    return out
 
 
 def _fallback_losses(cp, z2, p2, idx, stats, T, per):

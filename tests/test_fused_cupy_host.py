@@ -307,6 +307,20 @@ def test_two_byte_targets_are_read_as_they_are(numpy_as_cupy, monkeypatch, name,
     assert seen and all(a.dtype == dt and np.shares_memory(a, p) for a in seen)
 
 
+def test_row_sums_of_a_bfloat16_target_through_its_bits(monkeypatch):
+    """With draft_to_target the whole rows' sums are taken on the host side; a bfloat16 target's
+    through its bits widened to float32, a block of rows at a time: the float32 sums of its values."""
+    bf16 = two_byte("bfloat16")
+    rng = np.random.default_rng(23)
+    p = make_probs(rng, (7, 300), dtype=np.float32).astype(bf16)
+    p[2, 5], p[4, 0] = -0.0, 2.0 ** -133          # -0.0 and a subnormal widen exactly too
+    want = p.astype(np.float32).sum(axis=1)
+    monkeypatch.setattr(fused_cupy, "WIDEN_BYTES", 3 * 4 * 300)      # blocks of 3 rows: 3 + 3 + 1
+    got = fused_cupy._row_sums(np, p)
+    assert got.dtype == np.float32 and np.array_equal(got, want)
+    assert np.array_equal(fused_cupy._row_sums(np, p.astype(np.float16)), p.astype(np.float16).sum(1, dtype=np.float32))
+
+
 @pytest.mark.parametrize("p_dtype", ["float16", "bfloat16"])
 def test_whole_target_checks_of_two_byte_targets(p_dtype):
     """With draft_to_target the entries outside the draft vocabulary are checked by reductions
