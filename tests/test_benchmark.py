@@ -565,14 +565,20 @@ def _gpu_rows(alpha_ms, lam_ms, extra_mib):
     return rows
 
 
+def _report(goals, path):
+    """(all goals met, the lines, the text) of bench/goals.py's report on one CSV file."""
+    lines = []
+    ok = goals.report([str(path)], say=lines.append)
+    return ok, lines, "\n".join(lines)
+
+
 def test_goals_report_on_gpu_rows(tmp_path):
     goals = _load_goals()
     path = tmp_path / "gpu.csv"
     benchmark.write_csv(_gpu_rows({32_000: 0.7, 128_256: 2.9}, {32_000: 1.0, 128_256: 4.0}, 0.5), str(path),
                         ["numpy"], stamp="run-1")
-    lines = []
-    assert goals.report([str(path)], say=lines.append) is True
-    text = "\n".join(lines)
+    ok, lines, text = _report(goals, path)
+    assert ok is True
     assert "| GPU LK^α N=4096 V=32000: ≤ 0.75 ms | 0.700 ms | yes |" in text
     assert "| GPU LK^λ V=128256 (batch λ, two launches): ≤ 1.5× LK^α | 4.000 ms = 1.38× | yes |" in text
     assert "| lk_alpha | 4096 | 128256 | speculators | 5.000 | 2.900 | 1.72× |" in text
@@ -585,17 +591,16 @@ def test_goals_report_on_gpu_rows(tmp_path):
     half = [benchmark.Row("cupy", impl, "lk_alpha", 4096, 32_000, t, t, t, 1.0, 1.0, 1.0, 0.5, 1e-4, dtype="float16")
             for impl, t in (("lkref fused", 5.0), ("speculators", 4.0))]
     benchmark.write_csv(half, str(path), ["numpy"], stamp="run-1")
-    lines = []
-    assert goals.report([str(path)], say=lines.append) is True
-    text = "\n".join(lines)
+    ok, lines, text = _report(goals, path)
+    assert ok is True
     assert "| GPU LK^α N=4096 V=32000: ≤ 0.75 ms | 0.700 ms | yes |" in text
     assert "| GPU lk_alpha V=32000 (lkref fused, float16): extra memory O(N) (≤ 1 KiB per row) |" in text
     assert "| lk_alpha | 4096 | 32000 | speculators | 4.000 | 5.000 | 0.80× |" in text
     # a second run, each goal missed: reported apart from the first, and the report says so
     benchmark.write_csv(_gpu_rows({32_000: 0.8, 128_256: 3.1}, {32_000: 1.3, 128_256: 4.0}, 8.0), str(path),
                         ["numpy"], stamp="run-2")
-    lines = []
-    assert goals.report([str(path)], say=lines.append) is False
+    ok, lines, _ = _report(goals, path)
+    assert ok is False
     second = "\n".join(lines[lines.index(next(x for x in lines if "run-2" in x)):])
     # LK^α at both V; LK^λ (batch λ) at V = 32 000 only (1.3 / 0.8 > 1.5, 4.0 / 3.1 < 1.5); memory on
     # the six lkref fused rows (LK^α, LK^λ, LK^λ lam=, at both V)
