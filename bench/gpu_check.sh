@@ -100,9 +100,9 @@ if [ -n "$san" ] && [ $((SECONDS + 70)) -le "$budget" ]; then
 fi
 # LK^alpha with float16 logits, target and gradient, as a half-precision training step has them:
 # 2 bytes an entry (float16: CuPy has it without ml_dtypes, and it runs as bfloat16 does)
-if [ $((SECONDS + 60)) -le "$budget" ]; then
+if [ $((SECONDS + 90)) -le "$budget" ]; then
   echo "== quick benchmark: LK^alpha in float16"
-  timeout 60 python3 -m lkref bench --backend cupy --repeat 20 --no-peers --loss lk_alpha --dtype float16 \
+  timeout 90 python3 -m lkref bench --backend cupy --repeat 20 --no-peers --loss lk_alpha --dtype float16 \
     --csv "$out/gpu-$card-bench.csv" 2>&1 | tee -a "$out/gpu-$card-bench.txt"
 fi
 # LK^lambda beside speculators' lk_hybrid (lambda per token) and PyTorch eager, if time is left:
