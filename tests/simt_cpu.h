@@ -9,7 +9,8 @@
 // cooperative-groups cluster API (this_cluster().sync(), its split barrier_arrive and
 // barrier_wait, map_shared_rank), blocks that meet
 // in global memory (take_ticket, publish, whose stores wait for the publisher's
-// __threadfence, count_in, arrivals, load_from_other_blocks and pause_briefly, which lets
+// __threadfence, count_in, arrivals, load_from_other_blocks, which sees what the reader's
+// block had fenced for, and pause_briefly, which lets
 // the other fibers run), and float32
 // denormals flushed to zero (CuPy compiles every kernel with -ftz=true).  A barrier that
 // not every thread reaches is reported as a deadlock, and so is a spin loop that nothing
@@ -27,7 +28,8 @@
 // the 32-byte sectors each group touches are counted: bytes asked for / (32 x sectors) is how
 // well a warp's accesses coalesce (1 when 32 lanes read 32 adjacent floats).
 //
-// What it does not model: timing, the memory model beyond barriers, register limits,
+// What it does not model: timing, the memory model beyond barriers and the meeting blocks'
+// fences (the two orders above: no other reordering, no stale cache line), register limits,
 // launch limits (tests/simt_cpu.py checks those it knows), and the GPU's exact expf/logf
 // rounding.
 #pragma once
@@ -49,6 +51,7 @@
 #include <queue>
 #include <random>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 struct emu_dim3 { unsigned x, y, z; };
@@ -81,6 +84,8 @@ struct Block {
     std::vector<Barrier> warp_bar;
     std::vector<float> slots;                 // one per thread, for shuffles
     int live = 0;                             // threads not yet returned
+    long seen = 0;                            // the published stores its reads of other blocks see: up to
+                                              // the last one drained before its last __threadfence
 };
 
 // Scheduling: the fiber with the highest key among the ready ones runs until it reaches a
@@ -106,6 +111,9 @@ struct State {
     size_t static_smem = 0;                   // bytes of static __shared__ memory of the largest block
     bool trace = false;
     std::vector<Access> accesses;             // when tracing
+    long store_seq = 0;                       // published stores drained so far in this launch
+    std::unordered_map<const float*, std::vector<std::pair<long, float>>> history;   // per address:
+                                              // (number of each drained store, the value it replaced)
 };
 static State S;
 
@@ -252,8 +260,26 @@ template <class T> T* map_rank(T* p, unsigned rank) {
 }
 
 inline void drain_stores() {
-    for (auto& st : S.cur->stores) *st.first = st.second;
+    for (auto& st : S.cur->stores) {
+        S.history[st.first].push_back({++S.store_seq, *st.first});
+        *st.first = st.second;
+    }
     S.cur->stores.clear();
+}
+
+// A read of another block's published value: what it was when the reading block last fenced
+// (the first value replaced by a store drained after that), as a GPU may serve a read that no
+// fence orders after the count it follows from before the value arrives.
+inline float load_seen(const float* at) {
+    auto h = S.history.find(at);
+    if (h != S.history.end())
+        for (auto& [seq, before] : h->second)
+            if (seq > blk().seen) return before;
+    return *at;
+}
+inline void fence() {
+    drain_stores();
+    blk().seen = S.store_seq;
 }
 
 inline void entry() {
@@ -303,6 +329,8 @@ inline int run(unsigned grid, unsigned threads, unsigned cluster, unsigned seed,
     S.accesses.clear();
     S.static_smem = 0;
     S.blocks.clear();
+    S.store_seq = 0;
+    S.history.clear();
     if (threads == 0 || threads % 32 || threads > 1024 || cluster == 0 || grid % cluster) {
         S.error = "launch: threads must be a multiple of 32 up to 1024, and grid a multiple of the cluster size";
         return 1;
@@ -430,14 +458,17 @@ inline void wait_copies() {
 // blocks that meet in global memory (one fiber runs at a time: plain reads and writes are
 // atomic).  A published value waits in its fiber's store buffer until the fiber's next
 // __threadfence (or its end), as a GPU may let a later atomic overtake a store: a count
-// announced without a fence before it shows the readers stale values.
+// announced without a fence before it shows the readers stale values.  And a block reads
+// other blocks' values as they were at its own last __threadfence, as a GPU may serve those
+// reads before the count they follow from: a reader without a fence after the count sees
+// stale values too.
 inline int take_ticket(int* counter) { return (*counter)++; }
 inline void publish(float* at, float v) { emu::S.cur->stores.push_back({at, v}); }
 inline void count_in(int* counter) { ++*counter; }
 inline int arrivals(const int* counter) { return *counter; }
-inline float load_from_other_blocks(const float* at) { return *at; }
+inline float load_from_other_blocks(const float* at) { return emu::load_seen(at); }
 inline void pause_briefly() { emu::spin(); }
-inline void __threadfence() { emu::drain_stores(); }
+inline void __threadfence() { emu::fence(); }
 
 namespace cooperative_groups {
 struct cluster_group {

@@ -751,6 +751,8 @@ PLANTED = {
                                               "arrivals(r.arrived) < r.round * CLUSTER - 1)", None),
     "meeting: the count announced before a fence": ("    __threadfence();\n    count_in(counter);", "    count_in(counter);",
                                                     None),
+    "meeting: no fence between the count and the reads": (
+        "        __threadfence();                              // the partial results after their count\n", "", None),
     "meeting: the rounds share their slots": ("publish(&r.parts[r.rank * SLOTS + at + j], v[j])", "publish(&r.parts[r.rank * SLOTS + j], v[j])",
                                               None),
 }
