@@ -142,6 +142,10 @@ def cmd_bench(args) -> int:
         benchmark.verify_scaling(repeat=args.repeat)
         return 0
     backends = ("numpy", "cupy") if args.backend == "all" else (args.backend,)
+    try:
+        benchmark.np_dtype(args.dtype)
+    except ImportError:
+        return _fail("bench", f"--dtype {args.dtype} needs ml_dtypes (python -m pip install ml_dtypes)")
     sizes = args.sizes or (benchmark.QUICK_SIZES if args.quick else benchmark.DEFAULT_SIZES)
     rows = benchmark.run(backends=backends, losses=args.loss or tuple(benchmark.LOSSES), sizes=sizes,
                          repeat=args.repeat, with_peers=not args.no_peers, skip_peers=tuple(args.skip_peer or ()),

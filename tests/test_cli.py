@@ -85,3 +85,25 @@ def test_conformance_export_into_a_file_is_refused(capsys, tmp_path):
     (tmp_path / "f").write_text("x")
     assert main(["conformance", "export", str(tmp_path / "f")]) == 2
     assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_bench_dtype_bfloat16_without_ml_dtypes(capsys, monkeypatch):
+    """--dtype bfloat16 where ml_dtypes is missing: one line saying what to install, exit status 2."""
+    import sys
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)          # import ml_dtypes now raises ImportError
+    assert main(["bench", "--backend", "numpy", "--dtype", "bfloat16", "--sizes", "2:10", "--repeat", "1"]) == 2
+    assert "python -m lkref bench: error: --dtype bfloat16 needs ml_dtypes" in capsys.readouterr().err
+
+
+def test_bench_skips_a_backend_without_the_dtype(monkeypatch):
+    """A backend that cannot make arrays of the asked dtype (a CuPy without bfloat16) is skipped
+    with a line saying so, not a traceback."""
+    from lkref import benchmark
+
+    def no_arrays(xp, N, V, seed=0, dtype="float32"):
+        raise TypeError(f"no {dtype} here")
+    monkeypatch.setattr(benchmark, "make_problem", no_arrays)
+    lines = []
+    assert benchmark.run(backends=("numpy",), sizes=[(2, 10)], repeat=1, with_peers=False, say=lines.append,
+                         dtype="float16") == []
+    assert any("numpy: no float16 arrays here (TypeError: no float16 here), skipped" in line for line in lines)
