@@ -106,15 +106,17 @@ def peers(rows):
 
 
 def shapes(rows):
-    """[(V, shape, p50, p50 / default's p50)] for LK^alpha at N = 4096, fastest first per V."""
+    """[(V, dtype, shape, p50, p50 / default's p50)] for LK^alpha at N = 4096, fastest first per V
+    and dtype (the launch shapes are timed in float32, the 2-byte pairs in float16 or bfloat16)."""
     out = []
-    for V in GPU_MS:
-        default = _p50(rows, "lkref fused", "lk_alpha", GPU_N, V)
-        timed = sorted((float(r["p50_ms"]), r["impl"]) for r in rows
-                       if r["impl"].startswith("fused ") and r["loss"] == "lk_alpha"
-                       and int(r["N"]) == GPU_N and int(r["V"]) == V)
-        if default is not None:
-            out += [(V, impl, t, t / default) for t, impl in sorted(timed + [(default, "default")])]
+    for dtype in sorted({_dtype(r) for r in rows}, key=lambda d: d != "float32"):
+        for V in GPU_MS:
+            default = _p50(rows, "lkref fused", "lk_alpha", GPU_N, V, dtype)
+            timed = sorted((float(r["p50_ms"]), r["impl"]) for r in rows
+                           if r["impl"].startswith("fused ") and r["loss"] == "lk_alpha"
+                           and int(r["N"]) == GPU_N and int(r["V"]) == V and _dtype(r) == dtype)
+            if default is not None:
+                out += [(V, dtype, impl, t, t / default) for t, impl in sorted(timed + [(default, "default")])]
     return out
 
 
@@ -148,10 +150,10 @@ def report(paths, say=print) -> bool:
             for loss, N, V, peer, t, base, ratio in ratios:
                 say(f"| {loss} | {N} | {V} | {peer} | {t:.3f} | {base:.3f} | {ratio:.2f}× |")
         timed = shapes(rows)
-        if len(timed) > len({V for V, *_ in timed}):      # more than the default alone
-            say(f"\n| V | launch shape (LK^α, N = {GPU_N}) | p50 (ms) | / default |\n|---|---|---|---|")
-            for V, impl, t, ratio in timed:
-                say(f"| {V} | {impl} | {t:.3f} | {ratio:.2f}× |")
+        if len(timed) > len({(V, dtype) for V, dtype, *_ in timed}):      # more than the defaults alone
+            say(f"\n| V | dtype | launch shape (LK^α, N = {GPU_N}) | p50 (ms) | / default |\n|---|---|---|---|---|")
+            for V, dtype, impl, t, ratio in timed:
+                say(f"| {V} | {dtype} | {impl} | {t:.3f} | {ratio:.2f}× |")
     repeated = {key: mets for key, mets in by_goal.items() if len(mets) > 1}
     if repeated:
         say("\n### Over the runs of each commit\n\n| machine | git | goal | met in |\n|---|---|---|---|")

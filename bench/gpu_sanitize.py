@@ -29,7 +29,7 @@ from lkref.benchmark import make_problem, rel_err  # noqa: E402
 #: (label, loss, N, V, options): one block per row, the 48 KiB cache boundary, clusters of 2,
 #: 4 and 8, streaming; the two-launch calls (batch lambda, draft_to_target, gradient into the
 #: logits); weights and temperature; float16 logits, and a float16 target too (read as it is and
-#: kept in shared memory at its first read); rows that take LK^alpha's log-space
+#: kept in shared memory at its first read, or copied there in pairs); rows that take LK^alpha's log-space
 #: fallback; and blocks that meet in global memory, as on a GPU without clusters.
 CASES = (
     ("one block", "lk_alpha", 3, 1000, {}),
@@ -43,6 +43,7 @@ CASES = (
     ("gradient into the logits", "lk_alpha", 3, 2000, {"out": "logits"}),
     ("float16 logits", "tv", 3, 4099, {"dtype": "float16"}),
     ("float16 logits and target", "lk_alpha", 2, 128_256, {"dtype": "float16", "target_dtype": "float16"}),
+    ("float16 target in pairs", "tv", 2, 32_000, {"dtype": "float16", "target_dtype": "float16", "pairs": True}),
     ("log-space fallback", "lk_alpha", 3, 300, {"disjoint": True}),
     ("no clusters: 2 blocks meet", "lk_lambda", 3, 50_257, {"clusters": False}),
     ("no clusters: 4 blocks meet", "lk_alpha", 2, 128_256, {"clusters": False}),
@@ -77,7 +78,8 @@ def check(cp, label, name, N, V, options, seed):
     host_kw = {k: to_numpy(v) if hasattr(v, "shape") else v for k, v in kw.items()}
     ref = lkref.LOSSES[name](z.astype(np.float32), p, impl="reference", **host_kw)    # before out= overwrites z
     zd = cp.asarray(z)
-    with fused_cupy.configured(clusters=options.get("clusters")):     # False: as on a GPU before Hopper
+    # clusters=False: as on a GPU before Hopper; pairs: a 2-byte target copied in pairs
+    with fused_cupy.configured(clusters=options.get("clusters"), pair_prefetch=options.get("pairs")):
         fast = lkref.LOSSES[name](zd, cp.asarray(p), impl="fused", **(dict(kw, out=zd) if options.get("out") else kw))
     rtol = 5e-3 if z.dtype == np.float16 else RTOL
     err, loss_err = rel_err(fast.grad, ref.grad), rel_err(fast.loss, ref.loss)

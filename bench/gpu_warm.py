@@ -27,8 +27,10 @@ from lkref.benchmark import DEFAULT_SIZES, TUNING_SHAPES  # noqa: E402
 TEST_VOCABS = (3, 7, 50, 300, 500, 700, 1000, 1031, 2000, 3000, 5000, 12_000, 32_000, 50_257, 128_256,
                151_936, 300_000)
 HALF_VOCABS = {"float16": (4099,), "bfloat16": (4099,)}
-#: ... with a target of the logits' 2-byte type too (kept in shared memory at its first read).
+#: ... with a target of the logits' 2-byte type too (kept in shared memory at its first read),
+#: and (PAIR_VOCABS) copied there in pairs as the launch starts (fused_cupy.PAIR_PREFETCH).
 HALF_TARGET_VOCABS = {"float16": (32_000, 128_256), "bfloat16": (4099,)}
+PAIR_VOCABS = {"float16": (32_000, 128_256)}
 #: Row lengths that tests/test_gpu.py also runs as on a GPU without clusters (blocks meet in global memory).
 MEETING_VOCABS = (50_257, 128_256, 151_936)
 #: ... and as on a GPU whose blocks may opt in to 99 KiB of shared memory (part of the target cached).
@@ -37,28 +39,30 @@ SMALL_GPU_OPTIN = 99 * 1024
 
 
 def variants(clusters=True):
-    """The distinct (threads, block_share, cache_target, dtype, target dtype, V, dsmem, optin) to
-    compile: one V per (items, cluster) class, in the launch shapes the tests and the benchmark
-    run; dtype: the logits' and the gradient's; clusters: whether the GPU has them (else every
-    variant meets in global memory); optin: a smaller GPU's shared memory per block to size the
-    target cache for (None: this GPU's)."""
+    """The distinct (threads, block_share, cache_target, dtype, target dtype, V, dsmem, optin,
+    pairs) to compile: one V per (items, cluster) class, in the launch shapes the tests and the
+    benchmark run; dtype: the logits' and the gradient's; clusters: whether the GPU has them
+    (else every variant meets in global memory); optin: a smaller GPU's shared memory per block
+    to size the target cache for (None: this GPU's); pairs: a 2-byte target copied in pairs."""
     default = (fused_cupy.THREADS, fused_cupy.BLOCK_SHARE, fused_cupy.CACHE_TARGET)
     f32 = "float32"
-    wanted = [(default, f32, f32, V, clusters, None) for V in TEST_VOCABS]
-    wanted += [(default, dt, f32, V, clusters, None) for dt, vocabs in HALF_VOCABS.items() for V in vocabs]
-    wanted += [(default, dt, dt, V, clusters, None) for dt, vocabs in HALF_TARGET_VOCABS.items() for V in vocabs]
-    wanted += [(default, f32, f32, V, False, None) for V in MEETING_VOCABS]
-    wanted += [(default, f32, f32, V, False, SMALL_GPU_OPTIN) for V in PARTIAL_CACHE_VOCABS]
+    wanted = [(default, f32, f32, V, clusters, None, False) for V in TEST_VOCABS]
+    wanted += [(default, dt, f32, V, clusters, None, False) for dt, vocabs in HALF_VOCABS.items() for V in vocabs]
+    wanted += [(default, dt, dt, V, clusters, None, False) for dt, vocabs in HALF_TARGET_VOCABS.items() for V in vocabs]
+    wanted += [(default, dt, dt, V, clusters, None, True) for dt, vocabs in PAIR_VOCABS.items() for V in vocabs]
+    wanted += [(default, f32, f32, V, False, None, False) for V in MEETING_VOCABS]
+    wanted += [(default, f32, f32, V, False, SMALL_GPU_OPTIN, False) for V in PARTIAL_CACHE_VOCABS]
     goal_vocabs = sorted({V for _, V in DEFAULT_SIZES["cupy"]})
-    wanted += [(shape, f32, f32, V, clusters, None) for shape in TUNING_SHAPES for V in goal_vocabs]
+    wanted += [(shape, f32, f32, V, clusters, None, False) for shape in TUNING_SHAPES for V in goal_vocabs]
     seen, out = set(), []
-    for (threads, share, cache), dt, pdt, V, dsmem, optin in wanted:
+    for (threads, share, cache), dt, pdt, V, dsmem, optin, pairs in wanted:
         with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
             items, cluster = fused_cupy.plan(V)
-        key = (threads, cache and items > 0, dt, pdt, items, cluster, dsmem or cluster == 1, optin)   # what the source depends on
+        # what the source depends on
+        key = (threads, cache and items > 0, dt, pdt, items, cluster, dsmem or cluster == 1, optin, pairs)
         if key not in seen:
             seen.add(key)
-            out.append((threads, share, cache, dt, pdt, V, dsmem, optin))
+            out.append((threads, share, cache, dt, pdt, V, dsmem, optin, pairs))
     return out
 
 
@@ -68,14 +72,14 @@ def _compile(spec):
     import cupy
     import numpy as np
 
-    threads, share, cache, dt, pdt, V, dsmem, optin = spec
+    threads, share, cache, dt, pdt, V, dsmem, optin, pairs = spec
     dtype, p_dtype = (np.dtype(d) if d != "bfloat16" else np.dtype(__import__("ml_dtypes").bfloat16) for d in (dt, pdt))
     if optin is not None:                         # this worker process sizes its target caches for it
         fused_cupy._smem_optin = lambda cp: optin
     t0 = time.perf_counter()
     with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
         items, cluster = fused_cupy.plan(V)
-        fused_cupy._kernel(dtype, dtype, items, cluster, dsmem, p_dtype)
+        fused_cupy._kernel(dtype, dtype, items, cluster, dsmem, p_dtype, pairs)
     return time.perf_counter() - t0
 
 
@@ -92,9 +96,9 @@ def main(argv):
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(_compile, s): s for s in specs}
         for f in as_completed(futures):
-            threads, share, cache, dt, pdt, V, dsmem, optin = futures[f]
+            threads, share, cache, dt, pdt, V, dsmem, optin, pairs = futures[f]
             with fused_cupy.configured(threads=threads, block_share=share):
-                what = f"{dt} ({pdt} target) V={V} (items, cluster) = {fused_cupy.plan(V)} at {threads}t/{share // 1024}k" \
+                what = f"{dt} ({pdt} target{', in pairs' if pairs else ''}) V={V} (items, cluster) = {fused_cupy.plan(V)} at {threads}t/{share // 1024}k" \
                        + ("" if cache else " nocache") + ("" if dsmem else " global-meeting") \
                        + ("" if optin is None else f" target cache for {optin // 1024} KiB")
             try:

@@ -24,15 +24,17 @@ from lkref.benchmark import TUNING_SHAPES  # noqa: E402
 SMEM_KIB = {75: (64, 64), 80: (164, 163), 86: (100, 99), 87: (164, 163), 89: (100, 99), 90: (228, 227)}
 
 
-def resources(V, threads, share, cache, arch, work, ctype="float"):
+def resources(V, threads, share, cache, arch, work, ctype="float", pairs=False):
     """(items, cluster, target entries kept per thread, {regs, spill, smem} or None) of one
     variant as lkref builds it for `arch`: its target cache sized to the arch's shared memory;
-    ctype: the C type of the logits, the target and the gradient."""
+    ctype: the C type of the logits, the target and the gradient; pairs: a 2-byte target copied
+    in pairs (fused_cupy.PAIR_PREFETCH)."""
     optin = _smem_kib(arch)[1] * 1024
     with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
         items, cluster = fused_cupy.plan(V)
         cached = fused_cupy.cached_items(items, optin, _bytes(ctype))
-        src = fused_cupy.kernel_source(items, cluster, ctype, ctype, dsmem=_cc(arch) >= 90, cached=cached, p_t=ctype)
+        src = fused_cupy.kernel_source(items, cluster, ctype, ctype, dsmem=_cc(arch) >= 90, cached=cached, p_t=ctype,
+                                       pairs=pairs)
     path = os.path.join(work, "k.cu")
     with open(path, "w") as f:
         f.write(src)
@@ -70,18 +72,21 @@ def main():
     print(f"# lk_rows, nvcc -std=c++17 -arch={args.arch} (the options CuPy gives NVRTC); {version}")
     print(f"{'V':>7} {'threads':>7} {'share':>6} {'cache':>5} | {'items':>5} {'cluster':>7} {'regs':>5} "
           f"{'spill B':>7} {'static smem':>11} {'dyn smem KiB':>12} {'blocks/SM':>9}")
-    # float32 logits, target and gradient in every launch shape; bfloat16 ones at the default
-    variants = [(V, shape, "float") for V in (32_000, 128_256, 300_000) for shape in shapes] + \
-        [(V, shapes[0], "__nv_bfloat16") for V in (32_000, 128_256, 300_000)]
+    # float32 logits, target and gradient in every launch shape; bfloat16 ones at the default, the
+    # target read at first use, then copied in pairs
+    variants = [(V, shape, "float", False) for V in (32_000, 128_256, 300_000) for shape in shapes] + \
+        [(V, shapes[0], "__nv_bfloat16", False) for V in (32_000, 128_256, 300_000)] + \
+        [(V, shapes[0], "__nv_bfloat16", True) for V in (32_000, 128_256)]
     with tempfile.TemporaryDirectory() as work:
-        for V, (threads, share, cache), ctype in variants:
-            items, cluster, cached, res = resources(V, threads, share, cache, args.arch, work, ctype)
+        for V, (threads, share, cache), ctype, pairs in variants:
+            items, cluster, cached, res = resources(V, threads, share, cache, args.arch, work, ctype, pairs)
             if res is None:
                 print(f"{V:7d} {threads:7d} {share:6d} {cache!s:>5} | build failed")
                 continue
             per_sm = _smem_kib(args.arch)[0]
             dyn = _bytes(ctype) * cached * threads
-            note = "  (bfloat16 logits, target and gradient)" if ctype != "float" else ""
+            note = "" if ctype == "float" else "  (bfloat16 logits, target and gradient" + \
+                ("; the target copied in pairs)" if pairs else ")")
             if cache and 0 < cached < items:            # this GPU's blocks keep part of the target
                 note += f"  (target cache: {cached} of {items} entries per thread; the rest read twice)"
             elif cache and items and not cached:

@@ -184,6 +184,8 @@ def _entries(xp, backend, fn, loss, z, p, out, N, V):
                 entries.append((shape_label(threads, share, cache), _shaped(fn, z, p, out, threads, share, cache), False))
             if _meets_on_this_gpu(xp, V) is False:     # what GPUs without clusters run, timed on this one
                 entries.append((MEETING_LABEL, _shaped(fn, z, p, out, clusters=False), False))
+        if loss == "lk_alpha" and p.dtype.itemsize == 2:   # the 2-byte target copied in pairs, not read in pass 2
+            entries.append((PAIRS_LABEL, _shaped(fn, z, p, out, pairs=True), False))
     if N * V <= 512 * 32_000 or backend == "cupy":
         entries.append(("lkref reference", lambda: fn(z, p, impl="reference"), True))
     return entries
@@ -204,6 +206,7 @@ def shape_label(threads, share, cache):
 
 
 MEETING_LABEL = "fused global-meet"
+PAIRS_LABEL = "fused 2-byte pairs"
 
 
 def _meets_on_this_gpu(xp, V):
@@ -216,11 +219,12 @@ def _meets_on_this_gpu(xp, V):
     return not fused_cupy._uses_clusters(xp)
 
 
-def _shaped(fn, z, p, out, threads=None, share=None, cache=None, clusters=None):
+def _shaped(fn, z, p, out, threads=None, share=None, cache=None, clusters=None, pairs=None):
     from . import fused_cupy
 
     def call():
-        with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, clusters=clusters):
+        with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, clusters=clusters,
+                                   pair_prefetch=pairs):
             return fn(z, p, impl="fused", out=out)
     return call
 

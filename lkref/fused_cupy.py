@@ -20,7 +20,8 @@ reads z and p once and writes the gradient once, the least traffic there is.  Th
 entries are copied into shared memory asynchronously (cp.async) as the launch starts, so
 that they arrive while phase (1) works on the logits instead of after it.  A float16 or
 bfloat16 target is read as it is (2 bytes an entry, no float32 copy) and kept in shared
-memory at its first read, in phase (2): cp.async copies 4 bytes or more.  For larger V
+memory at its first read, in phase (2): cp.async copies 4 bytes or more (PAIR_PREFETCH copies
+it in 4-byte pairs as the launch starts instead, where its rows are 4-byte aligned).  For larger V
 one block per row re-reads the row from memory in each phase (z three times: the max and the
 sum of exps in one pass, then the statistics, then the gradient; p twice).
 Two-pass losses (LK^lambda with no given lambda,
@@ -75,6 +76,12 @@ CACHE_TARGET = True
 #: False: the row's blocks meet in global memory, as on GPUs without clusters, which lets a
 #: Hopper GPU test and time that path (`configured(clusters=False)`, LKREF_CUPY_CLUSTERS=0).
 CLUSTERS = True
+#: A float16 or bfloat16 target: copy each block's entries into shared memory with cp.async as
+#: the launch starts, in 4-byte pairs (where every row starts 4-byte aligned and there is no
+#: draft_to_target), as a float32 target's are copied, rather than read them in the statistics'
+#: pass.  Off until a GPU has timed both (`configured(pair_prefetch=True)`,
+#: LKREF_CUPY_PAIR_PREFETCH=1; the GPU benchmark times it as `fused 2-byte pairs`).
+PAIR_PREFETCH = False
 MODES = {"kl": 0, "tv": 1, "lk_alpha": 2, "lk_lambda": 3}
 ALPHA_FLOOR = 1e-30
 #: Slots per block where a row's blocks meet in global memory: the max, the sum, the 8 statistics.
@@ -102,8 +109,9 @@ _SOURCE = r"""
 #include <cooperative_groups.h>
 namespace cg = cooperative_groups;
 #endif
-#define P_ASYNC __P_ASYNC__                           // 1: a float target, its cached entries copied by cp.async as the
-                                                      // launch starts; 0: a 2-byte target, each kept at its first read
+#define P_ASYNC __P_ASYNC__                           // how the cached target entries get to shared memory: 1, a float
+                                                      // target's by cp.async as the launch starts; 2, a 2-byte target's
+                                                      // the same way, in 4-byte pairs; 0, a 2-byte target's at their first read
 typedef __IN_T__ in_t;
 typedef __OUT_T__ out_t;
 typedef __P_T__ p_t;                                  // the target's type: float, __half or __nv_bfloat16
@@ -298,6 +306,16 @@ __device__ __forceinline__ void copy_async(float* dst, const float* src) {
     *dst = *src;
 #endif
 }
+// copy_pair_async: two adjacent 2-byte entries (4 bytes, the least cp.async copies) the same way
+__device__ __forceinline__ void copy_pair_async(p_t* dst, const p_t* src) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n"
+                 :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src) : "memory");
+#else
+    dst[0] = src[0];
+    dst[1] = src[1];
+#endif
+}
 __device__ __forceinline__ void wait_copies() {
 #if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.wait_all;\n" ::: "memory");
@@ -305,7 +323,7 @@ __device__ __forceinline__ void wait_copies() {
 }
 #endif
 
-#if ITEMS > 0 && PCACHE > 0 && P_ASYNC
+#if ITEMS > 0 && PCACHE > 0 && P_ASYNC == 1
 // Start the copies of this thread's first PCACHE target entries into shared memory (p_cache[i *
 // THREADS + threadIdx.x] for column tid + i * THREADS).  IDX (through draft_to_target) is a template
 // argument: a loop choosing per entry would hold registers that plain addresses do not need.
@@ -315,6 +333,23 @@ template <int IDX> __device__ __forceinline__ void prefetch_target(float* p_cach
     for (int i = 0; i < PCACHE; i++) {
         int v = tid + i * THREADS;
         if (v < V) copy_async(&p_cache[i * THREADS + threadIdx.x], target_at(pr, idx, IDX, v));
+    }
+}
+#elif ITEMS > 0 && PCACHE > 0 && P_ASYNC == 2
+// The same for a 2-byte target, two entries per copy: in round r, lane l of a warp copies entries
+// 2 (l % 16) and 2 (l % 16) + 1 of the warp's 32 at item 2 r + l / 16, so that a warp copies its
+// own entries only and its lanes read each other's after the wait and a __syncwarp.  The host
+// takes this variant where every row starts 4-byte aligned and without draft_to_target.
+__device__ __forceinline__ void prefetch_pairs(p_t* p_cache, const p_t* __restrict__ pr, const int* __restrict__ idx,
+                                               int tid, int V) {
+    const int lane = threadIdx.x & 31, k = 2 * (lane & 15);
+    #pragma unroll
+    for (int r = 0; r < (PCACHE + 1) / 2; r++) {
+        const int i = 2 * r + (lane >> 4);
+        const int v = tid - lane + k + i * THREADS;          // the warp's first column at item i, plus k
+        const int at = i * THREADS + threadIdx.x - lane + k;
+        if (i < PCACHE && v + 1 < V) copy_pair_async(&p_cache[at], pr + v);
+        else if (i < PCACHE && v < V) p_cache[at] = *target_at(pr, idx, 0, v);   // a row's odd last entry
     }
 }
 #endif
@@ -333,7 +368,7 @@ template <int IDX> __device__ __forceinline__ void prefetch_target(float* p_cach
 // is read in the statistics' loop: left to itself, ptxas (nvcc 13, sm_80/86, V = 128 256) gives
 // that variant 64 registers and spills 2.8 KB a thread, where it could have 128 (116 bytes of
 // spills then).  Elsewhere the hint would only add spills (bench/kernel_resources.py).
-#if GLOBAL_XCHG && !P_ASYNC
+#if GLOBAL_XCHG && P_ASYNC == 0
 #define ROWS_BOUNDS __launch_bounds__(THREADS, 1)
 #else
 #define ROWS_BOUNDS __launch_bounds__(THREADS)
@@ -380,12 +415,14 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
     int flags = 0;
     const bool need_x = mode == 0 || mode == 3;          // KL and LK^lambda: sum p x
     if (phase != 2) {
-#if ITEMS > 0 && PCACHE > 0 && P_ASYNC
+#if ITEMS > 0 && PCACHE > 0 && P_ASYNC == 1
         // the block's target entries start for shared memory now and arrive while the logits
         // are worked on; each thread copies, and later reads, its own entries only (cp.async
-        // copies 4 bytes or more: a 2-byte target is kept at its first read, below)
+        // copies 4 bytes or more: a 2-byte target is copied in pairs or kept at its first read)
         if (has_idx) prefetch_target<1>(p_cache, pr, idx, tid, V);
         else prefetch_target<0>(p_cache, pr, idx, tid, V);
+#elif ITEMS > 0 && PCACHE > 0 && P_ASYNC == 2
+        prefetch_pairs(p_cache, pr, idx, tid, V);
 #endif
         float lmax = -INFINITY;
 #if ITEMS > 0
@@ -464,6 +501,9 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
         float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 #if ITEMS > 0 && PCACHE > 0 && P_ASYNC
         wait_copies();
+#if P_ASYNC == 2
+        __syncwarp();                                    // the pairs the warp's other lanes copied
+#endif
 #endif
 #if ITEMS > 0
         #pragma unroll
@@ -482,7 +522,7 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
                 xr[i] = q;                               // registers hold q from here on
 #endif
 #if ITEMS > 0 && PCACHE > 0 && P_ASYNC
-                float pv = i < PCACHE ? p_cache[i * THREADS + threadIdx.x] : target(pr, idx, has_idx, v);
+                float pv = i < PCACHE ? to_f(p_cache[i * THREADS + threadIdx.x]) : target(pr, idx, has_idx, v);
 #elif ITEMS > 0 && PCACHE > 0
                 float pv;
                 if (i < PCACHE) {                        // read now, and kept for the gradient
@@ -635,28 +675,31 @@ CLUSTER_CHOICES = (1, 2, 4, 8)
 
 
 @contextmanager
-def configured(threads=None, block_share=None, cache_target=None, clusters=None):
+def configured(threads=None, block_share=None, cache_target=None, clusters=None, pair_prefetch=None):
     """Run the kernels with another block size or share of a row per block, without the target
-    cache (for tuning), or without clusters (clusters=False: a row's blocks meet in global
-    memory, as on GPUs before Hopper): threads in THREAD_CHOICES, block_share in SHARE_CHOICES."""
-    old = THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS
+    cache (for tuning), without clusters (clusters=False: a row's blocks meet in global memory,
+    as on GPUs before Hopper), or with a 2-byte target prefetched in pairs (PAIR_PREFETCH):
+    threads in THREAD_CHOICES, block_share in SHARE_CHOICES."""
+    old = THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH
     try:
-        for name, value in (("cache_target", cache_target), ("clusters", clusters)):
+        for name, value in (("cache_target", cache_target), ("clusters", clusters), ("pair_prefetch", pair_prefetch)):
             if value is not None and not isinstance(value, (bool, np.bool_)):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
-        _set(threads, "threads", block_share, "block_share", cache_target, clusters)
+        _set(threads, "threads", block_share, "block_share", cache_target, clusters, pair_prefetch)
         yield
     finally:
         _restore(old)
 
 
-def _set(threads, threads_name, block_share, share_name, cache_target, clusters=None):
+def _set(threads, threads_name, block_share, share_name, cache_target, clusters=None, pair_prefetch=None):
     """Check and apply the launch settings that are not None (MAX_ITEMS follows from them)."""
-    global THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS
+    global THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH
     if cache_target is not None:
         CACHE_TARGET = bool(cache_target)
     if clusters is not None:
         CLUSTERS = bool(clusters)
+    if pair_prefetch is not None:
+        PAIR_PREFETCH = bool(pair_prefetch)
     if threads is not None:
         THREADS = _check_choice(threads, threads_name, THREAD_CHOICES)
     if block_share is not None:
@@ -666,8 +709,8 @@ def _set(threads, threads_name, block_share, share_name, cache_target, clusters=
 
 
 def _restore(saved):
-    global THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS
-    THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS = saved
+    global THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH
+    THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH = saved
 
 
 def _check_choice(value, name, choices):
@@ -683,26 +726,27 @@ def _check_choice(value, name, choices):
 def _configure_from_environment():
     _set(os.environ.get("LKREF_CUPY_THREADS") or None, "LKREF_CUPY_THREADS",
          os.environ.get("LKREF_CUPY_BLOCK_SHARE") or None, "LKREF_CUPY_BLOCK_SHARE",
-         env_flag("LKREF_CUPY_CACHE_TARGET"), env_flag("LKREF_CUPY_CLUSTERS"))
+         env_flag("LKREF_CUPY_CACHE_TARGET"), env_flag("LKREF_CUPY_CLUSTERS"), env_flag("LKREF_CUPY_PAIR_PREFETCH"))
 
 
 _configure_from_environment()
 
 
 def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "float", cache_target=None,
-                  dsmem: bool = True, cached=None, p_t: str = "float") -> str:
+                  dsmem: bool = True, cached=None, p_t: str = "float", pairs: bool = False) -> str:
     """The CUDA source for one (items, cluster, logits' type, gradient's type); cache_target
     (default CACHE_TARGET) keeps the target entries in shared memory between the phases of a
     launch, all `items` of each thread's or the first `cached` of them (a GPU with less shared
     memory); dsmem=False (GPUs before Hopper) has a row's blocks meet in global memory, not in a
-    cluster; p_t is the target's type (float, __half or __nv_bfloat16)."""
+    cluster; p_t is the target's type (float, __half or __nv_bfloat16), and pairs has a 2-byte
+    target copied into shared memory with cp.async in 4-byte pairs (its rows 4-byte aligned)."""
     on = bool(CACHE_TARGET if cache_target is None else cache_target) and items > 0
     pcache = min(items, items if cached is None else int(cached)) if on else 0
     dsmem = bool(dsmem) or cluster == 1                # one block per row meets nobody: one source
     return (_SOURCE.replace("__THREADS__", str(THREADS)).replace("__ITEMS__", str(items))
             .replace("__PCACHE__", str(pcache)).replace("__DSMEM__", str(int(bool(dsmem))))
             .replace("__CLUSTER__", str(cluster)).replace("__IN_T__", in_t).replace("__OUT_T__", out_t)
-            .replace("__P_T__", p_t).replace("__P_ASYNC__", str(int(p_t == "float")))
+            .replace("__P_T__", p_t).replace("__P_ASYNC__", "1" if p_t == "float" else "2" if pairs else "0")
             .replace("__ALPHA_FLOOR__", f"{ALPHA_FLOOR:e}f").replace("__SLOTS__", str(SLOTS)))
 
 
@@ -726,16 +770,16 @@ class Kernels(NamedTuple):
     smem: int
 
 
-def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True, p_dtype=np.float32) -> Kernels:
+def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True, p_dtype=np.float32, pairs=False) -> Kernels:
     cp = sys.modules["cupy"]
     dsmem = bool(dsmem) or cluster == 1
-    key = (str(in_dtype), str(out_dtype), items, cluster, THREADS, CACHE_TARGET, dsmem, str(p_dtype))
+    key = (str(in_dtype), str(out_dtype), items, cluster, THREADS, CACHE_TARGET, dsmem, str(p_dtype), bool(pairs))
     if key not in _cache:
         p_bytes = np.dtype(p_dtype).itemsize
 
         def build(cached):
             src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), dsmem=dsmem, cached=cached,
-                                p_t=_ctype(p_dtype))
+                                p_t=_ctype(p_dtype), pairs=pairs)
             return src, _build(cp, src), p_bytes * cached * THREADS
 
         src, kern, smem = build(cached_items(items, _smem_optin(cp), p_bytes))
@@ -892,7 +936,7 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     w = None if mask is None else mask.reshape(N).astype(cp.float32, copy=False)
     items, cluster = plan(V)
     dsmem = _uses_clusters(cp)
-    kern = _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype)
+    kern = _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, _pairs(p2, idx))
     stats = cp.empty((N, 8), cp.float32)              # every row's 8 entries are written by lk_rows
     per = cp.empty(N, cp.float32)
     summary = cp.empty(8, cp.float32)                 # lk_finish's sums (see its comment)
@@ -966,6 +1010,14 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
         g2[low] = ref.lk_alpha_backward(d, cache).astype(g2.dtype)
     alpha = stats[:, 2].reshape(lead)
     return ref.LossResult(loss, out, alpha, sums(7)[0] if name == "lk_lambda" else None)
+
+
+def _pairs(p2, idx):
+    """Whether a 2-byte target is copied in 4-byte pairs (PAIR_PREFETCH): every row starts 4-byte
+    aligned and the entries are its own columns (no draft_to_target)."""
+    rows, Vt = p2.shape
+    return (PAIR_PREFETCH and np.dtype(p2.dtype).itemsize == 2 and idx is None
+            and _bounds(p2)[0] % 4 == 0 and (Vt % 2 == 0 or rows <= 1))
 
 
 def _check_whole_target(cp, p2):

@@ -2,8 +2,8 @@
 // makecontext, switched with _setjmp / _longjmp), and the
 // fibers of one thread-block cluster switch at each barrier and shuffle, in a seeded order.
 //
-// What it models: __syncthreads, __shfl_xor_sync (all 32 lanes must take part), cp.async
-// (copy_async / wait_copies: the copy happens at the wait), static and
+// What it models: __syncthreads, __shfl_xor_sync and __syncwarp (all 32 lanes must take part),
+// cp.async (copy_async, copy_pair_async / wait_copies: the copy happens at the wait), static and
 // dynamic __shared__ memory per block (tests/simt_cpu.py rewrites the declarations into
 // emu::shared<T>(name, count) calls; fresh memory is filled with NaN bytes), and the
 // cooperative-groups cluster API (this_cluster().sync(), its split barrier_arrive and
@@ -73,7 +73,7 @@ struct Fiber {
     bool done = false;
     uint32_t priority = 0;
     std::vector<std::pair<int, long>> executions;  // (code line, how often this thread ran it), tracing
-    std::vector<std::pair<float*, const float*>> copies;   // copy_async issued, not yet waited for
+    std::vector<std::pair<void*, const void*>> copies;     // copy_async issued (4 bytes each), not yet waited for
     std::vector<std::pair<float*, float>> stores;          // published, not yet fenced (visible to others)
     long arrived_at = -1;                     // the cluster barrier's phase of a split arrival not yet waited for
 };
@@ -448,11 +448,26 @@ inline void __syncthreads() { emu::wait(emu::blk().bar); }
 #define expf(x) emu::counted(2, ::expf(x))       // counted: the kernels' exp per element
 
 // cp.async: the copy lands at the latest moment the GPU allows, the thread's wait, so a read of
-// the destination before the wait sees what was there (fresh shared memory holds NaN)
+// the destination before the wait sees what was there (fresh shared memory holds NaN).
+// copy_pair_async: two 2-byte entries (counted as two reads of the target, traced as one access).
 inline void copy_async(float* dst, const float* src) { emu::S.cur->copies.push_back({dst, src}); }
+#define copy_pair_async(dst, src) emu::copy_pair((dst), (src), __LINE__)
+namespace emu {
+template <class T> inline void copy_pair(T* dst, const T* src, int line) {
+    static_assert(sizeof(T) == 2, "a pair of 2-byte entries");
+    S.reads[1] += 2;
+    if (S.trace) record(1, line, src, 2 * sizeof(T));
+    S.cur->copies.push_back({dst, src});
+}
+}  // namespace emu
 inline void wait_copies() {
-    for (auto& c : emu::S.cur->copies) *c.first = *c.second;
+    for (auto& c : emu::S.cur->copies) std::memcpy(c.first, c.second, 4);
     emu::S.cur->copies.clear();
+}
+// __syncwarp: every lane of the warp (the full mask only), with its memory ordering
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+    if (mask != 0xffffffffu) emu::fail("__syncwarp: only the full-warp mask is modelled");
+    emu::wait(emu::blk().warp_bar[emu::S.cur->tid / 32]);
 }
 
 // blocks that meet in global memory (one fiber runs at a time: plain reads and writes are

@@ -496,16 +496,17 @@ def test_gpu_warm_compiles_each_source_once_and_covers_the_tests():
     warm = _load_bench("gpu_warm")
     specs = warm.variants()
     sources = set()
-    for threads, share, cache, dt, pdt, V, dsmem, optin in specs:
+    for threads, share, cache, dt, pdt, V, dsmem, optin, pairs in specs:
         with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
             items, cluster = fused_cupy.plan(V)
             sources.add((dt, fused_cupy.kernel_source(items, cluster, dsmem=dsmem, p_t=fused_cupy._ctype(pdt),
-                                                      cached=fused_cupy.cached_items(items, optin))))
+                                                      cached=fused_cupy.cached_items(items, optin), pairs=pairs)))
     assert len(sources) == len(specs)                       # nothing compiled twice
     covered = set()
-    for threads, share, cache, dt, pdt, V, dsmem, optin in specs:
+    for threads, share, cache, dt, pdt, V, dsmem, optin, pairs in specs:
         with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
-            covered.add((threads, cache, dt if dt == pdt else (dt, pdt), fused_cupy.plan(V), dsmem, optin))
+            covered.add((threads, cache, dt if dt == pdt else (dt, pdt), fused_cupy.plan(V), dsmem, optin)
+                        + (("pairs",) if pairs else ()))
     marks = [m for m in test_gpu.test_fused_matches_reference_on_odd_shapes.pytestmark if m.args[0] == "N, V"]
     for _, V in marks[0].args[1]:
         assert (fused_cupy.THREADS, True, "float32", fused_cupy.plan(V), True, None) in covered, V
@@ -520,6 +521,7 @@ def test_gpu_warm_compiles_each_source_once_and_covers_the_tests():
     marks = [m for m in test_gpu.test_fused_two_byte_targets_read_as_they_are.pytestmark if m.args[0] == "V"]
     for V in marks[0].args[1]:
         assert (fused_cupy.THREADS, True, "float16", fused_cupy.plan(V), True, None) in covered, V
+        assert (fused_cupy.THREADS, True, "float16", fused_cupy.plan(V), True, None, "pairs") in covered, V
     assert (fused_cupy.THREADS, True, ("float16", "float32"), fused_cupy.plan(4099), True, None) in covered
     assert (fused_cupy.THREADS, True, "bfloat16", fused_cupy.plan(4099), True, None) in covered
     for threads, share, cache in benchmark.TUNING_SHAPES:
@@ -527,6 +529,7 @@ def test_gpu_warm_compiles_each_source_once_and_covers_the_tests():
             with fused_cupy.configured(threads=threads, block_share=share):
                 assert (threads, cache, "float32", fused_cupy.plan(V), True, None) in covered, (threads, share, cache, V)
     assert all(spec[6] is False for spec in warm.variants(clusters=False))   # a GPU before Hopper
+    assert all(spec[4] == spec[3] != "float32" for spec in specs if spec[8])    # pairs: 2-byte targets only
 
 
 def test_gpu_warm_builds_through_lkrefs_own_kernel_cache(monkeypatch):
@@ -539,19 +542,19 @@ def test_gpu_warm_builds_through_lkrefs_own_kernel_cache(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", fake)
     built = []
     monkeypatch.setattr(fused_cupy, "_smem_optin", fused_cupy._smem_optin)    # _compile's change is undone
-    monkeypatch.setattr(fused_cupy, "_kernel", lambda i, o, items, cluster, dsmem, p: built.append(
-        (str(i), str(o), items, cluster, dsmem, str(p), fused_cupy.THREADS, fused_cupy.BLOCK_SHARE,
+    monkeypatch.setattr(fused_cupy, "_kernel", lambda i, o, items, cluster, dsmem, p, pairs: built.append(
+        (str(i), str(o), items, cluster, dsmem, str(p), pairs, fused_cupy.THREADS, fused_cupy.BLOCK_SHARE,
          fused_cupy._smem_optin(fake))))
-    warm._compile((512, 16_384, True, "float32", "float32", 128_256, True, None))
-    warm._compile((512, 32_768, True, "float16", "float32", 4099, True, None))
-    warm._compile((512, 32_768, True, "float16", "float16", 32_000, True, None))
-    warm._compile((512, 32_768, True, "float32", "float32", 50_257, False, None))
-    warm._compile((512, 32_768, True, "float32", "float32", 32_000, False, 99 * 1024))
-    assert built == [("float32", "float32", 32, 8, True, "float32", 512, 16_384, None),
-                     ("float16", "float16", 9, 1, True, "float32", 512, 32_768, None),
-                     ("float16", "float16", 63, 1, True, "float16", 512, 32_768, None),
-                     ("float32", "float32", 50, 2, False, "float32", 512, 32_768, None),
-                     ("float32", "float32", 63, 1, False, "float32", 512, 32_768, 99 * 1024)]
+    warm._compile((512, 16_384, True, "float32", "float32", 128_256, True, None, False))
+    warm._compile((512, 32_768, True, "float16", "float32", 4099, True, None, False))
+    warm._compile((512, 32_768, True, "float16", "float16", 32_000, True, None, True))
+    warm._compile((512, 32_768, True, "float32", "float32", 50_257, False, None, False))
+    warm._compile((512, 32_768, True, "float32", "float32", 32_000, False, 99 * 1024, False))
+    assert built == [("float32", "float32", 32, 8, True, "float32", False, 512, 16_384, None),
+                     ("float16", "float16", 9, 1, True, "float32", False, 512, 32_768, None),
+                     ("float16", "float16", 63, 1, True, "float16", True, 512, 32_768, None),
+                     ("float32", "float32", 50, 2, False, "float32", False, 512, 32_768, None),
+                     ("float32", "float32", 63, 1, False, "float32", False, 512, 32_768, 99 * 1024)]
 
 
 def _gpu_rows(alpha_ms, lam_ms, extra_mib):
@@ -583,19 +586,21 @@ def test_goals_report_on_gpu_rows(tmp_path):
     assert "| GPU LK^λ V=128256 (batch λ, two launches): ≤ 1.5× LK^α | 4.000 ms = 1.38× | yes |" in text
     assert "| lk_alpha | 4096 | 128256 | speculators | 5.000 | 2.900 | 1.72× |" in text
     shapes = [line for line in lines if line.startswith("| 32000 | ")]   # the launch shapes, fastest first
-    assert shapes == ["| 32000 | fused 512t/16k | 0.630 | 0.90× |", "| 32000 | default | 0.700 | 1.00× |",
-                      "| 32000 | fused 1024t/32k | 9.000 | 12.86× |"]
+    assert shapes == ["| 32000 | float32 | fused 512t/16k | 0.630 | 0.90× |",
+                      "| 32000 | float32 | default | 0.700 | 1.00× |",
+                      "| 32000 | float32 | fused 1024t/32k | 9.000 | 12.86× |"]
     assert not any("fused 512t/16k" in line and "**no**" in line for line in lines)   # shapes are no goals
     # float16 rows of the same run, slower than the float32 goals: judged for memory only (the goals
     # are for float32), and beside a peer of their own dtype
     half = [benchmark.Row("cupy", impl, "lk_alpha", 4096, 32_000, t, t, t, 1.0, 1.0, 1.0, 0.5, 1e-4, dtype="float16")
-            for impl, t in (("lkref fused", 5.0), ("speculators", 4.0))]
+            for impl, t in (("lkref fused", 5.0), ("speculators", 4.0), (benchmark.PAIRS_LABEL, 4.5))]
     benchmark.write_csv(half, str(path), ["numpy"], stamp="run-1")
     ok, lines, text = _report(goals, path)
     assert ok is True
     assert "| GPU LK^α N=4096 V=32000: ≤ 0.75 ms | 0.700 ms | yes |" in text
     assert "| GPU lk_alpha V=32000 (lkref fused, float16): extra memory O(N) (≤ 1 KiB per row) |" in text
     assert "| lk_alpha | 4096 | 32000 | speculators | 4.000 | 5.000 | 0.80× |" in text
+    assert "| 32000 | float16 | fused 2-byte pairs | 4.500 | 0.90× |" in text      # beside its own default
     # a second run, each goal missed: reported apart from the first, and the report says so
     benchmark.write_csv(_gpu_rows({32_000: 0.8, 128_256: 3.1}, {32_000: 1.3, 128_256: 4.0}, 8.0), str(path),
                         ["numpy"], stamp="run-2")

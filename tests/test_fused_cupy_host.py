@@ -322,6 +322,55 @@ def test_row_sums_of_a_bfloat16_target_through_its_bits(monkeypatch):
 
 
 @pytest.mark.parametrize("p_dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("V, N, clusters, kept", [(40, 5, True, None), (300, 4, True, None), (999, 1, True, None),
+                                                  (2000, 2, True, None), (1000, 3, False, None), (1000, 3, True, 3)])
+def test_simt_two_byte_target_prefetched_in_pairs(simt, monkeypatch, p_dtype, V, N, clusters, kept):
+    """PAIR_PREFETCH: a 2-byte target copied with cp.async as the launch starts, in 4-byte pairs,
+    each warp its own entries: one block, a cluster of 2 with an odd number of entries per
+    thread, a row of odd length (its last entry copied alone), a cluster of 8, blocks that meet
+    in global memory, and room for 3 of 4 entries per thread; each entry read once (counted)."""
+    dt = two_byte(p_dtype)
+    small_blocks(monkeypatch)
+    monkeypatch.setattr(fused_cupy, "PAIR_PREFETCH", True)
+    monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: clusters)
+    if kept is not None:
+        monkeypatch.setattr(fused_cupy, "_smem_optin", lambda cp: fused_cupy.STATIC_SMEM_ROOM + kept * 2 * 64)
+    kernels = built_kernels(monkeypatch)
+    rng = np.random.default_rng(V + N)
+    z = make_logits(rng, (N, V), dtype=np.float32)
+    p = make_probs(rng, (N, V), dtype=np.float32).astype(dt)
+    close(run("lk_alpha", z, p, temperature=0.8), reference("lk_alpha", z, p, temperature=0.8))
+    code = kernels[-1].rows.code
+    assert "#define P_ASYNC 2" in code and f"#define PCACHE {kept or fused_cupy.plan(V)[0]}" in code
+    items = fused_cupy.plan(V)[0]
+    kept_cols = (np.arange(V) % (64 * items)) // 64 < (kept or items)
+    assert kernels[-1].rows.reads[-1][1] == N * (V + int((~kept_cols).sum()))
+
+
+def test_pairs_only_where_every_row_is_aligned(numpy_as_cupy, monkeypatch):
+    """The host takes the pair copies for a 2-byte target whose rows all start 4-byte aligned,
+    with no draft_to_target, and only with PAIR_PREFETCH; else the read at first use."""
+    seen = []
+    inner = fused_cupy._kernel
+    monkeypatch.setattr(fused_cupy, "_kernel", lambda *a: seen.append(a[-1]) or inner(*a))
+    rng = np.random.default_rng(29)
+    z = make_logits(rng, (3, 50), dtype=np.float32)
+    p = make_probs(rng, (3, 50), dtype=np.float32).astype(np.float16)
+    run("tv", z, p)
+    monkeypatch.setattr(fused_cupy, "PAIR_PREFETCH", True)
+    run("tv", z, p)                                         # even rows, aligned: pairs
+    run("tv", z, p.astype(np.float32))                      # a float32 target: cp.async entry by entry
+    shifted = np.empty(3 * 50 + 1, np.float16)[1:].reshape(3, 50)
+    shifted[...] = p                                        # rows 2 bytes off 4-byte alignment
+    run("tv", z, shifted)
+    z1, p1 = z[:, :49].copy(), (p[:, :49] / p[:, :49].astype(np.float32).sum(1, keepdims=True)).astype(np.float16)
+    run("tv", z1, p1)                                       # odd rows: every other row misaligned
+    run("tv", z1[:1], p1[:1])                               # ... unless there is one row
+    run("tv", z, np.pad(p, ((0, 0), (0, 2))), draft_to_target=np.arange(50))
+    assert seen == [False, True, False, False, False, True, False]
+
+
+@pytest.mark.parametrize("p_dtype", ["float16", "bfloat16"])
 def test_whole_target_checks_of_two_byte_targets(p_dtype):
     """With draft_to_target the entries outside the draft vocabulary are checked by reductions
     alone; for bfloat16 by the max of its bits as int16 and as uint16.  Each non-finite or
@@ -732,9 +781,15 @@ PLANTED = {
     "the mean misses the last row": ("for (int r = threadIdx.x; r < N; r += THREADS)",
                                      "for (int r = threadIdx.x; r < N - 1; r += THREADS)", None),
     "the result's lambda not written": ("        out[7] = lam;", "        out[7] = 0.f;", None),
-    "the target read before its copy lands": ("#if ITEMS > 0 && PCACHE > 0 && P_ASYNC\n        wait_copies();\n#endif\n", "", None),
+    "the target read before its copy lands": ("        wait_copies();\n#if P_ASYNC == 2\n", "#if P_ASYNC == 2\n", None),
     "a 2-byte target not kept at its first read": ("p_cache[i * THREADS + threadIdx.x] = raw;", "", None,
                                                    {"name": "lk_alpha", "p_dtype": np.float16}),
+    "pairs: no __syncwarp between the copies and the reads": (
+        "        __syncwarp();                                    // the pairs the warp's other lanes copied\n", "",
+        None, {"name": "lk_alpha", "p_dtype": np.float16, "pairs": True}),
+    "pairs: a lane copies the wrong pair": ("const int lane = threadIdx.x & 31, k = 2 * (lane & 15);",
+                                            "const int lane = threadIdx.x & 31, k = lane & 15;", None,
+                                            {"name": "lk_alpha", "p_dtype": np.float16, "pairs": True}),
     # in blocks that meet in global memory (run as on a GPU without clusters)
     "meeting: rows by blockIdx, not by start order": ("        row = ticket / CLUSTER;\n        rank = ticket % CLUSTER;\n",
                                                       "", "deadlock"),
@@ -767,8 +822,9 @@ def test_simt_catches_planted_kernel_bugs(simt, monkeypatch, bug):
     if bug.startswith("meeting:"):
         no_clusters(monkeypatch)
     old, new, message, *how = PLANTED[bug]
-    how = {"name": "lk_lambda", "V": 1000, "p_dtype": np.float32, **(how[0] if how else {})}
+    how = {"name": "lk_lambda", "V": 1000, "p_dtype": np.float32, "pairs": False, **(how[0] if how else {})}
     name = how["name"]
+    monkeypatch.setattr(fused_cupy, "PAIR_PREFETCH", how["pairs"])
     assert fused_cupy._SOURCE.count(old) == 1
     rng = np.random.default_rng(11)
     z = make_logits(rng, (5, how["V"]), dtype=np.float32)
@@ -818,7 +874,8 @@ def test_simt_blocks_without_columns(simt, monkeypatch, clusters):
 
 @pytest.mark.parametrize("kw, error", [({"threads": 100}, ValueError), ({"threads": 2.0}, TypeError),
                                        ({"block_share": 1000}, ValueError), ({"block_share": "two"}, TypeError),
-                                       ({"cache_target": "no"}, TypeError), ({"clusters": 0}, TypeError)])
+                                       ({"cache_target": "no"}, TypeError), ({"clusters": 0}, TypeError),
+                                       ({"pair_prefetch": "yes"}, TypeError)])
 def test_configured_rejects_bad_shapes(kw, error):
     with pytest.raises(error, match=next(iter(kw))):
         with fused_cupy.configured(**kw):
@@ -827,15 +884,19 @@ def test_configured_rejects_bad_shapes(kw, error):
 
 
 def test_launch_shape_from_the_environment(monkeypatch):
-    for name in ("THREADS", "BLOCK_SHARE", "MAX_ITEMS", "CACHE_TARGET", "CLUSTERS"):
+    for name in ("THREADS", "BLOCK_SHARE", "MAX_ITEMS", "CACHE_TARGET", "CLUSTERS", "PAIR_PREFETCH"):
         monkeypatch.setattr(fused_cupy, name, getattr(fused_cupy, name))     # restored afterwards
     monkeypatch.setenv("LKREF_CUPY_THREADS", "256")
     monkeypatch.setenv("LKREF_CUPY_BLOCK_SHARE", "16384")
     monkeypatch.setenv("LKREF_CUPY_CACHE_TARGET", "0")
     monkeypatch.setenv("LKREF_CUPY_CLUSTERS", "0")
+    monkeypatch.setenv("LKREF_CUPY_PAIR_PREFETCH", "1")
     fused_cupy._configure_from_environment()
     assert (fused_cupy.THREADS, fused_cupy.BLOCK_SHARE, fused_cupy.MAX_ITEMS, fused_cupy.CACHE_TARGET,
-            fused_cupy.CLUSTERS) == (256, 16_384, 64, False, False)
+            fused_cupy.CLUSTERS, fused_cupy.PAIR_PREFETCH) == (256, 16_384, 64, False, False, True)
+    with fused_cupy.configured(pair_prefetch=False):
+        assert fused_cupy.PAIR_PREFETCH is False
+    assert fused_cupy.PAIR_PREFETCH is True                                  # restored
     monkeypatch.setenv("LKREF_CUPY_BLOCK_SHARE", "5")
     with pytest.raises(ValueError, match="LKREF_CUPY_BLOCK_SHARE"):
         fused_cupy._configure_from_environment()
@@ -846,16 +907,18 @@ def test_launch_shape_from_the_environment(monkeypatch):
        V=st.sampled_from([1, 2, 5, 63, 64, 65, 257, 700, 2049]), T=st.sampled_from([1.0, 0.5, 2.0]),
        mask=st.sampled_from([None, "bool", "weights"]), d2t=st.booleans(), lam=st.sampled_from([None, 0.3]),
        scale=st.sampled_from([0.1, 3.0, 30.0]), live=st.sampled_from([None, 0, 1, 1000]),
-       kept=st.sampled_from([None, 0, 1, 3]), p16=st.booleans())
+       kept=st.sampled_from([None, 0, 1, 3]), p16=st.booleans(), pairs=st.booleans())
 def test_simt_kernel_matches_reference_property(simt, monkeypatch, seed, name, N, V, T, mask, d2t, lam, scale,
-                                                 live, kept, p16):
+                                                 live, kept, p16, pairs):
     """Random problems through the kernel's own source (small blocks: one block, 2-8 blocks per
     row in a cluster or meeting in global memory, and streaming, by V), against the float64
     reference, within float32 rounding of the size of the terms (the bounds of tests/test_fused.py).
     live: None, a cluster; else blocks that meet, with CLUSTER + live blocks live at a time.
     kept: None, the whole target cache; else a GPU whose blocks have room for `kept` float32
-    entries per thread.  p16: a float16 target (read as it is; the reference gets its values)."""
+    entries per thread.  p16: a float16 target (read as it is; the reference gets its values),
+    pairs: copied in pairs where it can be (PAIR_PREFETCH)."""
     small_blocks(monkeypatch)
+    monkeypatch.setattr(fused_cupy, "PAIR_PREFETCH", pairs)
     if live is not None:
         no_clusters(monkeypatch, resident=lambda cluster: cluster + live)
     if kept is not None:

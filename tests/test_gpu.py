@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import lkref
+from lkref import fused_cupy
 from lkref.backend import to_numpy
 from lkref.benchmark import TUNING_SHAPES
 
@@ -92,10 +93,12 @@ def test_fused_float16_logits(cp, name):
 
 @pytest.mark.parametrize("name", REDUCED)
 @pytest.mark.parametrize("V", [32_000, 128_256])
-def test_fused_two_byte_targets_read_as_they_are(cp, name, V):
+@pytest.mark.parametrize("pairs", [False, True])
+def test_fused_two_byte_targets_read_as_they_are(cp, name, V, pairs):
     """float16 logits and target, as a half-precision training step has them: the target goes to
-    the kernel as it is (kept in shared memory at its first read), with draft_to_target too;
-    the reference runs on float32 copies of the same values."""
+    the kernel as it is (kept in shared memory at its first read, or with pairs copied there in
+    4-byte pairs as the launch starts), with draft_to_target too (read at first use); the
+    reference runs on float32 copies of the same values."""
     rng = np.random.default_rng(V)
     N, Vt = 6, V + 1000
     z = make_logits(rng, (N, V), scale=2.0, dtype=np.float16)
@@ -103,7 +106,8 @@ def test_fused_two_byte_targets_read_as_they_are(cp, name, V):
     for kw in ({"draft_to_target": rng.permutation(Vt)[:V]}, {"mask": np.array([1, 1, 0, 1, 1, 1], bool)}):
         pk = p if "draft_to_target" in kw else (p[:, :V] / p[:, :V].astype(np.float32).sum(1, keepdims=True)).astype(np.float16)
         dev = {k: cp.asarray(v) for k, v in kw.items()}
-        fast = lkref.LOSSES[name](cp.asarray(z), cp.asarray(pk), impl="fused", **dev)
+        with fused_cupy.configured(pair_prefetch=pairs):
+            fast = lkref.LOSSES[name](cp.asarray(z), cp.asarray(pk), impl="fused", **dev)
         ref = lkref.LOSSES[name](cp.asarray(z.astype(np.float32)), cp.asarray(pk.astype(np.float32)),
                                  impl="reference", **dev)
         assert fast.grad.dtype == np.float16
@@ -167,7 +171,6 @@ def test_torch_cuda_tensors_round_trip(cp):
 @pytest.mark.parametrize("threads, share, cache", TUNING_SHAPES)
 def test_fused_tuning_shapes(cp, threads, share, cache, V):
     """The launch shapes the benchmark tries (lkref.benchmark.TUNING_SHAPES) on the device."""
-    from lkref import fused_cupy
     rng = np.random.default_rng(threads + share)
     z = make_logits(rng, (3, V), dtype=np.float32)
     p = peaked_probs(rng, (3, V)).astype(np.float32)
@@ -181,7 +184,6 @@ def test_fused_without_clusters_blocks_meet_in_global_memory(cp, name, N, V, clu
     """As on a GPU before Hopper (no thread-block clusters): a row's 2, 4 or 8 blocks meet in
     global memory.  N = 300 rows of 4 blocks are more blocks than the GPU holds at once, so
     blocks wait for others of their row that start only when earlier rows end."""
-    from lkref import fused_cupy
     assert fused_cupy.plan(V)[1] == cluster
     rng = np.random.default_rng(N + V)
     z = make_logits(rng, (N, V), scale=2.0, dtype=np.float32)
@@ -196,7 +198,6 @@ def test_fused_partial_target_cache_as_on_gpus_with_less_shared_memory(cp, monke
     """As on a GPU whose blocks may opt in to 99 KiB of shared memory (sm_86/89/120: L4, L40S,
     RTX cards; no clusters either): each thread keeps 48 of its 63 target entries in shared
     memory and reads the other 15 twice (the stand-in counts those reads)."""
-    from lkref import fused_cupy
     monkeypatch.setattr(fused_cupy, "_smem_optin", lambda cp: 99 * 1024)
     monkeypatch.setattr(fused_cupy, "_cache", {})        # variants sized for this GPU's limit
     rng = np.random.default_rng(V + 99)
