@@ -743,6 +743,7 @@ def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "f
     on = bool(CACHE_TARGET if cache_target is None else cache_target) and items > 0
     pcache = min(items, items if cached is None else int(cached)) if on else 0
     dsmem = bool(dsmem) or cluster == 1                # one block per row meets nobody: one source
+    pairs = pairs and pcache > 0                       # nothing to copy: the same source as without
     return (_SOURCE.replace("__THREADS__", str(THREADS)).replace("__ITEMS__", str(items))
             .replace("__PCACHE__", str(pcache)).replace("__DSMEM__", str(int(bool(dsmem))))
             .replace("__CLUSTER__", str(cluster)).replace("__IN_T__", in_t).replace("__OUT_T__", out_t)
@@ -839,11 +840,11 @@ def describe(cp) -> str:
         f"2-8 blocks that meet in global memory ({'no clusters' if not _has_clusters(cp) else 'clusters off'})"
     when = "on by default" if cupy_fused_by_default() else \
         'opt-in (impl="fused" or LKREF_CUPY_FUSED=1) until a GPU run has checked them'
-    def kept(p_bytes):
-        n = cached_items(MAX_ITEMS, _smem_optin(cp), p_bytes)
-        return "all of a block's share" if n == MAX_ITEMS else f"{n} of each thread's {MAX_ITEMS} entries"
-    cache = "off" if not CACHE_TARGET else kept(4) + (" (the rest read twice)" if kept(4) != kept(2) else "") + \
-        ("" if kept(4) == kept(2) else f"; a 2-byte target: {kept(2)}")
+    kept4, kept2 = (cached_items(MAX_ITEMS, _smem_optin(cp), p_bytes) for p_bytes in (4, 2))
+    words = {n: "all of a block's share" if n == MAX_ITEMS else f"{n} of each thread's {MAX_ITEMS} entries"
+             for n in (kept4, kept2)}
+    cache = "off" if not CACHE_TARGET else words[kept4] + ("" if kept4 == MAX_ITEMS else " (the rest read twice)") \
+        + ("" if kept2 == kept4 else f"; a 2-byte target: {words[kept2]}")
     return (f"fused CuPy kernels: {when}; on {cc} a row of up to {share} logits takes one block, up to "
             f"{max(CLUSTER_CHOICES) * share} {how}, a longer one is streamed by one block; "
             f"target kept in shared memory: {cache}")
