@@ -115,6 +115,87 @@ def test_float16_input(chunking):
         np.testing.assert_allclose(fast.loss, ref.loss, rtol=2e-5)
 
 
+def _float32_cases():
+    """float32 values where rounding to float16 can go wrong: each float16 subnormal step
+    k 2^-25 (the ties between neighbours, k odd) and one float32 ulp either side, up to past
+    the smallest normal, and the specials; both signs; then random bit patterns."""
+    k = np.arange(0, 2 * 1024 + 8, dtype=np.float32) * np.float32(2.0 ** -25)
+    near = np.concatenate([k, np.nextafter(k, np.float32(1)), np.nextafter(k, np.float32(0))])
+    special = np.float32([0.0, 1e-45, 1e-40, 2.0 ** -24, 2.0 ** -14, 1.0, 65504, 65519.99, 65520, 1e30, np.inf, np.nan])
+    bits = np.random.default_rng(0).integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+    x = np.concatenate([near, special, bits.view(np.float32)])
+    return np.concatenate([x, -x])
+
+
+def _narrow_bits(narrow, x):
+    out = np.empty(x.shape, np.float16)
+    with np.errstate(over="ignore", invalid="ignore"):
+        narrow(out, x.copy(), np.empty_like(x))          # it overwrites its src
+    return out.view(np.uint16)
+
+
+def _truncating_narrow(dst, src, scratch):
+    """A planted bug: float16 subnormals by truncation (m = floor(|x| 2^24)), not to nearest."""
+    tiny = np.abs(src) < fused.HALF_TINY
+    m = np.floor(np.abs(src) * np.float32(2.0 ** 24)).astype(np.uint16) | ((src.view(np.uint32) >> 16) & 0x8000).astype(np.uint16)
+    fused._narrow(dst, src, scratch)
+    np.copyto(dst.view(np.uint16), m, where=tiny)
+
+
+def test_float16_narrowing_rounds_as_numpy_bit_for_bit():
+    """fused._narrow (float32 gradient rows into a float16 out, subnormals by hand) gives
+    NumPy's own conversion bit for bit, NaN payloads and overflow to inf included, on a
+    mostly-subnormal array (the bit path) and on one without subnormals (NumPy's path);
+    a truncating variant fails the same comparison."""
+    x = _float32_cases()
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = x.astype(np.float16).view(np.uint16)
+    assert np.array_equal(_narrow_bits(fused._narrow, x), want)
+    normal = x[~(np.abs(x) < fused.HALF_TINY)]
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert np.array_equal(_narrow_bits(fused._narrow, normal), normal.astype(np.float16).view(np.uint16))
+    assert not np.array_equal(_narrow_bits(_truncating_narrow, x), want)     # the negative control
+
+
+def test_float16_widening_is_exact_for_every_float16():
+    """fused._widen gives NumPy's float16 -> float32 conversion for all 65 536 float16 values,
+    both where subnormals are most of the array (the bit path) and where they are not; a
+    variant that drops the sign of subnormals fails."""
+    every = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    subnormal = every[(every.view(np.uint16) & 0x7C00) == 0]
+    mostly = np.concatenate([every] + [subnormal] * 64)         # 97 % subnormal: the bit path
+    for h in (every, mostly):
+        got = fused._widen(np.empty(h.shape, np.float32), h)
+        assert np.array_equal(got.view(np.uint32), h.astype(np.float32).view(np.uint32))
+    unsigned = fused._widen(np.empty(mostly.shape, np.float32), mostly)
+    unsigned[(mostly.view(np.uint16) & 0x7C00) == 0] = np.abs(unsigned[(mostly.view(np.uint16) & 0x7C00) == 0])
+    assert not np.array_equal(unsigned.view(np.uint32), mostly.astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("name", REDUCED)
+def test_float16_inputs_give_the_float32_path_rounded(chunking, name):
+    """float16 logits and target, large enough a vocabulary that most target entries and
+    most gradient entries are float16 subnormals: the fast path equals the float32 fast path
+    on the same (widened) numbers with its gradient rounded to float16, bit for bit, and
+    the reference to float16 rounding."""
+    rng = np.random.default_rng(5)
+    N, V = 6, 20_000
+    z = make_logits(rng, (N, V), scale=2.0, dtype=np.float16)
+    p = make_probs(rng, (N, V), dtype=np.float32)
+    p = (p / p.sum(-1, keepdims=True)).astype(np.float16)
+    assert ((p.view(np.uint16) & 0x7C00) == 0).mean() > 0.75        # the widening's bit path
+    kw = {"mask": np.array([1, 0, 1, 1, 1, 1], bool)}
+    fast = lkref.LOSSES[name](z, p, impl="fused", **kw)
+    wide = lkref.LOSSES[name](z.astype(np.float32), p.astype(np.float32), impl="fused", **kw)
+    assert fast.grad.dtype == np.float16
+    assert (np.abs(wide.grad) < fused.HALF_TINY).mean() > 0.5       # the narrowing's bit path
+    assert np.array_equal(fast.grad.view(np.uint16), wide.grad.astype(np.float16).view(np.uint16))
+    assert np.array_equal(fast.loss, wide.loss) and np.array_equal(fast.alpha, wide.alpha)
+    ref = lkref.LOSSES[name](z, p, impl="reference", **kw)
+    np.testing.assert_allclose(fast.grad.astype(np.float32), ref.grad.astype(np.float32), rtol=2e-3,
+                               atol=float(np.abs(ref.grad.astype(np.float32)).max()) * 2e-3)
+
+
 @pytest.mark.parametrize("name", REDUCED)
 def test_out_receives_the_gradient_and_may_be_the_logits(name):
     rng = np.random.default_rng(2)
