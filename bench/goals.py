@@ -154,6 +154,9 @@ def report(paths, say=print) -> bool:
             say(f"\n| V | dtype | launch shape (LK^α, N = {GPU_N}) | p50 (ms) | / default |\n|---|---|---|---|---|")
             for V, dtype, impl, t, ratio in timed:
                 say(f"| {V} | {dtype} | {impl} | {t:.3f} | {ratio:.2f}× |")
+        elif not checked and not ratios:
+            sizes = ", ".join(sorted({f"{r['loss']} N={r['N']} V={r['V']} {_dtype(r)}" for r in rows}))
+            say(f"no goal applies to these rows ({sizes}): the goals are for float32 at the goal sizes")
     repeated = {key: mets for key, mets in by_goal.items() if len(mets) > 1}
     if repeated:
         say("\n### Over the runs of each commit\n\n| machine | git | goal | met in |\n|---|---|---|---|")

@@ -624,6 +624,8 @@ def test_goals_report_on_the_committed_cpu_run():
     lines = []
     goals.report(paths, say=lines.append)
     assert any("CPU LK^α N=512 V=32000" in line for line in lines)
+    # a run of float16 rows only (no goal is for them) says so rather than leave its heading bare
+    assert any(line.startswith("no goal applies to these rows (lk_alpha N=512 V=32000 float16") for line in lines)
 
 
 def test_cpu_timing_interleaves_so_ratios_survive_slow_spells():
