@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import math
 import os
 import platform
 import subprocess
@@ -452,8 +453,9 @@ def _print_block(say, rows):
     say(f"    {'implementation':24s} {'p20':>8s} {'p50':>8s} {'p80':>8s} {'GB/s':>7s} {'%copy':>6s} "
         f"{base:>8s} {'extra MiB':>10s} {'max rel err':>12s}")
     for r in rows:
+        ratio = "-" if math.isnan(r.vs_baseline) else f"{r.vs_baseline:.2f}"     # no baseline in this run
         say(f"    {r.impl:24s} {r.p20_ms:8.2f} {r.p50_ms:8.2f} {r.p80_ms:8.2f} {r.gbps:7.1f} {r.pct_copy_bw:6.1f} "
-            f"{r.vs_baseline:8.2f} {r.peak_extra_mib:10.1f} {r.max_rel_err:12.2e}")
+            f"{ratio:>8s} {r.peak_extra_mib:10.1f} {r.max_rel_err:12.2e}")
 
 
 def write_csv(rows, path, backend_names, stamp=None):

@@ -33,6 +33,17 @@ def test_rows_and_csv(tmp_path):
     assert len(got) == len(rows) and got[0]["machine"] and got[0]["git_sha"] and "numpy=" in got[0]["versions"]
 
 
+def test_a_run_without_its_baseline_prints_a_dash():
+    """Without the direct translation (--no-peers) the ratio column shows '-', not 'nan'; with
+    it, the figures."""
+    for with_peers in (False, True):
+        lines = []
+        benchmark.run(backends=("numpy",), losses=("tv",), sizes=[(4, 50)], repeat=1, with_peers=with_peers,
+                      say=lines.append, only_peers=("numpy-naive",))
+        row = next(line for line in lines if line.strip().startswith("lkref out="))
+        assert "nan" not in row and (row.split()[7] == "-") is (not with_peers)
+
+
 def test_peers_chosen_by_name(monkeypatch):
     """--peer times only the named peers, --skip-peer leaves the named ones out."""
     mod = benchmark.load_peers()
