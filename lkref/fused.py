@@ -153,7 +153,7 @@ def _check_value_rows(zc, pc_full, pb, buf, errors):
             return None
         worst = float(np.abs(psum - 1).max())       # a sum that overflowed is off by inf
     pb.sum_errs.append(worst)
-    if worst > target_sum_atol(pb.p.dtype):     # _raise_first says so; computing on would only warn
+    if worst > pb.sum_atol:                     # _raise_first says so; computing on would only warn
         return None
     return mx, psum
 
@@ -190,6 +190,7 @@ class _Problem:
         self.sum_errs: list = []                      # worst |row sum - 1| per chunk
         self.fallback: dict = {}                      # chunk start -> LK^alpha rows in log space
         self.floor = ALPHA_FLOOR.get(self.wd, 1e-30)
+        self.sum_atol = target_sum_atol(p.dtype)      # for the row sums, once, not per chunk
 
 
 class _Buffers:
