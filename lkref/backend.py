@@ -159,6 +159,12 @@ def _to_kind(value, like):
     return value
 
 
+#: Why an out= of another library can arrive read-only (numpy#28599, fixed in 2.2.5).
+_READ_ONLY_OUT = ("out came through DLPack as a read-only view, so the gradient cannot be written into it: "
+                  "NumPy before 2.2.5 imports every DLPack array read-only, and later NumPy too where the "
+                  "exporter predates DLPack 1.0 (it has no read-only flag to say it is writeable); this is "
+                  "NumPy {}. Pass out=None and copy the gradient, or a NumPy array as out")
+
 #: Where a library whose array type lives elsewhere keeps its from_dlpack (JAX's arrays are
 #: jaxlib's types; jax.numpy.from_dlpack makes them).
 _DLPACK_HOMES = {"jaxlib": "jax.numpy"}
@@ -182,7 +188,10 @@ def dlpack_interop(fn):
                 return type(v)(view(x, f"{name}[{i}]") for i, x in enumerate(v))
             if _is_foreign(v):
                 like.append(v)
-                return from_dlpack(v, name)
+                a = from_dlpack(v, name)
+                if name == "out" and not getattr(a.flags, "writeable", True):
+                    raise ValueError(_READ_ONLY_OUT.format(np.__version__))
+                return a
             return v
         args = [view(a, f"argument {i}") for i, a in enumerate(args)]
         kwargs = {k: view(v, k) for k, v in kwargs.items()}

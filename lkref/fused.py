@@ -465,8 +465,10 @@ def check_out(out, z, p, mask, same_backend=False):
     if not kind_ok or tuple(out.shape) != tuple(z.shape) or out.dtype != z.dtype:
         raise ValueError(f"out must be an array of shape {tuple(z.shape)} and dtype {z.dtype} "
                          "on the backend of draft_logits")
-    if not out.flags.c_contiguous or not getattr(out.flags, "writeable", True):   # CuPy has no flag
-        raise ValueError("out must be C-contiguous and writeable")
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous")
+    if not getattr(out.flags, "writeable", True):     # CuPy has no flag
+        raise ValueError("out is read-only")
     if p is not None:
         if _overlap(out, p) or (mask is not None and _overlap(out, mask)):
             raise ValueError("out may share memory with draft_logits only")

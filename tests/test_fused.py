@@ -237,8 +237,11 @@ def test_out_receives_the_gradient_and_may_be_the_logits(name):
 def test_out_of_the_wrong_kind_is_refused():
     z = np.zeros((4, 5), np.float32)
     p = np.full((4, 5), 0.2, np.float32)
+    read_only = np.zeros((4, 5), np.float32)
+    read_only.flags.writeable = False
     for bad, match in [(np.zeros((4, 5)), "out must be an array of shape"), (np.zeros((5, 4), np.float32), "out must be"),
-                       (np.zeros((4, 10), np.float32)[:, ::2], "C-contiguous"), (p, "share memory with draft_logits only")]:
+                       (np.zeros((4, 10), np.float32)[:, ::2], "C-contiguous"), (p, "share memory with draft_logits only"),
+                       (np.broadcast_to(np.zeros(5, np.float32), (4, 5)), "C-contiguous"), (read_only, "out is read-only")]:
         with pytest.raises(ValueError, match=match):
             lkref.tv(z, p, out=bad)
     buf = np.zeros(21, np.float32)

@@ -42,17 +42,49 @@ def test_losses_take_and_return_foreign_arrays(name):
     np.testing.assert_array_equal(got.loss.a, want.loss)
 
 
+class LegacyForeign(Foreign):
+    """An exporter from before DLPack 1.0: its capsule has no read-only flag."""
+
+    def __dlpack__(self, **kw):
+        kw.pop("max_version", None)
+        return self.a.__dlpack__(**kw)
+
+
+#: NumPy imports DLPack arrays writeable from 2.2.5 on (numpy#28599), where the exporter says so.
+WRITEABLE_IMPORTS = tuple(int(x) for x in np.__version__.split(".")[:3] if x.isdigit()) >= (2, 2, 5)
+
+
 def test_out_through_dlpack_is_written_in_place_without_a_copy():
     rng = np.random.default_rng(1)
     z = make_logits(rng, (4, 7), dtype=np.float32)
     p = make_probs(rng, (4, 7), dtype=np.float32)
     buf = np.zeros_like(z)
+    if not WRITEABLE_IMPORTS:                           # this NumPy imports read-only: said plainly
+        with pytest.raises(ValueError, match="out came through DLPack as a read-only view"):
+            lkref.lk_alpha(Foreign(z), Foreign(p), out=Foreign(buf))
+        assert not buf.any()
+        return
     got = lkref.lk_alpha(Foreign(z), Foreign(p), out=Foreign(buf))
     np.testing.assert_array_equal(buf, lkref.lk_alpha(z, p).grad)   # the caller's memory holds the gradient
     assert np.shares_memory(got.grad.a, buf)
     zz = z.copy()
     lkref.lk_alpha(Foreign(zz), Foreign(p), out=Foreign(zz))         # and it may be the logits themselves
     np.testing.assert_array_equal(zz, buf)
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_a_read_only_out_through_dlpack_is_refused_by_name(impl):
+    """An exporter without DLPack 1.0's flags arrives read-only on every NumPy: the error says
+    why, and nothing is written, rather than 'must be writeable' about a tensor that is."""
+    rng = np.random.default_rng(2)
+    z = make_logits(rng, (3, 5), dtype=np.float32)
+    p = make_probs(rng, (3, 5), dtype=np.float32)
+    buf = np.zeros_like(z)
+    with pytest.raises(ValueError, match=r"out came through DLPack as a read-only view.*NumPy before 2\.2\.5"):
+        lkref.tv(LegacyForeign(z), LegacyForeign(p), out=LegacyForeign(buf), impl=impl)
+    assert not buf.any()
+    r = lkref.tv(LegacyForeign(z), LegacyForeign(p), impl=impl)     # without out= it works
+    np.testing.assert_array_equal(r.grad.a, lkref.tv(z, p, impl=impl).grad)
 
 
 def test_inputs_are_viewed_not_copied(monkeypatch):
