@@ -48,6 +48,41 @@ def _bf16(x):
     return b.view(np.float32)
 
 
+def _bf16_rows(p, fixed=None):
+    """Rows of probabilities (float64) rounded to bfloat16, each row's sum brought back near 1
+    (within half a bfloat16 step of one moderate entry, < 2.5e-4) by choosing that entry, not
+    one of `fixed` (a boolean array of p's shape): a bfloat16 target a port gets losslessly."""
+    b = _bf16(p).astype(np.float64)
+    for i in range(len(b)):
+        free = b[i] < 0.125 if fixed is None else (b[i] < 0.125) & ~fixed[i]
+        k = int(np.argmax(np.where(free, b[i], -1.0)))      # the largest entry below 1/8
+        b[i, k] = 0.0
+        b[i, k] = _bf16(max(1.0 - b[i].sum(), 0.0))
+    return b.astype(np.float32)
+
+
+def _bf16_near_ties(rng, shape, ties=32):
+    """bfloat16 logits of a draft near its target, and a bfloat16 target equal to the draft's q
+    rounded to bfloat16 at up to `ties` of its likeliest tokens per row, where the rounding
+    moved q up by more than 1e-4 of itself: there q < p (m = 1) by far more than float32's
+    rounding of q, yet a q rounded to bfloat16 ties with p (m = 0), as a bf16 softmax gives it."""
+    t = rng.standard_normal(shape) * 3                   # the target's logits
+    z = _bf16(t + rng.standard_normal(shape))            # a draft near them
+    q = L.softmax(z.astype(np.float64))
+    qb = _bf16(q).astype(np.float64)
+    p = L.softmax(t)
+    tie = np.zeros(shape, bool)
+    for i in range(shape[0]):
+        order = np.argsort(-q[i])
+        up = order[qb[i, order] - q[i, order] > 1e-4 * q[i, order]][:ties]
+        up = up[np.cumsum(qb[i, up]) <= 0.6]             # leave 40 % of the mass to the other tokens
+        tie[i, up] = True
+        rest = ~tie[i]
+        p[i, rest] *= (1 - qb[i, up].sum()) / p[i, rest].sum()
+        p[i, up] = qb[i, up]
+    return z, _bf16_rows(p, fixed=tie)
+
+
 def _probs(rng, shape, zero_frac=0.3):
     x = rng.gamma(0.5, size=shape)
     x[rng.random(shape) < zero_frac] = 0
@@ -74,10 +109,8 @@ def build_cases(seed=0):
     z = (rng.standard_normal((8, 50)) * 3).astype(np.float32)
     add("float32", "precision", "float32 inputs", "float32", z, _probs(rng, (8, 50)).astype(np.float32))
     zb = _bf16(rng.standard_normal((4, 32)) * 3)
-    pb = _bf16(_probs(rng, (4, 32), 0.0))
-    pb = pb / pb.sum(-1, keepdims=True)               # rows of bf16 values, normalised in float32
     add("bfloat16", "precision", "bfloat16 logits and target (compute in float32)", "bfloat16", zb,
-        pb.astype(np.float32))
+        _bf16_rows(_probs(rng, (4, 32), 0.0)))
     z = rng.standard_normal((5, 9)) * 2
     add("temperature", "temperature", "T = 0.7: q = softmax(z / T), gradients carry 1/T", "float64", z,
         _probs(rng, (5, 9)), T=0.7)
@@ -120,6 +153,10 @@ def build_cases(seed=0):
     p[:4] = L.softmax(z[:4]) * 0.5 + p[:4] * 0.5       # rows with very different alpha
     add("lambda_batch", "lambda", "LK^lambda: one lambda from the masked mean alpha of the call", "float64",
         z, p, mask=np.array([1, 1, 0, 1, 1, 0, 1, 1], bool), losses=("lk_lambda",), eta=5.0, kl_scale=0.8)
+    z, p = _bf16_near_ties(rng, (4, 32000))
+    add("bfloat16_vocab", "precision", "bfloat16 at a real vocabulary (V = 32 000), the target equal to the "
+        "draft's q rounded to bfloat16 at its likeliest tokens, where q < p by over 1e-4 of q: float32 "
+        "arithmetic sees q < p there, a q rounded to bfloat16 a tie", "bfloat16", z, p)
     return cases
 
 
@@ -253,24 +290,46 @@ def _v_no_stop_gradient(case):
     return r.loss, grad, r.alpha
 
 
+def _from_q(case, q, loose_ties=False):
+    """(loss, grad, alpha) of the case's loss in float64 from a given draft distribution q (the
+    formulas of docs/PORTING.md, the softmax's Jacobian taken at q), with the tie rule
+    1[q < p], or 1[q <= p] where loose_ties."""
+    _, p, p_kl, w, T = _parts(case)
+    d = w / w.sum()
+    m = (q <= p) if loose_ties else (q < p)
+    S = np.sum(q * m, -1, keepdims=True)
+    alpha = np.minimum(q, p).sum(-1)
+    dtv = -q * (m - S) / T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = np.sum(np.where(p_kl > 0, p_kl * (np.log(np.where(p_kl > 0, p_kl, 1)) - np.log(q)), 0), -1)
+    dkl = (q * p_kl.sum(-1, keepdims=True) - p_kl) / T
+    if case["loss"] == "kl":
+        per, grad = kl, dkl
+    elif case["loss"] == "tv":
+        per, grad = 1 - alpha, dtv
+    elif case["loss"] == "lk_alpha":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            per, grad = -np.log(alpha), dtv / alpha[:, None]
+    else:
+        lam = case["options"]["kl_scale"] * np.exp(-case["options"]["eta"] * float(np.dot(d, alpha)))
+        per, grad = lam * kl + (1 - lam) * (1 - alpha), lam * dkl + (1 - lam) * dtv
+    with np.errstate(invalid="ignore"):
+        loss = float(np.sum(np.where(d > 0, d * per, 0)))
+        return loss, np.where(d[:, None] > 0, grad * d[:, None], 0), alpha
+
+
 def _v_loose_ties(case):
     if case["trap"] != "ties" or case["loss"] == "kl":
         return None
-    z = np.asarray(case["inputs"]["draft_logits"], np.float64)
-    p = np.asarray(case["inputs"]["target_probs"], np.float64)
-    q = L.softmax(z)
-    m = (q <= p).astype(np.float64)
-    S = np.sum(q * m, -1, keepdims=True)
-    alpha = np.minimum(q, p).sum(-1)
-    dtv = -q * (m - S) / len(z)
-    if case["loss"] == "tv":
-        return np.mean(1 - alpha), dtv, alpha
-    if case["loss"] == "lk_alpha":
-        return np.mean(-np.log(alpha)), dtv / alpha[:, None], alpha
-    r = _ref(case)
-    lam = float(r.lam)
-    k = _ref(case, loss="kl")
-    return r.loss, lam * k.grad + (1 - lam) * dtv, alpha
+    z, _, _, _, T = _parts(case)
+    return _from_q(case, L.softmax(z, T), loose_ties=True)
+
+
+def _v_bf16_softmax(case):
+    if case["dtype"] != "bfloat16":
+        return None
+    z, _, _, _, T = _parts(case)
+    return _from_q(case, _bf16(L.softmax(z, T)).astype(np.float64))
 
 
 def _v_missing_temperature(case):
@@ -299,6 +358,8 @@ VARIANTS = {
     "per_token_lambda": ("a lambda per token instead of one per call", _v_per_token_lambda),
     "no_stop_gradient": ("a gradient through lambda (missing stop-gradient)", _v_no_stop_gradient),
     "loose_ties": ("the tie rule 1[q <= p] instead of 1[q < p]", _v_loose_ties),
+    "bf16_softmax": ("q rounded to bfloat16 (a bfloat16 softmax) before alpha and the tie rule; compute "
+                     "in float32", _v_bf16_softmax),
     "missing_temperature": ("gradients without the 1/T factor", _v_missing_temperature),
     "clamped_alpha": ("alpha clamped at 1e-8 instead of exact log space", _v_clamped_alpha),
 }

@@ -15,6 +15,11 @@ def make_port(mistake=None):
 
     def parts(z, p, T):
         q, logq = softmax(z, T)
+        if mistake == "bf16_softmax":                       # q as a bfloat16 softmax returns it
+            b = q.astype(np.float32).view(np.uint32).astype(np.uint64)
+            q = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16 << 16).astype(np.uint32).view(np.float32).astype(np.float64)
+            with np.errstate(divide="ignore"):
+                logq = np.log(q)
         m = (q <= p) if mistake == "loose_ties" else (q < p)
         mq = np.where(m, q, 0.0)
         alpha = np.where(m, q, p).sum(-1)

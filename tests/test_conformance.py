@@ -52,6 +52,9 @@ def test_a_correct_independent_port_passes(kit):
     ("no_stop_gradient", "lambda_batch/lk_lambda"),
     ("loose_ties", "ties/lk_alpha"),
     ("clamped_alpha", "alpha_zero/lk_alpha"),
+    ("bf16_softmax", "bfloat16_vocab/tv"),
+    ("bf16_softmax", "bfloat16_vocab/lk_alpha"),
+    ("bf16_softmax", "bfloat16_vocab/lk_lambda"),
 ])
 def test_each_known_mistake_fails_and_is_named(kit, mistake, failing_case):
     rows = {r.id: r for r in C.check(kit, make_port(mistake))}
@@ -81,7 +84,7 @@ def test_results_file_and_cli(kit, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lkref", "conformance", "check", kit, "--impl",
                            f"{tmp_path / 'good.py'}:run"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "49 passed, 0 failed" in proc.stdout
+    assert "53 passed, 0 failed" in proc.stdout
 
 
 def test_a_port_that_raises_or_returns_nan_is_reported(kit):
@@ -109,3 +112,46 @@ def test_a_port_returning_the_wrong_thing_is_told_what(kit, port, said):
     rows = C.check(kit, port)
     assert not any(r.passed for r in rows)
     assert all(said in r.message for r in rows), rows[0].message
+
+
+def test_bfloat16_cases_hold_bfloat16_values(kit):
+    """The manifest tells ports to cast the bfloat16 cases' float32 arrays to bfloat16 losslessly:
+    logits and target are bfloat16 values, and the target's rows sum to 1 within 2.5e-4."""
+    _, cases = C.load(kit)
+    bf = [c for c in cases if c["dtype"] == "bfloat16"]
+    assert {c["id"].split("/")[0] for c in bf} == {"bfloat16", "bfloat16_vocab"}
+    for c in bf:
+        for name in ("draft_logits", "target_probs"):
+            x = c["inputs"][name]
+            assert x.dtype == np.float32 and np.array_equal(x, C._bf16(x)), (c["id"], name)
+        sums = c["inputs"]["target_probs"].astype(np.float64).sum(-1)
+        assert np.all(np.abs(sums - 1) < 2.5e-4), (c["id"], sums)
+
+
+def test_bfloat16_vocab_separates_float32_from_bfloat16_arithmetic(kit):
+    """Where the case makes q < p by over 1e-4 of q (m = 1), q rounded to bfloat16 equals p (a tie,
+    m = 0): at dozens of the draft's likeliest tokens per row, so a bf16 softmax flips m where it
+    matters, while float32 (q within ~1e-6 of itself) gets every such token right."""
+    from lkref import losses as L
+    _, cases = C.load(kit)
+    c = next(c for c in cases if c["id"] == "bfloat16_vocab/tv")
+    q = L.softmax(c["inputs"]["draft_logits"].astype(np.float64))
+    p = c["inputs"]["target_probs"].astype(np.float64)
+    flipped = (q < p) & (C._bf16(q).astype(np.float64) == p)
+    assert np.all(flipped.sum(-1) >= 20)
+    # a flip moves the TV gradient entry q (m - S) by q: in every row by over 5x the bfloat16
+    # tolerance (2e-2 of the row's largest entry), so each row fails such a port on its own
+    m = q < p
+    g = np.abs(q * (m - np.sum(q * m, -1, keepdims=True)))
+    assert np.all(np.where(flipped, q, 0).max(-1) > 5 * C.TOLERANCES["bfloat16"]["rtol"] * g.max(-1))
+    big = q > 1e-3 * q.max(-1, keepdims=True)
+    assert np.min(np.abs(q - p)[big] / q[big]) > 1e-4      # no near-tie that float32 could get wrong
+
+
+def test_a_port_taking_bfloat16_in_bfloat16_passes(kit):
+    """Cast losslessly to a real bfloat16 type, lkref (float32 work) passes the bfloat16 cases."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    _, cases = C.load(kit)
+    fn = lambda loss, z, p, **kw: lkref.LOSSES[loss](z.astype(ml_dtypes.bfloat16), p.astype(ml_dtypes.bfloat16), **kw)  # noqa: E731
+    rows = [r for r in C.check(kit, fn) if r.id.startswith("bfloat16")]
+    assert len(rows) == 8 and all(r.passed for r in rows), C.format_table(rows)
