@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 from . import losses as L
 from .backend import dlpack_interop, namespace
-from .validation import check_cache, check_upstream
+from .validation import at_position, check_cache, check_upstream
 
 __all__ = ["accept_length_forward", "accept_length_backward", "AcceptLengthResult", "accept_length_loss"]
 
@@ -84,8 +84,9 @@ def accept_length_loss(draft_logits: Sequence, target_probs: Sequence, *, mask=N
                          f"got {K} and {len(target_probs)}")
     caches, alphas, w = [], [], None
     for k in range(K):
-        xp, z, p, _, _, out_dtype, T = L.prepare_inputs(draft_logits[k], target_probs[k], mask, temperature,
-                                                   draft_to_target, need_kl=False)
+        with at_position(k):
+            xp, z, p, _, _, out_dtype, T = L.prepare_inputs(draft_logits[k], target_probs[k], mask, temperature,
+                                                       draft_to_target, need_kl=False)
         if k and tuple(z.shape) != tuple(caches[0][1].shape):
             raise ValueError(f"every position must have the shape of the first, got {tuple(z.shape)} at {k}")
         _, cache = L.tv_forward(z, p, temperature=T)

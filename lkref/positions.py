@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from . import losses as _losses
 from .backend import dlpack_interop
-from .validation import check_real_scalar
+from .validation import at_position, check_real_scalar
 
 __all__ = ["MultiPositionResult", "multi_position", "LOSSES"]
 
@@ -69,7 +69,8 @@ def multi_position(loss, draft_logits: Sequence, target_probs: Sequence, *, gamm
     masks = _per_position(mask, "mask", K)
     results, grads, weights, total = [], [], [], 0
     for k in range(K):
-        r = fn(draft_logits[k], target_probs[k], mask=masks[k], **options)
+        with at_position(k):
+            r = fn(draft_logits[k], target_probs[k], mask=masks[k], **options)
         w = gamma ** k
         results.append(r)
         weights.append(w)

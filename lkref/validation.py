@@ -12,6 +12,7 @@ import math
 import numbers
 import os
 import sys
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -28,6 +29,7 @@ __all__ = [
     "check_mask",
     "check_index_map",
     "check_upstream",
+    "at_position",
     "check_cache",
     "call_reduce",
     "env_flag",
@@ -256,3 +258,15 @@ def env_flag(name: str):
     if value not in ("0", "1"):
         raise ValueError(f"{name} must be 0 or 1, got {value!r}")
     return value == "1"
+
+
+@contextmanager
+def at_position(k: int):
+    """Prefix "position k: " to a ValueError or TypeError raised inside (one of K draft
+    positions' calls), so that the message says which of the K inputs is wrong."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        if type(exc) not in (ValueError, TypeError):
+            raise
+        raise type(exc)(f"position {k}: {exc}") from exc
