@@ -262,11 +262,11 @@ def env_flag(name: str):
 
 @contextmanager
 def at_position(k: int):
-    """Prefix "position k: " to a ValueError or TypeError raised inside (one of K draft
-    positions' calls), so that the message says which of the K inputs is wrong."""
+    """Prefix "position index k: " to a ValueError or TypeError raised inside (the call for
+    the K lists' entry k), so that the message says which of the K inputs is wrong."""
     try:
         yield
     except (ValueError, TypeError) as exc:
         if type(exc) not in (ValueError, TypeError):
             raise
-        raise type(exc)(f"position {k}: {exc}") from exc
+        raise type(exc)(f"position index {k}: {exc}") from exc

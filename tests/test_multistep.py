@@ -84,7 +84,7 @@ def test_bad_input():
         accept_length_loss(z, p + p)
     with pytest.raises(ValueError, match="shape of the first"):
         accept_length_loss(z + [np.zeros((3, 3))], p + [np.full((3, 3), 1 / 3)])
-    with pytest.raises(ValueError, match=r"^position 1: target_probs contains negative"):
+    with pytest.raises(ValueError, match=r"^position index 1: target_probs contains negative"):
         accept_length_loss(z + z, p + [np.full((2, 3), -1 / 3)])
 
 

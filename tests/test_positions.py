@@ -57,9 +57,9 @@ def test_default_gamma_and_masks_per_position():
     (("kl", [np.zeros((1, 2))], [np.full((1, 2), 0.5)]), {"mask": [None, None]}, ValueError, "mask must have one entry"),
     # a bad input names its position, not only its argument
     (("tv", [Z, Z], [np.full((1, 2), 0.5), np.full((1, 2), 0.7)]), {}, ValueError,
-     r"^position 1: target_probs rows must sum to 1"),
-    (("tv", [Z, Z[:, :1]], [np.full((1, 2), 0.5)] * 2), {}, ValueError, r"^position 1: target_probs must have shape \(1, 1\)"),
-    (("tv", [Z, Z.astype(int)], [np.full((1, 2), 0.5)] * 2), {}, TypeError, r"^position 1: draft_logits must be a floating"),
+     r"^position index 1: target_probs rows must sum to 1"),
+    (("tv", [Z, Z[:, :1]], [np.full((1, 2), 0.5)] * 2), {}, ValueError, r"^position index 1: target_probs must have shape \(1, 1\)"),
+    (("tv", [Z, Z.astype(int)], [np.full((1, 2), 0.5)] * 2), {}, TypeError, r"^position index 1: draft_logits must be a floating"),
 ])
 def test_bad_input(args, kw, err, match):
     with pytest.raises(err, match=match):
