@@ -279,6 +279,28 @@ def _v_per_token_lambda(case):
     return loss, L.lk_lambda_backward(L.mean_backward(1.0, mc), cache), alpha
 
 
+def _v_mean_over_all(case):
+    if case["inputs"]["mask"] is None:
+        return None
+    w = _parts(case)[3]
+    share = w.sum() / w.size                           # (x * mask).mean() = share * the masked mean
+    if case["loss"] != "lk_lambda":
+        r = _ref(case)
+        return r.loss * share, r.grad * share, r.alpha
+    alpha = _ref(case, loss="tv").alpha
+    lam = case["options"]["kl_scale"] * np.exp(-case["options"]["eta"] * float(np.dot(w, alpha)) / w.size)
+    r = _ref(case, lam=lam)
+    return r.loss * share, r.grad * share, r.alpha
+
+
+def _v_unmasked_lambda(case):
+    if case["loss"] != "lk_lambda" or case["inputs"]["mask"] is None:
+        return None
+    alpha = _ref(case, loss="tv").alpha
+    r = _ref(case, lam=case["options"]["kl_scale"] * np.exp(-case["options"]["eta"] * float(alpha.mean())))
+    return r.loss, r.grad, r.alpha
+
+
 def _v_no_stop_gradient(case):
     if case["loss"] != "lk_lambda":
         return None
@@ -357,6 +379,9 @@ VARIANTS = {
     "renormalised_alpha": ("alpha on the renormalised draft-vocabulary target", _v_renormalised_alpha),
     "per_token_lambda": ("a lambda per token instead of one per call", _v_per_token_lambda),
     "no_stop_gradient": ("a gradient through lambda (missing stop-gradient)", _v_no_stop_gradient),
+    "mean_over_all": ("the masked mean taken as (x * mask).mean(): divided by every position, not by the "
+                      "mask's sum", _v_mean_over_all),
+    "unmasked_lambda": ("lambda from the mean alpha of every position, masked ones included", _v_unmasked_lambda),
     "loose_ties": ("the tie rule 1[q <= p] instead of 1[q < p]", _v_loose_ties),
     "bf16_softmax": ("q rounded to bfloat16 (a bfloat16 softmax) before alpha and the tie rule; compute "
                      "in float32", _v_bf16_softmax),

@@ -46,7 +46,7 @@ def make_port(mistake=None):
                 p = p_kl
         else:
             p, p_kl = p_full, p_full
-        d = w / w.sum()
+        d = w / len(w) if mistake == "mean_over_all" else w / w.sum()
         q, logq, m, alpha, log_alpha, dalpha = parts(z, p, T)
         if mistake == "clamped_alpha":
             log_alpha = np.log(np.maximum(alpha, 1e-8))
@@ -76,7 +76,7 @@ def make_port(mistake=None):
             lam = kl_scale * np.exp(-eta * alpha)
             return (np.dot(d, lam * kl_t + (1 - lam) * tv_t),
                     d[:, None] * (lam[:, None] * dkl - (1 - lam)[:, None] * dalpha), alpha)
-        lam = kl_scale * np.exp(-eta * np.dot(d, alpha))
+        lam = kl_scale * np.exp(-eta * (alpha.mean() if mistake == "unmasked_lambda" else np.dot(d, alpha)))
         loss_v = lam * np.dot(d, kl_t) + (1 - lam) * np.dot(d, tv_t)
         grad = d[:, None] * (lam * dkl - (1 - lam) * dalpha)
         if mistake == "no_stop_gradient":
