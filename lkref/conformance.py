@@ -312,11 +312,14 @@ def _v_no_stop_gradient(case):
     return r.loss, grad, r.alpha
 
 
-def _from_q(case, q, loose_ties=False):
+def _from_q(case, q, loose_ties=False, renormalise_kl=True):
     """(loss, grad, alpha) of the case's loss in float64 from a given draft distribution q (the
     formulas of docs/PORTING.md, the softmax's Jacobian taken at q), with the tie rule
-    1[q < p], or 1[q <= p] where loose_ties."""
+    1[q < p], or 1[q <= p] where loose_ties; KL on the restricted target as it is where not
+    renormalise_kl."""
     _, p, p_kl, w, T = _parts(case)
+    if not renormalise_kl:
+        p_kl = p
     d = w / w.sum()
     m = (q <= p) if loose_ties else (q < p)
     S = np.sum(q * m, -1, keepdims=True)
@@ -345,6 +348,13 @@ def _v_loose_ties(case):
         return None
     z, _, _, _, T = _parts(case)
     return _from_q(case, L.softmax(z, T), loose_ties=True)
+
+
+def _v_unrenormalised_kl(case):
+    if case["inputs"]["draft_to_target"] is None or case["loss"] not in ("kl", "lk_lambda"):
+        return None
+    z, _, _, _, T = _parts(case)
+    return _from_q(case, L.softmax(z, T), renormalise_kl=False)
 
 
 def _v_bf16_softmax(case):
@@ -377,6 +387,7 @@ def _v_clamped_alpha(case):
 VARIANTS = {
     "log_of_mean": ("-log(mean alpha) instead of mean(-log alpha)", _v_log_of_mean),
     "renormalised_alpha": ("alpha on the renormalised draft-vocabulary target", _v_renormalised_alpha),
+    "unrenormalised_kl": ("KL on the draft-vocabulary target without renormalising it", _v_unrenormalised_kl),
     "per_token_lambda": ("a lambda per token instead of one per call", _v_per_token_lambda),
     "no_stop_gradient": ("a gradient through lambda (missing stop-gradient)", _v_no_stop_gradient),
     "mean_over_all": ("the masked mean taken as (x * mask).mean(): divided by every position, not by the "

@@ -44,6 +44,8 @@ def make_port(mistake=None):
             p_kl = p / np.where(mass > 0, mass, 1)[:, None]
             if mistake == "renormalised_alpha":
                 p = p_kl
+            if mistake == "unrenormalised_kl":
+                p_kl = p
         else:
             p, p_kl = p_full, p_full
         d = w / len(w) if mistake == "mean_over_all" else w / w.sum()
@@ -53,6 +55,8 @@ def make_port(mistake=None):
         with np.errstate(divide="ignore", invalid="ignore"):
             kl_t = np.sum(np.where(p_kl > 0, p_kl * np.log(np.where(p_kl > 0, p_kl, 1)), 0) - p_kl * logq, -1)
         dkl = (q - p_kl) / T
+        if mistake == "unrenormalised_kl":                  # autograd's gradient of that KL: q sum p - p
+            dkl = (q * p_kl.sum(-1, keepdims=True) - p_kl) / T
         tv_t = 1 - alpha
         if loss == "kl":
             return np.dot(d, kl_t), d[:, None] * dkl, alpha

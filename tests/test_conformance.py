@@ -52,6 +52,8 @@ def test_a_correct_independent_port_passes(kit):
     ("no_stop_gradient", "lambda_batch/lk_lambda"),
     ("loose_ties", "ties/lk_alpha"),
     ("clamped_alpha", "alpha_zero/lk_alpha"),
+    ("unrenormalised_kl", "draft_to_target/kl"),
+    ("unrenormalised_kl", "draft_to_target/lk_lambda"),
     ("mean_over_all", "mask_bool/tv"),
     ("mean_over_all", "mask_weights/lk_alpha"),
     ("mean_over_all", "mask_bool/lk_lambda"),
