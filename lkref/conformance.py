@@ -73,7 +73,7 @@ def _bf16_near_ties(rng, shape, ties=32):
     p = L.softmax(t)
     tie = np.zeros(shape, bool)
     for i in range(shape[0]):
-        order = np.argsort(-q[i])
+        order = np.argsort(-q[i], kind="stable")          # bfloat16 logits repeat: ties in q
         up = order[qb[i, order] - q[i, order] > 1e-4 * q[i, order]][:ties]
         up = up[np.cumsum(qb[i, up]) <= 0.6]             # leave 40 % of the mass to the other tokens
         tie[i, up] = True
