@@ -109,7 +109,8 @@ def goodness_of_fit(name: str, counts, probs, min_p: float = MIN_P_VALUE) -> Che
         return Check(name, True, "no samples")
     expected = probs[~zero] * n
     obs = counts[~zero]
-    order = np.argsort(expected)               # pool the smallest cells until each expects >= 5
+    order = np.argsort(expected, kind="stable")   # pool the smallest cells until each expects >= 5
+                                                  # (stable: equal cells pool alike on every machine)
     e_s, o_s = expected[order], obs[order]
     bins_e, bins_o, acc_e, acc_o = [], [], 0.0, 0.0
     for e, o in zip(e_s, o_s):
