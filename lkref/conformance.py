@@ -4,7 +4,8 @@ export(dir) writes lkref_conformance.npz and manifest.json: for every case the i
 the options, the expected loss / grad / alpha (and lambda for LK^lambda), computed by the
 readable path in float64 from the stored inputs, and tolerances per input dtype.  The cases
 cover the ordinary and the traps: ties, alpha = 0, a point-mass target, a smaller draft
-vocabulary, masks, temperature, extreme logits, float32 and bfloat16 inputs.
+vocabulary, masks, temperature, extreme logits, float32, bfloat16 and float16 inputs (the
+2-byte types also at V = 32 000, where a softmax computed in them gets the tie rule wrong).
 
 check(dir, fn) runs a port on every case and returns one row per case.  fn is called as
 
@@ -12,7 +13,7 @@ check(dir, fn) runs a port on every case and returns one row per case.  fn is ca
        eta=..., kl_scale=...)  ->  (loss, grad, alpha)  or an object with .loss .grad .alpha
 
 with NumPy arrays (bfloat16 cases arrive as float32 arrays holding bfloat16 values: cast
-them to your bfloat16, losslessly).  A failing case is compared with the known wrong
+them to your bfloat16, losslessly; float16 cases as float16 arrays).  A failing case is compared with the known wrong
 variants (VARIANTS), and the row names the one that the port matches.
 """
 
@@ -38,6 +39,7 @@ TOLERANCES = {
     "float64": {"rtol": 1e-7, "atol": 1e-10},
     "float32": {"rtol": 2e-4, "atol": 1e-6},
     "bfloat16": {"rtol": 2e-2, "atol": 1e-4},
+    "float16": {"rtol": 5e-3, "atol": 1e-5},
 }
 
 
@@ -48,39 +50,46 @@ def _bf16(x):
     return b.view(np.float32)
 
 
-def _bf16_rows(p, fixed=None):
-    """Rows of probabilities (float64) rounded to bfloat16, each row's sum brought back near 1
-    (within half a bfloat16 step of one moderate entry, < 2.5e-4) by choosing that entry, not
-    one of `fixed` (a boolean array of p's shape): a bfloat16 target a port gets losslessly."""
-    b = _bf16(p).astype(np.float64)
+def _half(x, dtype):
+    """x rounded to a 2-byte type ("bfloat16": kept in float32, as the bfloat16 cases store it;
+    "float16": a float16 array)."""
+    return _bf16(x) if dtype == "bfloat16" else np.asarray(x).astype(np.float16)
+
+
+def _half_rows(p, dtype, fixed=None):
+    """Rows of probabilities (float64) rounded to a 2-byte type, each row's sum brought back
+    near 1 (within half a step of one moderate entry, < 2.5e-4) by choosing that entry, not
+    one of `fixed` (a boolean array of p's shape): a target a port gets losslessly."""
+    b = _half(p, dtype).astype(np.float64)
     for i in range(len(b)):
         free = b[i] < 0.125 if fixed is None else (b[i] < 0.125) & ~fixed[i]
         k = int(np.argmax(np.where(free, b[i], -1.0)))      # the largest entry below 1/8
         b[i, k] = 0.0
-        b[i, k] = _bf16(max(1.0 - b[i].sum(), 0.0))
-    return b.astype(np.float32)
+        b[i, k] = _half(max(1.0 - b[i].sum(), 0.0), dtype)
+    return _half(b, dtype)
 
 
-def _bf16_near_ties(rng, shape, ties=32):
-    """bfloat16 logits of a draft near its target, and a bfloat16 target equal to the draft's q
-    rounded to bfloat16 at up to `ties` of its likeliest tokens per row, where the rounding
-    moved q up by more than 1e-4 of itself: there q < p (m = 1) by far more than float32's
-    rounding of q, yet a q rounded to bfloat16 ties with p (m = 0), as a bf16 softmax gives it."""
+def _near_ties(rng, shape, dtype, ties=32):
+    """Logits of a draft near its target and a target, both in a 2-byte type, the target equal
+    to the draft's q rounded to that type at up to `ties` of its likeliest tokens per row,
+    where the rounding moved q up by more than 1e-4 of itself: there q < p (m = 1) by far
+    more than float32's rounding of q, yet a q rounded to the 2-byte type (a softmax computed
+    in it) ties with p (m = 0)."""
     t = rng.standard_normal(shape) * 3                   # the target's logits
-    z = _bf16(t + rng.standard_normal(shape))            # a draft near them
+    z = _half(t + rng.standard_normal(shape), dtype)     # a draft near them
     q = L.softmax(z.astype(np.float64))
-    qb = _bf16(q).astype(np.float64)
+    qh = _half(q, dtype).astype(np.float64)
     p = L.softmax(t)
     tie = np.zeros(shape, bool)
     for i in range(shape[0]):
-        order = np.argsort(-q[i], kind="stable")          # bfloat16 logits repeat: ties in q
-        up = order[qb[i, order] - q[i, order] > 1e-4 * q[i, order]][:ties]
-        up = up[np.cumsum(qb[i, up]) <= 0.6]             # leave 40 % of the mass to the other tokens
+        order = np.argsort(-q[i], kind="stable")          # 2-byte logits repeat: ties in q
+        up = order[qh[i, order] - q[i, order] > 1e-4 * q[i, order]][:ties]
+        up = up[np.cumsum(qh[i, up]) <= 0.6]             # leave 40 % of the mass to the other tokens
         tie[i, up] = True
         rest = ~tie[i]
-        p[i, rest] *= (1 - qb[i, up].sum()) / p[i, rest].sum()
-        p[i, up] = qb[i, up]
-    return z, _bf16_rows(p, fixed=tie)
+        p[i, rest] *= (1 - qh[i, up].sum()) / p[i, rest].sum()
+        p[i, up] = qh[i, up]
+    return z, _half_rows(p, dtype, fixed=tie)
 
 
 def _probs(rng, shape, zero_frac=0.3):
@@ -110,7 +119,7 @@ def build_cases(seed=0):
     add("float32", "precision", "float32 inputs", "float32", z, _probs(rng, (8, 50)).astype(np.float32))
     zb = _bf16(rng.standard_normal((4, 32)) * 3)
     add("bfloat16", "precision", "bfloat16 logits and target (compute in float32)", "bfloat16", zb,
-        _bf16_rows(_probs(rng, (4, 32), 0.0)))
+        _half_rows(_probs(rng, (4, 32), 0.0), "bfloat16"))
     z = rng.standard_normal((5, 9)) * 2
     add("temperature", "temperature", "T = 0.7: q = softmax(z / T), gradients carry 1/T", "float64", z,
         _probs(rng, (5, 9)), T=0.7)
@@ -153,10 +162,11 @@ def build_cases(seed=0):
     p[:4] = L.softmax(z[:4]) * 0.5 + p[:4] * 0.5       # rows with very different alpha
     add("lambda_batch", "lambda", "LK^lambda: one lambda from the masked mean alpha of the call", "float64",
         z, p, mask=np.array([1, 1, 0, 1, 1, 0, 1, 1], bool), losses=("lk_lambda",), eta=5.0, kl_scale=0.8)
-    z, p = _bf16_near_ties(rng, (4, 32000))
-    add("bfloat16_vocab", "precision", "bfloat16 at a real vocabulary (V = 32 000), the target equal to the "
-        "draft's q rounded to bfloat16 at its likeliest tokens, where q < p by over 1e-4 of q: float32 "
-        "arithmetic sees q < p there, a q rounded to bfloat16 a tie", "bfloat16", z, p)
+    for dt in ("bfloat16", "float16"):
+        z, p = _near_ties(rng, (4, 32000), dt)
+        add(f"{dt}_vocab", "precision", f"{dt} at a real vocabulary (V = 32 000), the target equal to the "
+            f"draft's q rounded to {dt} at its likeliest tokens, where q < p by over 1e-4 of q: float32 "
+            f"arithmetic sees q < p there, a q rounded to {dt} a tie", dt, z, p)
     return cases
 
 
@@ -357,11 +367,11 @@ def _v_unrenormalised_kl(case):
     return _from_q(case, L.softmax(z, T), renormalise_kl=False)
 
 
-def _v_bf16_softmax(case):
-    if case["dtype"] != "bfloat16":
+def _v_half_softmax(case):
+    if case["dtype"] not in ("bfloat16", "float16"):
         return None
     z, _, _, _, T = _parts(case)
-    return _from_q(case, _bf16(L.softmax(z, T)).astype(np.float64))
+    return _from_q(case, _half(L.softmax(z, T), case["dtype"]).astype(np.float64))
 
 
 def _v_missing_temperature(case):
@@ -394,8 +404,8 @@ VARIANTS = {
                       "mask's sum", _v_mean_over_all),
     "unmasked_lambda": ("lambda from the mean alpha of every position, masked ones included", _v_unmasked_lambda),
     "loose_ties": ("the tie rule 1[q <= p] instead of 1[q < p]", _v_loose_ties),
-    "bf16_softmax": ("q rounded to bfloat16 (a bfloat16 softmax) before alpha and the tie rule; compute "
-                     "in float32", _v_bf16_softmax),
+    "half_softmax": ("q rounded to the inputs' 2-byte type (a bfloat16 or float16 softmax) before alpha "
+                     "and the tie rule; compute in float32", _v_half_softmax),
     "missing_temperature": ("gradients without the 1/T factor", _v_missing_temperature),
     "clamped_alpha": ("alpha clamped at 1e-8 instead of exact log space", _v_clamped_alpha),
 }
@@ -418,18 +428,25 @@ class CaseResult:
 
 
 def _err(got, want, rtol, atol):
-    """The largest |got - want| / (atol + rtol |want|); <= 1 passes.  inf for a shape mismatch or NaN."""
+    """The largest |got - want| / (atol + rtol |want|); <= 1 passes.  An infinity counts as
+    equal to the same infinity (a known mistake may give one), else as inf, as do NaN and a
+    shape mismatch."""
     got = np.asarray(got, np.float64)
     want = np.asarray(want, np.float64)
     if got.shape != want.shape:
         return float("inf")
-    if not np.all(np.isfinite(got)):
+    same = got == want                                 # the same infinities included; never NaN
+    finite = np.isfinite(got) & np.isfinite(want)
+    if not np.all(same | finite):
         return float("inf")
-    return float(np.max(np.abs(got - want) / (atol + rtol * np.abs(want)), initial=0.0))
+    with np.errstate(invalid="ignore", over="ignore"):
+        e = np.where(same, 0.0, np.abs(got - want) / (atol + rtol * np.abs(want)))
+    return float(np.max(e, initial=0.0))
 
 
 def _scores(got, expected, tol):
-    g_atol = tol["atol"] + tol["rtol"] * float(np.max(np.abs(expected["grad"]), initial=0.0))
+    g = np.asarray(expected["grad"], np.float64)
+    g_atol = tol["atol"] + tol["rtol"] * float(np.max(np.abs(g[np.isfinite(g)]), initial=0.0))
     return (_err(got[0], expected["loss"], tol["rtol"], tol["atol"]),
             _err(got[1], expected["grad"], tol["rtol"], g_atol),
             _err(got[2], expected["alpha"], tol["rtol"], tol["atol"]))
@@ -498,8 +515,9 @@ def check(directory, fn=None, results=None):
 def _explain(case, got, e, tol):
     parts = [name for name, x in zip(("loss", "gradient", "alpha"), e) if x > 1]
     if any(not np.all(np.isfinite(np.asarray(g))) for g in got):
-        return "non-finite values (NaN or inf) in the result"
-    msg = f"{', '.join(parts)} off by {max(e):.3g}x the tolerance"
+        msg = "non-finite values (NaN or inf) in the result"
+    else:
+        msg = f"{', '.join(parts)} off by {max(e):.3g}x the tolerance"
     for name, (what, build) in VARIANTS.items():
         try:
             v = build(case)

@@ -13,11 +13,14 @@ def make_port(mistake=None):
         e = np.exp(x)
         return e / e.sum(-1, keepdims=True), x - np.log(e.sum(-1, keepdims=True))
 
-    def parts(z, p, T):
+    def parts(z, p, T, half=None):
         q, logq = softmax(z, T)
-        if mistake == "bf16_softmax":                       # q as a bfloat16 softmax returns it
-            b = q.astype(np.float32).view(np.uint32).astype(np.uint64)
-            q = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16 << 16).astype(np.uint32).view(np.float32).astype(np.float64)
+        if mistake == "half_softmax" and half:              # q as a softmax in the inputs' 2-byte type returns it
+            if half == "float16":
+                q = q.astype(np.float16).astype(np.float64)
+            else:
+                b = q.astype(np.float32).view(np.uint32).astype(np.uint64)
+                q = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16 << 16).astype(np.uint32).view(np.float32).astype(np.float64)
             with np.errstate(divide="ignore"):
                 logq = np.log(q)
         m = (q <= p) if mistake == "loose_ties" else (q < p)
@@ -32,7 +35,10 @@ def make_port(mistake=None):
 
     def port(loss, draft_logits, target_probs, mask=None, temperature=1.0, draft_to_target=None,
              eta=3.0, kl_scale=1.0):
-        z = np.asarray(draft_logits, np.float64)
+        z0 = np.asarray(draft_logits)
+        bits = z0.view(np.uint32) if z0.dtype == np.float32 else None
+        half = "float16" if z0.dtype == np.float16 else "bfloat16" if bits is not None and not (bits & 0xFFFF).any() else None
+        z = z0.astype(np.float64)
         p_full = np.asarray(target_probs, np.float64)
         T = temperature
         N = z.shape[0]
@@ -49,11 +55,11 @@ def make_port(mistake=None):
         else:
             p, p_kl = p_full, p_full
         d = w / len(w) if mistake == "mean_over_all" else w / w.sum()
-        q, logq, m, alpha, log_alpha, dalpha = parts(z, p, T)
+        q, logq, m, alpha, log_alpha, dalpha = parts(z, p, T, half)
         if mistake == "clamped_alpha":
             log_alpha = np.log(np.maximum(alpha, 1e-8))
         with np.errstate(divide="ignore", invalid="ignore"):
-            kl_t = np.sum(np.where(p_kl > 0, p_kl * np.log(np.where(p_kl > 0, p_kl, 1)), 0) - p_kl * logq, -1)
+            kl_t = np.sum(np.where(p_kl > 0, p_kl * (np.log(np.where(p_kl > 0, p_kl, 1)) - logq), 0), -1)
         dkl = (q - p_kl) / T
         if mistake == "unrenormalised_kl":                  # autograd's gradient of that KL: q sum p - p
             dkl = (q * p_kl.sum(-1, keepdims=True) - p_kl) / T
