@@ -277,13 +277,17 @@ def _v_renormalised_alpha(case):
     return r.loss, r.grad, r.alpha
 
 
+def _lam(case, mean_alpha):
+    """The case's lambda (its eta and kl_scale) from a mean alpha, or one per position from an array."""
+    return L.lambda_from_alpha(mean_alpha, eta=case["options"]["eta"], kl_scale=case["options"]["kl_scale"])
+
+
 def _v_per_token_lambda(case):
     if case["loss"] != "lk_lambda":
         return None
     z, p, p_kl, w, T = _parts(case)
-    eta, ks = case["options"]["eta"], case["options"]["kl_scale"]
     alpha = L.tv_forward(z, p, temperature=T)[1]["alpha"]
-    lam = ks * np.exp(-eta * alpha)                     # one lambda per token
+    lam = _lam(case, alpha)                             # one lambda per token
     losses, cache = L.lk_lambda_forward(z, p, lam, temperature=T, p_kl=p_kl)
     loss, mc = L.mean_forward(losses, w)
     return loss, L.lk_lambda_backward(L.mean_backward(1.0, mc), cache), alpha
@@ -298,8 +302,7 @@ def _v_mean_over_all(case):
         r = _ref(case)
         return r.loss * share, r.grad * share, r.alpha
     alpha = _ref(case, loss="tv").alpha
-    lam = case["options"]["kl_scale"] * np.exp(-case["options"]["eta"] * float(np.dot(w, alpha)) / w.size)
-    r = _ref(case, lam=lam)
+    r = _ref(case, lam=_lam(case, float(np.dot(w, alpha)) / w.size))
     return r.loss * share, r.grad * share, r.alpha
 
 
@@ -307,7 +310,7 @@ def _v_unmasked_lambda(case):
     if case["loss"] != "lk_lambda" or case["inputs"]["mask"] is None:
         return None
     alpha = _ref(case, loss="tv").alpha
-    r = _ref(case, lam=case["options"]["kl_scale"] * np.exp(-case["options"]["eta"] * float(alpha.mean())))
+    r = _ref(case, lam=_lam(case, float(alpha.mean())))
     return r.loss, r.grad, r.alpha
 
 
@@ -346,7 +349,7 @@ def _from_q(case, q, loose_ties=False, renormalise_kl=True):
         with np.errstate(divide="ignore", invalid="ignore"):
             per, grad = -np.log(alpha), dtv / alpha[:, None]
     else:
-        lam = case["options"]["kl_scale"] * np.exp(-case["options"]["eta"] * float(np.dot(d, alpha)))
+        lam = _lam(case, float(np.dot(d, alpha)))
         per, grad = lam * kl + (1 - lam) * (1 - alpha), lam * dkl + (1 - lam) * dtv
     with np.errstate(invalid="ignore"):
         loss = float(np.sum(np.where(d > 0, d * per, 0)))
