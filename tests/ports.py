@@ -13,14 +13,16 @@ def make_port(mistake=None):
         e = np.exp(x)
         return e / e.sum(-1, keepdims=True), x - np.log(e.sum(-1, keepdims=True))
 
+    def rounded(x, half):                                   # x rounded to the 2-byte type, in float64
+        if half == "float16":
+            return x.astype(np.float16).astype(np.float64)
+        b = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+        return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16 << 16).astype(np.uint32).view(np.float32).astype(np.float64)
+
     def parts(z, p, T, half=None):
         q, logq = softmax(z, T)
         if mistake == "half_softmax" and half:              # q as a softmax in the inputs' 2-byte type returns it
-            if half == "float16":
-                q = q.astype(np.float16).astype(np.float64)
-            else:
-                b = q.astype(np.float32).view(np.uint32).astype(np.uint64)
-                q = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16 << 16).astype(np.uint32).view(np.float32).astype(np.float64)
+            q = rounded(q, half)
             with np.errstate(divide="ignore"):
                 logq = np.log(q)
         m = (q <= p) if mistake == "loose_ties" else (q < p)
@@ -56,10 +58,11 @@ def make_port(mistake=None):
             p, p_kl = p_full, p_full
         d = w / len(w) if mistake == "mean_over_all" else w / w.sum()
         q, logq, m, alpha, log_alpha, dalpha = parts(z, p, T, half)
+        logq_kl = rounded(logq, half) if mistake == "half_log_softmax" and half else logq   # log_softmax in 2 bytes
         if mistake == "clamped_alpha":
             log_alpha = np.log(np.maximum(alpha, 1e-8))
         with np.errstate(divide="ignore", invalid="ignore"):
-            kl_t = np.sum(np.where(p_kl > 0, p_kl * (np.log(np.where(p_kl > 0, p_kl, 1)) - logq), 0), -1)
+            kl_t = np.sum(np.where(p_kl > 0, p_kl * (np.log(np.where(p_kl > 0, p_kl, 1)) - logq_kl), 0), -1)
         dkl = (q - p_kl) / T
         if mistake == "unrenormalised_kl":                  # autograd's gradient of that KL: q sum p - p
             dkl = (q * p_kl.sum(-1, keepdims=True) - p_kl) / T
