@@ -58,6 +58,10 @@ def make_port(mistake=None):
             p, p_kl = p_full, p_full
         d = w / len(w) if mistake == "mean_over_all" else w / w.sum()
         q, logq, m, alpha, log_alpha, dalpha = parts(z, p, T, half)
+        if mistake == "l1_as_tv":                           # TV as sum |p - q|, alpha as 1 minus it
+            alpha, dalpha = 2 * alpha - 1, 2 * dalpha
+            with np.errstate(invalid="ignore", divide="ignore"):
+                log_alpha = np.log(alpha)
         logq_kl = rounded(logq, half) if mistake == "half_log_softmax" and half else logq   # log_softmax in 2 bytes
         if mistake == "clamped_alpha":
             log_alpha = np.log(np.maximum(alpha, 1e-8))
@@ -76,6 +80,9 @@ def make_port(mistake=None):
                 a = np.dot(d, alpha)
                 return -np.log(a), -d[:, None] * dalpha / a, alpha
             live = w > 0
+            if mistake == "l1_as_tv":
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    return np.dot(d, np.where(live, -log_alpha, 0)), -(d / alpha)[:, None] * dalpha, alpha
             if mistake == "clamped_alpha":
                 inv = 1 / np.maximum(alpha, 1e-8) * (alpha >= 1e-8)
                 return np.dot(d, np.where(live, -log_alpha, 0)), -(d * inv)[:, None] * dalpha, alpha
@@ -97,4 +104,11 @@ def make_port(mistake=None):
             grad = grad + dlam * (np.dot(d, kl_t) - np.dot(d, tv_t))
         return loss_v, grad, alpha
 
-    return port
+    if mistake != "missing_temperature":
+        return port
+
+    def no_one_over_t(loss, draft_logits, target_probs, temperature=1.0, **kw):
+        value, grad, alpha = port(loss, draft_logits, target_probs, temperature=temperature, **kw)
+        return value, grad * temperature, alpha             # the softmax's 1/T left out of the gradient
+
+    return no_one_over_t

@@ -72,6 +72,11 @@ _CHECKED: dict = {}
     ("half_softmax", "float16_close/kl"),
     ("half_log_softmax", "bfloat16_close/kl"),
     ("half_log_softmax", "float16_close/kl"),
+    ("missing_temperature", "temperature/kl"),
+    ("missing_temperature", "temperature/lk_alpha"),
+    ("l1_as_tv", "basic/tv"),
+    ("l1_as_tv", "basic/lk_lambda"),
+    ("l1_as_tv", "bfloat16_close/lk_alpha"),             # alpha > 1/2: -log(2 alpha - 1) is finite
 ])
 def test_each_known_mistake_fails_and_is_named(kit, mistake, failing_case):
     if (kit, mistake) not in _CHECKED:                 # one run of the kit per planted port
