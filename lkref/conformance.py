@@ -441,6 +441,17 @@ def _v_l1_as_tv(case):
     return _from_q(case, L.softmax(z, T), l1=True)
 
 
+def _v_kl_mean_over_vocab(case):
+    if case["loss"] not in ("kl", "lk_lambda"):
+        return None
+    V = np.shape(case["inputs"]["draft_logits"])[-1]
+    k = _ref(case, loss="kl")
+    if case["loss"] == "kl":
+        return k.loss / V, k.grad / V, k.alpha
+    t, lam = _ref(case, loss="tv"), float(_ref(case).lam)
+    return lam * k.loss / V + (1 - lam) * t.loss, lam * k.grad / V + (1 - lam) * t.grad, k.alpha
+
+
 def _v_missing_temperature(case):
     T = case["options"]["temperature"]
     if T == 1.0:
@@ -475,6 +486,8 @@ VARIANTS = {
                      "and the tie rule; compute in float32", _v_half_softmax),
     "half_log_softmax": ("log q rounded to the inputs' 2-byte type (a log_softmax returned in bfloat16 or "
                          "float16) in the KL term", _v_half_log_softmax),
+    "kl_mean_over_vocab": ("KL averaged over every entry, divided by the vocabulary size too (PyTorch's "
+                           "kl_div with reduction='mean' rather than 'batchmean')", _v_kl_mean_over_vocab),
     "l1_as_tv": ("TV taken as the L1 distance sum |p - q|, twice TV (and alpha as 1 minus it)", _v_l1_as_tv),
     "missing_temperature": ("gradients without the 1/T factor", _v_missing_temperature),
     "clamped_alpha": ("alpha clamped at 1e-8 instead of exact log space", _v_clamped_alpha),

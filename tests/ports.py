@@ -68,6 +68,8 @@ def make_port(mistake=None):
         with np.errstate(divide="ignore", invalid="ignore"):
             kl_t = np.sum(np.where(p_kl > 0, p_kl * (np.log(np.where(p_kl > 0, p_kl, 1)) - logq_kl), 0), -1)
         dkl = (q - p_kl) / T
+        if mistake == "kl_mean_over_vocab":                 # kl_div(reduction="mean"): over N * V entries
+            kl_t, dkl = kl_t / z.shape[1], dkl / z.shape[1]
         if mistake == "unrenormalised_kl":                  # autograd's gradient of that KL: q sum p - p
             dkl = (q * p_kl.sum(-1, keepdims=True) - p_kl) / T
         tv_t = 1 - alpha

@@ -74,6 +74,9 @@ _CHECKED: dict = {}
     ("half_log_softmax", "float16_close/kl"),
     ("missing_temperature", "temperature/kl"),
     ("missing_temperature", "temperature/lk_alpha"),
+    ("kl_mean_over_vocab", "basic/kl"),
+    ("kl_mean_over_vocab", "lambda_batch/lk_lambda"),
+    ("kl_mean_over_vocab", "draft_to_target/kl"),        # V of the draft vocabulary: what kl_div sees
     ("l1_as_tv", "basic/tv"),
     ("l1_as_tv", "basic/lk_lambda"),
     ("l1_as_tv", "bfloat16_close/lk_alpha"),             # alpha > 1/2: -log(2 alpha - 1) is finite
