@@ -299,6 +299,12 @@ def _parts(case):
     return z, p, p_kl, w, T
 
 
+def _q(case):
+    """The case's draft distribution softmax(z / T) in float64, as the reference has it."""
+    z, _, _, _, T = _parts(case)
+    return L.softmax(z, T)
+
+
 def _v_log_of_mean(case):
     if case["loss"] != "lk_alpha":
         return None
@@ -408,37 +414,32 @@ def _from_q(case, q, loose_ties=False, renormalise_kl=True, log_q=None, l1=False
 def _v_loose_ties(case):
     if case["trap"] != "ties" or case["loss"] == "kl":
         return None
-    z, _, _, _, T = _parts(case)
-    return _from_q(case, L.softmax(z, T), loose_ties=True)
+    return _from_q(case, _q(case), loose_ties=True)
 
 
 def _v_unrenormalised_kl(case):
     if case["inputs"]["draft_to_target"] is None or case["loss"] not in ("kl", "lk_lambda"):
         return None
-    z, _, _, _, T = _parts(case)
-    return _from_q(case, L.softmax(z, T), renormalise_kl=False)
+    return _from_q(case, _q(case), renormalise_kl=False)
 
 
 def _v_half_softmax(case):
     if case["dtype"] not in ("bfloat16", "float16"):
         return None
-    z, _, _, _, T = _parts(case)
-    return _from_q(case, _half(L.softmax(z, T), case["dtype"]).astype(np.float64))
+    return _from_q(case, _half(_q(case), case["dtype"]).astype(np.float64))
 
 
 def _v_half_log_softmax(case):
     if case["dtype"] not in ("bfloat16", "float16") or case["loss"] not in ("kl", "lk_lambda"):
         return None
-    z, _, _, _, T = _parts(case)
-    q = L.softmax(z, T)
+    q = _q(case)
     return _from_q(case, q, log_q=_half(np.log(q), case["dtype"]).astype(np.float64))
 
 
 def _v_l1_as_tv(case):
     if case["loss"] == "kl":
         return None
-    z, _, _, _, T = _parts(case)
-    return _from_q(case, L.softmax(z, T), l1=True)
+    return _from_q(case, _q(case), l1=True)
 
 
 def _v_kl_mean_over_vocab(case):
