@@ -11,13 +11,14 @@ the checkout's bench/ folder; nothing in lkref/ imports PyTorch or any other pee
   speculators     vLLM speculators' fused Triton losses (speculators.losses.fused), on CUDA:
                   nla for LK^alpha, tv, kl_div, and lk_hybrid for LK^lambda (its lambda is
                   per token, not lkref's batch mean, so its error column is not a rounding
-                  error).  They take target logits; log p is passed, made before timing.
+                  error).  They take target logits; log p is passed (-1e4 where p = 0),
+                  made before timing.
   liger-fused     Liger-Kernel's fused cross-entropy + TV (liger_kernel.ops.fused_ce_tvd): per-
                   position TV from draft and target logits in one streaming kernel, O(N) saved
                   state, the kernel SPEC.md section 7 timed.  TV is its mean; LK^alpha is
                   -log(1 - TV) per position, composed in PyTorch as speculators composes nla.
                   Its cross-entropy needs labels: zeros, whose term is unused (zero gradient).
-                  It takes target logits; log p is passed, made before timing.  On CUDA.
+                  It takes target logits, made as for speculators.  On CUDA.
   liger-tvd       Liger-Kernel's TV distance (liger_kernel.ops.tvd) on probabilities, after a
                   PyTorch softmax of the logits (autograd carries its gradient back), on CUDA:
                   how one would use Liger's plain TV op; not fused with the softmax.
@@ -122,6 +123,14 @@ def torch_loss(name, compiled=False, eta=3.0):
     return run
 
 
+def target_logits(p):
+    """Logits of the target probabilities p for the peers that take logits: log p, with -1e4
+    where p = 0 instead of -inf (a target model's logits are finite; exp(-1e4) is 0 in float32,
+    so their softmax is p again)."""
+    torch = _torch()
+    return torch.log(p).clamp_min(-1e4)
+
+
 # --------------------------------------------------------------------------------------
 # vLLM speculators: fused Triton losses from draft and target logits, per position
 
@@ -192,7 +201,7 @@ def speculators_loss(name):
 
     def prepare(z, p):                                # [1, N, V]: they take (batch, positions, vocab)
         import torch
-        return z[None], torch.log(p)[None]
+        return z[None], target_logits(p)[None]
     run.prepare = prepare
     return run
 
@@ -232,7 +241,7 @@ def liger_fused(name):
         return loss.detach(), z.grad
 
     def prepare(z, p):
-        return z, torch.log(p), torch.zeros(z.shape[0], dtype=torch.int64, device=z.device)
+        return z, target_logits(p), torch.zeros(z.shape[0], dtype=torch.int64, device=z.device)
     run.prepare = prepare
     return run
 

@@ -376,17 +376,18 @@ def _v_no_stop_gradient(case):
     return r.loss, grad, r.alpha
 
 
-def _from_q(case, q, loose_ties=False, renormalise_kl=True, log_q=None, l1=False):
+def _from_q(case, q, ties=0.0, renormalise_kl=True, log_q=None, l1=False):
     """(loss, grad, alpha) of the case's loss in float64 from a given draft distribution q (the
     formulas of docs/PORTING.md, the softmax's Jacobian taken at q), with the tie rule
-    1[q < p], or 1[q <= p] where loose_ties; KL on the restricted target as it is where not
+    m = 1[q < p] + ties 1[q = p] (0: lkref's, 1: q <= p, 1/2: autograd through torch.minimum,
+    or through |q - p| with sign(0) = 0); KL on the restricted target as it is where not
     renormalise_kl, and from log_q where given (else log q); where l1, TV taken as the L1
     distance sum |p - q| = 2 (1 - alpha) and alpha as 1 minus that."""
     _, p, p_kl, w, T = _parts(case)
     if not renormalise_kl:
         p_kl = p
     d = w / w.sum()
-    m = (q <= p) if loose_ties else (q < p)
+    m = (q < p) + ties * (q == p)
     S = np.sum(q * m, -1, keepdims=True)
     alpha = np.minimum(q, p).sum(-1)
     dtv = -q * (m - S) / T
@@ -414,7 +415,13 @@ def _from_q(case, q, loose_ties=False, renormalise_kl=True, log_q=None, l1=False
 def _v_loose_ties(case):
     if case["trap"] != "ties" or case["loss"] == "kl":
         return None
-    return _from_q(case, _q(case), loose_ties=True)
+    return _from_q(case, _q(case), ties=1.0)
+
+
+def _v_half_ties(case):
+    if case["trap"] != "ties" or case["loss"] == "kl":
+        return None
+    return _from_q(case, _q(case), ties=0.5)
 
 
 def _v_unrenormalised_kl(case):
@@ -461,18 +468,25 @@ def _v_missing_temperature(case):
     return r.loss, r.grad * T, r.alpha
 
 
+#: The floors ports clamp alpha at (speculators' nla: 1e-5).
+CLAMPS = (1e-5, 1e-6, 1e-7, 1e-8, 1e-10, 1e-12)
+
+
 def _v_clamped_alpha(case):
     if case["loss"] != "lk_alpha":
         return None
     t = _ref(case, loss="tv")
-    a = np.maximum(t.alpha, 1e-8)
     w = _parts(case)[3]
-    loss = float(np.dot(w, np.where(w > 0, -np.log(a), 0)) / w.sum())
-    grad = t.grad / a[:, None] * (t.alpha >= 1e-8)[:, None]
-    return loss, grad, t.alpha
+    out = {}
+    for eps in CLAMPS:
+        a = np.maximum(t.alpha, eps)
+        loss = float(np.dot(w, np.where(w > 0, -np.log(a), 0)) / w.sum())
+        out[f"at {eps:g}"] = loss, t.grad / a[:, None] * (t.alpha >= eps)[:, None], t.alpha
+    return out
 
 
-#: name -> (what the port did, function building that variant's loss, grad, alpha for a case)
+#: name -> (what the port did, function building that variant's (loss, grad, alpha) for a case,
+#: or a dict of them by a detail such as the floor, or None where the variant does not apply)
 VARIANTS = {
     "log_of_mean": ("-log(mean alpha) instead of mean(-log alpha)", _v_log_of_mean),
     "renormalised_alpha": ("alpha on the renormalised draft-vocabulary target", _v_renormalised_alpha),
@@ -483,6 +497,8 @@ VARIANTS = {
                       "mask's sum", _v_mean_over_all),
     "unmasked_lambda": ("lambda from the mean alpha of every position, masked ones included", _v_unmasked_lambda),
     "loose_ties": ("the tie rule 1[q <= p] instead of 1[q < p]", _v_loose_ties),
+    "half_ties": ("half weight at ties, m = 1/2 where q = p (autograd through torch.minimum, or through "
+                  "|q - p| with sign(0) = 0) instead of 1[q < p]", _v_half_ties),
     "half_softmax": ("q rounded to the inputs' 2-byte type (a bfloat16 or float16 softmax) before alpha "
                      "and the tie rule; compute in float32", _v_half_softmax),
     "half_log_softmax": ("log q rounded to the inputs' 2-byte type (a log_softmax returned in bfloat16 or "
@@ -491,7 +507,8 @@ VARIANTS = {
                            "kl_div with reduction='mean' rather than 'batchmean')", _v_kl_mean_over_vocab),
     "l1_as_tv": ("TV taken as the L1 distance sum |p - q|, twice TV (and alpha as 1 minus it)", _v_l1_as_tv),
     "missing_temperature": ("gradients without the 1/T factor", _v_missing_temperature),
-    "clamped_alpha": ("alpha clamped at 1e-8 instead of exact log space", _v_clamped_alpha),
+    "clamped_alpha": ("alpha clamped at a floor (clamp_min(alpha, eps)) instead of -log alpha in exact log "
+                      "space", _v_clamped_alpha),
 }
 
 
@@ -596,27 +613,37 @@ def check(directory, fn=None, results=None):
     return rows
 
 
+#: What a non-finite result most likely means, by the case's trap.
+_NON_FINITE_HINTS = {
+    "alpha = 0": "alpha underflows here: take -log alpha in log space (docs/PORTING.md), not the log of a sum",
+    "overflow": "subtract each row's max before exp, and take -log alpha in log space: alpha is tiny here",
+}
+
+
 def _explain(case, got, e, tol):
     parts = [name for name, x in zip(("loss", "gradient", "alpha"), e) if x > 1]
     if any(not np.all(np.isfinite(np.asarray(g))) for g in got):
         msg = "non-finite values (NaN or inf) in the result"
+        hint = _NON_FINITE_HINTS.get(case["trap"])
+        msg += f" ({hint})" if hint else ""
     else:
         msg = f"{', '.join(parts)} off by {max(e):.3g}x the tolerance"
-    near = []                                          # (how far, name, what) of the variants it matches
+    near = []                                          # (how far, name, detail, what) of the variants it matches
     for name, (what, build) in VARIANTS.items():
         try:
-            v = build(case)
+            built = build(case)
         except Exception:
             continue
-        if v is None:
+        if built is None:
             continue
-        sc = _scores(got, {"loss": v[0], "grad": v[1], "alpha": v[2]}, tol)
-        if sc[0] <= 1 and sc[1] <= 1:                  # alpha is a port's report: not needed to match
-            near.append((max(sc), name, what))
+        for detail, v in (built.items() if isinstance(built, dict) else [("", built)]):
+            sc = _scores(got, {"loss": v[0], "grad": v[1], "alpha": v[2]}, tol)
+            if sc[0] <= 1 and sc[1] <= 1:              # alpha is a port's report: not needed to match
+                near.append((max(sc), name, detail, what))
     if not near:
         return msg
-    _, name, what = min(near)
-    return f"{msg}; matches the known mistake '{name}': {what}"
+    _, name, detail, what = min(near)
+    return f"{msg}; matches the known mistake '{name}'{f' ({detail})' if detail else ''}: {what}"
 
 
 def load_impl(spec: str):

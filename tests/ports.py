@@ -7,7 +7,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def make_port(mistake=None):
+def make_port(mistake=None, clamp=1e-8):
+    """A port; `mistake` one of conformance.VARIANTS' names or None; `clamp` the floor of
+    'clamped_alpha'."""
     def softmax(z, T):
         x = (z - z.max(-1, keepdims=True)) / T
         e = np.exp(x)
@@ -26,14 +28,15 @@ def make_port(mistake=None):
             with np.errstate(divide="ignore"):
                 logq = np.log(q)
         m = (q <= p) if mistake == "loose_ties" else (q < p)
-        mq = np.where(m, q, 0.0)
+        mw = m + 0.5 * (q == p) if mistake == "half_ties" else m   # torch.minimum's gradient: half at ties
+        mq = q * mw
         alpha = np.where(m, q, p).sum(-1)
         with np.errstate(divide="ignore"):
             log_alpha = np.log(np.where(m, q, p).sum(-1)) if mistake == "clamped_alpha" else \
                 np.logaddexp.reduce(np.where(m, logq, np.log(np.where(p > 0, p, 1e-300)) + np.where(p > 0, 0, -np.inf)), -1)
         S = mq.sum(-1, keepdims=True)
-        dalpha = q * (m - S) / T                            # d alpha_t / d z_t
-        return q, logq, m, alpha, log_alpha, dalpha
+        dalpha = q * (mw - S) / T                           # d alpha_t / d z_t
+        return q, logq, mw, alpha, log_alpha, dalpha
 
     def port(loss, draft_logits, target_probs, mask=None, temperature=1.0, draft_to_target=None,
              eta=3.0, kl_scale=1.0):
@@ -64,7 +67,7 @@ def make_port(mistake=None):
                 log_alpha = np.log(alpha)
         logq_kl = rounded(logq, half) if mistake == "half_log_softmax" and half else logq   # log_softmax in 2 bytes
         if mistake == "clamped_alpha":
-            log_alpha = np.log(np.maximum(alpha, 1e-8))
+            log_alpha = np.log(np.maximum(alpha, clamp))
         with np.errstate(divide="ignore", invalid="ignore"):
             kl_t = np.sum(np.where(p_kl > 0, p_kl * (np.log(np.where(p_kl > 0, p_kl, 1)) - logq_kl), 0), -1)
         dkl = (q - p_kl) / T
@@ -86,11 +89,11 @@ def make_port(mistake=None):
                 with np.errstate(invalid="ignore", divide="ignore"):
                     return np.dot(d, np.where(live, -log_alpha, 0)), -(d / alpha)[:, None] * dalpha, alpha
             if mistake == "clamped_alpha":
-                inv = 1 / np.maximum(alpha, 1e-8) * (alpha >= 1e-8)
+                inv = 1 / np.maximum(alpha, clamp) * (alpha >= clamp)
                 return np.dot(d, np.where(live, -log_alpha, 0)), -(d * inv)[:, None] * dalpha, alpha
             # 1/alpha in log space: r = m q / alpha, the gradient is -(r - q sum r) / T
             la = np.where(live, log_alpha, 0)[:, None]
-            r = np.where(m, np.exp(np.minimum(logq - la, 0)), 0)
+            r = np.where(m > 0, m * np.exp(np.minimum(logq - la, 0)), 0)
             grad = -(d * live)[:, None] * (r - q * r.sum(-1, keepdims=True)) / T
             return np.dot(d, np.where(live, -log_alpha, 0)), grad, alpha
         # lk_lambda

@@ -330,6 +330,32 @@ def test_peers_interpret_fails_on_a_wrong_peer():
     assert "lk_alpha  torch-eager" in done.stdout and "DIFFERS" in done.stdout
 
 
+def test_peers_against_the_conformance_kit():
+    """bench/peers_conformance.py where torch is installed: the benchmark's direct NumPy translation
+    fails only where alpha underflows (it takes -log of a sum), and PyTorch eager (autograd
+    through torch.minimum) only there and at the ties, named as half weight at ties."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("torch")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(root, "bench", "peers_conformance.py")], cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    failed, label = {}, None
+    for line in done.stdout.splitlines():
+        if line.startswith("## ") and "passed" in line:
+            label = line.split()[1]
+            failed[label] = {}
+        elif label and "  FAIL  " in line:
+            failed[label][line.split()[0]] = line
+    assert set(failed["numpy-naive"]) == {"alpha_zero/lk_alpha", "alpha_zero_f32/lk_alpha"}, done.stdout
+    assert all("log space" in line for line in failed["numpy-naive"].values())
+    ties = {"ties/tv", "ties/lk_alpha", "ties/lk_lambda"}
+    assert set(failed["torch-eager"]) == ties | set(failed["numpy-naive"]), done.stdout
+    assert all("'half_ties'" in failed["torch-eager"][case] for case in ties)
+
+
 def _fake_cupy():
     """NumPy dressed as CuPy for the benchmark's own code (events, memory pool, device name);
     the losses still see NumPy arrays, so this checks the GPU branch of the bench, not the kernels."""

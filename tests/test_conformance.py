@@ -55,6 +55,9 @@ _CHECKED: dict = {}
     ("no_stop_gradient", "lambda_batch/lk_lambda"),
     ("loose_ties", "ties/lk_alpha"),
     ("clamped_alpha", "alpha_zero/lk_alpha"),
+    ("half_ties", "ties/tv"),
+    ("half_ties", "ties/lk_alpha"),
+    ("half_ties", "ties/lk_lambda"),
     ("unrenormalised_kl", "draft_to_target/kl"),
     ("unrenormalised_kl", "draft_to_target/lk_lambda"),
     ("mean_over_all", "mask_bool/tv"),
@@ -88,6 +91,37 @@ def test_each_known_mistake_fails_and_is_named(kit, mistake, failing_case):
     assert not row.passed
     assert f"'{mistake}'" in row.message, row.message
     assert C.VARIANTS[mistake][0] in row.message
+
+
+@pytest.mark.parametrize("clamp", C.CLAMPS)
+def test_a_clamped_alpha_is_named_with_its_floor(kit, clamp):
+    """speculators' nla clamps alpha at 1e-5, others at 1e-8: the row names the floor, the one the
+    port used and no other."""
+    row = next(r for r in C.check(kit, make_port("clamped_alpha", clamp=clamp)) if r.id == "alpha_zero/lk_alpha")
+    assert not row.passed
+    assert f"'clamped_alpha' (at {clamp:g})" in row.message, row.message
+
+
+@pytest.mark.parametrize("case", ["alpha_zero/lk_alpha", "alpha_zero_f32/lk_alpha"])
+def test_a_non_finite_result_says_what_the_trap_needs(kit, case):
+    """A port that takes -log of a sum gets inf where alpha underflows; the row says why."""
+    def log_of_sum(loss, z, p, **kw):
+        r = lkref.LOSSES[loss](z, p, **kw)
+        e = np.exp(z - z.max(-1, keepdims=True))
+        with np.errstate(divide="ignore"):
+            return float(np.mean(-np.log(np.minimum(e / e.sum(-1, keepdims=True), p).sum(-1)))), r.grad, r.alpha
+    row = next(r for r in C.check(kit, log_of_sum) if r.id == case)
+    assert not row.passed and "non-finite" in row.message and "log space" in row.message, row.message
+
+
+def test_a_softmax_without_the_max_is_told_so(kit):
+    def no_max(loss, z, p, **kw):
+        r = lkref.LOSSES[loss](z, p, **kw)
+        with np.errstate(over="ignore", invalid="ignore"):
+            q = np.exp(z) / np.exp(z).sum(-1, keepdims=True)       # inf / inf at logits of size 100s
+        return r.loss, r.grad + 0 * q, r.alpha
+    row = next(r for r in C.check(kit, no_max) if r.id == "extreme_logits/tv")
+    assert not row.passed and "non-finite" in row.message and "row's max" in row.message, row.message
 
 
 def test_results_file_and_cli(kit, tmp_path):
