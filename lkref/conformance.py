@@ -103,11 +103,12 @@ def _near_ties(rng, shape, dtype, ties=32):
 def _close_draft(rng, shape, dtype, mass=0.6, eps=0.05):
     """Logits of a draft and a target near it (alpha ~ 0.98, KL ~ 1e-3), both in a 2-byte
     type, where 32-56 tokens of each row share one logit holding ~`mass` of q: the number and
-    the logit chosen among the type's values so that their q rounded to the type is high by
-    over half the most a rounding can, and their log q rounded to it high by 3x more.  A
-    row's KL then errs by ~mass times that (one sign over 60 % of the mass and in every row,
-    not a sum of random roundings that cancel) when q, or log q, is computed in the 2-byte
-    type: 10-100x the tolerance, the two far apart, while float32's rounding stays far inside."""
+    the logit chosen among the type's values so that their q rounded to the type is high by as
+    much as can be had (relative error `up`) while their log q rounded to it is high by over 3x
+    as much (`off`).  A row's KL then errs by ~mass times that (one sign over 60 % of the mass
+    and in every row, not a sum of random roundings that cancel) when q, or log q, is computed
+    in the 2-byte type: 10-100x the tolerance, the two far apart, while float32's rounding
+    stays far inside (tests/test_conformance.py checks all three on the built case)."""
     n, V = shape
     z = _half(rng.standard_normal(shape) * 1.5, dtype).astype(np.float64)
     for i in range(n):
