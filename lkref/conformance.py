@@ -248,6 +248,10 @@ def export(directory, seed=0):
         manifest_cases.append(entry)
     manifest = {"format": FORMAT, "version": VERSION, "lkref_version": __version__, "seed": seed,
                 "tolerances": TOLERANCES, "arrays": "lkref_conformance.npz",
+                "rule": "each of loss, grad, alpha passes where max |got - want| / (atol + rtol |want|) <= 1, "
+                        "with the tolerances of the case's dtype; for grad, atol is atol + rtol max |want grad|; "
+                        "an infinity equals the same infinity",
+                "known_mistakes": {name: what for name, (what, _) in VARIANTS.items()},
                 "call": "fn(loss, draft_logits, target_probs, mask=, temperature=, draft_to_target=, eta=, "
                         "kl_scale=) -> (loss, grad, alpha)",
                 "cases": manifest_cases}

@@ -31,6 +31,8 @@ def test_manifest_is_versioned_and_complete(kit):
     assert {"ties", "alpha = 0", "point mass", "smaller vocabulary", "mask", "temperature", "overflow",
             "precision", "lambda"} <= traps
     assert {c["loss"] for c in m["cases"]} == set(lkref.LOSSES)
+    assert m["known_mistakes"] == {name: what for name, (what, _) in C.VARIANTS.items()}
+    assert "atol + rtol max |want grad|" in m["rule"]
 
 
 def test_lkref_passes_with_both_paths(kit):
