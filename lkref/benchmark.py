@@ -236,16 +236,15 @@ def run(backends=("numpy",), losses=tuple(LOSSES), sizes=None, repeat=10, with_p
 
     csv_path: each block's rows are appended there as soon as the block is done, so a run
     stopped by a time limit keeps what it measured.  dtype: the logits' and the target's (the
-    gradient's too); the peers are timed with float32 inputs only."""
+    gradient's too; the peers get the same values, as torch tensors of that dtype where they
+    take torch's; those that take target logits get log p in it)."""
     itemsize = np_dtype(dtype).itemsize
     sizes = DEFAULT_SIZES if sizes is None else sizes
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())     # the run's, on every CSV row
     import lkref
     say(f"== lkref {lkref.__version__}, git {git_sha()}, {stamp}")
     rows = []
-    if with_peers and dtype != "float32":
-        say(f"peers: timed with float32 inputs only, not {dtype}")
-    peer_mod = load_peers() if with_peers and dtype == "float32" else None
+    peer_mod = load_peers() if with_peers else None
     for backend in backends:
         if backend == "cupy" and not cupy_available():
             say("cupy: not available (CuPy with a CUDA device), skipped")
@@ -362,9 +361,21 @@ def peer_error(fn, args, ref):
     if hasattr(fn, "prepare"):
         args = fn.prepare(*args)
     got_loss, got_grad = fn(*args)
+    if hasattr(got_grad, "float"):                    # a torch tensor: bfloat16 has no NumPy form
+        got_grad = got_grad.float()
     err = max(rel_err(np.asarray(got_grad.cpu() if hasattr(got_grad, "cpu") else got_grad), ref.grad),
               rel_err(np.asarray(float(got_loss)), ref.loss))
     return args, err
+
+
+def _as_torch(x, device):
+    """A torch tensor of x's values on device; bfloat16 (ml_dtypes', which torch does not read)
+    through its bits."""
+    import torch
+    a = np.ascontiguousarray(to_numpy(x))
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16).to(device)
+    return torch.as_tensor(a, device=device)
 
 
 def _peer_candidates(mod, xp, backend, loss, z, p, ref, say, skip=(), only=None):
@@ -379,7 +390,7 @@ def _peer_candidates(mod, xp, backend, loss, z, p, ref, say, skip=(), only=None)
             else:
                 import torch
                 dev = "cuda" if kind == "torch-cuda" else "cpu"
-                args = (torch.as_tensor(to_numpy(z), device=dev), torch.as_tensor(to_numpy(p), device=dev))
+                args = (_as_torch(z, dev), _as_torch(p, dev))
                 sync = torch.cuda.synchronize if dev == "cuda" else None
             args, err = peer_error(fn, args, ref)
         except Exception as exc:  # a peer that fails is reported, not fatal
