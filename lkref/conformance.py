@@ -14,13 +14,16 @@ check(dir, fn) runs a port on every case and returns one row per case.  fn is ca
        eta=..., kl_scale=...)  ->  (loss, grad, alpha)  or an object with .loss .grad .alpha
 
 with NumPy arrays (bfloat16 cases arrive as float32 arrays holding bfloat16 values: cast
-them to your bfloat16, losslessly; float16 cases as float16 arrays).  A failing case is compared with the known wrong
+them to your bfloat16, losslessly; float16 cases as float16 arrays).  A port whose fn has a
+parameter named case_dtype is also given the case's dtype there ("float64", "float32",
+"bfloat16" or "float16"), which a float32 array cannot say.  A failing case is compared with the known wrong
 variants (VARIANTS), and the row names the one that the port matches.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -583,9 +586,18 @@ def _to_numpy(x):
     return np.asarray(x, dtype=np.float64)
 
 
+def _parameters(fn):
+    """The names of fn's parameters; none where Python cannot tell (some builtins)."""
+    try:
+        return inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
 def check(directory, fn=None, results=None):
     """Run a port (fn) or read its saved results (an NPZ with <id>/loss, /grad, /alpha) on every case."""
     manifest, cases = load(directory)
+    takes_dtype = fn is not None and "case_dtype" in _parameters(fn)
     rows = []
     for case in cases:
         tol = manifest["tolerances"][case["dtype"]]
@@ -593,8 +605,9 @@ def check(directory, fn=None, results=None):
         try:
             if fn is not None:
                 inp = case["inputs"]
+                extra = {"case_dtype": case["dtype"]} if takes_dtype else {}
                 got = _unpack(fn(case["loss"], inp["draft_logits"], inp["target_probs"], mask=inp["mask"],
-                                 draft_to_target=inp["draft_to_target"], **case["options"]))
+                                 draft_to_target=inp["draft_to_target"], **case["options"], **extra))
             else:
                 got = tuple(results[f"{cid}/{k}"] for k in ("loss", "grad", "alpha"))
             got = tuple(_to_numpy(x) for x in got)

@@ -39,11 +39,9 @@ def make_port(mistake=None, clamp=1e-8):
         return q, logq, mw, alpha, log_alpha, dalpha
 
     def port(loss, draft_logits, target_probs, mask=None, temperature=1.0, draft_to_target=None,
-             eta=3.0, kl_scale=1.0):
-        z0 = np.asarray(draft_logits)
-        bits = z0.view(np.uint32) if z0.dtype == np.float32 else None
-        half = "float16" if z0.dtype == np.float16 else "bfloat16" if bits is not None and not (bits & 0xFFFF).any() else None
-        z = z0.astype(np.float64)
+             eta=3.0, kl_scale=1.0, case_dtype=None):
+        half = case_dtype if case_dtype in ("bfloat16", "float16") else None
+        z = np.asarray(draft_logits, np.float64)
         p_full = np.asarray(target_probs, np.float64)
         T = temperature
         N = z.shape[0]

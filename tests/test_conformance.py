@@ -126,6 +126,22 @@ def test_a_softmax_without_the_max_is_told_so(kit):
     assert not row.passed and "non-finite" in row.message and "row's max" in row.message, row.message
 
 
+def test_a_port_naming_case_dtype_is_told_each_case_dtype(kit):
+    """alpha_zero_f32's float32 logits hold only bfloat16 values, so the arrays cannot say a case's
+    dtype; a port with a case_dtype parameter is told it, one without is called as before."""
+    seen = {}
+
+    def port(loss, z, p, case_dtype, **kw):
+        seen[loss, z.tobytes(), p.tobytes()] = case_dtype
+        return lkref.LOSSES[loss](z, p, **kw)
+    assert all(r.passed for r in C.check(kit, port))
+    _, cases = C.load(kit)
+    for c in cases:
+        key = c["loss"], c["inputs"]["draft_logits"].tobytes(), c["inputs"]["target_probs"].tobytes()
+        assert seen[key] == c["dtype"], c["id"]
+    assert {c["dtype"] for c in cases} == {"float64", "float32", "bfloat16", "float16"}
+
+
 def test_results_file_and_cli(kit, tmp_path):
     port = make_port("log_of_mean")
     _, cases = C.load(kit)
