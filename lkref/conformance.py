@@ -384,13 +384,14 @@ def _v_no_stop_gradient(case):
     return r.loss, grad, r.alpha
 
 
-def _from_q(case, q, ties=0.0, renormalise_kl=True, log_q=None, l1=False):
+def _from_q(case, q, ties=0.0, renormalise_kl=True, log_q=None, l1=False, soft_ce=False):
     """(loss, grad, alpha) of the case's loss in float64 from a given draft distribution q (the
     formulas of docs/PORTING.md, the softmax's Jacobian taken at q), with the tie rule
     m = 1[q < p] + ties 1[q = p] (0: lkref's, 1: q <= p, 1/2: autograd through torch.minimum,
     or through |q - p| with sign(0) = 0); KL on the restricted target as it is where not
     renormalise_kl, and from log_q where given (else log q); where l1, TV taken as the L1
-    distance sum |p - q| = 2 (1 - alpha) and alpha as 1 minus that."""
+    distance sum |p - q| = 2 (1 - alpha) and alpha as 1 minus that; where soft_ce, the soft
+    cross-entropy -sum p log q = KL + H(p) in KL's place (the same gradient)."""
     _, p, p_kl, w, T = _parts(case)
     if not renormalise_kl:
         p_kl = p
@@ -403,7 +404,8 @@ def _from_q(case, q, ties=0.0, renormalise_kl=True, log_q=None, l1=False):
         alpha, dtv = 2 * alpha - 1, 2 * dtv
     with np.errstate(divide="ignore", invalid="ignore"):
         log_q = np.log(q) if log_q is None else log_q
-        kl = np.sum(np.where(p_kl > 0, p_kl * (np.log(np.where(p_kl > 0, p_kl, 1)) - log_q), 0), -1)
+        log_p = 0.0 if soft_ce else np.log(np.where(p_kl > 0, p_kl, 1))
+        kl = np.sum(np.where(p_kl > 0, p_kl * (log_p - log_q), 0), -1)
     dkl = (q * p_kl.sum(-1, keepdims=True) - p_kl) / T
     if case["loss"] == "kl":
         per, grad = kl, dkl
@@ -449,6 +451,12 @@ def _v_half_log_softmax(case):
         return None
     q = _q(case)
     return _from_q(case, q, log_q=_half(np.log(q), case["dtype"]).astype(np.float64))
+
+
+def _v_soft_cross_entropy(case):
+    if case["loss"] not in ("kl", "lk_lambda"):
+        return None
+    return _from_q(case, _q(case), soft_ce=True)
 
 
 def _v_l1_as_tv(case):
@@ -513,6 +521,9 @@ VARIANTS = {
                          "float16) in the KL term", _v_half_log_softmax),
     "kl_mean_over_vocab": ("KL averaged over every entry, divided by the vocabulary size too (PyTorch's "
                            "kl_div with reduction='mean' rather than 'batchmean')", _v_kl_mean_over_vocab),
+    "soft_cross_entropy": ("the soft cross-entropy -sum p log q in KL's place: KL + H(p), the same gradient, "
+                           "a loss larger by the target's entropy (harmless to training, not KL)",
+                           _v_soft_cross_entropy),
     "l1_as_tv": ("TV taken as the L1 distance sum |p - q|, twice TV (and alpha as 1 minus it)", _v_l1_as_tv),
     "missing_temperature": ("gradients without the 1/T factor", _v_missing_temperature),
     "clamped_alpha": ("alpha clamped at a floor (clamp_min(alpha, eps)) instead of -log alpha in exact log "

@@ -69,6 +69,9 @@ def make_port(mistake=None, clamp=1e-8):
         with np.errstate(divide="ignore", invalid="ignore"):
             kl_t = np.sum(np.where(p_kl > 0, p_kl * (np.log(np.where(p_kl > 0, p_kl, 1)) - logq_kl), 0), -1)
         dkl = (q - p_kl) / T
+        if mistake == "soft_cross_entropy":                 # -sum p log q: KL + H(p), the same gradient
+            with np.errstate(divide="ignore", invalid="ignore"):
+                kl_t = np.sum(np.where(p_kl > 0, -p_kl * logq_kl, 0), -1)
         if mistake == "kl_mean_over_vocab":                 # kl_div(reduction="mean"): over N * V entries
             kl_t, dkl = kl_t / z.shape[1], dkl / z.shape[1]
         if mistake == "unrenormalised_kl":                  # autograd's gradient of that KL: q sum p - p

@@ -79,6 +79,9 @@ _CHECKED: dict = {}
     ("half_log_softmax", "float16_close/kl"),
     ("missing_temperature", "temperature/kl"),
     ("missing_temperature", "temperature/lk_alpha"),
+    ("soft_cross_entropy", "basic/kl"),
+    ("soft_cross_entropy", "lambda_batch/lk_lambda"),
+    ("soft_cross_entropy", "draft_to_target/kl"),
     ("kl_mean_over_vocab", "basic/kl"),
     ("kl_mean_over_vocab", "lambda_batch/lk_lambda"),
     ("kl_mean_over_vocab", "draft_to_target/kl"),        # V of the draft vocabulary: what kl_div sees
