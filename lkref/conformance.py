@@ -16,8 +16,8 @@ check(dir, fn) runs a port on every case and returns one row per case.  fn is ca
 with NumPy arrays (bfloat16 cases arrive as float32 arrays holding bfloat16 values: cast
 them to your bfloat16, losslessly; float16 cases as float16 arrays).  A port whose fn has a
 parameter named case_dtype is also given the case's dtype there ("float64", "float32",
-"bfloat16" or "float16"), which a float32 array cannot say.  A failing case is compared with the known wrong
-variants (VARIANTS), and the row names the one that the port matches.
+"bfloat16" or "float16"), which a float32 array cannot say.  A failing case is compared
+with the known wrong variants (VARIANTS), and the row names the one that the port matches.
 """
 
 from __future__ import annotations
@@ -256,7 +256,7 @@ def export(directory, seed=0):
                         "an infinity equals the same infinity",
                 "known_mistakes": {name: what for name, (what, _) in VARIANTS.items()},
                 "call": "fn(loss, draft_logits, target_probs, mask=, temperature=, draft_to_target=, eta=, "
-                        "kl_scale=) -> (loss, grad, alpha)",
+                        "kl_scale=[, case_dtype=]) -> (loss, grad, alpha)",
                 "cases": manifest_cases}
     np.savez_compressed(os.path.join(directory, "lkref_conformance.npz"), **arrays)
     with open(os.path.join(directory, "manifest.json"), "w") as f:
