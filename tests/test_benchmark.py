@@ -362,6 +362,23 @@ def test_peers_against_the_conformance_kit():
     assert all("'half_ties'" in failed["torch-eager"][case] for case in ties)
 
 
+def test_peer_sampler_probe_where_transformers_is_installed():
+    """bench/peers_sampler.py (skipped without torch and transformers, as in CI): both samplers pass
+    check_sampler at 20 000 rounds, and lkref.verify rejects a p = 0 draft at the uniform 0.0."""
+    import os
+    import subprocess
+    import sys
+    for name in ("torch", "transformers"):
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(f"{name} is not installed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(root, "bench", "peers_sampler.py"), "--trials", "20000"],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    assert "FAIL" not in done.stdout and done.stdout.count("structure       pass") == 2, done.stdout
+    assert "lkref.verify accepts it: no" in done.stdout
+
+
 def _fake_cupy():
     """NumPy dressed as CuPy for the benchmark's own code (events, memory pool, device name);
     the losses still see NumPy arrays, so this checks the GPU branch of the bench, not the kernels."""
