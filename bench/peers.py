@@ -19,6 +19,14 @@ the checkout's bench/ folder; nothing in lkref/ imports PyTorch or any other pee
                   -log(1 - TV) per position, composed in PyTorch as speculators composes nla.
                   Its cross-entropy needs labels: zeros, whose term is unused (zero gradient).
                   It takes target logits, made as for speculators.  On CUDA.
+  specforge       SpecForge's LK losses as its EAGLE-3 trainer composes them (specforge.core.lk_loss
+                  and its Triton KL kernel, specforge.core.loss.LogSoftmaxLoss), on CUDA: KL,
+                  LK^alpha ("alpha") and LK^lambda ("lambda", kl_decay = eta = 3), one sequence
+                  of N positions, every position valid (prepare takes a mask too).  Its KL term
+                  is the soft cross-entropy -sum p log q = KL + H(p): the same gradient, a loss
+                  larger by the target's entropy, so its KL and LK^lambda rows are "specforge
+                  CE".  Its KL kernel writes the gradient over the logits it was given, so each
+                  call gets a copy of z (one more N x V copy).
   liger-tvd       Liger-Kernel's TV distance (liger_kernel.ops.tvd) on probabilities, after a
                   PyTorch softmax of the logits (autograd carries its gradient back), on CUDA:
                   how one would use Liger's plain TV op; not fused with the softmax.
@@ -260,6 +268,39 @@ def liger_tv():
     return run
 
 
+def specforge_loss(name, eta=3.0):
+    """SpecForge's KL / LK^alpha / LK^lambda, or None (no SpecForge, or no Triton)."""
+    if name not in ("kl", "lk_alpha", "lk_lambda"):
+        return None
+    try:
+        from specforge.core.lk_loss import compute_acceptance_rate, compute_lk_loss
+        from specforge.core.loss import LogSoftmaxLoss
+    except Exception as exc:
+        if not isinstance(exc, ModuleNotFoundError) or not (exc.name or "").startswith("specforge"):
+            print(f"peer specforge: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+    torch = _torch()
+    kind = {"kl": None, "lk_alpha": "alpha", "lk_lambda": "lambda"}[name]
+
+    def run(z, p, mask):
+        z = z.detach().clone().requires_grad_(True)     # its KL kernel writes the gradient over z
+        kl = LogSoftmaxLoss.apply(z, p, mask)
+        if kind is None:
+            loss = kl
+        else:
+            alpha, log_alpha = compute_acceptance_rate(logits=z, target_probs=p, position_mask=mask)
+            loss = compute_lk_loss(kl_loss=kl, acceptance_rate=alpha, log_acceptance_rate=log_alpha,
+                                   lk_loss_type=kind, kl_scale=1.0, kl_decay=eta)
+        loss.backward()
+        return loss.detach(), z.grad.reshape(z.shape[1:])
+
+    def prepare(z, p, mask=None):                     # [1, N, V] and its position mask [1, N, 1]
+        m = torch.ones(z.shape[0]) if mask is None else torch.as_tensor(np.asarray(mask, np.float32))
+        return z[None], p[None], m.reshape(1, -1, 1).to(device=z.device, dtype=torch.float32)
+    run.prepare = prepare
+    return run
+
+
 def peers(backend: str, name: str) -> dict:
     """The peers available here for one loss on one backend: {label: (fn, kind)}."""
     out = {}
@@ -280,6 +321,9 @@ def peers(backend: str, name: str) -> dict:
         fn = liger_fused(name)
         if fn is not None:
             out["liger-fused"] = (fn, "torch-cuda")
+        fn = specforge_loss(name)
+        if fn is not None:
+            out["specforge" if name == "lk_alpha" else "specforge CE"] = (fn, "torch-cuda")
         fn = liger_tv() if name == "tv" else None
         if fn is not None:
             out["liger-tvd"] = (fn, "torch-cuda")

@@ -7,9 +7,9 @@ The peers run as the benchmark runs them: PyTorch eager with the SpecForge formu
 speculators' fused Triton losses, Liger-Kernel's fused TV and its plain TV op, and the
 benchmark's direct NumPy translation.  The Triton ones run on the CPU under Triton's
 interpreter, set up as bench/peers_interpret.py does.  Each peer takes (draft logits, target
-probabilities) and nothing else, so it is tried on the cases without a mask, a temperature,
-a smaller draft vocabulary or a non-default eta / kl_scale; the others are counted as "not
-applicable".  The peers work in float32: float64 cases reach them in float32 and are judged at
+probabilities) and nothing else (SpecForge a mask too), so it is tried on the cases without
+a mask (but SpecForge), a temperature, a smaller draft vocabulary or a non-default eta /
+kl_scale; the others are counted as "not applicable".  The peers work in float32: float64 cases reach them in float32 and are judged at
 float32's tolerance.  In bfloat16 and float16 cases the draft logits reach the peer as torch
 tensors of that dtype, the target as float32 holding the same values (the Triton peers take
 target logits, made from it as log p, with -1e4 where p = 0: bench/peers.py); a target in the
@@ -26,6 +26,7 @@ is missing.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -53,10 +54,13 @@ class NotApplicable(Exception):
 
 def as_port(fn, kind):
     """A port (case) -> (loss, grad, alpha) around a peer fn(z, p), or NotApplicable."""
+    takes_mask = hasattr(fn, "prepare") and "mask" in inspect.signature(fn.prepare).parameters
+
     def port(case):
         options = dict(case["options"], mask=case["inputs"]["mask"],
                        draft_to_target=case["inputs"]["draft_to_target"])
-        set_ = [k for k, v in options.items() if not _default(v, DEFAULTS[k])]
+        set_ = [k for k, v in options.items()
+                if not _default(v, DEFAULTS[k]) and not (k == "mask" and takes_mask)]
         if set_:
             raise NotApplicable(f"the peer takes no {', '.join(set_)}")
         z, p = np.asarray(case["inputs"]["draft_logits"]), np.asarray(case["inputs"]["target_probs"])
@@ -69,7 +73,7 @@ def as_port(fn, kind):
             dt = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(half, torch.float32)
             args = (torch.from_numpy(zf).to(dt), torch.from_numpy(pf))
         if hasattr(fn, "prepare"):
-            args = fn.prepare(*args)
+            args = fn.prepare(*args, **({"mask": options["mask"]} if takes_mask else {}))
         got_loss, got_grad = fn(*args)
         if hasattr(got_grad, "detach"):
             got_grad = got_grad.detach().float().cpu().numpy()
@@ -95,7 +99,7 @@ def peer_ports():
             for label, (fn, kind) in mod.peers(backend, loss).items():
                 if label == "torch-compile" or (backend == "cupy" and label == "torch-eager"):
                     continue
-                ports.setdefault(label.replace(" λ/tok", ""), {})[loss] = as_port(fn, kind)
+                ports.setdefault(label.split()[0], {})[loss] = as_port(fn, kind)
     return ports
 
 

@@ -11,7 +11,8 @@ torch.compile is left out (Inductor, not Triton's interpreter, would run it).
 Needs torch and triton, and the peers' packages (bench/peer_wheels.sh; `pip install --no-deps
 .whl/*.whl` in a scratch environment).  Exit status 1 when a peer that computes lkref's loss
 differs by more than the benchmark's tolerance or fails to run; speculators' lk_hybrid has a
-per-token lambda, not lkref's batch mean, so its difference is printed and not judged.
+per-token lambda, not lkref's batch mean, so its difference is printed and not judged, and
+SpecForge's KL term is the soft cross-entropy, so only its gradient is judged (BY_DESIGN).
 
 Two things a GPU launch does and the interpreter does not are done here: a Python float
 argument becomes an fp32 scalar (the interpreter passes it bare, and Liger's kernel calls
@@ -30,9 +31,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lkref                                  # noqa: E402
-from lkref.benchmark import LOSSES, TOLERANCE, load_peers, make_problem, peer_error   # noqa: E402
+from lkref.benchmark import LOSSES, TOLERANCE, load_peers, make_problem, peer_errors   # noqa: E402
 
-PER_TOKEN_LAMBDA = {"speculators λ/tok"}      # another loss by design (bench/peers.py)
+#: Peers whose loss is another by design (bench/peers.py): what is judged of them, and why.
+BY_DESIGN = {"speculators λ/tok": (None, "per-token lambda"),
+             "specforge CE": ("gradient", "soft cross-entropy: its loss is KL + H(p), its gradient KL's")}
 
 
 def interpreter_as_a_launch():
@@ -76,16 +79,21 @@ def main(argv=None) -> int:
                 continue
             seen += 1
             try:
-                _, err = peer_error(fn, (torch.from_numpy(z), torch.from_numpy(p)), ref)
+                _, grad_err, loss_err = peer_errors(fn, (torch.from_numpy(z), torch.from_numpy(p)), ref)
             except Exception as exc:
                 print(f"{loss:9s} {label:18s} failed: {type(exc).__name__}: {exc}")
                 bad.append((loss, label))
                 continue
-            judged = label not in PER_TOKEN_LAMBDA
-            unjudged += not judged
-            verdict = ("ok" if err <= TOLERANCE else "DIFFERS") if judged else "not judged (per-token lambda)"
-            print(f"{loss:9s} {label:18s} max rel err {err:.2e}  {verdict}")
-            if judged and err > TOLERANCE:
+            what, why = BY_DESIGN.get(label, ("both", ""))
+            err = {"both": max(grad_err, loss_err), "gradient": grad_err, None: None}[what]
+            unjudged += err is None
+            if err is None:
+                verdict = f"not judged ({why})"
+            else:
+                verdict = "ok" if err <= TOLERANCE else "DIFFERS"
+                verdict += f" (the gradient; {why})" if what == "gradient" else ""
+            print(f"{loss:9s} {label:18s} rel err: gradient {grad_err:.2e}, loss {loss_err:.2e}  {verdict}")
+            if err is not None and err > TOLERANCE:
                 bad.append((loss, label))
     if not seen:
         print("no GPU peer is installed here (bench/peer_wheels.sh)", file=sys.stderr)

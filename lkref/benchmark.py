@@ -354,18 +354,23 @@ def _lkref_candidates(xp, backend, fn, loss, z, p, out, N, V, ref, say, tol=TOLE
     return cands
 
 
-def peer_error(fn, args, ref):
-    """(the peer's own inputs, its largest relative error in the gradient and the loss against
-    the LossResult ref): one call of the peer fn on args, put in its form first (fn.prepare,
+def peer_errors(fn, args, ref):
+    """(the peer's own inputs, its largest relative error in the gradient, in the loss) against
+    the LossResult ref: one call of the peer fn on args, put in its form first (fn.prepare,
     made before timing)."""
     if hasattr(fn, "prepare"):
         args = fn.prepare(*args)
     got_loss, got_grad = fn(*args)
     if hasattr(got_grad, "float"):                    # a torch tensor: bfloat16 has no NumPy form
         got_grad = got_grad.float()
-    err = max(rel_err(np.asarray(got_grad.cpu() if hasattr(got_grad, "cpu") else got_grad), ref.grad),
-              rel_err(np.asarray(float(got_loss)), ref.loss))
-    return args, err
+    return (args, rel_err(np.asarray(got_grad.cpu() if hasattr(got_grad, "cpu") else got_grad), ref.grad),
+            rel_err(np.asarray(float(got_loss)), ref.loss))
+
+
+def peer_error(fn, args, ref):
+    """(the peer's own inputs, its largest relative error in the gradient and the loss)."""
+    args, grad_err, loss_err = peer_errors(fn, args, ref)
+    return args, max(grad_err, loss_err)
 
 
 def _as_torch(x, device):

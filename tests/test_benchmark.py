@@ -312,9 +312,13 @@ def test_real_peers_in_the_triton_interpreter():
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
     out = done.stdout
     assert out.count(" ok") >= 4                                   # torch-eager, every loss
-    for package, label, lines in (("speculators", "speculators ", 3), ("liger_kernel", "liger-", 3)):
+    for package, label, lines in (("speculators", "speculators ", 3), ("liger_kernel", "liger-", 3),
+                                  ("specforge", "specforge", 3)):
         if importlib.util.find_spec(package) is not None:
-            assert sum(label in line and line.endswith(" ok") for line in out.splitlines()) == lines, out
+            assert sum(label in line and line.split("  ")[-1].startswith("ok") for line in out.splitlines()) \
+                == lines, out
+    if importlib.util.find_spec("specforge") is not None:       # its KL is the soft cross-entropy
+        assert out.count("ok (the gradient; soft cross-entropy") == 2, out
 
 
 def test_peers_interpret_fails_on_a_wrong_peer():
