@@ -146,7 +146,7 @@ def installed():
     """The peer packages' versions, from their metadata."""
     from importlib import metadata
     out = []
-    for dist in ("speculators", "liger-kernel"):
+    for dist in ("speculators", "liger-kernel", "specforge"):
         try:
             out.append(f"{dist} {metadata.version(dist)}")
         except metadata.PackageNotFoundError:
