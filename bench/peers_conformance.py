@@ -4,18 +4,21 @@ passes, and which known mistake each failure matches.
     python bench/peers_conformance.py [--kit DIR] [--cases]
 
 The peers run as the benchmark runs them: PyTorch eager with the SpecForge formulas, vLLM
-speculators' fused Triton losses, Liger-Kernel's fused TV and its plain TV op, and the
-benchmark's direct NumPy translation.  The Triton ones run on the CPU under Triton's
-interpreter, set up as bench/peers_interpret.py does.  Each peer takes (draft logits, target
-probabilities) and nothing else (SpecForge a mask too), so it is tried on the cases without
-a mask (but SpecForge), a temperature, a smaller draft vocabulary or a non-default eta /
-kl_scale; the others are counted as "not applicable".  The peers work in float32: float64 cases reach them in float32 and are judged at
-float32's tolerance.  In bfloat16 and float16 cases the draft logits reach the peer as torch
-tensors of that dtype, the target as float32 holding the same values (the Triton peers take
-target logits, made from it as log p, with -1e4 where p = 0: bench/peers.py); a target in the
-2-byte type would reach them as logits rounded to it, which is not the case's target.  The
-peers return a loss and a gradient, not alpha: the alpha column is the float64 alpha of the
-inputs, so it says nothing; the checker names a mistake by the loss and the gradient alone.
+speculators' fused Triton losses, SpecForge's LK losses, Liger-Kernel's fused TV and its plain
+TV op, and the benchmark's direct NumPy translation.  The Triton ones run on the CPU under
+Triton's interpreter, set up as bench/peers_interpret.py does.  Each peer takes (draft
+logits, target probabilities) and nothing else (SpecForge a mask too), so it is tried on the
+cases without a mask (but SpecForge), a temperature, a smaller draft vocabulary or a
+non-default eta / kl_scale; the others are counted as "not applicable".
+
+The peers work in float32: float64 cases reach them in float32 and are judged at float32's
+tolerance.  In bfloat16 and float16 cases the draft logits reach the peer as torch tensors of
+that dtype (the NumPy translation: float32 arrays of the same values), the target as float32
+holding the same values (the Triton peers take target logits, made from it as log p, with
+-1e4 where p = 0: bench/peers.py); a target in the 2-byte type would reach them as logits
+rounded to it, which is not the case's target.  The peers return a loss and a gradient, not
+alpha: the alpha column is the float64 alpha of the inputs, so it says nothing; the checker
+names a mistake by the loss and the gradient alone.
 
 Needs torch, and for the Triton peers triton and their wheels (bench/peer_wheels.sh, then
 `pip install --no-deps .whl/*.whl` in a scratch environment).  Prints a table per peer and
@@ -64,13 +67,12 @@ def as_port(fn, kind):
         if set_:
             raise NotApplicable(f"the peer takes no {', '.join(set_)}")
         z, p = np.asarray(case["inputs"]["draft_logits"]), np.asarray(case["inputs"]["target_probs"])
-        half = case["dtype"]
         zf, pf = (np.ascontiguousarray(x, np.float32) for x in (z, p))
         if kind == "numpy":
             args = (zf, pf)
         else:
             import torch
-            dt = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(half, torch.float32)
+            dt = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(case["dtype"], torch.float32)
             args = (torch.from_numpy(zf).to(dt), torch.from_numpy(pf))
         if hasattr(fn, "prepare"):
             args = fn.prepare(*args, **({"mask": options["mask"]} if takes_mask else {}))
