@@ -25,8 +25,10 @@ the checkout's bench/ folder; nothing in lkref/ imports PyTorch or any other pee
                   of N positions, every position valid (prepare takes a mask too).  Its KL term
                   is the soft cross-entropy -sum p log q = KL + H(p): the same gradient, a loss
                   larger by the target's entropy, so its KL and LK^lambda rows are "specforge
-                  CE".  Its KL kernel writes the gradient over the logits it was given, so each
-                  call gets a copy of z (one more N x V copy).
+                  CE".  Its KL kernel writes the gradient over the logits it was given (free in
+                  training, where they are a temporary): prepare gives it its own copy of z, so
+                  the first call, the one checked, sees z, and the timed calls after it run on
+                  what the call before left there (no kernel's time depends on the values).
   liger-tvd       Liger-Kernel's TV distance (liger_kernel.ops.tvd) on probabilities, after a
                   PyTorch softmax of the logits (autograd carries its gradient back), on CUDA:
                   how one would use Liger's plain TV op; not fused with the softmax.
@@ -283,7 +285,7 @@ def specforge_loss(name, eta=3.0):
     kind = {"kl": None, "lk_alpha": "alpha", "lk_lambda": "lambda"}[name]
 
     def run(z, p, mask):
-        z = z.detach().clone().requires_grad_(True)     # its KL kernel writes the gradient over z
+        z = z.detach().requires_grad_(True)             # its KL kernel writes the gradient over z
         kl = LogSoftmaxLoss.apply(z, p, mask)
         if kind is None:
             loss = kl
@@ -294,9 +296,9 @@ def specforge_loss(name, eta=3.0):
         loss.backward()
         return loss.detach(), z.grad.reshape(z.shape[1:])
 
-    def prepare(z, p, mask=None):                     # [1, N, V] and its position mask [1, N, 1]
+    def prepare(z, p, mask=None):                     # its own copy of z [1, N, V]; a mask [1, N, 1]
         m = torch.ones(z.shape[0]) if mask is None else torch.as_tensor(np.asarray(mask, np.float32))
-        return z[None], p[None], m.reshape(1, -1, 1).to(device=z.device, dtype=torch.float32)
+        return z[None].clone(), p[None], m.reshape(1, -1, 1).to(device=z.device, dtype=torch.float32)
     run.prepare = prepare
     return run
 
