@@ -12,6 +12,7 @@ seed makes every run give the same answer.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -181,6 +182,8 @@ def check_sampler(verify_fn, *, seed=0, trials=100_000, K=4, V=6) -> SamplerRepo
       acceptance[j]    acceptances at j / rounds reaching j  ~  Binomial(reached, alpha_j)
       accepted-count   histogram of N  ~  theory.accept_length_pmf(alpha)   (chi-square)
       marginal[j]      token emitted at position j (rounds with N >= j)  ~  p_j   (chi-square)
+      p = 0 draft at u = 0   where verify_fn takes uniforms=: a draft the target gives
+                       p = 0 is rejected with every uniform 0.0 (zero_probability_draft_check)
     """
     if not callable(verify_fn):
         raise TypeError(f"verify_fn must be a function with lkref.verify's signature, got {type(verify_fn).__name__}")
@@ -233,4 +236,34 @@ def check_sampler(verify_fn, *, seed=0, trials=100_000, K=4, V=6) -> SamplerRepo
         sel = n >= j
         counts = np.bincount(tok[sel, j], minlength=V)
         report.checks.append(goodness_of_fit(f"marginal[{j}]", counts, p[j]))
+    if "uniforms" in _parameters(verify_fn):
+        report.checks.append(zero_probability_draft_check(verify_fn, p, q))
     return report
+
+
+def zero_probability_draft_check(verify_fn, p, q, rows=64) -> Check:
+    """A draft the target gives p = 0 must be rejected even when its uniform is 0.0.
+
+    No sample of reasonable size sees this: an acceptance test u <= p/q instead of
+    u q < p accepts such a draft only when u is exactly 0.0, which a float32 uniform is with
+    probability 2^-24.  So for a verify_fn that takes its acceptance uniforms (uniforms=,
+    as lkref.verify does) it is tried directly: drafts of token 0, which sampler_problem's
+    target never emits and its draft does, with every uniform 0.0; each row must reject at
+    position 0 and emit something else."""
+    K, V = q.shape
+    drafts = np.zeros((rows, K), np.int64)
+    res = verify_fn(drafts, np.broadcast_to(q, (rows, K, V)), np.broadcast_to(p, (rows, K + 1, V)),
+                    rng=np.random.default_rng(0), uniforms=np.zeros((rows, K)))
+    n, tok = np.asarray(res.num_accepted), np.asarray(res.tokens)
+    bad = int(np.sum((n != 0) | (tok[:, 0] == 0)))
+    detail = (f"rejected in all {rows} rows" if not bad else
+              f"accepted or emitted in {bad} of {rows} rows (an acceptance test u <= p/q instead of u q < p?)")
+    return Check("p = 0 draft at u = 0", not bad, detail)
+
+
+def _parameters(fn):
+    """The names of fn's parameters; none where Python cannot tell."""
+    try:
+        return inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}

@@ -11,7 +11,8 @@ import numpy as np
 
 from lkref.sampler import VerifyResult, sample_rows
 
-BUGS = ["always_accept", "residual_is_p", "shared_uniform", "bonus_wrong_row", "residual_drafted_only"]
+BUGS = ["always_accept", "residual_is_p", "shared_uniform", "bonus_wrong_row", "residual_drafted_only",
+        "loose_accept"]
 
 
 def planted_verify(bug=None):
@@ -27,7 +28,7 @@ def planted_verify(bug=None):
         u = rng.random((B, K)) if uniforms is None else np.asarray(uniforms, dtype=np.float64)
         if bug == "shared_uniform":
             u = np.repeat(u[:, :1], K, axis=1)
-        ok = live & (q_x > 0) & (u * q_x < p_x)
+        ok = live & (q_x > 0) & ((u * q_x <= p_x) if bug == "loose_accept" else (u * q_x < p_x))
         if bug == "always_accept":
             ok = live.copy()
         n = np.cumprod(ok, axis=1).sum(1)

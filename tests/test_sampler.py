@@ -45,6 +45,7 @@ EXPECTED_FAILURES = {
     "shared_uniform": {"acceptance[*]", "accepted-count"},
     "bonus_wrong_row": {"marginal[4]"},
     "residual_drafted_only": {"marginal[0]"},
+    "loose_accept": {"p = 0 draft at u = 0"},          # u <= p/q: no sample of this size sees it
 }
 
 
@@ -59,6 +60,8 @@ def test_planted_bug_is_caught(bug):
         else:
             assert name in failed, f"{bug} was not caught by {name}:\n{report}"
     assert "acceptance[0]" not in failed or bug == "always_accept"   # position 0 sees no correlation
+    if bug == "loose_accept":
+        assert failed == {"p = 0 draft at u = 0"}, str(report)
 
 
 def test_bonus_bug_is_invisible_to_the_acceptance_checks():
