@@ -105,8 +105,9 @@ if [ $((SECONDS + 90)) -le "$budget" ]; then
   timeout 90 python3 -m lkref bench --backend cupy --repeat 20 --no-peers --loss lk_alpha --dtype float16 \
     --csv "$out/gpu-$card-bench.csv" 2>&1 | tee -a "$out/gpu-$card-bench.txt"
 fi
-# LK^lambda beside speculators' lk_hybrid (lambda per token) and PyTorch eager, if time is left:
-# a run of its own, after LK^alpha's peers, since it autotunes speculators' KL kernel too
+# LK^lambda beside speculators' lk_hybrid (lambda per token), SpecForge's and PyTorch eager, if
+# time is left: a run of its own, after LK^alpha's peers, since it autotunes speculators' KL
+# kernel too
 if [ $((SECONDS + 60)) -le "$budget" ]; then
   echo "== quick benchmark: LK^lambda and its peers"
   timeout 60 python3 -m lkref bench --backend cupy --repeat 20 --loss lk_lambda --skip-peer torch-compile \
