@@ -34,7 +34,7 @@ from . import losses as L
 from .positions import LOSSES
 
 __all__ = ["FORMAT", "VERSION", "TOLERANCES", "build_cases", "export", "load", "check", "load_impl",
-           "VARIANTS", "format_table"]
+           "VARIANTS", "CLAMPS", "format_table"]
 
 FORMAT, VERSION = "lkref-conformance", 1
 #: Port vs expected (float64 reference on the same stored inputs), by the inputs' dtype.

@@ -22,7 +22,7 @@ from .theory import accept_length_pmf
 from .validation import check_real_scalar
 
 __all__ = ["SIGMAS", "MIN_P_VALUE", "chi2_sf", "binomial_check", "goodness_of_fit",
-           "Check", "SamplerReport", "sampler_problem", "check_sampler"]
+           "Check", "SamplerReport", "sampler_problem", "check_sampler", "zero_probability_draft_check"]
 
 SIGMAS = 5.0
 MIN_P_VALUE = 1e-6
