@@ -6,7 +6,9 @@ the checkout's bench/ folder; nothing in lkref/ imports PyTorch or any other pee
 
   numpy-naive     a direct NumPy translation of the formulas with the hand-derived gradient
                   (the baseline of the CPU goal)
-  torch-eager     PyTorch autograd on the formulas as SpecForge writes them
+  torch-eager     PyTorch autograd on the formulas as issue #5 calls SpecForge's: alpha through
+                  torch.minimum, KL through xlogy, the batch-mean lambda (SpecForge's own code,
+                  whose KL term is the soft cross-entropy, is the specforge peer)
   torch-compile   torch.compile of the same
   speculators     vLLM speculators' fused Triton losses (speculators.losses.fused), on CUDA:
                   nla for LK^alpha, tv, kl_div, and lk_hybrid for LK^lambda (its lambda is
