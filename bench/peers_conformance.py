@@ -29,7 +29,6 @@ is missing.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
@@ -46,6 +45,7 @@ import numpy as np                            # noqa: E402
 from lkref import conformance as C            # noqa: E402
 from lkref import losses as L                 # noqa: E402
 from lkref.benchmark import git_sha, load_peers, machine_name   # noqa: E402
+from lkref.validation import takes_parameter   # noqa: E402
 
 #: Options a peer does not take: the cases that set them are not applicable to it.
 DEFAULTS = {"mask": None, "temperature": 1.0, "draft_to_target": None, "eta": 3.0, "kl_scale": 1.0}
@@ -57,7 +57,7 @@ class NotApplicable(Exception):
 
 def as_port(fn, kind):
     """A port (case) -> (loss, grad, alpha) around a peer fn(z, p), or NotApplicable."""
-    takes_mask = hasattr(fn, "prepare") and "mask" in inspect.signature(fn.prepare).parameters
+    takes_mask = hasattr(fn, "prepare") and takes_parameter(fn.prepare, "mask")
 
     def port(case):
         options = dict(case["options"], mask=case["inputs"]["mask"],

@@ -23,7 +23,6 @@ with the known wrong variants (VARIANTS), and the row names the one that the por
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import numpy as np
 
 from . import losses as L
 from .positions import LOSSES
+from .validation import takes_parameter
 
 __all__ = ["FORMAT", "VERSION", "TOLERANCES", "build_cases", "export", "load", "check", "load_impl",
            "VARIANTS", "CLAMPS", "format_table"]
@@ -597,18 +597,10 @@ def _to_numpy(x):
     return np.asarray(x, dtype=np.float64)
 
 
-def _parameters(fn):
-    """The names of fn's parameters; none where Python cannot tell (some builtins)."""
-    try:
-        return inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return {}
-
-
 def check(directory, fn=None, results=None):
     """Run a port (fn) or read its saved results (an NPZ with <id>/loss, /grad, /alpha) on every case."""
     manifest, cases = load(directory)
-    takes_dtype = fn is not None and "case_dtype" in _parameters(fn)
+    takes_dtype = fn is not None and takes_parameter(fn, "case_dtype")
     rows = []
     for case in cases:
         tol = manifest["tolerances"][case["dtype"]]

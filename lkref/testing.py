@@ -12,14 +12,13 @@ seed makes every run give the same answer.
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .theory import accept_length_pmf
-from .validation import check_real_scalar
+from .validation import check_real_scalar, takes_parameter
 
 __all__ = ["SIGMAS", "MIN_P_VALUE", "chi2_sf", "binomial_check", "goodness_of_fit",
            "Check", "SamplerReport", "sampler_problem", "check_sampler", "zero_probability_draft_check"]
@@ -236,7 +235,7 @@ def check_sampler(verify_fn, *, seed=0, trials=100_000, K=4, V=6) -> SamplerRepo
         sel = n >= j
         counts = np.bincount(tok[sel, j], minlength=V)
         report.checks.append(goodness_of_fit(f"marginal[{j}]", counts, p[j]))
-    if "uniforms" in _parameters(verify_fn):
+    if takes_parameter(verify_fn, "uniforms"):
         report.checks.append(zero_probability_draft_check(verify_fn, p, q))
     return report
 
@@ -259,11 +258,3 @@ def zero_probability_draft_check(verify_fn, p, q, rows=64) -> Check:
     detail = (f"rejected in all {rows} rows" if not bad else
               f"accepted or emitted in {bad} of {rows} rows (an acceptance test u <= p/q instead of u q < p?)")
     return Check("p = 0 draft at u = 0", not bad, detail)
-
-
-def _parameters(fn):
-    """The names of fn's parameters; none where Python cannot tell."""
-    try:
-        return inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return {}

@@ -8,6 +8,7 @@ writes into its argument.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import os
@@ -248,6 +249,14 @@ def call_reduce(reduce, total, count):
             raise ValueError(f"reduce returned a {name} of shape {value.shape}; it must be a scalar")
         sums.append(value)
     return tuple(sums)
+
+
+def takes_parameter(fn, name: str) -> bool:
+    """Whether the callable fn names a parameter `name` (False where Python cannot tell)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def env_flag(name: str):

@@ -368,7 +368,8 @@ def test_peers_against_the_conformance_kit():
 
 def test_peer_sampler_probe_where_transformers_is_installed():
     """bench/peers_sampler.py (skipped without torch and transformers, as in CI): both samplers pass
-    check_sampler at 20 000 rounds, and lkref.verify rejects a p = 0 draft at the uniform 0.0."""
+    check_sampler's statistics at 20 000 rounds, and lkref.verify rejects a p = 0 draft at the
+    uniform 0.0 (its probe is the only property that may fail, transformers' r <= p/q)."""
     import os
     import subprocess
     import sys
@@ -379,8 +380,11 @@ def test_peer_sampler_probe_where_transformers_is_installed():
     done = subprocess.run([sys.executable, os.path.join(root, "bench", "peers_sampler.py"), "--trials", "20000"],
                           cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
-    assert "FAIL" not in done.stdout and done.stdout.count("structure       pass") == 2, done.stdout
-    assert "lkref.verify accepts it: no" in done.stdout
+    lines = done.stdout.splitlines()
+    assert sum(line.startswith("structure ") and " pass " in line for line in lines) == 2, done.stdout
+    assert [line for line in lines if " FAIL " in line and not line.startswith("p = 0 draft")] == [], done.stdout
+    ours = done.stdout.split("## lkref.verify", 1)[1]
+    assert "p = 0 draft at u = 0  pass" in ours and "FAIL" not in ours, done.stdout
 
 
 def _fake_cupy():
