@@ -75,9 +75,10 @@ def _widen(dst, src):
     float16 subnormals (below HALF_TINY: 96 % of a float16 softmax over 32 000 entries) by
     hand when they are most of src: NumPy converts them some 5 times slower than normal
     numbers (a float16 target, N = 64, V = 32 000, on the 2-core machine: 16 ms, against
-    2.7 ms here), but where= costs more than it saves on a mix.  A subnormal is m 2^-24, m its 10 low bits: 0x3F000000 | m are the
-    float32 bits of 0.5 + m 2^-24, and subtracting 0.5 leaves m 2^-24 exactly.  Worked in
-    dst's own memory: the only temporaries are two boolean masks."""
+    2.7 ms here), but where= costs more than it saves on a mix.  A subnormal is m 2^-24, m
+    its 10 low bits: 0x3F000000 | m are the float32 bits of 0.5 + m 2^-24, and subtracting
+    0.5 leaves m 2^-24 exactly.  Worked in dst's own memory: the only temporaries are two
+    boolean masks."""
     if src.dtype != np.float16 or dst.dtype != np.float32:
         np.copyto(dst, src, casting="unsafe")
         return dst
