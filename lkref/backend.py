@@ -28,6 +28,7 @@ __all__ = [
     "is_cupy_array",
     "work_dtype",
     "to_numpy",
+    "to_float64",
     "cupy_available",
     "backends",
 ]
@@ -79,6 +80,29 @@ def to_numpy(x):
 
 
 _cupy_state: dict = {}
+
+
+def to_float64(x):
+    """x as float64, with float32 subnormals (below 1.2e-38) kept.
+
+    CuPy compiles its kernels with -ftz=true, so on the GPU ``x.astype(float64)`` turns a
+    float32 subnormal into 0 (cupy/cupy#8382): a token of probability 1e-39 would become
+    impossible.  There the value is rebuilt from its bits (sign, 23-bit mantissa times 2^-149,
+    float64 arithmetic, which no flag flushes).  On NumPy it is plain ``astype``.
+    """
+    xp = namespace(x)
+    if xp is np or x.dtype != np.float32:
+        return x.astype(xp.float64)
+    return _float64_from_bits(x, xp)
+
+
+def _float64_from_bits(x, xp):
+    """float32 x as float64: subnormals (and zeros) from their bits, the rest by astype."""
+    bits = x.view(xp.uint32)
+    small = (bits & 0x7F800000) == 0                               # exponent field 0: zero or subnormal
+    size = (bits & 0x007FFFFF).astype(xp.float64) * 2.0 ** -149     # exact: a 23-bit integer times 2^-149
+    signed = xp.where((bits >> 31) == 1, -size, size)
+    return xp.where(small, signed, x.astype(xp.float64))
 
 
 def cupy_available() -> bool:

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .backend import namespace
+from .backend import namespace, to_float64
 from .sampler import _check_prob_rows, _check_rng, sample_rows, verify, verify_greedy
 from .validation import as_array, check_probs, check_real_scalar
 
@@ -77,7 +77,7 @@ def warp(probs, temperature=1.0, top_k=None, top_p=None):
     check_real_scalar(temperature, "temperature", low=0, low_inclusive=False)
     _check_top(top_k, top_p)
     xp = namespace(probs)
-    p = probs.astype(xp.float64)
+    p = to_float64(probs)                        # float32 subnormals kept on CuPy too
     if temperature != 1.0:
         with np.errstate(divide="ignore"):
             logp = xp.where(p > 0, xp.log(xp.where(p > 0, p, 1)), -xp.inf)

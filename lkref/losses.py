@@ -49,6 +49,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .backend import dlpack_interop, namespace
 from .validation import (
     TARGET_SUM_ATOL,
@@ -89,10 +91,27 @@ def softmax_parts(z, temperature=1.0):
     """
     check_real_scalar(temperature, "temperature", low=0, low_inclusive=False)
     xp = namespace(z)
-    x = (z - xp.max(z, axis=-1, keepdims=True)) / temperature
+    x = over_t(z - xp.max(z, axis=-1, keepdims=True), temperature)
     e = xp.exp(x)
     s = xp.sum(e, axis=-1, keepdims=True)
     return e * (1 / s), x - xp.log(s)
+
+
+#: A power of two that brings any positive float32 or float64 subnormal into the normal range.
+_UP = 2.0 ** 100
+
+
+def over_t(a, T):
+    """a / T in a's dtype (the division every formula here divides by the temperature with).
+
+    A T below the smallest normal number of a's dtype (float32: 1.2e-38) is a subnormal there,
+    which CuPy's kernels, compiled with -ftz=true, read as 0: a / T would be inf or NaN on the
+    GPU and finite on NumPy.  Then both are multiplied by 2^100 first, exactly (a * 2^100
+    overflows only where a / T does), so that both backends divide by normal numbers.
+    """
+    if T >= np.finfo(a.dtype).tiny:
+        return a / T
+    return (a * _UP) / (T * _UP)
 
 
 def log_softmax(z, temperature=1.0):
@@ -176,7 +195,7 @@ def kl_backward(dlosses, cache):
     xp = namespace(cache["q"])
     q, p, T = cache["q"], cache["p"], cache["T"]
     psum = xp.sum(p, axis=-1, keepdims=True)
-    return dlosses[..., None] * (q * psum - p) / T
+    return over_t(dlosses[..., None] * (q * psum - p), T)
 
 
 # --------------------------------------------------------------------------------------
@@ -207,7 +226,7 @@ def tv_backward(dlosses, cache):
     xp = namespace(cache["q"])
     q, m, T = cache["q"], cache["m"], cache["T"]
     S = xp.sum(xp.where(m, q, 0), axis=-1, keepdims=True)
-    return -dlosses[..., None] * q * (m - S) / T
+    return over_t(-dlosses[..., None] * q * (m - S), T)
 
 
 # --------------------------------------------------------------------------------------
@@ -251,7 +270,7 @@ def lk_alpha_backward(dlosses, cache):
     r = xp.where(m, xp.exp(xp.minimum(cache["logq"] - cache["log_alpha"][..., None], 0)), 0)
     s = xp.sum(r, axis=-1, keepdims=True)
     d = xp.where(cache["live"], dlosses, 0)
-    return -d[..., None] * (r - q * s) / T
+    return over_t(-d[..., None] * (r - q * s), T)
 
 
 # --------------------------------------------------------------------------------------
@@ -272,7 +291,7 @@ def lk_lambda_forward(z, p, lam, *, temperature=1.0, p_kl=None):
     cache = {"lam": lam, "kl": kl_cache, "tv": tv_cache}
     xp = namespace(kl_losses)
     with _quiet(xp):                             # lam = 0 drops KL, even an infinite one (0 * inf)
-        kl_part = xp.where(lam != 0, lam * kl_losses, 0)
+        kl_part = xp.where(xp.asarray(lam) != 0, lam * kl_losses, 0)   # lam a number or an array
     return kl_part + (1 - lam) * tv_losses, cache
 
 

@@ -12,7 +12,8 @@ One round of speculative sampling (Leviathan et al. 2023; Chen et al. 2023):
 
 Whatever q is, the emitted tokens are distributed exactly as the target.  The rule has no
 division, and a token with p = 0 can never be accepted (u q < 0 is impossible).  u is
-drawn in float64 (vLLM accepted p = 0 tokens with float32 uniforms).
+drawn in float64 (vLLM accepted p = 0 tokens with float32 uniforms), and float32
+probabilities are widened with backend.to_float64, which keeps their subnormals on CuPy too.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import dlpack_interop, namespace
+from .backend import dlpack_interop, namespace, to_float64
 from .validation import as_array
 
 __all__ = ["VerifyResult", "verify", "verify_greedy", "sample_rows"]
@@ -116,7 +117,7 @@ def sample_rows(weights, u):
     up to the total is sent to the last index of positive weight.
     """
     xp = namespace(weights)
-    w = weights.astype(xp.float64, copy=False)
+    w = to_float64(weights)                                  # float32 subnormals kept (CuPy: -ftz)
     cdf = xp.cumsum(w, axis=-1)
     x = u * cdf[:, -1]
     idx = xp.sum(cdf <= x[:, None], axis=-1)
@@ -153,24 +154,24 @@ def verify(draft_tokens, draft_probs, target_probs, *, rng, num_draft=None, unif
         u = as_array(uniforms, "uniforms")
         if tuple(u.shape) != (B, K):
             raise ValueError(f"uniforms must have shape [B, K] = [{B}, {K}], got {tuple(u.shape)}")
-        u = u.astype(xp.float64)
+        u = to_float64(u)
         if bool(xp.any(valid & ~((u >= 0) & (u < 1)))):
             raise ValueError("uniforms must lie in [0, 1)")
 
     rows = xp.arange(B)[:, None]
     cols = xp.arange(K)[None, :]
     tok = xp.where(valid, t, 0)                                      # a safe index where unused
-    q_x = xp.where(valid, q[rows, cols, tok], 0).astype(xp.float64)  # q_j(x_j), gathered: [B, K]
-    p_x = xp.where(valid, p[rows, cols, tok], 0).astype(xp.float64)  # p_j(x_j)
+    q_x = xp.where(valid, to_float64(q[rows, cols, tok]), 0)        # q_j(x_j), gathered: [B, K]
+    p_x = xp.where(valid, to_float64(p[rows, cols, tok]), 0)        # p_j(x_j)
     accept = valid & (q_x > 0) & (u * q_x < p_x)
     n = xp.sum(xp.cumprod(accept, axis=1), axis=1).astype(xp.int64)  # accepted before the first rejection
 
     # the row each round ends on: p at position n, and q there if a draft was rejected
     b = xp.arange(B)
     rejected = n < nd
-    p_end = p[b, n].astype(xp.float64)                               # [B, V]
-    q_end = xp.where(rejected[:, None], q[b, xp.minimum(n, K - 1)], 0) if K else xp.zeros_like(p_end)
-    residual = xp.maximum(p_end - q_end.astype(xp.float64), 0)
+    p_end = to_float64(p[b, n])                                      # [B, V]
+    q_end = xp.where(rejected[:, None], to_float64(q[b, xp.minimum(n, K - 1)]), 0) if K else xp.zeros_like(p_end)
+    residual = xp.maximum(p_end - q_end, 0)
     empty = ~(residual.sum(axis=-1) > 0)                             # inconsistent input: fall back to p
     residual = xp.where(empty[:, None], p_end, residual)
     last = sample_rows(residual, rng.random(B, dtype=xp.float64))

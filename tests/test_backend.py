@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import lkref
+from lkref import backend
 from lkref.backend import namespace, work_dtype
 
 
@@ -53,3 +54,24 @@ def test_cli_info_prints_the_worked_example():
     out = subprocess.run([sys.executable, "-m", "lkref", "info"], capture_output=True, text=True, check=True)
     assert "alpha = 0.900000" in out.stdout
     assert "lk_alpha  loss = 0.105361" in out.stdout
+
+
+def test_float64_from_bits_keeps_float32_subnormals():
+    """The path to_float64 takes on CuPy (where -ftz=true flushes float32 subnormals in every
+    conversion), run here on NumPy: bit for bit the value NumPy's astype gives, subnormals,
+    signed zeros, the extremes and non-finite values included."""
+    tiny = np.finfo(np.float32).smallest_subnormal
+    x = np.array([0.0, -0.0, tiny, -tiny, 3 * tiny, 1e-40, -1e-39, np.float32(1.17e-38),
+                  np.finfo(np.float32).tiny, 0.25, 1.0, -2.5, np.finfo(np.float32).max, np.inf, -np.inf],
+                 np.float32)
+    got = backend._float64_from_bits(x, np)
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, x.astype(np.float64))
+    assert np.array_equal(np.signbit(got), np.signbit(x))
+    assert np.isnan(backend._float64_from_bits(np.array([np.nan], np.float32), np)).all()
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**32, 100_000, dtype=np.uint64).astype(np.uint32)
+    y = bits.view(np.float32)
+    y = y[np.isfinite(y)]
+    np.testing.assert_array_equal(backend._float64_from_bits(y, np), y.astype(np.float64))
+    assert backend.to_float64(x).dtype == np.float64

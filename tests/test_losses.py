@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -392,3 +394,43 @@ def test_kl_gradient_is_exact_for_rows_normalised_only_to_tolerance():
     f = lambda zz: float(lkref.kl(zz, p).loss)  # noqa: E731
     np.testing.assert_allclose(r.grad, fd_grad(f, z), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(r.grad.sum(-1), 0.0, atol=1e-15)
+
+
+def test_over_t_divides_by_a_float32_subnormal_temperature():
+    """A temperature below float32's smallest normal number: CuPy's kernels (-ftz=true) would
+    read it as 0, so over_t scales numerator and T by 2^100 first.  The quotient is that of
+    T itself to float32 rounding; NumPy's plain division, which first rounds T to a float32
+    subnormal (3e-44 has 5 significant bits there), is 2 % off and fails the same check."""
+    T = 3e-44
+    a = np.array([1e-40, -3e-39, 2e-44, 0.0, 5e-38, -7.5e-36], np.float32)
+    want = (a.astype(np.float64) / T).astype(np.float32)
+    with np.errstate(over="ignore"):
+        got = L.over_t(a, T)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=2.5e-7, atol=0)
+    with np.errstate(all="ignore"):
+        plain = a / np.float32(T)
+    assert not np.allclose(plain, want, rtol=2.5e-7, atol=0)
+    with np.errstate(over="ignore"):
+        assert L.over_t(np.float32([-1.0]), T)[0] == -np.inf  # overflows as a / T does
+    assert L.over_t(a, 0.5).tobytes() == (a / 0.5).tobytes()  # a normal T: the plain division
+
+
+@pytest.mark.parametrize("name", ["kl", "tv", "lk_alpha", "lk_lambda"])
+def test_subnormal_temperature_gives_no_nan(xp, name):
+    """T = 1e-39 on float32 logits (a subnormal: 0 to a GPU kernel built with -ftz=true, as
+    CuPy's are): q is the argmax's one-hot, and loss and gradient are those of float64 work.
+    (p > 0 everywhere: where p = 0 at the argmax, alpha = exp(-(gap) / T) is below float32's
+    range even in log space.)"""
+    rng = np.random.default_rng(2)
+    z, p = make_logits(rng, (4, 50)), make_probs(rng, (4, 50), zero_frac=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)     # (z - max z) / T overflows to -inf: q one-hot
+        got = call(name, xp.asarray(z.astype(np.float32)), xp.asarray(p.astype(np.float32)), temperature=1e-39)
+        want = call(name, z, p.astype(np.float32).astype(np.float64), temperature=1e-39)
+    with np.errstate(over="ignore"):                      # beyond float32's range: inf, as float32 work gives
+        want_loss, want_grad = (np.asarray(to_numpy(a), np.float64).astype(np.float32) for a in (want.loss, want.grad))
+    g = to_numpy(got.grad)
+    assert not np.isnan(g).any() and not np.isnan(to_numpy(got.loss))
+    np.testing.assert_allclose(to_numpy(got.loss), want_loss, rtol=1e-5)
+    np.testing.assert_allclose(g, want_grad, rtol=1e-5, atol=1e-30)
