@@ -93,6 +93,33 @@ def test_a_fast_path_that_differs_is_not_timed(monkeypatch):
     assert any("differs from the reference" in line for line in lines)
 
 
+def test_a_gradient_that_differs_only_at_a_near_tie_is_timed():
+    """A q within rounding of p may land on either side of the tie rule, where the gradient of a
+    loss with a TV part jumps: off_ties leaves those entries out of the gradient's comparison,
+    and only those.  The same jump one entry away from a tie still fails."""
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((3, 50)).astype(np.float32)
+    q = lkref.losses.softmax(z)
+    p = rng.dirichlet(np.ones(50), 3).astype(np.float32)
+    p[1, 7] = q[1, 7] * (1 + 3e-7)                          # a near-tie: q and p a few ulp apart
+    p[1, 9] = q[1, 9] * 1.5
+    rest = np.ones(50, bool)
+    rest[[7, 9]] = False
+    p[1, rest] *= (1 - p[1, 7] - p[1, 9]) / p[1, rest].sum()   # the row sums to 1, entries 7 and 9 kept
+    keep = benchmark.off_ties(np, "lk_alpha", z, p)
+    assert keep.shape == z.shape and not keep[1, 7] and keep.sum() == z.size - 1
+    assert benchmark.off_ties(np, "kl", z, p) is None
+    ref = lkref.lk_alpha(z, p, impl="reference")
+    jump = float(np.abs(ref.grad).max()) * 4e-4             # the first GPU run's flip
+    flipped = ref.grad.copy()
+    flipped[1, 7] += jump
+    assert benchmark.rel_err(flipped, ref.grad) > benchmark.TOLERANCE
+    assert benchmark.rel_err(flipped, ref.grad, keep) == 0.0
+    elsewhere = ref.grad.copy()
+    elsewhere[1, 9] += jump
+    assert benchmark.rel_err(elsewhere, ref.grad, keep) > benchmark.TOLERANCE
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_two_byte_runs(tmp_path, monkeypatch, dtype):
     """--dtype float16 / bfloat16: logits, target and gradient in it, bytes counted at 2 an entry,
