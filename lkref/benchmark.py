@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backend import cupy_available, to_numpy
+from .backend import cupy_available, namespace, to_numpy
 from .positions import LOSSES
 
 DEFAULT_SIZES = {"numpy": [(512, 32_000)], "cupy": [(4096, 32_000), (4096, 128_256)]}
@@ -171,12 +171,24 @@ def peak_extra(xp, fn, result_bytes) -> float:
 
 
 def rel_err(a, b, keep=None) -> float:
-    """max |a - b| / max |b|, over the entries where keep is True (all without keep)."""
-    a, b = to_numpy(a).astype(np.float64), to_numpy(b).astype(np.float64)
-    scale = max(float(np.max(np.abs(b), initial=0)), 1e-30)
+    """max |a - b| / max |b|, over the entries where keep is True (all without keep).  With b a
+    float32 or float64 CuPy array, on the device (a may be a torch CUDA tensor): at N = 4096,
+    V = 128 256 the host would copy and widen 4 GB per comparison."""
+    xp = namespace(b)
+    if xp is np or np.dtype(b.dtype) not in (np.float32, np.float64):
+        xp, a, b = np, to_numpy(a), to_numpy(b)
+        keep = None if keep is None else to_numpy(keep)
+    else:
+        a = xp.asarray(a)                     # a CuPy array, or a torch CUDA tensor (__cuda_array_interface__)
+        keep = None if keep is None else xp.asarray(keep)
+    if b.size == 0:
+        return 0.0
+    a, b = a.astype(xp.float64), b.astype(xp.float64)
+    scale = max(float(xp.max(xp.abs(b))), 1e-30)
+    d = xp.abs(a - b)
     if keep is not None:
-        a, b = a[keep], b[keep]
-    return float(np.max(np.abs(a - b), initial=0) / scale)
+        d = xp.where(keep, d, 0)
+    return float(xp.max(d)) / scale
 
 
 #: Gradient entries whose q and p lie within this relative distance of each other are left out
@@ -190,15 +202,15 @@ TIE_BAND = 1e-5
 
 
 def off_ties(xp, loss, z, p):
-    """None for KL (no jump), else a host bool array: the gradient entries not within TIE_BAND
-    of a tie q = p (q of the reference's softmax at T = 1, in float32)."""
+    """None for KL (no jump), else a bool array of z's backend: the gradient entries not within
+    TIE_BAND of a tie q = p (q of the reference's softmax at T = 1, in float32)."""
     if loss == "kl":
         return None
     from .losses import softmax
     zf = z if z.dtype == np.float64 else z.astype(np.float32)
     q = softmax(zf)
     pf = p.astype(q.dtype)
-    return to_numpy(xp.abs(q - pf) > TIE_BAND * xp.maximum(q, pf))
+    return xp.abs(q - pf) > TIE_BAND * xp.maximum(q, pf)
 
 
 def _entries(xp, backend, fn, loss, z, p, out, N, V):
@@ -213,6 +225,9 @@ def _entries(xp, backend, fn, loss, z, p, out, N, V):
         if loss == "lk_alpha" and z.dtype == np.float32:   # launch shapes to tune the defaults with
             for threads, share, cache in TUNING_SHAPES:
                 entries.append((shape_label(threads, share, cache), _shaped(fn, z, p, out, threads, share, cache), False))
+            entries.append((GENERIC_LABEL, _shaped(fn, z, p, out, specialize=False), False))
+            for threads in STREAM_THREADS:
+                entries.append((f"fused stream {threads}t", _shaped(fn, z, p, out, threads, stream=True), False))
             if _meets_on_this_gpu(xp, V) is False:     # what GPUs without clusters run, timed on this one
                 entries.append((MEETING_LABEL, _shaped(fn, z, p, out, clusters=False), False))
         if loss == "lk_alpha" and p.dtype.itemsize == 2:   # the 2-byte target copied in pairs, not read in pass 2
@@ -229,6 +244,12 @@ def _entries(xp, backend, fn, loss, z, p, out, N, V):
 #: 8 warps per SM, and 15 s of NVRTC per variant.)
 TUNING_SHAPES = [(512, 32_768, False), (1024, 32_768, True), (512, 16_384, True), (1024, 16_384, True),
                  (256, 16_384, True)]
+
+
+#: Threads per block of the streamed rows the benchmark times beside the shapes ("fused stream
+#: <T>t": fused_cupy.STREAM, every row read from memory in each phase, with small looping code).
+STREAM_THREADS = (512, 1024)
+GENERIC_LABEL = "fused generic-mode"
 
 
 def shape_label(threads, share, cache):
@@ -250,12 +271,13 @@ def _meets_on_this_gpu(xp, V):
     return not fused_cupy._uses_clusters(xp)
 
 
-def _shaped(fn, z, p, out, threads=None, share=None, cache=None, clusters=None, pairs=None):
+def _shaped(fn, z, p, out, threads=None, share=None, cache=None, clusters=None, pairs=None, specialize=None,
+            stream=None):
     from . import fused_cupy
 
     def call():
         with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, clusters=clusters,
-                                   pair_prefetch=pairs):
+                                   pair_prefetch=pairs, specialize=specialize, stream=stream):
             return fn(z, p, impl="fused", out=out)
     return call
 
@@ -397,8 +419,12 @@ def peer_errors(fn, args, ref, keep=None):
     got_loss, got_grad = fn(*args)
     if hasattr(got_grad, "float"):                    # a torch tensor: bfloat16 has no NumPy form
         got_grad = got_grad.float()
-    return (args, rel_err(np.asarray(got_grad.cpu() if hasattr(got_grad, "cpu") else got_grad), ref.grad, keep),
-            rel_err(np.asarray(float(got_loss)), ref.loss))
+    if hasattr(got_grad, "detach"):
+        got_grad = got_grad.detach()
+    on_host = namespace(ref.grad) is np or getattr(getattr(got_grad, "device", None), "type", "cuda") != "cuda"
+    if on_host and hasattr(got_grad, "cpu"):
+        got_grad = np.asarray(got_grad.cpu())
+    return (args, rel_err(got_grad, ref.grad, keep), rel_err(np.asarray(float(got_loss)), ref.loss))
 
 
 def peer_error(fn, args, ref, keep=None):

@@ -82,6 +82,19 @@ CLUSTERS = True
 #: pass.  Off until a GPU has timed both (`configured(pair_prefetch=True)`,
 #: LKREF_CUPY_PAIR_PREFETCH=1; the GPU benchmark times it as `fused 2-byte pairs`).
 PAIR_PREFETCH = False
+#: Build one kernel per loss, its mode a compile-time constant, rather than one for all four
+#: that reads the mode as an argument.  The row kernel is straight-line code (each thread's
+#: items unrolled), and with every mode's branches in it the default shape's was 378 KiB of
+#: SASS at V = 32 000 (nvcc 13, sm_90), some three times what an SM keeps in its instruction
+#: cache: the first GPU run (H100) took 2.7 ms for LK^alpha at N = 4096, 21 % of the copy
+#: bandwidth.  One mode's kernel is 119 KiB.  (`configured(specialize=False)`,
+#: LKREF_CUPY_SPECIALIZE=0: the generic kernel, which the benchmark times beside it.)
+SPECIALIZE = True
+#: Stream every row, whatever its length (one block per row, which reads the logits three times
+#: and the target twice, mostly from L2), with small looping code instead of the unrolled
+#: registers; a tuning option (`configured(stream=True)`, LKREF_CUPY_STREAM=1), timed by the
+#: GPU benchmark.  By default only rows longer than 8 x BLOCK_SHARE are streamed.
+STREAM = False
 MODES = {"kl": 0, "tv": 1, "lk_alpha": 2, "lk_lambda": 3}
 ALPHA_FLOOR = 1e-30
 #: Slots per block where a row's blocks meet in global memory: the max, the sum, the 8 statistics.
@@ -105,6 +118,7 @@ _SOURCE = r"""
                                                       // PCACHE of its ITEMS: all, or what fits), read from there
 #define GLOBAL_XCHG (CLUSTER > 1 && !DSMEM)
 #define SLOTS __SLOTS__                               // per block where blocks meet: max, sum, the 8 statistics
+#define MODE __MODE__                                 // the loss (MODES), fixed at compile time; -1: the argument mode_arg
 #if CLUSTER > 1 && DSMEM
 #include <cooperative_groups.h>
 namespace cg = cooperative_groups;
@@ -380,8 +394,13 @@ __cluster_dims__(CLUSTER, 1, 1)
 lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
         const float* __restrict__ w, int has_w, const float* __restrict__ wsum, int has_wsum, float scale,
         float* __restrict__ stats, const int* __restrict__ idx, int has_idx,
-        int V, int Vt, float T, float lam, int mode, int phase, int* __restrict__ counts, float* __restrict__ parts)
+        int V, int Vt, float T, float lam, int mode_arg, int phase, int* __restrict__ counts, float* __restrict__ parts)
 {
+#if MODE >= 0
+    const int mode = MODE;                            // this loss's code only (SPECIALIZE)
+#else
+    const int mode = mode_arg;
+#endif
     __shared__ float sh[8 * 32];
     long row = blockIdx.x / CLUSTER;
     int rank = blockIdx.x % CLUSTER;                  // this block's share of the row's columns
@@ -662,6 +681,8 @@ def plan(V: int):
     row.  Rows up to THREADS * MAX_ITEMS fit one block; up to 8 times that, 2, 4 or 8 blocks share
     the row (a thread-block cluster on Hopper and later, else blocks that meet in global memory);
     beyond, one block streams the row from memory (items = 0)."""
+    if STREAM:
+        return 0, 1
     per_thread = -(-V // THREADS)
     for cluster in CLUSTER_CHOICES:
         if per_thread <= MAX_ITEMS * cluster:
@@ -675,25 +696,33 @@ CLUSTER_CHOICES = (1, 2, 4, 8)
 
 
 @contextmanager
-def configured(threads=None, block_share=None, cache_target=None, clusters=None, pair_prefetch=None):
+def configured(threads=None, block_share=None, cache_target=None, clusters=None, pair_prefetch=None,
+               specialize=None, stream=None):
     """Run the kernels with another block size or share of a row per block, without the target
     cache (for tuning), without clusters (clusters=False: a row's blocks meet in global memory,
-    as on GPUs before Hopper), or with a 2-byte target prefetched in pairs (PAIR_PREFETCH):
+    as on GPUs before Hopper), with a 2-byte target prefetched in pairs (PAIR_PREFETCH), as one
+    kernel for every loss (specialize=False) or streaming every row (stream=True):
     threads in THREAD_CHOICES, block_share in SHARE_CHOICES."""
-    old = THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH
+    old = THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH, SPECIALIZE, STREAM
     try:
-        for name, value in (("cache_target", cache_target), ("clusters", clusters), ("pair_prefetch", pair_prefetch)):
+        for name, value in (("cache_target", cache_target), ("clusters", clusters), ("pair_prefetch", pair_prefetch),
+                            ("specialize", specialize), ("stream", stream)):
             if value is not None and not isinstance(value, (bool, np.bool_)):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
-        _set(threads, "threads", block_share, "block_share", cache_target, clusters, pair_prefetch)
+        _set(threads, "threads", block_share, "block_share", cache_target, clusters, pair_prefetch, specialize, stream)
         yield
     finally:
         _restore(old)
 
 
-def _set(threads, threads_name, block_share, share_name, cache_target, clusters=None, pair_prefetch=None):
+def _set(threads, threads_name, block_share, share_name, cache_target, clusters=None, pair_prefetch=None,
+         specialize=None, stream=None):
     """Check and apply the launch settings that are not None (MAX_ITEMS follows from them)."""
-    global THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH
+    global THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH, SPECIALIZE, STREAM
+    if specialize is not None:
+        SPECIALIZE = bool(specialize)
+    if stream is not None:
+        STREAM = bool(stream)
     if cache_target is not None:
         CACHE_TARGET = bool(cache_target)
     if clusters is not None:
@@ -709,8 +738,8 @@ def _set(threads, threads_name, block_share, share_name, cache_target, clusters=
 
 
 def _restore(saved):
-    global THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH
-    THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH = saved
+    global THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH, SPECIALIZE, STREAM
+    THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH, SPECIALIZE, STREAM = saved
 
 
 def _check_choice(value, name, choices):
@@ -726,20 +755,24 @@ def _check_choice(value, name, choices):
 def _configure_from_environment():
     _set(os.environ.get("LKREF_CUPY_THREADS") or None, "LKREF_CUPY_THREADS",
          os.environ.get("LKREF_CUPY_BLOCK_SHARE") or None, "LKREF_CUPY_BLOCK_SHARE",
-         env_flag("LKREF_CUPY_CACHE_TARGET"), env_flag("LKREF_CUPY_CLUSTERS"), env_flag("LKREF_CUPY_PAIR_PREFETCH"))
+         env_flag("LKREF_CUPY_CACHE_TARGET"), env_flag("LKREF_CUPY_CLUSTERS"), env_flag("LKREF_CUPY_PAIR_PREFETCH"),
+         env_flag("LKREF_CUPY_SPECIALIZE"), env_flag("LKREF_CUPY_STREAM"))
 
 
 _configure_from_environment()
 
 
 def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "float", cache_target=None,
-                  dsmem: bool = True, cached=None, p_t: str = "float", pairs: bool = False) -> str:
+                  dsmem: bool = True, cached=None, p_t: str = "float", pairs: bool = False, mode=None) -> str:
     """The CUDA source for one (items, cluster, logits' type, gradient's type); cache_target
     (default CACHE_TARGET) keeps the target entries in shared memory between the phases of a
     launch, all `items` of each thread's or the first `cached` of them (a GPU with less shared
     memory); dsmem=False (GPUs before Hopper) has a row's blocks meet in global memory, not in a
     cluster; p_t is the target's type (float, __half or __nv_bfloat16), and pairs has a 2-byte
-    target copied into shared memory with cp.async in 4-byte pairs (its rows 4-byte aligned)."""
+    target copied into shared memory with cp.async in 4-byte pairs (its rows 4-byte aligned);
+    mode (a value of MODES) builds lk_rows for that loss alone, None for all four."""
+    if mode is not None and mode not in MODES.values():
+        raise ValueError(f"mode must be one of {sorted(MODES.values())} or None, got {mode!r}")
     on = bool(CACHE_TARGET if cache_target is None else cache_target) and items > 0
     pcache = min(items, items if cached is None else int(cached)) if on else 0
     dsmem = bool(dsmem) or cluster == 1                # one block per row meets nobody: one source
@@ -748,7 +781,8 @@ def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "f
             .replace("__PCACHE__", str(pcache)).replace("__DSMEM__", str(int(bool(dsmem))))
             .replace("__CLUSTER__", str(cluster)).replace("__IN_T__", in_t).replace("__OUT_T__", out_t)
             .replace("__P_T__", p_t).replace("__P_ASYNC__", "1" if p_t == "float" else "2" if pairs else "0")
-            .replace("__ALPHA_FLOOR__", f"{ALPHA_FLOOR:e}f").replace("__SLOTS__", str(SLOTS)))
+            .replace("__ALPHA_FLOOR__", f"{ALPHA_FLOOR:e}f").replace("__SLOTS__", str(SLOTS))
+            .replace("__MODE__", str(-1 if mode is None else int(mode))))
 
 
 def _ctype(dt):
@@ -771,16 +805,16 @@ class Kernels(NamedTuple):
     smem: int
 
 
-def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True, p_dtype=np.float32, pairs=False) -> Kernels:
+def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True, p_dtype=np.float32, pairs=False, mode=None) -> Kernels:
     cp = sys.modules["cupy"]
     dsmem = bool(dsmem) or cluster == 1
-    key = (str(in_dtype), str(out_dtype), items, cluster, THREADS, CACHE_TARGET, dsmem, str(p_dtype), bool(pairs))
+    key = (str(in_dtype), str(out_dtype), items, cluster, THREADS, CACHE_TARGET, dsmem, str(p_dtype), bool(pairs), mode)
     if key not in _cache:
         p_bytes = np.dtype(p_dtype).itemsize
 
         def build(cached):
             src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), dsmem=dsmem, cached=cached,
-                                p_t=_ctype(p_dtype), pairs=pairs)
+                                p_t=_ctype(p_dtype), pairs=pairs, mode=mode)
             return src, _build(cp, src), p_bytes * cached * THREADS
 
         src, kern, smem = build(cached_items(items, _smem_optin(cp), p_bytes))
@@ -937,7 +971,7 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     w = None if mask is None else mask.reshape(N).astype(cp.float32, copy=False)
     items, cluster = plan(V)
     dsmem = _uses_clusters(cp)
-    kern = _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, _pairs(p2, idx))
+    kern = _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, _pairs(p2, idx), MODES[name] if SPECIALIZE else None)
     stats = cp.empty((N, 8), cp.float32)              # every row's 8 entries are written by lk_rows
     per = cp.empty(N, cp.float32)
     summary = cp.empty(8, cp.float32)                 # lk_finish's sums (see its comment)

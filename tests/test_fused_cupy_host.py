@@ -19,6 +19,7 @@ compiled kernel:
 
 from __future__ import annotations
 
+import re
 import sys
 import zlib
 
@@ -352,7 +353,7 @@ def test_pairs_only_where_every_row_is_aligned(numpy_as_cupy, monkeypatch):
     with no draft_to_target, and only with PAIR_PREFETCH; else the read at first use."""
     seen = []
     inner = fused_cupy._kernel
-    monkeypatch.setattr(fused_cupy, "_kernel", lambda *a: seen.append(a[-1]) or inner(*a))
+    monkeypatch.setattr(fused_cupy, "_kernel", lambda *a: seen.append(a[6]) or inner(*a))   # its pairs argument
     rng = np.random.default_rng(29)
     z = make_logits(rng, (3, 50), dtype=np.float32)
     p = make_probs(rng, (3, 50), dtype=np.float32).astype(np.float16)
@@ -581,6 +582,34 @@ def test_simt_every_plan(simt, monkeypatch, name, V, plan):
     kw.pop("draft_to_target")
     p = make_probs(rng, (N, V), dtype=np.float32)
     close(run(name, z, p, **kw), reference(name, z, p, **kw))
+
+
+@pytest.mark.parametrize("name", REDUCED)
+def test_simt_one_kernel_per_loss_generic_and_streamed(simt, monkeypatch, name):
+    """SPECIALIZE (the default) builds lk_rows for one loss, its mode a compile-time constant;
+    specialize=False one kernel for all four, reading the mode from its argument (the
+    benchmark's 'fused generic-mode'): the same arithmetic, bit for bit.  stream=True streams a
+    row that would fit registers (items 0): as the reference, to rounding."""
+    small_blocks(monkeypatch)
+    kernels = built_kernels(monkeypatch)
+    rng = np.random.default_rng(41)
+    z = make_logits(rng, (5, 300), dtype=np.float32)
+    p = make_probs(rng, (5, 300), dtype=np.float32)
+    kw = dict(mask=np.array([1, 1, 0, 1, 1], bool), temperature=0.7)
+    one = run(name, z, p, **kw)
+    with fused_cupy.configured(specialize=False):
+        every = run(name, z, p, **kw)
+    def define(kern, name):
+        return int(re.search(rf"#define {name} (-?\d+)", kern.rows.code).group(1))
+    assert define(kernels[0], "MODE") == fused_cupy.MODES[name]
+    assert define(kernels[-1], "MODE") == -1 and len(kernels) == 2
+    for a, b in ((one.grad, every.grad), (one.loss, every.loss), (one.alpha, every.alpha)):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    with fused_cupy.configured(stream=True):
+        assert fused_cupy.plan(300) == (0, 1)
+        streamed = run(name, z, p, **kw)
+    assert define(kernels[-1], "ITEMS") == 0
+    close(streamed, reference(name, z, p, **kw))
 
 
 @pytest.mark.parametrize("name", REDUCED)
