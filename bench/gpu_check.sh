@@ -48,7 +48,7 @@ PY
   timeout 30 python3 -m lkref info | sed -n '/^  cupy .*: usable/,/^$/p'    # how this GPU runs the kernels
 } 2>&1 | tee "$out/gpu-$card-env.txt"
 echo "== the kernel variants, compiled side by side into CuPy's cache (bench/gpu_warm.py)"
-timeout 60 python3 bench/gpu_warm.py 2>&1 | tee "$out/gpu-$card-warm.txt"
+timeout 100 python3 bench/gpu_warm.py 2>&1 | tee "$out/gpu-$card-warm.txt"
 # compute-sanitizer's four tools side by side over every kind of launch (bench/gpu_sanitize.py),
 # into the tests' file: races, stray accesses, divergent barriers and reads of unwritten memory
 # in the code the GPU runs, which the CPU stand-in can only mimic (60 s at most)
@@ -91,8 +91,21 @@ echo "== quick benchmark: lkref"
 timeout 120 python3 -m lkref bench --backend cupy --repeat 20 --no-peers \
   --loss lk_alpha --loss lk_lambda --loss tv --loss kl \
   --csv "$out/gpu-$card-bench.csv" 2>&1 | tee "$out/gpu-$card-bench.txt"
+# what the default LK^alpha kernel waits for (Nsight Compute; it replays the kernel per section
+# and locks the clocks to base), at V = 32 000, and at V = 128 256 if the run has time for it:
+# before the peers, since it says why lkref's own rows are as fast as they are
+if command -v ncu >/dev/null; then
+  echo "== profile (ncu, lk_rows, LK^alpha N = 4096)"
+  for V in 32000 128256; do
+    [ "$V" = 32000 ] || [ $((SECONDS + 250)) -le "$budget" ] || continue
+    timeout 45 ncu --kernel-name lk_rows --launch-skip 1 --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section InstructionStats --section SourceCounters \
+      python3 bench/gpu_profile.py "$V" 2>&1
+  done | tee "$out/gpu-$card-profile.txt"
+fi
 echo "== quick benchmark: lkref and the peers, same run"
-timeout 150 python3 -m lkref bench --backend cupy --repeat 20 --loss lk_alpha --loss tv --skip-peer torch-compile \
+timeout 120 python3 -m lkref bench --backend cupy --repeat 20 --loss lk_alpha --loss tv --skip-peer torch-compile \
   --csv "$out/gpu-$card-bench.csv" 2>&1 | tee -a "$out/gpu-$card-bench.txt"
 # the first extra: compute-sanitizer
 if [ -n "$san" ] && [ $((SECONDS + 70)) -le "$budget" ]; then
@@ -115,16 +128,6 @@ if [ $((SECONDS + 60)) -le "$budget" ]; then
 fi
 echo "== the goals (bench/goals.py)"
 python3 bench/goals.py "$out/gpu-$card-bench.csv" 2>&1 | tee "$out/gpu-$card-goals.md"
-# what the default LK^alpha kernel waits for, at both goal sizes, if the run has time left
-# (Nsight Compute; it replays the kernel per section and locks the clocks to base)
-if [ $((SECONDS + 90)) -le "$budget" ] && command -v ncu >/dev/null; then
-  echo "== profile (ncu, lk_rows, LK^alpha N = 4096)"
-  for V in 32000 128256; do
-    timeout 45 ncu --kernel-name lk_rows --launch-skip 1 --launch-count 1 \
-      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-      python3 bench/gpu_profile.py "$V" 2>&1
-  done | tee "$out/gpu-$card-profile.txt"
-fi
 # torch.compile beside LK^alpha (the issue's peers include it; Inductor compiles for each
 # shape, so it comes last), and the goals again with its rows
 if [ $((SECONDS + 90)) -le "$budget" ]; then

@@ -40,13 +40,15 @@ SMALL_GPU_OPTIN = 99 * 1024
 
 def variants(clusters=True):
     """The distinct (threads, block_share, cache_target, dtype, target dtype, V, dsmem, optin,
-    pairs, mode, stream) to compile: one V per (items, cluster) class, in the launch shapes the
+    pairs, mode, one_pass, stream) to compile: one V per (items, cluster) class, in the launch shapes the
     tests and the benchmark run; dtype: the logits' and the gradient's; clusters: whether the GPU
     has them (else every variant meets in global memory); optin: a smaller GPU's shared memory
     per block to size the target cache for (None: this GPU's); pairs: a 2-byte target copied in
     pairs; mode: the loss's (fused_cupy.SPECIALIZE: each of the four for the tests' variants,
     LK^alpha's for the benchmark's launch shapes) or None (one kernel for all, as the
-    benchmark's 'fused generic-mode'); stream: every row streamed (the benchmark's 'fused stream')."""
+    benchmark's 'fused generic-mode'); one_pass: the kernel of one-launch calls (SPECIALIZE:
+    both kinds for the tests' variants), else that of two-launch calls; stream: every row
+    streamed (the benchmark's 'fused stream')."""
     default = (fused_cupy.THREADS, fused_cupy.BLOCK_SHARE, fused_cupy.CACHE_TARGET)
     f32 = "float32"
     wanted = [(default, f32, f32, V, clusters, None, False) for V in TEST_VOCABS]
@@ -55,23 +57,25 @@ def variants(clusters=True):
     wanted += [(default, dt, dt, V, clusters, None, True) for dt, vocabs in PAIR_VOCABS.items() for V in vocabs]
     wanted += [(default, f32, f32, V, False, None, False) for V in MEETING_VOCABS]
     wanted += [(default, f32, f32, V, False, SMALL_GPU_OPTIN, False) for V in PARTIAL_CACHE_VOCABS]
-    modes = tuple(fused_cupy.MODES.values()) if fused_cupy.SPECIALIZE else (None,)
-    wanted = [w + (mode, False) for w in wanted for mode in modes]
+    kinds = [(mode, one) for mode in fused_cupy.MODES.values() for one in (True, False)] if fused_cupy.SPECIALIZE \
+        else [(None, False)]
+    wanted = [w + kind + (False,) for w in wanted for kind in kinds]
     goal_vocabs = sorted({V for _, V in DEFAULT_SIZES["cupy"]})
     alpha = fused_cupy.MODES["lk_alpha"] if fused_cupy.SPECIALIZE else None
-    wanted += [(shape, f32, f32, V, clusters, None, False, alpha, False) for shape in TUNING_SHAPES for V in goal_vocabs]
-    wanted += [(default, f32, f32, V, clusters, None, False, None, False) for V in goal_vocabs]    # generic-mode
-    wanted += [((threads, default[1], True), f32, f32, V, clusters, None, False, alpha, True)
+    one = fused_cupy.SPECIALIZE
+    wanted += [(shape, f32, f32, V, clusters, None, False, alpha, one, False) for shape in TUNING_SHAPES for V in goal_vocabs]
+    wanted += [(default, f32, f32, V, clusters, None, False, None, False, False) for V in goal_vocabs]    # generic-mode
+    wanted += [((threads, default[1], True), f32, f32, V, clusters, None, False, alpha, one, True)
                for threads in STREAM_THREADS for V in goal_vocabs]
     seen, out = set(), []
-    for (threads, share, cache), dt, pdt, V, dsmem, optin, pairs, mode, stream in wanted:
+    for (threads, share, cache), dt, pdt, V, dsmem, optin, pairs, mode, one_pass, stream in wanted:
         with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, stream=stream):
             items, cluster = fused_cupy.plan(V)
         # what the source depends on
-        key = (threads, cache and items > 0, dt, pdt, items, cluster, dsmem or cluster == 1, optin, pairs, mode)
+        key = (threads, cache and items > 0, dt, pdt, items, cluster, dsmem or cluster == 1, optin, pairs, mode, one_pass)
         if key not in seen:
             seen.add(key)
-            out.append((threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, stream))
+            out.append((threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, one_pass, stream))
     return out
 
 
@@ -81,14 +85,14 @@ def _compile(spec):
     import cupy
     import numpy as np
 
-    threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, stream = spec
+    threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, one_pass, stream = spec
     dtype, p_dtype = (np.dtype(d) if d != "bfloat16" else np.dtype(__import__("ml_dtypes").bfloat16) for d in (dt, pdt))
     if optin is not None:                         # this worker process sizes its target caches for it
         fused_cupy._smem_optin = lambda cp: optin
     t0 = time.perf_counter()
     with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, stream=stream):
         items, cluster = fused_cupy.plan(V)
-        fused_cupy._kernel(dtype, dtype, items, cluster, dsmem, p_dtype, pairs, mode)
+        fused_cupy._kernel(dtype, dtype, items, cluster, dsmem, p_dtype, pairs, mode, one_pass)
     return time.perf_counter() - t0
 
 
@@ -105,12 +109,12 @@ def main(argv):
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(_compile, s): s for s in specs}
         for f in as_completed(futures):
-            threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, stream = futures[f]
+            threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, one_pass, stream = futures[f]
             with fused_cupy.configured(threads=threads, block_share=share, stream=stream):
                 what = f"{dt} ({pdt} target{', in pairs' if pairs else ''}) V={V} (items, cluster) = {fused_cupy.plan(V)} at {threads}t/{share // 1024}k" \
                        + ("" if cache else " nocache") + ("" if dsmem else " global-meeting") \
                        + ("" if optin is None else f" target cache for {optin // 1024} KiB") \
-                       + (" all modes" if mode is None else f" mode {mode}")
+                       + (" all modes" if mode is None else f" mode {mode}") + (" one pass" if one_pass else "")
             try:
                 print(f"  {f.result():5.1f} s  {what}")
             except Exception as exc:              # the tests will show it again, with context

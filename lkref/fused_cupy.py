@@ -82,13 +82,14 @@ CLUSTERS = True
 #: pass.  Off until a GPU has timed both (`configured(pair_prefetch=True)`,
 #: LKREF_CUPY_PAIR_PREFETCH=1; the GPU benchmark times it as `fused 2-byte pairs`).
 PAIR_PREFETCH = False
-#: Build one kernel per loss, its mode a compile-time constant, rather than one for all four
-#: that reads the mode as an argument.  The row kernel is straight-line code (each thread's
-#: items unrolled), and with every mode's branches in it the default shape's was 378 KiB of
-#: SASS at V = 32 000 (nvcc 13, sm_90), some three times what an SM keeps in its instruction
-#: cache: the first GPU run (H100) took 2.7 ms for LK^alpha at N = 4096, 21 % of the copy
-#: bandwidth.  One mode's kernel is 119 KiB.  (`configured(specialize=False)`,
-#: LKREF_CUPY_SPECIALIZE=0: the generic kernel, which the benchmark times beside it.)
+#: Build one kernel per loss and per kind of call (one pass, or the two passes of a two-launch
+#: call), the mode and the phase compile-time constants, rather than one kernel for all that
+#: reads them as arguments.  The row kernel is straight-line code (each thread's items
+#: unrolled), and with every mode's and phase's branches in it the default shape's was 378 KiB
+#: of SASS at V = 32 000 (nvcc 13, sm_90), some three times what an SM keeps in its
+#: instruction cache: the first GPU run (H100) took 2.7 ms for LK^alpha at N = 4096, 21 % of
+#: the copy bandwidth.  LK^alpha's one-pass kernel is some 110 KiB.  (`configured(specialize=
+#: False)`, LKREF_CUPY_SPECIALIZE=0: the generic kernel, which the benchmark times beside it.)
 SPECIALIZE = True
 #: Stream every row, whatever its length (one block per row, which reads the logits three times
 #: and the target twice, mostly from L2), with small looping code instead of the unrolled
@@ -119,6 +120,7 @@ _SOURCE = r"""
 #define GLOBAL_XCHG (CLUSTER > 1 && !DSMEM)
 #define SLOTS __SLOTS__                               // per block where blocks meet: max, sum, the 8 statistics
 #define MODE __MODE__                                 // the loss (MODES), fixed at compile time; -1: the argument mode_arg
+#define PHASE __PHASE__                               // 0: a one-pass kernel; -1: the argument phase_arg (1 or 2: two passes)
 #if CLUSTER > 1 && DSMEM
 #include <cooperative_groups.h>
 namespace cg = cooperative_groups;
@@ -394,12 +396,17 @@ __cluster_dims__(CLUSTER, 1, 1)
 lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
         const float* __restrict__ w, int has_w, const float* __restrict__ wsum, int has_wsum, float scale,
         float* __restrict__ stats, const int* __restrict__ idx, int has_idx,
-        int V, int Vt, float T, float lam, int mode_arg, int phase, int* __restrict__ counts, float* __restrict__ parts)
+        int V, int Vt, float T, float lam, int mode_arg, int phase_arg, int* __restrict__ counts, float* __restrict__ parts)
 {
 #if MODE >= 0
     const int mode = MODE;                            // this loss's code only (SPECIALIZE)
 #else
     const int mode = mode_arg;
+#endif
+#if PHASE >= 0
+    const int phase = PHASE;                          // one pass: no code for the second of two
+#else
+    const int phase = phase_arg;
 #endif
     __shared__ float sh[8 * 32];
     long row = blockIdx.x / CLUSTER;
@@ -525,14 +532,18 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
 #endif
 #endif
 #if ITEMS > 0
+        // no branch per item (straight-line code: the instruction cache holds it better): an item
+        // past the row's end reads nothing and adds q = p = 0 to every sum
         #pragma unroll
         for (int i = 0; i < ITEMS; i++) {
-            int v = tid + i * THREADS;
-            if (v < V) {
+            const int v = tid + i * THREADS;
+            const bool in = v < V;
+            {
                 float x = need_x ? xr[i] : 0.f;
-                float q = (need_x ? expf(x) : xr[i]) * inv;  // one exp per element for TV and LK^alpha
+                float q = in ? (need_x ? expf(x) : xr[i]) * inv : 0.f;  // one exp per element for TV and LK^alpha
 #else
         for (int v = tid; v < V; v += THREADS) {
+            const bool in = true;
             {
                 float x = (to_f(zr[v]) - m) / T;
                 float q = expf(x) * inv;
@@ -541,18 +552,18 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
                 xr[i] = q;                               // registers hold q from here on
 #endif
 #if ITEMS > 0 && PCACHE > 0 && P_ASYNC
-                float pv = i < PCACHE ? to_f(p_cache[i * THREADS + threadIdx.x]) : target(pr, idx, has_idx, v);
+                float pv = !in ? 0.f : i < PCACHE ? to_f(p_cache[i * THREADS + threadIdx.x]) : target(pr, idx, has_idx, v);
 #elif ITEMS > 0 && PCACHE > 0
-                float pv;
-                if (i < PCACHE) {                        // read now, and kept for the gradient
+                float pv = 0.f;
+                if (in && i < PCACHE) {                  // read now, and kept for the gradient
                     const p_t raw = *target_at(pr, idx, has_idx, v);
                     p_cache[i * THREADS + threadIdx.x] = raw;
                     pv = to_f(raw);
-                } else {
+                } else if (in) {
                     pv = target(pr, idx, has_idx, v);
                 }
 #else
-                float pv = target(pr, idx, has_idx, v);
+                float pv = in ? target(pr, idx, has_idx, v) : 0.f;
 #endif
                 acc[0] += fminf(q, pv);
                 acc[1] += q < pv ? q : 0.f;
@@ -595,23 +606,25 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
 #if ITEMS > 0
     #pragma unroll
     for (int i = 0; i < ITEMS; i++) {
-        int v = tid + i * THREADS;
-        if (v < V) {
+        const int v = tid + i * THREADS;
+        const bool in = v < V;                           // past the row's end: no read, no store
+        {
             float q = xr[i];
 #else
     for (int v = tid; v < V; v += THREADS) {
+        const bool in = true;
         {
             float q = expf((to_f(zr[v]) - m) / T) * inv;
 #endif
 #if ITEMS > 0 && PCACHE > 0
-            float pv = phase == 0 && i < PCACHE ? to_f(p_cache[i * THREADS + threadIdx.x]) : target(pr, idx, has_idx, v);
+            float pv = !in ? 0.f : phase == 0 && i < PCACHE ? to_f(p_cache[i * THREADS + threadIdx.x]) : target(pr, idx, has_idx, v);
 #else
-            float pv = target(pr, idx, has_idx, v);
+            float pv = in ? target(pr, idx, has_idx, v) : 0.f;
 #endif
             float gv = 0.f;
             if (c_tv != 0.f) gv = q < pv ? (q * c_tv) * (S - 1.f) : q * (S * c_tv);
             if (c_kl != 0.f) gv += c_kl * (q * psum_kl - pv * kls);
-            store(g + row * (long)V + v, gv);
+            if (in) store(g + row * (long)V + v, gv);
         }
     }
     if (phase == 0) leave_row();
@@ -763,14 +776,16 @@ _configure_from_environment()
 
 
 def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "float", cache_target=None,
-                  dsmem: bool = True, cached=None, p_t: str = "float", pairs: bool = False, mode=None) -> str:
+                  dsmem: bool = True, cached=None, p_t: str = "float", pairs: bool = False, mode=None,
+                  one_pass: bool = False) -> str:
     """The CUDA source for one (items, cluster, logits' type, gradient's type); cache_target
     (default CACHE_TARGET) keeps the target entries in shared memory between the phases of a
     launch, all `items` of each thread's or the first `cached` of them (a GPU with less shared
     memory); dsmem=False (GPUs before Hopper) has a row's blocks meet in global memory, not in a
     cluster; p_t is the target's type (float, __half or __nv_bfloat16), and pairs has a 2-byte
     target copied into shared memory with cp.async in 4-byte pairs (its rows 4-byte aligned);
-    mode (a value of MODES) builds lk_rows for that loss alone, None for all four."""
+    mode (a value of MODES) builds lk_rows for that loss alone, None for all four; one_pass for
+    phase 0 alone (statistics and gradient in one launch), else for the phase it is given."""
     if mode is not None and mode not in MODES.values():
         raise ValueError(f"mode must be one of {sorted(MODES.values())} or None, got {mode!r}")
     on = bool(CACHE_TARGET if cache_target is None else cache_target) and items > 0
@@ -782,7 +797,7 @@ def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "f
             .replace("__CLUSTER__", str(cluster)).replace("__IN_T__", in_t).replace("__OUT_T__", out_t)
             .replace("__P_T__", p_t).replace("__P_ASYNC__", "1" if p_t == "float" else "2" if pairs else "0")
             .replace("__ALPHA_FLOOR__", f"{ALPHA_FLOOR:e}f").replace("__SLOTS__", str(SLOTS))
-            .replace("__MODE__", str(-1 if mode is None else int(mode))))
+            .replace("__MODE__", str(-1 if mode is None else int(mode))).replace("__PHASE__", "0" if one_pass else "-1"))
 
 
 def _ctype(dt):
@@ -805,16 +820,18 @@ class Kernels(NamedTuple):
     smem: int
 
 
-def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True, p_dtype=np.float32, pairs=False, mode=None) -> Kernels:
+def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True, p_dtype=np.float32, pairs=False, mode=None,
+            one_pass=False) -> Kernels:
     cp = sys.modules["cupy"]
     dsmem = bool(dsmem) or cluster == 1
-    key = (str(in_dtype), str(out_dtype), items, cluster, THREADS, CACHE_TARGET, dsmem, str(p_dtype), bool(pairs), mode)
+    key = (str(in_dtype), str(out_dtype), items, cluster, THREADS, CACHE_TARGET, dsmem, str(p_dtype), bool(pairs), mode,
+           bool(one_pass))
     if key not in _cache:
         p_bytes = np.dtype(p_dtype).itemsize
 
         def build(cached):
             src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), dsmem=dsmem, cached=cached,
-                                p_t=_ctype(p_dtype), pairs=pairs, mode=mode)
+                                p_t=_ctype(p_dtype), pairs=pairs, mode=mode, one_pass=one_pass)
             return src, _build(cp, src), p_bytes * cached * THREADS
 
         src, kern, smem = build(cached_items(items, _smem_optin(cp), p_bytes))
@@ -971,7 +988,12 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     w = None if mask is None else mask.reshape(N).astype(cp.float32, copy=False)
     items, cluster = plan(V)
     dsmem = _uses_clusters(cp)
-    kern = _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, _pairs(p2, idx), MODES[name] if SPECIALIZE else None)
+    # two launches where lambda, the weights or the mean need every row first, and where the
+    # gradient overwrites the logits that the LK^alpha fallback rows still have to read
+    two_pass = (name == "lk_lambda" and lam is None) or idx is not None or reduce is not None \
+        or (alias and name == "lk_alpha")
+    kern = _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, _pairs(p2, idx),
+                   MODES[name] if SPECIALIZE else None, SPECIALIZE and not two_pass)
     stats = cp.empty((N, 8), cp.float32)              # every row's 8 entries are written by lk_rows
     per = cp.empty(N, cp.float32)
     summary = cp.empty(8, cp.float32)                 # lk_finish's sums (see its comment)
@@ -999,10 +1021,6 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     def sums(*at):                                    # 0-d views of summary entries (no copy)
         return tuple(summary[k:k + 1].reshape(()) for k in at)
 
-    # two launches where lambda, the weights or the mean need every row first, and where the
-    # gradient overwrites the logits that the LK^alpha fallback rows still have to read
-    two_pass = (name == "lk_lambda" and lam is None) or idx is not None or reduce is not None \
-        or (alias and name == "lk_alpha")
     lam_v = float(lam) if lam is not None else 0.0
     if two_pass:
         rows(1, 0.0)
