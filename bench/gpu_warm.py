@@ -40,15 +40,15 @@ SMALL_GPU_OPTIN = 99 * 1024
 
 def variants(clusters=True):
     """The distinct (threads, block_share, cache_target, dtype, target dtype, V, dsmem, optin,
-    pairs, mode, one_pass, stream) to compile: one V per (items, cluster) class, in the launch shapes the
+    pairs, mode, phase, stream) to compile: one V per (items, cluster) class, in the launch shapes the
     tests and the benchmark run; dtype: the logits' and the gradient's; clusters: whether the GPU
     has them (else every variant meets in global memory); optin: a smaller GPU's shared memory
     per block to size the target cache for (None: this GPU's); pairs: a 2-byte target copied in
     pairs; mode: the loss's (fused_cupy.SPECIALIZE: each of the four for the tests' variants,
     LK^alpha's for the benchmark's launch shapes) or None (one kernel for all, as the
-    benchmark's 'fused generic-mode'); one_pass: the kernel of one-launch calls (SPECIALIZE:
-    both kinds for the tests' variants), else that of two-launch calls; stream: every row
-    streamed (the benchmark's 'fused stream')."""
+    benchmark's 'fused generic-mode'); phase: 0 (one-launch calls), 1 or 2 (the two launches
+    of the others; SPECIALIZE: all three for the tests' variants), None with mode None; stream:
+    every row streamed (the benchmark's 'fused stream')."""
     default = (fused_cupy.THREADS, fused_cupy.BLOCK_SHARE, fused_cupy.CACHE_TARGET)
     f32 = "float32"
     wanted = [(default, f32, f32, V, clusters, None, False) for V in TEST_VOCABS]
@@ -57,25 +57,25 @@ def variants(clusters=True):
     wanted += [(default, dt, dt, V, clusters, None, True) for dt, vocabs in PAIR_VOCABS.items() for V in vocabs]
     wanted += [(default, f32, f32, V, False, None, False) for V in MEETING_VOCABS]
     wanted += [(default, f32, f32, V, False, SMALL_GPU_OPTIN, False) for V in PARTIAL_CACHE_VOCABS]
-    kinds = [(mode, one) for mode in fused_cupy.MODES.values() for one in (True, False)] if fused_cupy.SPECIALIZE \
-        else [(None, False)]
+    kinds = [(mode, phase) for mode in fused_cupy.MODES.values() for phase in (0, 1, 2)] if fused_cupy.SPECIALIZE \
+        else [(None, None)]
     wanted = [w + kind + (False,) for w in wanted for kind in kinds]
     goal_vocabs = sorted({V for _, V in DEFAULT_SIZES["cupy"]})
     alpha = fused_cupy.MODES["lk_alpha"] if fused_cupy.SPECIALIZE else None
-    one = fused_cupy.SPECIALIZE
+    one = 0 if fused_cupy.SPECIALIZE else None
     wanted += [(shape, f32, f32, V, clusters, None, False, alpha, one, False) for shape in TUNING_SHAPES for V in goal_vocabs]
-    wanted += [(default, f32, f32, V, clusters, None, False, None, False, False) for V in goal_vocabs]    # generic-mode
+    wanted += [(default, f32, f32, V, clusters, None, False, None, None, False) for V in goal_vocabs]    # generic-mode
     wanted += [((threads, default[1], True), f32, f32, V, clusters, None, False, alpha, one, True)
                for threads in STREAM_THREADS for V in goal_vocabs]
     seen, out = set(), []
-    for (threads, share, cache), dt, pdt, V, dsmem, optin, pairs, mode, one_pass, stream in wanted:
+    for (threads, share, cache), dt, pdt, V, dsmem, optin, pairs, mode, phase, stream in wanted:
         with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, stream=stream):
             items, cluster = fused_cupy.plan(V)
         # what the source depends on
-        key = (threads, cache and items > 0, dt, pdt, items, cluster, dsmem or cluster == 1, optin, pairs, mode, one_pass)
+        key = (threads, cache and items > 0, dt, pdt, items, cluster, dsmem or cluster == 1, optin, pairs, mode, phase)
         if key not in seen:
             seen.add(key)
-            out.append((threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, one_pass, stream))
+            out.append((threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream))
     return out
 
 
@@ -85,14 +85,14 @@ def _compile(spec):
     import cupy
     import numpy as np
 
-    threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, one_pass, stream = spec
+    threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream = spec
     dtype, p_dtype = (np.dtype(d) if d != "bfloat16" else np.dtype(__import__("ml_dtypes").bfloat16) for d in (dt, pdt))
     if optin is not None:                         # this worker process sizes its target caches for it
         fused_cupy._smem_optin = lambda cp: optin
     t0 = time.perf_counter()
     with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, stream=stream):
         items, cluster = fused_cupy.plan(V)
-        fused_cupy._kernel(dtype, dtype, items, cluster, dsmem, p_dtype, pairs, mode, one_pass)
+        fused_cupy._kernel(dtype, dtype, items, cluster, dsmem, p_dtype, pairs, mode, phase)
     return time.perf_counter() - t0
 
 
@@ -109,12 +109,12 @@ def main(argv):
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(_compile, s): s for s in specs}
         for f in as_completed(futures):
-            threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, one_pass, stream = futures[f]
+            threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream = futures[f]
             with fused_cupy.configured(threads=threads, block_share=share, stream=stream):
                 what = f"{dt} ({pdt} target{', in pairs' if pairs else ''}) V={V} (items, cluster) = {fused_cupy.plan(V)} at {threads}t/{share // 1024}k" \
                        + ("" if cache else " nocache") + ("" if dsmem else " global-meeting") \
                        + ("" if optin is None else f" target cache for {optin // 1024} KiB") \
-                       + (" all modes" if mode is None else f" mode {mode}") + (" one pass" if one_pass else "")
+                       + (" all modes" if mode is None else f" mode {mode}") + ("" if phase is None else f" phase {phase}")
             try:
                 print(f"  {f.result():5.1f} s  {what}")
             except Exception as exc:              # the tests will show it again, with context

@@ -120,7 +120,7 @@ _SOURCE = r"""
 #define GLOBAL_XCHG (CLUSTER > 1 && !DSMEM)
 #define SLOTS __SLOTS__                               // per block where blocks meet: max, sum, the 8 statistics
 #define MODE __MODE__                                 // the loss (MODES), fixed at compile time; -1: the argument mode_arg
-#define PHASE __PHASE__                               // 0: a one-pass kernel; -1: the argument phase_arg (1 or 2: two passes)
+#define PHASE __PHASE__                               // the phase (0, 1 or 2 below), fixed at compile time; -1: phase_arg
 #if CLUSTER > 1 && DSMEM
 #include <cooperative_groups.h>
 namespace cg = cooperative_groups;
@@ -404,7 +404,7 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
     const int mode = mode_arg;
 #endif
 #if PHASE >= 0
-    const int phase = PHASE;                          // one pass: no code for the second of two
+    const int phase = PHASE;                          // this phase's code only (SPECIALIZE)
 #else
     const int phase = phase_arg;
 #endif
@@ -777,17 +777,20 @@ _configure_from_environment()
 
 def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "float", cache_target=None,
                   dsmem: bool = True, cached=None, p_t: str = "float", pairs: bool = False, mode=None,
-                  one_pass: bool = False) -> str:
+                  phase=None) -> str:
     """The CUDA source for one (items, cluster, logits' type, gradient's type); cache_target
     (default CACHE_TARGET) keeps the target entries in shared memory between the phases of a
     launch, all `items` of each thread's or the first `cached` of them (a GPU with less shared
     memory); dsmem=False (GPUs before Hopper) has a row's blocks meet in global memory, not in a
     cluster; p_t is the target's type (float, __half or __nv_bfloat16), and pairs has a 2-byte
     target copied into shared memory with cp.async in 4-byte pairs (its rows 4-byte aligned);
-    mode (a value of MODES) builds lk_rows for that loss alone, None for all four; one_pass for
-    phase 0 alone (statistics and gradient in one launch), else for the phase it is given."""
+    mode (a value of MODES) builds lk_rows for that loss alone, None for all four; phase (0: the
+    statistics and the gradient in one launch; 1, 2: the statistics, then the gradient, of a
+    two-launch call) for that phase alone, None for the one it is given."""
     if mode is not None and mode not in MODES.values():
         raise ValueError(f"mode must be one of {sorted(MODES.values())} or None, got {mode!r}")
+    if phase not in (None, 0, 1, 2):
+        raise ValueError(f"phase must be 0, 1, 2 or None, got {phase!r}")
     on = bool(CACHE_TARGET if cache_target is None else cache_target) and items > 0
     pcache = min(items, items if cached is None else int(cached)) if on else 0
     dsmem = bool(dsmem) or cluster == 1                # one block per row meets nobody: one source
@@ -797,7 +800,7 @@ def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "f
             .replace("__CLUSTER__", str(cluster)).replace("__IN_T__", in_t).replace("__OUT_T__", out_t)
             .replace("__P_T__", p_t).replace("__P_ASYNC__", "1" if p_t == "float" else "2" if pairs else "0")
             .replace("__ALPHA_FLOOR__", f"{ALPHA_FLOOR:e}f").replace("__SLOTS__", str(SLOTS))
-            .replace("__MODE__", str(-1 if mode is None else int(mode))).replace("__PHASE__", "0" if one_pass else "-1"))
+            .replace("__MODE__", str(-1 if mode is None else int(mode))).replace("__PHASE__", str(-1 if phase is None else int(phase))))
 
 
 def _ctype(dt):
@@ -821,17 +824,17 @@ class Kernels(NamedTuple):
 
 
 def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True, p_dtype=np.float32, pairs=False, mode=None,
-            one_pass=False) -> Kernels:
+            phase=None) -> Kernels:
     cp = sys.modules["cupy"]
     dsmem = bool(dsmem) or cluster == 1
     key = (str(in_dtype), str(out_dtype), items, cluster, THREADS, CACHE_TARGET, dsmem, str(p_dtype), bool(pairs), mode,
-           bool(one_pass))
+           phase)
     if key not in _cache:
         p_bytes = np.dtype(p_dtype).itemsize
 
         def build(cached):
             src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), dsmem=dsmem, cached=cached,
-                                p_t=_ctype(p_dtype), pairs=pairs, mode=mode, one_pass=one_pass)
+                                p_t=_ctype(p_dtype), pairs=pairs, mode=mode, phase=phase)
             return src, _build(cp, src), p_bytes * cached * THREADS
 
         src, kern, smem = build(cached_items(items, _smem_optin(cp), p_bytes))
@@ -992,8 +995,17 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     # gradient overwrites the logits that the LK^alpha fallback rows still have to read
     two_pass = (name == "lk_lambda" and lam is None) or idx is not None or reduce is not None \
         or (alias and name == "lk_alpha")
-    kern = _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, _pairs(p2, idx),
-                   MODES[name] if SPECIALIZE else None, SPECIALIZE and not two_pass)
+    pairs = _pairs(p2, idx)
+
+    built = {}
+
+    def kernels(phase):                               # for this call's loss and phase, or for all (not SPECIALIZE)
+        key = phase if SPECIALIZE else None
+        if key not in built:
+            built[key] = _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, pairs,
+                                 MODES[name] if SPECIALIZE else None, key)
+        return built[key]
+    kern = kernels(1 if two_pass else 0)
     stats = cp.empty((N, 8), cp.float32)              # every row's 8 entries are written by lk_rows
     per = cp.empty(N, cp.float32)
     summary = cp.empty(8, cp.float32)                 # lk_finish's sums (see its comment)
@@ -1008,11 +1020,12 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
 
     def rows(phase, lam_v, wsum=None, scale=0.0):
         if N:
-            kern.rows((N * cluster,), (THREADS,), (
+            k = kernels(phase)
+            k.rows((N * cluster,), (THREADS,), (
                 z2, p2, g2, w_arg, np.int32(w is not None), absent if wsum is None else wsum,
                 np.int32(wsum is not None), np.float32(scale), stats, idx_arg, np.int32(idx is not None),
                 np.int32(V), np.int32(Vt), np.float32(T), np.float32(lam_v), mode, np.int32(phase),
-                counts, parts), shared_mem=kern.smem)
+                counts, parts), shared_mem=k.smem)
 
     def finish(lam_v):
         kern.finish((1,), (THREADS,), (stats, w_arg, np.int32(w is not None), np.int32(idx is not None),

@@ -367,8 +367,8 @@ def test_pairs_only_where_every_row_is_aligned(numpy_as_cupy, monkeypatch):
     z1, p1 = z[:, :49].copy(), (p[:, :49] / p[:, :49].astype(np.float32).sum(1, keepdims=True)).astype(np.float16)
     run("tv", z1, p1)                                       # odd rows: every other row misaligned
     run("tv", z1[:1], p1[:1])                               # ... unless there is one row
-    run("tv", z, np.pad(p, ((0, 0), (0, 2))), draft_to_target=np.arange(50))
-    assert seen == [False, True, False, False, False, True, False]
+    run("tv", z, np.pad(p, ((0, 0), (0, 2))), draft_to_target=np.arange(50))   # two launches, two kernels
+    assert seen == [False, True, False, False, False, True, False, False]
 
 
 @pytest.mark.parametrize("p_dtype", ["float16", "bfloat16"])
@@ -586,9 +586,9 @@ def test_simt_every_plan(simt, monkeypatch, name, V, plan):
 
 @pytest.mark.parametrize("name", REDUCED)
 def test_simt_one_kernel_per_loss_generic_and_streamed(simt, monkeypatch, name):
-    """SPECIALIZE (the default) builds lk_rows for one loss, its mode a compile-time constant;
-    specialize=False one kernel for all four, reading the mode from its argument (the
-    benchmark's 'fused generic-mode'): the same arithmetic, bit for bit.  stream=True streams a
+    """SPECIALIZE (the default) builds lk_rows for one loss and one phase (0, or 1 and 2 for LK^lambda's
+    two launches), compile-time constants; specialize=False one kernel for all, reading both
+    from its arguments (the benchmark's 'fused generic-mode'): the same arithmetic, bit for bit.  stream=True streams a
     row that would fit registers (items 0): as the reference, to rounding."""
     small_blocks(monkeypatch)
     kernels = built_kernels(monkeypatch)
@@ -597,12 +597,15 @@ def test_simt_one_kernel_per_loss_generic_and_streamed(simt, monkeypatch, name):
     p = make_probs(rng, (5, 300), dtype=np.float32)
     kw = dict(mask=np.array([1, 1, 0, 1, 1], bool), temperature=0.7)
     one = run(name, z, p, **kw)
+    specialized = len(kernels)
     with fused_cupy.configured(specialize=False):
         every = run(name, z, p, **kw)
+
     def define(kern, name):
         return int(re.search(rf"#define {name} (-?\d+)", kern.rows.code).group(1))
-    assert define(kernels[0], "MODE") == fused_cupy.MODES[name]
-    assert define(kernels[-1], "MODE") == -1 and len(kernels) == 2
+    assert [(define(k, "MODE"), define(k, "PHASE")) for k in kernels] == \
+        [(fused_cupy.MODES[name], phase) for phase in ((1, 2) if name == "lk_lambda" else (0,))] + [(-1, -1)]
+    assert specialized == len(kernels) - 1
     for a, b in ((one.grad, every.grad), (one.loss, every.loss), (one.alpha, every.alpha)):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
     with fused_cupy.configured(stream=True):

@@ -207,7 +207,7 @@ def test_fused_partial_target_cache_as_on_gpus_with_less_shared_memory(cp, monke
         compare(cp, name, z, peaked_probs(rng, (3, V)).astype(np.float32))
         f32 = np.dtype(np.float32)                           # the key compare's call built (no second compile)
         kern = fused_cupy._kernel(f32, f32, *fused_cupy.plan(V), fused_cupy._uses_clusters(cp),
-                                  mode=fused_cupy.MODES[name], one_pass=name != "lk_lambda")
+                                  mode=fused_cupy.MODES[name], phase=1 if name == "lk_lambda" else 0)
     assert kern.smem == 4 * 48 * 512 and "#define PCACHE 48" in kern.rows.code
 
 
