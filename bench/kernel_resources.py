@@ -1,4 +1,4 @@
-"""Registers, spills and shared memory of the CuPy kernel's variants, from nvcc's ptxas
+"""Registers, spills, shared memory and machine-code size of the CuPy kernel's variants, from nvcc's ptxas
 (no GPU needed): python bench/kernel_resources.py [--arch sm_90]; the target cache is sized
 to the arch's shared memory per block, as lkref sizes it on such a GPU.  Occupancy follows from
 them: an SM has 65 536 registers and (SMEM_KIB) 228 KiB of shared memory on an H100, 164 KiB
@@ -34,7 +34,7 @@ def resources(V, threads, share, cache, arch, work, ctype="float", pairs=False):
         items, cluster = fused_cupy.plan(V)
         cached = fused_cupy.cached_items(items, optin, _bytes(ctype))
         src = fused_cupy.kernel_source(items, cluster, ctype, ctype, dsmem=_cc(arch) >= 90, cached=cached, p_t=ctype,
-                                       pairs=pairs)
+                                       pairs=pairs, mode=fused_cupy.MODES["lk_alpha"], phase=0)
     path = os.path.join(work, "k.cu")
     with open(path, "w") as f:
         f.write(src)
@@ -45,7 +45,24 @@ def resources(V, threads, share, cache, arch, work, ctype="float", pairs=False):
     log = r.stderr.split("entry function 'lk_rows'")[-1].split("entry function")[0]   # lk_rows' lines only
     get = lambda pattern: int(m.group(1)) if (m := re.search(pattern, log)) else 0  # noqa: E731
     return items, cluster, cached, {"regs": get(r"Used (\d+) registers"), "spill": get(r"(\d+) bytes spill stores"),
-                            "smem": get(r"(\d+) bytes smem")}
+                            "smem": get(r"(\d+) bytes smem"), "sass": sass_bytes(os.path.join(work, "k.cubin"))}
+
+
+def sass_bytes(cubin):
+    """The size of lk_rows' machine code (its ELF section .text.lk_rows) in a cubin, or 0."""
+    import struct
+    data = open(cubin, "rb").read()
+    if data[:4] != b"\x7fELF" or data[4] != 2:        # ELF64 only
+        return 0
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    names = headers[shstrndx][4]
+    for h in headers:
+        end = data.index(b"\0", names + h[0])
+        if data[names + h[0]:end] == b".text.lk_rows":
+            return h[5]
+    return 0
 
 
 def _smem_kib(arch):
@@ -67,11 +84,12 @@ def main():
     args = ap.parse_args()
     if shutil.which("nvcc") is None:
         sys.exit("nvcc is not installed")
-    shapes = [(512, 32_768, True)] + list(TUNING_SHAPES)
+    shapes = [(fused_cupy.THREADS, fused_cupy.BLOCK_SHARE, fused_cupy.CACHE_TARGET)] + list(TUNING_SHAPES)
     version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    print(f"# lk_rows, nvcc -std=c++17 -arch={args.arch} (the options CuPy gives NVRTC); {version}")
+    print(f"# lk_rows for LK^alpha in one launch (fused_cupy.SPECIALIZE), nvcc -std=c++17 -arch={args.arch} "
+          f"(the options CuPy gives NVRTC); {version}; the default shape first")
     print(f"{'V':>7} {'threads':>7} {'share':>6} {'cache':>5} | {'items':>5} {'cluster':>7} {'regs':>5} "
-          f"{'spill B':>7} {'static smem':>11} {'dyn smem KiB':>12} {'blocks/SM':>9}")
+          f"{'spill B':>7} {'static smem':>11} {'dyn smem KiB':>12} {'blocks/SM':>9} {'SASS KiB':>8}")
     # float32 logits, target and gradient in every launch shape; bfloat16 ones at the default, the
     # target read at first use, then copied in pairs
     variants = [(V, shape, "float", False) for V in (32_000, 128_256, 300_000) for shape in shapes] + \
@@ -95,7 +113,7 @@ def main():
             by_smem = (per_sm * 1024) // max(1, dyn + res["smem"] + 1024)
             print(f"{V:7d} {threads:7d} {share:6d} {cache!s:>5} | {items:5d} {cluster:7d} {res['regs']:5d} "
                   f"{res['spill']:7d} {res['smem']:11d} {dyn / 1024:12.0f} "
-                  f"{min(by_regs, by_smem, 2048 // threads):9d}{note}")
+                  f"{min(by_regs, by_smem, 2048 // threads):9d} {res['sass'] / 1024:8.0f}{note}")
 
 
 if __name__ == "__main__":

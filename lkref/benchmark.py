@@ -238,11 +238,12 @@ def _entries(xp, backend, fn, loss, z, p, out, N, V):
 
 
 #: (threads per block, floats of a row per block, target cache) tried for LK^alpha on CuPy,
-#: beside the default (512, 32 768, True).  At 16 384 floats per block a 512-thread block needs
-#: 64 registers per thread and two fit an SM: V = 32 000 takes clusters of 2, V = 128 256 of 8.
-#: (256 threads at 32 768 floats would need 125 logits and 255 registers per thread: one block of
-#: 8 warps per SM, and 15 s of NVRTC per variant.)
-TUNING_SHAPES = [(512, 32_768, False), (1024, 32_768, True), (512, 16_384, True), (1024, 16_384, True),
+#: beside the default (512, 16 384, True: two blocks of 64 registers per thread fit an SM;
+#: V = 32 000 takes clusters of 2, V = 128 256 of 8), fastest of these on the H100, whose
+#: first default was (512, 32 768, True): 1.4x slower there, one block per SM.  (256 threads
+#: at 32 768 floats would need 125 logits and 255 registers per thread: one block of 8 warps
+#: per SM, and 15 s of NVRTC per variant.)
+TUNING_SHAPES = [(512, 32_768, True), (512, 16_384, False), (1024, 32_768, True), (1024, 16_384, True),
                  (256, 16_384, True)]
 
 

@@ -499,9 +499,10 @@ def _overlap(a, b) -> bool:
     return a0 < b1 and b0 < a1
 
 
-#: Whether impl="auto" takes the CuPy kernels (fused_cupy.py).  False until a GPU run has
-#: checked them (bench/gpu_check.sh); LKREF_CUPY_FUSED=1 or 0 overrides it.
-CUPY_FUSED_BY_DEFAULT = False
+#: Whether impl="auto" takes the CuPy kernels (fused_cupy.py): yes since the GPU tests passed on
+#: an H100 (bench/results/gpu-NVIDIA-H100-80GB-HBM3-run2-35dc2c3-tests.txt: 175 of 175);
+#: LKREF_CUPY_FUSED=1 or 0 overrides it.
+CUPY_FUSED_BY_DEFAULT = True
 
 
 def cupy_fused_by_default() -> bool:

@@ -1,4 +1,4 @@
-"""CuPy fused kernels for the reduced losses (not yet run on a GPU: opt-in, impl="fused").
+"""CuPy fused kernels for the reduced losses (on by default for CuPy arrays; tested on an H100).
 
 Checked without a GPU by tests/test_fused_cupy_host.py: the host code against a NumPy
 transcription of the kernel, and this CUDA source itself on the CPU (tests/simt_cpu.h runs
@@ -13,7 +13,7 @@ to its own max, then moved to the row's), once for the statistics; in a cluster 
 barrier is split, so that a block writes its gradient while the others finish reading its
 shared memory and waits for them only before it exits.  A row is
 read in three phases: (1) max and sum of exp over the logits, (2) alpha, S and the KL sums
-over logits and target, (3) the gradient.  For V <= 8 * THREADS * MAX_ITEMS (262 144) the
+over logits and target, (3) the gradient.  For V <= 8 * THREADS * MAX_ITEMS (131 072) the
 row stays in registers between the phases (the logits, then q: read once, one exp per
 element for TV and LK^alpha, two for the KL sums, which need x = (z - max z) / T as well) and the target entries in shared memory (read once; CACHE_TARGET), so one launch
 reads z and p once and writes the gradient once, the least traffic there is.  The target
@@ -60,10 +60,13 @@ from .validation import as_array, check_index_map, check_mask, check_real_scalar
 #: registers, MAX_ITEMS = BLOCK_SHARE / THREADS per thread; the target in shared memory).  A row
 #: longer than BLOCK_SHARE is split over a cluster of 2, 4 or 8 blocks.  A smaller share means
 #: fewer registers per thread and more blocks per SM (16 384 at 512 threads: two per SM, at
-#: 64 registers), whose phases can overlap.  The defaults are untuned; `configured` (and
+#: 64 registers), whose phases can overlap.  Tuned on an H100 (bench/results/gpu-NVIDIA-H100-
+#: 80GB-HBM3-run2-*): 512 threads and 16 384 floats per block were the fastest of the shapes
+#: timed for LK^alpha at N = 4096, at V = 32 000 (1.23 and 1.31 ms in two runs, against 1.72
+#: for 32 768) and V = 128 256 (5.0 and 5.2 ms, against 7.2-7.4); `configured` (and
 #: LKREF_CUPY_THREADS / LKREF_CUPY_BLOCK_SHARE) try others.
 THREADS = 512
-BLOCK_SHARE = 32_768
+BLOCK_SHARE = 16_384
 MAX_ITEMS = BLOCK_SHARE // THREADS
 #: Keep each block's share of the target row in shared memory (items x THREADS floats, up to
 #: 128 KiB) between the statistics and the gradient, so that a one-pass launch reads the
@@ -893,7 +896,7 @@ def describe(cp) -> str:
     how = "a thread-block cluster of 2-8 blocks" if _uses_clusters(cp) else \
         f"2-8 blocks that meet in global memory ({'no clusters' if not _has_clusters(cp) else 'clusters off'})"
     when = "on by default" if cupy_fused_by_default() else \
-        'opt-in (impl="fused" or LKREF_CUPY_FUSED=1) until a GPU run has checked them'
+        'off (LKREF_CUPY_FUSED=0; impl="fused" takes them)'
     kept4, kept2 = (cached_items(MAX_ITEMS, _smem_optin(cp), p_bytes) for p_bytes in (4, 2))
     words = {n: "all of a block's share" if n == MAX_ITEMS else f"{n} of each thread's {MAX_ITEMS} entries"
              for n in (kept4, kept2)}

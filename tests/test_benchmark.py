@@ -618,7 +618,8 @@ def test_gpu_warm_compiles_each_source_once_and_covers_the_tests():
     marks = [m for m in test_gpu.test_fused_partial_target_cache_as_on_gpus_with_less_shared_memory.pytestmark
              if m.args[0] == "V"]
     for V in marks[0].args[1]:
-        assert (fused_cupy.THREADS, True, "float32", fused_cupy.plan(V), False, 99 * 1024) in covered, V
+        with fused_cupy.configured(block_share=32_768):
+            assert (fused_cupy.THREADS, True, "float32", fused_cupy.plan(V), False, 99 * 1024) in covered, V
     marks = [m for m in test_gpu.test_fused_two_byte_targets_read_as_they_are.pytestmark if m.args[0] == "V"]
     for V in marks[0].args[1]:
         assert (fused_cupy.THREADS, True, "float16", fused_cupy.plan(V), True, None) in covered, V

@@ -508,9 +508,9 @@ def test_clusters_only_from_hopper_on():
 @pytest.mark.parametrize("cc, clusters, how", [("90", True, "a thread-block cluster of 2-8"),
                                                ("80", True, "2-8 blocks that meet in global memory (no clusters)"),
                                                ("90", False, "2-8 blocks that meet in global memory (clusters off)")])
-@pytest.mark.parametrize("flag, when", [(None, "opt-in"), ("1", "on by default")])
+@pytest.mark.parametrize("flag, when", [(None, "on by default"), ("0", "off (LKREF_CUPY_FUSED=0"), ("1", "on by default")])
 def test_info_says_how_this_gpu_runs_the_kernels(monkeypatch, cc, clusters, how, flag, when):
-    """python -m lkref info's line on the kernels: opt-in or not, and how this GPU splits rows
+    """python -m lkref info's line on the kernels: on or off, and how this GPU splits rows
     (clusters from Hopper on, unless switched off with configured(clusters=False))."""
     import types
     cp = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=lambda: types.SimpleNamespace(compute_capability=cc)))
@@ -522,21 +522,25 @@ def test_info_says_how_this_gpu_runs_the_kernels(monkeypatch, cc, clusters, how,
         line = fused_cupy.describe(cp)
         assert fused_cupy._uses_clusters(cp) == (cc == "90" and clusters)
     assert how in line and when in line and f"sm_{cc}" in line
-    assert "up to 32768 logits takes one block, up to 262144 " in line and fused_cupy.CLUSTERS is True
+    assert "up to 16384 logits takes one block, up to 131072 " in line and fused_cupy.CLUSTERS is True
     assert line.endswith("target kept in shared memory: all of a block's share")     # optin unknown here
     monkeypatch.setattr(fused_cupy, "_smem_optin", lambda cp: 99 * 1024)
-    assert fused_cupy.describe(cp).endswith("48 of each thread's 64 entries (the rest read twice); "
-                                            "a 2-byte target: all of a block's share")
+    assert fused_cupy.describe(cp).endswith("target kept in shared memory: all of a block's share")  # 64 KiB
+    with fused_cupy.configured(block_share=32_768):                 # 128 KiB a block: not on such a GPU
+        assert fused_cupy.describe(cp).endswith("48 of each thread's 64 entries (the rest read twice); "
+                                                "a 2-byte target: all of a block's share")
     with fused_cupy.configured(cache_target=False):
         assert fused_cupy.describe(cp).endswith("target kept in shared memory: off")
 
 
 def test_plan_covers_every_vocabulary():
     assert fused_cupy.plan(7) == (1, 1)
-    assert fused_cupy.plan(32_000) == (63, 1)
-    assert fused_cupy.plan(128_256) == (63, 4)
+    assert fused_cupy.plan(32_000) == (32, 2)
+    assert fused_cupy.plan(128_256) == (32, 8)
     assert fused_cupy.plan(10**6) == (0, 1)
-    for V in (1, 512, 32_768, 32_769, 50_257, 262_144, 262_145):
+    with fused_cupy.configured(block_share=32_768):
+        assert fused_cupy.plan(32_000) == (63, 1) and fused_cupy.plan(128_256) == (63, 4)
+    for V in (1, 512, 16_384, 16_385, 32_768, 50_257, 131_072, 131_073, 262_145):
         items, cluster = fused_cupy.plan(V)
         assert items == 0 or items * fused_cupy.THREADS * cluster >= V
         assert items <= fused_cupy.MAX_ITEMS and cluster in (1, 2, 4, 8)
@@ -664,9 +668,9 @@ def test_simt_meeting_blocks_need_only_one_rows_blocks_live(simt, monkeypatch, r
                                                          ("tv", 300_000, 1, np.float32, True),
                                                          ("lk_alpha", 128_256, 2, np.float32, False)])
 def test_simt_at_the_benchmark_sizes(simt, monkeypatch, name, V, N, dtype, clusters):
-    """The shipped configuration (512 threads): one block, a cluster of 4, streaming, and (as on
-    an A100) 4 blocks that meet in global memory; float16 logits with a float16 target, read
-    as it is and kept in shared memory (all of it: 63 KiB a block)."""
+    """The shipped configuration (512 threads, 16 384 floats a block): a cluster of 2, of 8,
+    streaming, and (as on an A100) 8 blocks that meet in global memory; float16 logits with a
+    float16 target, read as it is and kept in shared memory (all of it: 32 KiB a block)."""
     monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: clusters)
     kernels = built_kernels(monkeypatch)
     rng = np.random.default_rng(7)
@@ -674,7 +678,7 @@ def test_simt_at_the_benchmark_sizes(simt, monkeypatch, name, V, N, dtype, clust
     p = make_probs(rng, (N, V), dtype=np.float32).astype(dtype)
     fast, ref = run(name, z, p), reference(name, z, p)
     if dtype == np.float16:
-        assert "typedef __half p_t;" in kernels[-1].rows.code and kernels[-1].smem == 2 * 63 * 512
+        assert "typedef __half p_t;" in kernels[-1].rows.code and kernels[-1].smem == 2 * 32 * 512
     if dtype == np.float16:                       # the gradient is rounded to float16
         np.testing.assert_allclose(fast.grad.astype(np.float64), ref.grad, rtol=1e-3,
                                    atol=1e-3 * np.abs(ref.grad).max())
@@ -774,8 +778,8 @@ def test_simt_flushes_denormals_as_cupy_compiles(simt, monkeypatch):
         close(fast, ref)
 
 
-@pytest.mark.parametrize("V, plan", [(12_288, (24, 1)), (32_768, (64, 1)), (32_769, (33, 2)),
-                                     (262_144, (64, 8)), (262_145, (0, 1))])
+@pytest.mark.parametrize("V, plan", [(12_288, (24, 1)), (16_384, (32, 1)), (16_385, (17, 2)),
+                                     (131_072, (32, 8)), (131_073, (0, 1))])
 def test_simt_plan_boundaries_at_the_shipped_shape(simt, V, plan):
     """The row lengths where the shipped launch shape changes: a 48 KiB target cache (the
     opt-in boundary), the most entries per thread, the first cluster, the largest cluster,
@@ -886,7 +890,7 @@ def test_simt_other_launch_shapes(simt, threads, share, V, cache, cluster):
         fast = run("lk_alpha", z, p, temperature=1.3)
     close(fast, reference("lk_alpha", z, p, temperature=1.3))
     assert (fused_cupy.THREADS, fused_cupy.BLOCK_SHARE, fused_cupy.MAX_ITEMS, fused_cupy.CACHE_TARGET) == \
-        (512, 32_768, 64, True)                     # restored
+        (512, 16_384, 32, True)                     # restored
 
 
 @pytest.mark.parametrize("clusters", [True, False])
@@ -912,7 +916,7 @@ def test_configured_rejects_bad_shapes(kw, error):
     with pytest.raises(error, match=next(iter(kw))):
         with fused_cupy.configured(**kw):
             pass
-    assert fused_cupy.THREADS == 512 and fused_cupy.BLOCK_SHARE == 32_768
+    assert fused_cupy.THREADS == 512 and fused_cupy.BLOCK_SHARE == 16_384
 
 
 def test_launch_shape_from_the_environment(monkeypatch):
@@ -1060,7 +1064,7 @@ STRIDED = ("int v = tid + i * THREADS;", "int v = tid - (int)threadIdx.x + (int)
 
 @pytest.mark.parametrize("V, dtype, plan", [(200, np.float32, (4, 1)), (1000, np.float32, (4, 4)),
                                             (3000, np.float32, (0, 1)), (1024, np.float16, (4, 4)),
-                                            (32_000, np.float32, (63, 1))])
+                                            (32_000, np.float32, (32, 2))])
 def test_simt_warp_accesses_coalesce(simt, monkeypatch, V, dtype, plan):
     """Every warp-wide read of the logits and the target, and every store of the gradient,
     touches only the 32-byte sectors its bytes need (rows start on sector boundaries here, as

@@ -48,8 +48,8 @@ def compare(cp, name, z, p, rtol=2e-4, **kw):
 @pytest.mark.parametrize("N, V", [(1, 7), (3, 1000), (3, 12_000), (17, 32_000), (5, 50_257), (2, 128_256),
                                   (2, 151_936), (2, 300_000), (4096, 1031)])
 def test_fused_matches_reference_on_odd_shapes(cp, name, N, V):
-    """One block per row up to 32 768, clusters of 2, 4 and 8 (151 936: Qwen's vocabulary), and
-    the streaming kernel beyond 262 144.  V = 12 000: a target cache of exactly 48 KiB, which with
+    """One block per row up to 16 384, clusters of 2, 4 and 8, and the streaming kernel beyond
+    131 072 (151 936: Qwen's vocabulary).  V = 12 000: a target cache of exactly 48 KiB, which with
     the static shared memory needs the opt-in (tests/test_fused_cupy_host.py's stand-in checks
     the rule; this, the GPU)."""
     rng = np.random.default_rng(N + V)
@@ -180,10 +180,10 @@ def test_fused_tuning_shapes(cp, threads, share, cache, V):
 
 
 @pytest.mark.parametrize("name", REDUCED)
-@pytest.mark.parametrize("N, V, cluster", [(5, 50_257, 2), (300, 128_256, 4), (3, 151_936, 8)])
+@pytest.mark.parametrize("N, V, cluster", [(3, 32_000, 2), (5, 50_257, 4), (300, 128_256, 8)])
 def test_fused_without_clusters_blocks_meet_in_global_memory(cp, name, N, V, cluster):
     """As on a GPU before Hopper (no thread-block clusters): a row's 2, 4 or 8 blocks meet in
-    global memory.  N = 300 rows of 4 blocks are more blocks than the GPU holds at once, so
+    global memory.  N = 300 rows of 8 blocks are more blocks than the GPU holds at once, so
     blocks wait for others of their row that start only when earlier rows end."""
     assert fused_cupy.plan(V)[1] == cluster
     rng = np.random.default_rng(N + V)
@@ -197,13 +197,14 @@ def test_fused_without_clusters_blocks_meet_in_global_memory(cp, name, N, V, clu
 @pytest.mark.parametrize("V", [32_000, 128_256])
 def test_fused_partial_target_cache_as_on_gpus_with_less_shared_memory(cp, monkeypatch, name, V):
     """As on a GPU whose blocks may opt in to 99 KiB of shared memory (sm_86/89/120: L4, L40S,
-    RTX cards; no clusters either): each thread keeps 48 of its 63 target entries in shared
-    memory and reads the other 15 twice (the stand-in counts those reads)."""
+    RTX cards; no clusters either): at 32 768 floats a block (the default's 16 384 fit whole)
+    each thread keeps 48 of its 63 target entries in shared memory and reads the other 15
+    twice (the stand-in counts those reads)."""
     monkeypatch.setattr(fused_cupy, "_smem_optin", lambda cp: 99 * 1024)
     monkeypatch.setattr(fused_cupy, "_cache", {})        # variants sized for this GPU's limit
     rng = np.random.default_rng(V + 99)
     z = make_logits(rng, (3, V), scale=2.0, dtype=np.float32)
-    with fused_cupy.configured(clusters=False):
+    with fused_cupy.configured(clusters=False, block_share=32_768):
         compare(cp, name, z, peaked_probs(rng, (3, V)).astype(np.float32))
         f32 = np.dtype(np.float32)                           # the key compare's call built (no second compile)
         kern = fused_cupy._kernel(f32, f32, *fused_cupy.plan(V), fused_cupy._uses_clusters(cp),
