@@ -736,6 +736,24 @@ def test_goals_report_on_the_committed_cpu_run():
     assert any(line.startswith("no goal applies to these rows (lk_alpha N=512 V=32000 float16") for line in lines)
 
 
+def test_goals_report_on_the_committed_gpu_runs():
+    """The H100 runs in bench/results/: the README's figures are these rows, and the goals they
+    miss are reported as missed."""
+    import glob
+    import os
+    goals = _load_goals()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = sorted(glob.glob(os.path.join(root, "bench", "results", "gpu-NVIDIA-H100-*.csv")))
+    assert paths
+    ok, lines, text = _report(goals, paths[0])
+    assert ok is False
+    assert "| GPU LK^α N=4096 V=32000: ≤ 0.75 ms | 1.718 ms | **no** |" in text       # run 2, its default
+    assert "| 32000 | float32 | fused 512t/16k | 1.226 | 0.71× |" in text             # the default since
+    assert "| lk_alpha | 4096 | 32000 | liger-fused | 1.200 | 1.715 | 0.70× |" in text
+    assert "| NVIDIA H100 80GB HBM3 | 35dc2c3 | GPU lk_alpha V=128256 (lkref fused): extra memory O(N) " \
+           "(≤ 1 KiB per row) | 2 of 2 runs |" in text
+
+
 def test_cpu_timing_interleaves_so_ratios_survive_slow_spells():
     """A machine that turns three times slower half-way: timed one after the other, the second
     implementation would look 3x slower than it is; interleaved, the ratio of the medians stays
