@@ -160,7 +160,9 @@ def peak_extra(xp, fn, result_bytes) -> float:
         return max(0, peak - result_bytes) / 2**20
     # the pool's cached free blocks first handed back, so that what it holds after fn (in use or
     # cached) is what fn needed at its peak (CuPy keeps no peak count); used_bytes() before and
-    # total_bytes() after counted another call's cached blocks (256 MiB in the first GPU run)
+    # total_bytes() after counted another call's cached blocks (256 MiB in the first GPU run).
+    # Small arrays that fit the free room of a chunk the pool keeps for live arrays do not
+    # show: below a MiB this is a lower bound (the fused path's 36 bytes a row read 0.0).
     pool = xp.get_default_memory_pool()
     xp.cuda.Device().synchronize()
     pool.free_all_blocks()

@@ -85,14 +85,16 @@ CLUSTERS = True
 #: pass.  Off until a GPU has timed both (`configured(pair_prefetch=True)`,
 #: LKREF_CUPY_PAIR_PREFETCH=1; the GPU benchmark times it as `fused 2-byte pairs`).
 PAIR_PREFETCH = False
-#: Build one kernel per loss and per kind of call (one pass, or the two passes of a two-launch
-#: call), the mode and the phase compile-time constants, rather than one kernel for all that
-#: reads them as arguments.  The row kernel is straight-line code (each thread's items
-#: unrolled), and with every mode's and phase's branches in it the default shape's was 378 KiB
-#: of SASS at V = 32 000 (nvcc 13, sm_90), some three times what an SM keeps in its
-#: instruction cache: the first GPU run (H100) took 2.7 ms for LK^alpha at N = 4096, 21 % of
-#: the copy bandwidth.  LK^alpha's one-pass kernel is some 110 KiB.  (`configured(specialize=
-#: False)`, LKREF_CUPY_SPECIALIZE=0: the generic kernel, which the benchmark times beside it.)
+#: Build one kernel per loss and per phase (one launch; or the statistics, then the gradient,
+#: of a two-launch call), the mode and the phase compile-time constants, rather than one kernel
+#: for all that reads them as arguments.  The row kernel is straight-line code (each thread's
+#: items unrolled), and with every mode's and phase's branches in it the first default shape's
+#: (512 x 32 768) was 378 KiB of SASS at V = 32 000 (nvcc 13, sm_90), some three times what an
+#: SM keeps in its instruction cache: the first GPU run (H100) took 2.70 ms for LK^alpha at
+#: N = 4096, 21 % of the copy bandwidth; LK^alpha's one-launch kernel alone, about 114 KiB,
+#: took 1.72 ms (66 KiB at the default 512 x 16 384: bench/results/kernel-resources-*).
+#: (`configured(specialize=False)`, LKREF_CUPY_SPECIALIZE=0: the generic kernel, which the
+#: benchmark times beside it as `fused generic-mode`.)
 SPECIALIZE = True
 #: Stream every row, whatever its length (one block per row, which reads the logits three times
 #: and the target twice, mostly from L2), with small looping code instead of the unrolled
