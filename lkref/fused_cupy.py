@@ -89,8 +89,8 @@ PAIR_PREFETCH = False
 #: of a two-launch call), the mode and the phase compile-time constants, rather than one kernel
 #: for all that reads them as arguments.  The row kernel is straight-line code (each thread's
 #: items unrolled), and with every mode's and phase's branches in it the first default shape's
-#: (512 x 32 768) was 378 KiB of SASS at V = 32 000 (nvcc 13, sm_90), some three times what an
-#: SM keeps in its instruction cache: the first GPU run (H100) took 2.70 ms for LK^alpha at
+#: (512 x 32 768) was 378 KiB of SASS at V = 32 000 (nvcc 13, sm_90), instruction fetch the
+#: first suspect: the first GPU run (H100, not profiled) took 2.70 ms for LK^alpha at
 #: N = 4096, 21 % of the copy bandwidth; LK^alpha's one-launch kernel alone, about 114 KiB,
 #: took 1.72 ms (66 KiB at the default 512 x 16 384: bench/results/kernel-resources-*).
 #: (`configured(specialize=False)`, LKREF_CUPY_SPECIALIZE=0: the generic kernel, which the
