@@ -104,9 +104,13 @@ if command -v ncu >/dev/null; then
       python3 bench/gpu_profile.py "$V" 2>&1
   done | tee "$out/gpu-$card-profile.txt"
 fi
-echo "== quick benchmark: lkref and the peers, same run"
-timeout 120 python3 -m lkref bench --backend cupy --repeat 20 --loss lk_alpha --loss tv --skip-peer torch-compile \
-  --csv "$out/gpu-$card-bench.csv" 2>&1 | tee -a "$out/gpu-$card-bench.txt"
+# the peers (about 110 s with their Triton autotuning); LKREF_GPU_CHECK_PEERS=0 leaves them out,
+# for a run whose minutes are better spent on lkref's own rows and the extras
+if [ "${LKREF_GPU_CHECK_PEERS:-1}" != 0 ]; then
+  echo "== quick benchmark: lkref and the peers, same run"
+  timeout 120 python3 -m lkref bench --backend cupy --repeat 20 --loss lk_alpha --loss tv --skip-peer torch-compile \
+    --csv "$out/gpu-$card-bench.csv" 2>&1 | tee -a "$out/gpu-$card-bench.txt"
+fi
 # the first extra: compute-sanitizer
 if [ -n "$san" ] && [ $((SECONDS + 70)) -le "$budget" ]; then
   sanitize
