@@ -239,6 +239,9 @@ def lk_alpha_forward(z, p, *, temperature=1.0):
 
     log alpha = log sum_v min(p_v, q_v) = logsumexp_v (log q_v if m_v else log p_v).
     A row with no target mass (alpha = 0 for every draft) gets loss 0 (see the module notes).
+    Where (z - max z) / T overflows the dtype at every token the target covers (a logit spread
+    beyond its largest number times T), log alpha is not representable either: a ValueError,
+    not the loss 0 of a row without mass.
     """
     _check_pair(z, p, temperature)
     xp = namespace(z, p)
@@ -246,7 +249,13 @@ def lk_alpha_forward(z, p, *, temperature=1.0):
     m = q < p
     with _quiet(xp):
         log_alpha = _logsumexp(xp.where(m, logq, xp.log(p)))
-    live = log_alpha > -xp.inf                  # False only where p has no mass at all
+    live = log_alpha > -xp.inf                  # False only where p has no mass at all ...
+    if bool(xp.any(~live & xp.any(p > 0, axis=-1))):
+        # ... or where (z - max z) / T overflowed to -inf at every token p covers (a spread of
+        # the logits beyond the dtype's range times T): log alpha is finite but not representable
+        raise ValueError(f"lk_alpha: alpha underflows even in log space at a position whose target has mass: "
+                         f"(z - max z) / temperature overflows {np.dtype(z.dtype).name} at every token the "
+                         f"target covers; use float64 logits or a larger temperature")
     log_alpha = xp.where(live, log_alpha, 0)
     losses = xp.where(live, -log_alpha, 0)
     cache = {"q": q, "logq": logq, "m": m, "log_alpha": log_alpha, "live": live,

@@ -434,3 +434,23 @@ def test_subnormal_temperature_gives_no_nan(xp, name):
     assert not np.isnan(g).any() and not np.isnan(to_numpy(got.loss))
     np.testing.assert_allclose(to_numpy(got.loss), want_loss, rtol=1e-5)
     np.testing.assert_allclose(g, want_grad, rtol=1e-5, atol=1e-30)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_lk_alpha_beyond_float32_in_log_space_is_an_error(impl):
+    """(z - max z) / T overflows float32 at every token the target covers: log alpha = -4e38
+    (float64 says so) is beyond float32, and the row was once given loss 0, as if its target
+    had no mass.  Now a ValueError, from the readable and the fast path alike; the same row
+    in float64 is finite, and a row whose target covers the argmax is not affected."""
+    z = np.array([[-2e38, 2e38]])
+    p = np.array([[1.0, 0.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)     # the overflow of z - max z is the point
+        with pytest.raises(ValueError, match="overflows float32 at every token the target covers"):
+            lkref.lk_alpha(z.astype(np.float32), p.astype(np.float32), impl=impl)
+        with pytest.raises(ValueError, match="overflows float32"):
+            lkref.lk_alpha(np.float32([[0.0, 1.0]]), np.float32([[1.0, 0.0]]), temperature=1e-39, impl=impl)
+        exact = lkref.lk_alpha(z, p, impl=impl)
+        covered = lkref.lk_alpha(z.astype(np.float32), np.float32([[0.5, 0.5]]), impl=impl)
+    np.testing.assert_allclose(float(exact.loss), 4e38, rtol=1e-12)
+    np.testing.assert_allclose(float(covered.loss), np.log(2), rtol=1e-6)
