@@ -422,11 +422,10 @@ def peer_errors(fn, args, ref, keep=None):
     got_loss, got_grad = fn(*args)
     if hasattr(got_grad, "float"):                    # a torch tensor: bfloat16 has no NumPy form
         got_grad = got_grad.float()
-    if hasattr(got_grad, "detach"):
+    if hasattr(got_grad, "detach"):                   # a torch tensor: compared where it lies, on a GPU
         got_grad = got_grad.detach()
-    on_host = namespace(ref.grad) is np or getattr(getattr(got_grad, "device", None), "type", "cuda") != "cuda"
-    if on_host and hasattr(got_grad, "cpu"):
-        got_grad = np.asarray(got_grad.cpu())
+        if namespace(ref.grad) is np or got_grad.device.type != "cuda":
+            got_grad = np.asarray(got_grad.cpu())
     return (args, rel_err(got_grad, ref.grad, keep), rel_err(np.asarray(float(got_loss)), ref.loss))
 
 

@@ -1002,15 +1002,13 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
         or (alias and name == "lk_alpha")
     pairs = _pairs(p2, idx)
 
-    built = {}
-
-    def kernels(phase):                               # for this call's loss and phase, or for all (not SPECIALIZE)
-        key = phase if SPECIALIZE else None
-        if key not in built:
-            built[key] = _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, pairs,
-                                 MODES[name] if SPECIALIZE else None, key)
-        return built[key]
-    kern = kernels(1 if two_pass else 0)
+    phases = (1, 2) if two_pass else (0,)
+    if SPECIALIZE:                                    # a kernel for this loss and each phase of the call
+        by_phase = {ph: _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, pairs, MODES[name], ph)
+                    for ph in phases}
+    else:                                             # one for every loss and phase
+        by_phase = dict.fromkeys(phases, _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, pairs))
+    kern = by_phase[phases[0]]
     stats = cp.empty((N, 8), cp.float32)              # every row's 8 entries are written by lk_rows
     per = cp.empty(N, cp.float32)
     summary = cp.empty(8, cp.float32)                 # lk_finish's sums (see its comment)
@@ -1025,7 +1023,7 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
 
     def rows(phase, lam_v, wsum=None, scale=0.0):
         if N:
-            k = kernels(phase)
+            k = by_phase[phase]
             k.rows((N * cluster,), (THREADS,), (
                 z2, p2, g2, w_arg, np.int32(w is not None), absent if wsum is None else wsum,
                 np.int32(wsum is not None), np.float32(scale), stats, idx_arg, np.int32(idx is not None),

@@ -250,7 +250,7 @@ def lk_alpha_forward(z, p, *, temperature=1.0):
     with _quiet(xp):
         log_alpha = _logsumexp(xp.where(m, logq, xp.log(p)))
     live = log_alpha > -xp.inf                  # False only where p has no mass at all ...
-    if bool(xp.any(~live & xp.any(p > 0, axis=-1))):
+    if not bool(xp.all(live)) and bool(xp.any(~live & xp.any(p > 0, axis=-1))):   # p read only then
         # ... or where (z - max z) / T overflowed to -inf at every token p covers (a spread of
         # the logits beyond the dtype's range times T): log alpha is finite but not representable
         raise ValueError(f"lk_alpha: alpha underflows even in log space at a position whose target has mass: "
