@@ -50,7 +50,8 @@ def variants(clusters=True):
     LK^alpha's for the benchmark's launch shapes) or None (one kernel for all, as the
     benchmark's 'fused generic-mode'); phase: 0 (one-launch calls), 1 or 2 (the two launches
     of the others; SPECIALIZE: all three for the tests' variants), None with mode None; stream:
-    every row streamed (the benchmark's 'fused stream')."""
+    every row streamed (the benchmark's 'fused stream'); exp2: each element's exp by exp2f
+    (fused_cupy.EXP2), else by expf (the benchmark's 'fused expf')."""
     default = (fused_cupy.THREADS, fused_cupy.BLOCK_SHARE, fused_cupy.CACHE_TARGET)
     f32 = "float32"
     wanted = [(default, f32, f32, V, clusters, None, False) for V in TEST_VOCABS]
@@ -61,25 +62,28 @@ def variants(clusters=True):
     wanted += [(FIRST_SHAPE, f32, f32, V, False, SMALL_GPU_OPTIN, False) for V in PARTIAL_CACHE_VOCABS]
     kinds = [(mode, phase) for mode in fused_cupy.MODES.values() for phase in (0, 1, 2)] if fused_cupy.SPECIALIZE \
         else [(None, None)]
-    wanted = [w + kind + (False,) for w in wanted for kind in kinds]
+    wanted = [w + kind + (False, fused_cupy.EXP2) for w in wanted for kind in kinds]
     goal_vocabs = sorted({V for _, V in DEFAULT_SIZES["cupy"]})
     alpha = fused_cupy.MODES["lk_alpha"] if fused_cupy.SPECIALIZE else None
     one = 0 if fused_cupy.SPECIALIZE else None
-    wanted += [(shape, f32, f32, V, clusters, None, False, alpha, one, False) for shape in TUNING_SHAPES for V in goal_vocabs]
-    wanted += [(default, f32, f32, V, clusters, None, False, None, None, False) for V in goal_vocabs]    # generic-mode
-    wanted += [((threads, default[1], True), f32, f32, V, clusters, None, False, alpha, one, True)
+    exp2 = fused_cupy.EXP2
+    wanted += [(shape, f32, f32, V, clusters, None, False, alpha, one, False, exp2) for shape in TUNING_SHAPES
+               for V in goal_vocabs]
+    wanted += [(default, f32, f32, V, clusters, None, False, None, None, False, exp2) for V in goal_vocabs]  # generic-mode
+    wanted += [(default, f32, f32, V, clusters, None, False, alpha, one, False, not exp2) for V in goal_vocabs]  # expf
+    wanted += [((threads, default[1], True), f32, f32, V, clusters, None, False, alpha, one, True, exp2)
                for threads in STREAM_THREADS for V in goal_vocabs]
     seen, out = set(), []
-    for (threads, share, cache), dt, pdt, V, dsmem, optin, pairs, mode, phase, stream in wanted:
+    for (threads, share, cache), dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2 in wanted:
         with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, stream=stream):
             items, cluster = fused_cupy.plan(V)
             # the target entries kept per thread (a smaller GPU's opt-in may change nothing)
             kept = fused_cupy.cached_items(items, optin, 2 if pdt != "float32" else 4) if cache and items else 0
         # what the source depends on
-        key = (threads, kept, dt, pdt, items, cluster, dsmem or cluster == 1, pairs, mode, phase)
+        key = (threads, kept, dt, pdt, items, cluster, dsmem or cluster == 1, pairs, mode, phase, exp2)
         if key not in seen:
             seen.add(key)
-            out.append((threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream))
+            out.append((threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2))
     return out
 
 
@@ -89,12 +93,12 @@ def _compile(spec):
     import cupy
     import numpy as np
 
-    threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream = spec
+    threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2 = spec
     dtype, p_dtype = (np.dtype(d) if d != "bfloat16" else np.dtype(__import__("ml_dtypes").bfloat16) for d in (dt, pdt))
     if optin is not None:                         # this worker process sizes its target caches for it
         fused_cupy._smem_optin = lambda cp: optin
     t0 = time.perf_counter()
-    with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, stream=stream):
+    with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, stream=stream, exp2=exp2):
         items, cluster = fused_cupy.plan(V)
         fused_cupy._kernel(dtype, dtype, items, cluster, dsmem, p_dtype, pairs, mode, phase)
     return time.perf_counter() - t0
@@ -113,12 +117,13 @@ def main(argv):
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(_compile, s): s for s in specs}
         for f in as_completed(futures):
-            threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream = futures[f]
+            threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2 = futures[f]
             with fused_cupy.configured(threads=threads, block_share=share, stream=stream):
                 what = f"{dt} ({pdt} target{', in pairs' if pairs else ''}) V={V} (items, cluster) = {fused_cupy.plan(V)} at {threads}t/{share // 1024}k" \
                        + ("" if cache else " nocache") + ("" if dsmem else " global-meeting") \
                        + ("" if optin is None else f" target cache for {optin // 1024} KiB") \
-                       + (" all modes" if mode is None else f" mode {mode}") + ("" if phase is None else f" phase {phase}")
+                       + (" all modes" if mode is None else f" mode {mode}") + ("" if phase is None else f" phase {phase}") \
+                       + ("" if exp2 else " expf")
             try:
                 print(f"  {f.result():5.1f} s  {what}")
             except Exception as exc:              # the tests will show it again, with context

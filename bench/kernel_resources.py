@@ -20,25 +20,27 @@ from lkref import fused_cupy  # noqa: E402
 from lkref.benchmark import TUNING_SHAPES  # noqa: E402
 
 
+#: the options CuPy compiles a RawKernel with (it appends -ftz=true to the caller's)
+CUPY_OPTIONS = ("-std=c++17", "-ftz=true")
 #: shared memory per SM and the most one block may opt in to, KiB (CUDA's tables)
 SMEM_KIB = {75: (64, 64), 80: (164, 163), 86: (100, 99), 87: (164, 163), 89: (100, 99), 90: (228, 227)}
 
 
-def resources(V, threads, share, cache, arch, work, ctype="float", pairs=False):
+def resources(V, threads, share, cache, arch, work, ctype="float", pairs=False, exp2=None):
     """(items, cluster, target entries kept per thread, {regs, spill, smem} or None) of one
     variant as lkref builds it for `arch`: its target cache sized to the arch's shared memory;
     ctype: the C type of the logits, the target and the gradient; pairs: a 2-byte target copied
-    in pairs (fused_cupy.PAIR_PREFETCH)."""
+    in pairs (fused_cupy.PAIR_PREFETCH); exp2: fused_cupy.EXP2 (None: the default)."""
     optin = _smem_kib(arch)[1] * 1024
     with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
         items, cluster = fused_cupy.plan(V)
         cached = fused_cupy.cached_items(items, optin, _bytes(ctype))
         src = fused_cupy.kernel_source(items, cluster, ctype, ctype, dsmem=_cc(arch) >= 90, cached=cached, p_t=ctype,
-                                       pairs=pairs, mode=fused_cupy.MODES["lk_alpha"], phase=0)
+                                       pairs=pairs, mode=fused_cupy.MODES["lk_alpha"], phase=0, exp2=exp2)
     path = os.path.join(work, "k.cu")
     with open(path, "w") as f:
         f.write(src)
-    r = subprocess.run(["nvcc", "-std=c++17", f"-arch={arch}", "-cubin", "-Xptxas", "-v",
+    r = subprocess.run(["nvcc", *CUPY_OPTIONS, f"-arch={arch}", "-cubin", "-Xptxas", "-v",
                         "-o", os.path.join(work, "k.cubin"), path], capture_output=True, text=True)
     if r.returncode != 0:
         return items, cluster, cached, None
@@ -86,18 +88,21 @@ def main():
         sys.exit("nvcc is not installed")
     shapes = [(fused_cupy.THREADS, fused_cupy.BLOCK_SHARE, fused_cupy.CACHE_TARGET)] + list(TUNING_SHAPES)
     version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    print(f"# lk_rows for LK^alpha in one launch (fused_cupy.SPECIALIZE), nvcc -std=c++17 -arch={args.arch} "
+    print(f"# lk_rows for LK^alpha in one launch (fused_cupy.SPECIALIZE), nvcc {' '.join(CUPY_OPTIONS)} -arch={args.arch} "
           f"(the options CuPy gives NVRTC); {version}; the default shape first")
+    print("# instr/item: the kernel's SASS instructions (16 bytes each, every path, draft_to_target's "
+          "included) per logit a thread holds")
     print(f"{'V':>7} {'threads':>7} {'share':>6} {'cache':>5} | {'items':>5} {'cluster':>7} {'regs':>5} "
-          f"{'spill B':>7} {'static smem':>11} {'dyn smem KiB':>12} {'blocks/SM':>9} {'SASS KiB':>8}")
+          f"{'spill B':>7} {'static smem':>11} {'dyn smem KiB':>12} {'blocks/SM':>9} {'SASS KiB':>8} {'instr/item':>10}")
     # float32 logits, target and gradient in every launch shape; bfloat16 ones at the default, the
-    # target read at first use, then copied in pairs
-    variants = [(V, shape, "float", False) for V in (32_000, 128_256, 300_000) for shape in shapes] + \
-        [(V, shapes[0], "__nv_bfloat16", False) for V in (32_000, 128_256, 300_000)] + \
-        [(V, shapes[0], "__nv_bfloat16", True) for V in (32_000, 128_256)]
+    # target read at first use, then copied in pairs; then float32 at the default with expf
+    variants = [(V, shape, "float", False, None) for V in (32_000, 128_256, 300_000) for shape in shapes] + \
+        [(V, shapes[0], "__nv_bfloat16", False, None) for V in (32_000, 128_256, 300_000)] + \
+        [(V, shapes[0], "__nv_bfloat16", True, None) for V in (32_000, 128_256)] + \
+        [(V, shapes[0], "float", False, not fused_cupy.EXP2) for V in (32_000, 128_256)]
     with tempfile.TemporaryDirectory() as work:
-        for V, (threads, share, cache), ctype, pairs in variants:
-            items, cluster, cached, res = resources(V, threads, share, cache, args.arch, work, ctype, pairs)
+        for V, (threads, share, cache), ctype, pairs, exp2 in variants:
+            items, cluster, cached, res = resources(V, threads, share, cache, args.arch, work, ctype, pairs, exp2)
             if res is None:
                 print(f"{V:7d} {threads:7d} {share:6d} {cache!s:>5} | build failed")
                 continue
@@ -105,6 +110,8 @@ def main():
             dyn = _bytes(ctype) * cached * threads
             note = "" if ctype == "float" else "  (bfloat16 logits, target and gradient" + \
                 ("; the target copied in pairs)" if pairs else ")")
+            if exp2 is not None:
+                note += "  (exps by " + ("exp2f)" if exp2 else "expf, as the benchmark's 'fused expf')")
             if cache and 0 < cached < items:            # this GPU's blocks keep part of the target
                 note += f"  (target cache: {cached} of {items} entries per thread; the rest read twice)"
             elif cache and items and not cached:
@@ -113,7 +120,8 @@ def main():
             by_smem = (per_sm * 1024) // max(1, dyn + res["smem"] + 1024)
             print(f"{V:7d} {threads:7d} {share:6d} {cache!s:>5} | {items:5d} {cluster:7d} {res['regs']:5d} "
                   f"{res['spill']:7d} {res['smem']:11d} {dyn / 1024:12.0f} "
-                  f"{min(by_regs, by_smem, 2048 // threads):9d} {res['sass'] / 1024:8.0f}{note}")
+                  f"{min(by_regs, by_smem, 2048 // threads):9d} {res['sass'] / 1024:8.0f} "
+                  f"{res['sass'] / 16 / items if items else float('nan'):10.1f}{note}")
 
 
 if __name__ == "__main__":

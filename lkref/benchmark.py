@@ -228,6 +228,7 @@ def _entries(xp, backend, fn, loss, z, p, out, N, V):
             for threads, share, cache in TUNING_SHAPES:
                 entries.append((shape_label(threads, share, cache), _shaped(fn, z, p, out, threads, share, cache), False))
             entries.append((GENERIC_LABEL, _shaped(fn, z, p, out, specialize=False), False))
+            entries.append((EXPF_LABEL, _shaped(fn, z, p, out, exp2=False), False))
             for threads in STREAM_THREADS:
                 entries.append((f"fused stream {threads}t", _shaped(fn, z, p, out, threads, stream=True), False))
             if _meets_on_this_gpu(xp, V) is False:     # what GPUs without clusters run, timed on this one
@@ -253,6 +254,9 @@ TUNING_SHAPES = [(512, 32_768, True), (512, 16_384, False), (1024, 32_768, True)
 #: <T>t": fused_cupy.STREAM, every row read from memory in each phase, with small looping code).
 STREAM_THREADS = (512, 1024)
 GENERIC_LABEL = "fused generic-mode"
+#: The default kernel with expf for each element's exp (fused_cupy.EXP2 off), as run 2 had it
+#: (with the IEEE division by T, which the kernels no longer take): what exp2f saves.
+EXPF_LABEL = "fused expf"
 
 
 def shape_label(threads, share, cache):
@@ -275,12 +279,12 @@ def _meets_on_this_gpu(xp, V):
 
 
 def _shaped(fn, z, p, out, threads=None, share=None, cache=None, clusters=None, pairs=None, specialize=None,
-            stream=None):
+            stream=None, exp2=None):
     from . import fused_cupy
 
     def call():
         with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, clusters=clusters,
-                                   pair_prefetch=pairs, specialize=specialize, stream=stream):
+                                   pair_prefetch=pairs, specialize=specialize, stream=stream, exp2=exp2):
             return fn(z, p, impl="fused", out=out)
     return call
 

@@ -101,6 +101,18 @@ SPECIALIZE = True
 #: registers; a tuning option (`configured(stream=True)`, LKREF_CUPY_STREAM=1), timed by the
 #: GPU benchmark.  By default only rows longer than 8 x BLOCK_SHARE are streamed.
 STREAM = False
+#: Take each element's exp as exp2f(u), u = (z - m) * (log2 e / T): a multiply and one
+#: instruction of the special-function unit (ex2.approx; CuPy builds with -ftz=true), where
+#: expf of (z - m) / T took ten and the IEEE division by T another ten, with a branch to its
+#: slow path around each element.  LK^alpha's one-launch kernel at the default shape, SASS
+#: instructions per logit a thread holds (nvcc 13 -ftz=true, sm_90; every path in the kernel,
+#: bench/kernel_resources.py): 130.2 with expf and the division, 118.5 with expf and the
+#: multiply by 1 / T (exp2=False), 105.0 with exp2f.  Both functions are within the CUDA
+#: guide's 2 ulp of the exact exp (tests/simt_cpu.h puts that error on every exp); u's own
+#: rounding adds up to |x| 2^-23 relative, 1e-6 where q is e^-9 of the row's largest.
+#: (`configured(exp2=False)`, LKREF_CUPY_EXP2=0: expf, as the benchmark's `fused expf` row
+#: times it; either way with the multiply by 1 / T.)
+EXP2 = True
 MODES = {"kl": 0, "tv": 1, "lk_alpha": 2, "lk_lambda": 3}
 ALPHA_FLOOR = 1e-30
 #: Slots per block where a row's blocks meet in global memory: the max, the sum, the 8 statistics.
@@ -136,6 +148,18 @@ namespace cg = cooperative_groups;
 typedef __IN_T__ in_t;
 typedef __OUT_T__ out_t;
 typedef __P_T__ p_t;                                  // the target's type: float, __half or __nv_bfloat16
+#define EXP2 __EXP2__                                 // an element's exp: 1, exp2f(u) with u = (z - m) log2(e) / T (a
+                                                      // multiply and the SFU's ex2.approx, within 2 ulp); 0, expf(u)
+                                                      // with u = (z - m) / T (some ten instructions, within 2 ulp)
+#if EXP2
+#define EXP_U(u) exp2f(u)
+#define U_PER_X 1.4426950408889634f                   // u = x log2(e), x = (z - m) / T
+#define X_PER_U 0.6931471805599453f
+#else
+#define EXP_U(u) expf(u)
+#define U_PER_X 1.f
+#define X_PER_U 1.f
+#endif
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
@@ -443,6 +467,10 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
     extern __shared__ p_t p_cache[];                  // PCACHE * THREADS entries: each thread's own
 #endif
     float m, s;
+    // per element, x = (z - m) / T in the units of EXP_U is u = (z - m) * rT: a multiply, not the
+    // IEEE division, which is some ten instructions and a branch to a slow path an element (nvcc
+    // 13, sm_90); the KL sums take x = u * X_PER_U, once a thread
+    const float rT = U_PER_X / T;
     int flags = 0;
     const bool need_x = mode == 0 || mode == 3;          // KL and LK^lambda: sum p x
     if (phase != 2) {
@@ -473,10 +501,10 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
             if (!isfinite(zv)) {
                 flags |= 1;                              // flagged; left out of the sums
             } else if (zv > lmax) {
-                lsum = lsum * expf((lmax - zv) / T) + 1.f;
+                lsum = lsum * EXP_U((lmax - zv) * rT) + 1.f;
                 lmax = zv;
             } else {
-                lsum += expf((zv - lmax) / T);
+                lsum += EXP_U((zv - lmax) * rT);
             }
         }
 #endif
@@ -490,10 +518,10 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
         #pragma unroll
         for (int i = 0; i < ITEMS; i++) {
             int v = tid + i * THREADS;
-            float x = v < V ? (xr[i] - mb) / T : 0.f;         // x = (z - max z) / T, the block's max
-            float e = v < V ? expf(x) : 0.f;
+            float u = v < V ? (xr[i] - mb) * rT : 0.f;        // u: x = (z - max z) / T, the block's max
+            float e = v < V ? EXP_U(u) : 0.f;
             acc[0] += e;
-            xr[i] = need_x ? x : e;                          // the KL sums need x; TV and LK^alpha only e
+            xr[i] = need_x ? u : e;                          // the KL sums need x; TV and LK^alpha only e
         }
 #else
         acc[0] = lsum > 0.f ? lsum * (expf)((lmax - mb) / T) : 0.f;   // the thread's sum moved to the block's max
@@ -504,11 +532,11 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
 #if CLUSTER > 1
         row_softmax(m, s, T, meeting);
         if (!isfinite(m)) m = 0.f;                       // no finite logit in the row: flagged
-        const float shift = (m - mb) / T;
+        const float shift = (m - mb) / T, shift_u = shift * U_PER_X;
         const float to_row = acc[0] > 0.f ? (expf)(-shift) : 0.f;   // an exp per block, not per element
 #if ITEMS > 0
         #pragma unroll
-        for (int i = 0; i < ITEMS; i++) xr[i] = need_x ? xr[i] - shift : xr[i] * to_row;
+        for (int i = 0; i < ITEMS; i++) xr[i] = need_x ? xr[i] - shift_u : xr[i] * to_row;
 #endif
 #endif
     } else {
@@ -521,7 +549,7 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
         #pragma unroll
         for (int i = 0; i < ITEMS; i++) {
             int v = tid + i * THREADS;
-            xr[i] = v < V ? expf((to_f(zr[v]) - m) / T) * inv : 0.f;
+            xr[i] = v < V ? EXP_U((to_f(zr[v]) - m) * rT) * inv : 0.f;
         }
     }
 #endif
@@ -544,14 +572,14 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
             const int v = tid + i * THREADS;
             const bool in = v < V;
             {
-                float x = need_x ? xr[i] : 0.f;
-                float q = in ? (need_x ? expf(x) : xr[i]) * inv : 0.f;  // one exp per element for TV and LK^alpha
+                float u = need_x ? xr[i] : 0.f;
+                float q = in ? (need_x ? EXP_U(u) : xr[i]) * inv : 0.f;  // one exp per element for TV and LK^alpha
 #else
         for (int v = tid; v < V; v += THREADS) {
             const bool in = true;
             {
-                float x = (to_f(zr[v]) - m) / T;
-                float q = expf(x) * inv;
+                float u = (to_f(zr[v]) - m) * rT;
+                float q = EXP_U(u) * inv;
 #endif
 #if ITEMS > 0
                 xr[i] = q;                               // registers hold q from here on
@@ -574,13 +602,16 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
                 acc[1] += q < pv ? q : 0.f;
                 acc[2] += pv;
                 if (need_x) {                            // the KL sums
-                    acc[3] += pv > 0.f ? pv * x : 0.f;    // 0 where p = 0, also where x = -inf
+                    acc[3] += pv > 0.f ? pv * u : 0.f;    // 0 where p = 0, also where x = -inf
+                    // logf (some 28 instructions, nvcc 13, sm_90), not __logf (2): its 2^-21.41 absolute
+                    // error near p = 1 is 1e-5 of a KL of 0.02 (tests/simt_cpu.h models it: a test failed)
                     acc[4] += pv > 0.f ? pv * logf(pv) : 0.f;
                 }
                 if (pv < 0.f) flags |= 2;
                 if (!isfinite(pv)) flags |= 4;
             }
         }
+        acc[3] *= X_PER_U;                               // sum p u to sum p x
         acc[5] = (flags & 1) ? 1.f : 0.f;
         acc[6] = (flags & 2) ? 1.f : 0.f;
         acc[7] = (flags & 4) ? 1.f : 0.f;
@@ -619,7 +650,7 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
     for (int v = tid; v < V; v += THREADS) {
         const bool in = true;
         {
-            float q = expf((to_f(zr[v]) - m) / T) * inv;
+            float q = EXP_U((to_f(zr[v]) - m) * rT) * inv;
 #endif
 #if ITEMS > 0 && PCACHE > 0
             float pv = !in ? 0.f : phase == 0 && i < PCACHE ? to_f(p_cache[i * THREADS + threadIdx.x]) : target(pr, idx, has_idx, v);
@@ -715,28 +746,31 @@ CLUSTER_CHOICES = (1, 2, 4, 8)
 
 @contextmanager
 def configured(threads=None, block_share=None, cache_target=None, clusters=None, pair_prefetch=None,
-               specialize=None, stream=None):
+               specialize=None, stream=None, exp2=None):
     """Run the kernels with another block size or share of a row per block, without the target
     cache (for tuning), without clusters (clusters=False: a row's blocks meet in global memory,
     as on GPUs before Hopper), with a 2-byte target prefetched in pairs (PAIR_PREFETCH), as one
-    kernel for every loss (specialize=False) or streaming every row (stream=True):
-    threads in THREAD_CHOICES, block_share in SHARE_CHOICES."""
-    old = THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH, SPECIALIZE, STREAM
+    kernel for every loss (specialize=False), streaming every row (stream=True) or with expf
+    for each element's exp (exp2=False): threads in THREAD_CHOICES, block_share in SHARE_CHOICES."""
+    old = THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH, SPECIALIZE, STREAM, EXP2
     try:
         for name, value in (("cache_target", cache_target), ("clusters", clusters), ("pair_prefetch", pair_prefetch),
-                            ("specialize", specialize), ("stream", stream)):
+                            ("specialize", specialize), ("stream", stream), ("exp2", exp2)):
             if value is not None and not isinstance(value, (bool, np.bool_)):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
-        _set(threads, "threads", block_share, "block_share", cache_target, clusters, pair_prefetch, specialize, stream)
+        _set(threads, "threads", block_share, "block_share", cache_target, clusters, pair_prefetch, specialize, stream,
+             exp2)
         yield
     finally:
         _restore(old)
 
 
 def _set(threads, threads_name, block_share, share_name, cache_target, clusters=None, pair_prefetch=None,
-         specialize=None, stream=None):
+         specialize=None, stream=None, exp2=None):
     """Check and apply the launch settings that are not None (MAX_ITEMS follows from them)."""
-    global THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH, SPECIALIZE, STREAM
+    global THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH, SPECIALIZE, STREAM, EXP2
+    if exp2 is not None:
+        EXP2 = bool(exp2)
     if specialize is not None:
         SPECIALIZE = bool(specialize)
     if stream is not None:
@@ -756,8 +790,8 @@ def _set(threads, threads_name, block_share, share_name, cache_target, clusters=
 
 
 def _restore(saved):
-    global THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH, SPECIALIZE, STREAM
-    THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH, SPECIALIZE, STREAM = saved
+    global THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH, SPECIALIZE, STREAM, EXP2
+    THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH, SPECIALIZE, STREAM, EXP2 = saved
 
 
 def _check_choice(value, name, choices):
@@ -774,7 +808,7 @@ def _configure_from_environment():
     _set(os.environ.get("LKREF_CUPY_THREADS") or None, "LKREF_CUPY_THREADS",
          os.environ.get("LKREF_CUPY_BLOCK_SHARE") or None, "LKREF_CUPY_BLOCK_SHARE",
          env_flag("LKREF_CUPY_CACHE_TARGET"), env_flag("LKREF_CUPY_CLUSTERS"), env_flag("LKREF_CUPY_PAIR_PREFETCH"),
-         env_flag("LKREF_CUPY_SPECIALIZE"), env_flag("LKREF_CUPY_STREAM"))
+         env_flag("LKREF_CUPY_SPECIALIZE"), env_flag("LKREF_CUPY_STREAM"), env_flag("LKREF_CUPY_EXP2"))
 
 
 _configure_from_environment()
@@ -782,7 +816,7 @@ _configure_from_environment()
 
 def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "float", cache_target=None,
                   dsmem: bool = True, cached=None, p_t: str = "float", pairs: bool = False, mode=None,
-                  phase=None) -> str:
+                  phase=None, exp2=None) -> str:
     """The CUDA source for one (items, cluster, logits' type, gradient's type); cache_target
     (default CACHE_TARGET) keeps the target entries in shared memory between the phases of a
     launch, all `items` of each thread's or the first `cached` of them (a GPU with less shared
@@ -791,7 +825,8 @@ def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "f
     target copied into shared memory with cp.async in 4-byte pairs (its rows 4-byte aligned);
     mode (a value of MODES) builds lk_rows for that loss alone, None for all four; phase (0: the
     statistics and the gradient in one launch; 1, 2: the statistics, then the gradient, of a
-    two-launch call) for that phase alone, None for the one it is given."""
+    two-launch call) for that phase alone, None for the one it is given; exp2 (default EXP2):
+    each element's exp by exp2f rather than expf."""
     if mode is not None and mode not in MODES.values():
         raise ValueError(f"mode must be one of {sorted(MODES.values())} or None, got {mode!r}")
     if phase not in (None, 0, 1, 2):
@@ -805,7 +840,8 @@ def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "f
             .replace("__CLUSTER__", str(cluster)).replace("__IN_T__", in_t).replace("__OUT_T__", out_t)
             .replace("__P_T__", p_t).replace("__P_ASYNC__", "1" if p_t == "float" else "2" if pairs else "0")
             .replace("__ALPHA_FLOOR__", f"{ALPHA_FLOOR:e}f").replace("__SLOTS__", str(SLOTS))
-            .replace("__MODE__", str(-1 if mode is None else int(mode))).replace("__PHASE__", str(-1 if phase is None else int(phase))))
+            .replace("__MODE__", str(-1 if mode is None else int(mode))).replace("__PHASE__", str(-1 if phase is None else int(phase)))
+            .replace("__EXP2__", str(int(bool(EXP2 if exp2 is None else exp2)))))
 
 
 def _ctype(dt):
@@ -833,7 +869,7 @@ def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True, p_dtype=np.float32,
     cp = sys.modules["cupy"]
     dsmem = bool(dsmem) or cluster == 1
     key = (str(in_dtype), str(out_dtype), items, cluster, THREADS, CACHE_TARGET, dsmem, str(p_dtype), bool(pairs), mode,
-           phase)
+           phase, EXP2)
     if key not in _cache:
         p_bytes = np.dtype(p_dtype).itemsize
 

@@ -35,7 +35,7 @@
 // What it does not model: timing, the memory model beyond barriers and the meeting blocks'
 // fences (the two orders above: no other reordering, no stale cache line), register limits,
 // launch limits (tests/simt_cpu.py checks those it knows), and the GPU's exact expf/logf
-// rounding.
+// rounding (its documented worst is modelled instead: off_by).
 #pragma once
 #include <ucontext.h>
 #include <setjmp.h>
@@ -139,6 +139,25 @@ int run(unsigned grid, unsigned threads, unsigned cluster, unsigned seed, std::f
 
 template <class T> inline T counted(int which, T value) { S.reads[which]++; return value; }
 
+// The GPU's math functions at their documented worst (CUDA C++ Programming Guide, "Mathematical
+// Functions": expf and exp2f 2 ulp, logf 1 ulp; __logf 3 ulp, or 2^-21.41 absolute for x in
+// [0.5, 2]): the CPU's result moved that far, up or down by a hash of the argument's bits (the
+// same every run), so that the tests' tolerances hold for the least accurate results a GPU may
+// give, not only for the CPU's correctly rounded ones.
+inline float off_by(float value, float x, float ulps, float absolute = 0.f) {
+    if (!std::isfinite(value) || (value == 0.f && absolute == 0.f)) return value;
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    const float sign = ((bits * 2654435761u) >> 31) ? 1.f : -1.f;
+    const float mag = std::fabs(value);
+    const float step = absolute > 0.f ? absolute : ulps * (std::nextafter(mag, INFINITY) - mag);
+    return value + sign * step;
+}
+inline float gpu_expf(float x) { return off_by(::expf(x), x, 2.f); }
+inline float gpu_exp2f(float x) { return off_by(::exp2f(x), x, 2.f); }
+inline float gpu_logf(float x) { return off_by(::logf(x), x, 1.f); }
+inline float gpu_fast_logf(float x) { return off_by(::logf(x), x, 3.f, x >= 0.5f && x <= 2.f ? 3.6e-7f : 0.f); }
+
 // A global access at line `line` of kind 0 (logits), 1 (target) or 2 (gradient store): counts
 // the reads, records the access when tracing, and returns the address.
 template <class T> inline T* noted(int kind, int line, T* at) {
@@ -187,7 +206,10 @@ inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
     return emu::shfl_xor(v, lane_mask);
 }
 inline void __syncthreads() { emu::wait(emu::blk().bar); }
-#define expf(x) emu::counted(2, ::expf(x))       // counted: the kernels' exp per element
+#define expf(x) emu::counted(2, emu::gpu_expf(x))     // counted: the kernels' exp per element
+#define exp2f(x) emu::counted(2, emu::gpu_exp2f(x))   // the same (fused_cupy.EXP2)
+#define logf(x) emu::gpu_logf(x)
+#define __logf(x) emu::gpu_fast_logf(x)
 
 // cp.async: the copy lands at the latest moment the GPU allows, the thread's wait, so a read of
 // the destination before the wait sees what was there (fresh shared memory holds NaN).

@@ -466,7 +466,7 @@ def test_the_gpu_branch_of_the_bench_runs(monkeypatch, tmp_path):
     impls = {(r.loss, r.impl) for r in rows}
     shapes = {benchmark.shape_label(*shape) for shape in benchmark.TUNING_SHAPES}
     assert {("lk_alpha", s) for s in shapes} <= impls
-    assert {("lk_alpha", benchmark.GENERIC_LABEL)} | {("lk_alpha", f"fused stream {t}t") for t in benchmark.STREAM_THREADS} <= impls
+    assert {("lk_alpha", benchmark.GENERIC_LABEL), ("lk_alpha", benchmark.EXPF_LABEL)} | {("lk_alpha", f"fused stream {t}t") for t in benchmark.STREAM_THREADS} <= impls
     assert {("lk_lambda", "lkref fused lam="), ("lk_alpha", "lkref reference")} <= impls
     assert ("lk_alpha", benchmark.MEETING_LABEL) not in impls        # V = 300: one block per row
     monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: True)
@@ -592,20 +592,20 @@ def test_gpu_warm_compiles_each_source_once_and_covers_the_tests():
     warm = _load_bench("gpu_warm")
     specs = warm.variants()
     sources = set()
-    for threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream in specs:
+    for threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2 in specs:
         with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, stream=stream):
             items, cluster = fused_cupy.plan(V)
             sources.add((dt, fused_cupy.kernel_source(items, cluster, dsmem=dsmem, p_t=fused_cupy._ctype(pdt),
                                                       cached=fused_cupy.cached_items(items, optin), pairs=pairs,
-                                                      mode=mode, phase=phase)))
+                                                      mode=mode, phase=phase, exp2=exp2)))
     assert len(sources) == len(specs)                       # nothing compiled twice
     modes = {(m, phase) for m in fused_cupy.MODES.values() for phase in (0, 1, 2)}
     alpha = (fused_cupy.MODES["lk_alpha"], 0)
     built = {}                                              # what the tests run: the kernels built for each
-    for threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream in specs:
+    for threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2 in specs:
         with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, stream=stream):
             key = ((threads, cache, dt if dt == pdt else (dt, pdt), fused_cupy.plan(V), dsmem, optin)
-                   + (("pairs",) if pairs else ()))
+                   + (("pairs",) if pairs else ()) + (() if exp2 == fused_cupy.EXP2 else ("expf",)))
         built.setdefault(key, set()).add((mode, phase))
     covered = {key for key, m in built.items() if m >= modes}        # every loss's kernels, one and two passes
     marks = [m for m in test_gpu.test_fused_matches_reference_on_odd_shapes.pytestmark if m.args[0] == "N, V"]
@@ -632,6 +632,7 @@ def test_gpu_warm_compiles_each_source_once_and_covers_the_tests():
                 assert alpha in built[(threads, cache, "float32", fused_cupy.plan(V), True, None)], (threads, share, V)
     for V in (32_000, 128_256):
         assert (None, None) in built[(fused_cupy.THREADS, True, "float32", fused_cupy.plan(V), True, None)]   # generic
+        assert alpha in built[(fused_cupy.THREADS, True, "float32", fused_cupy.plan(V), True, None, "expf")]
         for threads in benchmark.STREAM_THREADS:
             assert alpha in built[(threads, True, "float32", (0, 1), True, None)], (threads, V)
     assert all(spec[6] is False for spec in warm.variants(clusters=False))   # a GPU before Hopper
@@ -650,19 +651,19 @@ def test_gpu_warm_builds_through_lkrefs_own_kernel_cache(monkeypatch):
     monkeypatch.setattr(fused_cupy, "_smem_optin", fused_cupy._smem_optin)    # _compile's change is undone
     monkeypatch.setattr(fused_cupy, "_kernel", lambda i, o, items, cluster, dsmem, p, pairs, mode, phase: built.append(
         (str(i), str(o), items, cluster, dsmem, str(p), pairs, fused_cupy.THREADS, fused_cupy.BLOCK_SHARE,
-         fused_cupy._smem_optin(fake), mode, phase)))
-    warm._compile((512, 16_384, True, "float32", "float32", 128_256, True, None, False, 2, 0, False))
-    warm._compile((512, 32_768, True, "float16", "float32", 4099, True, None, False, 0, 1, False))
-    warm._compile((512, 32_768, True, "float16", "float16", 32_000, True, None, True, 1, 0, False))
-    warm._compile((512, 32_768, True, "float32", "float32", 50_257, False, None, False, 3, 2, False))
-    warm._compile((1024, 32_768, True, "float32", "float32", 32_000, True, None, False, 2, 0, True))
-    warm._compile((512, 32_768, True, "float32", "float32", 32_000, False, 99 * 1024, False, None, None, False))
-    assert built == [("float32", "float32", 32, 8, True, "float32", False, 512, 16_384, None, 2, 0),
-                     ("float16", "float16", 9, 1, True, "float32", False, 512, 32_768, None, 0, 1),
-                     ("float16", "float16", 63, 1, True, "float16", True, 512, 32_768, None, 1, 0),
-                     ("float32", "float32", 50, 2, False, "float32", False, 512, 32_768, None, 3, 2),
-                     ("float32", "float32", 0, 1, True, "float32", False, 1024, 32_768, None, 2, 0),
-                     ("float32", "float32", 63, 1, False, "float32", False, 512, 32_768, 99 * 1024, None, None)]
+         fused_cupy._smem_optin(fake), mode, phase, fused_cupy.EXP2)))
+    warm._compile((512, 16_384, True, "float32", "float32", 128_256, True, None, False, 2, 0, False, True))
+    warm._compile((512, 32_768, True, "float16", "float32", 4099, True, None, False, 0, 1, False, True))
+    warm._compile((512, 32_768, True, "float16", "float16", 32_000, True, None, True, 1, 0, False, True))
+    warm._compile((512, 32_768, True, "float32", "float32", 50_257, False, None, False, 3, 2, False, False))
+    warm._compile((1024, 32_768, True, "float32", "float32", 32_000, True, None, False, 2, 0, True, True))
+    warm._compile((512, 32_768, True, "float32", "float32", 32_000, False, 99 * 1024, False, None, None, False, True))
+    assert built == [("float32", "float32", 32, 8, True, "float32", False, 512, 16_384, None, 2, 0, True),
+                     ("float16", "float16", 9, 1, True, "float32", False, 512, 32_768, None, 0, 1, True),
+                     ("float16", "float16", 63, 1, True, "float16", True, 512, 32_768, None, 1, 0, True),
+                     ("float32", "float32", 50, 2, False, "float32", False, 512, 32_768, None, 3, 2, False),
+                     ("float32", "float32", 0, 1, True, "float32", False, 1024, 32_768, None, 2, 0, True),
+                     ("float32", "float32", 63, 1, False, "float32", False, 512, 32_768, 99 * 1024, None, None, True)]
 
 
 def _gpu_rows(alpha_ms, lam_ms, extra_mib):

@@ -620,6 +620,30 @@ def test_simt_one_kernel_per_loss_generic_and_streamed(simt, monkeypatch, name):
 
 
 @pytest.mark.parametrize("name", REDUCED)
+def test_simt_expf_and_exp2f_give_the_reference(simt, monkeypatch, name):
+    """EXP2 (the default) takes each element's exp as exp2f of (z - m) log2(e) / T, and the KL
+    sums' x back from it; exp2=False (the benchmark's 'fused expf') as expf of (z - m) / T: both
+    the reference to rounding, in clusters and streamed, with a mask and a temperature."""
+    small_blocks(monkeypatch)
+    kernels = built_kernels(monkeypatch)
+    rng = np.random.default_rng(43)
+    kw = dict(mask=np.array([1, 0, 1, 1], bool), temperature=0.6)
+    for V in (200, 1000, 3000):                     # one block, a cluster of 4, streamed
+        z = make_logits(rng, (4, V), dtype=np.float32)
+        p = make_probs(rng, (4, V), dtype=np.float32)
+        want = reference(name, z, p, **kw)
+        close(run(name, z, p, **kw), want)
+        assert "#define EXP2 1" in kernels[-1].rows.code
+        with fused_cupy.configured(exp2=False):
+            close(run(name, z, p, **kw), want)
+        assert "#define EXP2 0" in kernels[-1].rows.code
+    assert fused_cupy.EXP2 is True                  # restored
+    with pytest.raises(TypeError, match="exp2 must be True or False"):
+        with fused_cupy.configured(exp2=1):
+            pass
+
+
+@pytest.mark.parametrize("name", REDUCED)
 @pytest.mark.parametrize("V, cluster", [(300, 2), (1000, 4), (2000, 8)])
 def test_simt_blocks_meet_in_global_memory(simt, monkeypatch, name, V, cluster):
     """GPUs before Hopper: a row's 2, 4 or 8 blocks meet in global memory instead of a cluster,
@@ -807,8 +831,10 @@ PLANTED = {
                                                              "v[1] = warp_sum(sk);", None),
     "cluster: the block's exps not moved to the row's max": ("to_row = acc[0] > 0.f ? (expf)(-shift) : 0.f;",
                                                             "to_row = 1.f;", None, {"name": "lk_alpha"}),
-    "cluster: the block's x not moved to the row's max": ("xr[i] = need_x ? xr[i] - shift : xr[i] * to_row;",
+    "cluster: the block's x not moved to the row's max": ("xr[i] = need_x ? xr[i] - shift_u : xr[i] * to_row;",
                                                          "xr[i] = need_x ? xr[i] : xr[i] * to_row;", None),
+    "exp2: u without the factor log2 e": ("#define U_PER_X 1.4426950408889634f", "#define U_PER_X 1.f", None),
+    "exp2: the KL sums left in base-2 units": ("        acc[3] *= X_PER_U;", "", None),
     "barrier in divergent code": ("    if (warp == 0) v = warp_max(v);", "    if (warp == 0) { v = warp_max(v); __syncthreads(); }",
                                   "deadlock"),
     "stats written off by one": ("float* st = stats + row * 8;", "float* st = stats + row * 8 + 1;",
@@ -831,7 +857,7 @@ PLANTED = {
                                                       "", "deadlock"),
     "meeting: no wait for the other blocks": ("        while (arrivals(r.arrived) < r.round * CLUSTER) pause_briefly();\n",
                                               "", "depends on the thread schedule"),
-    "streaming: the sum not moved to a larger logit": ("lsum = lsum * expf((lmax - zv) / T) + 1.f;",
+    "streaming: the sum not moved to a larger logit": ("lsum = lsum * EXP_U((lmax - zv) * rT) + 1.f;",
                                                        "lsum = lsum + 1.f;", None, {"V": 3000}),
     "streaming: the thread's sum not moved to the block's max": (
         "acc[0] = lsum > 0.f ? lsum * (expf)((lmax - mb) / T) : 0.f;", "acc[0] = lsum;", None, {"V": 3000}),
