@@ -113,6 +113,9 @@ STREAM = False
 #: (`configured(exp2=False)`, LKREF_CUPY_EXP2=0: expf, as the benchmark's `fused expf` row
 #: times it; either way with the multiply by 1 / T.)
 EXP2 = True
+#: Above this temperature the kernels' 1 / T (log2 e / T with EXP2) would be a float32 subnormal,
+#: which CuPy's -ftz=true makes 0 (and every q equal): such calls run the reference.
+MAX_TEMPERATURE = 2.0 ** 126
 MODES = {"kl": 0, "tv": 1, "lk_alpha": 2, "lk_lambda": 3}
 ALPHA_FLOOR = 1e-30
 #: Slots per block where a row's blocks meet in global memory: the max, the sum, the 8 statistics.
@@ -982,7 +985,7 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     """The fused CuPy path of a reduced loss (float32 math; float32, float16 or bfloat16 logits,
     the last where CuPy has the ml_dtypes type).
 
-    float64 logits, and temperatures below fused.MIN_TEMPERATURE, return None (the caller runs
+    float64 logits, and temperatures below fused.MIN_TEMPERATURE or above MAX_TEMPERATURE, return None (the caller runs
     the reference).  The value checks run inside the kernels (flags per row, gathered by
     lk_finish) and are raised after them: a one-pass call has written the gradient by then.
     With draft_to_target, the target entries outside the draft vocabulary are checked by two
@@ -1010,7 +1013,7 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
         idx = check_index_map(draft_to_target, "draft_to_target", V, p.shape[-1]).astype(cp.int32)
     mask = check_mask(mask, "mask", lead, np.float32)
     T = check_real_scalar(temperature, "temperature", low=0, low_inclusive=False)
-    if T < MIN_TEMPERATURE:                            # the reference's (see lkref/fused.py)
+    if T < MIN_TEMPERATURE or T > MAX_TEMPERATURE:    # the reference's (see lkref/fused.py, MAX_TEMPERATURE)
         return None
     namespace(z, p, mask, draft_to_target)             # all on the device (a TypeError otherwise)
     N = int(np.prod(lead)) if lead else 1

@@ -460,6 +460,22 @@ def test_tiny_temperatures_stay_on_the_reference(numpy_as_cupy, name):
     assert run(name, z, p, temperature=fused.MIN_TEMPERATURE) is not None
 
 
+@pytest.mark.parametrize("name", REDUCED)
+def test_huge_temperatures_stay_on_the_reference(numpy_as_cupy, name):
+    """Above MAX_TEMPERATURE (2^126) the kernels' 1 / T would flush to 0 (CuPy: -ftz=true) and
+    make every q equal: the reference runs.  At 2^126 itself, with logits 1e38 apart (x of order
+    1), the kernels run and agree with it."""
+    from lkref import fused_cupy
+    z = np.array([[1e38, 0.0, -1e38], [3e37, -2e37, 0.0]], np.float32)
+    p = np.array([[0.2, 0.3, 0.5], [0.6, 0.1, 0.3]], np.float32)
+    assert run(name, z, p, temperature=fused_cupy.MAX_TEMPERATURE * 2) is None
+    T = fused_cupy.MAX_TEMPERATURE
+    for exp2 in (True, False):
+        with fused_cupy.configured(exp2=exp2):
+            fast = run(name, z, p, temperature=T)
+        close(fast, reference(name, z, p, temperature=T))
+
+
 def test_compile_options_name_the_toolkit_headers(tmp_path):
     import types
     (tmp_path / "include" / "cccl").mkdir(parents=True)
