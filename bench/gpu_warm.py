@@ -42,7 +42,7 @@ FIRST_SHAPE = (512, 32_768, True)
 
 def variants(clusters=True):
     """The distinct (threads, block_share, cache_target, dtype, target dtype, V, dsmem, optin,
-    pairs, mode, phase, stream) to compile: one V per (items, cluster) class, in the launch shapes the
+    pairs, mode, phase, stream, exp2, vec) to compile: one V per (items, cluster) class, in the launch shapes the
     tests and the benchmark run; dtype: the logits' and the gradient's; clusters: whether the GPU
     has them (else every variant meets in global memory); optin: a smaller GPU's shared memory
     per block to size the target cache for (None: this GPU's); pairs: a 2-byte target copied in
@@ -51,7 +51,10 @@ def variants(clusters=True):
     benchmark's 'fused generic-mode'); phase: 0 (one-launch calls), 1 or 2 (the two launches
     of the others; SPECIALIZE: all three for the tests' variants), None with mode None; stream:
     every row streamed (the benchmark's 'fused stream'); exp2: each element's exp by exp2f
-    (fused_cupy.EXP2), else by expf (the benchmark's 'fused expf')."""
+    (fused_cupy.EXP2), else by expf (the benchmark's 'fused expf'); vec: 4 adjacent columns a
+    thread at a time (fused_cupy.VEC, where the row allows: V % 4 == 0 and float32), and for the
+    tests' float32 rows also without (draft_to_target, misaligned arrays) and for the benchmark's
+    'fused scalar'.  Specs that build the same source are listed once."""
     default = (fused_cupy.THREADS, fused_cupy.BLOCK_SHARE, fused_cupy.CACHE_TARGET)
     f32 = "float32"
     wanted = [(default, f32, f32, V, clusters, None, False) for V in TEST_VOCABS]
@@ -62,29 +65,43 @@ def variants(clusters=True):
     wanted += [(FIRST_SHAPE, f32, f32, V, False, SMALL_GPU_OPTIN, False) for V in PARTIAL_CACHE_VOCABS]
     kinds = [(mode, phase) for mode in fused_cupy.MODES.values() for phase in (0, 1, 2)] if fused_cupy.SPECIALIZE \
         else [(None, None)]
-    wanted = [w + kind + (False, fused_cupy.EXP2) for w in wanted for kind in kinds]
+    wanted = [w + kind + (False, fused_cupy.EXP2, vec) for w in wanted for kind in kinds for vec in (True, False)]
     goal_vocabs = sorted({V for _, V in DEFAULT_SIZES["cupy"]})
     alpha = fused_cupy.MODES["lk_alpha"] if fused_cupy.SPECIALIZE else None
     one = 0 if fused_cupy.SPECIALIZE else None
-    exp2 = fused_cupy.EXP2
-    wanted += [(shape, f32, f32, V, clusters, None, False, alpha, one, False, exp2) for shape in TUNING_SHAPES
+    exp2, vec = fused_cupy.EXP2, fused_cupy.VEC
+    wanted += [(shape, f32, f32, V, clusters, None, False, alpha, one, False, exp2, vec) for shape in TUNING_SHAPES
                for V in goal_vocabs]
-    wanted += [(default, f32, f32, V, clusters, None, False, None, None, False, exp2) for V in goal_vocabs]  # generic-mode
-    wanted += [(default, f32, f32, V, clusters, None, False, alpha, one, False, not exp2) for V in goal_vocabs]  # expf
-    wanted += [((threads, default[1], True), f32, f32, V, clusters, None, False, alpha, one, True, exp2)
+    wanted += [(default, f32, f32, V, clusters, None, False, None, None, False, exp2, vec)
+               for V in goal_vocabs]                                                          # generic-mode
+    wanted += [(default, f32, f32, V, clusters, None, False, alpha, one, False, not exp2, vec) for V in goal_vocabs]  # expf
+    wanted += [(default, f32, f32, V, clusters, None, False, alpha, one, False, exp2, not vec) for V in goal_vocabs]  # scalar
+    wanted += [(default, f32, f32, 32_000, clusters, None, False, fused_cupy.MODES[m], 0, False, not exp2, vec)
+               for m in ("kl", "lk_alpha")]                                      # tests/test_gpu.py, expf
+    wanted += [((threads, default[1], True), f32, f32, V, clusters, None, False, alpha, one, True, exp2, vec)
                for threads in STREAM_THREADS for V in goal_vocabs]
     seen, out = set(), []
-    for (threads, share, cache), dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2 in wanted:
-        with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, stream=stream):
-            items, cluster = fused_cupy.plan(V)
-            # the target entries kept per thread (a smaller GPU's opt-in may change nothing)
-            kept = fused_cupy.cached_items(items, optin, 2 if pdt != "float32" else 4) if cache and items else 0
-        # what the source depends on
-        key = (threads, kept, dt, pdt, items, cluster, dsmem or cluster == 1, pairs, mode, phase, exp2)
+    for spec in wanted:
+        (threads, share, cache), dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2, vec = spec
+        vec = bool(vec) and V % 4 == 0 and dt == pdt == "float32"    # as vec_fits has it for aligned arrays
+        src = source(*spec[:-1], vec)
+        vec = "#define VEC 1" in src                  # what the source does (kernel_source's own conditions)
+        key = (dt, src)
         if key not in seen:
             seen.add(key)
-            out.append((threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2))
+            out.append((threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2, vec))
     return out
+
+
+def source(shape, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2, vec):
+    """The CUDA source lkref builds for one spec (its target cache sized for optin; None: not limited)."""
+    threads, share, cache = shape
+    with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, stream=stream, exp2=exp2):
+        items, cluster = fused_cupy.plan(V)
+        kept = fused_cupy.cached_items(items, optin, 2 if pdt != "float32" else 4)
+        ctype = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+        return fused_cupy.kernel_source(items, cluster, ctype[dt], ctype[dt], dsmem=dsmem, cached=kept,
+                                        p_t=ctype[pdt], pairs=pairs, mode=mode, phase=phase, vec=vec)
 
 
 def _compile(spec):
@@ -93,14 +110,14 @@ def _compile(spec):
     import cupy
     import numpy as np
 
-    threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2 = spec
+    threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2, vec = spec
     dtype, p_dtype = (np.dtype(d) if d != "bfloat16" else np.dtype(__import__("ml_dtypes").bfloat16) for d in (dt, pdt))
     if optin is not None:                         # this worker process sizes its target caches for it
         fused_cupy._smem_optin = lambda cp: optin
     t0 = time.perf_counter()
     with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, stream=stream, exp2=exp2):
         items, cluster = fused_cupy.plan(V)
-        fused_cupy._kernel(dtype, dtype, items, cluster, dsmem, p_dtype, pairs, mode, phase)
+        fused_cupy._kernel(dtype, dtype, items, cluster, dsmem, p_dtype, pairs, mode, phase, vec)
     return time.perf_counter() - t0
 
 
@@ -117,13 +134,13 @@ def main(argv):
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(_compile, s): s for s in specs}
         for f in as_completed(futures):
-            threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2 = futures[f]
+            threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2, vec = futures[f]
             with fused_cupy.configured(threads=threads, block_share=share, stream=stream):
                 what = f"{dt} ({pdt} target{', in pairs' if pairs else ''}) V={V} (items, cluster) = {fused_cupy.plan(V)} at {threads}t/{share // 1024}k" \
                        + ("" if cache else " nocache") + ("" if dsmem else " global-meeting") \
                        + ("" if optin is None else f" target cache for {optin // 1024} KiB") \
                        + (" all modes" if mode is None else f" mode {mode}") + ("" if phase is None else f" phase {phase}") \
-                       + ("" if exp2 else " expf")
+                       + ("" if exp2 else " expf") + (" vec" if vec else "")
             try:
                 print(f"  {f.result():5.1f} s  {what}")
             except Exception as exc:              # the tests will show it again, with context

@@ -26,17 +26,20 @@ CUPY_OPTIONS = ("-std=c++17", "-ftz=true")
 SMEM_KIB = {75: (64, 64), 80: (164, 163), 86: (100, 99), 87: (164, 163), 89: (100, 99), 90: (228, 227)}
 
 
-def resources(V, threads, share, cache, arch, work, ctype="float", pairs=False, exp2=None):
+def resources(V, threads, share, cache, arch, work, ctype="float", pairs=False, exp2=None, vec=None):
     """(items, cluster, target entries kept per thread, {regs, spill, smem} or None) of one
     variant as lkref builds it for `arch`: its target cache sized to the arch's shared memory;
     ctype: the C type of the logits, the target and the gradient; pairs: a 2-byte target copied
-    in pairs (fused_cupy.PAIR_PREFETCH); exp2: fused_cupy.EXP2 (None: the default)."""
+    in pairs (fused_cupy.PAIR_PREFETCH); exp2: fused_cupy.EXP2 (None: the default); vec: 4 adjacent
+    columns a thread at a time (None: fused_cupy.VEC, as lkref takes it for aligned float32 rows
+    with V % 4 == 0)."""
     optin = _smem_kib(arch)[1] * 1024
     with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
         items, cluster = fused_cupy.plan(V)
         cached = fused_cupy.cached_items(items, optin, _bytes(ctype))
         src = fused_cupy.kernel_source(items, cluster, ctype, ctype, dsmem=_cc(arch) >= 90, cached=cached, p_t=ctype,
-                                       pairs=pairs, mode=fused_cupy.MODES["lk_alpha"], phase=0, exp2=exp2)
+                                       pairs=pairs, mode=fused_cupy.MODES["lk_alpha"], phase=0, exp2=exp2,
+                                       vec=(fused_cupy.VEC if vec is None else vec) and V % 4 == 0)
     path = os.path.join(work, "k.cu")
     with open(path, "w") as f:
         f.write(src)
@@ -47,7 +50,8 @@ def resources(V, threads, share, cache, arch, work, ctype="float", pairs=False, 
     log = r.stderr.split("entry function 'lk_rows'")[-1].split("entry function")[0]   # lk_rows' lines only
     get = lambda pattern: int(m.group(1)) if (m := re.search(pattern, log)) else 0  # noqa: E731
     return items, cluster, cached, {"regs": get(r"Used (\d+) registers"), "spill": get(r"(\d+) bytes spill stores"),
-                            "smem": get(r"(\d+) bytes smem"), "sass": sass_bytes(os.path.join(work, "k.cubin"))}
+                            "smem": get(r"(\d+) bytes smem"), "sass": sass_bytes(os.path.join(work, "k.cubin")),
+                            "src": src}
 
 
 def sass_bytes(cubin):
@@ -95,14 +99,16 @@ def main():
     print(f"{'V':>7} {'threads':>7} {'share':>6} {'cache':>5} | {'items':>5} {'cluster':>7} {'regs':>5} "
           f"{'spill B':>7} {'static smem':>11} {'dyn smem KiB':>12} {'blocks/SM':>9} {'SASS KiB':>8} {'instr/item':>10}")
     # float32 logits, target and gradient in every launch shape; bfloat16 ones at the default, the
-    # target read at first use, then copied in pairs; then float32 at the default with expf
-    variants = [(V, shape, "float", False, None) for V in (32_000, 128_256, 300_000) for shape in shapes] + \
-        [(V, shapes[0], "__nv_bfloat16", False, None) for V in (32_000, 128_256, 300_000)] + \
-        [(V, shapes[0], "__nv_bfloat16", True, None) for V in (32_000, 128_256)] + \
-        [(V, shapes[0], "float", False, not fused_cupy.EXP2) for V in (32_000, 128_256)]
+    # target read at first use, then copied in pairs; then float32 at the default with one column
+    # at a time (no VEC), and with that and expf (the kernel before both)
+    variants = [(V, shape, "float", False, None, None) for V in (32_000, 128_256, 300_000) for shape in shapes] + \
+        [(V, shapes[0], "__nv_bfloat16", False, None, None) for V in (32_000, 128_256, 300_000)] + \
+        [(V, shapes[0], "__nv_bfloat16", True, None, None) for V in (32_000, 128_256)] + \
+        [(V, shapes[0], "float", False, None, False) for V in (32_000, 128_256)] + \
+        [(V, shapes[0], "float", False, False, False) for V in (32_000, 128_256)]
     with tempfile.TemporaryDirectory() as work:
-        for V, (threads, share, cache), ctype, pairs, exp2 in variants:
-            items, cluster, cached, res = resources(V, threads, share, cache, args.arch, work, ctype, pairs, exp2)
+        for V, (threads, share, cache), ctype, pairs, exp2, vec in variants:
+            items, cluster, cached, res = resources(V, threads, share, cache, args.arch, work, ctype, pairs, exp2, vec)
             if res is None:
                 print(f"{V:7d} {threads:7d} {share:6d} {cache!s:>5} | build failed")
                 continue
@@ -110,8 +116,12 @@ def main():
             dyn = _bytes(ctype) * cached * threads
             note = "" if ctype == "float" else "  (bfloat16 logits, target and gradient" + \
                 ("; the target copied in pairs)" if pairs else ")")
-            if exp2 is not None:
-                note += "  (exps by " + ("exp2f)" if exp2 else "expf, as the benchmark's 'fused expf')")
+            if "#define VEC 1" in res["src"]:
+                note += "  (4 adjacent columns at a time)"
+            elif vec is False:
+                note += "  (one column at a time, as the benchmark's 'fused scalar')"
+            if exp2 is False:
+                note += "  (exps by expf)"
             if cache and 0 < cached < items:            # this GPU's blocks keep part of the target
                 note += f"  (target cache: {cached} of {items} entries per thread; the rest read twice)"
             elif cache and items and not cached:

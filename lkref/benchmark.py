@@ -229,6 +229,7 @@ def _entries(xp, backend, fn, loss, z, p, out, N, V):
                 entries.append((shape_label(threads, share, cache), _shaped(fn, z, p, out, threads, share, cache), False))
             entries.append((GENERIC_LABEL, _shaped(fn, z, p, out, specialize=False), False))
             entries.append((EXPF_LABEL, _shaped(fn, z, p, out, exp2=False), False))
+            entries.append((SCALAR_LABEL, _shaped(fn, z, p, out, vec=False), False))
             for threads in STREAM_THREADS:
                 entries.append((f"fused stream {threads}t", _shaped(fn, z, p, out, threads, stream=True), False))
             if _meets_on_this_gpu(xp, V) is False:     # what GPUs without clusters run, timed on this one
@@ -257,6 +258,9 @@ GENERIC_LABEL = "fused generic-mode"
 #: The default kernel with expf for each element's exp (fused_cupy.EXP2 off), as run 2 had it
 #: (with the IEEE division by T, which the kernels no longer take): what exp2f saves.
 EXPF_LABEL = "fused expf"
+#: The default kernel with one column every THREADS for each thread (fused_cupy.VEC off), as run 2
+#: had it: what the 16-byte accesses of 4 adjacent columns save.
+SCALAR_LABEL = "fused scalar"
 
 
 def shape_label(threads, share, cache):
@@ -279,12 +283,12 @@ def _meets_on_this_gpu(xp, V):
 
 
 def _shaped(fn, z, p, out, threads=None, share=None, cache=None, clusters=None, pairs=None, specialize=None,
-            stream=None, exp2=None):
+            stream=None, exp2=None, vec=None):
     from . import fused_cupy
 
     def call():
         with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, clusters=clusters,
-                                   pair_prefetch=pairs, specialize=specialize, stream=stream, exp2=exp2):
+                                   pair_prefetch=pairs, specialize=specialize, stream=stream, exp2=exp2, vec=vec):
             return fn(z, p, impl="fused", out=out)
     return call
 

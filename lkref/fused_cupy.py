@@ -18,7 +18,10 @@ row stays in registers between the phases (the logits, then q: read once, one ex
 element for TV and LK^alpha, two for the KL sums, which need x = (z - max z) / T as well) and the target entries in shared memory (read once; CACHE_TARGET), so one launch
 reads z and p once and writes the gradient once, the least traffic there is.  The target
 entries are copied into shared memory asynchronously (cp.async) as the launch starts, so
-that they arrive while phase (1) works on the logits instead of after it.  A float16 or
+that they arrive while phase (1) works on the logits instead of after it.  Where every array
+is float32 with 16-byte aligned rows (VEC), a thread's entries come 4 adjacent columns at a
+time, each 4 read, copied and written with one 16-byte access; else one column every THREADS.
+Each element's exp is one exp2f (EXP2) of (z - m) times log2(e) / T.  A float16 or
 bfloat16 target is read as it is (2 bytes an entry, no float32 copy) and kept in shared
 memory at its first read, in phase (2): cp.async copies 4 bytes or more (PAIR_PREFETCH copies
 it in 4-byte pairs as the launch starts instead, where its rows are 4-byte aligned).  For larger V
@@ -113,6 +116,17 @@ STREAM = False
 #: (`configured(exp2=False)`, LKREF_CUPY_EXP2=0: expf, as the benchmark's `fused expf` row
 #: times it; either way with the multiply by 1 / T.)
 EXP2 = True
+#: Where every array is float32, every row starts 16-byte aligned (V % 4 == 0 and aligned
+#: arrays, as CuPy allocates them) and there is no draft_to_target: give each thread its items 4
+#: adjacent columns at a time, read and written 16 bytes at once (LDG.128, STG.128, a 16-byte
+#: cp.async for the target), rather than one column every THREADS.  Fewer load and store
+#: instructions, and fewer addresses and bounds to compute (one bound a quad), for the same
+#: bytes: LK^alpha's one-launch kernel at the default shape, 67.0 SASS instructions per item with
+#: 62 registers (105.0 and 64 without; nvcc 13 -ftz=true, sm_90; bench/kernel_resources.py).  A
+#: warp's 16-byte accesses cover 512 adjacent bytes, as its 4-byte ones cover 128 (measured on the
+#: stand-in).  (`configured(vec=False)`, LKREF_CUPY_VEC=0: one column every THREADS everywhere, as
+#: the benchmark's `fused scalar` row times it.)
+VEC = True
 #: Above this temperature the kernels' 1 / T (log2 e / T with EXP2) would be a float32 subnormal,
 #: which CuPy's -ftz=true makes 0 (and every q equal): such calls run the reference.
 MAX_TEMPERATURE = 2.0 ** 126
@@ -151,6 +165,28 @@ namespace cg = cooperative_groups;
 typedef __IN_T__ in_t;
 typedef __OUT_T__ out_t;
 typedef __P_T__ p_t;                                  // the target's type: float, __half or __nv_bfloat16
+#define VEC __VEC__                                   // 1: a thread's items come 4 adjacent columns at a time (16-byte
+                                                      // loads, stores and cp.async), where every array is float32, its
+                                                      // rows start 16-byte aligned and V % 4 == 0, without draft_to_target;
+                                                      // 0: one column every THREADS
+#if VEC
+#define COL(i) (((i) >> 2) * 4 * THREADS + ((i) & 3))    // item i's column past the thread's first (tid)
+#define LANE0 (4 * threadIdx.x)                           // the thread's first column past the block's first
+#else
+#define COL(i) ((i) * THREADS)
+#define LANE0 threadIdx.x
+#endif
+#define SLOT(i) (LANE0 + COL(i))                          // item i's entry in p_cache (the block's share of the row, in order)
+#if PCACHE > 0
+#define KEPT(i) p_cache[SLOT(i)]                          // a float target entry kept in p_cache (VEC only)
+#else
+#define KEPT(i) 0.f                                       // (not reached: no entry is kept)
+#endif
+#if VEC
+#define IN(i) (tid + COL((i) & ~3) < V)                   // item i in the row: its quad's first column is (V % 4 == 0)
+#else
+#define IN(i) (tid + COL(i) < V)
+#endif
 #define EXP2 __EXP2__                                 // an element's exp: 1, exp2f(u) with u = (z - m) log2(e) / T (a
                                                       // multiply and the SFU's ex2.approx, within 2 ulp); 0, expf(u)
                                                       // with u = (z - m) / T (some ten instructions, within 2 ulp)
@@ -170,6 +206,13 @@ __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float
 __device__ __forceinline__ void store(float* o, float v) { *o = v; }
 __device__ __forceinline__ void store(__half* o, float v) { *o = __float2half_rn(v); }
 __device__ __forceinline__ void store(__nv_bfloat16* o, float v) { *o = __float2bfloat16_rn(v); }
+#ifdef __CUDACC__
+// 4 adjacent floats at a 16-byte aligned address (VEC); the CPU stand-in has its own
+__device__ __forceinline__ float4 load4(const float* at) { return *reinterpret_cast<const float4*>(at); }
+__device__ __forceinline__ void store4(float* at, float4 v) { *reinterpret_cast<float4*>(at) = v; }
+#endif
+// entry j (a constant once unrolled) of 4
+__device__ __forceinline__ float part(float4 a, int j) { return j == 0 ? a.x : j == 1 ? a.y : j == 2 ? a.z : a.w; }
 
 // block- and row-wide reductions; every thread gets the results
 __device__ __forceinline__ float warp_max(float v) {
@@ -364,6 +407,15 @@ __device__ __forceinline__ void copy_pair_async(p_t* dst, const p_t* src) {
     dst[1] = src[1];
 #endif
 }
+// copy_async16: 16 bytes (4 floats), both addresses 16-byte aligned; .cg: through L2 only
+__device__ __forceinline__ void copy_async16(float* dst, const float* src) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"
+                 :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src) : "memory");
+#else
+    *reinterpret_cast<float4*>(dst) = *reinterpret_cast<const float4*>(src);
+#endif
+}
 __device__ __forceinline__ void wait_copies() {
 #if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.wait_all;\n" ::: "memory");
@@ -372,16 +424,24 @@ __device__ __forceinline__ void wait_copies() {
 #endif
 
 #if ITEMS > 0 && PCACHE > 0 && P_ASYNC == 1
-// Start the copies of this thread's first PCACHE target entries into shared memory (p_cache[i *
-// THREADS + threadIdx.x] for column tid + i * THREADS).  IDX (through draft_to_target) is a template
-// argument: a loop choosing per entry would hold registers that plain addresses do not need.
+// Start the copies of this thread's first PCACHE target entries into shared memory (p_cache[SLOT(i)]
+// for column tid + COL(i)).  IDX (through draft_to_target) is a template argument: a loop choosing
+// per entry would hold registers that plain addresses do not need.  VEC: 16 bytes (4 entries) a copy.
 template <int IDX> __device__ __forceinline__ void prefetch_target(float* p_cache, const p_t* __restrict__ pr,
                                                                    const int* __restrict__ idx, int tid, int V) {
+#if VEC
+    #pragma unroll
+    for (int i = 0; i < PCACHE; i += 4) {
+        int v = tid + COL(i);
+        if (v < V) copy_async16(&p_cache[SLOT(i)], pr + v);
+    }
+#else
     #pragma unroll
     for (int i = 0; i < PCACHE; i++) {
-        int v = tid + i * THREADS;
-        if (v < V) copy_async(&p_cache[i * THREADS + threadIdx.x], target_at(pr, idx, IDX, v));
+        int v = tid + COL(i);
+        if (v < V) copy_async(&p_cache[SLOT(i)], target_at(pr, idx, IDX, v));
     }
+#endif
 }
 #elif ITEMS > 0 && PCACHE > 0 && P_ASYNC == 2
 // The same for a 2-byte target, two entries per copy: in round r, lane l of a warp copies entries
@@ -462,7 +522,7 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
     const in_t* zr = z + row * (long)V;
     const p_t* pr = p + row * (long)Vt;
     float* st = stats + row * 8;
-    const int tid = threadIdx.x + rank * THREADS * (ITEMS > 0 ? ITEMS : 0);
+    const int tid = LANE0 + rank * THREADS * (ITEMS > 0 ? ITEMS : 0);   // the thread's first column
 #if ITEMS > 0
     float xr[ITEMS];
 #endif
@@ -488,11 +548,23 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
 #endif
         float lmax = -INFINITY;
 #if ITEMS > 0
+#if VEC
+        #pragma unroll
+        for (int i = 0; i < ITEMS; i += 4) {             // 4 columns a load; a quad is all in the row or all past it
+            int v = tid + COL(i);
+            const float4 z4 = v < V ? load4(zr + v) : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+            xr[i] = z4.x; xr[i + 1] = z4.y; xr[i + 2] = z4.z; xr[i + 3] = z4.w;
+        }
+#else
         #pragma unroll
         for (int i = 0; i < ITEMS; i++) {
-            int v = tid + i * THREADS;
+            int v = tid + COL(i);
             xr[i] = v < V ? to_f(zr[v]) : -INFINITY;
-            if (v < V && !isfinite(xr[i])) flags |= 1;
+        }
+#endif
+        #pragma unroll
+        for (int i = 0; i < ITEMS; i++) {
+            if (IN(i) && !isfinite(xr[i])) flags |= 1;
             lmax = fmaxf(lmax, xr[i]);
         }
 #else
@@ -520,9 +592,8 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
 #if ITEMS > 0
         #pragma unroll
         for (int i = 0; i < ITEMS; i++) {
-            int v = tid + i * THREADS;
-            float u = v < V ? (xr[i] - mb) * rT : 0.f;        // u: x = (z - max z) / T, the block's max
-            float e = v < V ? EXP_U(u) : 0.f;
+            float u = IN(i) ? (xr[i] - mb) * rT : 0.f;        // u: x = (z - max z) / T, the block's max
+            float e = IN(i) ? EXP_U(u) : 0.f;
             acc[0] += e;
             xr[i] = need_x ? u : e;                          // the KL sums need x; TV and LK^alpha only e
         }
@@ -549,11 +620,22 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
     const float inv = 1.f / s;
 #if ITEMS > 0
     if (phase == 2) {                                    // registers hold q from here on
+#if VEC
+        #pragma unroll
+        for (int i = 0; i < ITEMS; i += 4) {
+            int v = tid + COL(i);
+            const float4 z4 = v < V ? load4(zr + v) : make_float4(m, m, m, m);
+            xr[i] = z4.x; xr[i + 1] = z4.y; xr[i + 2] = z4.z; xr[i + 3] = z4.w;
+        }
+        #pragma unroll
+        for (int i = 0; i < ITEMS; i++) xr[i] = IN(i) ? EXP_U((xr[i] - m) * rT) * inv : 0.f;
+#else
         #pragma unroll
         for (int i = 0; i < ITEMS; i++) {
-            int v = tid + i * THREADS;
+            int v = tid + COL(i);
             xr[i] = v < V ? EXP_U((to_f(zr[v]) - m) * rT) * inv : 0.f;
         }
+#endif
     }
 #endif
     float alpha, S, psum, px, plogp;
@@ -568,12 +650,15 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
 #endif
 #endif
 #if ITEMS > 0
+#if VEC
+        float4 p4 = make_float4(0.f, 0.f, 0.f, 0.f);    // the quad's target entries, where not kept in p_cache
+#endif
         // no branch per item (straight-line code: the instruction cache holds it better): an item
         // past the row's end reads nothing and adds q = p = 0 to every sum
         #pragma unroll
         for (int i = 0; i < ITEMS; i++) {
-            const int v = tid + i * THREADS;
-            const bool in = v < V;
+            const int v = tid + COL(i);
+            const bool in = IN(i);
             {
                 float u = need_x ? xr[i] : 0.f;
                 float q = in ? (need_x ? EXP_U(u) : xr[i]) * inv : 0.f;  // one exp per element for TV and LK^alpha
@@ -587,13 +672,16 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
 #if ITEMS > 0
                 xr[i] = q;                               // registers hold q from here on
 #endif
-#if ITEMS > 0 && PCACHE > 0 && P_ASYNC
-                float pv = !in ? 0.f : i < PCACHE ? to_f(p_cache[i * THREADS + threadIdx.x]) : target(pr, idx, has_idx, v);
+#if VEC && ITEMS > 0
+                if ((i & 3) == 0 && in && i >= PCACHE) p4 = load4(pr + v);
+                float pv = !in ? 0.f : i < PCACHE ? KEPT(i) : part(p4, i & 3);
+#elif ITEMS > 0 && PCACHE > 0 && P_ASYNC
+                float pv = !in ? 0.f : i < PCACHE ? to_f(p_cache[SLOT(i)]) : target(pr, idx, has_idx, v);
 #elif ITEMS > 0 && PCACHE > 0
                 float pv = 0.f;
                 if (in && i < PCACHE) {                  // read now, and kept for the gradient
                     const p_t raw = *target_at(pr, idx, has_idx, v);
-                    p_cache[i * THREADS + threadIdx.x] = raw;
+                    p_cache[SLOT(i)] = raw;
                     pv = to_f(raw);
                 } else if (in) {
                     pv = target(pr, idx, has_idx, v);
@@ -643,10 +731,14 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
     if (mode == 3) { c_tv = (1.f - lam) * dr / T; c_kl = lam * dr / T; }
     const float psum_kl = psum * kls;
 #if ITEMS > 0
+#if VEC
+    float g4[4];                                         // a quad's gradient, stored together
+    float4 p4 = make_float4(0.f, 0.f, 0.f, 0.f);        // the quad's target entries, where not kept in p_cache
+#endif
     #pragma unroll
     for (int i = 0; i < ITEMS; i++) {
-        const int v = tid + i * THREADS;
-        const bool in = v < V;                           // past the row's end: no read, no store
+        const int v = tid + COL(i);
+        const bool in = IN(i);                           // past the row's end: no read, no store
         {
             float q = xr[i];
 #else
@@ -655,15 +747,25 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
         {
             float q = EXP_U((to_f(zr[v]) - m) * rT) * inv;
 #endif
-#if ITEMS > 0 && PCACHE > 0
-            float pv = !in ? 0.f : phase == 0 && i < PCACHE ? to_f(p_cache[i * THREADS + threadIdx.x]) : target(pr, idx, has_idx, v);
+#if VEC && ITEMS > 0
+            const bool kept = phase == 0 && i < PCACHE;
+            if ((i & 3) == 0 && in && !kept) p4 = load4(pr + v);
+            float pv = !in ? 0.f : kept ? KEPT(i) : part(p4, i & 3);
+#elif ITEMS > 0 && PCACHE > 0
+            float pv = !in ? 0.f : phase == 0 && i < PCACHE ? to_f(p_cache[SLOT(i)]) : target(pr, idx, has_idx, v);
 #else
             float pv = in ? target(pr, idx, has_idx, v) : 0.f;
 #endif
             float gv = 0.f;
             if (c_tv != 0.f) gv = q < pv ? (q * c_tv) * (S - 1.f) : q * (S * c_tv);
             if (c_kl != 0.f) gv += c_kl * (q * psum_kl - pv * kls);
+#if VEC && ITEMS > 0
+            g4[i & 3] = gv;
+            const int v4 = v - 3;                        // the quad's first column
+            if ((i & 3) == 3 && in) store4(g + row * (long)V + v4, make_float4(g4[0], g4[1], g4[2], g4[3]));
+#else
             if (in) store(g + row * (long)V + v, gv);
+#endif
         }
     }
     if (phase == 0) leave_row();
@@ -749,31 +851,34 @@ CLUSTER_CHOICES = (1, 2, 4, 8)
 
 @contextmanager
 def configured(threads=None, block_share=None, cache_target=None, clusters=None, pair_prefetch=None,
-               specialize=None, stream=None, exp2=None):
+               specialize=None, stream=None, exp2=None, vec=None):
     """Run the kernels with another block size or share of a row per block, without the target
     cache (for tuning), without clusters (clusters=False: a row's blocks meet in global memory,
     as on GPUs before Hopper), with a 2-byte target prefetched in pairs (PAIR_PREFETCH), as one
-    kernel for every loss (specialize=False), streaming every row (stream=True) or with expf
-    for each element's exp (exp2=False): threads in THREAD_CHOICES, block_share in SHARE_CHOICES."""
-    old = THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH, SPECIALIZE, STREAM, EXP2
+    kernel for every loss (specialize=False), streaming every row (stream=True), with expf
+    for each element's exp (exp2=False) or without 16-byte accesses (vec=False): threads in
+    THREAD_CHOICES, block_share in SHARE_CHOICES."""
+    old = THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH, SPECIALIZE, STREAM, EXP2, VEC
     try:
         for name, value in (("cache_target", cache_target), ("clusters", clusters), ("pair_prefetch", pair_prefetch),
-                            ("specialize", specialize), ("stream", stream), ("exp2", exp2)):
+                            ("specialize", specialize), ("stream", stream), ("exp2", exp2), ("vec", vec)):
             if value is not None and not isinstance(value, (bool, np.bool_)):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
         _set(threads, "threads", block_share, "block_share", cache_target, clusters, pair_prefetch, specialize, stream,
-             exp2)
+             exp2, vec)
         yield
     finally:
         _restore(old)
 
 
 def _set(threads, threads_name, block_share, share_name, cache_target, clusters=None, pair_prefetch=None,
-         specialize=None, stream=None, exp2=None):
+         specialize=None, stream=None, exp2=None, vec=None):
     """Check and apply the launch settings that are not None (MAX_ITEMS follows from them)."""
-    global THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH, SPECIALIZE, STREAM, EXP2
+    global THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH, SPECIALIZE, STREAM, EXP2, VEC
     if exp2 is not None:
         EXP2 = bool(exp2)
+    if vec is not None:
+        VEC = bool(vec)
     if specialize is not None:
         SPECIALIZE = bool(specialize)
     if stream is not None:
@@ -793,8 +898,8 @@ def _set(threads, threads_name, block_share, share_name, cache_target, clusters=
 
 
 def _restore(saved):
-    global THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH, SPECIALIZE, STREAM, EXP2
-    THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH, SPECIALIZE, STREAM, EXP2 = saved
+    global THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH, SPECIALIZE, STREAM, EXP2, VEC
+    THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH, SPECIALIZE, STREAM, EXP2, VEC = saved
 
 
 def _check_choice(value, name, choices):
@@ -811,7 +916,8 @@ def _configure_from_environment():
     _set(os.environ.get("LKREF_CUPY_THREADS") or None, "LKREF_CUPY_THREADS",
          os.environ.get("LKREF_CUPY_BLOCK_SHARE") or None, "LKREF_CUPY_BLOCK_SHARE",
          env_flag("LKREF_CUPY_CACHE_TARGET"), env_flag("LKREF_CUPY_CLUSTERS"), env_flag("LKREF_CUPY_PAIR_PREFETCH"),
-         env_flag("LKREF_CUPY_SPECIALIZE"), env_flag("LKREF_CUPY_STREAM"), env_flag("LKREF_CUPY_EXP2"))
+         env_flag("LKREF_CUPY_SPECIALIZE"), env_flag("LKREF_CUPY_STREAM"), env_flag("LKREF_CUPY_EXP2"),
+         env_flag("LKREF_CUPY_VEC"))
 
 
 _configure_from_environment()
@@ -819,7 +925,7 @@ _configure_from_environment()
 
 def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "float", cache_target=None,
                   dsmem: bool = True, cached=None, p_t: str = "float", pairs: bool = False, mode=None,
-                  phase=None, exp2=None) -> str:
+                  phase=None, exp2=None, vec=False) -> str:
     """The CUDA source for one (items, cluster, logits' type, gradient's type); cache_target
     (default CACHE_TARGET) keeps the target entries in shared memory between the phases of a
     launch, all `items` of each thread's or the first `cached` of them (a GPU with less shared
@@ -829,7 +935,9 @@ def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "f
     mode (a value of MODES) builds lk_rows for that loss alone, None for all four; phase (0: the
     statistics and the gradient in one launch; 1, 2: the statistics, then the gradient, of a
     two-launch call) for that phase alone, None for the one it is given; exp2 (default EXP2):
-    each element's exp by exp2f rather than expf."""
+    each element's exp by exp2f rather than expf; vec: 16-byte accesses, 4 adjacent columns at a
+    time (the caller has checked vec_fits; without a target cache, or with one whose entries per
+    thread are not a multiple of 4, the scalar source)."""
     if mode is not None and mode not in MODES.values():
         raise ValueError(f"mode must be one of {sorted(MODES.values())} or None, got {mode!r}")
     if phase not in (None, 0, 1, 2):
@@ -838,13 +946,14 @@ def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "f
     pcache = min(items, items if cached is None else int(cached)) if on else 0
     dsmem = bool(dsmem) or cluster == 1                # one block per row meets nobody: one source
     pairs = pairs and pcache > 0                       # nothing to copy: the same source as without
+    vec = bool(vec) and items > 0 and items % 4 == 0 and pcache % 4 == 0 and (in_t, out_t, p_t) == ("float",) * 3
     return (_SOURCE.replace("__THREADS__", str(THREADS)).replace("__ITEMS__", str(items))
             .replace("__PCACHE__", str(pcache)).replace("__DSMEM__", str(int(bool(dsmem))))
             .replace("__CLUSTER__", str(cluster)).replace("__IN_T__", in_t).replace("__OUT_T__", out_t)
             .replace("__P_T__", p_t).replace("__P_ASYNC__", "1" if p_t == "float" else "2" if pairs else "0")
             .replace("__ALPHA_FLOOR__", f"{ALPHA_FLOOR:e}f").replace("__SLOTS__", str(SLOTS))
             .replace("__MODE__", str(-1 if mode is None else int(mode))).replace("__PHASE__", str(-1 if phase is None else int(phase)))
-            .replace("__EXP2__", str(int(bool(EXP2 if exp2 is None else exp2)))))
+            .replace("__EXP2__", str(int(bool(EXP2 if exp2 is None else exp2)))).replace("__VEC__", str(int(vec))))
 
 
 def _ctype(dt):
@@ -868,17 +977,17 @@ class Kernels(NamedTuple):
 
 
 def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True, p_dtype=np.float32, pairs=False, mode=None,
-            phase=None) -> Kernels:
+            phase=None, vec=False) -> Kernels:
     cp = sys.modules["cupy"]
     dsmem = bool(dsmem) or cluster == 1
     key = (str(in_dtype), str(out_dtype), items, cluster, THREADS, CACHE_TARGET, dsmem, str(p_dtype), bool(pairs), mode,
-           phase, EXP2)
+           phase, EXP2, bool(vec))
     if key not in _cache:
         p_bytes = np.dtype(p_dtype).itemsize
 
         def build(cached):
             src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), dsmem=dsmem, cached=cached,
-                                p_t=_ctype(p_dtype), pairs=pairs, mode=mode, phase=phase)
+                                p_t=_ctype(p_dtype), pairs=pairs, mode=mode, phase=phase, vec=vec)
             return src, _build(cp, src), p_bytes * cached * THREADS
 
         src, kern, smem = build(cached_items(items, _smem_optin(cp), p_bytes))
@@ -1040,13 +1149,15 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     two_pass = (name == "lk_lambda" and lam is None) or idx is not None or reduce is not None \
         or (alias and name == "lk_alpha")
     pairs = _pairs(p2, idx)
+    vec = vec_fits(z2, p2, g2, idx)
 
     phases = (1, 2) if two_pass else (0,)
     if SPECIALIZE:                                    # a kernel for this loss and each phase of the call
-        by_phase = {ph: _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, pairs, MODES[name], ph)
+        by_phase = {ph: _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, pairs, MODES[name], ph, vec)
                     for ph in phases}
     else:                                             # one for every loss and phase
-        by_phase = dict.fromkeys(phases, _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, pairs))
+        by_phase = dict.fromkeys(phases, _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, pairs,
+                                                 vec=vec))
     kern = by_phase[phases[0]]
     stats = cp.empty((N, 8), cp.float32)              # every row's 8 entries are written by lk_rows
     per = cp.empty(N, cp.float32)
@@ -1118,6 +1229,16 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
         g2[low] = ref.lk_alpha_backward(d, cache).astype(g2.dtype)
     alpha = stats[:, 2].reshape(lead)
     return ref.LossResult(loss, out, alpha, sums(7)[0] if name == "lk_lambda" else None)
+
+
+def vec_fits(z2, p2, g2, idx) -> bool:
+    """Whether the kernels may give each thread 4 adjacent columns at a time (VEC): float32
+    logits, target and gradient, every row of each 16-byte aligned (V % 4 == 0, aligned starts),
+    and the target's columns the logits' own (no draft_to_target)."""
+    V = z2.shape[-1]
+    arrays = (z2, p2, g2)
+    return (VEC and idx is None and V % 4 == 0 and all(np.dtype(a.dtype) == np.float32 for a in arrays)
+            and all(_bounds(a)[0] % 16 == 0 for a in arrays))
 
 
 def _pairs(p2, idx):

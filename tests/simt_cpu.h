@@ -160,9 +160,10 @@ inline float gpu_fast_logf(float x) { return off_by(::logf(x), x, 3.f, x >= 0.5f
 
 // A global access at line `line` of kind 0 (logits), 1 (target) or 2 (gradient store): counts
 // the reads, records the access when tracing, and returns the address.
-template <class T> inline T* noted(int kind, int line, T* at) {
-    if (kind < 2) S.reads[kind]++;
-    if (S.trace) record(kind, line, at, (long)sizeof(T));
+// `count` adjacent entries at once (a 16-byte access of 4 floats: fused_cupy.VEC) count as as many reads.
+template <class T> inline T* noted(int kind, int line, T* at, int count = 1) {
+    if (kind < 2) S.reads[kind] += count;
+    if (S.trace) record(kind, line, at, (long)sizeof(T) * count);
     return at;
 }
 
@@ -200,6 +201,19 @@ inline __nv_bfloat16 __float2bfloat16_rn(float v) {    // round to nearest even;
     u += 0x7fffu + ((u >> 16) & 1u);
     return __nv_bfloat16{(uint16_t)(u >> 16)};
 }
+// float4 and the kernels' 16-byte accesses (fused_cupy.VEC), which a GPU faults on unless aligned
+struct float4 { float x, y, z, w; };
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+inline float4 load4(const float* at) {
+    if (reinterpret_cast<uintptr_t>(at) % 16) emu::fail("load4: an address not 16-byte aligned");
+    float4 v;
+    std::memcpy(&v, at, sizeof v);
+    return v;
+}
+inline void store4(float* at, float4 v) {
+    if (reinterpret_cast<uintptr_t>(at) % 16) emu::fail("store4: an address not 16-byte aligned");
+    std::memcpy(at, &v, sizeof v);
+}
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, sizeof f); return f; }
 inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
     if (mask != 0xffffffffu) emu::fail("__shfl_xor_sync: only the full-warp mask is modelled");
@@ -215,6 +229,12 @@ inline void __syncthreads() { emu::wait(emu::blk().bar); }
 // the destination before the wait sees what was there (fresh shared memory holds NaN).
 // copy_pair_async: two 2-byte entries (counted as two reads of the target, traced as one access).
 inline void copy_async(float* dst, const float* src) { emu::S.cur->copies.push_back({dst, src}); }
+// copy_async16: 4 floats, both addresses 16-byte aligned as cp.async of 16 bytes needs
+inline void copy_async16(float* dst, const float* src) {
+    if (reinterpret_cast<uintptr_t>(dst) % 16 || reinterpret_cast<uintptr_t>(src) % 16)
+        emu::fail("copy_async16: an address not 16-byte aligned");
+    for (int j = 0; j < 4; j++) emu::S.cur->copies.push_back({dst + j, src + j});
+}
 #define copy_pair_async(dst, src) emu::copy_pair((dst), (src), __LINE__)
 namespace emu {
 template <class T> inline void copy_pair(T* dst, const T* src, int line) {

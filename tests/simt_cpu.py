@@ -32,14 +32,20 @@ HEADER = Path(__file__).with_name("simt_cpu.h")
 RUNTIME = Path(__file__).with_name("simt_cpu_runtime.cpp")    # built once, linked to every variant
 GUARD = 256                                  # elements of guard zone on each side of an array
 
-# lk_rows reads the logits only through to_f(zr[v]) and the target only through target(...) or
-# copies from target_at(...), and stores the gradient only through store(g + ..., gv): each
+# lk_rows reads the logits only through to_f(zr[v]) or load4(zr + v) and the target only through
+# target(...), load4(pr + v) or copies from target_at(...) or pr + v (copy_async16), and stores the gradient only
+# through store(g + ..., gv) or store4(g + ..., ...): each
 # becomes the same access through emu::noted(kind, line, address).  (pattern, replacement);
 # target_at first, since target's replacement contains a target_at.
 NOTED = ((r"target_at\(pr, idx, (\w+), v\)", r"emu::noted(1, __LINE__, target_at(pr, idx, \1, v))"),
          (r"target\(pr, idx, has_idx, v\)", r"to_f(*emu::noted(1, __LINE__, target_at(pr, idx, has_idx, v)))"),
          (r"to_f\(zr\[v\]\)", r"to_f(*emu::noted(0, __LINE__, &zr[v]))"),
-         (r"store\((g \+ row \* \(long\)V \+ v), gv\)", r"store(emu::noted(2, __LINE__, \1), gv)"))
+         (r"store\((g \+ row \* \(long\)V \+ v), gv\)", r"store(emu::noted(2, __LINE__, \1), gv)"),
+         # fused_cupy.VEC: 4 entries an access
+         (r"load4\(zr \+ v\)", r"load4(emu::noted(0, __LINE__, zr + v, 4))"),
+         (r"load4\(pr \+ v\)", r"load4(emu::noted(1, __LINE__, pr + v, 4))"),
+         (r"copy_async16\((&p_cache\[SLOT\(i\)\]), pr \+ v\)", r"copy_async16(\1, emu::noted(1, __LINE__, pr + v, 4))"),
+         (r"store4\((g \+ row \* \(long\)V \+ v4), ", r"store4(emu::noted(2, __LINE__, \1, 4), "))
 TRAFFIC_KINDS = ("logits", "target", "gradient")
 _built: dict = {}
 _pch: dict = {}                              # compiler -> the header to include (see _precompiled_header)

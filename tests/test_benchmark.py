@@ -466,7 +466,7 @@ def test_the_gpu_branch_of_the_bench_runs(monkeypatch, tmp_path):
     impls = {(r.loss, r.impl) for r in rows}
     shapes = {benchmark.shape_label(*shape) for shape in benchmark.TUNING_SHAPES}
     assert {("lk_alpha", s) for s in shapes} <= impls
-    assert {("lk_alpha", benchmark.GENERIC_LABEL), ("lk_alpha", benchmark.EXPF_LABEL)} | {("lk_alpha", f"fused stream {t}t") for t in benchmark.STREAM_THREADS} <= impls
+    assert {("lk_alpha", benchmark.GENERIC_LABEL), ("lk_alpha", benchmark.EXPF_LABEL), ("lk_alpha", benchmark.SCALAR_LABEL)} | {("lk_alpha", f"fused stream {t}t") for t in benchmark.STREAM_THREADS} <= impls
     assert {("lk_lambda", "lkref fused lam="), ("lk_alpha", "lkref reference")} <= impls
     assert ("lk_alpha", benchmark.MEETING_LABEL) not in impls        # V = 300: one block per row
     monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: True)
@@ -592,34 +592,46 @@ def test_gpu_warm_compiles_each_source_once_and_covers_the_tests():
     warm = _load_bench("gpu_warm")
     specs = warm.variants()
     sources = set()
-    for threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2 in specs:
+    for threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2, vec in specs:
         with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, stream=stream):
             items, cluster = fused_cupy.plan(V)
-            sources.add((dt, fused_cupy.kernel_source(items, cluster, dsmem=dsmem, p_t=fused_cupy._ctype(pdt),
+            c = fused_cupy._ctype(dt)
+            sources.add((dt, fused_cupy.kernel_source(items, cluster, c, c, dsmem=dsmem, p_t=fused_cupy._ctype(pdt),
                                                       cached=fused_cupy.cached_items(items, optin), pairs=pairs,
-                                                      mode=mode, phase=phase, exp2=exp2)))
+                                                      mode=mode, phase=phase, exp2=exp2, vec=vec)))
     assert len(sources) == len(specs)                       # nothing compiled twice
     modes = {(m, phase) for m in fused_cupy.MODES.values() for phase in (0, 1, 2)}
     alpha = (fused_cupy.MODES["lk_alpha"], 0)
     built = {}                                              # what the tests run: the kernels built for each
-    for threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2 in specs:
+    for threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2, vec in specs:
         with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, stream=stream):
             key = ((threads, cache, dt if dt == pdt else (dt, pdt), fused_cupy.plan(V), dsmem, optin)
-                   + (("pairs",) if pairs else ()) + (() if exp2 == fused_cupy.EXP2 else ("expf",)))
+                   + (("pairs",) if pairs else ()) + (() if exp2 == fused_cupy.EXP2 else ("expf",))
+                   + (("vec",) if vec else ()))
         built.setdefault(key, set()).add((mode, phase))
     covered = {key for key, m in built.items() if m >= modes}        # every loss's kernels, one and two passes
+
+    def f32_both(V, dsmem, optin=None, share=None):
+        """A float32 row of V: the scalar kernels (draft_to_target), and the VEC ones too where V
+        allows them (aligned float32 arrays without draft_to_target)."""
+        with fused_cupy.configured(block_share=share):
+            key = (fused_cupy.THREADS, True, "float32", fused_cupy.plan(V), dsmem, optin)
+            shape = (fused_cupy.THREADS, fused_cupy.BLOCK_SHARE, True)
+            src = warm.source(shape, "float32", "float32", V, dsmem, optin, False, 2, 0, False, fused_cupy.EXP2, True)
+        assert key in covered, V
+        if "#define VEC 1" in src:
+            assert key + ("vec",) in covered, V
+        return "#define VEC 1" in src
     marks = [m for m in test_gpu.test_fused_matches_reference_on_odd_shapes.pytestmark if m.args[0] == "N, V"]
-    for _, V in marks[0].args[1]:
-        assert (fused_cupy.THREADS, True, "float32", fused_cupy.plan(V), True, None) in covered, V
+    assert sum(f32_both(V, True) for _, V in marks[0].args[1]) >= 3     # 300, 32 000, 128 256 at least
     marks = [m for m in test_gpu.test_fused_without_clusters_blocks_meet_in_global_memory.pytestmark
              if m.args[0] == "N, V, cluster"]
     for _, V, _ in marks[0].args[1]:
-        assert (fused_cupy.THREADS, True, "float32", fused_cupy.plan(V), False, None) in covered, V
+        f32_both(V, False)
     marks = [m for m in test_gpu.test_fused_partial_target_cache_as_on_gpus_with_less_shared_memory.pytestmark
              if m.args[0] == "V"]
     for V in marks[0].args[1]:
-        with fused_cupy.configured(block_share=32_768):
-            assert (fused_cupy.THREADS, True, "float32", fused_cupy.plan(V), False, 99 * 1024) in covered, V
+        f32_both(V, False, 99 * 1024, 32_768)
     marks = [m for m in test_gpu.test_fused_two_byte_targets_read_as_they_are.pytestmark if m.args[0] == "V"]
     for V in marks[0].args[1]:
         assert (fused_cupy.THREADS, True, "float16", fused_cupy.plan(V), True, None) in covered, V
@@ -629,10 +641,15 @@ def test_gpu_warm_compiles_each_source_once_and_covers_the_tests():
     for threads, share, cache in benchmark.TUNING_SHAPES:
         for V in (32_000, 128_256):
             with fused_cupy.configured(threads=threads, block_share=share):
-                assert alpha in built[(threads, cache, "float32", fused_cupy.plan(V), True, None)], (threads, share, V)
+                items = fused_cupy.plan(V)[0]
+                vec = ("vec",) if items % 4 == 0 else ()      # 63 entries a thread: one column at a time
+                assert alpha in built[(threads, cache, "float32", fused_cupy.plan(V), True, None) + vec], \
+                    (threads, share, V)
     for V in (32_000, 128_256):
-        assert (None, None) in built[(fused_cupy.THREADS, True, "float32", fused_cupy.plan(V), True, None)]   # generic
-        assert alpha in built[(fused_cupy.THREADS, True, "float32", fused_cupy.plan(V), True, None, "expf")]
+        default = (fused_cupy.THREADS, True, "float32", fused_cupy.plan(V), True, None)
+        assert (None, None) in built[default + ("vec",)]                            # generic
+        assert alpha in built[default + ("expf", "vec")]
+        assert alpha in built[default]                                             # scalar
         for threads in benchmark.STREAM_THREADS:
             assert alpha in built[(threads, True, "float32", (0, 1), True, None)], (threads, V)
     assert all(spec[6] is False for spec in warm.variants(clusters=False))   # a GPU before Hopper
@@ -649,21 +666,21 @@ def test_gpu_warm_builds_through_lkrefs_own_kernel_cache(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", fake)
     built = []
     monkeypatch.setattr(fused_cupy, "_smem_optin", fused_cupy._smem_optin)    # _compile's change is undone
-    monkeypatch.setattr(fused_cupy, "_kernel", lambda i, o, items, cluster, dsmem, p, pairs, mode, phase: built.append(
+    monkeypatch.setattr(fused_cupy, "_kernel", lambda i, o, items, cluster, dsmem, p, pairs, mode, phase, vec: built.append(
         (str(i), str(o), items, cluster, dsmem, str(p), pairs, fused_cupy.THREADS, fused_cupy.BLOCK_SHARE,
-         fused_cupy._smem_optin(fake), mode, phase, fused_cupy.EXP2)))
-    warm._compile((512, 16_384, True, "float32", "float32", 128_256, True, None, False, 2, 0, False, True))
-    warm._compile((512, 32_768, True, "float16", "float32", 4099, True, None, False, 0, 1, False, True))
-    warm._compile((512, 32_768, True, "float16", "float16", 32_000, True, None, True, 1, 0, False, True))
-    warm._compile((512, 32_768, True, "float32", "float32", 50_257, False, None, False, 3, 2, False, False))
-    warm._compile((1024, 32_768, True, "float32", "float32", 32_000, True, None, False, 2, 0, True, True))
-    warm._compile((512, 32_768, True, "float32", "float32", 32_000, False, 99 * 1024, False, None, None, False, True))
-    assert built == [("float32", "float32", 32, 8, True, "float32", False, 512, 16_384, None, 2, 0, True),
-                     ("float16", "float16", 9, 1, True, "float32", False, 512, 32_768, None, 0, 1, True),
-                     ("float16", "float16", 63, 1, True, "float16", True, 512, 32_768, None, 1, 0, True),
-                     ("float32", "float32", 50, 2, False, "float32", False, 512, 32_768, None, 3, 2, False),
-                     ("float32", "float32", 0, 1, True, "float32", False, 1024, 32_768, None, 2, 0, True),
-                     ("float32", "float32", 63, 1, False, "float32", False, 512, 32_768, 99 * 1024, None, None, True)]
+         fused_cupy._smem_optin(fake), mode, phase, fused_cupy.EXP2, vec)))
+    warm._compile((512, 16_384, True, "float32", "float32", 128_256, True, None, False, 2, 0, False, True, True))
+    warm._compile((512, 32_768, True, "float16", "float32", 4099, True, None, False, 0, 1, False, True, False))
+    warm._compile((512, 32_768, True, "float16", "float16", 32_000, True, None, True, 1, 0, False, True, False))
+    warm._compile((512, 32_768, True, "float32", "float32", 50_257, False, None, False, 3, 2, False, False, False))
+    warm._compile((1024, 32_768, True, "float32", "float32", 32_000, True, None, False, 2, 0, True, True, False))
+    warm._compile((512, 32_768, True, "float32", "float32", 32_000, False, 99 * 1024, False, None, None, False, True, False))
+    assert built == [("float32", "float32", 32, 8, True, "float32", False, 512, 16_384, None, 2, 0, True, True),
+                     ("float16", "float16", 9, 1, True, "float32", False, 512, 32_768, None, 0, 1, True, False),
+                     ("float16", "float16", 63, 1, True, "float16", True, 512, 32_768, None, 1, 0, True, False),
+                     ("float32", "float32", 50, 2, False, "float32", False, 512, 32_768, None, 3, 2, False, False),
+                     ("float32", "float32", 0, 1, True, "float32", False, 1024, 32_768, None, 2, 0, True, False),
+                     ("float32", "float32", 63, 1, False, "float32", False, 512, 32_768, 99 * 1024, None, None, True, False)]
 
 
 def _gpu_rows(alpha_ms, lam_ms, extra_mib):

@@ -128,8 +128,8 @@ def built_kernels(monkeypatch, trace=False):
     fills as they are built; with trace, lk_rows records its memory traffic."""
     kernels = []
 
-    def build(*a):
-        kernels.append(SIMT_KERNEL(*a))
+    def build(*a, **kw):
+        kernels.append(SIMT_KERNEL(*a, **kw))
         kernels[-1].rows.trace = trace
         return kernels[-1]
     monkeypatch.setattr(fused_cupy, "_kernel", build)
@@ -635,6 +635,62 @@ def test_simt_one_kernel_per_loss_generic_and_streamed(simt, monkeypatch, name):
     close(streamed, reference(name, z, p, **kw))
 
 
+def _aligned_at(a, offset_bytes):
+    """A contiguous copy of `a` that starts `offset_bytes` past a 64-byte boundary."""
+    buf = np.empty(a.nbytes + 64 + offset_bytes, np.uint8)
+    start = (-buf.ctypes.data) % 64 + offset_bytes
+    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+@pytest.mark.parametrize("name", REDUCED)
+def test_simt_four_adjacent_columns_a_thread(simt, monkeypatch, name):
+    """VEC: where every array is float32 with 16-byte aligned rows and there is no
+    draft_to_target, each thread takes 4 adjacent columns at a time (16-byte loads, stores and
+    copies); elsewhere one column every THREADS.  Both give the reference, in one block, in a
+    cluster, in two launches (a mask: the gradient's launch reads the logits and the target
+    again), and with part of the target kept in shared memory (4 of 8 entries a thread).  The
+    stand-in fails any 16-byte access that is not 16-byte aligned."""
+    small_blocks(monkeypatch)
+    kernels = built_kernels(monkeypatch)
+
+    def vec_of_last():
+        return int(re.search(r"#define VEC (\d)", kernels[-1].rows.code).group(1))
+    rng = np.random.default_rng(47)
+    for V, kw in ((200, {}), (1000, {"temperature": 0.6}), (1000, {"mask": np.array([1, 0, 1], bool)})):
+        z = make_logits(rng, (3, V), dtype=np.float32)
+        p = make_probs(rng, (3, V), dtype=np.float32)
+        want = reference(name, z, p, **kw)
+        close(run(name, z, p, **kw), want)
+        assert vec_of_last() == 1
+        with fused_cupy.configured(vec=False):
+            close(run(name, z, p, **kw), want)
+        assert vec_of_last() == 0
+        # a row that is not a multiple of 4 floats, logits 4 bytes off a 16-byte boundary, a
+        # float16 target, a gradient buffer 8 bytes off: one column at a time
+        zo = make_logits(rng, (3, V - 1), dtype=np.float32)
+        po = make_probs(rng, (3, V - 1), dtype=np.float32)
+        close(run(name, zo, po), reference(name, zo, po))
+        assert vec_of_last() == 0
+        close(run(name, _aligned_at(z, 4), p, **kw), want)
+        assert vec_of_last() == 0
+        p16 = p.astype(np.float16)
+        close(run(name, z, p16, **kw), reference(name, z, p16, **kw))
+        assert vec_of_last() == 0
+        out = _aligned_at(np.zeros_like(z), 8)
+        close(run(name, z, p, out=out, **kw), want)
+        assert vec_of_last() == 0
+        assert fused_cupy.vec_fits(_aligned_at(z, 16), p, z, None)
+    monkeypatch.setattr(fused_cupy, "MAX_ITEMS", 8)       # 64 threads x 8: 4 entries kept of 8 (partial cache)
+    monkeypatch.setattr(fused_cupy, "_smem_optin", lambda cp: fused_cupy.STATIC_SMEM_ROOM + 4 * 4 * 64 + 100)
+    fused_cupy._cache.clear()
+    z = make_logits(rng, (3, 1000), dtype=np.float32)
+    p = make_probs(rng, (3, 1000), dtype=np.float32)
+    close(run(name, z, p), reference(name, z, p))
+    assert vec_of_last() == 1 and "#define PCACHE 4" in kernels[-1].rows.code and "#define ITEMS 8" in kernels[-1].rows.code
+
+
 @pytest.mark.parametrize("name", REDUCED)
 def test_simt_expf_and_exp2f_give_the_reference(simt, monkeypatch, name):
     """EXP2 (the default) takes each element's exp as exp2f of (z - m) log2(e) / T, and the KL
@@ -851,6 +907,13 @@ PLANTED = {
                                                          "xr[i] = need_x ? xr[i] : xr[i] * to_row;", None),
     "exp2: u without the factor log2 e": ("#define U_PER_X 1.4426950408889634f", "#define U_PER_X 1.f", None),
     "exp2: the KL sums left in base-2 units": ("        acc[3] *= X_PER_U;", "", None),
+    "vec: a quad past the row's end taken as in it": ("#define IN(i) (tid + COL((i) & ~3) < V)",
+                                                       "#define IN(i) (tid + COL((i) & ~3) < V + 4)",
+                                                       None, {"V": 1020}),
+    "vec: the gradient's quad stored a column off": ("const int v4 = v - 3;", "const int v4 = v - 2;",
+                                                    "not 16-byte aligned"),
+    "vec: the target's quad read at its last column": ("if ((i & 3) == 0 && in && !kept) p4 = load4(pr + v);",
+                                                      "if ((i & 3) == 3 && in && !kept) p4 = load4(pr + v - 3);", None),
     "barrier in divergent code": ("    if (warp == 0) v = warp_max(v);", "    if (warp == 0) { v = warp_max(v); __syncthreads(); }",
                                   "deadlock"),
     "stats written off by one": ("float* st = stats + row * 8;", "float* st = stats + row * 8 + 1;",
@@ -860,7 +923,7 @@ PLANTED = {
                                      "for (int r = threadIdx.x; r < N - 1; r += THREADS)", None),
     "the result's lambda not written": ("        out[7] = lam;", "        out[7] = 0.f;", None),
     "the target read before its copy lands": ("        wait_copies();\n#if P_ASYNC == 2\n", "#if P_ASYNC == 2\n", None),
-    "a 2-byte target not kept at its first read": ("p_cache[i * THREADS + threadIdx.x] = raw;", "", None,
+    "a 2-byte target not kept at its first read": ("p_cache[SLOT(i)] = raw;", "", None,
                                                    {"name": "lk_alpha", "p_dtype": np.float16}),
     "pairs: no __syncwarp between the copies and the reads": (
         "        __syncwarp();                                    // the pairs the warp's other lanes copied\n", "",
@@ -1076,9 +1139,9 @@ def test_simt_partial_target_cache(simt, monkeypatch, clusters):
         assert "#define PCACHE 4" in kernels[-1].rows.code and kernels[-1].smem == 4 * 2 * 64
         assert kernels[-1].rows.reads[-1][:2] == (N * V, N * V)
     # negative control: the gradient takes every entry from the cache, also those not kept there
-    kept_only = "phase == 0 && i < PCACHE ? to_f(p_cache[i * THREADS + threadIdx.x]) : target(pr, idx, has_idx, v)"
+    kept_only = "phase == 0 && i < PCACHE ? to_f(p_cache[SLOT(i)]) : target(pr, idx, has_idx, v)"
     assert fused_cupy._SOURCE.count(kept_only) == 1
-    monkeypatch.setattr(fused_cupy, "_SOURCE", fused_cupy._SOURCE.replace(kept_only, "phase == 0 ? to_f(p_cache[i * THREADS + threadIdx.x]) : target(pr, idx, has_idx, v)"))
+    monkeypatch.setattr(fused_cupy, "_SOURCE", fused_cupy._SOURCE.replace(kept_only, "phase == 0 ? to_f(p_cache[SLOT(i)]) : target(pr, idx, has_idx, v)"))
     fused_cupy._cache.clear()
     with pytest.raises((AssertionError, ValueError)):
         close(run("lk_alpha", z, p), reference("lk_alpha", z, p))
@@ -1098,10 +1161,11 @@ def _traced_run(monkeypatch, name, z, p, **kw):
     return result, {kind: nbytes / (32 * sectors) for kind, (nbytes, sectors) in totals.items() if sectors}
 
 
-# v = tid + i * THREADS (a warp's 32 lanes on 32 adjacent entries) replaced by each thread
-# taking ITEMS adjacent entries: the same columns per block, so the same losses, but a warp's
-# accesses spread over ITEMS times as many sectors
-STRIDED = ("int v = tid + i * THREADS;", "int v = tid - (int)threadIdx.x + (int)threadIdx.x * ITEMS + i;")
+# item i of a thread at column tid + i * THREADS (a warp's 32 lanes on 32 adjacent entries)
+# replaced by each thread taking ITEMS adjacent entries: the same columns per block, so the same
+# losses, but a warp's accesses spread over ITEMS times as many sectors (one column at a time:
+# fused_cupy.VEC off, whose 4 adjacent columns a thread this would not spread)
+STRIDED = (("#define COL(i) ((i) * THREADS)\n#define LANE0 threadIdx.x\n", "#define COL(i) (i)\n#define LANE0 (ITEMS * threadIdx.x)\n"),)
 
 
 @pytest.mark.parametrize("V, dtype, plan", [(200, np.float32, (4, 1)), (1000, np.float32, (4, 4)),
@@ -1125,10 +1189,12 @@ def test_simt_warp_accesses_coalesce(simt, monkeypatch, V, dtype, plan):
     assert efficiency == {"logits": 1.0, "target": 1.0, "gradient": 1.0}
     if plan[0] == 0:                                # streaming: no per-thread items to plant
         return
-    assert fused_cupy._SOURCE.count(STRIDED[0]) == 6
-    monkeypatch.setattr(fused_cupy, "_SOURCE", fused_cupy._SOURCE.replace(*STRIDED))
+    for old, new in STRIDED:
+        assert fused_cupy._SOURCE.count(old) == 1
+        monkeypatch.setattr(fused_cupy, "_SOURCE", fused_cupy._SOURCE.replace(old, new))
     fused_cupy._cache.clear()
-    planted, worse = _traced_run(monkeypatch, "lk_lambda", z, p, mask=mask)
+    with fused_cupy.configured(vec=False):
+        planted, worse = _traced_run(monkeypatch, "lk_lambda", z, p, mask=mask)
     close(planted, result)                          # the same loss and gradient, to rounding
     assert all(worse[kind] < 0.5 for kind in worse), worse
 

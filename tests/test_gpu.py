@@ -180,6 +180,42 @@ def test_fused_tuning_shapes(cp, threads, share, cache, V):
 
 
 @pytest.mark.parametrize("name", REDUCED)
+@pytest.mark.parametrize("V", [1000, 32_000, 128_256])
+def test_fused_four_adjacent_columns_and_one_at_a_time(cp, name, V):
+    """fused_cupy.VEC: aligned float32 rows with V % 4 == 0 take 16-byte loads, stores and copies
+    (4 adjacent columns a thread); logits 4 bytes off a 16-byte boundary, or configured(vec=False),
+    one column every THREADS: each the reference's result on the device."""
+    rng = np.random.default_rng(V + 5)
+    z = make_logits(rng, (3, V), dtype=np.float32)
+    p = peaked_probs(rng, (3, V)).astype(np.float32)
+    zc = cp.asarray(z)
+    assert fused_cupy.vec_fits(zc, cp.asarray(p), zc, None)
+    compare(cp, name, z, p)
+    with fused_cupy.configured(vec=False):
+        compare(cp, name, z, p)
+    buf = cp.empty(z.size + 1, cp.float32)
+    off = buf[1:].reshape(z.shape)                   # contiguous, 4 bytes past CuPy's aligned start
+    off[...] = zc
+    assert not fused_cupy.vec_fits(off, cp.asarray(p), off, None)
+    ref = lkref.LOSSES[name](zc, cp.asarray(p), impl="reference")
+    fast = lkref.LOSSES[name](off, cp.asarray(p), impl="fused")
+    np.testing.assert_allclose(to_numpy(fast.grad), to_numpy(ref.grad), rtol=2e-4,
+                               atol=2e-4 * float(abs(ref.grad).max()))
+    np.testing.assert_allclose(float(fast.loss), float(ref.loss), rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["kl", "lk_alpha"])
+def test_fused_expf_as_before_exp2f(cp, name):
+    """configured(exp2=False) (the benchmark's 'fused expf'): expf of (z - m) / T per element
+    instead of exp2f, for the sums of x (KL) and without."""
+    rng = np.random.default_rng(9)
+    z = make_logits(rng, (3, 32_000), dtype=np.float32)
+    p = peaked_probs(rng, (3, 32_000)).astype(np.float32)
+    with fused_cupy.configured(exp2=False):
+        compare(cp, name, z, p)
+
+
+@pytest.mark.parametrize("name", REDUCED)
 @pytest.mark.parametrize("N, V, cluster", [(3, 32_000, 2), (5, 50_257, 4), (300, 128_256, 8)])
 def test_fused_without_clusters_blocks_meet_in_global_memory(cp, name, N, V, cluster):
     """As on a GPU before Hopper (no thread-block clusters): a row's 2, 4 or 8 blocks meet in
