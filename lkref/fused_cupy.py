@@ -1,4 +1,5 @@
-"""CuPy fused kernels for the reduced losses (on by default for CuPy arrays; tested on an H100).
+"""CuPy fused kernels for the reduced losses (on by default for CuPy arrays; tested on an H100 at
+35dc2c3, changed since: EXP2, VEC and the multiply by 1 / T have run on the CPU stand-in only).
 
 Checked without a GPU by tests/test_fused_cupy_host.py: the host code against a NumPy
 transcription of the kernel, and this CUDA source itself on the CPU (tests/simt_cpu.h runs
@@ -527,7 +528,8 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
     float xr[ITEMS];
 #endif
 #if ITEMS > 0 && PCACHE > 0
-    extern __shared__ p_t p_cache[];                  // PCACHE * THREADS entries: each thread's own
+    extern __shared__ __align__(16) p_t p_cache[];    // PCACHE * THREADS entries: each thread's own
+                                                      // (16-byte aligned for VEC's 16-byte copies)
 #endif
     float m, s;
     // per element, x = (z - m) / T in the units of EXP_U is u = (z - m) * rT: a multiply, not the

@@ -94,7 +94,7 @@ def cpu_source(cuda_source: str, kernel: str, cluster: str) -> str:
     src = re.sub(r"__shared__\s+(\w+)\s+(\w+)\s*\[([^\]]+)\]\s*;",
                  r'\1* \2 = emu::shared<\1>("\2", \3);', src)
     src = re.sub(r"__shared__\s+(\w+)\s+(\w+)\s*;", r'\1& \2 = *emu::shared<\1>("\2", 1);', src)
-    src = re.sub(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;",     # dynamic: the launch's size
+    src = re.sub(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(\w+)\s+(\w+)\s*\[\s*\]\s*;",     # dynamic: the launch's size
                  r'\1* \2 = emu::shared<\1>("\2", emu::S.dynamic_smem / sizeof(\1), true);', src)
     if "__shared__" in src:
         raise ValueError("a __shared__ declaration the rewrite does not handle")
