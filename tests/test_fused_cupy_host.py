@@ -644,6 +644,20 @@ def _aligned_at(a, offset_bytes):
     return out
 
 
+def _on_and_off(kernels, rng, name, shape, kw, define, **off):
+    """Float32 logits and target of `shape`: the loss with the kernels' default (its `define` 1)
+    and with configured(**off) (0), each the reference's result.  Returns (z, p)."""
+    z = make_logits(rng, shape, dtype=np.float32)
+    p = make_probs(rng, shape, dtype=np.float32)
+    want = reference(name, z, p, **kw)
+    close(run(name, z, p, **kw), want)
+    assert f"#define {define} 1" in kernels[-1].rows.code
+    with fused_cupy.configured(**off):
+        close(run(name, z, p, **kw), want)
+    assert f"#define {define} 0" in kernels[-1].rows.code
+    return z, p
+
+
 @pytest.mark.parametrize("name", ["lk_alpha", "lk_lambda"])   # one launch; the KL sums, TV, two launches
 def test_simt_four_adjacent_columns_a_thread(simt, monkeypatch, name):
     """VEC: where every array is float32 with 16-byte aligned rows and there is no
@@ -657,14 +671,7 @@ def test_simt_four_adjacent_columns_a_thread(simt, monkeypatch, name):
     kernels = built_kernels(monkeypatch)
     rng = np.random.default_rng(47)
     for V, kw in ((200, {"temperature": 0.6}), (1000, {"mask": np.array([1, 0, 1], bool)})):
-        z = make_logits(rng, (3, V), dtype=np.float32)
-        p = make_probs(rng, (3, V), dtype=np.float32)
-        want = reference(name, z, p, **kw)
-        close(run(name, z, p, **kw), want)
-        assert "#define VEC 1" in kernels[-1].rows.code
-        with fused_cupy.configured(vec=False):
-            close(run(name, z, p, **kw), want)
-        assert "#define VEC 0" in kernels[-1].rows.code
+        z, p = _on_and_off(kernels, rng, name, (3, V), kw, "VEC", vec=False)
     monkeypatch.setattr(fused_cupy, "MAX_ITEMS", 8)       # 64 threads x 8: 4 entries kept of 8 (partial cache)
     monkeypatch.setattr(fused_cupy, "_smem_optin", lambda cp: fused_cupy.STATIC_SMEM_ROOM + 4 * 4 * 64 + 100)
     fused_cupy._cache.clear()
@@ -708,14 +715,7 @@ def test_simt_expf_and_exp2f_give_the_reference(simt, monkeypatch, name):
     rng = np.random.default_rng(43)
     kw = dict(mask=np.array([1, 0, 1, 1], bool), temperature=0.6)
     for V in (1000, 3000):                          # a cluster of 4, streamed
-        z = make_logits(rng, (4, V), dtype=np.float32)
-        p = make_probs(rng, (4, V), dtype=np.float32)
-        want = reference(name, z, p, **kw)
-        close(run(name, z, p, **kw), want)
-        assert "#define EXP2 1" in kernels[-1].rows.code
-        with fused_cupy.configured(exp2=False):
-            close(run(name, z, p, **kw), want)
-        assert "#define EXP2 0" in kernels[-1].rows.code
+        _on_and_off(kernels, rng, name, (4, V), kw, "EXP2", exp2=False)
     assert fused_cupy.EXP2 is True                  # restored
     with pytest.raises(TypeError, match="exp2 must be True or False"):
         with fused_cupy.configured(exp2=1):
