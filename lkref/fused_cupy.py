@@ -938,8 +938,8 @@ def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "f
     statistics and the gradient in one launch; 1, 2: the statistics, then the gradient, of a
     two-launch call) for that phase alone, None for the one it is given; exp2 (default EXP2):
     each element's exp by exp2f rather than expf; vec: 16-byte accesses, 4 adjacent columns at a
-    time (the caller has checked vec_fits; without a target cache, or with one whose entries per
-    thread are not a multiple of 4, the scalar source)."""
+    time (the caller has checked vec_fits; where a thread's items, or the target entries it keeps
+    in shared memory, are not a multiple of 4, or a type is not float, the one-column source)."""
     if mode is not None and mode not in MODES.values():
         raise ValueError(f"mode must be one of {sorted(MODES.values())} or None, got {mode!r}")
     if phase not in (None, 0, 1, 2):
