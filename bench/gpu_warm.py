@@ -99,9 +99,9 @@ def source(shape, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2, ve
     with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, stream=stream, exp2=exp2):
         items, cluster = fused_cupy.plan(V)
         kept = fused_cupy.cached_items(items, optin, 2 if pdt != "float32" else 4)
-        ctype = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
-        return fused_cupy.kernel_source(items, cluster, ctype[dt], ctype[dt], dsmem=dsmem, cached=kept,
-                                        p_t=ctype[pdt], pairs=pairs, mode=mode, phase=phase, vec=vec)
+        c = fused_cupy._ctype(dt)
+        return fused_cupy.kernel_source(items, cluster, c, c, dsmem=dsmem, cached=kept, p_t=fused_cupy._ctype(pdt),
+                                        pairs=pairs, mode=mode, phase=phase, vec=vec)
 
 
 def _compile(spec):

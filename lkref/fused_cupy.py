@@ -851,6 +851,13 @@ SHARE_CHOICES = (8_192, 16_384, 32_768)
 CLUSTER_CHOICES = (1, 2, 4, 8)
 
 
+#: The on/off settings, by `configured`'s keyword and the module constant it sets (also read
+#: from LKREF_CUPY_<constant> at import).
+SWITCHES = {"cache_target": "CACHE_TARGET", "clusters": "CLUSTERS", "pair_prefetch": "PAIR_PREFETCH",
+            "specialize": "SPECIALIZE", "stream": "STREAM", "exp2": "EXP2", "vec": "VEC"}
+_SETTINGS = ("THREADS", "BLOCK_SHARE", "MAX_ITEMS", *SWITCHES.values())
+
+
 @contextmanager
 def configured(threads=None, block_share=None, cache_target=None, clusters=None, pair_prefetch=None,
                specialize=None, stream=None, exp2=None, vec=None):
@@ -860,48 +867,31 @@ def configured(threads=None, block_share=None, cache_target=None, clusters=None,
     kernel for every loss (specialize=False), streaming every row (stream=True), with expf
     for each element's exp (exp2=False) or without 16-byte accesses (vec=False): threads in
     THREAD_CHOICES, block_share in SHARE_CHOICES."""
-    old = THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH, SPECIALIZE, STREAM, EXP2, VEC
+    switches = {key: value for key, value in locals().items() if key in SWITCHES}
+    old = {name: globals()[name] for name in _SETTINGS}
     try:
-        for name, value in (("cache_target", cache_target), ("clusters", clusters), ("pair_prefetch", pair_prefetch),
-                            ("specialize", specialize), ("stream", stream), ("exp2", exp2), ("vec", vec)):
+        for key, value in switches.items():
             if value is not None and not isinstance(value, (bool, np.bool_)):
-                raise TypeError(f"{name} must be True or False, got {value!r}")
-        _set(threads, "threads", block_share, "block_share", cache_target, clusters, pair_prefetch, specialize, stream,
-             exp2, vec)
+                raise TypeError(f"{key} must be True or False, got {value!r}")
+        _set(threads, "threads", block_share, "block_share", switches)
         yield
     finally:
-        _restore(old)
+        globals().update(old)
 
 
-def _set(threads, threads_name, block_share, share_name, cache_target, clusters=None, pair_prefetch=None,
-         specialize=None, stream=None, exp2=None, vec=None):
-    """Check and apply the launch settings that are not None (MAX_ITEMS follows from them)."""
-    global THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH, SPECIALIZE, STREAM, EXP2, VEC
-    if exp2 is not None:
-        EXP2 = bool(exp2)
-    if vec is not None:
-        VEC = bool(vec)
-    if specialize is not None:
-        SPECIALIZE = bool(specialize)
-    if stream is not None:
-        STREAM = bool(stream)
-    if cache_target is not None:
-        CACHE_TARGET = bool(cache_target)
-    if clusters is not None:
-        CLUSTERS = bool(clusters)
-    if pair_prefetch is not None:
-        PAIR_PREFETCH = bool(pair_prefetch)
+def _set(threads, threads_name, block_share, share_name, switches):
+    """Check and apply the launch settings that are not None (MAX_ITEMS follows from them);
+    switches: SWITCHES' keywords to True, False or None."""
+    global THREADS, BLOCK_SHARE, MAX_ITEMS
+    for key, value in switches.items():
+        if value is not None:
+            globals()[SWITCHES[key]] = bool(value)
     if threads is not None:
         THREADS = _check_choice(threads, threads_name, THREAD_CHOICES)
     if block_share is not None:
         BLOCK_SHARE = _check_choice(block_share, share_name, SHARE_CHOICES)
     if threads is not None or block_share is not None:
         MAX_ITEMS = BLOCK_SHARE // THREADS
-
-
-def _restore(saved):
-    global THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH, SPECIALIZE, STREAM, EXP2, VEC
-    THREADS, BLOCK_SHARE, MAX_ITEMS, CACHE_TARGET, CLUSTERS, PAIR_PREFETCH, SPECIALIZE, STREAM, EXP2, VEC = saved
 
 
 def _check_choice(value, name, choices):
@@ -917,9 +907,7 @@ def _check_choice(value, name, choices):
 def _configure_from_environment():
     _set(os.environ.get("LKREF_CUPY_THREADS") or None, "LKREF_CUPY_THREADS",
          os.environ.get("LKREF_CUPY_BLOCK_SHARE") or None, "LKREF_CUPY_BLOCK_SHARE",
-         env_flag("LKREF_CUPY_CACHE_TARGET"), env_flag("LKREF_CUPY_CLUSTERS"), env_flag("LKREF_CUPY_PAIR_PREFETCH"),
-         env_flag("LKREF_CUPY_SPECIALIZE"), env_flag("LKREF_CUPY_STREAM"), env_flag("LKREF_CUPY_EXP2"),
-         env_flag("LKREF_CUPY_VEC"))
+         {key: env_flag(f"LKREF_CUPY_{name}") for key, name in SWITCHES.items()})
 
 
 _configure_from_environment()
