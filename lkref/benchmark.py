@@ -235,7 +235,7 @@ def _entries(xp, backend, fn, loss, z, p, out, N, V):
             if _meets_on_this_gpu(xp, V) is False:     # what GPUs without clusters run, timed on this one
                 entries.append((MEETING_LABEL, _shaped(fn, z, p, out, clusters=False), False))
         if loss == "lk_alpha" and p.dtype.itemsize == 2:   # the 2-byte target copied in pairs, not read in pass 2
-            entries.append((PAIRS_LABEL, _shaped(fn, z, p, out, pairs=True), False))
+            entries.append((PAIRS_LABEL, _shaped(fn, z, p, out, pair_prefetch=True), False))
     if N * V <= 512 * 32_000 or backend == "cupy":
         entries.append(("lkref reference", lambda: fn(z, p, impl="reference"), True))
     return entries
@@ -282,13 +282,12 @@ def _meets_on_this_gpu(xp, V):
     return not fused_cupy._uses_clusters(xp)
 
 
-def _shaped(fn, z, p, out, threads=None, share=None, cache=None, clusters=None, pairs=None, specialize=None,
-            stream=None, exp2=None, vec=None):
+def _shaped(fn, z, p, out, threads=None, share=None, cache=None, **switches):
+    """The fused call in another launch shape, or with fused_cupy.configured's on/off switches."""
     from . import fused_cupy
 
     def call():
-        with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, clusters=clusters,
-                                   pair_prefetch=pairs, specialize=specialize, stream=stream, exp2=exp2, vec=vec):
+        with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, **switches):
             return fn(z, p, impl="fused", out=out)
     return call
 
