@@ -696,9 +696,12 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
                 acc[2] += pv;
                 if (need_x) {                            // the KL sums
                     acc[3] += pv > 0.f ? pv * u : 0.f;    // 0 where p = 0, also where x = -inf
-                    // logf (some 28 instructions, nvcc 13, sm_90), not __logf (2): its 2^-21.41 absolute
-                    // error near p = 1 is 1e-5 of a KL of 0.02 (tests/simt_cpu.h models it: a test failed)
-                    acc[4] += pv > 0.f ? pv * logf(pv) : 0.f;
+                    // __logf (MUFU.LG2 and a multiply) where p < 0.5, 3 ulp at most there; logf (some 28
+                    // instructions, nvcc 13, sm_90) where p >= 0.5, where __logf's error is 2^-21.41
+                    // absolute, 1e-5 of a KL of 0.02 near p = 1 (tests/simt_cpu.h models both: a test
+                    // failed with __logf alone).  A row has at most two such entries (they sum to <= 1
+                    // in a normalised target), so nearly every warp branches past logf as one.
+                    acc[4] += pv > 0.f ? pv * (pv < 0.5f ? __logf(pv) : logf(pv)) : 0.f;
                 }
                 if (pv < 0.f) flags |= 2;
                 if (!isfinite(pv)) flags |= 4;
