@@ -2,8 +2,10 @@
 # The GPU check, run from the checkout without installing (the device image has CuPy,
 # PyTorch, pytest and hypothesis): the GPU tests, then the quick benchmark with peers.
 # Results go to $OUT (the device tool's folder) or bench/results/.  Run 2 (H100) took 368 s for
-# the warm-up, the tests, lkref's rows, the profile and the peers: over issue #5's 5 minutes,
-# which LKREF_GPU_CHECK_PEERS=0 (about 110 s less) meets.  Its steps' time limits end it by 8.5
+# the warm-up, the tests (117 s, one after another), lkref's rows, the profile and the peers:
+# over issue #5's 5 minutes, which LKREF_GPU_CHECK_PEERS=0 (about 110 s less) meets.  The tests
+# now run in 4 processes side by side, which should bring the whole near 5 minutes with the
+# peers (not yet timed).  Its steps' time limits end it by 8.5
 # minutes in the worst case.  The extras at the end run only where they fit in
 # LKREF_GPU_CHECK_BUDGET_S seconds (default 300).
 # A copy without .git (the device tool's) names its commit with LKREF_GIT_SHA=<sha>.
@@ -70,17 +72,24 @@ sanitize() {
 }
 echo "== GPU tests"
 # no -x: one run should show every failure; the benchmark refuses to time a path that is wrong.
-# A test that hangs (a kernel that never returns) ends the tests after LKREF_GPU_TEST_TIMEOUT_S
-# seconds with every thread's stack (pytest-timeout, which the device image has; the slowest
-# test takes seconds), and then, after compute-sanitizer, the whole check: the benchmark would
-# hang the same way, and the device minutes left are worth more to a rerun after the fix
+# A test that hangs (a kernel that never returns) is stopped after LKREF_GPU_TEST_TIMEOUT_S
+# seconds (pytest-timeout, which the device image has; the slowest test takes seconds), and
+# then, after compute-sanitizer, the whole check ends: the benchmark would hang the same way,
+# and the device minutes left are worth more to a rerun after the fix
 per_test=()
 python3 -c "import pytest_timeout" 2>/dev/null \
   && per_test=(--timeout "${LKREF_GPU_TEST_TIMEOUT_S:-60}" --timeout-method thread)
-timeout 180 python3 -m pytest -q -rfE --durations=15 -m gpu tests -p no:cacheprovider "${per_test[@]}" 2>&1 \
-  | tee "$out/gpu-$card-tests.txt"
-if grep -q '+++ Timeout +++' "$out/gpu-$card-tests.txt"; then
-  echo "== a GPU test hung (its stack is above): no benchmark; compute-sanitizer, to show where" \
+# in LKREF_GPU_TEST_WORKERS processes side by side (pytest-xdist, which the device image has; 0:
+# one process): run 2's tests took 117 s one after another, most of it NVRTC building CuPy's
+# own kernels for the readable path, test by test.  A hung test's worker then dies without its
+# stack ("crashed while running" names the test); LKREF_GPU_TEST_WORKERS=0 shows the stack.
+workers=${LKREF_GPU_TEST_WORKERS:-4}
+side_by_side=()
+[ "$workers" != 0 ] && python3 -c "import xdist" 2>/dev/null && side_by_side=(-n "$workers")
+timeout 180 python3 -m pytest -q -rfE --durations=15 -m gpu tests -p no:cacheprovider "${per_test[@]}" \
+    "${side_by_side[@]}" 2>&1 | tee "$out/gpu-$card-tests.txt"
+if grep -q -e '+++ Timeout +++' -e 'crashed while running' "$out/gpu-$card-tests.txt"; then
+  echo "== a GPU test hung (above: its stack, or the test its worker died in): no benchmark; compute-sanitizer, to show where" \
     | tee -a "$out/gpu-$card-tests.txt"
   [ -n "$san" ] && sanitize
   echo "== done in $SECONDS s"
