@@ -335,3 +335,25 @@ def test_fused_edges_give_no_nan(cp, name):
     z2, p2 = make_logits(rng, (4, 300), dtype=np.float32), peaked_probs(rng, (4, 300)).astype(np.float32)
     tiny = lkref.LOSSES[name](cp.asarray(z2), cp.asarray(p2), impl="fused", temperature=1e-38)
     assert not np.isnan(to_numpy(tiny.grad)).any()
+
+
+@pytest.mark.parametrize("name", ["kl", "lk_lambda"])
+def test_fused_sum_p_log_p_as_the_stand_in_holds_it(cp, name):
+    """Sum p log p takes __logf below p = 0.5 and logf from 0.5 up (lkref/fused_cupy.py): on the
+    stand-in's rows and tolerance (tests/test_fused_cupy_host.py, test_overflowing_logits_give_no_nan),
+    where row 0's KL is 0 in float32 and __logf's documented 2^-21.41 at p = 1 would be 1.2e-5 of
+    the mean, and on peaked rows of 32 000 at the stand-in's 2e-5 (where its worst-case math is
+    4.9e-6 off, 1.6e-6 with logf for every entry)."""
+    big = np.finfo(np.float32).max * 0.9
+    z = np.array([[big, -big, 0.0], [0.1, 0.2, 0.3]], np.float32)
+    p = np.array([[1.0, 0.0, 0.0], [0.2, 0.3, 0.5]], np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        fast = lkref.LOSSES[name](cp.asarray(z), cp.asarray(p), impl="fused")
+        ref = lkref.LOSSES[name](z, p, impl="reference")
+    np.testing.assert_allclose(float(to_numpy(fast.loss)), float(ref.loss), rtol=1e-5)
+    rng = np.random.default_rng(5)
+    p = peaked_probs(rng, (8, 32_000)).astype(np.float32)
+    z = (np.log(p) + 0.2 * rng.standard_normal(p.shape)).astype(np.float32)     # a KL of 0.018
+    fast = lkref.LOSSES[name](cp.asarray(z), cp.asarray(p), impl="fused")
+    ref = lkref.LOSSES[name](z.astype(np.float64), p.astype(np.float64), impl="reference")
+    np.testing.assert_allclose(float(to_numpy(fast.loss)), float(ref.loss), rtol=2e-5)
