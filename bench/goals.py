@@ -120,6 +120,18 @@ def shapes(rows):
     return out
 
 
+def logs(rows):
+    """[(loss, V, default p50, 'fused logf' p50)] at N = 4096: KL, and LK^lambda with lam=, with
+    __logf below p = 0.5 (the default) and with logf for every log p."""
+    out = []
+    for loss, default, logf in (("kl", "lkref fused", "fused logf"), ("lk_lambda", "lkref fused lam=", "fused logf lam=")):
+        for V in GPU_MS:
+            a, b = _p50(rows, default, loss, GPU_N, V), _p50(rows, logf, loss, GPU_N, V)
+            if a is not None and b is not None:
+                out.append((loss, V, a, b))
+    return out
+
+
 def _exists(path, say):
     if not os.path.isfile(path):
         say(f"{path}: no such file (did the benchmark run?)")
@@ -144,6 +156,11 @@ def report(paths, say=print) -> bool:
                 say(f"| {goal} | {measured} | {'yes' if met else '**no**'} |")
                 all_met &= met
                 by_goal[(machine, rows[0]["git_sha"], goal)].append(met)
+        if logs(rows):
+            say(f"\n| loss (N = {GPU_N}) | V | default: __logf below p = 0.5 (ms) | logf for every p (ms) | logf / default |"
+                "\n|---|---|---|---|---|")
+            for loss, V, a, b in logs(rows):
+                say(f"| {loss} | {V} | {a:.3f} | {b:.3f} | {b / a:.2f}× |")
         ratios = peers(rows)
         if ratios:
             say("\n| loss | N | V | peer | peer p50 (ms) | lkref p50 (ms) | peer / lkref |\n|---|---|---|---|---|---|---|")
@@ -154,7 +171,7 @@ def report(paths, say=print) -> bool:
             say(f"\n| V | dtype | launch shape (LK^α, N = {GPU_N}) | p50 (ms) | / default |\n|---|---|---|---|---|")
             for V, dtype, impl, t, ratio in timed:
                 say(f"| {V} | {dtype} | {impl} | {t:.3f} | {ratio:.2f}× |")
-        elif not checked and not ratios:
+        elif not checked and not ratios and not logs(rows):
             sizes = ", ".join(sorted({f"{r['loss']} N={r['N']} V={r['V']} {_dtype(r)}" for r in rows}))
             say(f"no goal applies to these rows ({sizes}): the goals are for float32 at the goal sizes")
     repeated = {key: mets for key, mets in by_goal.items() if len(mets) > 1}

@@ -224,6 +224,9 @@ def _entries(xp, backend, fn, loss, z, p, out, N, V):
                    ("lkref fused out=", lambda: fn(z, p, impl="fused", out=out), False)]
         if loss == "lk_lambda":
             entries.append(("lkref fused lam=", lambda: fn(z, p, impl="fused", lam=0.5), True))
+        if loss in ("kl", "lk_lambda") and z.dtype == np.float32:    # one launch each (lam= for LK^lambda)
+            lam = {"lam": 0.5} if loss == "lk_lambda" else {}
+            entries.append((LOGF_LABEL + (" lam=" if lam else ""), _shaped(fn, z, p, out, fast_log=False, **lam), False))
         if loss == "lk_alpha" and z.dtype == np.float32:   # launch shapes to tune the defaults with
             for threads, share, cache in TUNING_SHAPES:
                 entries.append((shape_label(threads, share, cache), _shaped(fn, z, p, out, threads, share, cache), False))
@@ -261,6 +264,9 @@ EXPF_LABEL = "fused expf"
 #: The default kernel with one column every THREADS for each thread (fused_cupy.VEC off), as run 2
 #: had it: what the 16-byte accesses of 4 adjacent columns save.
 SCALAR_LABEL = "fused scalar"
+#: KL, and LK^lambda with lam= (one launch), with logf for every log p of the KL sums
+#: (fused_cupy.FAST_LOG off, as run 2 had it): what __logf below p = 0.5 saves.
+LOGF_LABEL = "fused logf"
 
 
 def shape_label(threads, share, cache):
@@ -282,13 +288,15 @@ def _meets_on_this_gpu(xp, V):
     return not fused_cupy._uses_clusters(xp)
 
 
-def _shaped(fn, z, p, out, threads=None, share=None, cache=None, **switches):
-    """The fused call in another launch shape, or with fused_cupy.configured's on/off switches."""
+def _shaped(fn, z, p, out, threads=None, share=None, cache=None, lam=None, **switches):
+    """The fused call in another launch shape, or with fused_cupy.configured's on/off switches
+    (lam: LK^lambda's given lambda, for one launch)."""
     from . import fused_cupy
+    given = {} if lam is None else {"lam": lam}
 
     def call():
         with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, **switches):
-            return fn(z, p, impl="fused", out=out)
+            return fn(z, p, impl="fused", out=out, **given)
     return call
 
 

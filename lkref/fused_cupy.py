@@ -1,5 +1,6 @@
 """CuPy fused kernels for the reduced losses (on by default for CuPy arrays; tested on an H100 at
-35dc2c3, changed since: EXP2, VEC and the multiply by 1 / T have run on the CPU stand-in only).
+35dc2c3, changed since: EXP2, VEC, FAST_LOG and the multiply by 1 / T have run on the CPU
+stand-in only).
 
 Checked without a GPU by tests/test_fused_cupy_host.py: the host code against a NumPy
 transcription of the kernel, and this CUDA source itself on the CPU (tests/simt_cpu.h runs
@@ -22,7 +23,8 @@ entries are copied into shared memory asynchronously (cp.async) as the launch st
 that they arrive while phase (1) works on the logits instead of after it.  Where every array
 is float32 with 16-byte aligned rows (VEC), a thread's entries come 4 adjacent columns at a
 time, each 4 read, copied and written with one 16-byte access; else one column every THREADS.
-Each element's exp is one exp2f (EXP2) of (z - m) times log2(e) / T.  A float16 or
+Each element's exp is one exp2f (EXP2) of (z - m) times log2(e) / T, and the KL sums' log p
+one __logf where p < 0.5 (FAST_LOG).  A float16 or
 bfloat16 target is read as it is (2 bytes an entry, no float32 copy) and kept in shared
 memory at its first read, in phase (2): cp.async copies 4 bytes or more (PAIR_PREFETCH copies
 it in 4-byte pairs as the launch starts instead, where its rows are 4-byte aligned).  For larger V
@@ -117,6 +119,16 @@ STREAM = False
 #: (`configured(exp2=False)`, LKREF_CUPY_EXP2=0: expf, as the benchmark's `fused expf` row
 #: times it; either way with the multiply by 1 / T.)
 EXP2 = True
+#: Take log p for the KL sums (KL and LK^lambda) by __logf (the SFU's lg2.approx and a multiply;
+#: 3 ulp) where p < 0.5, and by logf (some 28 instructions, 1 ulp) from 0.5 up, where __logf is
+#: 2^-21.41 off in absolute terms: near p = 1 that is 1e-5 of a KL of 0.02 whose other terms
+#: float32 holds exactly (tests/simt_cpu.h models both).  A normalised row has at most two
+#: entries from 0.5 up, and ptxas branches past logf, so nearly every warp skips it: LK^lambda's
+#: path about 94 SASS instructions an item, 114.5 with logf for every entry (sm_90; LK^alpha 67).
+#: The price: a KL of 0.018 on peaked rows of 32 000, 4.9e-6 off at the GPU's documented worst
+#: math, 1.6e-6 with logf throughout (the stand-in).  (`configured(fast_log=False)`,
+#: LKREF_CUPY_FAST_LOG=0: logf for every entry, as the benchmark's `fused logf` rows time it.)
+FAST_LOG = True
 #: Where every array is float32, every row starts 16-byte aligned (V % 4 == 0 and aligned
 #: arrays, as CuPy allocates them) and there is no draft_to_target: give each thread its items 4
 #: adjacent columns at a time, read and written 16 bytes at once (LDG.128, STG.128, a 16-byte
@@ -191,6 +203,16 @@ typedef __P_T__ p_t;                                  // the target's type: floa
 #define EXP2 __EXP2__                                 // an element's exp: 1, exp2f(u) with u = (z - m) log2(e) / T (a
                                                       // multiply and the SFU's ex2.approx, within 2 ulp); 0, expf(u)
                                                       // with u = (z - m) / T (some ten instructions, within 2 ulp)
+#define FAST_LOG __FAST_LOG__                         // log p for sum p log p: 1, __logf where p < 0.5 (3 ulp), logf
+                                                      // from 0.5 up (there __logf is 2^-21.41 off, 1e-5 of a KL of
+                                                      // 0.02 near p = 1: a stand-in test failed); a normalised row
+                                                      // has at most two such entries, and warps branch past logf;
+                                                      // 0, logf (some 28 instructions, 1 ulp) everywhere
+#if FAST_LOG
+#define LOG_P(p) ((p) < 0.5f ? __logf(p) : logf(p))
+#else
+#define LOG_P(p) logf(p)
+#endif
 #if EXP2
 #define EXP_U(u) exp2f(u)
 #define U_PER_X 1.4426950408889634f                   // u = x log2(e), x = (z - m) / T
@@ -696,12 +718,7 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
                 acc[2] += pv;
                 if (need_x) {                            // the KL sums
                     acc[3] += pv > 0.f ? pv * u : 0.f;    // 0 where p = 0, also where x = -inf
-                    // __logf (MUFU.LG2 and a multiply) where p < 0.5, 3 ulp at most there; logf (some 28
-                    // instructions, nvcc 13, sm_90) where p >= 0.5, where __logf's error is 2^-21.41
-                    // absolute, 1e-5 of a KL of 0.02 near p = 1 (tests/simt_cpu.h models both: a test
-                    // failed with __logf alone).  A row has at most two such entries (they sum to <= 1
-                    // in a normalised target), so nearly every warp branches past logf as one.
-                    acc[4] += pv > 0.f ? pv * (pv < 0.5f ? __logf(pv) : logf(pv)) : 0.f;
+                    acc[4] += pv > 0.f ? pv * LOG_P(pv) : 0.f;
                 }
                 if (pv < 0.f) flags |= 2;
                 if (!isfinite(pv)) flags |= 4;
@@ -857,19 +874,21 @@ CLUSTER_CHOICES = (1, 2, 4, 8)
 #: The on/off settings, by `configured`'s keyword and the module constant it sets (also read
 #: from LKREF_CUPY_<constant> at import).
 SWITCHES = {"cache_target": "CACHE_TARGET", "clusters": "CLUSTERS", "pair_prefetch": "PAIR_PREFETCH",
-            "specialize": "SPECIALIZE", "stream": "STREAM", "exp2": "EXP2", "vec": "VEC"}
+            "specialize": "SPECIALIZE", "stream": "STREAM", "exp2": "EXP2", "vec": "VEC",
+            "fast_log": "FAST_LOG"}
 _SETTINGS = ("THREADS", "BLOCK_SHARE", "MAX_ITEMS", *SWITCHES.values())
 
 
 @contextmanager
 def configured(threads=None, block_share=None, cache_target=None, clusters=None, pair_prefetch=None,
-               specialize=None, stream=None, exp2=None, vec=None):
+               specialize=None, stream=None, exp2=None, vec=None, fast_log=None):
     """Run the kernels with another block size or share of a row per block, without the target
     cache (for tuning), without clusters (clusters=False: a row's blocks meet in global memory,
     as on GPUs before Hopper), with a 2-byte target prefetched in pairs (PAIR_PREFETCH), as one
     kernel for every loss (specialize=False), streaming every row (stream=True), with expf
-    for each element's exp (exp2=False) or without 16-byte accesses (vec=False): threads in
-    THREAD_CHOICES, block_share in SHARE_CHOICES."""
+    for each element's exp (exp2=False), without 16-byte accesses (vec=False) or with logf for
+    every log p of the KL sums (fast_log=False): threads in THREAD_CHOICES, block_share in
+    SHARE_CHOICES."""
     switches = {key: value for key, value in locals().items() if key in SWITCHES}
     old = {name: globals()[name] for name in _SETTINGS}
     try:
@@ -918,7 +937,7 @@ _configure_from_environment()
 
 def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "float", cache_target=None,
                   dsmem: bool = True, cached=None, p_t: str = "float", pairs: bool = False, mode=None,
-                  phase=None, exp2=None, vec=False) -> str:
+                  phase=None, exp2=None, vec=False, fast_log=None) -> str:
     """The CUDA source for one (items, cluster, logits' type, gradient's type); cache_target
     (default CACHE_TARGET) keeps the target entries in shared memory between the phases of a
     launch, all `items` of each thread's or the first `cached` of them (a GPU with less shared
@@ -928,7 +947,8 @@ def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "f
     mode (a value of MODES) builds lk_rows for that loss alone, None for all four; phase (0: the
     statistics and the gradient in one launch; 1, 2: the statistics, then the gradient, of a
     two-launch call) for that phase alone, None for the one it is given; exp2 (default EXP2):
-    each element's exp by exp2f rather than expf; vec: 16-byte accesses, 4 adjacent columns at a
+    each element's exp by exp2f rather than expf; fast_log (default FAST_LOG): log p by __logf
+    where p < 0.5, not logf everywhere; vec: 16-byte accesses, 4 adjacent columns at a
     time (the caller has checked vec_fits; where a thread's items, or the target entries it keeps
     in shared memory, are not a multiple of 4, or a type is not float, the one-column source)."""
     if mode is not None and mode not in MODES.values():
@@ -946,7 +966,8 @@ def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "f
             .replace("__P_T__", p_t).replace("__P_ASYNC__", "1" if p_t == "float" else "2" if pairs else "0")
             .replace("__ALPHA_FLOOR__", f"{ALPHA_FLOOR:e}f").replace("__SLOTS__", str(SLOTS))
             .replace("__MODE__", str(-1 if mode is None else int(mode))).replace("__PHASE__", str(-1 if phase is None else int(phase)))
-            .replace("__EXP2__", str(int(bool(EXP2 if exp2 is None else exp2)))).replace("__VEC__", str(int(vec))))
+            .replace("__EXP2__", str(int(bool(EXP2 if exp2 is None else exp2)))).replace("__VEC__", str(int(vec)))
+            .replace("__FAST_LOG__", str(int(bool(FAST_LOG if fast_log is None else fast_log)))))
 
 
 def _ctype(dt):
@@ -974,7 +995,7 @@ def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True, p_dtype=np.float32,
     cp = sys.modules["cupy"]
     dsmem = bool(dsmem) or cluster == 1
     key = (str(in_dtype), str(out_dtype), items, cluster, THREADS, CACHE_TARGET, dsmem, str(p_dtype), bool(pairs), mode,
-           phase, EXP2, bool(vec))
+           phase, EXP2, bool(vec), FAST_LOG)
     if key not in _cache:
         p_bytes = np.dtype(p_dtype).itemsize
 

@@ -468,6 +468,8 @@ def test_the_gpu_branch_of_the_bench_runs(monkeypatch, tmp_path):
     assert {("lk_alpha", s) for s in shapes} <= impls
     assert {("lk_alpha", benchmark.GENERIC_LABEL), ("lk_alpha", benchmark.EXPF_LABEL), ("lk_alpha", benchmark.SCALAR_LABEL)} | {("lk_alpha", f"fused stream {t}t") for t in benchmark.STREAM_THREADS} <= impls
     assert {("lk_lambda", "lkref fused lam="), ("lk_alpha", "lkref reference")} <= impls
+    assert ("lk_lambda", benchmark.LOGF_LABEL + " lam=") in impls       # one launch, as 'lkref fused lam='
+    assert not any(impl.startswith(benchmark.LOGF_LABEL) for loss, impl in impls if loss == "lk_alpha")   # no log p
     assert ("lk_alpha", benchmark.MEETING_LABEL) not in impls        # V = 300: one block per row
     monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: True)
     rows = benchmark.run(backends=("cupy",), losses=("lk_alpha",), sizes={"cupy": [(2, 40_000)]},
@@ -716,6 +718,15 @@ def test_goals_report_on_gpu_rows(tmp_path):
                       "| 32000 | float32 | default | 0.700 | 1.00× |",
                       "| 32000 | float32 | fused 1024t/32k | 9.000 | 12.86× |"]
     assert not any("fused 512t/16k" in line and "**no**" in line for line in lines)   # shapes are no goals
+    assert not any("logf for every p" in line for line in lines)            # no 'fused logf' rows: no table
+    logf = [benchmark.Row("cupy", impl, loss, 4096, 32_000, t, t, t, 1.0, 1.0, 1.0, 0.5, 1e-7)
+            for impl, loss, t in (("lkref fused", "kl", 0.8), (benchmark.LOGF_LABEL, "kl", 1.0),
+                                  (benchmark.LOGF_LABEL + " lam=", "lk_lambda", 1.1))]
+    benchmark.write_csv(logf, str(path), ["numpy"], stamp="run-1")
+    ok, lines, text = _report(goals, path)
+    assert "| kl | 32000 | 0.800 | 1.000 | 1.25× |" in text
+    assert "| lk_lambda | 32000 | 0.700 | 1.100 | 1.57× |" in text          # beside 'lkref fused lam='
+    assert not any("fused logf" in line for line in lines if line.startswith("| GPU") or "speculators" in line)
     # float16 rows of the same run, slower than the float32 goals: judged for memory only (the goals
     # are for float32), and beside a peer of their own dtype
     half = [benchmark.Row("cupy", impl, "lk_alpha", 4096, 32_000, t, t, t, 1.0, 1.0, 1.0, 0.5, 1e-4, dtype="float16")

@@ -725,6 +725,30 @@ def test_simt_expf_and_exp2f_give_the_reference(simt, monkeypatch, name):
             pass
 
 
+@pytest.mark.parametrize("name", ["kl", "lk_lambda"])           # the losses with log p
+def test_simt_fast_log_and_logf_give_the_reference(simt, monkeypatch, name):
+    """FAST_LOG (the default) takes log p by __logf where p < 0.5 and logf from 0.5 up;
+    fast_log=False (the benchmark's 'fused logf') by logf everywhere: both the reference to
+    rounding with the GPU's worst math (tests/simt_cpu.h), in a cluster and streamed, with a
+    mask and a temperature, and on rows with entries of 0.5 and 1 (where __logf alone fails:
+    test_overflowing_logits_give_no_nan)."""
+    small_blocks(monkeypatch)
+    kernels = built_kernels(monkeypatch)
+    rng = np.random.default_rng(44)
+    kw = dict(mask=np.array([1, 0, 1, 1], bool), temperature=0.6)
+    for V in (1000, 3000):                          # a cluster of 4, streamed
+        _on_and_off(kernels, rng, name, (4, V), kw, "FAST_LOG", fast_log=False)
+    z = make_logits(rng, (3, 1000), dtype=np.float32)
+    p = np.zeros((3, 1000), np.float32)
+    p[0, 7], p[1, [3, 900]], p[2, [5, 6, 500]] = 1.0, 0.5, (0.6, 0.3, 0.1)
+    close(run(name, z, p), reference(name, z, p))
+    assert "#define FAST_LOG 1" in kernels[-1].rows.code
+    assert fused_cupy.FAST_LOG is True              # restored
+    with pytest.raises(TypeError, match="fast_log must be True or False"):
+        with fused_cupy.configured(fast_log="no"):
+            pass
+
+
 @pytest.mark.parametrize("name", REDUCED)
 @pytest.mark.parametrize("V, cluster", [(300, 2), (1000, 4), (2000, 8)])
 def test_simt_blocks_meet_in_global_memory(simt, monkeypatch, name, V, cluster):
