@@ -17,6 +17,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
+from typing import NamedTuple, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -40,21 +41,43 @@ SMALL_GPU_OPTIN = 99 * 1024
 FIRST_SHAPE = (512, 32_768, True)
 
 
+class Spec(NamedTuple):
+    """One kernel variant: the launch shape (threads, share: floats of a row a block, cache: the
+    target cache); dt: the logits' and the gradient's dtype, pdt: the target's; V; dsmem: a row's
+    blocks meet in a cluster (else in global memory); optin: a smaller GPU's shared memory per
+    block to size the target cache for (None: this GPU's); pairs: a 2-byte target copied in
+    pairs; mode: the loss's (fused_cupy.MODES) or None (one kernel for all); phase: 0 (one
+    launch), 1 or 2 (the two launches of the others), None with mode None; stream: every row
+    streamed; exp2: each element's exp by exp2f (fused_cupy.EXP2), else expf; vec: 4 adjacent
+    columns a thread at a time (fused_cupy.VEC); fast_log: log p by __logf below 0.5
+    (fused_cupy.FAST_LOG), else logf."""
+
+    threads: int
+    share: int
+    cache: bool
+    dt: str
+    pdt: str
+    V: int
+    dsmem: bool
+    optin: Optional[int]
+    pairs: bool
+    mode: Optional[int]
+    phase: Optional[int]
+    stream: bool
+    exp2: bool
+    vec: bool
+    fast_log: bool
+
+
 def variants(clusters=True):
-    """The distinct (threads, block_share, cache_target, dtype, target dtype, V, dsmem, optin,
-    pairs, mode, phase, stream, exp2, vec) to compile: one V per (items, cluster) class, in the launch shapes the
-    tests and the benchmark run; dtype: the logits' and the gradient's; clusters: whether the GPU
-    has them (else every variant meets in global memory); optin: a smaller GPU's shared memory
-    per block to size the target cache for (None: this GPU's); pairs: a 2-byte target copied in
-    pairs; mode: the loss's (fused_cupy.SPECIALIZE: each of the four for the tests' variants,
-    LK^alpha's for the benchmark's launch shapes) or None (one kernel for all, as the
-    benchmark's 'fused generic-mode'); phase: 0 (one-launch calls), 1 or 2 (the two launches
-    of the others; SPECIALIZE: all three for the tests' variants), None with mode None; stream:
-    every row streamed (the benchmark's 'fused stream'); exp2: each element's exp by exp2f
-    (fused_cupy.EXP2), else by expf (the benchmark's 'fused expf'); vec: 4 adjacent columns a
-    thread at a time (fused_cupy.VEC, where the row allows: V % 4 == 0 and float32), and for the
-    tests' float32 rows also without (draft_to_target, misaligned arrays) and for the benchmark's
-    'fused scalar'.  Specs that build the same source are listed once."""
+    """The distinct Specs to compile: one V per (items, cluster) class, in the launch shapes the
+    tests and the benchmark run; clusters: whether the GPU has them (else every variant meets in
+    global memory).  The tests' rows take each loss's kernels (fused_cupy.SPECIALIZE: each of the
+    four modes, each in phases 0, 1 and 2), float32 ones also one column at a time
+    (draft_to_target, misaligned arrays); the benchmark's take LK^alpha's one-launch kernel in its
+    launch shapes, streamed, as one kernel for all losses ('fused generic-mode'), with expf
+    ('fused expf') and one column at a time ('fused scalar'), and KL's and LK^lambda's with logf
+    ('fused logf').  Specs that build the same source are listed once."""
     default = (fused_cupy.THREADS, fused_cupy.BLOCK_SHARE, fused_cupy.CACHE_TARGET)
     f32 = "float32"
     wanted = [(default, f32, f32, V, clusters, None, False) for V in TEST_VOCABS]
@@ -65,60 +88,83 @@ def variants(clusters=True):
     wanted += [(FIRST_SHAPE, f32, f32, V, False, SMALL_GPU_OPTIN, False) for V in PARTIAL_CACHE_VOCABS]
     kinds = [(mode, phase) for mode in fused_cupy.MODES.values() for phase in (0, 1, 2)] if fused_cupy.SPECIALIZE \
         else [(None, None)]
-    wanted = [w + kind + (False, fused_cupy.EXP2, vec) for w in wanted for kind in kinds for vec in (True, False)]
+    exp2, vec, fast = fused_cupy.EXP2, fused_cupy.VEC, fused_cupy.FAST_LOG
+    wanted = [w + kind + (False, exp2, v, fast) for w in wanted for kind in kinds for v in (True, False)]
     goal_vocabs = sorted({V for _, V in DEFAULT_SIZES["cupy"]})
-    alpha = fused_cupy.MODES["lk_alpha"] if fused_cupy.SPECIALIZE else None
+    mode = fused_cupy.MODES if fused_cupy.SPECIALIZE else dict.fromkeys(fused_cupy.MODES)
+    alpha = mode["lk_alpha"]
     one = 0 if fused_cupy.SPECIALIZE else None
-    exp2, vec = fused_cupy.EXP2, fused_cupy.VEC
-    wanted += [(shape, f32, f32, V, clusters, None, False, alpha, one, False, exp2, vec) for shape in TUNING_SHAPES
+    wanted += [(shape, f32, f32, V, clusters, None, False, alpha, one, False, exp2, vec, fast) for shape in TUNING_SHAPES
                for V in goal_vocabs]
-    wanted += [(default, f32, f32, V, clusters, None, False, None, None, False, exp2, vec)
+    wanted += [(default, f32, f32, V, clusters, None, False, None, None, False, exp2, vec, fast)
                for V in goal_vocabs]                                                          # generic-mode
-    wanted += [(default, f32, f32, V, clusters, None, False, alpha, one, False, not exp2, vec) for V in goal_vocabs]  # expf
-    wanted += [(default, f32, f32, V, clusters, None, False, alpha, one, False, exp2, not vec) for V in goal_vocabs]  # scalar
-    wanted += [(default, f32, f32, 32_000, clusters, None, False, fused_cupy.MODES[m], 0, False, not exp2, vec)
+    wanted += [(default, f32, f32, V, clusters, None, False, alpha, one, False, not exp2, vec, fast)
+               for V in goal_vocabs]                                                          # expf
+    wanted += [(default, f32, f32, V, clusters, None, False, alpha, one, False, exp2, not vec, fast)
+               for V in goal_vocabs]                                                          # scalar
+    wanted += [(default, f32, f32, V, clusters, None, False, mode[m], one, False, exp2, vec, not fast)
+               for m in ("kl", "lk_lambda") for V in goal_vocabs]                            # logf
+    wanted += [(default, f32, f32, 32_000, clusters, None, False, mode[m], one, False, not exp2, vec, fast)
                for m in ("kl", "lk_alpha")]                                      # tests/test_gpu.py, expf
-    wanted += [((threads, default[1], True), f32, f32, V, clusters, None, False, alpha, one, True, exp2, vec)
+    wanted += [(default, f32, f32, V, clusters, None, False, mode[m], phase if fused_cupy.SPECIALIZE else None, False,
+                exp2, vec, not fast) for m, phases in (("kl", (0,)), ("lk_lambda", (1, 2))) for phase in phases
+               for V in (3, 32_000)]                                            # tests/test_gpu.py, logf (batch lambda)
+    wanted += [((threads, default[1], True), f32, f32, V, clusters, None, False, alpha, one, True, exp2, vec, fast)
                for threads in STREAM_THREADS for V in goal_vocabs]
     seen, out = set(), []
-    for spec in wanted:
-        (threads, share, cache), dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2, vec = spec
-        vec = bool(vec) and V % 4 == 0 and dt == pdt == "float32"    # as vec_fits has it for aligned arrays
-        src = source(*spec[:-1], vec)
-        vec = "#define VEC 1" in src                  # what the source does (kernel_source's own conditions)
-        key = (dt, src)
-        if key not in seen:
-            seen.add(key)
-            out.append((threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2, vec))
+    for shape, dt, pdt, V, *rest in wanted:
+        spec = Spec(*shape, dt, pdt, V, *rest)
+        fits = spec.vec and V % 4 == 0 and dt == pdt == "float32"    # as vec_fits has it for aligned arrays
+        src = source(spec._replace(vec=fits))
+        spec = spec._replace(vec="#define VEC 1" in src)  # what the source does (kernel_source's own conditions)
+        if (dt, src) not in seen:
+            seen.add((dt, src))
+            out.append(spec)
     return out
 
 
-def source(shape, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2, vec):
-    """The CUDA source lkref builds for one spec (its target cache sized for optin; None: not limited)."""
-    threads, share, cache = shape
-    with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, stream=stream, exp2=exp2):
-        items, cluster = fused_cupy.plan(V)
-        kept = fused_cupy.cached_items(items, optin, 2 if pdt != "float32" else 4)
-        c = fused_cupy._ctype(dt)
-        return fused_cupy.kernel_source(items, cluster, c, c, dsmem=dsmem, cached=kept, p_t=fused_cupy._ctype(pdt),
-                                        pairs=pairs, mode=mode, phase=phase, vec=vec)
+def source(spec):
+    """The CUDA source lkref builds for one Spec (its target cache sized for spec.optin; None: not limited)."""
+    with fused_cupy.configured(threads=spec.threads, block_share=spec.share, cache_target=spec.cache,
+                               stream=spec.stream, exp2=spec.exp2, fast_log=spec.fast_log):
+        items, cluster = fused_cupy.plan(spec.V)
+        kept = fused_cupy.cached_items(items, spec.optin, 2 if spec.pdt != "float32" else 4)
+        c = fused_cupy._ctype(spec.dt)
+        return fused_cupy.kernel_source(items, cluster, c, c, dsmem=spec.dsmem, cached=kept,
+                                        p_t=fused_cupy._ctype(spec.pdt), pairs=spec.pairs, mode=spec.mode,
+                                        phase=spec.phase, vec=spec.vec)
 
 
 def _compile(spec):
     """In a worker process: build one variant the way lkref.fused_cupy does (its cache key and
     source), so that CuPy's kernel cache holds what the tests will ask for."""
-    import cupy
+    import cupy  # noqa: F401
     import numpy as np
 
-    threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2, vec = spec
-    dtype, p_dtype = (np.dtype(d) if d != "bfloat16" else np.dtype(__import__("ml_dtypes").bfloat16) for d in (dt, pdt))
-    if optin is not None:                         # this worker process sizes its target caches for it
-        fused_cupy._smem_optin = lambda cp: optin
+    dtype, p_dtype = (np.dtype(d) if d != "bfloat16" else np.dtype(__import__("ml_dtypes").bfloat16)
+                      for d in (spec.dt, spec.pdt))
+    if spec.optin is not None:                    # this worker process sizes its target caches for it
+        fused_cupy._smem_optin = lambda cp: spec.optin
     t0 = time.perf_counter()
-    with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, stream=stream, exp2=exp2):
-        items, cluster = fused_cupy.plan(V)
-        fused_cupy._kernel(dtype, dtype, items, cluster, dsmem, p_dtype, pairs, mode, phase, vec)
+    with fused_cupy.configured(threads=spec.threads, block_share=spec.share, cache_target=spec.cache,
+                               stream=spec.stream, exp2=spec.exp2, fast_log=spec.fast_log):
+        items, cluster = fused_cupy.plan(spec.V)
+        fused_cupy._kernel(dtype, dtype, items, cluster, spec.dsmem, p_dtype, spec.pairs, spec.mode, spec.phase,
+                           spec.vec)
     return time.perf_counter() - t0
+
+
+def describe(spec):
+    """One line for a Spec, as the warm-up and bench/nvrtc_check.py list them."""
+    with fused_cupy.configured(threads=spec.threads, block_share=spec.share, stream=spec.stream):
+        plan = fused_cupy.plan(spec.V)
+    return (f"{spec.dt} ({spec.pdt} target{', in pairs' if spec.pairs else ''}) V={spec.V} (items, cluster) = {plan} "
+            f"at {spec.threads}t/{spec.share // 1024}k" + ("" if spec.cache else " nocache")
+            + ("" if spec.dsmem else " global-meeting")
+            + ("" if spec.optin is None else f" target cache for {spec.optin // 1024} KiB")
+            + (" all modes" if spec.mode is None else f" mode {spec.mode}")
+            + ("" if spec.phase is None else f" phase {spec.phase}") + (" stream" if spec.stream else "")
+            + ("" if spec.exp2 else " expf") + (" vec" if spec.vec else "") + ("" if spec.fast_log else " logf"))
 
 
 def main(argv):
@@ -134,13 +180,7 @@ def main(argv):
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(_compile, s): s for s in specs}
         for f in as_completed(futures):
-            threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2, vec = futures[f]
-            with fused_cupy.configured(threads=threads, block_share=share, stream=stream):
-                what = f"{dt} ({pdt} target{', in pairs' if pairs else ''}) V={V} (items, cluster) = {fused_cupy.plan(V)} at {threads}t/{share // 1024}k" \
-                       + ("" if cache else " nocache") + ("" if dsmem else " global-meeting") \
-                       + ("" if optin is None else f" target cache for {optin // 1024} KiB") \
-                       + (" all modes" if mode is None else f" mode {mode}") + ("" if phase is None else f" phase {phase}") \
-                       + ("" if exp2 else " expf") + (" vec" if vec else "")
+            what = describe(futures[f])
             try:
                 print(f"  {f.result():5.1f} s  {what}")
             except Exception as exc:              # the tests will show it again, with context

@@ -62,10 +62,9 @@ def compile_one(arch, spec):
     _offline(arch)
     from cupy._core import core
 
-    threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2, vec = spec
-    if optin is None:                                    # the target cache as this arch's GPU sizes it
-        optin = SMEM_KIB[int(arch)][1] * 1024
-    src = gpu_warm.source((threads, share, cache), dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2, vec)
+    if spec.optin is None:                               # the target cache as this arch's GPU sizes it
+        spec = spec._replace(optin=SMEM_KIB[int(arch)][1] * 1024)
+    src = gpu_warm.source(spec)
     log = io.StringIO()
     t0 = time.perf_counter()
     try:
@@ -82,15 +81,6 @@ def compile_one(arch, spec):
     warnings = [line for line in text.splitlines() if "warning" in line.lower()]
     return (time.perf_counter() - t0, get(r"Used (\d+) registers"), get(r"(\d+) bytes spill stores"), warnings,
             options)
-
-
-def describe(spec):
-    threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2, vec = spec
-    return (f"{dt} ({pdt} target{', in pairs' if pairs else ''}) V={V} {threads}t/{share // 1024}k"
-            + ("" if cache else " nocache") + ("" if dsmem else " global-meeting") + (" stream" if stream else "")
-            + ("" if optin is None else f" target cache for {optin // 1024} KiB")
-            + (" all modes" if mode is None else f" mode {mode}") + ("" if phase is None else f" phase {phase}")
-            + ("" if exp2 else " expf") + (" vec" if vec else ""))
 
 
 def main(argv=None):
@@ -117,10 +107,10 @@ def main(argv=None):
         for spec, res in zip(specs, results):
             if isinstance(res, str):
                 failed += 1
-                print(f"  FAILED  {describe(spec)}: {res[:2000]}")
+                print(f"  FAILED  {gpu_warm.describe(spec)}: {res[:2000]}")
                 continue
             seconds, regs, spill, warnings, _ = res
-            print(f"  {seconds:5.1f} s  regs {regs:3d}  spill {spill:3d} B  {describe(spec)}"
+            print(f"  {seconds:5.1f} s  regs {regs:3d}  spill {spill:3d} B  {gpu_warm.describe(spec)}"
                   + "".join(f"\n      {w}" for w in warnings))
         options = next((r[4] for r in results if not isinstance(r, str)), ())
         print(f"# sm_{arch}: {sum(isinstance(r, str) for r in results)} of {len(specs)} failed, "

@@ -594,23 +594,24 @@ def test_gpu_warm_compiles_each_source_once_and_covers_the_tests():
     warm = _load_bench("gpu_warm")
     specs = warm.variants()
     sources = set()
-    for threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2, vec in specs:
-        with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, stream=stream):
-            items, cluster = fused_cupy.plan(V)
-            c = fused_cupy._ctype(dt)
-            sources.add((dt, fused_cupy.kernel_source(items, cluster, c, c, dsmem=dsmem, p_t=fused_cupy._ctype(pdt),
-                                                      cached=fused_cupy.cached_items(items, optin), pairs=pairs,
-                                                      mode=mode, phase=phase, exp2=exp2, vec=vec)))
+    for s in specs:
+        with fused_cupy.configured(threads=s.threads, block_share=s.share, cache_target=s.cache, stream=s.stream):
+            items, cluster = fused_cupy.plan(s.V)
+            c = fused_cupy._ctype(s.dt)
+            sources.add((s.dt, fused_cupy.kernel_source(items, cluster, c, c, dsmem=s.dsmem, p_t=fused_cupy._ctype(s.pdt),
+                                                        cached=fused_cupy.cached_items(items, s.optin), pairs=s.pairs,
+                                                        mode=s.mode, phase=s.phase, exp2=s.exp2, vec=s.vec,
+                                                        fast_log=s.fast_log)))
     assert len(sources) == len(specs)                       # nothing compiled twice
     modes = {(m, phase) for m in fused_cupy.MODES.values() for phase in (0, 1, 2)}
     alpha = (fused_cupy.MODES["lk_alpha"], 0)
     built = {}                                              # what the tests run: the kernels built for each
-    for threads, share, cache, dt, pdt, V, dsmem, optin, pairs, mode, phase, stream, exp2, vec in specs:
-        with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache, stream=stream):
-            key = ((threads, cache, dt if dt == pdt else (dt, pdt), fused_cupy.plan(V), dsmem, optin)
-                   + (("pairs",) if pairs else ()) + (() if exp2 == fused_cupy.EXP2 else ("expf",))
-                   + (("vec",) if vec else ()))
-        built.setdefault(key, set()).add((mode, phase))
+    for s in specs:
+        with fused_cupy.configured(threads=s.threads, block_share=s.share, cache_target=s.cache, stream=s.stream):
+            key = ((s.threads, s.cache, s.dt if s.dt == s.pdt else (s.dt, s.pdt), fused_cupy.plan(s.V), s.dsmem, s.optin)
+                   + (("pairs",) if s.pairs else ()) + (() if s.exp2 == fused_cupy.EXP2 else ("expf",))
+                   + (("vec",) if s.vec else ()) + (() if s.fast_log == fused_cupy.FAST_LOG else ("logf",)))
+        built.setdefault(key, set()).add((s.mode, s.phase))
     covered = {key for key, m in built.items() if m >= modes}        # every loss's kernels, one and two passes
 
     def f32_both(V, dsmem, optin=None, share=None):
@@ -619,7 +620,8 @@ def test_gpu_warm_compiles_each_source_once_and_covers_the_tests():
         with fused_cupy.configured(block_share=share):
             key = (fused_cupy.THREADS, True, "float32", fused_cupy.plan(V), dsmem, optin)
             shape = (fused_cupy.THREADS, fused_cupy.BLOCK_SHARE, True)
-            src = warm.source(shape, "float32", "float32", V, dsmem, optin, False, 2, 0, False, fused_cupy.EXP2, True)
+            src = warm.source(warm.Spec(*shape, "float32", "float32", V, dsmem, optin, False, 2, 0, False,
+                                        fused_cupy.EXP2, True, fused_cupy.FAST_LOG))
         assert key in covered, V
         if "#define VEC 1" in src:
             assert key + ("vec",) in covered, V
@@ -652,10 +654,16 @@ def test_gpu_warm_compiles_each_source_once_and_covers_the_tests():
         assert (None, None) in built[default + ("vec",)]                            # generic
         assert alpha in built[default + ("expf", "vec")]
         assert alpha in built[default]                                             # scalar
+        kl, lam = fused_cupy.MODES["kl"], fused_cupy.MODES["lk_lambda"]
+        assert {(kl, 0), (lam, 0)} <= built[default + ("vec", "logf")]               # 'fused logf', lam= for LK^lambda
+    for V in (3, 32_000):                                   # tests/test_gpu.py: logf, LK^lambda with its batch lambda
+        vec = ("vec",) if V % 4 == 0 else ()
+        assert {(kl, 0), (lam, 1), (lam, 2)} <= \
+            built[(fused_cupy.THREADS, True, "float32", fused_cupy.plan(V), True, None) + vec + ("logf",)], V
         for threads in benchmark.STREAM_THREADS:
             assert alpha in built[(threads, True, "float32", (0, 1), True, None)], (threads, V)
-    assert all(spec[6] is False for spec in warm.variants(clusters=False))   # a GPU before Hopper
-    assert all(spec[4] == spec[3] != "float32" for spec in specs if spec[8])    # pairs: 2-byte targets only
+    assert all(s.dsmem is False for s in warm.variants(clusters=False))     # a GPU before Hopper
+    assert all(s.pdt == s.dt != "float32" for s in specs if s.pairs)         # pairs: 2-byte targets only
 
 
 def test_gpu_warm_builds_through_lkrefs_own_kernel_cache(monkeypatch):
@@ -670,19 +678,24 @@ def test_gpu_warm_builds_through_lkrefs_own_kernel_cache(monkeypatch):
     monkeypatch.setattr(fused_cupy, "_smem_optin", fused_cupy._smem_optin)    # _compile's change is undone
     monkeypatch.setattr(fused_cupy, "_kernel", lambda i, o, items, cluster, dsmem, p, pairs, mode, phase, vec: built.append(
         (str(i), str(o), items, cluster, dsmem, str(p), pairs, fused_cupy.THREADS, fused_cupy.BLOCK_SHARE,
-         fused_cupy._smem_optin(fake), mode, phase, fused_cupy.EXP2, vec)))
-    warm._compile((512, 16_384, True, "float32", "float32", 128_256, True, None, False, 2, 0, False, True, True))
-    warm._compile((512, 32_768, True, "float16", "float32", 4099, True, None, False, 0, 1, False, True, False))
-    warm._compile((512, 32_768, True, "float16", "float16", 32_000, True, None, True, 1, 0, False, True, False))
-    warm._compile((512, 32_768, True, "float32", "float32", 50_257, False, None, False, 3, 2, False, False, False))
-    warm._compile((1024, 32_768, True, "float32", "float32", 32_000, True, None, False, 2, 0, True, True, False))
-    warm._compile((512, 32_768, True, "float32", "float32", 32_000, False, 99 * 1024, False, None, None, False, True, False))
-    assert built == [("float32", "float32", 32, 8, True, "float32", False, 512, 16_384, None, 2, 0, True, True),
-                     ("float16", "float16", 9, 1, True, "float32", False, 512, 32_768, None, 0, 1, True, False),
-                     ("float16", "float16", 63, 1, True, "float16", True, 512, 32_768, None, 1, 0, True, False),
-                     ("float32", "float32", 50, 2, False, "float32", False, 512, 32_768, None, 3, 2, False, False),
-                     ("float32", "float32", 0, 1, True, "float32", False, 1024, 32_768, None, 2, 0, True, False),
-                     ("float32", "float32", 63, 1, False, "float32", False, 512, 32_768, 99 * 1024, None, None, True, False)]
+         fused_cupy._smem_optin(fake), mode, phase, fused_cupy.EXP2, vec, fused_cupy.FAST_LOG)))
+    Spec = warm.Spec
+    warm._compile(Spec(512, 16_384, True, "float32", "float32", 128_256, True, None, False, 2, 0, False, True, True, True))
+    warm._compile(Spec(512, 32_768, True, "float16", "float32", 4099, True, None, False, 0, 1, False, True, False, True))
+    warm._compile(Spec(512, 32_768, True, "float16", "float16", 32_000, True, None, True, 1, 0, False, True, False, True))
+    warm._compile(Spec(512, 32_768, True, "float32", "float32", 50_257, False, None, False, 3, 2, False, False, False,
+                       False))
+    warm._compile(Spec(1024, 32_768, True, "float32", "float32", 32_000, True, None, False, 2, 0, True, True, False, True))
+    warm._compile(Spec(512, 32_768, True, "float32", "float32", 32_000, False, 99 * 1024, False, None, None, False, True,
+                       False, True))
+    assert built == [("float32", "float32", 32, 8, True, "float32", False, 512, 16_384, None, 2, 0, True, True, True),
+                     ("float16", "float16", 9, 1, True, "float32", False, 512, 32_768, None, 0, 1, True, False, True),
+                     ("float16", "float16", 63, 1, True, "float16", True, 512, 32_768, None, 1, 0, True, False, True),
+                     ("float32", "float32", 50, 2, False, "float32", False, 512, 32_768, None, 3, 2, False, False, False),
+                     ("float32", "float32", 0, 1, True, "float32", False, 1024, 32_768, None, 2, 0, True, False, True),
+                     ("float32", "float32", 63, 1, False, "float32", False, 512, 32_768, 99 * 1024, None, None, True,
+                      False, True)]
+    assert fused_cupy.FAST_LOG is True and fused_cupy.EXP2 is True            # restored after each
 
 
 def _gpu_rows(alpha_ms, lam_ms, extra_mib):
