@@ -707,45 +707,32 @@ def test_simt_one_column_at_a_time_where_rows_are_not_aligned(simt, monkeypatch)
     assert "#define VEC 0" in kernels[-1].rows.code
 
 
-@pytest.mark.parametrize("name", ["lk_alpha", "lk_lambda"])   # one launch; the KL sums, TV, two launches
-def test_simt_expf_and_exp2f_give_the_reference(simt, monkeypatch, name):
+@pytest.mark.parametrize("switch, name", [("exp2", "lk_alpha"), ("exp2", "lk_lambda"),   # one launch; the KL sums
+                                          ("fast_log", "kl"), ("fast_log", "lk_lambda")])  # the losses with log p
+def test_simt_each_switch_on_and_off_gives_the_reference(simt, monkeypatch, switch, name):
     """EXP2 (the default) takes each element's exp as exp2f of (z - m) log2(e) / T, and the KL
-    sums' x back from it; exp2=False (the benchmark's 'fused expf') as expf of (z - m) / T: both
-    the reference to rounding, in a cluster and streamed, with a mask and a temperature (the
-    rest of this file runs exp2f)."""
+    sums' x back from it; exp2=False (the benchmark's 'fused expf') as expf of (z - m) / T.
+    FAST_LOG (the default) takes log p by __logf where p < 0.5 and logf from 0.5 up;
+    fast_log=False (the benchmark's 'fused logf') logf everywhere.  Each way the reference to
+    rounding with the GPU's worst math (tests/simt_cpu.h), in a cluster and streamed, with a
+    mask and a temperature (the rest of this file runs the defaults); FAST_LOG also on rows with
+    entries of 0.5 and 1 (where __logf alone fails: test_overflowing_logits_give_no_nan)."""
+    define = fused_cupy.SWITCHES[switch]
     small_blocks(monkeypatch)
     kernels = built_kernels(monkeypatch)
     rng = np.random.default_rng(43)
     kw = dict(mask=np.array([1, 0, 1, 1], bool), temperature=0.6)
     for V in (1000, 3000):                          # a cluster of 4, streamed
-        _on_and_off(kernels, rng, name, (4, V), kw, "EXP2", exp2=False)
-    assert fused_cupy.EXP2 is True                  # restored
-    with pytest.raises(TypeError, match="exp2 must be True or False"):
-        with fused_cupy.configured(exp2=1):
-            pass
-
-
-@pytest.mark.parametrize("name", ["kl", "lk_lambda"])           # the losses with log p
-def test_simt_fast_log_and_logf_give_the_reference(simt, monkeypatch, name):
-    """FAST_LOG (the default) takes log p by __logf where p < 0.5 and logf from 0.5 up;
-    fast_log=False (the benchmark's 'fused logf') by logf everywhere: both the reference to
-    rounding with the GPU's worst math (tests/simt_cpu.h), in a cluster and streamed, with a
-    mask and a temperature, and on rows with entries of 0.5 and 1 (where __logf alone fails:
-    test_overflowing_logits_give_no_nan)."""
-    small_blocks(monkeypatch)
-    kernels = built_kernels(monkeypatch)
-    rng = np.random.default_rng(44)
-    kw = dict(mask=np.array([1, 0, 1, 1], bool), temperature=0.6)
-    for V in (1000, 3000):                          # a cluster of 4, streamed
-        _on_and_off(kernels, rng, name, (4, V), kw, "FAST_LOG", fast_log=False)
-    z = make_logits(rng, (3, 1000), dtype=np.float32)
-    p = np.zeros((3, 1000), np.float32)
-    p[0, 7], p[1, [3, 900]], p[2, [5, 6, 500]] = 1.0, 0.5, (0.6, 0.3, 0.1)
-    close(run(name, z, p), reference(name, z, p))
-    assert "#define FAST_LOG 1" in kernels[-1].rows.code
-    assert fused_cupy.FAST_LOG is True              # restored
-    with pytest.raises(TypeError, match="fast_log must be True or False"):
-        with fused_cupy.configured(fast_log="no"):
+        _on_and_off(kernels, rng, name, (4, V), kw, define, **{switch: False})
+    if switch == "fast_log":
+        z = make_logits(rng, (3, 1000), dtype=np.float32)
+        p = np.zeros((3, 1000), np.float32)
+        p[0, 7], p[1, [3, 900]], p[2, [5, 6, 500]] = 1.0, 0.5, (0.6, 0.3, 0.1)
+        close(run(name, z, p), reference(name, z, p))
+        assert f"#define {define} 1" in kernels[-1].rows.code
+    assert getattr(fused_cupy, define) is True      # restored
+    with pytest.raises(TypeError, match=f"{switch} must be True or False"):
+        with fused_cupy.configured(**{switch: 1}):
             pass
 
 
