@@ -128,7 +128,7 @@ def source(spec):
     with fused_cupy.configured(threads=spec.threads, block_share=spec.share, cache_target=spec.cache,
                                stream=spec.stream, exp2=spec.exp2, fast_log=spec.fast_log):
         items, cluster = fused_cupy.plan(spec.V)
-        kept = fused_cupy.cached_items(items, spec.optin, 2 if spec.pdt != "float32" else 4)
+        kept = fused_cupy.cached_items(items, spec.optin, 2 if spec.pdt != "float32" else 4, spec.phase)
         c = fused_cupy._ctype(spec.dt)
         return fused_cupy.kernel_source(items, cluster, c, c, dsmem=spec.dsmem, cached=kept,
                                         p_t=fused_cupy._ctype(spec.pdt), pairs=spec.pairs, mode=spec.mode,

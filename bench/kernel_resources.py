@@ -26,19 +26,19 @@ CUPY_OPTIONS = ("-std=c++17", "-ftz=true")
 SMEM_KIB = {75: (64, 64), 80: (164, 163), 86: (100, 99), 87: (164, 163), 89: (100, 99), 90: (228, 227)}
 
 
-def resources(V, threads, share, cache, arch, work, ctype="float", pairs=False, exp2=None, vec=None):
+def resources(V, threads, share, cache, arch, work, ctype="float", pairs=False, exp2=None, vec=None, phase=0):
     """(items, cluster, target entries kept per thread, {regs, spill, smem} or None) of one
     variant as lkref builds it for `arch`: its target cache sized to the arch's shared memory;
     ctype: the C type of the logits, the target and the gradient; pairs: a 2-byte target copied
     in pairs (fused_cupy.PAIR_PREFETCH); exp2: fused_cupy.EXP2 (None: the default); vec: 4 adjacent
     columns a thread at a time (None: fused_cupy.VEC, as lkref takes it for aligned float32 rows
-    with V % 4 == 0)."""
+    with V % 4 == 0); phase: 0 (one launch), 2 (the gradient launch of a two-launch call)."""
     optin = _smem_kib(arch)[1] * 1024
     with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
         items, cluster = fused_cupy.plan(V)
-        cached = fused_cupy.cached_items(items, optin, _bytes(ctype))
+        cached = fused_cupy.cached_items(items, optin, _bytes(ctype), phase)
         src = fused_cupy.kernel_source(items, cluster, ctype, ctype, dsmem=_cc(arch) >= 90, cached=cached, p_t=ctype,
-                                       pairs=pairs, mode=fused_cupy.MODES["lk_alpha"], phase=0, exp2=exp2,
+                                       pairs=pairs, mode=fused_cupy.MODES["lk_alpha"], phase=phase, exp2=exp2,
                                        vec=(fused_cupy.VEC if vec is None else vec) and V % 4 == 0)
     path = os.path.join(work, "k.cu")
     with open(path, "w") as f:
@@ -92,7 +92,7 @@ def main():
         sys.exit("nvcc is not installed")
     shapes = [(fused_cupy.THREADS, fused_cupy.BLOCK_SHARE, fused_cupy.CACHE_TARGET)] + list(TUNING_SHAPES)
     version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    print(f"# lk_rows for LK^alpha in one launch (fused_cupy.SPECIALIZE), nvcc {' '.join(CUPY_OPTIONS)} -arch={args.arch} "
+    print(f"# lk_rows for LK^alpha in one launch (fused_cupy.SPECIALIZE; last, the gradient launch of two), nvcc {' '.join(CUPY_OPTIONS)} -arch={args.arch} "
           f"(the options CuPy gives NVRTC); {version}; the default shape first")
     print("# instr/item: the kernel's SASS instructions (16 bytes each, every path, draft_to_target's "
           "included) per logit a thread holds")
@@ -100,15 +100,18 @@ def main():
           f"{'spill B':>7} {'static smem':>11} {'dyn smem KiB':>12} {'blocks/SM':>9} {'SASS KiB':>8} {'instr/item':>10}")
     # float32 logits, target and gradient in every launch shape; bfloat16 ones at the default, the
     # target read at first use, then copied in pairs; then float32 at the default with one column
-    # at a time (no VEC), and with that and expf (the kernel before both)
-    variants = [(V, shape, "float", False, None, None) for V in (32_000, 128_256, 300_000) for shape in shapes] + \
-        [(V, shapes[0], "__nv_bfloat16", False, None, None) for V in (32_000, 128_256, 300_000)] + \
-        [(V, shapes[0], "__nv_bfloat16", True, None, None) for V in (32_000, 128_256)] + \
-        [(V, shapes[0], "float", False, None, False) for V in (32_000, 128_256)] + \
-        [(V, shapes[0], "float", False, False, False) for V in (32_000, 128_256)]
+    # at a time (no VEC), and with that and expf (the kernel before both); then the gradient
+    # launch of a two-launch call (LK^alpha with a mask), 4 columns and one at a time
+    variants = [(V, shape, "float", False, None, None, 0) for V in (32_000, 128_256, 300_000) for shape in shapes] + \
+        [(V, shapes[0], "__nv_bfloat16", False, None, None, 0) for V in (32_000, 128_256, 300_000)] + \
+        [(V, shapes[0], "__nv_bfloat16", True, None, None, 0) for V in (32_000, 128_256)] + \
+        [(V, shapes[0], "float", False, None, False, 0) for V in (32_000, 128_256)] + \
+        [(V, shapes[0], "float", False, False, False, 0) for V in (32_000, 128_256)] + \
+        [(V, shapes[0], "float", False, None, vec, 2) for V in (32_000, 128_256) for vec in (None, False)]
     with tempfile.TemporaryDirectory() as work:
-        for V, (threads, share, cache), ctype, pairs, exp2, vec in variants:
-            items, cluster, cached, res = resources(V, threads, share, cache, args.arch, work, ctype, pairs, exp2, vec)
+        for V, (threads, share, cache), ctype, pairs, exp2, vec, phase in variants:
+            items, cluster, cached, res = resources(V, threads, share, cache, args.arch, work, ctype, pairs, exp2, vec,
+                                                    phase)
             if res is None:
                 print(f"{V:7d} {threads:7d} {share:6d} {cache!s:>5} | build failed")
                 continue
@@ -122,6 +125,8 @@ def main():
                 note += "  (one column at a time, as the benchmark's 'fused scalar')"
             if exp2 is False:
                 note += "  (exps by expf)"
+            if phase == 2:
+                note += "  (the gradient launch of a two-launch call)"
             if cache and 0 < cached < items:            # this GPU's blocks keep part of the target
                 note += f"  (target cache: {cached} of {items} entries per thread; the rest read twice)"
             elif cache and items and not cached:

@@ -498,9 +498,15 @@ __device__ __forceinline__ void prefetch_pairs(p_t* p_cache, const p_t* __restri
 // One block per SM is said outright where the blocks meet in global memory and a 2-byte target
 // is read in the statistics' loop: left to itself, ptxas (nvcc 13, sm_80/86, V = 128 256) gives
 // that variant 64 registers and spills 2.8 KB a thread, where it could have 128 (116 bytes of
-// spills then).  Elsewhere the hint would only add spills (bench/kernel_resources.py).
+// spills then).  The gradient launch of a two-launch call (PHASE 2) with 16-byte accesses is
+// held to 1024 threads an SM (64 registers at 512): left to itself ptxas hoists every 16-byte
+// load of the logits and the target and takes 93-96 registers (nvcc 13, sm_90; 63-64 one column
+// at a time), one block per SM, for a pass that only streams (12-28 bytes spilled at 64).
+// Elsewhere the hint would only add spills (bench/kernel_resources.py).
 #if GLOBAL_XCHG && P_ASYNC == 0
 #define ROWS_BOUNDS __launch_bounds__(THREADS, 1)
+#elif PHASE == 2 && VEC && THREADS <= 512
+#define ROWS_BOUNDS __launch_bounds__(THREADS, 1024 / THREADS)
 #else
 #define ROWS_BOUNDS __launch_bounds__(THREADS)
 #endif
@@ -1004,7 +1010,7 @@ def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True, p_dtype=np.float32,
                                 p_t=_ctype(p_dtype), pairs=pairs, mode=mode, phase=phase, vec=vec)
             return src, _build(cp, src), p_bytes * cached * THREADS
 
-        src, kern, smem = build(cached_items(items, _smem_optin(cp), p_bytes))
+        src, kern, smem = build(cached_items(items, _smem_optin(cp), p_bytes, phase))
         if smem:                                       # opt in: without it a block gets 48 KiB of static
             try:                                       # and dynamic shared memory together
                 kern.max_dynamic_shared_size_bytes = smem
@@ -1015,11 +1021,12 @@ def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True, p_dtype=np.float32,
     return _cache[key]
 
 
-def cached_items(items, optin=None, p_bytes=4):
+def cached_items(items, optin=None, p_bytes=4, phase=None):
     """Target entries per thread that a block keeps in shared memory: all its `items` (with
     CACHE_TARGET), or as many entries of p_bytes bytes as fit where a block may opt in to only
-    `optin` bytes."""
-    cached = items if CACHE_TARGET else 0
+    `optin` bytes; none in the gradient launch of a two-launch call (phase 2), which reads each
+    entry once and so launches without dynamic shared memory."""
+    cached = items if CACHE_TARGET and phase != 2 else 0
     if optin is not None:
         cached = min(cached, max(0, (optin - STATIC_SMEM_ROOM) // (p_bytes * THREADS)))
     return cached

@@ -599,7 +599,7 @@ def test_gpu_warm_compiles_each_source_once_and_covers_the_tests():
             items, cluster = fused_cupy.plan(s.V)
             c = fused_cupy._ctype(s.dt)
             sources.add((s.dt, fused_cupy.kernel_source(items, cluster, c, c, dsmem=s.dsmem, p_t=fused_cupy._ctype(s.pdt),
-                                                        cached=fused_cupy.cached_items(items, s.optin), pairs=s.pairs,
+                                                        cached=fused_cupy.cached_items(items, s.optin, phase=s.phase), pairs=s.pairs,
                                                         mode=s.mode, phase=s.phase, exp2=s.exp2, vec=s.vec,
                                                         fast_log=s.fast_log)))
     assert len(sources) == len(specs)                       # nothing compiled twice
@@ -608,10 +608,12 @@ def test_gpu_warm_compiles_each_source_once_and_covers_the_tests():
     built = {}                                              # what the tests run: the kernels built for each
     for s in specs:
         with fused_cupy.configured(threads=s.threads, block_share=s.share, cache_target=s.cache, stream=s.stream):
-            key = ((s.threads, s.cache, s.dt if s.dt == s.pdt else (s.dt, s.pdt), fused_cupy.plan(s.V), s.dsmem, s.optin)
-                   + (("pairs",) if s.pairs else ()) + (() if s.exp2 == fused_cupy.EXP2 else ("expf",))
-                   + (("vec",) if s.vec else ()) + (() if s.fast_log == fused_cupy.FAST_LOG else ("logf",)))
-        built.setdefault(key, set()).add((s.mode, s.phase))
+            head = (s.threads, s.cache, s.dt if s.dt == s.pdt else (s.dt, s.pdt), fused_cupy.plan(s.V), s.dsmem, s.optin)
+        tail = (() if s.exp2 == fused_cupy.EXP2 else ("expf",)) + (("vec",) if s.vec else ()) \
+            + (() if s.fast_log == fused_cupy.FAST_LOG else ("logf",))
+        # the gradient launch keeps no target in shared memory: with pairs or without, one source
+        for pairs in ({False, s.pdt != "float32"} if s.phase == 2 else {s.pairs}):
+            built.setdefault(head + (("pairs",) if pairs else ()) + tail, set()).add((s.mode, s.phase))
     covered = {key for key, m in built.items() if m >= modes}        # every loss's kernels, one and two passes
 
     def f32_both(V, dsmem, optin=None, share=None):

@@ -668,7 +668,8 @@ def test_simt_four_adjacent_columns_a_thread(simt, monkeypatch, name):
     copies); configured(vec=False) one column every THREADS.  Both give the reference, in one
     block, in a cluster of two launches (a mask: the gradient's launch reads the logits and the
     target again), and with part of the target kept in shared memory (4 of 8 entries a
-    thread).  The stand-in fails any 16-byte access that is not 16-byte aligned.  (The rest of
+    thread; none in the gradient launch of two, which launches without dynamic shared memory).
+    The stand-in fails any 16-byte access that is not 16-byte aligned.  (The rest of
     this file runs VEC wherever a row allows it, which is most rows.)"""
     small_blocks(monkeypatch)
     kernels = built_kernels(monkeypatch)
@@ -678,9 +679,13 @@ def test_simt_four_adjacent_columns_a_thread(simt, monkeypatch, name):
     monkeypatch.setattr(fused_cupy, "MAX_ITEMS", 8)       # 64 threads x 8: 4 entries kept of 8 (partial cache)
     monkeypatch.setattr(fused_cupy, "_smem_optin", lambda cp: fused_cupy.STATIC_SMEM_ROOM + 4 * 4 * 64 + 100)
     fused_cupy._cache.clear()
+    before = len(kernels)
     close(run(name, z, p), reference(name, z, p))
-    code = kernels[-1].rows.code
-    assert "#define VEC 1" in code and "#define PCACHE 4" in code and "#define ITEMS 8" in code
+    built = kernels[before:]                  # LK^alpha: one launch; LK^lambda (batch lambda): statistics, gradient
+    assert all("#define VEC 1" in k.rows.code and "#define ITEMS 8" in k.rows.code for k in built)
+    assert "#define PCACHE 4" in built[0].rows.code and built[0].smem == 4 * 4 * 64
+    if name == "lk_lambda":                   # the gradient launch reads each target entry once: no cache
+        assert len(built) == 2 and "#define PCACHE 0" in built[1].rows.code and built[1].smem == 0
 
 
 def test_simt_one_column_at_a_time_where_rows_are_not_aligned(simt, monkeypatch):
@@ -794,8 +799,10 @@ def test_simt_at_the_benchmark_sizes(simt, monkeypatch, name, V, N, dtype, clust
     z = make_logits(rng, (N, V), dtype=dtype)
     p = make_probs(rng, (N, V), dtype=np.float32).astype(dtype)
     fast, ref = run(name, z, p), reference(name, z, p)
-    if dtype == np.float16:
-        assert "typedef __half p_t;" in kernels[-1].rows.code and kernels[-1].smem == 2 * 32 * 512
+    if dtype == np.float16:                       # LK^lambda's batch lambda: statistics (target kept), gradient
+        statistics, gradient = kernels[-2:]
+        assert "typedef __half p_t;" in statistics.rows.code and statistics.smem == 2 * 32 * 512
+        assert "typedef __half p_t;" in gradient.rows.code and gradient.smem == 0
     if dtype == np.float16:                       # the gradient is rounded to float16
         np.testing.assert_allclose(fast.grad.astype(np.float64), ref.grad, rtol=1e-3,
                                    atol=1e-3 * np.abs(ref.grad).max())
