@@ -12,8 +12,9 @@ NVRTC from pip, no driver (never a dependency of lkref; a scratch environment do
 
 sm_90 builds the variants of a GPU with clusters, an earlier arch those of one without (a row's
 blocks meet in global memory), their target caches sized to that arch's shared memory.  This
-leans on two private functions of cupy.cuda.compiler (_get_arch and
-_get_arch_for_options_for_nvrtc, CuPy 13-14): a CuPy that renames them fails here, loudly."""
+leans on three private functions of cupy.cuda.compiler (_get_arch,
+_get_arch_for_options_for_nvrtc and _compile_using_nvrtc_no_warning; written against CuPy
+14.2): a CuPy that renames them fails here, loudly."""
 
 from __future__ import annotations
 
