@@ -10,7 +10,7 @@ from lkref import fused_cupy
 from lkref.backend import to_numpy
 from lkref.benchmark import TUNING_SHAPES
 
-from .strategies import make_logits, make_probs
+from .strategies import make_logits
 
 pytestmark = pytest.mark.gpu
 REDUCED = sorted(lkref.LOSSES)
