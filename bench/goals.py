@@ -156,10 +156,11 @@ def report(paths, say=print) -> bool:
                 say(f"| {goal} | {measured} | {'yes' if met else '**no**'} |")
                 all_met &= met
                 by_goal[(machine, rows[0]["git_sha"], goal)].append(met)
-        if logs(rows):
+        logf = logs(rows)
+        if logf:
             say(f"\n| loss (N = {GPU_N}) | V | default: __logf below p = 0.5 (ms) | logf for every p (ms) | logf / default |"
                 "\n|---|---|---|---|---|")
-            for loss, V, a, b in logs(rows):
+            for loss, V, a, b in logf:
                 say(f"| {loss} | {V} | {a:.3f} | {b:.3f} | {b / a:.2f}× |")
         ratios = peers(rows)
         if ratios:
@@ -171,7 +172,7 @@ def report(paths, say=print) -> bool:
             say(f"\n| V | dtype | launch shape (LK^α, N = {GPU_N}) | p50 (ms) | / default |\n|---|---|---|---|---|")
             for V, dtype, impl, t, ratio in timed:
                 say(f"| {V} | {dtype} | {impl} | {t:.3f} | {ratio:.2f}× |")
-        elif not checked and not ratios and not logs(rows):
+        elif not checked and not ratios and not logf:
             sizes = ", ".join(sorted({f"{r['loss']} N={r['N']} V={r['V']} {_dtype(r)}" for r in rows}))
             say(f"no goal applies to these rows ({sizes}): the goals are for float32 at the goal sizes")
     repeated = {key: mets for key, mets in by_goal.items() if len(mets) > 1}

@@ -47,11 +47,17 @@ def resources(V, threads, share, cache, arch, work, ctype="float", pairs=False, 
                         "-o", os.path.join(work, "k.cubin"), path], capture_output=True, text=True)
     if r.returncode != 0:
         return items, cluster, cached, None
-    log = r.stderr.split("entry function 'lk_rows'")[-1].split("entry function")[0]   # lk_rows' lines only
-    get = lambda pattern: int(m.group(1)) if (m := re.search(pattern, log)) else 0  # noqa: E731
-    return items, cluster, cached, {"regs": get(r"Used (\d+) registers"), "spill": get(r"(\d+) bytes spill stores"),
-                            "smem": get(r"(\d+) bytes smem"), "sass": sass_bytes(os.path.join(work, "k.cubin")),
-                            "src": src}
+    return items, cluster, cached, {**ptxas_counts(r.stderr), "sass": sass_bytes(os.path.join(work, "k.cubin")),
+                                    "src": src}
+
+
+def ptxas_counts(log, missing=0):
+    """{regs, spill (bytes stored), smem (static bytes)} of lk_rows from ptxas's -v output (nvcc's
+    or NVRTC's log); `missing` where ptxas did not say."""
+    rows = log.split("entry function 'lk_rows'")[-1].split("entry function")[0]      # lk_rows' lines only
+    get = lambda pattern: int(m.group(1)) if (m := re.search(pattern, rows)) else missing  # noqa: E731
+    return {"regs": get(r"Used (\d+) registers"), "spill": get(r"(\d+) bytes spill stores"),
+            "smem": get(r"(\d+) bytes smem")}
 
 
 def sass_bytes(cubin):

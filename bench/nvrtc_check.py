@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -31,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gpu_warm  # noqa: E402
-from kernel_resources import SMEM_KIB  # noqa: E402
+from kernel_resources import SMEM_KIB, ptxas_counts  # noqa: E402
 
 #: what lkref.fused_cupy._build passes to cupy.RawKernel (CuPy adds its include folders and -ftz=true)
 OPTIONS = ("-std=c++17",)
@@ -77,11 +76,9 @@ def compile_one(arch, spec):
     else:
         return "CuPy loaded a module: this CuPy is not the one nvrtc_check.py knows"
     text = log.getvalue()
-    rows = text.split("entry function 'lk_rows'")[-1].split("entry function")[0]
-    get = lambda pattern: int(m.group(1)) if (m := re.search(pattern, rows)) else -1  # noqa: E731
+    counts = ptxas_counts(text, missing=-1)
     warnings = [line for line in text.splitlines() if "warning" in line.lower()]
-    return (time.perf_counter() - t0, get(r"Used (\d+) registers"), get(r"(\d+) bytes spill stores"), warnings,
-            options)
+    return time.perf_counter() - t0, counts["regs"], counts["spill"], warnings, options
 
 
 def main(argv=None):

@@ -225,8 +225,8 @@ def _entries(xp, backend, fn, loss, z, p, out, N, V):
         if loss == "lk_lambda":
             entries.append(("lkref fused lam=", lambda: fn(z, p, impl="fused", lam=0.5), True))
         if loss in ("kl", "lk_lambda") and z.dtype == np.float32:    # one launch each (lam= for LK^lambda)
-            lam = {"lam": 0.5} if loss == "lk_lambda" else {}
-            entries.append((LOGF_LABEL + (" lam=" if lam else ""), _shaped(fn, z, p, out, fast_log=False, **lam), False))
+            lam = 0.5 if loss == "lk_lambda" else None
+            entries.append((LOGF_LABEL + (" lam=" if lam else ""), _shaped(fn, z, p, out, lam=lam, fast_log=False), False))
         if loss == "lk_alpha" and z.dtype == np.float32:   # launch shapes to tune the defaults with
             for threads, share, cache in TUNING_SHAPES:
                 entries.append((shape_label(threads, share, cache), _shaped(fn, z, p, out, threads, share, cache), False))

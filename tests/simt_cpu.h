@@ -204,14 +204,19 @@ inline __nv_bfloat16 __float2bfloat16_rn(float v) {    // round to nearest even;
 // float4 and the kernels' 16-byte accesses (fused_cupy.VEC), which a GPU faults on unless aligned
 struct float4 { float x, y, z, w; };
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+namespace emu {
+inline void aligned16(const void* at, const char* what) {
+    if (reinterpret_cast<uintptr_t>(at) % 16) fail(std::string(what) + ": an address not 16-byte aligned");
+}
+}
 inline float4 load4(const float* at) {
-    if (reinterpret_cast<uintptr_t>(at) % 16) emu::fail("load4: an address not 16-byte aligned");
+    emu::aligned16(at, "load4");
     float4 v;
     std::memcpy(&v, at, sizeof v);
     return v;
 }
 inline void store4(float* at, float4 v) {
-    if (reinterpret_cast<uintptr_t>(at) % 16) emu::fail("store4: an address not 16-byte aligned");
+    emu::aligned16(at, "store4");
     std::memcpy(at, &v, sizeof v);
 }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, sizeof f); return f; }
@@ -231,8 +236,8 @@ inline void __syncthreads() { emu::wait(emu::blk().bar); }
 inline void copy_async(float* dst, const float* src) { emu::S.cur->copies.push_back({dst, src}); }
 // copy_async16: 4 floats, both addresses 16-byte aligned as cp.async of 16 bytes needs
 inline void copy_async16(float* dst, const float* src) {
-    if (reinterpret_cast<uintptr_t>(dst) % 16 || reinterpret_cast<uintptr_t>(src) % 16)
-        emu::fail("copy_async16: an address not 16-byte aligned");
+    emu::aligned16(dst, "copy_async16");
+    emu::aligned16(src, "copy_async16");
     for (int j = 0; j < 4; j++) emu::S.cur->copies.push_back({dst + j, src + j});
 }
 #define copy_pair_async(dst, src) emu::copy_pair((dst), (src), __LINE__)
