@@ -1,6 +1,6 @@
 """CuPy fused kernels for the reduced losses (on by default for CuPy arrays; tested on an H100 at
-35dc2c3, changed since: EXP2, VEC, FAST_LOG and the multiply by 1 / T have run on the CPU
-stand-in only).
+35dc2c3, changed since: EXP2, VEC (since 2026-12-05 also for 2-byte arrays), FAST_LOG and the
+multiply by 1 / T have run on the CPU stand-in only).
 
 Checked without a GPU by tests/test_fused_cupy_host.py: the host code against a NumPy
 transcription of the kernel, and this CUDA source itself on the CPU (tests/simt_cpu.h runs
@@ -20,14 +20,16 @@ row stays in registers between the phases (the logits, then q: read once, one ex
 element for TV and LK^alpha, two for the KL sums, which need x = (z - max z) / T as well) and the target entries in shared memory (read once; CACHE_TARGET), so one launch
 reads z and p once and writes the gradient once, the least traffic there is.  The target
 entries are copied into shared memory asynchronously (cp.async) as the launch starts, so
-that they arrive while phase (1) works on the logits instead of after it.  Where every array
-is float32 with 16-byte aligned rows (VEC), a thread's entries come 4 adjacent columns at a
-time, each 4 read, copied and written with one 16-byte access; else one column every THREADS.
+that they arrive while phase (1) works on the logits instead of after it.  Where every
+array's rows start aligned to 4 entries (VEC: V % 4 == 0, no draft_to_target), a thread's
+entries come 4 adjacent columns at a time, each 4 read, copied and written with one access
+(16 bytes of float32, 8 of float16 or bfloat16); else one column every THREADS.
 Each element's exp is one exp2f (EXP2) of (z - m) times log2(e) / T, and the KL sums' log p
 one __logf where p < 0.5 (FAST_LOG).  A float16 or
-bfloat16 target is read as it is (2 bytes an entry, no float32 copy) and kept in shared
-memory at its first read, in phase (2): cp.async copies 4 bytes or more (PAIR_PREFETCH copies
-it in 4-byte pairs as the launch starts instead, where its rows are 4-byte aligned).  For larger V
+bfloat16 target is read as it is (2 bytes an entry, no float32 copy); with VEC it is copied to
+shared memory as a float32 one is, else kept there at its first read, in phase (2): cp.async
+copies 4 bytes or more (PAIR_PREFETCH copies it in 4-byte pairs as the launch starts instead,
+where its rows are 4-byte aligned).  For larger V
 one block per row re-reads the row from memory in each phase (z three times: the max and the
 sum of exps in one pass, then the statistics, then the gradient; p twice).
 Two-pass losses (LK^lambda with no given lambda,
@@ -89,7 +91,9 @@ CLUSTERS = True
 #: the launch starts, in 4-byte pairs (where every row starts 4-byte aligned and there is no
 #: draft_to_target), as a float32 target's are copied, rather than read them in the statistics'
 #: pass.  Off until a GPU has timed both (`configured(pair_prefetch=True)`,
-#: LKREF_CUPY_PAIR_PREFETCH=1; the GPU benchmark times it as `fused 2-byte pairs`).
+#: LKREF_CUPY_PAIR_PREFETCH=1; the GPU benchmark times it as `fused 2-byte pairs`).  Only where
+#: a thread takes one column at a time: with VEC (rows aligned to 4 entries) a 2-byte target is
+#: copied as the launch starts anyway, 4 entries a copy.
 PAIR_PREFETCH = False
 #: Build one kernel per loss and per phase (one launch; or the statistics, then the gradient,
 #: of a two-launch call), the mode and the phase compile-time constants, rather than one kernel
@@ -129,10 +133,12 @@ EXP2 = True
 #: math, 1.6e-6 with logf throughout (the stand-in).  (`configured(fast_log=False)`,
 #: LKREF_CUPY_FAST_LOG=0: logf for every entry, as the benchmark's `fused logf` rows time it.)
 FAST_LOG = True
-#: Where every array is float32, every row starts 16-byte aligned (V % 4 == 0 and aligned
-#: arrays, as CuPy allocates them) and there is no draft_to_target: give each thread its items 4
-#: adjacent columns at a time, read and written 16 bytes at once (LDG.128, STG.128, a 16-byte
-#: cp.async for the target), rather than one column every THREADS.  Fewer load and store
+#: Where every row of every array starts aligned to 4 entries (V % 4 == 0 and aligned arrays, as
+#: CuPy allocates them) and there is no draft_to_target: give each thread its items 4 adjacent
+#: columns at a time, read and written 16 bytes at once for float32 (LDG.128, STG.128, a 16-byte
+#: cp.async for the target) and 8 bytes for float16 and bfloat16, rather than one column every
+#: THREADS.  A 2-byte target is then copied to shared memory as the launch starts, 4 entries a
+#: cp.async, as a float32 one is (not read at first use, nor in pairs).  Fewer load and store
 #: instructions, and fewer addresses and bounds to compute (one bound a quad), for the same
 #: bytes: LK^alpha's one-launch kernel at the default shape, 67.0 SASS instructions per item with
 #: 62 registers (105.0 and 64 without; nvcc 13 -ftz=true, sm_90; bench/kernel_resources.py).  A
@@ -172,15 +178,17 @@ _SOURCE = r"""
 #include <cooperative_groups.h>
 namespace cg = cooperative_groups;
 #endif
-#define P_ASYNC __P_ASYNC__                           // how the cached target entries get to shared memory: 1, a float
-                                                      // target's by cp.async as the launch starts; 2, a 2-byte target's
-                                                      // the same way, in 4-byte pairs; 0, a 2-byte target's at their first read
+#define P_ASYNC __P_ASYNC__                           // how the cached target entries get to shared memory: 1, by
+                                                      // cp.async as the launch starts (a float target's, or with VEC
+                                                      // any target's, 4 entries a copy); 2, a 2-byte target's the same
+                                                      // way, in 4-byte pairs; 0, a 2-byte target's at their first read
 typedef __IN_T__ in_t;
 typedef __OUT_T__ out_t;
 typedef __P_T__ p_t;                                  // the target's type: float, __half or __nv_bfloat16
-#define VEC __VEC__                                   // 1: a thread's items come 4 adjacent columns at a time (16-byte
-                                                      // loads, stores and cp.async), where every array is float32, its
-                                                      // rows start 16-byte aligned and V % 4 == 0, without draft_to_target;
+#define VEC __VEC__                                   // 1: a thread's items come 4 adjacent columns at a time (one
+                                                      // load, store or cp.async of 4 entries: 16 bytes of float32, 8
+                                                      // of a 2-byte type), where every array's rows start aligned to
+                                                      // 4 entries and V % 4 == 0, without draft_to_target;
                                                       // 0: one column every THREADS
 #if VEC
 #define COL(i) (((i) >> 2) * 4 * THREADS + ((i) & 3))    // item i's column past the thread's first (tid)
@@ -191,7 +199,7 @@ typedef __P_T__ p_t;                                  // the target's type: floa
 #endif
 #define SLOT(i) (LANE0 + COL(i))                          // item i's entry in p_cache (the block's share of the row, in order)
 #if PCACHE > 0
-#define KEPT(i) p_cache[SLOT(i)]                          // a float target entry kept in p_cache (VEC only)
+#define KEPT(i) to_f(p_cache[SLOT(i)])                    // a target entry kept in p_cache (VEC only)
 #else
 #define KEPT(i) 0.f                                       // (not reached: no entry is kept)
 #endif
@@ -230,9 +238,32 @@ __device__ __forceinline__ void store(float* o, float v) { *o = v; }
 __device__ __forceinline__ void store(__half* o, float v) { *o = __float2half_rn(v); }
 __device__ __forceinline__ void store(__nv_bfloat16* o, float v) { *o = __float2bfloat16_rn(v); }
 #ifdef __CUDACC__
-// 4 adjacent floats at a 16-byte aligned address (VEC); the CPU stand-in has its own
+// 4 adjacent entries in one access (VEC), as floats: 16 bytes of float32 at a 16-byte aligned
+// address, 8 bytes of a 2-byte type (two pairs, the first the lower addresses) at an 8-byte
+// aligned one; the CPU stand-in has its own
 __device__ __forceinline__ float4 load4(const float* at) { return *reinterpret_cast<const float4*>(at); }
 __device__ __forceinline__ void store4(float* at, float4 v) { *reinterpret_cast<float4*>(at) = v; }
+__device__ __forceinline__ float4 load4(const __half* at) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(at);
+    const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
+    const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
+    return make_float4(a.x, a.y, b.x, b.y);
+}
+__device__ __forceinline__ void store4(__half* at, float4 v) {
+    const __half2 a = __floats2half2_rn(v.x, v.y), b = __floats2half2_rn(v.z, v.w);
+    *reinterpret_cast<uint2*>(at) = make_uint2(*reinterpret_cast<const unsigned*>(&a),
+                                               *reinterpret_cast<const unsigned*>(&b));
+}
+__device__ __forceinline__ float4 load4(const __nv_bfloat16* at) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(at);   // a bfloat16 is a float's upper 16 bits
+    return make_float4(__uint_as_float(raw.x << 16), __uint_as_float(raw.x & 0xffff0000u),
+                       __uint_as_float(raw.y << 16), __uint_as_float(raw.y & 0xffff0000u));
+}
+__device__ __forceinline__ void store4(__nv_bfloat16* at, float4 v) {
+    const __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
+    *reinterpret_cast<uint2*>(at) = make_uint2(*reinterpret_cast<const unsigned*>(&a),
+                                               *reinterpret_cast<const unsigned*>(&b));
+}
 #endif
 // entry j (a constant once unrolled) of 4
 __device__ __forceinline__ float part(float4 a, int j) { return j == 0 ? a.x : j == 1 ? a.y : j == 2 ? a.z : a.w; }
@@ -430,13 +461,23 @@ __device__ __forceinline__ void copy_pair_async(p_t* dst, const p_t* src) {
     dst[1] = src[1];
 #endif
 }
-// copy_async16: 16 bytes (4 floats), both addresses 16-byte aligned; .cg: through L2 only
-__device__ __forceinline__ void copy_async16(float* dst, const float* src) {
+// copy_quad_async: 4 adjacent entries (VEC): 16 bytes of float32 (.cg: through L2 only), both
+// addresses 16-byte aligned; 8 bytes of a 2-byte type (.ca: .cg copies 16 bytes only), 8-byte aligned
+__device__ __forceinline__ void copy_quad_async(float* dst, const float* src) {
 #if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"
                  :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src) : "memory");
 #else
     *reinterpret_cast<float4*>(dst) = *reinterpret_cast<const float4*>(src);
+#endif
+}
+template <class T> __device__ __forceinline__ void copy_quad_async(T* dst, const T* src) {
+    static_assert(sizeof(T) == 2, "a quad of 2-byte entries");
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n"
+                 :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src) : "memory");
+#else
+    *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(src);
 #endif
 }
 __device__ __forceinline__ void wait_copies() {
@@ -449,14 +490,15 @@ __device__ __forceinline__ void wait_copies() {
 #if ITEMS > 0 && PCACHE > 0 && P_ASYNC == 1
 // Start the copies of this thread's first PCACHE target entries into shared memory (p_cache[SLOT(i)]
 // for column tid + COL(i)).  IDX (through draft_to_target) is a template argument: a loop choosing
-// per entry would hold registers that plain addresses do not need.  VEC: 16 bytes (4 entries) a copy.
-template <int IDX> __device__ __forceinline__ void prefetch_target(float* p_cache, const p_t* __restrict__ pr,
+// per entry would hold registers that plain addresses do not need.  VEC: 4 entries a copy (16 bytes
+// of float32, 8 of a 2-byte target); else a float target's entries one by one.
+template <int IDX> __device__ __forceinline__ void prefetch_target(p_t* p_cache, const p_t* __restrict__ pr,
                                                                    const int* __restrict__ idx, int tid, int V) {
 #if VEC
     #pragma unroll
     for (int i = 0; i < PCACHE; i += 4) {
         int v = tid + COL(i);
-        if (v < V) copy_async16(&p_cache[SLOT(i)], pr + v);
+        if (v < V) copy_quad_async(&p_cache[SLOT(i)], pr + v);
     }
 #else
     #pragma unroll
@@ -954,9 +996,10 @@ def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "f
     statistics and the gradient in one launch; 1, 2: the statistics, then the gradient, of a
     two-launch call) for that phase alone, None for the one it is given; exp2 (default EXP2):
     each element's exp by exp2f rather than expf; fast_log (default FAST_LOG): log p by __logf
-    where p < 0.5, not logf everywhere; vec: 16-byte accesses, 4 adjacent columns at a
-    time (the caller has checked vec_fits; where a thread's items, or the target entries it keeps
-    in shared memory, are not a multiple of 4, or a type is not float, the one-column source)."""
+    where p < 0.5, not logf everywhere; vec: 4 adjacent columns at a time, one access of 4
+    entries (16 bytes of float32, 8 of a 2-byte type), a 2-byte target copied 4 entries a cp.async
+    whatever pairs says (the caller has checked vec_fits; where a thread's items, or the target
+    entries it keeps in shared memory, are not a multiple of 4, the one-column source)."""
     if mode is not None and mode not in MODES.values():
         raise ValueError(f"mode must be one of {sorted(MODES.values())} or None, got {mode!r}")
     if phase not in (None, 0, 1, 2):
@@ -965,11 +1008,11 @@ def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "f
     pcache = min(items, items if cached is None else int(cached)) if on else 0
     dsmem = bool(dsmem) or cluster == 1                # one block per row meets nobody: one source
     pairs = pairs and pcache > 0                       # nothing to copy: the same source as without
-    vec = bool(vec) and items > 0 and items % 4 == 0 and pcache % 4 == 0 and (in_t, out_t, p_t) == ("float",) * 3
+    vec = bool(vec) and items > 0 and items % 4 == 0 and pcache % 4 == 0   # (then any target is copied 4 entries a cp.async)
     return (_SOURCE.replace("__THREADS__", str(THREADS)).replace("__ITEMS__", str(items))
             .replace("__PCACHE__", str(pcache)).replace("__DSMEM__", str(int(bool(dsmem))))
             .replace("__CLUSTER__", str(cluster)).replace("__IN_T__", in_t).replace("__OUT_T__", out_t)
-            .replace("__P_T__", p_t).replace("__P_ASYNC__", "1" if p_t == "float" else "2" if pairs else "0")
+            .replace("__P_T__", p_t).replace("__P_ASYNC__", "1" if p_t == "float" or vec else "2" if pairs else "0")
             .replace("__ALPHA_FLOOR__", f"{ALPHA_FLOOR:e}f").replace("__SLOTS__", str(SLOTS))
             .replace("__MODE__", str(-1 if mode is None else int(mode))).replace("__PHASE__", str(-1 if phase is None else int(phase)))
             .replace("__EXP2__", str(int(bool(EXP2 if exp2 is None else exp2)))).replace("__VEC__", str(int(vec)))
@@ -1253,13 +1296,13 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
 
 
 def vec_fits(z2, p2, g2, idx) -> bool:
-    """Whether the kernels may give each thread 4 adjacent columns at a time (VEC): float32
-    logits, target and gradient, every row of each 16-byte aligned (V % 4 == 0, aligned starts),
-    and the target's columns the logits' own (no draft_to_target)."""
+    """Whether the kernels may give each thread 4 adjacent columns at a time (VEC): every row of
+    the logits, the target and the gradient aligned to 4 of its entries (V % 4 == 0 and each
+    array's start: 16 bytes for float32, 8 for float16 and bfloat16), and the target's columns
+    the logits' own (no draft_to_target)."""
     V = z2.shape[-1]
-    arrays = (z2, p2, g2)
-    return (VEC and idx is None and V % 4 == 0 and all(np.dtype(a.dtype) == np.float32 for a in arrays)
-            and all(_bounds(a)[0] % 16 == 0 for a in arrays))
+    return VEC and idx is None and V % 4 == 0 and all(_bounds(a)[0] % (4 * a.dtype.itemsize) == 0
+                                                      for a in (z2, p2, g2))
 
 
 def _pairs(p2, idx):

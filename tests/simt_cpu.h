@@ -201,23 +201,29 @@ inline __nv_bfloat16 __float2bfloat16_rn(float v) {    // round to nearest even;
     u += 0x7fffu + ((u >> 16) & 1u);
     return __nv_bfloat16{(uint16_t)(u >> 16)};
 }
-// float4 and the kernels' 16-byte accesses (fused_cupy.VEC), which a GPU faults on unless aligned
+// float4 and the kernels' accesses of 4 adjacent entries (fused_cupy.VEC: 16 bytes of float32, 8 of a
+// 2-byte type), which a GPU faults on unless aligned to their size
 struct float4 { float x, y, z, w; };
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 namespace emu {
-inline void aligned16(const void* at, const char* what) {
-    if (reinterpret_cast<uintptr_t>(at) % 16) fail(std::string(what) + ": an address not 16-byte aligned");
+template <class T> inline void aligned4(const T* at, const char* what) {
+    if (reinterpret_cast<uintptr_t>(at) % (4 * sizeof(T)))
+        fail(std::string(what) + ": an address not " + std::to_string(4 * sizeof(T)) + "-byte aligned");
 }
+inline float widen(float x) { return x; }
+inline float widen(__half x) { return __half2float(x); }
+inline float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
+inline void narrow(float* at, float v) { *at = v; }
+inline void narrow(__half* at, float v) { *at = __float2half_rn(v); }
+inline void narrow(__nv_bfloat16* at, float v) { *at = __float2bfloat16_rn(v); }
 }
-inline float4 load4(const float* at) {
-    emu::aligned16(at, "load4");
-    float4 v;
-    std::memcpy(&v, at, sizeof v);
-    return v;
+template <class T> inline float4 load4(const T* at) {
+    emu::aligned4(at, "load4");
+    return make_float4(emu::widen(at[0]), emu::widen(at[1]), emu::widen(at[2]), emu::widen(at[3]));
 }
-inline void store4(float* at, float4 v) {
-    emu::aligned16(at, "store4");
-    std::memcpy(at, &v, sizeof v);
+template <class T> inline void store4(T* at, float4 v) {
+    emu::aligned4(at, "store4");
+    emu::narrow(at, v.x); emu::narrow(at + 1, v.y); emu::narrow(at + 2, v.z); emu::narrow(at + 3, v.w);
 }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, sizeof f); return f; }
 inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
@@ -234,11 +240,13 @@ inline void __syncthreads() { emu::wait(emu::blk().bar); }
 // the destination before the wait sees what was there (fresh shared memory holds NaN).
 // copy_pair_async: two 2-byte entries (counted as two reads of the target, traced as one access).
 inline void copy_async(float* dst, const float* src) { emu::S.cur->copies.push_back({dst, src}); }
-// copy_async16: 4 floats, both addresses 16-byte aligned as cp.async of 16 bytes needs
-inline void copy_async16(float* dst, const float* src) {
-    emu::aligned16(dst, "copy_async16");
-    emu::aligned16(src, "copy_async16");
-    for (int j = 0; j < 4; j++) emu::S.cur->copies.push_back({dst + j, src + j});
+// copy_quad_async: 4 entries, both addresses aligned to their size as cp.async of 16 (float32)
+// or 8 bytes (a 2-byte type) needs; copied as 4-byte pieces at the wait
+template <class T> inline void copy_quad_async(T* dst, const T* src) {
+    emu::aligned4(dst, "copy_quad_async");
+    emu::aligned4(src, "copy_quad_async");
+    for (size_t j = 0; j < 4 * sizeof(T); j += 4)
+        emu::S.cur->copies.push_back({reinterpret_cast<char*>(dst) + j, reinterpret_cast<const char*>(src) + j});
 }
 #define copy_pair_async(dst, src) emu::copy_pair((dst), (src), __LINE__)
 namespace emu {

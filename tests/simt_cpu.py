@@ -33,7 +33,7 @@ RUNTIME = Path(__file__).with_name("simt_cpu_runtime.cpp")    # built once, link
 GUARD = 256                                  # elements of guard zone on each side of an array
 
 # lk_rows reads the logits only through to_f(zr[v]) or load4(zr + v) and the target only through
-# target(...), load4(pr + v) or copies from target_at(...) or pr + v (copy_async16), and stores the gradient only
+# target(...), load4(pr + v) or copies from target_at(...) or pr + v (copy_quad_async), and stores the gradient only
 # through store(g + ..., gv) or store4(g + ..., ...): each
 # becomes the same access through emu::noted(kind, line, address).  (pattern, replacement);
 # target_at first, since target's replacement contains a target_at.
@@ -44,7 +44,7 @@ NOTED = ((r"target_at\(pr, idx, (\w+), v\)", r"emu::noted(1, __LINE__, target_at
          # fused_cupy.VEC: 4 entries an access
          (r"load4\(zr \+ v\)", r"load4(emu::noted(0, __LINE__, zr + v, 4))"),
          (r"load4\(pr \+ v\)", r"load4(emu::noted(1, __LINE__, pr + v, 4))"),
-         (r"copy_async16\((&p_cache\[SLOT\(i\)\]), pr \+ v\)", r"copy_async16(\1, emu::noted(1, __LINE__, pr + v, 4))"),
+         (r"copy_quad_async\((&p_cache\[SLOT\(i\)\]), pr \+ v\)", r"copy_quad_async(\1, emu::noted(1, __LINE__, pr + v, 4))"),
          (r"store4\((g \+ row \* \(long\)V \+ v4), ", r"store4(emu::noted(2, __LINE__, \1, 4), "))
 TRAFFIC_KINDS = ("logits", "target", "gradient")
 _built: dict = {}

@@ -329,10 +329,12 @@ def test_simt_two_byte_target_prefetched_in_pairs(simt, monkeypatch, p_dtype, V,
     """PAIR_PREFETCH: a 2-byte target copied with cp.async as the launch starts, in 4-byte pairs,
     each warp its own entries: one block, a cluster of 2 with an odd number of entries per
     thread, a row of odd length (its last entry copied alone), a cluster of 8, blocks that meet
-    in global memory, and room for 3 of 4 entries per thread; each entry read once (counted)."""
+    in global memory, and room for 3 of 4 entries per thread; each entry read once (counted).
+    (One column at a time: with VEC, rows of 4 entries a quad copy them 4 at a time.)"""
     dt = two_byte(p_dtype)
     small_blocks(monkeypatch)
     monkeypatch.setattr(fused_cupy, "PAIR_PREFETCH", True)
+    monkeypatch.setattr(fused_cupy, "VEC", False)
     monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: clusters)
     if kept is not None:
         monkeypatch.setattr(fused_cupy, "_smem_optin", lambda cp: fused_cupy.STATIC_SMEM_ROOM + kept * 2 * 64)
@@ -688,10 +690,47 @@ def test_simt_four_adjacent_columns_a_thread(simt, monkeypatch, name):
         assert len(built) == 2 and "#define PCACHE 0" in built[1].rows.code and built[1].smem == 0
 
 
+@pytest.mark.parametrize("dtypes", [("float16", "float16"), ("bfloat16", "bfloat16"), ("float32", "float16"),
+                                    ("bfloat16", "float32")])
+@pytest.mark.parametrize("name", ["lk_alpha", "lk_lambda"])   # one launch; two (statistics, gradient)
+def test_simt_four_adjacent_two_byte_entries(simt, monkeypatch, name, dtypes):
+    """VEC with float16 or bfloat16 logits (and so gradient) or target: 4 adjacent entries a
+    thread in one 8-byte access, a 2-byte target copied to shared memory 4 entries a cp.async as
+    the launch starts (P_ASYNC 1: not read at first use, nor in pairs), in one block and in a
+    cluster of 4, each entry read once (counted); configured(vec=False) one column at a time.
+    Both give the reference to the 2-byte types' rounding.  The stand-in fails an 8-byte access
+    that is not 8-byte aligned."""
+    z_dt, p_dt = (two_byte(d) if d != "float32" else np.float32 for d in dtypes)
+    small_blocks(monkeypatch)
+    kernels = built_kernels(monkeypatch)
+    rng = np.random.default_rng(49)
+    for V in (200, 1000):
+        z = make_logits(rng, (3, V), dtype=np.float32).astype(z_dt)
+        p = make_probs(rng, (3, V), dtype=np.float32).astype(p_dt)
+        want = reference(name, z, p, temperature=0.7)
+        g_tol = 2e-5 if z_dt == np.float32 else 8e-3      # the gradient rounded to 8 or 11 bits
+        results = []
+        for vec in (True, False):
+            with fused_cupy.configured(vec=vec):
+                before = len(kernels)
+                got = run(name, z, p, temperature=0.7)
+            code = kernels[-1].rows.code
+            assert f"#define VEC {int(vec)}" in code
+            if vec:
+                assert "#define P_ASYNC 1" in kernels[before].rows.code
+                assert all(k.rows.reads[-1][:2] == (3 * V, 3 * V) for k in kernels[before:])   # once each
+            np.testing.assert_allclose(got.grad.astype(np.float64), want.grad, rtol=g_tol,
+                                       atol=g_tol * np.abs(want.grad).max())
+            np.testing.assert_allclose(got.loss, want.loss, rtol=2e-5)
+            np.testing.assert_allclose(got.alpha, want.alpha, rtol=2e-5, atol=1e-7)
+            results.append(got)
+        assert results[0].grad.dtype == z.dtype
+
+
 def test_simt_one_column_at_a_time_where_rows_are_not_aligned(simt, monkeypatch):
-    """vec_fits refuses VEC for a row that is not a multiple of 4 floats, logits or a gradient
-    buffer off a 16-byte boundary, a 2-byte target, and draft_to_target; the kernels then take
-    one column at a time (and give the reference)."""
+    """vec_fits refuses VEC for a row that is not a multiple of 4 entries, logits or a gradient
+    buffer off a 16-byte boundary (float32), a 2-byte target off an 8-byte one, and
+    draft_to_target; the kernels then take one column at a time (and give the reference)."""
     small_blocks(monkeypatch)
     kernels = built_kernels(monkeypatch)
     rng = np.random.default_rng(48)
@@ -701,7 +740,10 @@ def test_simt_one_column_at_a_time_where_rows_are_not_aligned(simt, monkeypatch)
     assert not fused_cupy.vec_fits(z[:, :999].copy(), p[:, :999].copy(), z[:, :999].copy(), None)
     assert not fused_cupy.vec_fits(_aligned_at(z, 4), p, z, None)
     assert not fused_cupy.vec_fits(z, p, _aligned_at(z, 8), None)
-    assert not fused_cupy.vec_fits(z, p.astype(np.float16), z, None)
+    p16 = p.astype(np.float16)
+    assert fused_cupy.vec_fits(z, p16, z, None) and fused_cupy.vec_fits(z, _aligned_at(p16, 8), z, None)
+    assert not fused_cupy.vec_fits(z, _aligned_at(p16, 4), z, None)
+    assert not fused_cupy.vec_fits(_aligned_at(z, 8), p16, z, None)      # float32: 16 bytes
     assert not fused_cupy.vec_fits(z, p, z, np.arange(1000, dtype=np.int32))
     with fused_cupy.configured(vec=False):
         assert not fused_cupy.vec_fits(z, p, z, None)
@@ -951,14 +993,16 @@ PLANTED = {
                                      "for (int r = threadIdx.x; r < N - 1; r += THREADS)", None),
     "the result's lambda not written": ("        out[7] = lam;", "        out[7] = 0.f;", None),
     "the target read before its copy lands": ("        wait_copies();\n#if P_ASYNC == 2\n", "#if P_ASYNC == 2\n", None),
+    "a 2-byte target read before its copy lands (4 entries a copy)": (
+        "        wait_copies();\n#if P_ASYNC == 2\n", "#if P_ASYNC == 2\n", None, {"name": "lk_alpha", "p_dtype": np.float16}),
     "a 2-byte target not kept at its first read": ("p_cache[SLOT(i)] = raw;", "", None,
-                                                   {"name": "lk_alpha", "p_dtype": np.float16}),
+                                                   {"name": "lk_alpha", "p_dtype": np.float16, "vec": False}),
     "pairs: no __syncwarp between the copies and the reads": (
         "        __syncwarp();                                    // the pairs the warp's other lanes copied\n", "",
-        None, {"name": "lk_alpha", "p_dtype": np.float16, "pairs": True}),
+        None, {"name": "lk_alpha", "p_dtype": np.float16, "pairs": True, "vec": False}),
     "pairs: a lane copies the wrong pair": ("const int lane = threadIdx.x & 31, k = 2 * (lane & 15);",
                                             "const int lane = threadIdx.x & 31, k = lane & 15;", None,
-                                            {"name": "lk_alpha", "p_dtype": np.float16, "pairs": True}),
+                                            {"name": "lk_alpha", "p_dtype": np.float16, "pairs": True, "vec": False}),
     # in blocks that meet in global memory (run as on a GPU without clusters)
     "meeting: rows by blockIdx, not by start order": ("        row = ticket / CLUSTER;\n        rank = ticket % CLUSTER;\n",
                                                       "", "deadlock"),
@@ -991,9 +1035,10 @@ def test_simt_catches_planted_kernel_bugs(simt, monkeypatch, bug):
     if bug.startswith("meeting:"):
         no_clusters(monkeypatch)
     old, new, message, *how = PLANTED[bug]
-    how = {"name": "lk_lambda", "V": 1000, "p_dtype": np.float32, "pairs": False, **(how[0] if how else {})}
+    how = {"name": "lk_lambda", "V": 1000, "p_dtype": np.float32, "pairs": False, "vec": True, **(how[0] if how else {})}
     name = how["name"]
     monkeypatch.setattr(fused_cupy, "PAIR_PREFETCH", how["pairs"])
+    monkeypatch.setattr(fused_cupy, "VEC", how["vec"])
     assert fused_cupy._SOURCE.count(old) == 1
     rng = np.random.default_rng(11)
     z = make_logits(rng, (5, how["V"]), dtype=np.float32)
