@@ -107,7 +107,8 @@ def peers(rows):
 
 def shapes(rows):
     """[(V, dtype, shape, p50, p50 / default's p50)] for LK^alpha at N = 4096, fastest first per V
-    and dtype (the launch shapes are timed in float32, the 2-byte pairs in float16 or bfloat16)."""
+    and dtype (the launch shapes are timed in float32; with 2-byte arrays, one column at a time
+    and the 2-byte pairs, beside the default's 4 adjacent entries an 8-byte access)."""
     out = []
     for dtype in sorted({_dtype(r) for r in rows}, key=lambda d: d != "float32"):
         for V in GPU_MS:

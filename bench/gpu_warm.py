@@ -27,10 +27,12 @@ from lkref.benchmark import DEFAULT_SIZES, STREAM_THREADS, TUNING_SHAPES  # noqa
 #: Row lengths of tests/test_gpu.py (float32 logits unless said) and of the benchmark.
 TEST_VOCABS = (3, 7, 50, 300, 500, 700, 1000, 1031, 2000, 3000, 5000, 12_000, 32_000, 50_257, 128_256,
                151_936, 300_000)
-HALF_VOCABS = {"float16": (4099,), "bfloat16": (4099,)}
-#: ... with a target of the logits' 2-byte type too (kept in shared memory at its first read),
-#: and (PAIR_VOCABS) copied there in pairs as the launch starts (fused_cupy.PAIR_PREFETCH).
-HALF_TARGET_VOCABS = {"float16": (32_000, 128_256), "bfloat16": (4099,)}
+HALF_VOCABS = {"float16": (4099, 32_000), "bfloat16": (4099,)}
+#: ... with a target of the logits' 2-byte type too (4 entries a copy into shared memory where
+#: V % 4 == 0, else kept there at its first read; both for each, as every variant is built with
+#: and without fused_cupy.VEC), and (PAIR_VOCABS) copied there in pairs as the launch starts
+#: (fused_cupy.PAIR_PREFETCH, one column at a time).
+HALF_TARGET_VOCABS = {"float16": (32_000, 128_256), "bfloat16": (4099, 32_000)}
 PAIR_VOCABS = {"float16": (32_000, 128_256)}
 #: Row lengths that tests/test_gpu.py also runs as on a GPU without clusters (blocks meet in global memory).
 MEETING_VOCABS = (32_000, 50_257, 128_256)
@@ -114,7 +116,7 @@ def variants(clusters=True):
     seen, out = set(), []
     for shape, dt, pdt, V, *rest in wanted:
         spec = Spec(*shape, dt, pdt, V, *rest)
-        fits = spec.vec and V % 4 == 0 and dt == pdt == "float32"    # as vec_fits has it for aligned arrays
+        fits = spec.vec and V % 4 == 0                    # as vec_fits has it for aligned arrays
         src = source(spec._replace(vec=fits))
         spec = spec._replace(vec="#define VEC 1" in src)  # what the source does (kernel_source's own conditions)
         if (dt, src) not in seen:

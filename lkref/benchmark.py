@@ -237,8 +237,10 @@ def _entries(xp, backend, fn, loss, z, p, out, N, V):
                 entries.append((f"fused stream {threads}t", _shaped(fn, z, p, out, threads, stream=True), False))
             if _meets_on_this_gpu(xp, V) is False:     # what GPUs without clusters run, timed on this one
                 entries.append((MEETING_LABEL, _shaped(fn, z, p, out, clusters=False), False))
-        if loss == "lk_alpha" and p.dtype.itemsize == 2:   # the 2-byte target copied in pairs, not read in pass 2
-            entries.append((PAIRS_LABEL, _shaped(fn, z, p, out, pair_prefetch=True), False))
+        if loss == "lk_alpha" and z.dtype != np.float32:   # 2-byte logits one column at a time: a 2-byte
+            entries.append((SCALAR_LABEL, _shaped(fn, z, p, out, vec=False), False))   # target kept at first read
+        if loss == "lk_alpha" and p.dtype.itemsize == 2:   # ... or copied in pairs as the launch starts
+            entries.append((PAIRS_LABEL, _shaped(fn, z, p, out, vec=False, pair_prefetch=True), False))
     if N * V <= 512 * 32_000 or backend == "cupy":
         entries.append(("lkref reference", lambda: fn(z, p, impl="reference"), True))
     return entries
@@ -262,7 +264,8 @@ GENERIC_LABEL = "fused generic-mode"
 #: (with the IEEE division by T, which the kernels no longer take): what exp2f saves.
 EXPF_LABEL = "fused expf"
 #: The default kernel with one column every THREADS for each thread (fused_cupy.VEC off), as run 2
-#: had it: what the 16-byte accesses of 4 adjacent columns save.
+#: had it: what the accesses of 4 adjacent columns save (16 bytes of float32, 8 of a 2-byte type,
+#: whose target is then kept in shared memory at its first read).
 SCALAR_LABEL = "fused scalar"
 #: KL, and LK^lambda with lam= (one launch), with logf for every log p of the KL sums
 #: (fused_cupy.FAST_LOG off, as run 2 had it): what __logf below p = 0.5 saves.
@@ -275,6 +278,8 @@ def shape_label(threads, share, cache):
 
 
 MEETING_LABEL = "fused global-meet"
+#: A 2-byte target copied to shared memory in 4-byte pairs as the launch starts (PAIR_PREFETCH),
+#: one column at a time: with VEC it is copied 4 entries at a time instead.
 PAIRS_LABEL = "fused 2-byte pairs"
 
 

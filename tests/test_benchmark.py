@@ -471,6 +471,12 @@ def test_the_gpu_branch_of_the_bench_runs(monkeypatch, tmp_path):
     assert ("lk_lambda", benchmark.LOGF_LABEL + " lam=") in impls       # one launch, as 'lkref fused lam='
     assert not any(impl.startswith(benchmark.LOGF_LABEL) for loss, impl in impls if loss == "lk_alpha")   # no log p
     assert ("lk_alpha", benchmark.MEETING_LABEL) not in impls        # V = 300: one block per row
+    assert not {("lk_alpha", benchmark.PAIRS_LABEL)} & impls           # float32: no pairs to copy
+    rows16 = benchmark.run(backends=("cupy",), losses=("lk_alpha",), sizes={"cupy": [(4, 300)]}, repeat=1,
+                           with_peers=False, say=lines.append, dtype="float16")
+    impls16 = {r.impl for r in rows16}
+    assert {benchmark.SCALAR_LABEL, benchmark.PAIRS_LABEL, "lkref fused"} <= impls16   # 2-byte: 4 a copy or not
+    assert not {benchmark.EXPF_LABEL, benchmark.GENERIC_LABEL} & impls16              # timed in float32 only
     monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: True)
     rows = benchmark.run(backends=("cupy",), losses=("lk_alpha",), sizes={"cupy": [(2, 40_000)]},
                          repeat=1, with_peers=False, say=lines.append)
@@ -641,9 +647,13 @@ def test_gpu_warm_compiles_each_source_once_and_covers_the_tests():
     marks = [m for m in test_gpu.test_fused_two_byte_targets_read_as_they_are.pytestmark if m.args[0] == "V"]
     for V in marks[0].args[1]:
         assert (fused_cupy.THREADS, True, "float16", fused_cupy.plan(V), True, None) in covered, V
+        assert (fused_cupy.THREADS, True, "float16", fused_cupy.plan(V), True, None, "vec") in covered, V
         assert (fused_cupy.THREADS, True, "float16", fused_cupy.plan(V), True, None, "pairs") in covered, V
     assert (fused_cupy.THREADS, True, ("float16", "float32"), fused_cupy.plan(4099), True, None) in covered
     assert (fused_cupy.THREADS, True, "bfloat16", fused_cupy.plan(4099), True, None) in covered
+    for dt in ("bfloat16", ("float16", "float32")):         # test_fused_two_byte_logits_four_adjacent_entries
+        for vec in ((), ("vec",)):
+            assert (fused_cupy.THREADS, True, dt, fused_cupy.plan(32_000), True, None) + vec in covered, (dt, vec)
     for threads, share, cache in benchmark.TUNING_SHAPES:
         for V in (32_000, 128_256):
             with fused_cupy.configured(threads=threads, block_share=share):

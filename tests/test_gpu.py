@@ -91,14 +91,19 @@ def test_fused_float16_logits(cp, name):
     assert r.grad.dtype == np.float16 and r.loss.dtype == np.float32
 
 
+TWO_BYTE_HOW = {"vec": {}, "first read": {"vec": False}, "pairs": {"vec": False, "pair_prefetch": True}}
+
+
 @pytest.mark.parametrize("name", REDUCED)
 @pytest.mark.parametrize("V", [32_000, 128_256])
-@pytest.mark.parametrize("pairs", [False, True])
-def test_fused_two_byte_targets_read_as_they_are(cp, name, V, pairs):
+@pytest.mark.parametrize("how", sorted(TWO_BYTE_HOW))
+def test_fused_two_byte_targets_read_as_they_are(cp, name, V, how):
     """float16 logits and target, as a half-precision training step has them: the target goes to
-    the kernel as it is (kept in shared memory at its first read, or with pairs copied there in
-    4-byte pairs as the launch starts), with draft_to_target too (read at first use); the
-    reference runs on float32 copies of the same values."""
+    the kernel as it is (vec: 4 adjacent entries an 8-byte access, the target copied to shared
+    memory 4 entries a cp.async as the launch starts; one column at a time, kept there at its
+    first read, or copied there in 4-byte pairs as the launch starts), with draft_to_target too
+    (one column at a time, read at first use); the reference runs on float32 copies of the
+    same values."""
     rng = np.random.default_rng(V)
     N, Vt = 6, V + 1000
     z = make_logits(rng, (N, V), scale=2.0, dtype=np.float16)
@@ -106,8 +111,10 @@ def test_fused_two_byte_targets_read_as_they_are(cp, name, V, pairs):
     for kw in ({"draft_to_target": rng.permutation(Vt)[:V]}, {"mask": np.array([1, 1, 0, 1, 1, 1], bool)}):
         pk = p if "draft_to_target" in kw else (p[:, :V] / p[:, :V].astype(np.float32).sum(1, keepdims=True)).astype(np.float16)
         dev = {k: cp.asarray(v) for k, v in kw.items()}
-        with fused_cupy.configured(pair_prefetch=pairs):
-            fast = lkref.LOSSES[name](cp.asarray(z), cp.asarray(pk), impl="fused", **dev)
+        with fused_cupy.configured(**TWO_BYTE_HOW[how]):
+            zc, pc = cp.asarray(z), cp.asarray(pk)
+            assert fused_cupy.vec_fits(zc, pc, zc, dev.get("draft_to_target")) == (how == "vec" and "mask" in kw)
+            fast = lkref.LOSSES[name](zc, pc, impl="fused", **dev)
         ref = lkref.LOSSES[name](cp.asarray(z.astype(np.float32)), cp.asarray(pk.astype(np.float32)),
                                  impl="reference", **dev)
         assert fast.grad.dtype == np.float16
@@ -246,6 +253,39 @@ def test_fused_partial_target_cache_as_on_gpus_with_less_shared_memory(cp, monke
         kern = fused_cupy._kernel(f32, f32, *fused_cupy.plan(V), fused_cupy._uses_clusters(cp),
                                   mode=fused_cupy.MODES[name], phase=1 if name == "lk_lambda" else 0)
     assert kern.smem == 4 * 48 * 512 and "#define PCACHE 48" in kern.rows.code
+
+
+@pytest.mark.parametrize("name", REDUCED)
+@pytest.mark.parametrize("dtypes", [("bfloat16", "bfloat16"), ("float16", "float32")])
+def test_fused_two_byte_logits_four_adjacent_entries(cp, name, dtypes):
+    """fused_cupy.VEC with 2-byte arrays: bfloat16 logits, target and gradient, and float16 logits
+    and gradient with a float32 target, at V = 32 000 (a cluster of two), 4 adjacent entries
+    an access (8 bytes of a 2-byte type); configured(vec=False) one column at a time; and the
+    target one entry past CuPy's aligned start, one column at a time: each the reference's
+    result on float32 copies of the same values."""
+    z_dt, p_dt = (np.float32 if d == "float32" else np.float16 if d == "float16"
+                  else pytest.importorskip("ml_dtypes").bfloat16 for d in dtypes)
+    rng = np.random.default_rng(33)
+    z = make_logits(rng, (5, 32_000), scale=2.0, dtype=np.float32).astype(z_dt)
+    p = peaked_probs(rng, (5, 32_000)).astype(p_dt)
+    try:
+        zc, pc = cp.asarray(z), cp.asarray(p)
+    except Exception as exc:                         # CuPy without bfloat16
+        pytest.skip(f"this CuPy has no bfloat16 arrays: {exc}")
+    ref = lkref.LOSSES[name](cp.asarray(z.astype(np.float32)), cp.asarray(p.astype(np.float32)), impl="reference")
+    g_ref = to_numpy(ref.grad).astype(np.float64)
+    tol = 1e-2 if "bfloat16" in dtypes else 5e-3      # the gradient rounded to 8 or 11 bits
+    off = cp.empty(p.size + 1, pc.dtype)[1:].reshape(p.shape)   # one entry past CuPy's aligned start
+    off[...] = pc
+    assert fused_cupy.vec_fits(zc, pc, zc, None) and not fused_cupy.vec_fits(zc, off, zc, None)
+    for vec, target in ((True, pc), (False, pc), (True, off)):
+        with fused_cupy.configured(vec=vec):
+            fast = lkref.LOSSES[name](zc, target, impl="fused")
+        assert fast.grad.dtype == zc.dtype
+        np.testing.assert_allclose(to_numpy(fast.grad).astype(np.float64), g_ref, rtol=tol,
+                                   atol=tol * np.abs(g_ref).max())
+        np.testing.assert_allclose(to_numpy(fast.loss), to_numpy(ref.loss), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(to_numpy(fast.alpha), to_numpy(ref.alpha), rtol=1e-4, atol=1e-6)
 
 
 def test_fused_bfloat16_logits_where_cupy_has_them(cp):
