@@ -31,8 +31,8 @@ def resources(V, threads, share, cache, arch, work, ctype="float", pairs=False, 
     variant as lkref builds it for `arch`: its target cache sized to the arch's shared memory;
     ctype: the C type of the logits, the target and the gradient; pairs: a 2-byte target copied
     in pairs (fused_cupy.PAIR_PREFETCH); exp2: fused_cupy.EXP2 (None: the default); vec: 4 adjacent
-    columns a thread at a time (None: fused_cupy.VEC, as lkref takes it for aligned float32 rows
-    with V % 4 == 0); phase: 0 (one launch), 2 (the gradient launch of a two-launch call)."""
+    columns a thread at a time (None: fused_cupy.VEC, as lkref takes it for rows aligned to 4
+    entries with V % 4 == 0); phase: 0 (one launch), 2 (the gradient launch of a two-launch call)."""
     optin = _smem_kib(arch)[1] * 1024
     with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
         items, cluster = fused_cupy.plan(V)
@@ -104,13 +104,15 @@ def main():
           "included) per logit a thread holds")
     print(f"{'V':>7} {'threads':>7} {'share':>6} {'cache':>5} | {'items':>5} {'cluster':>7} {'regs':>5} "
           f"{'spill B':>7} {'static smem':>11} {'dyn smem KiB':>12} {'blocks/SM':>9} {'SASS KiB':>8} {'instr/item':>10}")
-    # float32 logits, target and gradient in every launch shape; bfloat16 ones at the default, the
-    # target read at first use, then copied in pairs; then float32 at the default with one column
-    # at a time (no VEC), and with that and expf (the kernel before both); then the gradient
-    # launch of a two-launch call (LK^alpha with a mask), 4 columns and one at a time
+    # float32 logits, target and gradient in every launch shape; bfloat16 ones at the default (4
+    # adjacent columns at a time, 8 bytes an access), then one column at a time with the target
+    # read at first use, then copied in pairs; float16 ones at the default; then float32 at the
+    # default with one column at a time (no VEC), and with that and expf (the kernel before both);
+    # then the gradient launch of a two-launch call (LK^alpha with a mask), 4 columns and one at a time
     variants = [(V, shape, "float", False, None, None, 0) for V in (32_000, 128_256, 300_000) for shape in shapes] + \
         [(V, shapes[0], "__nv_bfloat16", False, None, None, 0) for V in (32_000, 128_256, 300_000)] + \
-        [(V, shapes[0], "__nv_bfloat16", True, None, None, 0) for V in (32_000, 128_256)] + \
+        [(V, shapes[0], "__nv_bfloat16", pairs, None, False, 0) for pairs in (False, True) for V in (32_000, 128_256)] + \
+        [(V, shapes[0], "__half", False, None, None, 0) for V in (32_000, 128_256)] + \
         [(V, shapes[0], "float", False, None, False, 0) for V in (32_000, 128_256)] + \
         [(V, shapes[0], "float", False, False, False, 0) for V in (32_000, 128_256)] + \
         [(V, shapes[0], "float", False, None, vec, 2) for V in (32_000, 128_256) for vec in (None, False)]
@@ -123,19 +125,21 @@ def main():
                 continue
             per_sm = _smem_kib(args.arch)[0]
             dyn = _bytes(ctype) * cached * threads
-            note = "" if ctype == "float" else "  (bfloat16 logits, target and gradient" + \
-                ("; the target copied in pairs)" if pairs else ")")
+            kind = {"__nv_bfloat16": "bfloat16", "__half": "float16"}.get(ctype)
+            note = "" if kind is None else f"  ({kind} logits, target and gradient" + \
+                ("; the target copied in pairs)" if "#define P_ASYNC 2" in res["src"] else
+                 "; the target kept at its first read)" if "#define P_ASYNC 0" in res["src"] and cached else ")")
             if "#define VEC 1" in res["src"]:
                 note += "  (4 adjacent columns at a time)"
             elif vec is False:
-                note += "  (one column at a time, as the benchmark's 'fused scalar')"
+                note += f"  (one column at a time, as the benchmark's '{'fused 2-byte pairs' if pairs else 'fused scalar'}')"
             if exp2 is False:
                 note += "  (exps by expf)"
             if phase == 2:
                 note += "  (the gradient launch of a two-launch call)"
             if cache and 0 < cached < items:            # this GPU's blocks keep part of the target
                 note += f"  (target cache: {cached} of {items} entries per thread; the rest read twice)"
-            elif cache and items and not cached:
+            elif cache and items and not cached and phase != 2:   # (phase 2 keeps none by design)
                 note += "  (no room for the target cache: runs without it)"
             by_regs = 65536 // max(1, res["regs"] * threads)
             by_smem = (per_sm * 1024) // max(1, dyn + res["smem"] + 1024)
