@@ -251,9 +251,13 @@ def _entries(xp, backend, fn, loss, z, p, out, N, V):
 #: V = 32 000 takes clusters of 2, V = 128 256 of 8), fastest of these on the H100, whose
 #: first default was (512, 32 768, True): 1.4x slower there, one block per SM.  (256 threads
 #: at 32 768 floats would need 125 logits and 255 registers per thread: one block of 8 warps
-#: per SM, and 15 s of NVRTC per variant.)
+#: per SM, and 15 s of NVRTC per variant.)  (256, 8 192, True) holds as many logits an SM as
+#: the default, in 4 blocks of 8 warps instead of 2 of 16 (clusters of 4 at V = 32 000; at
+#: V = 128 256 it streams): run 2's profile found a block's phases (read, reduce, statistics,
+#: write) one after another with the memory idle between them, and more blocks an SM, each in a
+#: phase of its own, may keep it busier (untimed).
 TUNING_SHAPES = [(512, 32_768, True), (512, 16_384, False), (1024, 32_768, True), (1024, 16_384, True),
-                 (256, 16_384, True)]
+                 (256, 16_384, True), (256, 8_192, True)]
 
 
 #: Threads per block of the streamed rows the benchmark times beside the shapes ("fused stream

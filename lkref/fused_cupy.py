@@ -544,11 +544,16 @@ __device__ __forceinline__ void prefetch_pairs(p_t* p_cache, const p_t* __restri
 // held to 1024 threads an SM (64 registers at 512): left to itself ptxas hoists every 16-byte
 // load of the logits and the target and takes 93-96 registers (nvcc 13, sm_90; 63-64 one column
 // at a time), one block per SM, for a pass that only streams (12-28 bytes spilled at 64).
+// 256-thread blocks of up to 32 entries a thread (the benchmark's 256 x 8 192 shape) are held to
+// 4 blocks an SM, the default's 1024 threads: left to itself ptxas gives LK^alpha's 66 registers,
+// 3 blocks (at 64 none spilled; nvcc 13, sm_90).
 // Elsewhere the hint would only add spills (bench/kernel_resources.py).
 #if GLOBAL_XCHG && P_ASYNC == 0
 #define ROWS_BOUNDS __launch_bounds__(THREADS, 1)
 #elif PHASE == 2 && VEC && THREADS <= 512
 #define ROWS_BOUNDS __launch_bounds__(THREADS, 1024 / THREADS)
+#elif THREADS == 256 && ITEMS > 0 && ITEMS <= 32
+#define ROWS_BOUNDS __launch_bounds__(THREADS, 4)
 #else
 #define ROWS_BOUNDS __launch_bounds__(THREADS)
 #endif

@@ -1057,7 +1057,8 @@ def test_simt_catches_planted_kernel_bugs(simt, monkeypatch, bug):
 
 @pytest.mark.parametrize("threads, share, V, cache, cluster", [
     (1024, 32_768, 5_000, True, 1), (128, 8_192, 9_000, True, 2), (64, 8_192, 40_000, True, 8),
-    (256, 16_384, 9_000, True, 1), (512, 16_384, 40_000, False, 4), (512, 8_192, 7_000, False, 1)])
+    (256, 16_384, 9_000, True, 1), (512, 16_384, 40_000, False, 4), (512, 8_192, 7_000, False, 1),
+    (256, 8_192, 32_000, True, 4)])
 def test_simt_other_launch_shapes(simt, threads, share, V, cache, cluster):
     """The tuning shapes `configured` offers (bench tries them on a GPU) compute the same thing."""
     rng = np.random.default_rng(threads + V)
