@@ -13,6 +13,7 @@ compiled when first used; a failure here is reported and left to the tests to sh
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -22,7 +23,7 @@ from typing import NamedTuple, Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lkref import fused_cupy  # noqa: E402
-from lkref.benchmark import DEFAULT_SIZES, STREAM_THREADS, TUNING_SHAPES  # noqa: E402
+from lkref.benchmark import DEFAULT_SIZES, PIPE_SHAPE, STREAM_THREADS, TUNING_SHAPES  # noqa: E402
 
 #: Row lengths of tests/test_gpu.py (float32 logits unless said) and of the benchmark.
 TEST_VOCABS = (3, 7, 50, 300, 500, 700, 1000, 1031, 2000, 3000, 5000, 12_000, 32_000, 50_257, 128_256,
@@ -52,7 +53,7 @@ class Spec(NamedTuple):
     launch), 1 or 2 (the two launches of the others), None with mode None; stream: every row
     streamed; exp2: each element's exp by exp2f (fused_cupy.EXP2), else expf; vec: 4 adjacent
     columns a thread at a time (fused_cupy.VEC); fast_log: log p by __logf below 0.5
-    (fused_cupy.FAST_LOG), else logf."""
+    (fused_cupy.FAST_LOG), else logf; pipe: fused_cupy.PIPELINE's stages (0: off)."""
 
     threads: int
     share: int
@@ -69,6 +70,7 @@ class Spec(NamedTuple):
     exp2: bool
     vec: bool
     fast_log: bool
+    pipe: int = 0
 
 
 def variants(clusters=True):
@@ -113,12 +115,18 @@ def variants(clusters=True):
                for V in (3, 32_000)]                                            # tests/test_gpu.py, logf (batch lambda)
     wanted += [((threads, default[1], True), f32, f32, V, clusters, None, False, alpha, one, True, exp2, vec, fast)
                for threads in STREAM_THREADS for V in goal_vocabs]
+    if fused_cupy.SPECIALIZE and clusters:     # 'fused pipelined' (LK^alpha, LK^lambda with lam=), and its GPU test
+        wanted += [(PIPE_SHAPE + (True,), f32, f32, V, clusters, None, False, mode[m], 0, False, exp2, vec, fast,
+                    fused_cupy.PIPE_STAGES) for m in ("lk_alpha", "lk_lambda") for V in goal_vocabs + [4096]]
+        wanted += [(PIPE_SHAPE + (True,), f32, f32, V, clusters, None, False, mode[m], 0, False, exp2, vec, fast,
+                    fused_cupy.PIPE_STAGES) for m in ("kl", "tv") for V in (4096, 32_000)]
     seen, out = set(), []
     for shape, dt, pdt, V, *rest in wanted:
         spec = Spec(*shape, dt, pdt, V, *rest)
         fits = spec.vec and V % 4 == 0                    # as vec_fits has it for aligned arrays
         src = source(spec._replace(vec=fits))
-        spec = spec._replace(vec="#define VEC 1" in src)  # what the source does (kernel_source's own conditions)
+        spec = spec._replace(vec="#define VEC 1" in src,  # what the source does (kernel_source's own conditions)
+                             pipe=int(re.search(r"#define PIPE (\d+)", src).group(1)))
         if (dt, src) not in seen:
             seen.add((dt, src))
             out.append(spec)
@@ -132,9 +140,9 @@ def source(spec):
         items, cluster = fused_cupy.plan(spec.V)
         kept = fused_cupy.cached_items(items, spec.optin, 2 if spec.pdt != "float32" else 4, spec.phase)
         c = fused_cupy._ctype(spec.dt)
-        return fused_cupy.kernel_source(items, cluster, c, c, dsmem=spec.dsmem, cached=kept,
+        return fused_cupy.kernel_source(items, cluster, c, c, dsmem=spec.dsmem, cached=items if spec.pipe else kept,
                                         p_t=fused_cupy._ctype(spec.pdt), pairs=spec.pairs, mode=spec.mode,
-                                        phase=spec.phase, vec=spec.vec)
+                                        phase=spec.phase, vec=spec.vec, pipe=spec.pipe)
 
 
 def _compile(spec):
@@ -145,14 +153,18 @@ def _compile(spec):
 
     dtype, p_dtype = (np.dtype(d) if d != "bfloat16" else np.dtype(__import__("ml_dtypes").bfloat16)
                       for d in (spec.dt, spec.pdt))
-    if spec.optin is not None:                    # this worker process sizes its target caches for it
-        fused_cupy._smem_optin = lambda cp: spec.optin
+    optin = fused_cupy._smem_optin
+    if spec.optin is not None:                    # this variant's target cache sized for it (this one only: a
+        fused_cupy._smem_optin = lambda cp: spec.optin   # worker process goes on to other variants)
     t0 = time.perf_counter()
-    with fused_cupy.configured(threads=spec.threads, block_share=spec.share, cache_target=spec.cache,
-                               stream=spec.stream, exp2=spec.exp2, fast_log=spec.fast_log):
-        items, cluster = fused_cupy.plan(spec.V)
-        fused_cupy._kernel(dtype, dtype, items, cluster, spec.dsmem, p_dtype, spec.pairs, spec.mode, spec.phase,
-                           spec.vec)
+    try:
+        with fused_cupy.configured(threads=spec.threads, block_share=spec.share, cache_target=spec.cache,
+                                   stream=spec.stream, exp2=spec.exp2, fast_log=spec.fast_log):
+            items, cluster = fused_cupy.plan(spec.V)
+            fused_cupy._kernel(dtype, dtype, items, cluster, spec.dsmem, p_dtype, spec.pairs, spec.mode, spec.phase,
+                               spec.vec, spec.pipe)
+    finally:
+        fused_cupy._smem_optin = optin
     return time.perf_counter() - t0
 
 
@@ -166,7 +178,8 @@ def describe(spec):
             + ("" if spec.optin is None else f" target cache for {spec.optin // 1024} KiB")
             + (" all modes" if spec.mode is None else f" mode {spec.mode}")
             + ("" if spec.phase is None else f" phase {spec.phase}") + (" stream" if spec.stream else "")
-            + ("" if spec.exp2 else " expf") + (" vec" if spec.vec else "") + ("" if spec.fast_log else " logf"))
+            + ("" if spec.exp2 else " expf") + (" vec" if spec.vec else "") + ("" if spec.fast_log else " logf")
+            + (f" pipelined ({spec.pipe} stages)" if spec.pipe else ""))
 
 
 def main(argv):

@@ -17,7 +17,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lkref import fused_cupy  # noqa: E402
-from lkref.benchmark import TUNING_SHAPES  # noqa: E402
+from lkref.benchmark import PIPE_SHAPE, TUNING_SHAPES  # noqa: E402
 
 
 #: the options CuPy compiles a RawKernel with (it appends -ftz=true to the caller's)
@@ -26,20 +26,21 @@ CUPY_OPTIONS = ("-std=c++17", "-ftz=true")
 SMEM_KIB = {75: (64, 64), 80: (164, 163), 86: (100, 99), 87: (164, 163), 89: (100, 99), 90: (228, 227)}
 
 
-def resources(V, threads, share, cache, arch, work, ctype="float", pairs=False, exp2=None, vec=None, phase=0):
+def resources(V, threads, share, cache, arch, work, ctype="float", pairs=False, exp2=None, vec=None, phase=0, pipe=0):
     """(items, cluster, target entries kept per thread, {regs, spill, smem} or None) of one
     variant as lkref builds it for `arch`: its target cache sized to the arch's shared memory;
     ctype: the C type of the logits, the target and the gradient; pairs: a 2-byte target copied
     in pairs (fused_cupy.PAIR_PREFETCH); exp2: fused_cupy.EXP2 (None: the default); vec: 4 adjacent
     columns a thread at a time (None: fused_cupy.VEC, as lkref takes it for rows aligned to 4
-    entries with V % 4 == 0); phase: 0 (one launch), 2 (the gradient launch of a two-launch call)."""
+    entries with V % 4 == 0); phase: 0 (one launch), 2 (the gradient launch of a two-launch call);
+    pipe: fused_cupy.PIPELINE's stages (0: none), whose rows keep the whole target share."""
     optin = _smem_kib(arch)[1] * 1024
     with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
         items, cluster = fused_cupy.plan(V)
-        cached = fused_cupy.cached_items(items, optin, _bytes(ctype), phase)
+        cached = items if pipe else fused_cupy.cached_items(items, optin, _bytes(ctype), phase)
         src = fused_cupy.kernel_source(items, cluster, ctype, ctype, dsmem=_cc(arch) >= 90, cached=cached, p_t=ctype,
                                        pairs=pairs, mode=fused_cupy.MODES["lk_alpha"], phase=phase, exp2=exp2,
-                                       vec=(fused_cupy.VEC if vec is None else vec) and V % 4 == 0)
+                                       vec=(fused_cupy.VEC if vec is None else vec) and V % 4 == 0, pipe=pipe)
     path = os.path.join(work, "k.cu")
     with open(path, "w") as f:
         f.write(src)
@@ -116,15 +117,21 @@ def main():
         [(V, shapes[0], "float", False, None, False, 0) for V in (32_000, 128_256)] + \
         [(V, shapes[0], "float", False, False, False, 0) for V in (32_000, 128_256)] + \
         [(V, shapes[0], "float", False, None, vec, 2) for V in (32_000, 128_256) for vec in (None, False)]
+    variants = [v + (0,) for v in variants]
+    # last, the benchmark's 'fused pipelined' (fused_cupy.PIPELINE) at V = 32 000, with the stages this arch has room for
+    stages = min(fused_cupy.PIPE_STAGES, (_smem_kib(args.arch)[1] * 1024 - fused_cupy.STATIC_SMEM_ROOM)
+                 // (8 * PIPE_SHAPE[0] * -(-32_000 // (PIPE_SHAPE[0] * 4))))
+    if stages >= 2 and _cc(args.arch) >= 90:        # (clusters: before Hopper its blocks would meet in memory)
+        variants.append((32_000, PIPE_SHAPE + (True,), "float", False, None, None, 0, stages))
     with tempfile.TemporaryDirectory() as work:
-        for V, (threads, share, cache), ctype, pairs, exp2, vec, phase in variants:
+        for V, (threads, share, cache), ctype, pairs, exp2, vec, phase, pipe in variants:
             items, cluster, cached, res = resources(V, threads, share, cache, args.arch, work, ctype, pairs, exp2, vec,
-                                                    phase)
+                                                    phase, pipe)
             if res is None:
                 print(f"{V:7d} {threads:7d} {share:6d} {cache!s:>5} | build failed")
                 continue
             per_sm = _smem_kib(args.arch)[0]
-            dyn = _bytes(ctype) * cached * threads
+            dyn = 8 * items * threads * pipe if pipe else _bytes(ctype) * cached * threads
             kind = {"__nv_bfloat16": "bfloat16", "__half": "float16"}.get(ctype)
             note = "" if kind is None else f"  ({kind} logits, target and gradient" + \
                 ("; the target copied in pairs)" if "#define P_ASYNC 2" in res["src"] else
@@ -137,6 +144,8 @@ def main():
                 note += "  (exps by expf)"
             if phase == 2:
                 note += "  (the gradient launch of a two-launch call)"
+            if "#define PIPE 0" not in res["src"]:
+                note += f"  (pipelined: {pipe} stages of logits and target, as the benchmark's 'fused pipelined')"
             if cache and 0 < cached < items:            # this GPU's blocks keep part of the target
                 note += f"  (target cache: {cached} of {items} entries per thread; the rest read twice)"
             elif cache and items and not cached and phase != 2:   # (phase 2 keeps none by design)

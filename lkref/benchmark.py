@@ -224,6 +224,10 @@ def _entries(xp, backend, fn, loss, z, p, out, N, V):
                    ("lkref fused out=", lambda: fn(z, p, impl="fused", out=out), False)]
         if loss == "lk_lambda":
             entries.append(("lkref fused lam=", lambda: fn(z, p, impl="fused", lam=0.5), True))
+        if loss in ("lk_alpha", "lk_lambda") and z.dtype == np.float32 and _pipelines(V):   # one launch
+            lam = 0.5 if loss == "lk_lambda" else None
+            entries.append((PIPE_LABEL + (" lam=" if lam else ""),
+                            _shaped(fn, z, p, out, *PIPE_SHAPE[:2], lam=lam, pipeline=True), False))
         if loss in ("kl", "lk_lambda") and z.dtype == np.float32:    # one launch each (lam= for LK^lambda)
             lam = 0.5 if loss == "lk_lambda" else None
             entries.append((LOGF_LABEL + (" lam=" if lam else ""), _shaped(fn, z, p, out, lam=lam, fast_log=False), False))
@@ -274,6 +278,20 @@ SCALAR_LABEL = "fused scalar"
 #: KL, and LK^lambda with lam= (one launch), with logf for every log p of the KL sums
 #: (fused_cupy.FAST_LOG off, as run 2 had it): what __logf below p = 0.5 saves.
 LOGF_LABEL = "fused logf"
+
+
+#: LK^alpha, and LK^lambda with lam=, on a persistent grid whose blocks copy the logits and the
+#: target of the rows ahead into shared memory (fused_cupy.PIPELINE), at PIPE_SHAPE (threads,
+#: floats a block), where its rows fit clusters of up to 8 (V = 32 000: 4).
+PIPE_LABEL = "fused pipelined 512t/8k"
+PIPE_SHAPE = (512, 8_192)
+
+
+def _pipelines(V):
+    """Whether a row of V takes registers and a cluster (not streamed) at PIPE_SHAPE."""
+    from . import fused_cupy
+    with fused_cupy.configured(threads=PIPE_SHAPE[0], block_share=PIPE_SHAPE[1]):
+        return fused_cupy.plan(V)[0] > 0
 
 
 def shape_label(threads, share, cache):

@@ -32,6 +32,8 @@ copies 4 bytes or more (PAIR_PREFETCH copies it in 4-byte pairs as the launch st
 where its rows are 4-byte aligned).  For larger V
 one block per row re-reads the row from memory in each phase (z three times: the max and the
 sum of exps in one pass, then the statistics, then the gradient; p twice).
+PIPELINE (off) launches a persistent grid instead, whose blocks copy the next rows' logits and
+target into shared memory while they work on one.
 Two-pass losses (LK^lambda with no given lambda,
 draft_to_target, a reduce hook) run the kernel once for the row statistics, then again
 for the gradient with the statistics as input: z and p are read twice.  The read counts
@@ -53,6 +55,7 @@ rounding, not bit for bit (an exact tie q == p may resolve differently).
 from __future__ import annotations
 
 import os
+import re
 import sys
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -146,6 +149,19 @@ FAST_LOG = True
 #: stand-in).  (`configured(vec=False)`, LKREF_CUPY_VEC=0: one column every THREADS everywhere, as
 #: the benchmark's `fused scalar` row times it.)
 VEC = True
+#: A persistent grid for one-launch calls (`configured(pipeline=True)`, LKREF_CUPY_PIPELINE=1;
+#: the benchmark's `fused pipelined` row): as many blocks as fit on the GPU at once, each block
+#: (or cluster) going through rows first, first + step, ..., and copying the logits and the
+#: target of the next PIPE_STAGES - 1 rows into shared memory (cp.async, one group a row) while
+#: it works on this one.  Run 2's profile found a block's phases (read, reduce, statistics,
+#: write) one after another with the memory idle between them; with stages in flight the memory
+#: streams while a row's phases and exchanges run.  The stages take 8 bytes an entry of a block's
+#: share (PIPE_STAGES x 64 KiB at 8 192 floats a block), so it needs a smaller share than the
+#: default's 16 384 (`configured(block_share=8192)`: clusters of 4 at V = 32 000; V = 128 256
+#: then streams, untouched) and holds one block an SM.  Only where 4 adjacent columns a thread
+#: (VEC) and float32 throughout, in clusters or a block a row.  Off until a GPU has timed it.
+PIPELINE = False
+PIPE_STAGES = 3
 #: Above this temperature the kernels' 1 / T (log2 e / T with EXP2) would be a float32 subnormal,
 #: which CuPy's -ftz=true makes 0 (and every q equal): such calls run the reference.
 MAX_TEMPERATURE = 2.0 ** 126
@@ -208,6 +224,12 @@ typedef __P_T__ p_t;                                  // the target's type: floa
 #else
 #define IN(i) (tid + COL(i) < V)
 #endif
+#define PIPE __PIPE__                                 // > 0 (fused_cupy.PIPELINE): each block, or cluster, takes rows
+                                                      // first, first + step, ... of the N (a persistent grid), and copies
+                                                      // the logits and the target of the PIPE - 1 rows ahead into shared
+                                                      // memory (cp.async, PIPE stages) while it works on this one, so
+                                                      // the memory streams while the row's phases run; phase 0, VEC,
+                                                      // float32, clusters or one block a row only; 0: a block a row
 #define EXP2 __EXP2__                                 // an element's exp: 1, exp2f(u) with u = (z - m) log2(e) / T (a
                                                       // multiply and the SFU's ex2.approx, within 2 ulp); 0, expf(u)
                                                       // with u = (z - m) / T (some ten instructions, within 2 ulp)
@@ -485,6 +507,18 @@ __device__ __forceinline__ void wait_copies() {
     asm volatile("cp.async.wait_all;\n" ::: "memory");
 #endif
 }
+// commit_copies: close a group of this thread's copies; wait_copies_but<N>: until every group
+// but the N committed last has landed (PIPE)
+__device__ __forceinline__ void commit_copies() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void wait_copies_but() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
+#endif
+}
 #endif
 
 #if ITEMS > 0 && PCACHE > 0 && P_ASYNC == 1
@@ -527,6 +561,29 @@ __device__ __forceinline__ void prefetch_pairs(p_t* p_cache, const p_t* __restri
 }
 #endif
 
+#if PIPE
+// PIPE: start the copies of this thread's entries of `row` (logits, then target) into a stage
+// of shared memory (z_cache, p_cache: SLOT(i) each, as the target cache has them), 4 entries a
+// copy, and close them as one group; a row past the last (row >= N) copies nothing, but its
+// group is still closed, so that every stage is one group and the waits count alike.
+__device__ __forceinline__ void stage_row(float* z_cache, float* p_cache, const float* z, const float* p, long row,
+                                          long N, int V, int Vt, int tid) {
+    if (row < N) {
+        const float* zr = z + row * (long)V;
+        const float* pr = p + row * (long)Vt;
+        #pragma unroll
+        for (int i = 0; i < ITEMS; i += 4) {
+            int v = tid + COL(i);
+            if (v < V) {
+                copy_quad_async(&z_cache[SLOT(i)], zr + v);
+                copy_quad_async(&p_cache[SLOT(i)], pr + v);
+            }
+        }
+    }
+    commit_copies();
+}
+#endif
+
 // phase: 0 = statistics and gradient in one launch; 1 = statistics only; 2 = gradient from statistics.
 // stats per row (8 floats): max, sum, alpha, S, psum, sum p x, sum p log p, input flags
 // (flags: 1 = a non-finite logit, 2 = a negative target, 4 = a non-finite target)
@@ -546,13 +603,13 @@ __device__ __forceinline__ void prefetch_pairs(p_t* p_cache, const p_t* __restri
 // at a time), one block per SM, for a pass that only streams (12-28 bytes spilled at 64).
 // 256-thread blocks of up to 32 entries a thread (the benchmark's 256 x 8 192 shape) are held to
 // 4 blocks an SM, the default's 1024 threads: left to itself ptxas gives LK^alpha's 66 registers,
-// 3 blocks (at 64 none spilled; nvcc 13, sm_90).
+// 3 blocks (at 64 none spilled; nvcc 13, sm_90); not with PIPE, whose stages hold one block an SM.
 // Elsewhere the hint would only add spills (bench/kernel_resources.py).
 #if GLOBAL_XCHG && P_ASYNC == 0
 #define ROWS_BOUNDS __launch_bounds__(THREADS, 1)
 #elif PHASE == 2 && VEC && THREADS <= 512
 #define ROWS_BOUNDS __launch_bounds__(THREADS, 1024 / THREADS)
-#elif THREADS == 256 && ITEMS > 0 && ITEMS <= 32
+#elif THREADS == 256 && ITEMS > 0 && ITEMS <= 32 && !PIPE
 #define ROWS_BOUNDS __launch_bounds__(THREADS, 4)
 #else
 #define ROWS_BOUNDS __launch_bounds__(THREADS)
@@ -564,7 +621,8 @@ __cluster_dims__(CLUSTER, 1, 1)
 lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
         const float* __restrict__ w, int has_w, const float* __restrict__ wsum, int has_wsum, float scale,
         float* __restrict__ stats, const int* __restrict__ idx, int has_idx,
-        int V, int Vt, float T, float lam, int mode_arg, int phase_arg, int* __restrict__ counts, float* __restrict__ parts)
+        int V, int Vt, float T, float lam, int mode_arg, int phase_arg, int* __restrict__ counts, float* __restrict__ parts,
+        int N)
 {
 #if MODE >= 0
     const int mode = MODE;                            // this loss's code only (SPECIALIZE)
@@ -577,6 +635,30 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
     const int phase = phase_arg;
 #endif
     __shared__ float sh[8 * 32];
+#if PIPE
+    // rows first, first + step, ...: the row's blocks (a cluster) go through them together, the
+    // stage of row k in stage k % PIPE, copied PIPE - 1 rows ahead (the first PIPE - 1 here)
+    const long first = blockIdx.x / CLUSTER, step = gridDim.x / CLUSTER;
+    const int rank = blockIdx.x % CLUSTER;            // this block's share of each row's columns
+    const int tid = LANE0 + rank * THREADS * ITEMS;   // the thread's first column
+    extern __shared__ __align__(16) float pipe_smem[];   // PIPE stages of THREADS * ITEMS logits, then as many target entries
+    #pragma unroll 1
+    for (int k = 0; k < PIPE - 1; k++)
+        stage_row(pipe_smem + k * 2 * THREADS * ITEMS, pipe_smem + (2 * k + 1) * THREADS * ITEMS, z, p,
+                  first + k * step, N, V, Vt, tid);
+    #pragma unroll 1
+    for (long k = 0, row = first; row < N; k++, row += step) {
+    __syncthreads();                                  // every thread of the block is done with the stage refilled next
+    {
+        const int ahead = (int)((k + PIPE - 1) % PIPE);
+        stage_row(pipe_smem + ahead * 2 * THREADS * ITEMS, pipe_smem + (2 * ahead + 1) * THREADS * ITEMS, z, p,
+                  row + (PIPE - 1) * step, N, V, Vt, tid);
+    }
+    wait_copies_but<PIPE - 1>();                      // this row's stage has landed (each thread reads its own entries)
+    float* z_cache = pipe_smem + (k % PIPE) * 2 * THREADS * ITEMS;
+    float* p_cache = z_cache + THREADS * ITEMS;
+    Meet meeting = {nullptr, nullptr, rank, 0};       // not used
+#else
     long row = blockIdx.x / CLUSTER;
     int rank = blockIdx.x % CLUSTER;                  // this block's share of the row's columns
 #if GLOBAL_XCHG
@@ -595,16 +677,17 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
 #else
     Meet meeting = {nullptr, nullptr, rank, 0};         // not used
 #endif
-    const in_t* zr = z + row * (long)V;
-    const p_t* pr = p + row * (long)Vt;
-    float* st = stats + row * 8;
     const int tid = LANE0 + rank * THREADS * (ITEMS > 0 ? ITEMS : 0);   // the thread's first column
-#if ITEMS > 0
-    float xr[ITEMS];
-#endif
 #if ITEMS > 0 && PCACHE > 0
     extern __shared__ __align__(16) p_t p_cache[];    // PCACHE * THREADS entries: each thread's own
                                                       // (16-byte aligned for VEC's 16-byte copies)
+#endif
+#endif
+    const in_t* zr = z + row * (long)V;
+    const p_t* pr = p + row * (long)Vt;
+    float* st = stats + row * 8;
+#if ITEMS > 0
+    float xr[ITEMS];
 #endif
     float m, s;
     // per element, x = (z - m) / T in the units of EXP_U is u = (z - m) * rT: a multiply, not the
@@ -614,7 +697,9 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
     int flags = 0;
     const bool need_x = mode == 0 || mode == 3;          // KL and LK^lambda: sum p x
     if (phase != 2) {
-#if ITEMS > 0 && PCACHE > 0 && P_ASYNC == 1
+#if PIPE
+        // (the target entries are in this row's stage already)
+#elif ITEMS > 0 && PCACHE > 0 && P_ASYNC == 1
         // the block's target entries start for shared memory now and arrive while the logits
         // are worked on; each thread copies, and later reads, its own entries only (cp.async
         // copies 4 bytes or more: a 2-byte target is copied in pairs or kept at its first read)
@@ -629,7 +714,11 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
         #pragma unroll
         for (int i = 0; i < ITEMS; i += 4) {             // 4 columns a load; a quad is all in the row or all past it
             int v = tid + COL(i);
+#if PIPE
+            const float4 z4 = v < V ? load4(&z_cache[SLOT(i)]) : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+#else
             const float4 z4 = v < V ? load4(zr + v) : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+#endif
             xr[i] = z4.x; xr[i + 1] = z4.y; xr[i + 2] = z4.z; xr[i + 3] = z4.w;
         }
 #else
@@ -720,7 +809,7 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
         // alpha = sum min(q, p); S = sum q [q < p]; psum; sum p x; sum p log p; and how many
         // threads saw each input problem: one reduction of 8 values
         float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-#if ITEMS > 0 && PCACHE > 0 && P_ASYNC
+#if ITEMS > 0 && PCACHE > 0 && P_ASYNC && !PIPE
         wait_copies();
 #if P_ASYNC == 2
         __syncwarp();                                    // the pairs the warp's other lanes copied
@@ -844,6 +933,9 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
         }
     }
     if (phase == 0) leave_row();
+#if PIPE
+    }
+#endif
 }
 
 // After lk_rows: the rows' losses and the sums of their masked mean, by one block in a fixed
@@ -928,20 +1020,21 @@ CLUSTER_CHOICES = (1, 2, 4, 8)
 #: from LKREF_CUPY_<constant> at import).
 SWITCHES = {"cache_target": "CACHE_TARGET", "clusters": "CLUSTERS", "pair_prefetch": "PAIR_PREFETCH",
             "specialize": "SPECIALIZE", "stream": "STREAM", "exp2": "EXP2", "vec": "VEC",
-            "fast_log": "FAST_LOG"}
+            "fast_log": "FAST_LOG", "pipeline": "PIPELINE"}
 _SETTINGS = ("THREADS", "BLOCK_SHARE", "MAX_ITEMS", *SWITCHES.values())
 
 
 @contextmanager
 def configured(threads=None, block_share=None, cache_target=None, clusters=None, pair_prefetch=None,
-               specialize=None, stream=None, exp2=None, vec=None, fast_log=None):
+               specialize=None, stream=None, exp2=None, vec=None, fast_log=None, pipeline=None):
     """Run the kernels with another block size or share of a row per block, without the target
     cache (for tuning), without clusters (clusters=False: a row's blocks meet in global memory,
     as on GPUs before Hopper), with a 2-byte target prefetched in pairs (PAIR_PREFETCH), as one
     kernel for every loss (specialize=False), streaming every row (stream=True), with expf
-    for each element's exp (exp2=False), without 16-byte accesses (vec=False) or with logf for
-    every log p of the KL sums (fast_log=False): threads in THREAD_CHOICES, block_share in
-    SHARE_CHOICES."""
+    for each element's exp (exp2=False), without 16-byte accesses (vec=False), with logf for
+    every log p of the KL sums (fast_log=False), or with a persistent grid whose blocks copy the
+    rows ahead into shared memory (pipeline=True, PIPELINE): threads in THREAD_CHOICES,
+    block_share in SHARE_CHOICES."""
     switches = {key: value for key, value in locals().items() if key in SWITCHES}
     old = {name: globals()[name] for name in _SETTINGS}
     try:
@@ -990,7 +1083,7 @@ _configure_from_environment()
 
 def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "float", cache_target=None,
                   dsmem: bool = True, cached=None, p_t: str = "float", pairs: bool = False, mode=None,
-                  phase=None, exp2=None, vec=False, fast_log=None) -> str:
+                  phase=None, exp2=None, vec=False, fast_log=None, pipe: int = 0) -> str:
     """The CUDA source for one (items, cluster, logits' type, gradient's type); cache_target
     (default CACHE_TARGET) keeps the target entries in shared memory between the phases of a
     launch, all `items` of each thread's or the first `cached` of them (a GPU with less shared
@@ -1004,7 +1097,10 @@ def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "f
     where p < 0.5, not logf everywhere; vec: 4 adjacent columns at a time, one access of 4
     entries (16 bytes of float32, 8 of a 2-byte type), a 2-byte target copied 4 entries a cp.async
     whatever pairs says (the caller has checked vec_fits; where a thread's items, or the target
-    entries it keeps in shared memory, are not a multiple of 4, the one-column source)."""
+    entries it keeps in shared memory, are not a multiple of 4, the one-column source); pipe:
+    PIPELINE's stages (0: none; taken only for one loss's one-launch kernel with 4 adjacent
+    columns at a time, float32 throughout and no blocks that meet in global memory, where the
+    whole target share is kept)."""
     if mode is not None and mode not in MODES.values():
         raise ValueError(f"mode must be one of {sorted(MODES.values())} or None, got {mode!r}")
     if phase not in (None, 0, 1, 2):
@@ -1014,6 +1110,8 @@ def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "f
     dsmem = bool(dsmem) or cluster == 1                # one block per row meets nobody: one source
     pairs = pairs and pcache > 0                       # nothing to copy: the same source as without
     vec = bool(vec) and items > 0 and items % 4 == 0 and pcache % 4 == 0   # (then any target is copied 4 entries a cp.async)
+    pipe = int(pipe) if (pipe and vec and pcache == items and phase == 0 and mode is not None and dsmem
+                         and (in_t, out_t, p_t) == ("float",) * 3) else 0
     return (_SOURCE.replace("__THREADS__", str(THREADS)).replace("__ITEMS__", str(items))
             .replace("__PCACHE__", str(pcache)).replace("__DSMEM__", str(int(bool(dsmem))))
             .replace("__CLUSTER__", str(cluster)).replace("__IN_T__", in_t).replace("__OUT_T__", out_t)
@@ -1021,7 +1119,8 @@ def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "f
             .replace("__ALPHA_FLOOR__", f"{ALPHA_FLOOR:e}f").replace("__SLOTS__", str(SLOTS))
             .replace("__MODE__", str(-1 if mode is None else int(mode))).replace("__PHASE__", str(-1 if phase is None else int(phase)))
             .replace("__EXP2__", str(int(bool(EXP2 if exp2 is None else exp2)))).replace("__VEC__", str(int(vec)))
-            .replace("__FAST_LOG__", str(int(bool(FAST_LOG if fast_log is None else fast_log)))))
+            .replace("__FAST_LOG__", str(int(bool(FAST_LOG if fast_log is None else fast_log))))
+            .replace("__PIPE__", str(pipe)))
 
 
 def _ctype(dt):
@@ -1036,36 +1135,40 @@ def _ctype(dt):
 
 
 class Kernels(NamedTuple):
-    """The two kernels of one variant: lk_rows (the rows), lk_finish (the mean), and the
-    dynamic shared memory lk_rows is launched with."""
+    """The two kernels of one variant: lk_rows (the rows), lk_finish (the mean), the dynamic
+    shared memory lk_rows is launched with, and its PIPELINE stages (0: a block, or cluster, a
+    row, launched for every row; else a persistent grid, any number of blocks a row each)."""
 
     rows: Any
     finish: Any
     smem: int
+    stages: int = 0
 
 
 def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True, p_dtype=np.float32, pairs=False, mode=None,
-            phase=None, vec=False) -> Kernels:
+            phase=None, vec=False, pipe=0) -> Kernels:
     cp = sys.modules["cupy"]
     dsmem = bool(dsmem) or cluster == 1
     key = (str(in_dtype), str(out_dtype), items, cluster, THREADS, CACHE_TARGET, dsmem, str(p_dtype), bool(pairs), mode,
-           phase, EXP2, bool(vec), FAST_LOG)
+           phase, EXP2, bool(vec), FAST_LOG, int(pipe))
     if key not in _cache:
         p_bytes = np.dtype(p_dtype).itemsize
 
-        def build(cached):
+        def build(cached, pipe):
             src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), dsmem=dsmem, cached=cached,
-                                p_t=_ctype(p_dtype), pairs=pairs, mode=mode, phase=phase, vec=vec)
-            return src, _build(cp, src), p_bytes * cached * THREADS
+                                p_t=_ctype(p_dtype), pairs=pairs, mode=mode, phase=phase, vec=vec, pipe=pipe)
+            stages = int(re.search(r"#define PIPE (\d+)", src).group(1))    # what the source took
+            smem = stage_bytes(items) * stages if stages else p_bytes * cached * THREADS
+            return src, _build(cp, src), smem, stages
 
-        src, kern, smem = build(cached_items(items, _smem_optin(cp), p_bytes, phase))
+        src, kern, smem, stages = build(items if pipe else cached_items(items, _smem_optin(cp), p_bytes, phase), pipe)
         if smem:                                       # opt in: without it a block gets 48 KiB of static
             try:                                       # and dynamic shared memory together
                 kern.max_dynamic_shared_size_bytes = smem
-            except Exception:                          # refused all the same: no cache
-                src, kern, smem = build(0)
+            except Exception:                          # refused all the same: no cache, no stages
+                src, kern, smem, stages = build(0, 0)
         finish = cp.RawKernel(src, "lk_finish", options=kern.options)     # the same module, compiled once
-        _cache[key] = Kernels(kern, finish, smem)
+        _cache[key] = Kernels(kern, finish, smem, stages)
     return _cache[key]
 
 
@@ -1078,6 +1181,32 @@ def cached_items(items, optin=None, p_bytes=4, phase=None):
     if optin is not None:
         cached = min(cached, max(0, (optin - STATIC_SMEM_ROOM) // (p_bytes * THREADS)))
     return cached
+
+
+def stage_bytes(items) -> int:
+    """Shared memory of one PIPELINE stage: a block's share of a row's float32 logits and target."""
+    return 8 * THREADS * items
+
+
+def pipe_stages(cp, items) -> int:
+    """PIPELINE's stages for rows of `items` a thread: PIPE_STAGES, or as many as this GPU's
+    blocks have room for; 0 where fewer than 2 fit (a stage ahead is the point)."""
+    optin = _smem_optin(cp) or 48 * 1024
+    stages = min(PIPE_STAGES, (optin - STATIC_SMEM_ROOM) // stage_bytes(items)) if items else 0
+    return stages if stages >= 2 else 0
+
+
+def _resident_clusters(cp, smem, cluster, N) -> int:
+    """Clusters (of `cluster` blocks; or blocks) of a PIPELINE launch: as many as this GPU holds
+    at once by its SMs' shared memory and threads, at most N; N where CuPy cannot say (every
+    row its own cluster, which is still right)."""
+    try:
+        attrs = cp.cuda.Device().attributes
+        sms, per_sm = int(attrs["MultiProcessorCount"]), int(attrs["MaxSharedMemoryPerMultiprocessor"])
+    except Exception:
+        return N
+    blocks = sms * max(1, min(per_sm // (smem + STATIC_SMEM_ROOM), 2048 // THREADS))
+    return max(1, min(N, blocks // cluster))
 
 
 def _smem_optin(cp):
@@ -1219,10 +1348,12 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
         or (alias and name == "lk_alpha")
     pairs = _pairs(p2, idx)
     vec = vec_fits(z2, p2, g2, idx)
+    pipe = pipe_stages(cp, items) if (PIPELINE and SPECIALIZE and not two_pass and vec and (dsmem or cluster == 1)
+                                      and all(np.dtype(a.dtype) == np.float32 for a in (z2, p2, g2))) else 0
 
     phases = (1, 2) if two_pass else (0,)
     if SPECIALIZE:                                    # a kernel for this loss and each phase of the call
-        by_phase = {ph: _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, pairs, MODES[name], ph, vec)
+        by_phase = {ph: _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, pairs, MODES[name], ph, vec, pipe)
                     for ph in phases}
     else:                                             # one for every loss and phase
         by_phase = dict.fromkeys(phases, _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, pairs,
@@ -1243,11 +1374,12 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     def rows(phase, lam_v, wsum=None, scale=0.0):
         if N:
             k = by_phase[phase]
-            k.rows((N * cluster,), (THREADS,), (
+            grid = _resident_clusters(cp, k.smem, cluster, N) * cluster if k.stages else N * cluster
+            k.rows((grid,), (THREADS,), (
                 z2, p2, g2, w_arg, np.int32(w is not None), absent if wsum is None else wsum,
                 np.int32(wsum is not None), np.float32(scale), stats, idx_arg, np.int32(idx is not None),
                 np.int32(V), np.int32(Vt), np.float32(T), np.float32(lam_v), mode, np.int32(phase),
-                counts, parts), shared_mem=k.smem)
+                counts, parts, np.int32(N)), shared_mem=k.smem)
 
     def finish(lam_v):
         kern.finish((1,), (THREADS,), (stats, w_arg, np.int32(w is not None), np.int32(idx is not None),

@@ -3,7 +3,8 @@
 // fibers of one thread-block cluster switch at each barrier and shuffle, in a seeded order.
 //
 // What it models: __syncthreads, __shfl_xor_sync and __syncwarp (all 32 lanes must take part),
-// cp.async (copy_async, copy_pair_async / wait_copies: the copy happens at the wait), static and
+// cp.async (copy_async, copy_pair_async, copy_quad_async / wait_copies, and commit_copies /
+// wait_copies_but for groups of them: the copy happens at the wait that covers it), static and
 // dynamic __shared__ memory per block (tests/simt_cpu.py rewrites the declarations into
 // emu::shared<T>(name, count) calls; fresh memory is filled with NaN bytes), and the
 // cooperative-groups cluster API (this_cluster().sync(), its split barrier_arrive and
@@ -75,6 +76,7 @@ struct Fiber {
     uint32_t priority = 0;
     std::vector<std::pair<int, long>> executions;  // (code line, how often this thread ran it), tracing
     std::vector<std::pair<void*, const void*>> copies;     // copy_async issued (4 bytes each), not yet waited for
+    std::vector<size_t> groups;               // where each committed group of copies ends in `copies` (commit_copies)
     std::vector<std::pair<float*, float>> stores;          // published, not yet fenced (visible to others)
     long arrived_at = -1;                     // the cluster barrier's phase of a split arrival not yet waited for
 };
@@ -104,7 +106,7 @@ struct State {
     std::mt19937 rng;
     bool sticky = false;
     Fiber* cur = nullptr;
-    unsigned block_base = 0, threads = 0;
+    unsigned block_base = 0, threads = 0, grid = 0;
     std::function<void()> body;
     std::string error;
     long reads[3] = {0, 0, 0};                // global reads of z and p counted by the harness's rewrite, expf calls
@@ -187,6 +189,7 @@ template <class T> T* map_rank(T* p, unsigned rank) {
 #define threadIdx (emu_dim3{emu::S.cur->tid, 0u, 0u})
 #define blockIdx (emu_dim3{emu::S.block_base + emu::S.cur->block, 0u, 0u})
 #define blockDim (emu_dim3{emu::S.threads, 1u, 1u})
+#define gridDim (emu_dim3{emu::S.grid, 1u, 1u})
 
 typedef _Float16 __half;
 struct __nv_bfloat16 { uint16_t bits; };        // bfloat16 by its bits (no compiler type needed)
@@ -260,6 +263,21 @@ template <class T> inline void copy_pair(T* dst, const T* src, int line) {
 inline void wait_copies() {
     for (auto& c : emu::S.cur->copies) std::memcpy(c.first, c.second, 4);
     emu::S.cur->copies.clear();
+    emu::S.cur->groups.clear();
+}
+// cp.async groups (fused_cupy.PIPELINE): commit_copies closes a group of the thread's copies;
+// wait_copies_but<N> lands the copies of every committed group but the N committed last
+// (cp.async.wait_group N) and leaves those, and any copy not yet committed, in flight.
+inline void commit_copies() { emu::S.cur->groups.push_back(emu::S.cur->copies.size()); }
+template <int N> inline void wait_copies_but() {
+    auto& copies = emu::S.cur->copies;
+    auto& groups = emu::S.cur->groups;
+    if (groups.size() <= (size_t)N) return;
+    const size_t landed = groups.size() - N, upto = groups[landed - 1];
+    for (size_t k = 0; k < upto; k++) std::memcpy(copies[k].first, copies[k].second, 4);
+    copies.erase(copies.begin(), copies.begin() + upto);
+    groups.erase(groups.begin(), groups.begin() + landed);
+    for (auto& end : groups) end -= upto;
 }
 // __syncwarp: every lane of the warp (the full mask only), with its memory ordering
 inline void __syncwarp(unsigned mask = 0xffffffffu) {

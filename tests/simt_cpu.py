@@ -32,7 +32,7 @@ HEADER = Path(__file__).with_name("simt_cpu.h")
 RUNTIME = Path(__file__).with_name("simt_cpu_runtime.cpp")    # built once, linked to every variant
 GUARD = 256                                  # elements of guard zone on each side of an array
 
-# lk_rows reads the logits only through to_f(zr[v]) or load4(zr + v) and the target only through
+# lk_rows reads the logits only through to_f(zr[v]), load4(zr + v) or copies from zr + v (PIPE) and the target only through
 # target(...), load4(pr + v) or copies from target_at(...) or pr + v (copy_quad_async), and stores the gradient only
 # through store(g + ..., gv) or store4(g + ..., ...): each
 # becomes the same access through emu::noted(kind, line, address).  (pattern, replacement);
@@ -45,6 +45,7 @@ NOTED = ((r"target_at\(pr, idx, (\w+), v\)", r"emu::noted(1, __LINE__, target_at
          (r"load4\(zr \+ v\)", r"load4(emu::noted(0, __LINE__, zr + v, 4))"),
          (r"load4\(pr \+ v\)", r"load4(emu::noted(1, __LINE__, pr + v, 4))"),
          (r"copy_quad_async\((&p_cache\[SLOT\(i\)\]), pr \+ v\)", r"copy_quad_async(\1, emu::noted(1, __LINE__, pr + v, 4))"),
+         (r"copy_quad_async\((&z_cache\[SLOT\(i\)\]), zr \+ v\)", r"copy_quad_async(\1, emu::noted(0, __LINE__, zr + v, 4))"),
          (r"store4\((g \+ row \* \(long\)V \+ v4), ", r"store4(emu::noted(2, __LINE__, \1, 4), "))
 TRAFFIC_KINDS = ("logits", "target", "gradient")
 _built: dict = {}
@@ -248,6 +249,7 @@ class CpuKernel:
         self.seeds = seeds
         self.resident = meeting_blocks(cuda_source) + 1 if kernel == "lk_rows" and meeting_blocks(cuda_source) else 0
         self.launches = 0
+        self.grids = []                          # per launch: its blocks
         self.reads = []                          # per launch: (logit reads, target reads, expf calls)
         self.trace = False                       # record the memory traffic (slower)
         self.traffic = []                        # per launch when tracing: {kind: (bytes, 32-byte sectors)}
@@ -295,6 +297,7 @@ class CpuKernel:
     def __call__(self, grid, block, args, shared_mem=0):
         self.check_arguments(args)
         self.launches += 1
+        self.grids.append(grid[0])
         results = []
         for seed in self.seeds:
             bufs, cargs = {}, []                 # bufs: argument index -> guarded copy

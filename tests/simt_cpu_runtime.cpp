@@ -207,6 +207,7 @@ int run(unsigned grid, unsigned threads, unsigned cluster, unsigned seed, std::f
         unsigned resident) {
     S.body = std::move(body);
     S.threads = threads;
+    S.grid = grid;
     S.error.clear();
     S.reads[0] = S.reads[1] = S.reads[2] = 0;
     S.accesses.clear();

@@ -469,6 +469,7 @@ def test_the_gpu_branch_of_the_bench_runs(monkeypatch, tmp_path):
     assert {("lk_alpha", benchmark.GENERIC_LABEL), ("lk_alpha", benchmark.EXPF_LABEL), ("lk_alpha", benchmark.SCALAR_LABEL)} | {("lk_alpha", f"fused stream {t}t") for t in benchmark.STREAM_THREADS} <= impls
     assert {("lk_lambda", "lkref fused lam="), ("lk_alpha", "lkref reference")} <= impls
     assert ("lk_lambda", benchmark.LOGF_LABEL + " lam=") in impls       # one launch, as 'lkref fused lam='
+    assert {("lk_alpha", benchmark.PIPE_LABEL), ("lk_lambda", benchmark.PIPE_LABEL + " lam=")} <= impls
     assert not any(impl.startswith(benchmark.LOGF_LABEL) for loss, impl in impls if loss == "lk_alpha")   # no log p
     assert ("lk_alpha", benchmark.MEETING_LABEL) not in impls        # V = 300: one block per row
     assert not {("lk_alpha", benchmark.PAIRS_LABEL)} & impls           # float32: no pairs to copy
@@ -616,7 +617,7 @@ def test_gpu_warm_compiles_each_source_once_and_covers_the_tests():
         with fused_cupy.configured(threads=s.threads, block_share=s.share, cache_target=s.cache, stream=s.stream):
             head = (s.threads, s.cache, s.dt if s.dt == s.pdt else (s.dt, s.pdt), fused_cupy.plan(s.V), s.dsmem, s.optin)
         tail = (() if s.exp2 == fused_cupy.EXP2 else ("expf",)) + (("vec",) if s.vec else ()) \
-            + (() if s.fast_log == fused_cupy.FAST_LOG else ("logf",))
+            + (() if s.fast_log == fused_cupy.FAST_LOG else ("logf",)) + (("pipe",) if s.pipe else ())
         # the gradient launch keeps no target in shared memory: with pairs or without, one source
         for pairs in ({False, s.pdt != "float32"} if s.phase == 2 else {s.pairs}):
             built.setdefault(head + (("pairs",) if pairs else ()) + tail, set()).add((s.mode, s.phase))
@@ -674,12 +675,20 @@ def test_gpu_warm_compiles_each_source_once_and_covers_the_tests():
             built[(fused_cupy.THREADS, True, "float32", fused_cupy.plan(V), True, None) + vec + ("logf",)], V
         for threads in benchmark.STREAM_THREADS:
             assert alpha in built[(threads, True, "float32", (0, 1), True, None)], (threads, V)
+    with fused_cupy.configured(threads=benchmark.PIPE_SHAPE[0], block_share=benchmark.PIPE_SHAPE[1]):
+        marks = [m for m in test_gpu.test_fused_pipelined_rows.pytestmark if m.args[0] == "V"]
+        for V in marks[0].args[1] + [32_000]:               # the GPU test's, the benchmark's ('fused pipelined')
+            key = (benchmark.PIPE_SHAPE[0], True, "float32", fused_cupy.plan(V), True, None, "vec", "pipe")
+            assert {(m, 0) for m in fused_cupy.MODES.values()} <= built[key], V
+    assert not any(s.pipe for s in warm.variants(clusters=False))        # clusters only
     assert all(s.dsmem is False for s in warm.variants(clusters=False))     # a GPU before Hopper
     assert all(s.pdt == s.dt != "float32" for s in specs if s.pairs)         # pairs: 2-byte targets only
 
 
 def test_gpu_warm_builds_through_lkrefs_own_kernel_cache(monkeypatch):
-    """_compile (run in worker processes on the GPU) calls fused_cupy._kernel as the losses do."""
+    """_compile (run in worker processes on the GPU) calls fused_cupy._kernel as the losses do,
+    the smaller GPU's shared memory only for the variant that asks for it (a worker process
+    goes on to other variants)."""
     import types
     from lkref import fused_cupy
     warm = _load_bench("gpu_warm")
@@ -688,9 +697,9 @@ def test_gpu_warm_builds_through_lkrefs_own_kernel_cache(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", fake)
     built = []
     monkeypatch.setattr(fused_cupy, "_smem_optin", fused_cupy._smem_optin)    # _compile's change is undone
-    monkeypatch.setattr(fused_cupy, "_kernel", lambda i, o, items, cluster, dsmem, p, pairs, mode, phase, vec: built.append(
+    monkeypatch.setattr(fused_cupy, "_kernel", lambda i, o, items, cluster, dsmem, p, pairs, mode, phase, vec, pipe: built.append(
         (str(i), str(o), items, cluster, dsmem, str(p), pairs, fused_cupy.THREADS, fused_cupy.BLOCK_SHARE,
-         fused_cupy._smem_optin(fake), mode, phase, fused_cupy.EXP2, vec, fused_cupy.FAST_LOG)))
+         fused_cupy._smem_optin(fake), mode, phase, fused_cupy.EXP2, vec, fused_cupy.FAST_LOG) + ((pipe,) if pipe else ())))
     Spec = warm.Spec
     warm._compile(Spec(512, 16_384, True, "float32", "float32", 128_256, True, None, False, 2, 0, False, True, True, True))
     warm._compile(Spec(512, 32_768, True, "float16", "float32", 4099, True, None, False, 0, 1, False, True, False, True))
@@ -700,13 +709,15 @@ def test_gpu_warm_builds_through_lkrefs_own_kernel_cache(monkeypatch):
     warm._compile(Spec(1024, 32_768, True, "float32", "float32", 32_000, True, None, False, 2, 0, True, True, False, True))
     warm._compile(Spec(512, 32_768, True, "float32", "float32", 32_000, False, 99 * 1024, False, None, None, False, True,
                        False, True))
+    warm._compile(Spec(512, 8_192, True, "float32", "float32", 32_000, True, None, False, 2, 0, False, True, True, True, 3))
     assert built == [("float32", "float32", 32, 8, True, "float32", False, 512, 16_384, None, 2, 0, True, True, True),
                      ("float16", "float16", 9, 1, True, "float32", False, 512, 32_768, None, 0, 1, True, False, True),
                      ("float16", "float16", 63, 1, True, "float16", True, 512, 32_768, None, 1, 0, True, False, True),
                      ("float32", "float32", 50, 2, False, "float32", False, 512, 32_768, None, 3, 2, False, False, False),
                      ("float32", "float32", 0, 1, True, "float32", False, 1024, 32_768, None, 2, 0, True, False, True),
                      ("float32", "float32", 63, 1, False, "float32", False, 512, 32_768, 99 * 1024, None, None, True,
-                      False, True)]
+                      False, True),
+                     ("float32", "float32", 16, 4, True, "float32", False, 512, 8_192, None, 2, 0, True, True, True, 3)]
     assert fused_cupy.FAST_LOG is True and fused_cupy.EXP2 is True            # restored after each
 
 

@@ -40,7 +40,7 @@ REDUCED = sorted(lkref.LOSSES)
 
 def kernel_on_the_cpu(grid, block, args, shared_mem=0):
     """lk_rows, transcribed: each row is one block."""
-    z2, p2, g2, w, has_w, wsum, has_wsum, scale, stats, idx, has_idx, V, Vt, T, lam, mode, phase, _, _ = args
+    z2, p2, g2, w, has_w, wsum, has_wsum, scale, stats, idx, has_idx, V, Vt, T, lam, mode, phase, _, _, _ = args
     T, lam, mode, phase = float(T), float(lam), int(mode), int(phase)
     z = z2.astype(np.float32)
     p = (p2[:, idx] if int(has_idx) else p2).astype(np.float32)   # the kernel reads a 2-byte target as float
@@ -727,6 +727,78 @@ def test_simt_four_adjacent_two_byte_entries(simt, monkeypatch, name, dtypes):
         assert results[0].grad.dtype == z.dtype
 
 
+@pytest.mark.parametrize("name", REDUCED)
+@pytest.mark.parametrize("V, cluster, stages, resident", [(200, 1, 3, 2), (1000, 4, 3, 8), (1000, 4, 2, 4),
+                                                          (1000, 4, 3, 1000)])
+def test_simt_pipelined_rows(simt, monkeypatch, name, V, cluster, stages, resident):
+    """PIPELINE: a persistent grid of `resident` blocks (or as many clusters of them as fit, at
+    most N), each block or cluster going through rows first, first + step, ..., with the
+    logits and the target of the next stages - 1 rows copied into shared memory while it works
+    on this one; with one block a row and with clusters of 4, 2 or 3 stages, and 1 to 4 rows a
+    cluster (7 rows).  Each the reference's result (LK^lambda with lam=, one launch), each
+    logit and target entry read once (counted), the grid as small as said."""
+    small_blocks(monkeypatch)
+    monkeypatch.setattr(fused_cupy, "PIPE_STAGES", stages)
+    monkeypatch.setattr(fused_cupy, "_resident_clusters", lambda cp, smem, cl, N: max(1, min(N, resident // cl)))
+    kernels = built_kernels(monkeypatch)
+    grids = []
+    rng = np.random.default_rng(V + stages)
+    N = 7
+    z = make_logits(rng, (N, V), dtype=np.float32)
+    p = make_probs(rng, (N, V), dtype=np.float32)
+    kw = {"temperature": 0.8, "mask": rng.random(N).astype(np.float32)}
+    if name == "lk_lambda":
+        kw["lam"] = 0.3
+    want = reference(name, z, p, **kw)
+    with fused_cupy.configured(pipeline=True):
+        assert fused_cupy.plan(V)[1] == cluster
+        got = run(name, z, p, **kw)
+    close(got, want)
+    k = kernels[-1]
+    assert f"#define PIPE {stages}" in k.rows.code and k.stages == stages
+    assert k.smem == stages * fused_cupy.stage_bytes(fused_cupy.plan(V)[0])
+    assert k.rows.reads[-1][:2] == (N * V, N * V)                 # once each
+    assert k.rows.grids[-1] == min(N, resident // cluster) * cluster
+    with fused_cupy.configured(pipeline=True, vec=False):    # one column at a time: no stages
+        close(run(name, z, p, **kw), want)
+    assert "#define PIPE 0" in kernels[-1].rows.code and kernels[-1].stages == 0
+
+
+def test_pipeline_only_where_it_applies(simt, monkeypatch):
+    """PIPELINE takes a persistent grid only for one launch of float32 rows with 4 adjacent
+    columns a thread, in clusters or a block a row; not for LK^lambda's batch lambda (two
+    launches), blocks that meet in global memory, a float16 target, or streamed rows; and
+    it needs room for 2 stages a block (3 by default)."""
+    import types
+    small_blocks(monkeypatch)
+    kernels = built_kernels(monkeypatch)
+    rng = np.random.default_rng(51)
+    z = make_logits(rng, (3, 1000), dtype=np.float32)
+    p = make_probs(rng, (3, 1000), dtype=np.float32)
+
+    def stages(name, z, p, **kw):
+        with fused_cupy.configured(pipeline=True):
+            close(run(name, z, p, **kw), reference(name, z, p, **kw))
+        return [k.stages for k in kernels[-2 if name == "lk_lambda" and "lam" not in kw else -1:]]
+    assert stages("lk_alpha", z, p) == [3]
+    assert stages("lk_lambda", z, p) == [0, 0]                         # statistics, then gradient
+    assert stages("lk_alpha", z, p.astype(np.float16)) == [0]
+    assert stages("lk_alpha", make_logits(rng, (3, 3000), dtype=np.float32),
+                  make_probs(rng, (3, 3000), dtype=np.float32)) == [0]   # streamed
+    monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: False)
+    assert stages("kl", z, p) == [0]                                   # blocks that meet in global memory
+    per_stage = fused_cupy.stage_bytes(4)                              # 64 threads x 4 entries x 8 bytes
+    for optin, want in ((None, 3), (fused_cupy.STATIC_SMEM_ROOM + 2 * per_stage, 2),
+                        (fused_cupy.STATIC_SMEM_ROOM + 2 * per_stage - 1, 0)):
+        monkeypatch.setattr(fused_cupy, "_smem_optin", lambda cp: optin)
+        assert fused_cupy.pipe_stages(None, 4) == want, optin
+    device = types.SimpleNamespace(attributes={"MultiProcessorCount": 132, "MaxSharedMemoryPerMultiprocessor": 228 * 1024})
+    cp = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=lambda: device))
+    assert fused_cupy._resident_clusters(cp, 192 * 1024, 4, 4096) == 33          # an H100: one block an SM
+    assert fused_cupy._resident_clusters(cp, 192 * 1024, 4, 20) == 20           # at most a cluster a row
+    assert fused_cupy._resident_clusters(np, 192 * 1024, 4, 20) == 20           # unknown: a cluster a row
+
+
 def test_simt_one_column_at_a_time_where_rows_are_not_aligned(simt, monkeypatch):
     """vec_fits refuses VEC for a row that is not a multiple of 4 entries, logits or a gradient
     buffer off a 16-byte boundary (float32), a 2-byte target off an 8-byte one, and
@@ -1003,6 +1075,12 @@ PLANTED = {
     "pairs: a lane copies the wrong pair": ("const int lane = threadIdx.x & 31, k = 2 * (lane & 15);",
                                             "const int lane = threadIdx.x & 31, k = lane & 15;", None,
                                             {"name": "lk_alpha", "p_dtype": np.float16, "pairs": True, "vec": False}),
+    # PIPELINE: a persistent grid with the rows ahead copied into shared memory
+    "pipeline: a row's stage read before its copies land": (
+        "    wait_copies_but<PIPE - 1>();", "    wait_copies_but<PIPE>();", None, {"name": "lk_alpha", "pipeline": True}),
+    "pipeline: the rows ahead copied into this row's stage": (
+        "        const int ahead = (int)((k + PIPE - 1) % PIPE);", "        const int ahead = (int)(k % PIPE);", None,
+        {"name": "lk_alpha", "pipeline": True}),
     # in blocks that meet in global memory (run as on a GPU without clusters)
     "meeting: rows by blockIdx, not by start order": ("        row = ticket / CLUSTER;\n        rank = ticket % CLUSTER;\n",
                                                       "", "deadlock"),
@@ -1035,10 +1113,14 @@ def test_simt_catches_planted_kernel_bugs(simt, monkeypatch, bug):
     if bug.startswith("meeting:"):
         no_clusters(monkeypatch)
     old, new, message, *how = PLANTED[bug]
-    how = {"name": "lk_lambda", "V": 1000, "p_dtype": np.float32, "pairs": False, "vec": True, **(how[0] if how else {})}
+    how = {"name": "lk_lambda", "V": 1000, "p_dtype": np.float32, "pairs": False, "vec": True, "pipeline": False,
+           **(how[0] if how else {})}
     name = how["name"]
     monkeypatch.setattr(fused_cupy, "PAIR_PREFETCH", how["pairs"])
     monkeypatch.setattr(fused_cupy, "VEC", how["vec"])
+    if how["pipeline"]:                           # one cluster goes through every row
+        monkeypatch.setattr(fused_cupy, "PIPELINE", True)
+        monkeypatch.setattr(fused_cupy, "_resident_clusters", lambda cp, smem, cluster, N: 1)
     assert fused_cupy._SOURCE.count(old) == 1
     rng = np.random.default_rng(11)
     z = make_logits(rng, (5, how["V"]), dtype=np.float32)

@@ -288,6 +288,25 @@ def test_fused_two_byte_logits_four_adjacent_entries(cp, name, dtypes):
         np.testing.assert_allclose(to_numpy(fast.alpha), to_numpy(ref.alpha), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", REDUCED)
+@pytest.mark.parametrize("V", [4096, 32_000])
+def test_fused_pipelined_rows(cp, name, V):
+    """fused_cupy.PIPELINE at 512 threads x 8 192 floats a block (the benchmark's 'fused
+    pipelined'): a persistent grid, each block (V = 4 096) or cluster of 4 (V = 32 000) going
+    through some 10 of the 300 rows, with the next rows' logits and target copied into shared
+    memory while it works on one; the reference's result (LK^lambda with lam=, one launch)."""
+    rng = np.random.default_rng(V + 9)
+    N = 300
+    z = make_logits(rng, (N, V), dtype=np.float32)
+    p = peaked_probs(rng, (N, V)).astype(np.float32)
+    kw = {"lam": 0.3} if name == "lk_lambda" else {}
+    with fused_cupy.configured(pipeline=True, threads=512, block_share=8192):
+        items, cluster = fused_cupy.plan(V)
+        assert items % 4 == 0 and fused_cupy.pipe_stages(cp, items) >= 2
+        assert fused_cupy._resident_clusters(cp, fused_cupy.stage_bytes(items) * fused_cupy.PIPE_STAGES, cluster, N) < N
+        compare(cp, name, z, p, **kw)
+
+
 def test_fused_bfloat16_logits_where_cupy_has_them(cp):
     ml_dtypes = pytest.importorskip("ml_dtypes")
     rng = np.random.default_rng(6)
