@@ -741,7 +741,6 @@ def test_simt_pipelined_rows(simt, monkeypatch, name, V, cluster, stages, reside
     monkeypatch.setattr(fused_cupy, "PIPE_STAGES", stages)
     monkeypatch.setattr(fused_cupy, "_resident_clusters", lambda cp, smem, cl, N: max(1, min(N, resident // cl)))
     kernels = built_kernels(monkeypatch)
-    grids = []
     rng = np.random.default_rng(V + stages)
     N = 7
     z = make_logits(rng, (N, V), dtype=np.float32)
