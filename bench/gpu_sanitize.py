@@ -28,9 +28,11 @@ from lkref.benchmark import make_problem, rel_err  # noqa: E402
 
 #: (label, loss, N, V, options): one block per row, the 48 KiB cache boundary, clusters of 2,
 #: 4 and 8, streaming; the two-launch calls (batch lambda, draft_to_target, gradient into the
-#: logits); weights and temperature; float16 logits, and a float16 target too (read as it is and
-#: kept in shared memory at its first read, or copied there in pairs); rows that take LK^alpha's log-space
-#: fallback; and blocks that meet in global memory, as on a GPU without clusters.
+#: logits); weights and temperature; float16 logits, and a float16 target too (read as it is:
+#: 4 entries an 8-byte access, or one column at a time kept in shared memory at its first read,
+#: or copied there in pairs); the pipelined grid (PIPELINE, off by default; a grid of 2 blocks
+#: or clusters, so that each goes through 2-3 rows and its stages); rows that take LK^alpha's
+#: log-space fallback; and blocks that meet in global memory, as on a GPU without clusters.
 CASES = (
     ("one block", "lk_alpha", 3, 1000, {}),
     ("48 KiB target cache", "tv", 2, 12_000, {}),
@@ -43,7 +45,12 @@ CASES = (
     ("gradient into the logits", "lk_alpha", 3, 2000, {"out": "logits"}),
     ("float16 logits", "tv", 3, 4099, {"dtype": "float16"}),
     ("float16 logits and target", "lk_alpha", 2, 128_256, {"dtype": "float16", "target_dtype": "float16"}),
-    ("float16 target in pairs", "tv", 2, 32_000, {"dtype": "float16", "target_dtype": "float16", "pairs": True}),
+    ("float16 one column at a time", "lk_alpha", 2, 32_000, {"dtype": "float16", "target_dtype": "float16",
+                                                             "vec": False}),
+    ("float16 target in pairs", "tv", 2, 32_000, {"dtype": "float16", "target_dtype": "float16", "pairs": True,
+                                                  "vec": False}),
+    ("pipelined, a block a row", "lk_lambda", 5, 4096, {"pipeline": True, "lam": 0.3}),
+    ("pipelined, clusters of 4", "lk_alpha", 5, 32_000, {"pipeline": True}),
     ("log-space fallback", "lk_alpha", 3, 300, {"disjoint": True}),
     ("no clusters: 2 blocks meet", "lk_lambda", 3, 32_000, {"clusters": False}),
     ("no clusters: 4 blocks meet", "lk_alpha", 2, 50_257, {"clusters": False}),
@@ -78,9 +85,18 @@ def check(cp, label, name, N, V, options, seed):
     host_kw = {k: to_numpy(v) if hasattr(v, "shape") else v for k, v in kw.items()}
     ref = lkref.LOSSES[name](z.astype(np.float32), p, impl="reference", **host_kw)    # before out= overwrites z
     zd = cp.asarray(z)
-    # clusters=False: as on a GPU before Hopper; pairs: a 2-byte target copied in pairs
-    with fused_cupy.configured(clusters=options.get("clusters"), pair_prefetch=options.get("pairs")):
-        fast = lkref.LOSSES[name](zd, cp.asarray(p), impl="fused", **(dict(kw, out=zd) if options.get("out") else kw))
+    # clusters=False: as on a GPU before Hopper; pairs: a 2-byte target copied in pairs; vec=False:
+    # one column at a time; pipeline: the persistent grid, at 512 x 8 192 (the benchmark's)
+    pipe = options.get("pipeline")
+    grid = fused_cupy._resident_clusters
+    try:
+        if pipe:                                     # 2 blocks or clusters: 2-3 rows each
+            fused_cupy._resident_clusters = lambda cp, smem, cluster, N: min(N, 2)
+        with fused_cupy.configured(clusters=options.get("clusters"), pair_prefetch=options.get("pairs"),
+                                   vec=options.get("vec"), pipeline=pipe, block_share=8192 if pipe else None):
+            fast = lkref.LOSSES[name](zd, cp.asarray(p), impl="fused", **(dict(kw, out=zd) if options.get("out") else kw))
+    finally:
+        fused_cupy._resident_clusters = grid
     rtol = 5e-3 if z.dtype == np.float16 else RTOL
     err, loss_err = rel_err(fast.grad, ref.grad), rel_err(fast.loss, ref.loss)
     if not (err <= rtol and loss_err <= rtol):
