@@ -53,7 +53,8 @@ class Spec(NamedTuple):
     launch), 1 or 2 (the two launches of the others), None with mode None; stream: every row
     streamed; exp2: each element's exp by exp2f (fused_cupy.EXP2), else expf; vec: 4 adjacent
     columns a thread at a time (fused_cupy.VEC); fast_log: log p by __logf below 0.5
-    (fused_cupy.FAST_LOG), else logf; pipe: fused_cupy.PIPELINE's stages (0: off)."""
+    (fused_cupy.FAST_LOG), else logf; pipe: fused_cupy.PIPELINE's stages (0: off); ahead:
+    fused_cupy.L2_AHEAD."""
 
     threads: int
     share: int
@@ -71,6 +72,7 @@ class Spec(NamedTuple):
     vec: bool
     fast_log: bool
     pipe: int = 0
+    ahead: bool = False
 
 
 def variants(clusters=True):
@@ -120,13 +122,15 @@ def variants(clusters=True):
                     fused_cupy.PIPE_STAGES) for m in ("lk_alpha", "lk_lambda") for V in goal_vocabs + [4096]]
         wanted += [(PIPE_SHAPE + (True,), f32, f32, V, clusters, None, False, mode[m], 0, False, exp2, vec, fast,
                     fused_cupy.PIPE_STAGES) for m in ("kl", "tv") for V in (4096, 32_000)]
+        wanted += [(default, f32, f32, V, clusters, None, False, mode[m], 0, False, exp2, vec, fast, 0, True)
+                   for m in fused_cupy.MODES for V in goal_vocabs + [4096]]            # 'fused L2 ahead', its test
     seen, out = set(), []
     for shape, dt, pdt, V, *rest in wanted:
         spec = Spec(*shape, dt, pdt, V, *rest)
         fits = spec.vec and V % 4 == 0                    # as vec_fits has it for aligned arrays
         src = source(spec._replace(vec=fits))
         spec = spec._replace(vec="#define VEC 1" in src,  # what the source does (kernel_source's own conditions)
-                             pipe=int(re.search(r"#define PIPE (\d+)", src).group(1)))
+                             pipe=int(re.search(r"#define PIPE (\d+)", src).group(1)), ahead="#define AHEAD 1" in src)
         if (dt, src) not in seen:
             seen.add((dt, src))
             out.append(spec)
@@ -142,7 +146,7 @@ def source(spec):
         c = fused_cupy._ctype(spec.dt)
         return fused_cupy.kernel_source(items, cluster, c, c, dsmem=spec.dsmem, cached=items if spec.pipe else kept,
                                         p_t=fused_cupy._ctype(spec.pdt), pairs=spec.pairs, mode=spec.mode,
-                                        phase=spec.phase, vec=spec.vec, pipe=spec.pipe)
+                                        phase=spec.phase, vec=spec.vec, pipe=spec.pipe, ahead=spec.ahead)
 
 
 def _compile(spec):
@@ -162,7 +166,7 @@ def _compile(spec):
                                    stream=spec.stream, exp2=spec.exp2, fast_log=spec.fast_log):
             items, cluster = fused_cupy.plan(spec.V)
             fused_cupy._kernel(dtype, dtype, items, cluster, spec.dsmem, p_dtype, spec.pairs, spec.mode, spec.phase,
-                               spec.vec, spec.pipe)
+                               spec.vec, spec.pipe, spec.ahead)
     finally:
         fused_cupy._smem_optin = optin
     return time.perf_counter() - t0
@@ -179,7 +183,7 @@ def describe(spec):
             + (" all modes" if spec.mode is None else f" mode {spec.mode}")
             + ("" if spec.phase is None else f" phase {spec.phase}") + (" stream" if spec.stream else "")
             + ("" if spec.exp2 else " expf") + (" vec" if spec.vec else "") + ("" if spec.fast_log else " logf")
-            + (f" pipelined ({spec.pipe} stages)" if spec.pipe else ""))
+            + (f" pipelined ({spec.pipe} stages)" if spec.pipe else "") + (" L2-ahead" if spec.ahead else ""))
 
 
 def main(argv):

@@ -224,10 +224,13 @@ def _entries(xp, backend, fn, loss, z, p, out, N, V):
                    ("lkref fused out=", lambda: fn(z, p, impl="fused", out=out), False)]
         if loss == "lk_lambda":
             entries.append(("lkref fused lam=", lambda: fn(z, p, impl="fused", lam=0.5), True))
-        if loss in ("lk_alpha", "lk_lambda") and z.dtype == np.float32 and _pipelines(V):   # one launch
+        if loss in ("lk_alpha", "lk_lambda") and z.dtype == np.float32:      # persistent grids, one launch
             lam = 0.5 if loss == "lk_lambda" else None
-            entries.append((PIPE_LABEL + (" lam=" if lam else ""),
-                            _shaped(fn, z, p, out, *PIPE_SHAPE[:2], lam=lam, pipeline=True), False))
+            tail = " lam=" if lam else ""
+            if _pipelines(V):
+                entries.append((PIPE_LABEL + tail, _shaped(fn, z, p, out, *PIPE_SHAPE[:2], lam=lam, pipeline=True),
+                                False))
+            entries.append((AHEAD_LABEL + tail, _shaped(fn, z, p, out, lam=lam, l2_ahead=True), False))
         if loss in ("kl", "lk_lambda") and z.dtype == np.float32:    # one launch each (lam= for LK^lambda)
             lam = 0.5 if loss == "lk_lambda" else None
             entries.append((LOGF_LABEL + (" lam=" if lam else ""), _shaped(fn, z, p, out, lam=lam, fast_log=False), False))
@@ -284,6 +287,9 @@ LOGF_LABEL = "fused logf"
 #: target of the rows ahead into shared memory (fused_cupy.PIPELINE), at PIPE_SHAPE (threads,
 #: floats a block), where its rows fit clusters of up to 8 (V = 32 000: 4).
 PIPE_LABEL = "fused pipelined 512t/8k"
+#: The same, at the default shape, with L2 asked for each block's next row instead of stages in
+#: shared memory (fused_cupy.L2_AHEAD): both goal sizes.
+AHEAD_LABEL = "fused L2 ahead"
 PIPE_SHAPE = (512, 8_192)
 
 

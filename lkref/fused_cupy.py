@@ -32,8 +32,8 @@ copies 4 bytes or more (PAIR_PREFETCH copies it in 4-byte pairs as the launch st
 where its rows are 4-byte aligned).  For larger V
 one block per row re-reads the row from memory in each phase (z three times: the max and the
 sum of exps in one pass, then the statistics, then the gradient; p twice).
-PIPELINE (off) launches a persistent grid instead, whose blocks copy the next rows' logits and
-target into shared memory while they work on one.
+PIPELINE and L2_AHEAD (off) launch a persistent grid instead, whose blocks copy the next rows'
+logits and target into shared memory, or ask L2 for their next row, while they work on one.
 Two-pass losses (LK^lambda with no given lambda,
 draft_to_target, a reduce hook) run the kernel once for the row statistics, then again
 for the gradient with the statistics as input: z and p are read twice.  The read counts
@@ -162,6 +162,14 @@ VEC = True
 #: (VEC) and float32 throughout, in clusters or a block a row.  Off until a GPU has timed it.
 PIPELINE = False
 PIPE_STAGES = 3
+#: A persistent grid as with PIPELINE, at the default shape, without stages: at the start of
+#: each row one thread has the L2 cache fetch the block's share of the logits and the target of
+#: its next row (cp.async.bulk.prefetch.L2, one instruction for each; Hopper and later, in
+#: clusters or a block a row), which the block's loads then find there; the memory streams the
+#: next row while this one's phases run, with no shared memory for it and the default's two
+#: blocks an SM (`configured(l2_ahead=True)`, LKREF_CUPY_L2_AHEAD=1; the benchmark's `fused L2
+#: ahead` rows).  Off until a GPU has timed it.
+L2_AHEAD = False
 #: Above this temperature the kernels' 1 / T (log2 e / T with EXP2) would be a float32 subnormal,
 #: which CuPy's -ftz=true makes 0 (and every q equal): such calls run the reference.
 MAX_TEMPERATURE = 2.0 ** 126
@@ -230,6 +238,12 @@ typedef __P_T__ p_t;                                  // the target's type: floa
                                                       // memory (cp.async, PIPE stages) while it works on this one, so
                                                       // the memory streams while the row's phases run; phase 0, VEC,
                                                       // float32, clusters or one block a row only; 0: a block a row
+#define AHEAD __AHEAD__                               // 1 (fused_cupy.L2_AHEAD): a persistent grid as with PIPE, without
+                                                      // stages: at the start of each row thread 0 has the L2 cache fetch
+                                                      // the block's share of the logits and the target of its next row
+                                                      // (cp.async.bulk.prefetch.L2, Hopper), which its loads then find
+                                                      // there; the rest as without; 0: a block a row
+#define PERSIST (PIPE > 0 || AHEAD)                   // the block (cluster) goes through rows first, first + step, ...
 #define EXP2 __EXP2__                                 // an element's exp: 1, exp2f(u) with u = (z - m) log2(e) / T (a
                                                       // multiply and the SFU's ex2.approx, within 2 ulp); 0, expf(u)
                                                       // with u = (z - m) / T (some ten instructions, within 2 ulp)
@@ -519,6 +533,13 @@ template <int N> __device__ __forceinline__ void wait_copies_but() {
     asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
 #endif
 }
+// prefetch_l2: have the L2 cache fetch `bytes` (a multiple of 16) from a 16-byte aligned address
+// (AHEAD; a hint, nothing waits for it)
+__device__ __forceinline__ void prefetch_l2(const void* at, unsigned bytes) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" :: "l"(at), "r"(bytes) : "memory");
+#endif
+}
 #endif
 
 #if ITEMS > 0 && PCACHE > 0 && P_ASYNC == 1
@@ -557,6 +578,18 @@ __device__ __forceinline__ void prefetch_pairs(p_t* p_cache, const p_t* __restri
         const int at = i * THREADS + threadIdx.x - lane + k;
         if (i < PCACHE && v + 1 < V) copy_pair_async(&p_cache[at], pr + v);
         else if (i < PCACHE && v < V) p_cache[at] = *target_at(pr, idx, 0, v);   // a row's odd last entry
+    }
+}
+#endif
+
+#if AHEAD
+// AHEAD: the block's share of `row` (columns rank * THREADS * ITEMS on, at most ITEMS a thread),
+// logits and target, fetched into L2, by one thread
+__device__ __forceinline__ void share_to_l2(const float* z, const float* p, long row, int rank, int V, int Vt) {
+    const int c0 = rank * THREADS * ITEMS, end = c0 + THREADS * ITEMS, c1 = end < V ? end : V;
+    if (c1 > c0) {
+        prefetch_l2(z + row * (long)V + c0, 4u * (unsigned)(c1 - c0));
+        prefetch_l2(p + row * (long)Vt + c0, 4u * (unsigned)(c1 - c0));
     }
 }
 #endif
@@ -604,8 +637,13 @@ __device__ __forceinline__ void stage_row(float* z_cache, float* p_cache, const 
 // 256-thread blocks of up to 32 entries a thread (the benchmark's 256 x 8 192 shape) are held to
 // 4 blocks an SM, the default's 1024 threads: left to itself ptxas gives LK^alpha's 66 registers,
 // 3 blocks (at 64 none spilled; nvcc 13, sm_90); not with PIPE, whose stages hold one block an SM.
+// A persistent kernel without stages (AHEAD) is held to the default's two blocks an SM: left to
+// itself ptxas keeps each item's addresses across the row loop, 105-127 registers at 512 x 16 384
+// (one block an SM); at 64, TV and LK^alpha spill nothing, KL 48-64 bytes, LK^lambda 96-108 (sm_90).
 // Elsewhere the hint would only add spills (bench/kernel_resources.py).
-#if GLOBAL_XCHG && P_ASYNC == 0
+#if AHEAD && THREADS <= 512
+#define ROWS_BOUNDS __launch_bounds__(THREADS, 1024 / THREADS)
+#elif GLOBAL_XCHG && P_ASYNC == 0
 #define ROWS_BOUNDS __launch_bounds__(THREADS, 1)
 #elif PHASE == 2 && VEC && THREADS <= 512
 #define ROWS_BOUNDS __launch_bounds__(THREADS, 1024 / THREADS)
@@ -635,20 +673,25 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
     const int phase = phase_arg;
 #endif
     __shared__ float sh[8 * 32];
-#if PIPE
-    // rows first, first + step, ...: the row's blocks (a cluster) go through them together, the
-    // stage of row k in stage k % PIPE, copied PIPE - 1 rows ahead (the first PIPE - 1 here)
+#if PERSIST
+    // rows first, first + step, ...: the row's blocks (a cluster) go through them together; PIPE:
+    // the stage of row k in stage k % PIPE, copied PIPE - 1 rows ahead (the first PIPE - 1 here)
     const long first = blockIdx.x / CLUSTER, step = gridDim.x / CLUSTER;
     const int rank = blockIdx.x % CLUSTER;            // this block's share of each row's columns
     const int tid = LANE0 + rank * THREADS * ITEMS;   // the thread's first column
+#if PIPE
     extern __shared__ __align__(16) float pipe_smem[];   // PIPE stages of THREADS * ITEMS logits, then as many target entries
     #pragma unroll 1
     for (int k = 0; k < PIPE - 1; k++)
         stage_row(pipe_smem + k * 2 * THREADS * ITEMS, pipe_smem + (2 * k + 1) * THREADS * ITEMS, z, p,
                   first + k * step, N, V, Vt, tid);
+#elif PCACHE > 0
+    extern __shared__ __align__(16) p_t p_cache[];    // as without AHEAD
+#endif
     #pragma unroll 1
     for (long k = 0, row = first; row < N; k++, row += step) {
     __syncthreads();                                  // every thread of the block is done with the stage refilled next
+#if PIPE
     {
         const int ahead = (int)((k + PIPE - 1) % PIPE);
         stage_row(pipe_smem + ahead * 2 * THREADS * ITEMS, pipe_smem + (2 * ahead + 1) * THREADS * ITEMS, z, p,
@@ -657,6 +700,9 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
     wait_copies_but<PIPE - 1>();                      // this row's stage has landed (each thread reads its own entries)
     float* z_cache = pipe_smem + (k % PIPE) * 2 * THREADS * ITEMS;
     float* p_cache = z_cache + THREADS * ITEMS;
+#else
+    if (threadIdx.x == 0 && row + step < N) share_to_l2(z, p, row + step, rank, V, Vt);   // the next row, into L2
+#endif
     Meet meeting = {nullptr, nullptr, rank, 0};       // not used
 #else
     long row = blockIdx.x / CLUSTER;
@@ -933,7 +979,7 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
         }
     }
     if (phase == 0) leave_row();
-#if PIPE
+#if PERSIST
     }
 #endif
 }
@@ -1020,21 +1066,21 @@ CLUSTER_CHOICES = (1, 2, 4, 8)
 #: from LKREF_CUPY_<constant> at import).
 SWITCHES = {"cache_target": "CACHE_TARGET", "clusters": "CLUSTERS", "pair_prefetch": "PAIR_PREFETCH",
             "specialize": "SPECIALIZE", "stream": "STREAM", "exp2": "EXP2", "vec": "VEC",
-            "fast_log": "FAST_LOG", "pipeline": "PIPELINE"}
+            "fast_log": "FAST_LOG", "pipeline": "PIPELINE", "l2_ahead": "L2_AHEAD"}
 _SETTINGS = ("THREADS", "BLOCK_SHARE", "MAX_ITEMS", *SWITCHES.values())
 
 
 @contextmanager
 def configured(threads=None, block_share=None, cache_target=None, clusters=None, pair_prefetch=None,
-               specialize=None, stream=None, exp2=None, vec=None, fast_log=None, pipeline=None):
+               specialize=None, stream=None, exp2=None, vec=None, fast_log=None, pipeline=None, l2_ahead=None):
     """Run the kernels with another block size or share of a row per block, without the target
     cache (for tuning), without clusters (clusters=False: a row's blocks meet in global memory,
     as on GPUs before Hopper), with a 2-byte target prefetched in pairs (PAIR_PREFETCH), as one
     kernel for every loss (specialize=False), streaming every row (stream=True), with expf
     for each element's exp (exp2=False), without 16-byte accesses (vec=False), with logf for
     every log p of the KL sums (fast_log=False), or with a persistent grid whose blocks copy the
-    rows ahead into shared memory (pipeline=True, PIPELINE): threads in THREAD_CHOICES,
-    block_share in SHARE_CHOICES."""
+    rows ahead into shared memory (pipeline=True, PIPELINE) or have L2 fetch their next row
+    (l2_ahead=True, L2_AHEAD): threads in THREAD_CHOICES, block_share in SHARE_CHOICES."""
     switches = {key: value for key, value in locals().items() if key in SWITCHES}
     old = {name: globals()[name] for name in _SETTINGS}
     try:
@@ -1083,7 +1129,7 @@ _configure_from_environment()
 
 def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "float", cache_target=None,
                   dsmem: bool = True, cached=None, p_t: str = "float", pairs: bool = False, mode=None,
-                  phase=None, exp2=None, vec=False, fast_log=None, pipe: int = 0) -> str:
+                  phase=None, exp2=None, vec=False, fast_log=None, pipe: int = 0, ahead: bool = False) -> str:
     """The CUDA source for one (items, cluster, logits' type, gradient's type); cache_target
     (default CACHE_TARGET) keeps the target entries in shared memory between the phases of a
     launch, all `items` of each thread's or the first `cached` of them (a GPU with less shared
@@ -1100,7 +1146,7 @@ def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "f
     entries it keeps in shared memory, are not a multiple of 4, the one-column source); pipe:
     PIPELINE's stages (0: none; taken only for one loss's one-launch kernel with 4 adjacent
     columns at a time, float32 throughout and no blocks that meet in global memory, where the
-    whole target share is kept)."""
+    whole target share is kept); ahead: L2_AHEAD, on the same terms (without stages)."""
     if mode is not None and mode not in MODES.values():
         raise ValueError(f"mode must be one of {sorted(MODES.values())} or None, got {mode!r}")
     if phase not in (None, 0, 1, 2):
@@ -1110,8 +1156,9 @@ def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "f
     dsmem = bool(dsmem) or cluster == 1                # one block per row meets nobody: one source
     pairs = pairs and pcache > 0                       # nothing to copy: the same source as without
     vec = bool(vec) and items > 0 and items % 4 == 0 and pcache % 4 == 0   # (then any target is copied 4 entries a cp.async)
-    pipe = int(pipe) if (pipe and vec and pcache == items and phase == 0 and mode is not None and dsmem
-                         and (in_t, out_t, p_t) == ("float",) * 3) else 0
+    persists = vec and phase == 0 and mode is not None and dsmem and (in_t, out_t, p_t) == ("float",) * 3
+    pipe = int(pipe) if (pipe and persists and pcache == items) else 0
+    ahead = bool(ahead) and persists and not pipe
     return (_SOURCE.replace("__THREADS__", str(THREADS)).replace("__ITEMS__", str(items))
             .replace("__PCACHE__", str(pcache)).replace("__DSMEM__", str(int(bool(dsmem))))
             .replace("__CLUSTER__", str(cluster)).replace("__IN_T__", in_t).replace("__OUT_T__", out_t)
@@ -1120,7 +1167,7 @@ def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "f
             .replace("__MODE__", str(-1 if mode is None else int(mode))).replace("__PHASE__", str(-1 if phase is None else int(phase)))
             .replace("__EXP2__", str(int(bool(EXP2 if exp2 is None else exp2)))).replace("__VEC__", str(int(vec)))
             .replace("__FAST_LOG__", str(int(bool(FAST_LOG if fast_log is None else fast_log))))
-            .replace("__PIPE__", str(pipe)))
+            .replace("__PIPE__", str(pipe)).replace("__AHEAD__", str(int(ahead))))
 
 
 def _ctype(dt):
@@ -1136,39 +1183,48 @@ def _ctype(dt):
 
 class Kernels(NamedTuple):
     """The two kernels of one variant: lk_rows (the rows), lk_finish (the mean), the dynamic
-    shared memory lk_rows is launched with, and its PIPELINE stages (0: a block, or cluster, a
-    row, launched for every row; else a persistent grid, any number of blocks a row each)."""
+    shared memory lk_rows is launched with, its PIPELINE stages, and whether it fetches the next
+    row into L2 (L2_AHEAD).  Either makes lk_rows persistent (any number of rows a block, or
+    cluster); else it is launched with a block, or cluster, a row."""
 
     rows: Any
     finish: Any
     smem: int
     stages: int = 0
+    ahead: bool = False
+
+    @property
+    def persistent(self) -> bool:
+        return bool(self.stages or self.ahead)
 
 
 def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True, p_dtype=np.float32, pairs=False, mode=None,
-            phase=None, vec=False, pipe=0) -> Kernels:
+            phase=None, vec=False, pipe=0, ahead=False) -> Kernels:
     cp = sys.modules["cupy"]
     dsmem = bool(dsmem) or cluster == 1
     key = (str(in_dtype), str(out_dtype), items, cluster, THREADS, CACHE_TARGET, dsmem, str(p_dtype), bool(pairs), mode,
-           phase, EXP2, bool(vec), FAST_LOG, int(pipe))
+           phase, EXP2, bool(vec), FAST_LOG, int(pipe), bool(ahead))
     if key not in _cache:
         p_bytes = np.dtype(p_dtype).itemsize
 
-        def build(cached, pipe):
+        def build(cached, pipe, ahead):
             src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), dsmem=dsmem, cached=cached,
-                                p_t=_ctype(p_dtype), pairs=pairs, mode=mode, phase=phase, vec=vec, pipe=pipe)
+                                p_t=_ctype(p_dtype), pairs=pairs, mode=mode, phase=phase, vec=vec, pipe=pipe,
+                                ahead=ahead)
             stages = int(re.search(r"#define PIPE (\d+)", src).group(1))    # what the source took
+            took_ahead = "#define AHEAD 1" in src
             smem = stage_bytes(items) * stages if stages else p_bytes * cached * THREADS
-            return src, _build(cp, src), smem, stages
+            return src, _build(cp, src), smem, stages, took_ahead
 
-        src, kern, smem, stages = build(items if pipe else cached_items(items, _smem_optin(cp), p_bytes, phase), pipe)
+        cached = items if pipe else cached_items(items, _smem_optin(cp), p_bytes, phase)
+        src, kern, smem, stages, took_ahead = build(cached, pipe, ahead)
         if smem:                                       # opt in: without it a block gets 48 KiB of static
             try:                                       # and dynamic shared memory together
                 kern.max_dynamic_shared_size_bytes = smem
             except Exception:                          # refused all the same: no cache, no stages
-                src, kern, smem, stages = build(0, 0)
+                src, kern, smem, stages, took_ahead = build(0, 0, ahead)
         finish = cp.RawKernel(src, "lk_finish", options=kern.options)     # the same module, compiled once
-        _cache[key] = Kernels(kern, finish, smem, stages)
+        _cache[key] = Kernels(kern, finish, smem, stages, took_ahead)
     return _cache[key]
 
 
@@ -1196,17 +1252,29 @@ def pipe_stages(cp, items) -> int:
     return stages if stages >= 2 else 0
 
 
-def _resident_clusters(cp, smem, cluster, N) -> int:
-    """Clusters (of `cluster` blocks; or blocks) of a PIPELINE launch: as many as this GPU holds
-    at once by its SMs' shared memory and threads, at most N; N where CuPy cannot say (every
-    row its own cluster, which is still right)."""
+def _resident_clusters(cp, smem, cluster, N, regs=None) -> int:
+    """Clusters (of `cluster` blocks; or blocks) of a persistent launch (PIPELINE, L2_AHEAD): as
+    many as this GPU holds at once by its SMs' shared memory, threads and (where known) the
+    kernel's registers a thread, at most N; N where CuPy cannot say (every row its own
+    cluster, which is still right)."""
     try:
         attrs = cp.cuda.Device().attributes
         sms, per_sm = int(attrs["MultiProcessorCount"]), int(attrs["MaxSharedMemoryPerMultiprocessor"])
     except Exception:
         return N
-    blocks = sms * max(1, min(per_sm // (smem + STATIC_SMEM_ROOM), 2048 // THREADS))
+    per_block = [per_sm // (smem + STATIC_SMEM_ROOM), 2048 // THREADS]
+    if regs:                                          # allocated 8 a thread at a time, 64 Ki an SM
+        per_block.append(65536 // (-(-regs // 8) * 8 * THREADS))
+    blocks = sms * max(1, min(per_block))
     return max(1, min(N, blocks // cluster))
+
+
+def _regs(kernel):
+    """Registers a thread of a compiled kernel (CuPy's num_regs), or None."""
+    try:
+        return int(kernel.num_regs)
+    except Exception:
+        return None
 
 
 def _smem_optin(cp):
@@ -1348,13 +1416,15 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
         or (alias and name == "lk_alpha")
     pairs = _pairs(p2, idx)
     vec = vec_fits(z2, p2, g2, idx)
-    pipe = pipe_stages(cp, items) if (PIPELINE and SPECIALIZE and not two_pass and vec and (dsmem or cluster == 1)
-                                      and all(np.dtype(a.dtype) == np.float32 for a in (z2, p2, g2))) else 0
+    persists = SPECIALIZE and not two_pass and vec and (dsmem or cluster == 1) \
+        and all(np.dtype(a.dtype) == np.float32 for a in (z2, p2, g2))
+    pipe = pipe_stages(cp, items) if PIPELINE and persists else 0
+    ahead = L2_AHEAD and persists and not pipe and _has_clusters(cp)   # (cp.async.bulk: Hopper and later)
 
     phases = (1, 2) if two_pass else (0,)
     if SPECIALIZE:                                    # a kernel for this loss and each phase of the call
-        by_phase = {ph: _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, pairs, MODES[name], ph, vec, pipe)
-                    for ph in phases}
+        by_phase = {ph: _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, pairs, MODES[name], ph, vec, pipe,
+                                ahead) for ph in phases}
     else:                                             # one for every loss and phase
         by_phase = dict.fromkeys(phases, _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, pairs,
                                                  vec=vec))
@@ -1374,7 +1444,7 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     def rows(phase, lam_v, wsum=None, scale=0.0):
         if N:
             k = by_phase[phase]
-            grid = _resident_clusters(cp, k.smem, cluster, N) * cluster if k.stages else N * cluster
+            grid = _resident_clusters(cp, k.smem, cluster, N, _regs(k.rows)) * cluster if k.persistent else N * cluster
             k.rows((grid,), (THREADS,), (
                 z2, p2, g2, w_arg, np.int32(w is not None), absent if wsum is None else wsum,
                 np.int32(wsum is not None), np.float32(scale), stats, idx_arg, np.int32(idx is not None),

@@ -112,6 +112,7 @@ def cpu_source(cuda_source: str, kernel: str, cluster: str) -> str:
                 f"}}\n"
                 f'extern "C" const char* last_error() {{ return emu::S.error.c_str(); }}\n'
                 f'extern "C" long reads(int which) {{ return emu::S.reads[which]; }}\n'
+                f'extern "C" long prefetched() {{ return emu::S.prefetched; }}\n'
                 f'extern "C" void set_trace(int on) {{ emu::S.trace = on != 0; }}\n'
                 f'extern "C" long static_smem() {{ return (long)emu::S.static_smem; }}\n'
                 f'extern "C" void traffic(long* out) {{ emu::traffic(out); }}\n')
@@ -177,6 +178,7 @@ def build(cuda_source: str, kernel: str = "lk_rows", cluster: str = "CLUSTER"):
         dll = ctypes.CDLL(str(lib))
         dll.last_error.restype = ctypes.c_char_p
         dll.reads.restype = ctypes.c_long
+        dll.prefetched.restype = ctypes.c_long
         dll.static_smem.restype = ctypes.c_long
         _built[key] = dll
     return _built[key]
@@ -251,6 +253,7 @@ class CpuKernel:
         self.launches = 0
         self.grids = []                          # per launch: its blocks
         self.reads = []                          # per launch: (logit reads, target reads, expf calls)
+        self.prefetched = []                     # per launch: bytes asked of L2 (prefetch_l2)
         self.trace = False                       # record the memory traffic (slower)
         self.traffic = []                        # per launch when tracing: {kind: (bytes, 32-byte sectors)}
         self._smem_limit = None                  # max_dynamic_shared_size_bytes, once set
@@ -324,6 +327,7 @@ class CpuKernel:
             results.append([bufs[i][GUARD:-GUARD].copy() for i in self.outputs])
             if seed == self.seeds[0]:
                 self.reads.append((self.dll.reads(0), self.dll.reads(1), self.dll.reads(2)))
+                self.prefetched.append(self.dll.prefetched())
                 if self.trace:
                     self.traffic.append(self._traffic())
         for other in results[1:]:

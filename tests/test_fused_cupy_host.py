@@ -739,7 +739,7 @@ def test_simt_pipelined_rows(simt, monkeypatch, name, V, cluster, stages, reside
     logit and target entry read once (counted), the grid as small as said."""
     small_blocks(monkeypatch)
     monkeypatch.setattr(fused_cupy, "PIPE_STAGES", stages)
-    monkeypatch.setattr(fused_cupy, "_resident_clusters", lambda cp, smem, cl, N: max(1, min(N, resident // cl)))
+    monkeypatch.setattr(fused_cupy, "_resident_clusters", lambda cp, smem, cl, N, regs=None: max(1, min(N, resident // cl)))
     kernels = built_kernels(monkeypatch)
     rng = np.random.default_rng(V + stages)
     N = 7
@@ -763,6 +763,32 @@ def test_simt_pipelined_rows(simt, monkeypatch, name, V, cluster, stages, reside
     assert "#define PIPE 0" in kernels[-1].rows.code and kernels[-1].stages == 0
 
 
+@pytest.mark.parametrize("name", REDUCED)
+@pytest.mark.parametrize("V, cluster, resident", [(200, 1, 2), (1000, 4, 8), (1000, 4, 1000)])
+def test_simt_rows_fetched_into_l2_ahead(simt, monkeypatch, name, V, cluster, resident):
+    """L2_AHEAD: the persistent grid of PIPELINE without stages; at the start of each row one
+    thread asks L2 for the block's share of its next row, logits and target (16-byte aligned,
+    a multiple of 16 bytes: checked), which the loads then read as without.  The reference's
+    result, each entry read once, the grid as small as said, and every row but each cluster's
+    first asked for once (counted)."""
+    small_blocks(monkeypatch)
+    monkeypatch.setattr(fused_cupy, "_resident_clusters", lambda cp, smem, cl, N, regs=None: max(1, min(N, resident // cl)))
+    kernels = built_kernels(monkeypatch)
+    rng = np.random.default_rng(V + 5)
+    N = 7
+    z = make_logits(rng, (N, V), dtype=np.float32)
+    p = make_probs(rng, (N, V), dtype=np.float32)
+    kw = {"temperature": 0.8, "lam": 0.3} if name == "lk_lambda" else {"temperature": 0.8}
+    with fused_cupy.configured(l2_ahead=True):
+        got = run(name, z, p, **kw)
+    close(got, reference(name, z, p, **kw))
+    k = kernels[-1]
+    clusters = min(N, resident // cluster)
+    assert "#define AHEAD 1" in k.rows.code and k.ahead and k.stages == 0
+    assert k.rows.grids[-1] == clusters * cluster and k.rows.reads[-1][:2] == (N * V, N * V)
+    assert k.rows.prefetched[-1] == (N - clusters) * V * 4 * 2
+
+
 def test_pipeline_only_where_it_applies(simt, monkeypatch):
     """PIPELINE takes a persistent grid only for one launch of float32 rows with 4 adjacent
     columns a thread, in clusters or a block a row; not for LK^lambda's batch lambda (two
@@ -776,16 +802,22 @@ def test_pipeline_only_where_it_applies(simt, monkeypatch):
     p = make_probs(rng, (3, 1000), dtype=np.float32)
 
     def stages(name, z, p, **kw):
-        with fused_cupy.configured(pipeline=True):
-            close(run(name, z, p, **kw), reference(name, z, p, **kw))
-        return [k.stages for k in kernels[-2 if name == "lk_lambda" and "lam" not in kw else -1:]]
-    assert stages("lk_alpha", z, p) == [3]
-    assert stages("lk_lambda", z, p) == [0, 0]                         # statistics, then gradient
-    assert stages("lk_alpha", z, p.astype(np.float16)) == [0]
+        """[(stages, L2 ahead)] of the call's kernels with pipeline=True, and with l2_ahead=True."""
+        got = []
+        for switch in ({"pipeline": True}, {"l2_ahead": True}):
+            with fused_cupy.configured(**switch):
+                close(run(name, z, p, **kw), reference(name, z, p, **kw))
+            got.append([(k.stages, k.ahead) for k in kernels[-2 if name == "lk_lambda" and "lam" not in kw else -1:]])
+        return got
+    assert stages("lk_alpha", z, p) == [[(3, False)], [(0, True)]]
+    assert stages("lk_lambda", z, p) == [[(0, False)] * 2] * 2              # statistics, then gradient
+    assert stages("lk_alpha", z, p.astype(np.float16)) == [[(0, False)]] * 2
     assert stages("lk_alpha", make_logits(rng, (3, 3000), dtype=np.float32),
-                  make_probs(rng, (3, 3000), dtype=np.float32)) == [0]   # streamed
+                  make_probs(rng, (3, 3000), dtype=np.float32)) == [[(0, False)]] * 2   # streamed
     monkeypatch.setattr(fused_cupy, "_has_clusters", lambda cp: False)
-    assert stages("kl", z, p) == [0]                                   # blocks that meet in global memory
+    assert stages("kl", z, p) == [[(0, False)]] * 2                        # blocks that meet in global memory
+    assert stages("kl", z[:, :200].copy(), p[:, :200] / p[:, :200].sum(1, keepdims=True)) == \
+        [[(3, False)], [(0, False)]]                                         # a block a row; but no cp.async.bulk
     per_stage = fused_cupy.stage_bytes(4)                              # 64 threads x 4 entries x 8 bytes
     for optin, want in ((None, 3), (fused_cupy.STATIC_SMEM_ROOM + 2 * per_stage, 2),
                         (fused_cupy.STATIC_SMEM_ROOM + 2 * per_stage - 1, 0)):
@@ -796,6 +828,9 @@ def test_pipeline_only_where_it_applies(simt, monkeypatch):
     assert fused_cupy._resident_clusters(cp, 192 * 1024, 4, 4096) == 33          # an H100: one block an SM
     assert fused_cupy._resident_clusters(cp, 192 * 1024, 4, 20) == 20           # at most a cluster a row
     assert fused_cupy._resident_clusters(np, 192 * 1024, 4, 20) == 20           # unknown: a cluster a row
+    with fused_cupy.configured(threads=512):
+        assert fused_cupy._resident_clusters(cp, 64 * 1024, 8, 4096) == 132 * 3 // 8   # by shared memory, 3 an SM
+        assert fused_cupy._resident_clusters(cp, 64 * 1024, 8, 4096, regs=62) == 132 * 2 // 8   # by registers, 2
 
 
 def test_simt_one_column_at_a_time_where_rows_are_not_aligned(simt, monkeypatch):
@@ -1119,7 +1154,7 @@ def test_simt_catches_planted_kernel_bugs(simt, monkeypatch, bug):
     monkeypatch.setattr(fused_cupy, "VEC", how["vec"])
     if how["pipeline"]:                           # one cluster goes through every row
         monkeypatch.setattr(fused_cupy, "PIPELINE", True)
-        monkeypatch.setattr(fused_cupy, "_resident_clusters", lambda cp, smem, cluster, N: 1)
+        monkeypatch.setattr(fused_cupy, "_resident_clusters", lambda cp, smem, cluster, N, regs=None: 1)
     assert fused_cupy._SOURCE.count(old) == 1
     rng = np.random.default_rng(11)
     z = make_logits(rng, (5, how["V"]), dtype=np.float32)

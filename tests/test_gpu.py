@@ -307,6 +307,24 @@ def test_fused_pipelined_rows(cp, name, V):
         compare(cp, name, z, p, **kw)
 
 
+@pytest.mark.parametrize("name", REDUCED)
+@pytest.mark.parametrize("V", [4096, 128_256])
+def test_fused_rows_fetched_into_l2_ahead(cp, name, V):
+    """fused_cupy.L2_AHEAD at the default shape: a persistent grid, each block (V = 4 096) or
+    cluster of 8 (V = 128 256) going through several of the rows, with L2 asked for its next
+    row's share at the start of each (cp.async.bulk.prefetch.L2); the reference's result
+    (LK^lambda with lam=, one launch)."""
+    rng = np.random.default_rng(V + 11)
+    N = 300 if V < 100_000 else 80
+    z = make_logits(rng, (N, V), dtype=np.float32)
+    p = peaked_probs(rng, (N, V)).astype(np.float32)
+    kw = {"lam": 0.3} if name == "lk_lambda" else {}
+    with fused_cupy.configured(l2_ahead=True):
+        items, cluster = fused_cupy.plan(V)
+        assert items % 4 == 0 and fused_cupy._resident_clusters(cp, 64 * 1024, cluster, N) < N
+        compare(cp, name, z, p, **kw)
+
+
 def test_fused_bfloat16_logits_where_cupy_has_them(cp):
     ml_dtypes = pytest.importorskip("ml_dtypes")
     rng = np.random.default_rng(6)
