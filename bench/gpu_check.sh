@@ -52,7 +52,7 @@ PY
   timeout 30 python3 -m lkref info | sed -n '/^  cupy .*: usable/,/^$/p'    # how this GPU runs the kernels
 } 2>&1 | tee "$out/gpu-$card-env.txt"
 echo "== the kernel variants, compiled side by side into CuPy's cache (bench/gpu_warm.py)"
-timeout 100 python3 bench/gpu_warm.py 2>&1 | tee "$out/gpu-$card-warm.txt"
+timeout 120 python3 bench/gpu_warm.py 2>&1 | tee "$out/gpu-$card-warm.txt"
 # compute-sanitizer's four tools side by side over every kind of launch (bench/gpu_sanitize.py),
 # into the tests' file: races, stray accesses, divergent barriers and reads of unwritten memory
 # in the code the GPU runs, which the CPU stand-in can only mimic (60 s at most)
@@ -99,7 +99,7 @@ fi
 # LK^alpha and TV: Triton autotunes the speculators kernels at their first call (some 20 tiles
 # per kernel), which must not cost lkref's rows.  Rows reach the CSV block by block.
 echo "== quick benchmark: lkref"
-timeout 120 python3 -m lkref bench --backend cupy --repeat 20 --no-peers \
+timeout 150 python3 -m lkref bench --backend cupy --repeat 20 --no-peers \
   --loss lk_alpha --loss lk_lambda --loss tv --loss kl \
   --csv "$out/gpu-$card-bench.csv" 2>&1 | tee "$out/gpu-$card-bench.txt"
 # what the default LK^alpha kernel waits for (Nsight Compute; it replays the kernel per section
