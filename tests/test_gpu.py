@@ -275,8 +275,9 @@ def test_fused_two_byte_logits_four_adjacent_entries(cp, name, dtypes):
     ref = lkref.LOSSES[name](cp.asarray(z.astype(np.float32)), cp.asarray(p.astype(np.float32)), impl="reference")
     g_ref = to_numpy(ref.grad).astype(np.float64)
     tol = 1e-2 if "bfloat16" in dtypes else 5e-3      # the gradient rounded to 8 or 11 bits
-    off = cp.empty(p.size + 1, pc.dtype)[1:].reshape(p.shape)   # one entry past CuPy's aligned start
-    off[...] = pc
+    raw = cp.empty(pc.nbytes + pc.itemsize, cp.uint8)           # one entry past CuPy's aligned start,
+    off = raw[pc.itemsize:].view(pc.dtype).reshape(p.shape)     # filled by a copy of the bytes (no
+    off.data.copy_from_device(pc.data, pc.nbytes)               # elementwise kernel asked of bfloat16)
     assert fused_cupy.vec_fits(zc, pc, zc, None) and not fused_cupy.vec_fits(zc, off, zc, None)
     for vec, target in ((True, pc), (False, pc), (True, off)):
         with fused_cupy.configured(vec=vec):
@@ -292,9 +293,10 @@ def test_fused_two_byte_logits_four_adjacent_entries(cp, name, dtypes):
 @pytest.mark.parametrize("V", [4096, 32_000])
 def test_fused_pipelined_rows(cp, name, V):
     """fused_cupy.PIPELINE at 512 threads x 8 192 floats a block (the benchmark's 'fused
-    pipelined'): a persistent grid, each block (V = 4 096) or cluster of 4 (V = 32 000) going
-    through some 10 of the 300 rows, with the next rows' logits and target copied into shared
-    memory while it works on one; the reference's result (LK^lambda with lam=, one launch)."""
+    pipelined'): a persistent grid, each block (V = 4 096: some 264 of them on an H100) or cluster
+    of 4 (V = 32 000: 33) going through 1-2 or some 9 of the 300 rows, with the next rows' logits
+    and target copied into shared memory while it works on one; the reference's result
+    (LK^lambda with lam=, one launch)."""
     rng = np.random.default_rng(V + 9)
     N = 300
     z = make_logits(rng, (N, V), dtype=np.float32)
@@ -315,13 +317,14 @@ def test_fused_rows_fetched_into_l2_ahead(cp, name, V):
     row's share at the start of each (cp.async.bulk.prefetch.L2); the reference's result
     (LK^lambda with lam=, one launch)."""
     rng = np.random.default_rng(V + 11)
-    N = 300 if V < 100_000 else 80
+    N = 2000 if V < 100_000 else 80                  # more rows than the GPU holds blocks (clusters) at once
     z = make_logits(rng, (N, V), dtype=np.float32)
     p = peaked_probs(rng, (N, V)).astype(np.float32)
     kw = {"lam": 0.3} if name == "lk_lambda" else {}
     with fused_cupy.configured(l2_ahead=True):
         items, cluster = fused_cupy.plan(V)
-        assert items % 4 == 0 and fused_cupy._resident_clusters(cp, 64 * 1024, cluster, N) < N
+        target_cache = 4 * fused_cupy.THREADS * items
+        assert items % 4 == 0 and fused_cupy._resident_clusters(cp, target_cache, cluster, N) < N
         compare(cp, name, z, p, **kw)
 
 
