@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lkref import fused_cupy  # noqa: E402
-from lkref.benchmark import DEFAULT_SIZES, PIPE_SHAPE, STREAM_THREADS, TUNING_SHAPES  # noqa: E402
+from lkref.benchmark import DEFAULT_SIZES, PIPE_SHAPES, STREAM_THREADS, TUNING_SHAPES, _pipelines  # noqa: E402
 
 #: Row lengths of tests/test_gpu.py (float32 logits unless said) and of the benchmark.
 TEST_VOCABS = (3, 7, 50, 300, 500, 700, 1000, 1031, 2000, 3000, 5000, 12_000, 32_000, 50_257, 128_256,
@@ -118,10 +118,12 @@ def variants(clusters=True):
     wanted += [((threads, default[1], True), f32, f32, V, clusters, None, False, alpha, one, True, exp2, vec, fast)
                for threads in STREAM_THREADS for V in goal_vocabs]
     if fused_cupy.SPECIALIZE and clusters:     # 'fused pipelined' (LK^alpha, LK^lambda with lam=), and its GPU test
-        wanted += [(PIPE_SHAPE + (True,), f32, f32, V, clusters, None, False, mode[m], 0, False, exp2, vec, fast,
-                    fused_cupy.PIPE_STAGES) for m in ("lk_alpha", "lk_lambda") for V in goal_vocabs + [4096]]
-        wanted += [(PIPE_SHAPE + (True,), f32, f32, V, clusters, None, False, mode[m], 0, False, exp2, vec, fast,
-                    fused_cupy.PIPE_STAGES) for m in ("kl", "tv") for V in (4096, 32_000)]
+        first = PIPE_SHAPES[0] + (True,)               # the GPU test's shape
+        wanted += [(shape + (True,), f32, f32, V, clusters, None, False, mode[m], 0, False, exp2, vec, fast,
+                    fused_cupy.PIPE_STAGES) for shape in PIPE_SHAPES for m in ("lk_alpha", "lk_lambda")
+                   for V in goal_vocabs if _pipelines(V, *shape)]                 # (the rows that would stream: none)
+        wanted += [(first, f32, f32, V, clusters, None, False, mode[m], 0, False, exp2, vec, fast,
+                    fused_cupy.PIPE_STAGES) for m in fused_cupy.MODES for V in (4096, 32_000)]
         wanted += [(default, f32, f32, V, clusters, None, False, mode[m], 0, False, exp2, vec, fast, 0, True)
                    for m in fused_cupy.MODES for V in goal_vocabs + [4096]]            # 'fused L2 ahead', its test
     seen, out = set(), []

@@ -17,7 +17,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lkref import fused_cupy  # noqa: E402
-from lkref.benchmark import PIPE_SHAPE, TUNING_SHAPES  # noqa: E402
+from lkref.benchmark import PIPE_SHAPES, TUNING_SHAPES  # noqa: E402
 
 
 #: the options CuPy compiles a RawKernel with (it appends -ftz=true to the caller's)
@@ -121,11 +121,14 @@ def main():
         [(V, shapes[0], "float", False, False, False, 0) for V in (32_000, 128_256)] + \
         [(V, shapes[0], "float", False, None, vec, 2) for V in (32_000, 128_256) for vec in (None, False)]
     variants = [v + (0, False) for v in variants]
-    # last, the benchmark's 'fused pipelined' (fused_cupy.PIPELINE) at V = 32 000, with the stages this arch has room for
-    stages = min(fused_cupy.PIPE_STAGES, (_smem_kib(args.arch)[1] * 1024 - fused_cupy.STATIC_SMEM_ROOM)
-                 // (8 * PIPE_SHAPE[0] * -(-32_000 // (PIPE_SHAPE[0] * 4))))
-    if stages >= 2 and _cc(args.arch) >= 90:        # (clusters: before Hopper its blocks would meet in memory)
-        variants.append((32_000, PIPE_SHAPE + (True,), "float", False, None, None, 0, stages, False))
+    # last, the benchmark's 'fused pipelined' (fused_cupy.PIPELINE) at V = 32 000, with the stages this arch has room
+    # for (clusters: before Hopper its blocks would meet in global memory, which it does not take)
+    for threads, share in PIPE_SHAPES:
+        with fused_cupy.configured(threads=threads, block_share=share):
+            stages = min(fused_cupy.PIPE_STAGES, (_smem_kib(args.arch)[1] * 1024 - fused_cupy.STATIC_SMEM_ROOM)
+                         // fused_cupy.stage_bytes(fused_cupy.plan(32_000)[0]))
+        if stages >= 2 and _cc(args.arch) >= 90:
+            variants.append((32_000, (threads, share, True), "float", False, None, None, 0, stages, False))
     if _cc(args.arch) >= 90:                          # and 'fused L2 ahead' (cp.async.bulk: Hopper on)
         variants += [(V, shapes[0], "float", False, None, None, 0, 0, True) for V in (32_000, 128_256)]
     with tempfile.TemporaryDirectory() as work:

@@ -227,9 +227,10 @@ def _entries(xp, backend, fn, loss, z, p, out, N, V):
         if loss in ("lk_alpha", "lk_lambda") and z.dtype == np.float32:      # persistent grids, one launch
             lam = 0.5 if loss == "lk_lambda" else None
             tail = " lam=" if lam else ""
-            if _pipelines(V):
-                entries.append((PIPE_LABEL + tail, _shaped(fn, z, p, out, *PIPE_SHAPE[:2], lam=lam, pipeline=True),
-                                False))
+            for threads, share in PIPE_SHAPES:
+                if _pipelines(V, threads, share):
+                    entries.append((pipe_label(threads, share) + tail,
+                                    _shaped(fn, z, p, out, threads, share, lam=lam, pipeline=True), False))
             entries.append((AHEAD_LABEL + tail, _shaped(fn, z, p, out, lam=lam, l2_ahead=True), False))
         if loss in ("kl", "lk_lambda") and z.dtype == np.float32:    # one launch each (lam= for LK^lambda)
             lam = 0.5 if loss == "lk_lambda" else None
@@ -284,19 +285,24 @@ LOGF_LABEL = "fused logf"
 
 
 #: LK^alpha, and LK^lambda with lam=, on a persistent grid whose blocks copy the logits and the
-#: target of the rows ahead into shared memory (fused_cupy.PIPELINE), at PIPE_SHAPE (threads,
-#: floats a block), where its rows fit clusters of up to 8 (V = 32 000: 4).
-PIPE_LABEL = "fused pipelined 512t/8k"
+#: target of the rows ahead into shared memory (fused_cupy.PIPELINE), in these (threads, floats
+#: a block), where its rows fit clusters of up to 8 (V = 32 000: 4): 16 warps an SM, or 32 with
+#: half the entries a thread, should the pipelined kernel wait on its own instructions.
+PIPE_SHAPES = ((512, 8_192), (1024, 8_192))
 #: The same, at the default shape, with L2 asked for each block's next row instead of stages in
 #: shared memory (fused_cupy.L2_AHEAD): both goal sizes.
 AHEAD_LABEL = "fused L2 ahead"
-PIPE_SHAPE = (512, 8_192)
 
 
-def _pipelines(V):
-    """Whether a row of V takes registers and a cluster (not streamed) at PIPE_SHAPE."""
+def pipe_label(threads, share):
+    """The benchmark's name for the pipelined grid in a shape, e.g. 'fused pipelined 512t/8k'."""
+    return f"fused pipelined {threads}t/{share // 1024}k"
+
+
+def _pipelines(V, threads, share):
+    """Whether a row of V takes registers and a cluster (not streamed) at this shape."""
     from . import fused_cupy
-    with fused_cupy.configured(threads=PIPE_SHAPE[0], block_share=PIPE_SHAPE[1]):
+    with fused_cupy.configured(threads=threads, block_share=share):
         return fused_cupy.plan(V)[0] > 0
 
 

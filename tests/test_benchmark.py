@@ -469,7 +469,10 @@ def test_the_gpu_branch_of_the_bench_runs(monkeypatch, tmp_path):
     assert {("lk_alpha", benchmark.GENERIC_LABEL), ("lk_alpha", benchmark.EXPF_LABEL), ("lk_alpha", benchmark.SCALAR_LABEL)} | {("lk_alpha", f"fused stream {t}t") for t in benchmark.STREAM_THREADS} <= impls
     assert {("lk_lambda", "lkref fused lam="), ("lk_alpha", "lkref reference")} <= impls
     assert ("lk_lambda", benchmark.LOGF_LABEL + " lam=") in impls       # one launch, as 'lkref fused lam='
-    assert {("lk_alpha", benchmark.PIPE_LABEL), ("lk_lambda", benchmark.PIPE_LABEL + " lam="),
+    pipe = benchmark.pipe_label(*benchmark.PIPE_SHAPES[0])
+    assert pipe == "fused pipelined 512t/8k" and len(benchmark.PIPE_SHAPES) == 2
+    assert {("lk_alpha", pipe), ("lk_lambda", pipe + " lam="),
+            ("lk_alpha", benchmark.pipe_label(*benchmark.PIPE_SHAPES[1])),
             ("lk_alpha", benchmark.AHEAD_LABEL), ("lk_lambda", benchmark.AHEAD_LABEL + " lam=")} <= impls
     assert not any(impl.startswith(benchmark.LOGF_LABEL) for loss, impl in impls if loss == "lk_alpha")   # no log p
     assert ("lk_alpha", benchmark.MEETING_LABEL) not in impls        # V = 300: one block per row
@@ -678,11 +681,14 @@ def test_gpu_warm_compiles_each_source_once_and_covers_the_tests():
             built[(fused_cupy.THREADS, True, "float32", fused_cupy.plan(V), True, None) + vec + ("logf",)], V
         for threads in benchmark.STREAM_THREADS:
             assert alpha in built[(threads, True, "float32", (0, 1), True, None)], (threads, V)
-    with fused_cupy.configured(threads=benchmark.PIPE_SHAPE[0], block_share=benchmark.PIPE_SHAPE[1]):
-        marks = [m for m in test_gpu.test_fused_pipelined_rows.pytestmark if m.args[0] == "V"]
-        for V in marks[0].args[1] + [32_000]:               # the GPU test's, the benchmark's ('fused pipelined')
-            key = (benchmark.PIPE_SHAPE[0], True, "float32", fused_cupy.plan(V), True, None, "vec", "pipe")
-            assert {(m, 0) for m in fused_cupy.MODES.values()} <= built[key], V
+    marks = [m for m in test_gpu.test_fused_pipelined_rows.pytestmark if m.args[0] == "V"]
+    for (threads, share), vocabs in zip(benchmark.PIPE_SHAPES, (marks[0].args[1] + [32_000], [32_000])):
+        with fused_cupy.configured(threads=threads, block_share=share):   # the GPU test's, the benchmark's
+            for V in vocabs:
+                key = (threads, True, "float32", fused_cupy.plan(V), True, None, "vec", "pipe")
+                want = {(m, 0) for m in fused_cupy.MODES.values()} if threads == 512 else \
+                    {(fused_cupy.MODES[m], 0) for m in ("lk_alpha", "lk_lambda")}
+                assert want <= built[key], (threads, V)
     marks = [m for m in test_gpu.test_fused_rows_fetched_into_l2_ahead.pytestmark if m.args[0] == "V"]
     for V in marks[0].args[1] + [32_000, 128_256]:          # the GPU test's, the benchmark's ('fused L2 ahead')
         key = (fused_cupy.THREADS, True, "float32", fused_cupy.plan(V), True, None, "vec", "ahead")
