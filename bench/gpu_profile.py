@@ -6,7 +6,9 @@ sizes of issue #5, each called twice (the first call compiles and warms up).
 profiles the second launch of lk_rows at N = 4096, V = 32 000: how close it comes to the
 memory's speed (SpeedOfLight), how many warps stay resident (Occupancy) and what they wait
 for (WarpStateStats), which is what to read when the time misses its goal.  Optional
-arguments after V: threads and block share, to profile a launch shape of the benchmark.
+arguments after V: threads and block share, to profile a launch shape of the benchmark; the
+switches come from the environment as lkref reads it (LKREF_CUPY_PIPELINE=1 for the pipelined
+grid at 512 8192, LKREF_CUPY_L2_AHEAD=1 for the grid that asks L2 for the next row).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def main(argv):
             lkref.lk_alpha(z, p, impl="fused", out=out)
         cp.cuda.Device().synchronize()
         print(f"profiled: lk_alpha N=4096 V={V} threads={threads} block_share={share} "
-              f"(items, cluster) = {fused_cupy.plan(V)}")
+              f"(items, cluster) = {fused_cupy.plan(V)} pipeline={fused_cupy.PIPELINE} l2_ahead={fused_cupy.L2_AHEAD}")
 
 
 if __name__ == "__main__":
