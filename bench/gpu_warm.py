@@ -13,7 +13,6 @@ compiled when first used; a failure here is reported and left to the tests to sh
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -131,8 +130,9 @@ def variants(clusters=True):
         spec = Spec(*shape, dt, pdt, V, *rest)
         fits = spec.vec and V % 4 == 0                    # as vec_fits has it for aligned arrays
         src = source(spec._replace(vec=fits))
-        spec = spec._replace(vec="#define VEC 1" in src,  # what the source does (kernel_source's own conditions)
-                             pipe=int(re.search(r"#define PIPE (\d+)", src).group(1)), ahead="#define AHEAD 1" in src)
+        spec = spec._replace(vec=bool(fused_cupy.defined(src, "VEC")),   # what the source does (kernel_source's
+                             pipe=fused_cupy.defined(src, "PIPE"),     # own conditions)
+                             ahead=bool(fused_cupy.defined(src, "AHEAD")))
         if (dt, src) not in seen:
             seen.add((dt, src))
             out.append(spec)

@@ -125,8 +125,7 @@ def main():
     # for (clusters: before Hopper its blocks would meet in global memory, which it does not take)
     for threads, share in PIPE_SHAPES:
         with fused_cupy.configured(threads=threads, block_share=share):
-            stages = min(fused_cupy.PIPE_STAGES, (_smem_kib(args.arch)[1] * 1024 - fused_cupy.STATIC_SMEM_ROOM)
-                         // fused_cupy.stage_bytes(fused_cupy.plan(32_000)[0]))
+            stages = fused_cupy.pipe_stages(fused_cupy.plan(32_000)[0], _smem_kib(args.arch)[1] * 1024)
         if stages >= 2 and _cc(args.arch) >= 90:
             variants.append((32_000, (threads, share, True), "float", False, None, None, 0, stages, False))
     if _cc(args.arch) >= 90:                          # and 'fused L2 ahead' (cp.async.bulk: Hopper on)

@@ -674,36 +674,9 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
 #endif
     __shared__ float sh[8 * 32];
 #if PERSIST
-    // rows first, first + step, ...: the row's blocks (a cluster) go through them together; PIPE:
-    // the stage of row k in stage k % PIPE, copied PIPE - 1 rows ahead (the first PIPE - 1 here)
+    // rows first, first + step, ...: the row's blocks (a cluster) go through them together
     const long first = blockIdx.x / CLUSTER, step = gridDim.x / CLUSTER;
     const int rank = blockIdx.x % CLUSTER;            // this block's share of each row's columns
-    const int tid = LANE0 + rank * THREADS * ITEMS;   // the thread's first column
-#if PIPE
-    extern __shared__ __align__(16) float pipe_smem[];   // PIPE stages of THREADS * ITEMS logits, then as many target entries
-    #pragma unroll 1
-    for (int k = 0; k < PIPE - 1; k++)
-        stage_row(pipe_smem + k * 2 * THREADS * ITEMS, pipe_smem + (2 * k + 1) * THREADS * ITEMS, z, p,
-                  first + k * step, N, V, Vt, tid);
-#elif PCACHE > 0
-    extern __shared__ __align__(16) p_t p_cache[];    // as without AHEAD
-#endif
-    #pragma unroll 1
-    for (long k = 0, row = first; row < N; k++, row += step) {
-    __syncthreads();                                  // every thread of the block is done with the stage refilled next
-#if PIPE
-    {
-        const int ahead = (int)((k + PIPE - 1) % PIPE);
-        stage_row(pipe_smem + ahead * 2 * THREADS * ITEMS, pipe_smem + (2 * ahead + 1) * THREADS * ITEMS, z, p,
-                  row + (PIPE - 1) * step, N, V, Vt, tid);
-    }
-    wait_copies_but<PIPE - 1>();                      // this row's stage has landed (each thread reads its own entries)
-    float* z_cache = pipe_smem + (k % PIPE) * 2 * THREADS * ITEMS;
-    float* p_cache = z_cache + THREADS * ITEMS;
-#else
-    if (threadIdx.x == 0 && row + step < N) share_to_l2(z, p, row + step, rank, V, Vt);   // the next row, into L2
-#endif
-    Meet meeting = {nullptr, nullptr, rank, 0};       // not used
 #else
     long row = blockIdx.x / CLUSTER;
     int rank = blockIdx.x % CLUSTER;                  // this block's share of the row's columns
@@ -723,11 +696,36 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
 #else
     Meet meeting = {nullptr, nullptr, rank, 0};         // not used
 #endif
+#endif
     const int tid = LANE0 + rank * THREADS * (ITEMS > 0 ? ITEMS : 0);   // the thread's first column
-#if ITEMS > 0 && PCACHE > 0
+#if PIPE
+    // the stage of row k is stage k % PIPE, copied PIPE - 1 rows ahead (the first PIPE - 1 here)
+    extern __shared__ __align__(16) float pipe_smem[];   // PIPE stages of THREADS * ITEMS logits, then as many target entries
+    #pragma unroll 1
+    for (int k = 0; k < PIPE - 1; k++)
+        stage_row(pipe_smem + k * 2 * THREADS * ITEMS, pipe_smem + (2 * k + 1) * THREADS * ITEMS, z, p,
+                  first + k * step, N, V, Vt, tid);
+#elif ITEMS > 0 && PCACHE > 0
     extern __shared__ __align__(16) p_t p_cache[];    // PCACHE * THREADS entries: each thread's own
                                                       // (16-byte aligned for VEC's 16-byte copies)
 #endif
+#if PERSIST
+    #pragma unroll 1
+    for (long k = 0, row = first; row < N; k++, row += step) {
+    __syncthreads();                                  // every thread of the block is done with the stage refilled next
+#if PIPE
+    {
+        const int ahead = (int)((k + PIPE - 1) % PIPE);
+        stage_row(pipe_smem + ahead * 2 * THREADS * ITEMS, pipe_smem + (2 * ahead + 1) * THREADS * ITEMS, z, p,
+                  row + (PIPE - 1) * step, N, V, Vt, tid);
+    }
+    wait_copies_but<PIPE - 1>();                      // this row's stage has landed (each thread reads its own entries)
+    float* z_cache = pipe_smem + (k % PIPE) * 2 * THREADS * ITEMS;
+    float* p_cache = z_cache + THREADS * ITEMS;
+#else
+    if (threadIdx.x == 0 && row + step < N) share_to_l2(z, p, row + step, rank, V, Vt);   // the next row, into L2
+#endif
+    Meet meeting = {nullptr, nullptr, rank, 0};       // not used
 #endif
     const in_t* zr = z + row * (long)V;
     const p_t* pr = p + row * (long)Vt;
@@ -1211,8 +1209,7 @@ def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True, p_dtype=np.float32,
             src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), dsmem=dsmem, cached=cached,
                                 p_t=_ctype(p_dtype), pairs=pairs, mode=mode, phase=phase, vec=vec, pipe=pipe,
                                 ahead=ahead)
-            stages = int(re.search(r"#define PIPE (\d+)", src).group(1))    # what the source took
-            took_ahead = "#define AHEAD 1" in src
+            stages, took_ahead = defined(src, "PIPE"), bool(defined(src, "AHEAD"))   # what the source took
             smem = stage_bytes(items) * stages if stages else p_bytes * cached * THREADS
             return src, _build(cp, src), smem, stages, took_ahead
 
@@ -1244,12 +1241,18 @@ def stage_bytes(items) -> int:
     return 8 * THREADS * items
 
 
-def pipe_stages(cp, items) -> int:
-    """PIPELINE's stages for rows of `items` a thread: PIPE_STAGES, or as many as this GPU's
-    blocks have room for; 0 where fewer than 2 fit (a stage ahead is the point)."""
-    optin = _smem_optin(cp) or 48 * 1024
+def pipe_stages(items, optin) -> int:
+    """PIPELINE's stages for rows of `items` a thread where a block may have `optin` bytes of
+    shared memory (None: the 48 KiB every GPU gives): PIPE_STAGES, or as many as fit; 0 where
+    fewer than 2 fit (a stage ahead is the point)."""
+    optin = optin or 48 * 1024
     stages = min(PIPE_STAGES, (optin - STATIC_SMEM_ROOM) // stage_bytes(items)) if items else 0
     return stages if stages >= 2 else 0
+
+
+def defined(src, name) -> int:
+    """The value of `#define NAME <integer>` in a kernel source: what kernel_source took."""
+    return int(re.search(rf"#define {name} (-?\d+)", src).group(1))
 
 
 def _resident_clusters(cp, smem, cluster, N, regs=None) -> int:
@@ -1418,7 +1421,7 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     vec = vec_fits(z2, p2, g2, idx)
     persists = SPECIALIZE and not two_pass and vec and (dsmem or cluster == 1) \
         and all(np.dtype(a.dtype) == np.float32 for a in (z2, p2, g2))
-    pipe = pipe_stages(cp, items) if PIPELINE and persists else 0
+    pipe = pipe_stages(items, _smem_optin(cp)) if PIPELINE and persists else 0
     ahead = L2_AHEAD and persists and not pipe and _has_clusters(cp)   # (cp.async.bulk: Hopper and later)
 
     phases = (1, 2) if two_pass else (0,)

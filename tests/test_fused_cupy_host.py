@@ -821,8 +821,7 @@ def test_pipeline_only_where_it_applies(simt, monkeypatch):
     per_stage = fused_cupy.stage_bytes(4)                              # 64 threads x 4 entries x 8 bytes
     for optin, want in ((None, 3), (fused_cupy.STATIC_SMEM_ROOM + 2 * per_stage, 2),
                         (fused_cupy.STATIC_SMEM_ROOM + 2 * per_stage - 1, 0)):
-        monkeypatch.setattr(fused_cupy, "_smem_optin", lambda cp: optin)
-        assert fused_cupy.pipe_stages(None, 4) == want, optin
+        assert fused_cupy.pipe_stages(4, optin) == want, optin
     device = types.SimpleNamespace(attributes={"MultiProcessorCount": 132, "MaxSharedMemoryPerMultiprocessor": 228 * 1024})
     cp = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=lambda: device))
     assert fused_cupy._resident_clusters(cp, 192 * 1024, 4, 4096) == 33          # an H100: one block an SM

@@ -304,7 +304,7 @@ def test_fused_pipelined_rows(cp, name, V):
     kw = {"lam": 0.3} if name == "lk_lambda" else {}
     with fused_cupy.configured(pipeline=True, threads=512, block_share=8192):
         items, cluster = fused_cupy.plan(V)
-        assert items % 4 == 0 and fused_cupy.pipe_stages(cp, items) >= 2
+        assert items % 4 == 0 and fused_cupy.pipe_stages(items, fused_cupy._smem_optin(cp)) >= 2
         assert fused_cupy._resident_clusters(cp, fused_cupy.stage_bytes(items) * fused_cupy.PIPE_STAGES, cluster, N) < N
         compare(cp, name, z, p, **kw)
 
