@@ -223,9 +223,12 @@ typedef __P_T__ p_t;                                  // the target's type: floa
 #endif
 #define SLOT(i) (LANE0 + COL(i))                          // item i's entry in p_cache (the block's share of the row, in order)
 #if PCACHE > 0
-#define KEPT(i) to_f(p_cache[SLOT(i)])                    // a target entry kept in p_cache (VEC only)
+// the quad of target entries kept in p_cache from item i on (VEC only): one 16-byte shared
+// load (8 bytes for a 2-byte target), where 4 loads of one entry would hit each bank 4 times;
+// a quad past the row's end holds zeros (prefetch_target, stage_row store them)
+#define KEPT4(i) load4(&p_cache[SLOT(i)])
 #else
-#define KEPT(i) 0.f                                       // (not reached: no entry is kept)
+#define KEPT4(i) make_float4(0.f, 0.f, 0.f, 0.f)          // (not reached: no entry is kept)
 #endif
 #if VEC
 #define IN(i) (tid + COL((i) & ~3) < V)                   // item i in the row: its quad's first column is (V % 4 == 0)
@@ -554,6 +557,7 @@ template <int IDX> __device__ __forceinline__ void prefetch_target(p_t* p_cache,
     for (int i = 0; i < PCACHE; i += 4) {
         int v = tid + COL(i);
         if (v < V) copy_quad_async(&p_cache[SLOT(i)], pr + v);
+        else store4(&p_cache[SLOT(i)], make_float4(0.f, 0.f, 0.f, 0.f));   // past the row: p = 0, read unselected
     }
 #else
     #pragma unroll
@@ -610,6 +614,8 @@ __device__ __forceinline__ void stage_row(float* z_cache, float* p_cache, const 
             if (v < V) {
                 copy_quad_async(&z_cache[SLOT(i)], zr + v);
                 copy_quad_async(&p_cache[SLOT(i)], pr + v);
+            } else {
+                store4(&p_cache[SLOT(i)], make_float4(0.f, 0.f, 0.f, 0.f));   // past the row: p = 0
             }
         }
     }
@@ -634,9 +640,12 @@ __device__ __forceinline__ void stage_row(float* z_cache, float* p_cache, const 
 // held to 1024 threads an SM (64 registers at 512): left to itself ptxas hoists every 16-byte
 // load of the logits and the target and takes 93-96 registers (nvcc 13, sm_90; 63-64 one column
 // at a time), one block per SM, for a pass that only streams (12-28 bytes spilled at 64).
-// 256-thread blocks of up to 32 entries a thread (the benchmark's 256 x 8 192 shape) are held to
-// 4 blocks an SM, the default's 1024 threads: left to itself ptxas gives LK^alpha's 66 registers,
-// 3 blocks (at 64 none spilled; nvcc 13, sm_90); not with PIPE, whose stages hold one block an SM.
+// Blocks of up to 512 threads and 32 entries a thread that keep the target in shared memory and
+// read it 4 entries at a time (the default 512 x 16 384, and 256 x 8 192) are held to 1024 threads
+// an SM, two or four blocks: left to itself ptxas gives LK^alpha's one-launch kernel 68 registers
+// (one block of 512 an SM; 4 bytes spilled at 64, nvcc 13, sm_90), and 66 at 256 threads (3 blocks);
+// not with PIPE, whose stages hold one block an SM, nor the kernel for every loss (MODE -1, the
+// benchmark's 'fused generic-mode'), which would spill 284 bytes at 64 (85 registers unbound).
 // A persistent kernel without stages (AHEAD) is held to the default's two blocks an SM: left to
 // itself ptxas keeps each item's addresses across the row loop, 105-127 registers at 512 x 16 384
 // (one block an SM); at 64, TV and LK^alpha spill nothing, KL 48-64 bytes, LK^lambda 96-108 (sm_90).
@@ -647,8 +656,8 @@ __device__ __forceinline__ void stage_row(float* z_cache, float* p_cache, const 
 #define ROWS_BOUNDS __launch_bounds__(THREADS, 1)
 #elif PHASE == 2 && VEC && THREADS <= 512
 #define ROWS_BOUNDS __launch_bounds__(THREADS, 1024 / THREADS)
-#elif THREADS == 256 && ITEMS > 0 && ITEMS <= 32 && !PIPE
-#define ROWS_BOUNDS __launch_bounds__(THREADS, 4)
+#elif VEC && PCACHE > 0 && THREADS <= 512 && ITEMS > 0 && ITEMS <= 32 && !PIPE && MODE >= 0
+#define ROWS_BOUNDS __launch_bounds__(THREADS, 1024 / THREADS)
 #else
 #define ROWS_BOUNDS __launch_bounds__(THREADS)
 #endif
@@ -740,6 +749,9 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
     const float rT = U_PER_X / T;
     int flags = 0;
     const bool need_x = mode == 0 || mode == 3;          // KL and LK^lambda: sum p x
+#if ITEMS > 0
+    float to_row = 1.f;                                  // TV and LK^alpha: q = e * (to_row / s) in one multiply
+#endif
     if (phase != 2) {
 #if PIPE
         // (the target entries are in this row's stage already)
@@ -795,7 +807,8 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
 #endif
         // the block's max mb and its sum of exps relative to mb; with several blocks per row one
         // exchange (row_softmax) makes them the row's max m and sum s, and the block's values in
-        // registers follow: x = (z - m) / T = (z - mb) / T - shift, exp(x) = exp((z - mb) / T) * to_row
+        // registers follow: x = (z - m) / T = (z - mb) / T - shift (KL, LK^lambda), and
+        // exp(x) = exp((z - mb) / T) * to_row, to_row taken with 1 / s in q's one multiply (TV, LK^alpha)
         float mb = block_max(lmax, sh);
         if (!isfinite(mb)) mb = 0.f;                     // flagged, or no columns; keeps the arithmetic below quiet
         float acc[1] = {0.f};
@@ -817,10 +830,10 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
         row_softmax(m, s, T, meeting);
         if (!isfinite(m)) m = 0.f;                       // no finite logit in the row: flagged
         const float shift = (m - mb) / T, shift_u = shift * U_PER_X;
-        const float to_row = acc[0] > 0.f ? (expf)(-shift) : 0.f;   // an exp per block, not per element
 #if ITEMS > 0
+        to_row = acc[0] > 0.f ? (expf)(-shift) : 0.f;    // an exp per block, not per element
         #pragma unroll
-        for (int i = 0; i < ITEMS; i++) xr[i] = need_x ? xr[i] - shift_u : xr[i] * to_row;
+        for (int i = 0; i < ITEMS; i++) xr[i] = need_x ? xr[i] - shift_u : xr[i];   // (e: to_row in q's multiply)
 #endif
 #endif
     } else {
@@ -859,9 +872,11 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
         __syncwarp();                                    // the pairs the warp's other lanes copied
 #endif
 #endif
+        float pmin = INFINITY, pmax = -INFINITY;         // of the thread's target entries
 #if ITEMS > 0
+        const float e_to_q = to_row * inv;
 #if VEC
-        float4 p4 = make_float4(0.f, 0.f, 0.f, 0.f);    // the quad's target entries, where not kept in p_cache
+        float4 p4 = make_float4(0.f, 0.f, 0.f, 0.f);    // the quad's target entries
 #endif
         // no branch per item (straight-line code: the instruction cache holds it better): an item
         // past the row's end reads nothing and adds q = p = 0 to every sum
@@ -871,7 +886,8 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
             const bool in = IN(i);
             {
                 float u = need_x ? xr[i] : 0.f;
-                float q = in ? (need_x ? EXP_U(u) : xr[i]) * inv : 0.f;  // one exp per element for TV and LK^alpha
+                // one exp per element for TV and LK^alpha, whose registers hold e (0 past the row's end)
+                float q = need_x ? (in ? EXP_U(u) * inv : 0.f) : xr[i] * e_to_q;
 #else
         for (int v = tid; v < V; v += THREADS) {
             const bool in = true;
@@ -883,8 +899,8 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
                 xr[i] = q;                               // registers hold q from here on
 #endif
 #if VEC && ITEMS > 0
-                if ((i & 3) == 0 && in && i >= PCACHE) p4 = load4(pr + v);
-                float pv = !in ? 0.f : i < PCACHE ? KEPT(i) : part(p4, i & 3);
+                if ((i & 3) == 0) p4 = i < PCACHE ? KEPT4(i) : in ? load4(pr + v) : make_float4(0.f, 0.f, 0.f, 0.f);
+                float pv = part(p4, i & 3);                  // 0 past the row's end (kept entries too)
 #elif ITEMS > 0 && PCACHE > 0 && P_ASYNC
                 float pv = !in ? 0.f : i < PCACHE ? to_f(p_cache[SLOT(i)]) : target(pr, idx, has_idx, v);
 #elif ITEMS > 0 && PCACHE > 0
@@ -906,10 +922,14 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
                     acc[3] += pv > 0.f ? pv * u : 0.f;    // 0 where p = 0, also where x = -inf
                     acc[4] += pv > 0.f ? pv * LOG_P(pv) : 0.f;
                 }
-                if (pv < 0.f) flags |= 2;
-                if (!isfinite(pv)) flags |= 4;
+                pmin = fminf(pmin, pv);                  // the input flags, once a thread (below)
+                pmax = fmaxf(pmax, pv);
             }
         }
+        // a negative entry shows in the min; -inf in the min, +inf in the max, NaN in the sum
+        // (fminf and fmaxf pass it by); a sum that overflows on finite entries is not NaN
+        if (pmin < 0.f) flags |= 2;
+        if (isnan(acc[2]) || pmin == -INFINITY || pmax == INFINITY) flags |= 4;
         acc[3] *= X_PER_U;                               // sum p u to sum p x
         acc[5] = (flags & 1) ? 1.f : 0.f;
         acc[6] = (flags & 2) ? 1.f : 0.f;
@@ -941,7 +961,7 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
 #if ITEMS > 0
 #if VEC
     float g4[4];                                         // a quad's gradient, stored together
-    float4 p4 = make_float4(0.f, 0.f, 0.f, 0.f);        // the quad's target entries, where not kept in p_cache
+    float4 p4 = make_float4(0.f, 0.f, 0.f, 0.f);        // the quad's target entries
 #endif
     #pragma unroll
     for (int i = 0; i < ITEMS; i++) {
@@ -957,8 +977,8 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
 #endif
 #if VEC && ITEMS > 0
             const bool kept = phase == 0 && i < PCACHE;
-            if ((i & 3) == 0 && in && !kept) p4 = load4(pr + v);
-            float pv = !in ? 0.f : kept ? KEPT(i) : part(p4, i & 3);
+            if ((i & 3) == 0) p4 = kept ? KEPT4(i) : in ? load4(pr + v) : make_float4(0.f, 0.f, 0.f, 0.f);
+            float pv = part(p4, i & 3);
 #elif ITEMS > 0 && PCACHE > 0
             float pv = !in ? 0.f : phase == 0 && i < PCACHE ? to_f(p_cache[SLOT(i)]) : target(pr, idx, has_idx, v);
 #else

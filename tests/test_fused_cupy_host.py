@@ -38,6 +38,7 @@ from .strategies import make_logits, make_probs
 REDUCED = sorted(lkref.LOSSES)
 
 
+@np.errstate(all="ignore")                               # a GPU does not warn: bad input is flagged, not raised here
 def kernel_on_the_cpu(grid, block, args, shared_mem=0):
     """lk_rows, transcribed: each row is one block."""
     z2, p2, g2, w, has_w, wsum, has_wsum, scale, stats, idx, has_idx, V, Vt, T, lam, mode, phase, _, _, _ = args
@@ -402,25 +403,35 @@ def test_whole_target_checks_of_two_byte_targets(p_dtype):
     fused_cupy._check_whole_target(np, -np.zeros((2, 3), dt))    # -0.0 everywhere (the int16 max is -0.0's)
 
 
+@pytest.mark.parametrize("V", [10, 12])                 # one column at a time; 4 adjacent ones (VEC)
 @pytest.mark.parametrize("bad, match", [
     ("nan_logit", "draft_logits contains non-finite"), ("neg_target", "target_probs contains negative"),
-    ("nan_target", "target_probs contains non-finite"), ("sum", "rows must sum to 1"),
+    ("nan_target", "target_probs contains non-finite"), ("inf_target", "target_probs contains non-finite"),
+    ("neg_inf_target", "target_probs contains non-finite"), ("sum", "rows must sum to 1"),
+    ("huge_target", "rows must sum to 1"),
 ])
-def test_input_flags(numpy_as_cupy, bad, match):
+def test_input_flags(numpy_as_cupy, bad, match, V):
+    """The kernels flag a target by each thread's min, max and sum of its entries: +inf shows in
+    the max, -inf and negatives in the min, NaN in the sum; finite entries whose sum overflows
+    are a wrong sum, as the reference says, not a non-finite entry."""
     rng = np.random.default_rng(4)
-    z = make_logits(rng, (4, 10), dtype=np.float32)
-    p = make_probs(rng, (4, 10), dtype=np.float32)
+    z = make_logits(rng, (4, V), dtype=np.float32)
+    p = make_probs(rng, (4, V), dtype=np.float32)
     if bad == "nan_logit":
         z[2, 3] = np.nan
     elif bad == "neg_target":
         p[1, 1] = -0.01
         p[1, 2] += 0.01
-    elif bad == "nan_target":
-        p[0, 0] = np.nan
+    elif bad in ("nan_target", "inf_target", "neg_inf_target"):
+        p[0, 0] = {"nan_target": np.nan, "inf_target": np.inf, "neg_inf_target": -np.inf}[bad]
+    elif bad == "huge_target":
+        p[3, :] = np.finfo(np.float32).max / 2          # every thread's sum overflows to +inf
     else:
         p *= 1.01
     with pytest.raises(ValueError, match=match):
         run("lk_alpha", z, p)
+    with pytest.raises(ValueError, match=match):        # the reference says the same
+        lkref.lk_alpha(z, p, impl="reference")
 
 
 @pytest.mark.parametrize("bad, match", [(np.nan, "non-finite"), (np.inf, "non-finite"), (-0.1, "negative")])
@@ -1078,8 +1089,8 @@ PLANTED = {
                                                              "v[1] = warp_sum(sk);", None),
     "cluster: the block's exps not moved to the row's max": ("to_row = acc[0] > 0.f ? (expf)(-shift) : 0.f;",
                                                             "to_row = 1.f;", None, {"name": "lk_alpha"}),
-    "cluster: the block's x not moved to the row's max": ("xr[i] = need_x ? xr[i] - shift_u : xr[i] * to_row;",
-                                                         "xr[i] = need_x ? xr[i] : xr[i] * to_row;", None),
+    "cluster: the block's x not moved to the row's max": ("xr[i] = need_x ? xr[i] - shift_u : xr[i];",
+                                                         "xr[i] = need_x ? xr[i] : xr[i];", None),
     "exp2: u without the factor log2 e": ("#define U_PER_X 1.4426950408889634f", "#define U_PER_X 1.f", None),
     "exp2: the KL sums left in base-2 units": ("        acc[3] *= X_PER_U;", "", None),
     "vec: a quad past the row's end taken as in it": ("#define IN(i) (tid + COL((i) & ~3) < V)",
@@ -1087,8 +1098,16 @@ PLANTED = {
                                                        None, {"V": 1020}),
     "vec: the gradient's quad stored a column off": ("const int v4 = v - 3;", "const int v4 = v - 2;",
                                                     "not 16-byte aligned"),
-    "vec: the target's quad read at its last column": ("if ((i & 3) == 0 && in && !kept) p4 = load4(pr + v);",
-                                                      "if ((i & 3) == 3 && in && !kept) p4 = load4(pr + v - 3);", None),
+    "vec: the target's quad read at its last column": (
+        "if ((i & 3) == 0) p4 = kept ? KEPT4(i) : in ? load4(pr + v) :",
+        "if ((i & 3) == 3) p4 = kept ? KEPT4(i - 3) : in ? load4(pr + v - 3) :", None),
+    "vec: a kept target quad read from the next quad's slots": (
+        "p4 = i < PCACHE ? KEPT4(i) : in ?", "p4 = i < PCACHE ? KEPT4(i ^ 4) : in ?", None),
+    "vec: the kept target's slots past the row's end not zeroed": (
+        "        else store4(&p_cache[SLOT(i)], make_float4(0.f, 0.f, 0.f, 0.f));", "", None),
+    "pipeline: the stage's target slots past the row's end not zeroed": (
+        "                store4(&p_cache[SLOT(i)], make_float4(0.f, 0.f, 0.f, 0.f));   // past the row: p = 0\n", "",
+        None, {"name": "lk_alpha", "pipeline": True}),
     "barrier in divergent code": ("    if (warp == 0) v = warp_max(v);", "    if (warp == 0) { v = warp_max(v); __syncthreads(); }",
                                   "deadlock"),
     "stats written off by one": ("float* st = stats + row * 8;", "float* st = stats + row * 8 + 1;",

@@ -147,6 +147,26 @@ def test_fused_lambda_given_and_errors(cp):
         lkref.lk_alpha(cp.asarray(z), cp.asarray(p * 1.01), impl="fused")
 
 
+@pytest.mark.parametrize("V", [500, 501])               # 4 adjacent columns a thread; one at a time
+def test_fused_target_flags(cp, V):
+    """The kernels flag a bad target from each thread's min, max and sum of p (not per entry):
+    each kind of bad entry gives the reference's error, and finite entries whose sum overflows
+    a wrong row sum, not a non-finite entry."""
+    rng = np.random.default_rng(12)
+    z = cp.asarray(make_logits(rng, (6, V), dtype=np.float32))
+    p = peaked_probs(rng, (6, V)).astype(np.float32)
+    for value, match in [(np.nan, "non-finite"), (np.inf, "non-finite"), (-np.inf, "non-finite"),
+                         (-0.25, "negative")]:
+        bad = p.copy()
+        bad[4, V - 3] = value
+        with pytest.raises(ValueError, match=f"target_probs contains {match}"):
+            lkref.lk_alpha(z, cp.asarray(bad), impl="fused")
+    bad = p.copy()
+    bad[1] = np.finfo(np.float32).max / 2
+    with pytest.raises(ValueError, match="rows must sum to 1"):
+        lkref.lk_alpha(z, cp.asarray(bad), impl="fused")
+
+
 def test_verify_on_the_gpu_accepts_as_on_the_cpu(cp):
     p, q = lkref.testing.sampler_problem(0, 4, 6)
     B = 4096
