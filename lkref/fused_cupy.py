@@ -187,6 +187,9 @@ _SOURCE = r"""
 #ifndef INFINITY                                      // NVRTC has no <math.h>
 #define INFINITY __int_as_float(0x7f800000)
 #endif
+#ifndef NAN
+#define NAN __int_as_float(0x7fffffff)
+#endif
 #define THREADS __THREADS__
 #define ITEMS __ITEMS__
 #define CLUSTER __CLUSTER__                           // blocks per row
@@ -766,14 +769,16 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
 #endif
         float lmax = -INFINITY;
 #if ITEMS > 0
+        // past the row's end a logit is NaN, which fmaxf and fminf pass by and the exps select away
+        float lmin = INFINITY;
 #if VEC
         #pragma unroll
         for (int i = 0; i < ITEMS; i += 4) {             // 4 columns a load; a quad is all in the row or all past it
             int v = tid + COL(i);
 #if PIPE
-            const float4 z4 = v < V ? load4(&z_cache[SLOT(i)]) : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+            const float4 z4 = v < V ? load4(&z_cache[SLOT(i)]) : make_float4(NAN, NAN, NAN, NAN);
 #else
-            const float4 z4 = v < V ? load4(zr + v) : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+            const float4 z4 = v < V ? load4(zr + v) : make_float4(NAN, NAN, NAN, NAN);
 #endif
             xr[i] = z4.x; xr[i + 1] = z4.y; xr[i + 2] = z4.z; xr[i + 3] = z4.w;
         }
@@ -781,13 +786,13 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
         #pragma unroll
         for (int i = 0; i < ITEMS; i++) {
             int v = tid + COL(i);
-            xr[i] = v < V ? to_f(zr[v]) : -INFINITY;
+            xr[i] = v < V ? to_f(zr[v]) : NAN;
         }
 #endif
         #pragma unroll
-        for (int i = 0; i < ITEMS; i++) {
-            if (IN(i) && !isfinite(xr[i])) flags |= 1;
+        for (int i = 0; i < ITEMS; i++) {                // the input flag, once a thread (below the exps)
             lmax = fmaxf(lmax, xr[i]);
+            lmin = fminf(lmin, xr[i]);
         }
 #else
         // streaming: the thread's max and its sum of exps relative to that max in one pass over
@@ -820,6 +825,9 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
             acc[0] += e;
             xr[i] = need_x ? u : e;                          // the KL sums need x; TV and LK^alpha only e
         }
+        // a logit of +inf shows in the max, -inf in the min, NaN in the thread's sum of exps (an
+        // exp of a finite logit below the max is in [0, 1])
+        if (lmax == INFINITY || lmin == -INFINITY || isnan(acc[0])) flags |= 1;
 #else
         acc[0] = lsum > 0.f ? lsum * (expf)((lmax - mb) / T) : 0.f;   // the thread's sum moved to the block's max
 #endif

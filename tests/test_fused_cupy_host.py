@@ -405,20 +405,22 @@ def test_whole_target_checks_of_two_byte_targets(p_dtype):
 
 @pytest.mark.parametrize("V", [10, 12])                 # one column at a time; 4 adjacent ones (VEC)
 @pytest.mark.parametrize("bad, match", [
-    ("nan_logit", "draft_logits contains non-finite"), ("neg_target", "target_probs contains negative"),
+    ("nan_logit", "draft_logits contains non-finite"), ("inf_logit", "draft_logits contains non-finite"),
+    ("neg_inf_logit", "draft_logits contains non-finite"), ("neg_target", "target_probs contains negative"),
     ("nan_target", "target_probs contains non-finite"), ("inf_target", "target_probs contains non-finite"),
     ("neg_inf_target", "target_probs contains non-finite"), ("sum", "rows must sum to 1"),
     ("huge_target", "rows must sum to 1"),
 ])
 def test_input_flags(numpy_as_cupy, bad, match, V):
-    """The kernels flag a target by each thread's min, max and sum of its entries: +inf shows in
-    the max, -inf and negatives in the min, NaN in the sum; finite entries whose sum overflows
-    are a wrong sum, as the reference says, not a non-finite entry."""
+    """The kernels flag the inputs by each thread's min, max and sum of its entries (of the
+    logits' exps): +inf shows in the max, -inf and negatives in the min, NaN in the sum; finite
+    target entries whose sum overflows are a wrong sum, as the reference says, not a non-finite
+    entry."""
     rng = np.random.default_rng(4)
     z = make_logits(rng, (4, V), dtype=np.float32)
     p = make_probs(rng, (4, V), dtype=np.float32)
-    if bad == "nan_logit":
-        z[2, 3] = np.nan
+    if bad in ("nan_logit", "inf_logit", "neg_inf_logit"):
+        z[2, 3] = {"nan_logit": np.nan, "inf_logit": np.inf, "neg_inf_logit": -np.inf}[bad]
     elif bad == "neg_target":
         p[1, 1] = -0.01
         p[1, 2] += 0.01

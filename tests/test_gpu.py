@@ -148,13 +148,18 @@ def test_fused_lambda_given_and_errors(cp):
 
 
 @pytest.mark.parametrize("V", [500, 501])               # 4 adjacent columns a thread; one at a time
-def test_fused_target_flags(cp, V):
-    """The kernels flag a bad target from each thread's min, max and sum of p (not per entry):
-    each kind of bad entry gives the reference's error, and finite entries whose sum overflows
-    a wrong row sum, not a non-finite entry."""
+def test_fused_input_flags(cp, V):
+    """The kernels flag bad input from each thread's min, max and sum of its entries (of the
+    exps for the logits), not per entry: each kind of bad entry gives the reference's error,
+    and finite target entries whose sum overflows a wrong row sum, not a non-finite entry."""
     rng = np.random.default_rng(12)
     z = cp.asarray(make_logits(rng, (6, V), dtype=np.float32))
     p = peaked_probs(rng, (6, V)).astype(np.float32)
+    for value in (np.nan, np.inf, -np.inf):
+        bad = to_numpy(z).copy()
+        bad[2, V - 2] = value
+        with pytest.raises(ValueError, match="draft_logits contains non-finite"):
+            lkref.lk_alpha(cp.asarray(bad), cp.asarray(p), impl="fused")
     for value, match in [(np.nan, "non-finite"), (np.inf, "non-finite"), (-np.inf, "non-finite"),
                          (-0.25, "negative")]:
         bad = p.copy()
