@@ -645,8 +645,9 @@ __device__ __forceinline__ void stage_row(float* z_cache, float* p_cache, const 
 // at a time), one block per SM, for a pass that only streams (12-28 bytes spilled at 64).
 // Blocks of up to 512 threads and 32 entries a thread that keep the target in shared memory and
 // read it 4 entries at a time (the default 512 x 16 384, and 256 x 8 192) are held to 1024 threads
-// an SM, two or four blocks: left to itself ptxas gives LK^alpha's one-launch kernel 68 registers
-// (one block of 512 an SM; 4 bytes spilled at 64, nvcc 13, sm_90), and 66 at 256 threads (3 blocks);
+// an SM, two or four blocks: left to itself ptxas gives the one-launch kernels of KL and LK^lambda
+// 72-73 registers (one block of 512 an SM; at 64 they spill 0 and 20 bytes, LK^alpha and TV 12,
+// each value stored and loaded once a row; nvcc 13, sm_90), and LK^alpha 66-68 at 256 threads (3 blocks);
 // not with PIPE, whose stages hold one block an SM, nor the kernel for every loss (MODE -1, the
 // benchmark's 'fused generic-mode'), which would spill 284 bytes at 64 (85 registers unbound).
 // A persistent kernel without stages (AHEAD) is held to the default's two blocks an SM: left to
