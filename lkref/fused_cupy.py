@@ -258,11 +258,18 @@ typedef __P_T__ p_t;                                  // the target's type: floa
                                                       // 0.02 near p = 1: a stand-in test failed); a normalised row
                                                       // has at most two such entries, and warps branch past logf;
                                                       // 0, logf (some 28 instructions, 1 ulp) everywhere
+// p log p for the KL sums, 0 where p = 0 with no select: p is floored at the least normal float
+// before its log (where p is subnormal, -ftz=true makes it 0 too)
+__device__ __forceinline__ float p_log_p(float p) {
+    const float floored = fmaxf(p, 1.17549435e-38f);
 #if FAST_LOG
-#define LOG_P(p) ((p) < 0.5f ? __logf(p) : logf(p))
+    float lp = __logf(floored);
+    if (p >= 0.5f) lp = logf(p);                      // at most two entries of a normalised row
 #else
-#define LOG_P(p) logf(p)
+    const float lp = logf(floored);
 #endif
+    return p * lp;
+}
 #if EXP2
 #define EXP_U(u) exp2f(u)
 #define U_PER_X 1.4426950408889634f                   // u = x log2(e), x = (z - m) / T
@@ -929,7 +936,7 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
                 acc[2] += pv;
                 if (need_x) {                            // the KL sums
                     acc[3] += pv > 0.f ? pv * u : 0.f;    // 0 where p = 0, also where x = -inf
-                    acc[4] += pv > 0.f ? pv * LOG_P(pv) : 0.f;
+                    acc[4] += p_log_p(pv);
                 }
                 pmin = fminf(pmin, pv);                  // the input flags, once a thread (below)
                 pmax = fmaxf(pmax, pv);

@@ -1110,6 +1110,8 @@ PLANTED = {
     "pipeline: the stage's target slots past the row's end not zeroed": (
         "                store4(&p_cache[SLOT(i)], make_float4(0.f, 0.f, 0.f, 0.f));   // past the row: p = 0\n", "",
         None, {"name": "lk_alpha", "pipeline": True}),
+    "log: p = 0 not floored before its log (0 log 0 is NaN)": (
+        "const float floored = fmaxf(p, 1.17549435e-38f);", "const float floored = p;", None, {"name": "kl"}),
     "barrier in divergent code": ("    if (warp == 0) v = warp_max(v);", "    if (warp == 0) { v = warp_max(v); __syncthreads(); }",
                                   "deadlock"),
     "stats written off by one": ("float* st = stats + row * 8;", "float* st = stats + row * 8 + 1;",
