@@ -31,7 +31,8 @@ from lkref.benchmark import make_problem, rel_err  # noqa: E402
 #: logits); weights and temperature; float16 logits, and a float16 target too (read as it is:
 #: 4 entries an 8-byte access, or one column at a time kept in shared memory at its first read,
 #: or copied there in pairs); the persistent grids (PIPELINE, L2_AHEAD, off by default; a grid
-#: of 2 blocks or clusters, so that each goes through 2-3 rows and its stages); rows that take LK^alpha's
+#: of 2 blocks or clusters, so that each goes through 2-3 rows and its stages), and L2_LEAD (the
+#: rows ahead as a grid of 2 clusters would have them: 1); rows that take LK^alpha's
 #: log-space fallback; and blocks that meet in global memory, as on a GPU without clusters.
 CASES = (
     ("one block", "lk_alpha", 3, 1000, {}),
@@ -52,6 +53,7 @@ CASES = (
     ("pipelined, a block a row", "lk_lambda", 5, 4096, {"pipeline": True, "lam": 0.3}),
     ("pipelined, clusters of 4", "lk_alpha", 5, 32_000, {"pipeline": True}),
     ("L2 ahead, clusters of 2", "tv", 5, 32_000, {"l2_ahead": True}),
+    ("L2 lead, clusters of 2, batch lambda", "lk_lambda", 5, 32_000, {"l2_lead": 0.5}),
     ("log-space fallback", "lk_alpha", 3, 300, {"disjoint": True}),
     ("no clusters: 2 blocks meet", "lk_lambda", 3, 32_000, {"clusters": False}),
     ("no clusters: 4 blocks meet", "lk_alpha", 2, 50_257, {"clusters": False}),
@@ -91,11 +93,11 @@ def check(cp, label, name, N, V, options, seed):
     pipe = options.get("pipeline")
     grid = fused_cupy._resident_clusters
     try:
-        if pipe or options.get("l2_ahead"):           # 2 blocks or clusters: 2-3 rows each
+        if pipe or options.get("l2_ahead") or options.get("l2_lead"):   # 2 blocks or clusters: 2-3 rows each
             fused_cupy._resident_clusters = lambda cp, smem, cluster, N, regs=None: min(N, 2)
         with fused_cupy.configured(clusters=options.get("clusters"), pair_prefetch=options.get("pairs"),
                                    vec=options.get("vec"), pipeline=pipe, block_share=8192 if pipe else None,
-                                   l2_ahead=options.get("l2_ahead")):
+                                   l2_ahead=options.get("l2_ahead"), l2_lead=options.get("l2_lead")):
             fast = lkref.LOSSES[name](zd, cp.asarray(p), impl="fused", **(dict(kw, out=zd) if options.get("out") else kw))
     finally:
         fused_cupy._resident_clusters = grid

@@ -53,7 +53,7 @@ class Spec(NamedTuple):
     streamed; exp2: each element's exp by exp2f (fused_cupy.EXP2), else expf; vec: 4 adjacent
     columns a thread at a time (fused_cupy.VEC); fast_log: log p by __logf below 0.5
     (fused_cupy.FAST_LOG), else logf; pipe: fused_cupy.PIPELINE's stages (0: off); ahead:
-    fused_cupy.L2_AHEAD."""
+    fused_cupy.L2_AHEAD; lead: fused_cupy.L2_LEAD (a block a row, each asking L2 for a row ahead)."""
 
     threads: int
     share: int
@@ -72,6 +72,7 @@ class Spec(NamedTuple):
     fast_log: bool
     pipe: int = 0
     ahead: bool = False
+    lead: bool = False
 
 
 def variants(clusters=True):
@@ -125,6 +126,9 @@ def variants(clusters=True):
                     fused_cupy.PIPE_STAGES) for m in fused_cupy.MODES for V in (4096, 32_000)]
         wanted += [(default, f32, f32, V, clusters, None, False, mode[m], 0, False, exp2, vec, fast, 0, True)
                    for m in fused_cupy.MODES for V in goal_vocabs + [4096]]            # 'fused L2 ahead', its test
+        wanted += [(default, f32, f32, V, clusters, None, False, mode[m], phase, False, exp2, vec, fast, 0, False, True)
+                   for m in fused_cupy.MODES for phase in ((0, 1, 2) if m == "lk_lambda" else (0,))
+                   for V in goal_vocabs + [4096]]                                 # 'fused L2 lead', its test
     seen, out = set(), []
     for shape, dt, pdt, V, *rest in wanted:
         spec = Spec(*shape, dt, pdt, V, *rest)
@@ -132,7 +136,8 @@ def variants(clusters=True):
         src = source(spec._replace(vec=fits))
         spec = spec._replace(vec=bool(fused_cupy.defined(src, "VEC")),   # what the source does (kernel_source's
                              pipe=fused_cupy.defined(src, "PIPE"),     # own conditions)
-                             ahead=bool(fused_cupy.defined(src, "AHEAD")))
+                             ahead=bool(fused_cupy.defined(src, "AHEAD")),
+                             lead=bool(fused_cupy.defined(src, "LEAD")))
         if (dt, src) not in seen:
             seen.add((dt, src))
             out.append(spec)
@@ -148,7 +153,8 @@ def source(spec):
         c = fused_cupy._ctype(spec.dt)
         return fused_cupy.kernel_source(items, cluster, c, c, dsmem=spec.dsmem, cached=items if spec.pipe else kept,
                                         p_t=fused_cupy._ctype(spec.pdt), pairs=spec.pairs, mode=spec.mode,
-                                        phase=spec.phase, vec=spec.vec, pipe=spec.pipe, ahead=spec.ahead)
+                                        phase=spec.phase, vec=spec.vec, pipe=spec.pipe, ahead=spec.ahead,
+                                        lead=spec.lead)
 
 
 def _compile(spec):
@@ -168,7 +174,7 @@ def _compile(spec):
                                    stream=spec.stream, exp2=spec.exp2, fast_log=spec.fast_log):
             items, cluster = fused_cupy.plan(spec.V)
             fused_cupy._kernel(dtype, dtype, items, cluster, spec.dsmem, p_dtype, spec.pairs, spec.mode, spec.phase,
-                               spec.vec, spec.pipe, spec.ahead)
+                               spec.vec, spec.pipe, spec.ahead, spec.lead)
     finally:
         fused_cupy._smem_optin = optin
     return time.perf_counter() - t0
@@ -185,7 +191,8 @@ def describe(spec):
             + (" all modes" if spec.mode is None else f" mode {spec.mode}")
             + ("" if spec.phase is None else f" phase {spec.phase}") + (" stream" if spec.stream else "")
             + ("" if spec.exp2 else " expf") + (" vec" if spec.vec else "") + ("" if spec.fast_log else " logf")
-            + (f" pipelined ({spec.pipe} stages)" if spec.pipe else "") + (" L2-ahead" if spec.ahead else ""))
+            + (f" pipelined ({spec.pipe} stages)" if spec.pipe else "") + (" L2-ahead" if spec.ahead else "")
+            + (" L2-lead" if spec.lead else ""))
 
 
 def main(argv):

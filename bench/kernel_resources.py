@@ -27,7 +27,7 @@ SMEM_KIB = {75: (64, 64), 80: (164, 163), 86: (100, 99), 87: (164, 163), 89: (10
 
 
 def resources(V, threads, share, cache, arch, work, ctype="float", pairs=False, exp2=None, vec=None, phase=0, pipe=0,
-              ahead=False):
+              ahead=False, lead=False):
     """(items, cluster, target entries kept per thread, {regs, spill, smem} or None) of one
     variant as lkref builds it for `arch`: its target cache sized to the arch's shared memory;
     ctype: the C type of the logits, the target and the gradient; pairs: a 2-byte target copied
@@ -35,7 +35,7 @@ def resources(V, threads, share, cache, arch, work, ctype="float", pairs=False, 
     columns a thread at a time (None: fused_cupy.VEC, as lkref takes it for rows aligned to 4
     entries with V % 4 == 0); phase: 0 (one launch), 2 (the gradient launch of a two-launch call);
     pipe: fused_cupy.PIPELINE's stages (0: none), whose rows keep the whole target share; ahead:
-    fused_cupy.L2_AHEAD."""
+    fused_cupy.L2_AHEAD; lead: fused_cupy.L2_LEAD."""
     optin = _smem_kib(arch)[1] * 1024
     with fused_cupy.configured(threads=threads, block_share=share, cache_target=cache):
         items, cluster = fused_cupy.plan(V)
@@ -43,7 +43,7 @@ def resources(V, threads, share, cache, arch, work, ctype="float", pairs=False, 
         src = fused_cupy.kernel_source(items, cluster, ctype, ctype, dsmem=_cc(arch) >= 90, cached=cached, p_t=ctype,
                                        pairs=pairs, mode=fused_cupy.MODES["lk_alpha"], phase=phase, exp2=exp2,
                                        vec=(fused_cupy.VEC if vec is None else vec) and V % 4 == 0, pipe=pipe,
-                                       ahead=ahead)
+                                       ahead=ahead, lead=lead)
     path = os.path.join(work, "k.cu")
     with open(path, "w") as f:
         f.write(src)
@@ -120,20 +120,21 @@ def main():
         [(V, shapes[0], "float", False, None, False, 0) for V in (32_000, 128_256)] + \
         [(V, shapes[0], "float", False, False, False, 0) for V in (32_000, 128_256)] + \
         [(V, shapes[0], "float", False, None, vec, 2) for V in (32_000, 128_256) for vec in (None, False)]
-    variants = [v + (0, False) for v in variants]
+    variants = [v + (0, False, False) for v in variants]
     # last, the benchmark's 'fused pipelined' (fused_cupy.PIPELINE) at V = 32 000, with the stages this arch has room
     # for (clusters: before Hopper its blocks would meet in global memory, which it does not take)
     for threads, share in PIPE_SHAPES:
         with fused_cupy.configured(threads=threads, block_share=share):
             stages = fused_cupy.pipe_stages(fused_cupy.plan(32_000)[0], _smem_kib(args.arch)[1] * 1024)
         if stages >= 2 and _cc(args.arch) >= 90:
-            variants.append((32_000, (threads, share, True), "float", False, None, None, 0, stages, False))
-    if _cc(args.arch) >= 90:                          # and 'fused L2 ahead' (cp.async.bulk: Hopper on)
-        variants += [(V, shapes[0], "float", False, None, None, 0, 0, True) for V in (32_000, 128_256)]
+            variants.append((32_000, (threads, share, True), "float", False, None, None, 0, stages, False, False))
+    if _cc(args.arch) >= 90:                          # and 'fused L2 ahead', 'fused L2 lead' (cp.async.bulk: Hopper on)
+        variants += [(V, shapes[0], "float", False, None, None, 0, 0, True, False) for V in (32_000, 128_256)]
+        variants += [(V, shapes[0], "float", False, None, None, 0, 0, False, True) for V in (32_000, 128_256)]
     with tempfile.TemporaryDirectory() as work:
-        for V, (threads, share, cache), ctype, pairs, exp2, vec, phase, pipe, ahead in variants:
+        for V, (threads, share, cache), ctype, pairs, exp2, vec, phase, pipe, ahead, lead in variants:
             items, cluster, cached, res = resources(V, threads, share, cache, args.arch, work, ctype, pairs, exp2, vec,
-                                                    phase, pipe, ahead)
+                                                    phase, pipe, ahead, lead)
             if res is None:
                 print(f"{V:7d} {threads:7d} {share:6d} {cache!s:>5} | build failed")
                 continue
@@ -153,6 +154,8 @@ def main():
                 note += "  (the gradient launch of a two-launch call)"
             if "#define AHEAD 1" in res["src"]:
                 note += "  (persistent, the next row asked of L2, as the benchmark's 'fused L2 ahead')"
+            if "#define LEAD 1" in res["src"]:
+                note += "  (a block a row asking L2 for a row ahead, as the benchmark's 'fused L2 lead')"
             if "#define PIPE 0" not in res["src"]:
                 note += f"  (pipelined: {pipe} stages of logits and target, as the benchmark's 'fused pipelined')"
             if cache and 0 < cached < items:            # this GPU's blocks keep part of the target

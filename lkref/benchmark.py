@@ -232,6 +232,8 @@ def _entries(xp, backend, fn, loss, z, p, out, N, V):
                     entries.append((pipe_label(threads, share) + tail,
                                     _shaped(fn, z, p, out, threads, share, lam=lam, pipeline=True), False))
             entries.append((AHEAD_LABEL + tail, _shaped(fn, z, p, out, lam=lam, l2_ahead=True), False))
+            for frac in LEAD_FRACTIONS:
+                entries.append((lead_label(frac) + tail, _shaped(fn, z, p, out, lam=lam, l2_lead=frac), False))
         if loss in ("kl", "lk_lambda") and z.dtype == np.float32:    # one launch each (lam= for LK^lambda)
             lam = 0.5 if loss == "lk_lambda" else None
             entries.append((LOGF_LABEL + (" lam=" if lam else ""), _shaped(fn, z, p, out, lam=lam, fast_log=False), False))
@@ -292,6 +294,16 @@ PIPE_SHAPES = ((512, 8_192), (1024, 8_192))
 #: The same, at the default shape, with L2 asked for each block's next row instead of stages in
 #: shared memory (fused_cupy.L2_AHEAD): both goal sizes.
 AHEAD_LABEL = "fused L2 ahead"
+#: The default grid (a block, or cluster, a row) with each block asking L2 for its share of a
+#: row ahead as it starts (fused_cupy.L2_LEAD): that many of the rows the GPU holds at once, a
+#: quarter, half and all of them (on an H100 at V = 32 000: 33, 66 and 132 rows, 8, 17 and 33 MiB
+#: of its 50 MiB L2 asked for ahead); both goal sizes.
+LEAD_FRACTIONS = (0.25, 0.5, 1.0)
+
+
+def lead_label(frac):
+    """The benchmark's name for the default grid with fused_cupy.L2_LEAD = frac, e.g. 'fused L2 lead 0.25'."""
+    return f"fused L2 lead {frac:g}"
 
 
 def pipe_label(threads, share):

@@ -33,7 +33,8 @@ where its rows are 4-byte aligned).  For larger V
 one block per row re-reads the row from memory in each phase (z three times: the max and the
 sum of exps in one pass, then the statistics, then the gradient; p twice).
 PIPELINE and L2_AHEAD (off) launch a persistent grid instead, whose blocks copy the next rows'
-logits and target into shared memory, or ask L2 for their next row, while they work on one.
+logits and target into shared memory, or ask L2 for their next row, while they work on one;
+L2_LEAD (off) keeps a block a row and has each block ask L2 for a later block's share as it starts.
 Two-pass losses (LK^lambda with no given lambda,
 draft_to_target, a reduce hook) run the kernel once for the row statistics, then again
 for the gradient with the statistics as input: z and p are read twice.  The read counts
@@ -170,6 +171,20 @@ PIPE_STAGES = 3
 #: blocks an SM (`configured(l2_ahead=True)`, LKREF_CUPY_L2_AHEAD=1; the benchmark's `fused L2
 #: ahead` rows).  Off until a GPU has timed it.
 L2_AHEAD = False
+#: The same L2 fetch without a persistent grid (`configured(l2_lead=f)`, LKREF_CUPY_L2_LEAD=f; the
+#: benchmark's `fused L2 lead` rows): a block a row as by default, and as a block starts, one of
+#: its threads has L2 fetch its share of the row `lead` rows on, lead = f x the rows the GPU
+#: holds at once (at least 1; a row's blocks, a cluster, take one row).  Blocks start in about
+#: the order of their rows, so that row's block starts about when `lead` of the rows running now
+#: have ended, and finds its share in L2: the memory is kept busy by the fetches while the blocks
+#: run their phases, with none of a persistent loop's registers (L2_AHEAD: 105-127 unbound, or
+#: spills) and with f setting how much of L2 the rows fetched ahead hold (f = 1: some 33 MiB of
+#: an H100's 50 at V = 32 000, as L2_AHEAD; f = 1/4: a quarter of that).  Float32 throughout
+#: with 4 adjacent columns a thread, every phase, Hopper and later.  0 (off) until a GPU has
+#: timed it.
+L2_LEAD = 0.0
+#: L2_LEAD's range: beyond two waves of rows ahead the fetched rows would not fit any L2.
+L2_LEAD_MAX = 2.0
 #: Above this temperature the kernels' 1 / T (log2 e / T with EXP2) would be a float32 subnormal,
 #: which CuPy's -ftz=true makes 0 (and every q equal): such calls run the reference.
 MAX_TEMPERATURE = 2.0 ** 126
@@ -249,6 +264,11 @@ typedef __P_T__ p_t;                                  // the target's type: floa
                                                       // the block's share of the logits and the target of its next row
                                                       // (cp.async.bulk.prefetch.L2, Hopper), which its loads then find
                                                       // there; the rest as without; 0: a block a row
+#define LEAD __LEAD__                                 // 1 (fused_cupy.L2_LEAD): a block a row, as without; as it starts,
+                                                      // thread 0 has the L2 cache fetch the block's share of the logits
+                                                      // and the target of the row `lead` rows on (the argument; Hopper),
+                                                      // which the block that takes that row, starting about when `lead`
+                                                      // of the rows running now have ended, then finds there; 0: none
 #define PERSIST (PIPE > 0 || AHEAD)                   // the block (cluster) goes through rows first, first + step, ...
 #define EXP2 __EXP2__                                 // an element's exp: 1, exp2f(u) with u = (z - m) log2(e) / T (a
                                                       // multiply and the SFU's ex2.approx, within 2 ulp); 0, expf(u)
@@ -596,9 +616,9 @@ __device__ __forceinline__ void prefetch_pairs(p_t* p_cache, const p_t* __restri
 }
 #endif
 
-#if AHEAD
-// AHEAD: the block's share of `row` (columns rank * THREADS * ITEMS on, at most ITEMS a thread),
-// logits and target, fetched into L2, by one thread
+#if AHEAD || LEAD
+// AHEAD, LEAD: the block's share of `row` (columns rank * THREADS * ITEMS on, at most ITEMS a
+// thread), logits and target, fetched into L2, by one thread
 __device__ __forceinline__ void share_to_l2(const float* z, const float* p, long row, int rank, int V, int Vt) {
     const int c0 = rank * THREADS * ITEMS, end = c0 + THREADS * ITEMS, c1 = end < V ? end : V;
     if (c1 > c0) {
@@ -643,6 +663,7 @@ __device__ __forceinline__ void stage_row(float* z_cache, float* p_cache, const 
 // nothing writes during the launch.  The code is otherwise the same (nvcc, sm_90: same registers).
 // GLOBAL_XCHG only (else not read): counts, 1 + N ints, zero at the launch (a ticket counter,
 // then each row's count of announced partial results); parts, N x CLUSTER x SLOTS floats.
+// lead: LEAD only (else not read), the rows ahead whose share a block has L2 fetch as it starts.
 // One block per SM is said outright where the blocks meet in global memory and a 2-byte target
 // is read in the statistics' loop: left to itself, ptxas (nvcc 13, sm_80/86, V = 128 256) gives
 // that variant 64 registers and spills 2.8 KB a thread, where it could have 128 (116 bytes of
@@ -680,7 +701,7 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
         const float* __restrict__ w, int has_w, const float* __restrict__ wsum, int has_wsum, float scale,
         float* __restrict__ stats, const int* __restrict__ idx, int has_idx,
         int V, int Vt, float T, float lam, int mode_arg, int phase_arg, int* __restrict__ counts, float* __restrict__ parts,
-        int N)
+        int N, int lead)
 {
 #if MODE >= 0
     const int mode = MODE;                            // this loss's code only (SPECIALIZE)
@@ -715,6 +736,9 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
     Meet meeting = {parts + row * CLUSTER * SLOTS, counts + 1 + row, rank, 0};
 #else
     Meet meeting = {nullptr, nullptr, rank, 0};         // not used
+#endif
+#if LEAD
+    if (threadIdx.x == 0 && row + lead < N) share_to_l2(z, p, row + lead, rank, V, Vt);   // a later block's share, into L2
 #endif
 #endif
     const int tid = LANE0 + rank * THREADS * (ITEMS > 0 ? ITEMS : 0);   // the thread's first column
@@ -1101,12 +1125,13 @@ CLUSTER_CHOICES = (1, 2, 4, 8)
 SWITCHES = {"cache_target": "CACHE_TARGET", "clusters": "CLUSTERS", "pair_prefetch": "PAIR_PREFETCH",
             "specialize": "SPECIALIZE", "stream": "STREAM", "exp2": "EXP2", "vec": "VEC",
             "fast_log": "FAST_LOG", "pipeline": "PIPELINE", "l2_ahead": "L2_AHEAD"}
-_SETTINGS = ("THREADS", "BLOCK_SHARE", "MAX_ITEMS", *SWITCHES.values())
+_SETTINGS = ("THREADS", "BLOCK_SHARE", "MAX_ITEMS", "L2_LEAD", *SWITCHES.values())
 
 
 @contextmanager
 def configured(threads=None, block_share=None, cache_target=None, clusters=None, pair_prefetch=None,
-               specialize=None, stream=None, exp2=None, vec=None, fast_log=None, pipeline=None, l2_ahead=None):
+               specialize=None, stream=None, exp2=None, vec=None, fast_log=None, pipeline=None, l2_ahead=None,
+               l2_lead=None):
     """Run the kernels with another block size or share of a row per block, without the target
     cache (for tuning), without clusters (clusters=False: a row's blocks meet in global memory,
     as on GPUs before Hopper), with a 2-byte target prefetched in pairs (PAIR_PREFETCH), as one
@@ -1114,23 +1139,27 @@ def configured(threads=None, block_share=None, cache_target=None, clusters=None,
     for each element's exp (exp2=False), without 16-byte accesses (vec=False), with logf for
     every log p of the KL sums (fast_log=False), or with a persistent grid whose blocks copy the
     rows ahead into shared memory (pipeline=True, PIPELINE) or have L2 fetch their next row
-    (l2_ahead=True, L2_AHEAD): threads in THREAD_CHOICES, block_share in SHARE_CHOICES."""
+    (l2_ahead=True, L2_AHEAD), or with a block a row whose first thread has L2 fetch the share of
+    a row ahead (l2_lead=f, L2_LEAD: f of the rows the GPU holds at once, 0 to L2_LEAD_MAX):
+    threads in THREAD_CHOICES, block_share in SHARE_CHOICES."""
     switches = {key: value for key, value in locals().items() if key in SWITCHES}
     old = {name: globals()[name] for name in _SETTINGS}
     try:
         for key, value in switches.items():
             if value is not None and not isinstance(value, (bool, np.bool_)):
                 raise TypeError(f"{key} must be True or False, got {value!r}")
-        _set(threads, "threads", block_share, "block_share", switches)
+        _set(threads, "threads", block_share, "block_share", switches, l2_lead, "l2_lead")
         yield
     finally:
         globals().update(old)
 
 
-def _set(threads, threads_name, block_share, share_name, switches):
+def _set(threads, threads_name, block_share, share_name, switches, lead=None, lead_name="l2_lead"):
     """Check and apply the launch settings that are not None (MAX_ITEMS follows from them);
-    switches: SWITCHES' keywords to True, False or None."""
-    global THREADS, BLOCK_SHARE, MAX_ITEMS
+    switches: SWITCHES' keywords to True, False or None; lead: L2_LEAD."""
+    global THREADS, BLOCK_SHARE, MAX_ITEMS, L2_LEAD
+    if lead is not None:
+        L2_LEAD = _check_lead(lead, lead_name)
     for key, value in switches.items():
         if value is not None:
             globals()[SWITCHES[key]] = bool(value)
@@ -1140,6 +1169,20 @@ def _set(threads, threads_name, block_share, share_name, switches):
         BLOCK_SHARE = _check_choice(block_share, share_name, SHARE_CHOICES)
     if threads is not None or block_share is not None:
         MAX_ITEMS = BLOCK_SHARE // THREADS
+
+
+def _check_lead(value, name):
+    """L2_LEAD from a number (or its text, from the environment) in [0, L2_LEAD_MAX]."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a number from 0 to {L2_LEAD_MAX}, got {value!r}") from None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number from 0 to {L2_LEAD_MAX}, got {value!r}")
+    if not 0 <= float(value) <= L2_LEAD_MAX:             # (NaN fails too)
+        raise ValueError(f"{name} must be from 0 to {L2_LEAD_MAX} (of the rows a GPU holds at once), got {value!r}")
+    return float(value)
 
 
 def _check_choice(value, name, choices):
@@ -1155,7 +1198,8 @@ def _check_choice(value, name, choices):
 def _configure_from_environment():
     _set(os.environ.get("LKREF_CUPY_THREADS") or None, "LKREF_CUPY_THREADS",
          os.environ.get("LKREF_CUPY_BLOCK_SHARE") or None, "LKREF_CUPY_BLOCK_SHARE",
-         {key: env_flag(f"LKREF_CUPY_{name}") for key, name in SWITCHES.items()})
+         {key: env_flag(f"LKREF_CUPY_{name}") for key, name in SWITCHES.items()},
+         os.environ.get("LKREF_CUPY_L2_LEAD") or None, "LKREF_CUPY_L2_LEAD")
 
 
 _configure_from_environment()
@@ -1163,7 +1207,8 @@ _configure_from_environment()
 
 def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "float", cache_target=None,
                   dsmem: bool = True, cached=None, p_t: str = "float", pairs: bool = False, mode=None,
-                  phase=None, exp2=None, vec=False, fast_log=None, pipe: int = 0, ahead: bool = False) -> str:
+                  phase=None, exp2=None, vec=False, fast_log=None, pipe: int = 0, ahead: bool = False,
+                  lead: bool = False) -> str:
     """The CUDA source for one (items, cluster, logits' type, gradient's type); cache_target
     (default CACHE_TARGET) keeps the target entries in shared memory between the phases of a
     launch, all `items` of each thread's or the first `cached` of them (a GPU with less shared
@@ -1180,7 +1225,9 @@ def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "f
     entries it keeps in shared memory, are not a multiple of 4, the one-column source); pipe:
     PIPELINE's stages (0: none; taken only for one loss's one-launch kernel with 4 adjacent
     columns at a time, float32 throughout and no blocks that meet in global memory, where the
-    whole target share is kept); ahead: L2_AHEAD, on the same terms (without stages)."""
+    whole target share is kept); ahead: L2_AHEAD, on the same terms (without stages); lead: L2_LEAD
+    (a block a row, any phase, one loss's kernel with 4 adjacent columns at a time and float32
+    throughout; not with pipe or ahead)."""
     if mode is not None and mode not in MODES.values():
         raise ValueError(f"mode must be one of {sorted(MODES.values())} or None, got {mode!r}")
     if phase not in (None, 0, 1, 2):
@@ -1193,6 +1240,7 @@ def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "f
     persists = vec and phase == 0 and mode is not None and dsmem and (in_t, out_t, p_t) == ("float",) * 3
     pipe = int(pipe) if (pipe and persists and pcache == items) else 0
     ahead = bool(ahead) and persists and not pipe
+    lead = bool(lead) and vec and mode is not None and (in_t, out_t, p_t) == ("float",) * 3 and not (pipe or ahead)
     return (_SOURCE.replace("__THREADS__", str(THREADS)).replace("__ITEMS__", str(items))
             .replace("__PCACHE__", str(pcache)).replace("__DSMEM__", str(int(bool(dsmem))))
             .replace("__CLUSTER__", str(cluster)).replace("__IN_T__", in_t).replace("__OUT_T__", out_t)
@@ -1201,7 +1249,7 @@ def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "f
             .replace("__MODE__", str(-1 if mode is None else int(mode))).replace("__PHASE__", str(-1 if phase is None else int(phase)))
             .replace("__EXP2__", str(int(bool(EXP2 if exp2 is None else exp2)))).replace("__VEC__", str(int(vec)))
             .replace("__FAST_LOG__", str(int(bool(FAST_LOG if fast_log is None else fast_log))))
-            .replace("__PIPE__", str(pipe)).replace("__AHEAD__", str(int(ahead))))
+            .replace("__PIPE__", str(pipe)).replace("__AHEAD__", str(int(ahead))).replace("__LEAD__", str(int(lead))))
 
 
 def _ctype(dt):
@@ -1219,13 +1267,15 @@ class Kernels(NamedTuple):
     """The two kernels of one variant: lk_rows (the rows), lk_finish (the mean), the dynamic
     shared memory lk_rows is launched with, its PIPELINE stages, and whether it fetches the next
     row into L2 (L2_AHEAD).  Either makes lk_rows persistent (any number of rows a block, or
-    cluster); else it is launched with a block, or cluster, a row."""
+    cluster); else it is launched with a block, or cluster, a row, and `lead` says whether each
+    block has L2 fetch its share of a row ahead (L2_LEAD)."""
 
     rows: Any
     finish: Any
     smem: int
     stages: int = 0
     ahead: bool = False
+    lead: bool = False
 
     @property
     def persistent(self) -> bool:
@@ -1233,31 +1283,32 @@ class Kernels(NamedTuple):
 
 
 def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True, p_dtype=np.float32, pairs=False, mode=None,
-            phase=None, vec=False, pipe=0, ahead=False) -> Kernels:
+            phase=None, vec=False, pipe=0, ahead=False, lead=False) -> Kernels:
     cp = sys.modules["cupy"]
     dsmem = bool(dsmem) or cluster == 1
     key = (str(in_dtype), str(out_dtype), items, cluster, THREADS, CACHE_TARGET, dsmem, str(p_dtype), bool(pairs), mode,
-           phase, EXP2, bool(vec), FAST_LOG, int(pipe), bool(ahead))
+           phase, EXP2, bool(vec), FAST_LOG, int(pipe), bool(ahead), bool(lead))
     if key not in _cache:
         p_bytes = np.dtype(p_dtype).itemsize
 
         def build(cached, pipe, ahead):
             src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), dsmem=dsmem, cached=cached,
                                 p_t=_ctype(p_dtype), pairs=pairs, mode=mode, phase=phase, vec=vec, pipe=pipe,
-                                ahead=ahead)
-            stages, took_ahead = defined(src, "PIPE"), bool(defined(src, "AHEAD"))   # what the source took
+                                ahead=ahead, lead=lead)
+            stages = defined(src, "PIPE")                # what the source took
             smem = stage_bytes(items) * stages if stages else p_bytes * cached * THREADS
-            return src, _build(cp, src), smem, stages, took_ahead
+            return src, _build(cp, src), smem
 
         cached = items if pipe else cached_items(items, _smem_optin(cp), p_bytes, phase)
-        src, kern, smem, stages, took_ahead = build(cached, pipe, ahead)
+        src, kern, smem = build(cached, pipe, ahead)
         if smem:                                       # opt in: without it a block gets 48 KiB of static
             try:                                       # and dynamic shared memory together
                 kern.max_dynamic_shared_size_bytes = smem
             except Exception:                          # refused all the same: no cache, no stages
-                src, kern, smem, stages, took_ahead = build(0, 0, ahead)
+                src, kern, smem = build(0, 0, ahead)
         finish = cp.RawKernel(src, "lk_finish", options=kern.options)     # the same module, compiled once
-        _cache[key] = Kernels(kern, finish, smem, stages, took_ahead)
+        _cache[key] = Kernels(kern, finish, smem, defined(src, "PIPE"), bool(defined(src, "AHEAD")),
+                              bool(defined(src, "LEAD")))
     return _cache[key]
 
 
@@ -1306,6 +1357,16 @@ def _resident_clusters(cp, smem, cluster, N, regs=None) -> int:
         per_block.append(65536 // (-(-regs // 8) * 8 * THREADS))
     blocks = sms * max(1, min(per_block))
     return max(1, min(N, blocks // cluster))
+
+
+def lead_rows(k: Kernels, cluster: int = 1, N: int = 0, cp=None) -> int:
+    """The rows ahead whose share a block of k has L2 fetch as it starts (L2_LEAD), 0 without:
+    L2_LEAD x the rows this GPU holds at once (by its SMs, the kernel's shared memory and
+    registers; N where CuPy cannot say), at least 1."""
+    if not k.lead:
+        return 0
+    cp = cp or sys.modules["cupy"]
+    return max(1, round(L2_LEAD * _resident_clusters(cp, k.smem, cluster, N, _regs(k.rows))))
 
 
 def _regs(kernel):
@@ -1459,11 +1520,12 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
         and all(np.dtype(a.dtype) == np.float32 for a in (z2, p2, g2))
     pipe = pipe_stages(items, _smem_optin(cp)) if PIPELINE and persists else 0
     ahead = L2_AHEAD and persists and not pipe and _has_clusters(cp)   # (cp.async.bulk: Hopper and later)
+    l2_lead = L2_LEAD > 0 and vec and not (pipe or ahead) and _has_clusters(cp)   # (float32: kernel_source checks)
 
     phases = (1, 2) if two_pass else (0,)
     if SPECIALIZE:                                    # a kernel for this loss and each phase of the call
         by_phase = {ph: _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, pairs, MODES[name], ph, vec, pipe,
-                                ahead) for ph in phases}
+                                ahead, l2_lead) for ph in phases}
     else:                                             # one for every loss and phase
         by_phase = dict.fromkeys(phases, _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, pairs,
                                                  vec=vec))
@@ -1488,7 +1550,7 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
                 z2, p2, g2, w_arg, np.int32(w is not None), absent if wsum is None else wsum,
                 np.int32(wsum is not None), np.float32(scale), stats, idx_arg, np.int32(idx is not None),
                 np.int32(V), np.int32(Vt), np.float32(T), np.float32(lam_v), mode, np.int32(phase),
-                counts, parts, np.int32(N)), shared_mem=k.smem)
+                counts, parts, np.int32(N), np.int32(lead_rows(k, cluster, N, cp))), shared_mem=k.smem)
 
     def finish(lam_v):
         kern.finish((1,), (THREADS,), (stats, w_arg, np.int32(w is not None), np.int32(idx is not None),

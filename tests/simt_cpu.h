@@ -110,7 +110,8 @@ struct State {
     std::function<void()> body;
     std::string error;
     long reads[3] = {0, 0, 0};                // global reads of z and p counted by the harness's rewrite, expf calls
-    long prefetched = 0;                      // bytes asked of L2 by prefetch_l2 (fused_cupy.L2_AHEAD)
+    long prefetched = 0;                      // bytes asked of L2 by prefetch_l2 (fused_cupy.L2_AHEAD, L2_LEAD)
+    std::vector<std::pair<const void*, unsigned>> prefetches;   // ... each ask: its address and bytes
     size_t dynamic_smem = 0;                  // bytes of extern __shared__ memory per block
     size_t static_smem = 0;                   // bytes of static __shared__ memory of the largest block
     bool trace = false;
@@ -275,6 +276,7 @@ inline void prefetch_l2(const void* at, unsigned bytes) {
     if (reinterpret_cast<uintptr_t>(at) % 16 || bytes % 16 || bytes == 0)
         emu::fail("prefetch_l2: an address not 16-byte aligned or a size not a positive multiple of 16");
     emu::S.prefetched += bytes;
+    emu::S.prefetches.emplace_back(at, bytes);
 }
 inline void commit_copies() { emu::S.cur->groups.push_back(emu::S.cur->copies.size()); }
 template <int N> inline void wait_copies_but() {

@@ -113,6 +113,11 @@ def cpu_source(cuda_source: str, kernel: str, cluster: str) -> str:
                 f'extern "C" const char* last_error() {{ return emu::S.error.c_str(); }}\n'
                 f'extern "C" long reads(int which) {{ return emu::S.reads[which]; }}\n'
                 f'extern "C" long prefetched() {{ return emu::S.prefetched; }}\n'
+                f'extern "C" long prefetches(unsigned long* out, long room) {{\n'
+                f'    long k = 0;\n'
+                f'    for (auto& a : emu::S.prefetches) if (k + 2 <= room) {{ out[k++] = (unsigned long)a.first; out[k++] = a.second; }}\n'
+                f'    return (long)emu::S.prefetches.size();\n'
+                f'}}\n'
                 f'extern "C" void set_trace(int on) {{ emu::S.trace = on != 0; }}\n'
                 f'extern "C" long static_smem() {{ return (long)emu::S.static_smem; }}\n'
                 f'extern "C" void traffic(long* out) {{ emu::traffic(out); }}\n')
@@ -179,6 +184,7 @@ def build(cuda_source: str, kernel: str = "lk_rows", cluster: str = "CLUSTER"):
         dll.last_error.restype = ctypes.c_char_p
         dll.reads.restype = ctypes.c_long
         dll.prefetched.restype = ctypes.c_long
+        dll.prefetches.restype = ctypes.c_long
         dll.static_smem.restype = ctypes.c_long
         _built[key] = dll
     return _built[key]
@@ -254,9 +260,29 @@ class CpuKernel:
         self.grids = []                          # per launch: its blocks
         self.reads = []                          # per launch: (logit reads, target reads, expf calls)
         self.prefetched = []                     # per launch: bytes asked of L2 (prefetch_l2)
+        self.fetched = []                        # per launch: [(argument, first entry, entries)] of each ask
         self.trace = False                       # record the memory traffic (slower)
         self.traffic = []                        # per launch when tracing: {kind: (bytes, 32-byte sectors)}
         self._smem_limit = None                  # max_dynamic_shared_size_bytes, once set
+
+    def _fetched(self, bufs):
+        """The last launch's asks of L2 as (argument index, first entry, entries) of the array
+        argument each falls in (an AssertionError for one that falls in none, or runs past its end)."""
+        room = 2 * self.dll.prefetches(None, 0)
+        out = (ctypes.c_ulong * max(room, 1))()
+        self.dll.prefetches(out, room)
+        asks = []
+        for at, nbytes in zip(out[0:room:2], out[1:room:2]):
+            for k, buf in bufs.items():
+                start = buf.ctypes.data + GUARD * buf.itemsize
+                size = (buf.size - 2 * GUARD) * buf.itemsize
+                if start <= at < start + size:
+                    assert at + nbytes <= start + size, f"{self.name}: an ask of L2 past the end of argument {k}"
+                    asks.append((k, (at - start) // buf.itemsize, nbytes // buf.itemsize))
+                    break
+            else:
+                raise AssertionError(f"{self.name}: an ask of L2 outside every array argument")
+        return asks
 
     def _traffic(self):
         out = (ctypes.c_long * (2 * len(TRAFFIC_KINDS)))()
@@ -328,6 +354,7 @@ class CpuKernel:
             if seed == self.seeds[0]:
                 self.reads.append((self.dll.reads(0), self.dll.reads(1), self.dll.reads(2)))
                 self.prefetched.append(self.dll.prefetched())
+                self.fetched.append(self._fetched(bufs))
                 if self.trace:
                     self.traffic.append(self._traffic())
         for other in results[1:]:

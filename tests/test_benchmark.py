@@ -474,6 +474,9 @@ def test_the_gpu_branch_of_the_bench_runs(monkeypatch, tmp_path):
     assert {("lk_alpha", pipe), ("lk_lambda", pipe + " lam="),
             ("lk_alpha", benchmark.pipe_label(*benchmark.PIPE_SHAPES[1])),
             ("lk_alpha", benchmark.AHEAD_LABEL), ("lk_lambda", benchmark.AHEAD_LABEL + " lam=")} <= impls
+    leads = [benchmark.lead_label(f) for f in benchmark.LEAD_FRACTIONS]
+    assert leads == ["fused L2 lead 0.25", "fused L2 lead 0.5", "fused L2 lead 1"]
+    assert {("lk_alpha", lead) for lead in leads} | {("lk_lambda", lead + " lam=") for lead in leads} <= impls
     assert not any(impl.startswith(benchmark.LOGF_LABEL) for loss, impl in impls if loss == "lk_alpha")   # no log p
     assert ("lk_alpha", benchmark.MEETING_LABEL) not in impls        # V = 300: one block per row
     assert not {("lk_alpha", benchmark.PAIRS_LABEL)} & impls           # float32: no pairs to copy
@@ -613,7 +616,7 @@ def test_gpu_warm_compiles_each_source_once_and_covers_the_tests():
             sources.add((s.dt, fused_cupy.kernel_source(items, cluster, c, c, dsmem=s.dsmem, p_t=fused_cupy._ctype(s.pdt),
                                                         cached=cached, pairs=s.pairs, mode=s.mode, phase=s.phase,
                                                         exp2=s.exp2, vec=s.vec, fast_log=s.fast_log, pipe=s.pipe,
-                                                        ahead=s.ahead)))
+                                                        ahead=s.ahead, lead=s.lead)))
     assert len(sources) == len(specs)                       # nothing compiled twice
     modes = {(m, phase) for m in fused_cupy.MODES.values() for phase in (0, 1, 2)}
     alpha = (fused_cupy.MODES["lk_alpha"], 0)
@@ -623,7 +626,7 @@ def test_gpu_warm_compiles_each_source_once_and_covers_the_tests():
             head = (s.threads, s.cache, s.dt if s.dt == s.pdt else (s.dt, s.pdt), fused_cupy.plan(s.V), s.dsmem, s.optin)
         tail = (() if s.exp2 == fused_cupy.EXP2 else ("expf",)) + (("vec",) if s.vec else ()) \
             + (() if s.fast_log == fused_cupy.FAST_LOG else ("logf",)) + (("pipe",) if s.pipe else ()) \
-            + (("ahead",) if s.ahead else ())
+            + (("ahead",) if s.ahead else ()) + (("lead",) if s.lead else ())
         # the gradient launch keeps no target in shared memory: with pairs or without, one source
         for pairs in ({False, s.pdt != "float32"} if s.phase == 2 else {s.pairs}):
             built.setdefault(head + (("pairs",) if pairs else ()) + tail, set()).add((s.mode, s.phase))
@@ -693,7 +696,11 @@ def test_gpu_warm_compiles_each_source_once_and_covers_the_tests():
     for V in marks[0].args[1] + [32_000, 128_256]:          # the GPU test's, the benchmark's ('fused L2 ahead')
         key = (fused_cupy.THREADS, True, "float32", fused_cupy.plan(V), True, None, "vec", "ahead")
         assert {(m, 0) for m in fused_cupy.MODES.values()} <= built[key], V
-    assert not any(s.pipe or s.ahead for s in warm.variants(clusters=False))    # clusters only
+    marks = [m for m in test_gpu.test_fused_rows_fetched_into_l2_by_lead.pytestmark if m.args[0] == "V"]
+    for V in marks[0].args[1] + [32_000, 128_256]:          # the GPU test's, the benchmark's ('fused L2 lead')
+        key = (fused_cupy.THREADS, True, "float32", fused_cupy.plan(V), True, None, "vec", "lead")
+        assert {(m, 0) for m in fused_cupy.MODES.values()} | {(lam, 1), (lam, 2)} <= built[key], V
+    assert not any(s.pipe or s.ahead or s.lead for s in warm.variants(clusters=False))    # clusters only
     assert all(s.dsmem is False for s in warm.variants(clusters=False))     # a GPU before Hopper
     assert all(s.pdt == s.dt != "float32" for s in specs if s.pairs)         # pairs: 2-byte targets only
 
@@ -710,10 +717,11 @@ def test_gpu_warm_builds_through_lkrefs_own_kernel_cache(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", fake)
     built = []
     monkeypatch.setattr(fused_cupy, "_smem_optin", fused_cupy._smem_optin)    # _compile's change is undone
-    monkeypatch.setattr(fused_cupy, "_kernel", lambda i, o, items, cluster, dsmem, p, pairs, mode, phase, vec, pipe, ahead:
-                        built.append((str(i), str(o), items, cluster, dsmem, str(p), pairs, fused_cupy.THREADS,
-                                      fused_cupy.BLOCK_SHARE, fused_cupy._smem_optin(fake), mode, phase, fused_cupy.EXP2,
-                                      vec, fused_cupy.FAST_LOG) + ((pipe,) if pipe else ()) + (("ahead",) if ahead else ())))
+    monkeypatch.setattr(fused_cupy, "_kernel", lambda i, o, items, cluster, dsmem, p, pairs, mode, phase, vec, pipe, ahead,
+                        lead: built.append((str(i), str(o), items, cluster, dsmem, str(p), pairs, fused_cupy.THREADS,
+                                            fused_cupy.BLOCK_SHARE, fused_cupy._smem_optin(fake), mode, phase,
+                                            fused_cupy.EXP2, vec, fused_cupy.FAST_LOG) + ((pipe,) if pipe else ())
+                                           + (("ahead",) if ahead else ()) + (("lead",) if lead else ())))
     Spec = warm.Spec
     warm._compile(Spec(512, 16_384, True, "float32", "float32", 128_256, True, None, False, 2, 0, False, True, True, True))
     warm._compile(Spec(512, 32_768, True, "float16", "float32", 4099, True, None, False, 0, 1, False, True, False, True))
@@ -726,6 +734,8 @@ def test_gpu_warm_builds_through_lkrefs_own_kernel_cache(monkeypatch):
     warm._compile(Spec(512, 8_192, True, "float32", "float32", 32_000, True, None, False, 2, 0, False, True, True, True, 3))
     warm._compile(Spec(512, 16_384, True, "float32", "float32", 32_000, True, None, False, 2, 0, False, True, True, True, 0,
                        True))
+    warm._compile(Spec(512, 16_384, True, "float32", "float32", 32_000, True, None, False, 3, 1, False, True, True, True, 0,
+                       False, True))
     assert built == [("float32", "float32", 32, 8, True, "float32", False, 512, 16_384, None, 2, 0, True, True, True),
                      ("float16", "float16", 9, 1, True, "float32", False, 512, 32_768, None, 0, 1, True, False, True),
                      ("float16", "float16", 63, 1, True, "float16", True, 512, 32_768, None, 1, 0, True, False, True),
@@ -735,7 +745,9 @@ def test_gpu_warm_builds_through_lkrefs_own_kernel_cache(monkeypatch):
                       False, True),
                      ("float32", "float32", 16, 4, True, "float32", False, 512, 8_192, None, 2, 0, True, True, True, 3),
                      ("float32", "float32", 32, 2, True, "float32", False, 512, 16_384, None, 2, 0, True, True, True,
-                      "ahead")]
+                      "ahead"),
+                     ("float32", "float32", 32, 2, True, "float32", False, 512, 16_384, None, 3, 1, True, True, True,
+                      "lead")]
     assert fused_cupy.FAST_LOG is True and fused_cupy.EXP2 is True            # restored after each
 
 

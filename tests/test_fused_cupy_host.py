@@ -41,7 +41,7 @@ REDUCED = sorted(lkref.LOSSES)
 @np.errstate(all="ignore")                               # a GPU does not warn: bad input is flagged, not raised here
 def kernel_on_the_cpu(grid, block, args, shared_mem=0):
     """lk_rows, transcribed: each row is one block."""
-    z2, p2, g2, w, has_w, wsum, has_wsum, scale, stats, idx, has_idx, V, Vt, T, lam, mode, phase, _, _, _ = args
+    z2, p2, g2, w, has_w, wsum, has_wsum, scale, stats, idx, has_idx, V, Vt, T, lam, mode, phase, _, _, _, _ = args
     T, lam, mode, phase = float(T), float(lam), int(mode), int(phase)
     z = z2.astype(np.float32)
     p = (p2[:, idx] if int(has_idx) else p2).astype(np.float32)   # the kernel reads a 2-byte target as float
@@ -776,6 +776,22 @@ def test_simt_pipelined_rows(simt, monkeypatch, name, V, cluster, stages, reside
     assert "#define PIPE 0" in kernels[-1].rows.code and kernels[-1].stages == 0
 
 
+def rows_fetched(kernel, V):
+    """The rows whose logits (argument 0) and target (1) the last launch of a stand-in kernel
+    asked L2 for, {argument: [rows, in order]}, each row's entries asked for exactly once (the
+    asks of its blocks' shares together; an AssertionError otherwise)."""
+    shares = {}
+    for arg, first, n in kernel.rows.fetched[-1]:
+        assert arg in (0, 1) and first % V + n <= V, (arg, first, n)       # within one row of z or p
+        shares.setdefault((arg, first // V), []).append((first % V, n))
+    for (arg, row), parts in shares.items():
+        covered = np.zeros(V, int)
+        for start, n in parts:
+            covered[start:start + n] += 1
+        assert (covered == 1).all(), (arg, row, parts)
+    return {arg: sorted(row for a, row in shares if a == arg) for arg in (0, 1)}
+
+
 @pytest.mark.parametrize("name", REDUCED)
 @pytest.mark.parametrize("V, cluster, resident", [(200, 1, 2), (1000, 4, 8), (1000, 4, 1000)])
 def test_simt_rows_fetched_into_l2_ahead(simt, monkeypatch, name, V, cluster, resident):
@@ -800,6 +816,44 @@ def test_simt_rows_fetched_into_l2_ahead(simt, monkeypatch, name, V, cluster, re
     assert "#define AHEAD 1" in k.rows.code and k.ahead and k.stages == 0
     assert k.rows.grids[-1] == clusters * cluster and k.rows.reads[-1][:2] == (N * V, N * V)
     assert k.rows.prefetched[-1] == (N - clusters) * V * 4 * 2
+    assert rows_fetched(k, V) == {0: list(range(clusters, N)), 1: list(range(clusters, N))}   # each a row's next
+
+
+@pytest.mark.parametrize("name, lam", [("lk_alpha", None), ("tv", None), ("kl", None), ("lk_lambda", 0.3),
+                                       ("lk_lambda", None)])
+@pytest.mark.parametrize("V, cluster, resident, frac, lead", [(200, 1, 4, 0.5, 2), (1000, 4, 16, 0.25, 1),
+                                                              (1000, 4, 24, 1.0, 6), (1000, 4, 1000, 2.0, 14)])
+def test_simt_rows_fetched_into_l2_by_lead(simt, monkeypatch, name, lam, V, cluster, resident, frac, lead):
+    """L2_LEAD: a block a row as by default; as it starts, one thread asks L2 for the block's
+    share of the row `lead` rows on (lead = L2_LEAD x the rows held at once, at least 1; 16-byte
+    aligned, a multiple of 16 bytes: checked), logits and target, in every launch of the call
+    (LK^lambda's batch lambda: the statistics and the gradient).  The reference's result, each
+    entry read once, and each row from the lead-th on asked for once a launch, none before it
+    (each ask's array, row and columns recorded: a block that fetched its own row, or the row
+    lead - 1 on, fails)."""
+    small_blocks(monkeypatch)
+    monkeypatch.setattr(fused_cupy, "_resident_clusters", lambda cp, smem, cl, N, regs=None: max(1, min(N, resident // cl)))
+    kernels = built_kernels(monkeypatch)
+    rng = np.random.default_rng(V + 7)
+    N = 7
+    z = make_logits(rng, (N, V), dtype=np.float32)
+    p = make_probs(rng, (N, V), dtype=np.float32)
+    kw = {"temperature": 0.8} if lam is None else {"temperature": 0.8, "lam": lam}
+    with fused_cupy.configured(l2_lead=frac):
+        got = run(name, z, p, **kw)
+        launches = kernels[-2:] if name == "lk_lambda" and lam is None else kernels[-1:]
+        assert [fused_cupy.lead_rows(k, cluster, N, np) for k in launches] == [lead] * len(launches)
+    close(got, reference(name, z, p, **kw))
+    assert fused_cupy.plan(V)[1] == cluster
+    for k in launches:
+        assert "#define LEAD 1" in k.rows.code and k.lead and not k.persistent
+        assert k.rows.grids[-1] == N * cluster and k.rows.reads[-1][:2] == (N * V, N * V)
+        assert k.rows.prefetched[-1] == max(0, N - lead) * V * 4 * 2
+        assert rows_fetched(k, V) == {0: list(range(lead, N)), 1: list(range(lead, N))}
+    with fused_cupy.configured(l2_lead=frac, vec=False):     # one column at a time: no fetch
+        close(run(name, z, p, **kw), reference(name, z, p, **kw))
+    assert "#define LEAD 0" in kernels[-1].rows.code and kernels[-1].rows.prefetched[-1] == 0
+    assert fused_cupy.lead_rows(kernels[-1], cluster, N, np) == 0
 
 
 def test_pipeline_only_where_it_applies(simt, monkeypatch):
@@ -1228,17 +1282,22 @@ def test_simt_blocks_without_columns(simt, monkeypatch, clusters):
 @pytest.mark.parametrize("kw, error", [({"threads": 100}, ValueError), ({"threads": 2.0}, TypeError),
                                        ({"block_share": 1000}, ValueError), ({"block_share": "two"}, TypeError),
                                        ({"cache_target": "no"}, TypeError), ({"clusters": 0}, TypeError),
-                                       ({"pair_prefetch": "yes"}, TypeError)])
+                                       ({"pair_prefetch": "yes"}, TypeError), ({"l2_lead": True}, TypeError),
+                                       ({"l2_lead": "1/4"}, ValueError), ({"l2_lead": -0.25}, ValueError),
+                                       ({"l2_lead": 2.5}, ValueError), ({"l2_lead": float("nan")}, ValueError),
+                                       ({"l2_lead": [0.5]}, TypeError)])
 def test_configured_rejects_bad_shapes(kw, error):
     with pytest.raises(error, match=next(iter(kw))):
-        with fused_cupy.configured(**kw):
+        with fused_cupy.configured(exp2=False, **kw):
             pass
-    assert fused_cupy.THREADS == 512 and fused_cupy.BLOCK_SHARE == 16_384
+    assert fused_cupy.THREADS == 512 and fused_cupy.BLOCK_SHARE == 16_384 and fused_cupy.L2_LEAD == 0   # restored
+    assert fused_cupy.EXP2 is True
 
 
 def test_launch_shape_from_the_environment(monkeypatch):
-    for name in ("THREADS", "BLOCK_SHARE", "MAX_ITEMS", "CACHE_TARGET", "CLUSTERS", "PAIR_PREFETCH"):
+    for name in ("THREADS", "BLOCK_SHARE", "MAX_ITEMS", "CACHE_TARGET", "CLUSTERS", "PAIR_PREFETCH", "L2_LEAD"):
         monkeypatch.setattr(fused_cupy, name, getattr(fused_cupy, name))     # restored afterwards
+    monkeypatch.setenv("LKREF_CUPY_L2_LEAD", "0.25")
     monkeypatch.setenv("LKREF_CUPY_THREADS", "256")
     monkeypatch.setenv("LKREF_CUPY_BLOCK_SHARE", "16384")
     monkeypatch.setenv("LKREF_CUPY_CACHE_TARGET", "0")
@@ -1246,10 +1305,14 @@ def test_launch_shape_from_the_environment(monkeypatch):
     monkeypatch.setenv("LKREF_CUPY_PAIR_PREFETCH", "1")
     fused_cupy._configure_from_environment()
     assert (fused_cupy.THREADS, fused_cupy.BLOCK_SHARE, fused_cupy.MAX_ITEMS, fused_cupy.CACHE_TARGET,
-            fused_cupy.CLUSTERS, fused_cupy.PAIR_PREFETCH) == (256, 16_384, 64, False, False, True)
-    with fused_cupy.configured(pair_prefetch=False):
-        assert fused_cupy.PAIR_PREFETCH is False
-    assert fused_cupy.PAIR_PREFETCH is True                                  # restored
+            fused_cupy.CLUSTERS, fused_cupy.PAIR_PREFETCH, fused_cupy.L2_LEAD) == (256, 16_384, 64, False, False, True, 0.25)
+    with fused_cupy.configured(pair_prefetch=False, l2_lead=1):
+        assert fused_cupy.PAIR_PREFETCH is False and fused_cupy.L2_LEAD == 1.0
+    assert fused_cupy.PAIR_PREFETCH is True and fused_cupy.L2_LEAD == 0.25   # restored
+    monkeypatch.setenv("LKREF_CUPY_L2_LEAD", "a quarter")
+    with pytest.raises(ValueError, match="LKREF_CUPY_L2_LEAD must be a number"):
+        fused_cupy._configure_from_environment()
+    monkeypatch.delenv("LKREF_CUPY_L2_LEAD")
     monkeypatch.setenv("LKREF_CUPY_BLOCK_SHARE", "5")
     with pytest.raises(ValueError, match="LKREF_CUPY_BLOCK_SHARE"):
         fused_cupy._configure_from_environment()

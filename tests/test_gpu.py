@@ -353,6 +353,26 @@ def test_fused_rows_fetched_into_l2_ahead(cp, name, V):
         compare(cp, name, z, p, **kw)
 
 
+@pytest.mark.parametrize("name, lam", [("kl", None), ("tv", None), ("lk_alpha", None), ("lk_lambda", 0.3),
+                                       ("lk_lambda", None)])
+@pytest.mark.parametrize("V", [4096, 32_000])
+def test_fused_rows_fetched_into_l2_by_lead(cp, name, lam, V):
+    """fused_cupy.L2_LEAD: a block (V = 4 096) or cluster of 2 (V = 32 000) a row, as by default,
+    each asking L2 for its share of the row half the resident rows on as it starts
+    (cp.async.bulk.prefetch.L2), in each launch (LK^lambda's batch lambda: two); the reference's
+    result."""
+    rng = np.random.default_rng(V + 13)
+    N = 1000
+    z = make_logits(rng, (N, V), dtype=np.float32)
+    p = peaked_probs(rng, (N, V)).astype(np.float32)
+    kw = {} if lam is None else {"lam": lam}
+    with fused_cupy.configured(l2_lead=0.5):
+        items, cluster = fused_cupy.plan(V)
+        target_cache = 4 * fused_cupy.THREADS * items
+        assert items % 4 == 0 and 1 < fused_cupy._resident_clusters(cp, target_cache, cluster, N) < N
+        compare(cp, name, z, p, **kw)
+
+
 def test_fused_bfloat16_logits_where_cupy_has_them(cp):
     ml_dtypes = pytest.importorskip("ml_dtypes")
     rng = np.random.default_rng(6)
