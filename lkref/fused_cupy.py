@@ -674,7 +674,7 @@ __device__ __forceinline__ void stage_row(float* z_cache, float* p_cache, const 
 // Blocks of up to 512 threads and 32 entries a thread that keep the target in shared memory and
 // read it 4 entries at a time (the default 512 x 16 384, and 256 x 8 192) are held to 1024 threads
 // an SM, two or four blocks: left to itself ptxas gives the one-launch kernels of KL and LK^lambda
-// 72-73 registers (one block of 512 an SM; at 64 they spill 0 and 20 bytes, LK^alpha and TV 12,
+// 72-73 registers (one block of 512 an SM; at 64 they spill 24 and 8 bytes, LK^alpha and TV 4,
 // each value stored and loaded once a row; nvcc 13, sm_90), and LK^alpha 66-68 at 256 threads (3 blocks);
 // not with PIPE, whose stages hold one block an SM, nor the kernel for every loss (MODE -1, the
 // benchmark's 'fused generic-mode'), which would spill 284 bytes at 64 (85 registers unbound).
@@ -997,7 +997,14 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
     if (mode == 1) c_tv = dr / T;
     if (mode == 2) c_tv = alpha >= __ALPHA_FLOOR__ ? dr / (alpha * T) : 0.f;
     if (mode == 3) { c_tv = (1.f - lam) * dr / T; c_kl = lam * dr / T; }
-    const float psum_kl = psum * kls;
+    // = q c_m - p c_p an entry, c_m = c_lt where q < p (m = 1), else c_ge: the products once a
+    // thread, three instructions an entry (TV, LK^alpha; four with the KL part).  __fmaf_rn, the
+    // fma a * b + c would contract to: written as such, the compiler takes select(q < p, c_lt,
+    // c_ge) for c_tv * select(q < p, S - 1, S) + c_q and computes that for every entry
+    const bool tv_part = mode != 0, kl_part = mode == 0 || mode == 3;
+    const float c_q = c_kl * (psum * kls), c_p = c_kl * kls;
+    const float c_lt = __fmaf_rn(c_tv, S - 1.f, c_q), c_ge = __fmaf_rn(c_tv, S, c_q);
+    const bool live = c_tv != 0.f || c_kl != 0.f;       // else every entry 0 (a masked or dropped row)
 #if ITEMS > 0
 #if VEC
     float g4[4];                                         // a quad's gradient, stored together
@@ -1025,8 +1032,10 @@ lk_rows(const in_t* z, const p_t* __restrict__ p, out_t* g,
             float pv = in ? target(pr, idx, has_idx, v) : 0.f;
 #endif
             float gv = 0.f;
-            if (c_tv != 0.f) gv = q < pv ? (q * c_tv) * (S - 1.f) : q * (S * c_tv);
-            if (c_kl != 0.f) gv += c_kl * (q * psum_kl - pv * kls);
+            if (live) {
+                gv = q * (tv_part && q < pv ? c_lt : c_ge);
+                if (kl_part) gv = __fmaf_rn(-pv, c_p, gv);   // (one rounding as in every kernel, generic too)
+            }
 #if VEC && ITEMS > 0
             g4[i & 3] = gv;
             const int v4 = v - 3;                        // the quad's first column

@@ -231,6 +231,9 @@ template <class T> inline void store4(T* at, float4 v) {
     emu::narrow(at, v.x); emu::narrow(at + 1, v.y); emu::narrow(at + 2, v.z); emu::narrow(at + 3, v.w);
 }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, sizeof f); return f; }
+// __fmaf_rn: a * b + c rounded once, as a GPU's fma (the kernels use it where the compiler must
+// not rewrite the expression; denormals as the process's floating-point mode has them)
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
     if (mask != 0xffffffffu) emu::fail("__shfl_xor_sync: only the full-warp mask is modelled");
     return emu::shfl_xor(v, lane_mask);
