@@ -50,6 +50,10 @@ for name in ("torch", "triton", "liger-kernel", "speculators"):
         print(name, "absent")
 PY
   timeout 30 python3 -m lkref info | sed -n '/^  cupy .*: usable/,/^$/p'    # how this GPU runs the kernels
+  # the kernels an earlier run compiled, carried as .cupy-cache/ (bench/kernel_cache.py): NVRTC
+  # then builds only the sources that changed since, where the image is the same
+  cache_in=$(ls .cupy-cache/*.tar.* 2>/dev/null | head -1)
+  [ -n "$cache_in" ] && timeout 60 python3 bench/kernel_cache.py unpack "$cache_in" "$CUPY_CACHE_DIR"
 } 2>&1 | tee "$out/gpu-$card-env.txt"
 echo "== the kernel variants, compiled side by side into CuPy's cache (bench/gpu_warm.py)"
 timeout 120 python3 bench/gpu_warm.py 2>&1 | tee "$out/gpu-$card-warm.txt"
@@ -151,4 +155,9 @@ if [ $((SECONDS + 90)) -le "$budget" ]; then
     --csv "$out/gpu-$card-bench.csv" 2>&1 | tee -a "$out/gpu-$card-bench.txt"
   python3 bench/goals.py "$out/gpu-$card-bench.csv" > "$out/gpu-$card-goals.md" 2>&1
 fi
+# CuPy's kernel cache as this run used it, for the next run to carry as .cupy-cache/ (a file of
+# its own among the 8 that come back; bench/README.md)
+echo "== the kernel cache, packed for the next run"
+timeout 60 python3 bench/kernel_cache.py pack "$CUPY_CACHE_DIR" "$out/gpu-$card-cupy-cache.tar.xz" 2>&1 \
+  | tee -a "$out/gpu-$card-env.txt"
 echo "== done in $SECONDS s"

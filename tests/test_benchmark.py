@@ -570,11 +570,58 @@ def test_gpu_check_runs_through_without_a_gpu(tmp_path):
     steps = ["git abc1234", "== the kernel variants", "== GPU tests", "== quick benchmark: lkref\n",
              "== quick benchmark: lkref and the peers", "== compute-sanitizer", "nothing to sanitize",
              "== quick benchmark: LK^alpha in float16", "== quick benchmark: LK^lambda", "== the goals", "== quick benchmark: LK^alpha beside torch.compile",
-             "== done in"]
+             "== the kernel cache, packed for the next run", "kernel cache: nothing to pack", "== done in"]
     for step in steps:
         assert step in text, (step, text[-3000:])
     assert {"env.txt", "warm.txt", "tests.txt", "bench.txt", "goals.md"} <= \
         {name.split("-")[-1] for name in os.listdir(out)}
+
+
+def test_kernel_cache_carries_what_a_run_used(tmp_path, monkeypatch, capsys):
+    """bench/kernel_cache.py: a first run packs its whole cache; the next unpacks it (access
+    times 0, a marker) and packs only what it built or read again (a read emulated by setting
+    the access time, as Linux does on reading a file whose access time is older than its
+    modification time), so kernels of changed sources are left behind; where no unpacked file
+    was read (access times not tracked) it keeps every file; an archive over the limit is not
+    written; names that are not flat file names are not extracted."""
+    import os
+    import tarfile
+    import time
+    cache = _load_bench("kernel_cache")
+    first, second = tmp_path / "run1", tmp_path / "run2"
+    first.mkdir()
+    for name in ("a", "b", "c"):
+        (first / name).write_bytes(name.encode() * 1000)
+    archive = str(tmp_path / "one.tar.xz")
+    assert cache.pack(str(tmp_path / "absent"), archive) == "kernel cache: nothing to pack"
+    assert "3 files (3 built this run, 0 of the 0 unpacked" in cache.pack(str(first), archive)
+    assert cache.unpack(archive, str(second)) == 3
+    assert {os.stat(second / n).st_atime for n in "abc"} == {0}
+    assert (second / "b").read_bytes() == b"b" * 1000
+    os.utime(second / "b", (0, os.stat(second / "b").st_mtime))     # (the check above read it)
+    later = time.time() + 1
+    os.utime(second / "a", (later, os.stat(second / "a").st_mtime))   # read again by this run
+    (second / "d").write_bytes(b"new")                                # built by this run
+    keep, built, read, unpacked = cache.used(str(second))
+    assert (keep, built, read, unpacked) == (["a", "d"], 1, 1, 3)
+    two = str(tmp_path / "two.tar.xz")
+    assert "2 files (1 built this run, 1 of the 3 unpacked read again)" in cache.pack(str(second), two)
+    with tarfile.open(two) as tar:
+        assert sorted(tar.getnames()) == ["a", "d"]
+    os.utime(second / "a", (0, os.stat(second / "a").st_mtime))       # nothing read: untracked
+    assert cache.used(str(second))[0] == ["a", "b", "c", "d"]
+    monkeypatch.setattr(cache, "LIMIT_MIB", 1e-6)
+    assert "not packed" in cache.pack(str(second), str(tmp_path / "big.tar.xz"))
+    assert not os.path.exists(tmp_path / "big.tar.xz") and not os.path.exists(tmp_path / "big.tar.xz.part")
+    odd = str(tmp_path / "odd.tar")
+    with tarfile.open(odd, "w") as tar:
+        for name in ("../escape", "sub/x", "./ok"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, __import__("io").BytesIO(b"hi"))
+    third = tmp_path / "run3"
+    assert cache.unpack(odd, str(third)) == 1 and sorted(os.listdir(third)) == [cache.MARKER, "ok"]
+    assert not os.path.exists(tmp_path / "escape")
 
 
 def test_git_sha_from_the_environment(monkeypatch):
