@@ -1368,7 +1368,7 @@ def _resident_clusters(cp, smem, cluster, N, regs=None) -> int:
     return max(1, min(N, blocks // cluster))
 
 
-def lead_rows(k: Kernels, cluster: int = 1, N: int = 0, cp=None) -> int:
+def lead_rows(k: Kernels, cluster: int, N: int, cp=None) -> int:
     """The rows ahead whose share a block of k has L2 fetch as it starts (L2_LEAD), 0 without:
     L2_LEAD x the rows this GPU holds at once (by its SMs, the kernel's shared memory and
     registers; N where CuPy cannot say), at least 1."""
