@@ -776,6 +776,16 @@ def test_simt_pipelined_rows(simt, monkeypatch, name, V, cluster, stages, reside
     assert "#define PIPE 0" in kernels[-1].rows.code and kernels[-1].stages == 0
 
 
+def _rows_held(monkeypatch, resident, V, seed, N=7):
+    """Small blocks, a GPU that holds `resident` blocks at once, the list the kernels built go
+    to, and an N x V float32 problem: (kernels, z, p)."""
+    small_blocks(monkeypatch)
+    monkeypatch.setattr(fused_cupy, "_resident_clusters", lambda cp, smem, cl, N, regs=None: max(1, min(N, resident // cl)))
+    kernels = built_kernels(monkeypatch)
+    rng = np.random.default_rng(seed)
+    return kernels, make_logits(rng, (N, V), dtype=np.float32), make_probs(rng, (N, V), dtype=np.float32)
+
+
 def rows_fetched(kernel, V):
     """The rows whose logits (argument 0) and target (1) the last launch of a stand-in kernel
     asked L2 for, {argument: [rows, in order]}, each row's entries asked for exactly once (the
@@ -800,13 +810,8 @@ def test_simt_rows_fetched_into_l2_ahead(simt, monkeypatch, name, V, cluster, re
     a multiple of 16 bytes: checked), which the loads then read as without.  The reference's
     result, each entry read once, the grid as small as said, and every row but each cluster's
     first asked for once (counted)."""
-    small_blocks(monkeypatch)
-    monkeypatch.setattr(fused_cupy, "_resident_clusters", lambda cp, smem, cl, N, regs=None: max(1, min(N, resident // cl)))
-    kernels = built_kernels(monkeypatch)
-    rng = np.random.default_rng(V + 5)
-    N = 7
-    z = make_logits(rng, (N, V), dtype=np.float32)
-    p = make_probs(rng, (N, V), dtype=np.float32)
+    kernels, z, p = _rows_held(monkeypatch, resident, V, seed=V + 5)
+    N = len(z)
     kw = {"temperature": 0.8, "lam": 0.3} if name == "lk_lambda" else {"temperature": 0.8}
     with fused_cupy.configured(l2_ahead=True):
         got = run(name, z, p, **kw)
@@ -831,13 +836,8 @@ def test_simt_rows_fetched_into_l2_by_lead(simt, monkeypatch, name, lam, V, clus
     entry read once, and each row from the lead-th on asked for once a launch, none before it
     (each ask's array, row and columns recorded: a block that fetched its own row, or the row
     lead - 1 on, fails)."""
-    small_blocks(monkeypatch)
-    monkeypatch.setattr(fused_cupy, "_resident_clusters", lambda cp, smem, cl, N, regs=None: max(1, min(N, resident // cl)))
-    kernels = built_kernels(monkeypatch)
-    rng = np.random.default_rng(V + 7)
-    N = 7
-    z = make_logits(rng, (N, V), dtype=np.float32)
-    p = make_probs(rng, (N, V), dtype=np.float32)
+    kernels, z, p = _rows_held(monkeypatch, resident, V, seed=V + 7)
+    N = len(z)
     kw = {"temperature": 0.8} if lam is None else {"temperature": 0.8, "lam": lam}
     with fused_cupy.configured(l2_lead=frac):
         got = run(name, z, p, **kw)
