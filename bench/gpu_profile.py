@@ -8,7 +8,8 @@ memory's speed (SpeedOfLight), how many warps stay resident (Occupancy) and what
 for (WarpStateStats), which is what to read when the time misses its goal.  Optional
 arguments after V: threads and block share, to profile a launch shape of the benchmark; the
 switches come from the environment as lkref reads it (LKREF_CUPY_PIPELINE=1 for the pipelined
-grid at 512 8192, LKREF_CUPY_L2_AHEAD=1 for the grid that asks L2 for the next row).
+grid at 512 8192, LKREF_CUPY_L2_AHEAD=1 for the grid that asks L2 for the next row,
+LKREF_CUPY_L2_LEAD=0.25 for the default grid whose blocks ask L2 for a row ahead).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def main(argv):
             lkref.lk_alpha(z, p, impl="fused", out=out)
         cp.cuda.Device().synchronize()
         print(f"profiled: lk_alpha N=4096 V={V} threads={threads} block_share={share} "
-              f"(items, cluster) = {fused_cupy.plan(V)} pipeline={fused_cupy.PIPELINE} l2_ahead={fused_cupy.L2_AHEAD}")
+              f"(items, cluster) = {fused_cupy.plan(V)} pipeline={fused_cupy.PIPELINE} l2_ahead={fused_cupy.L2_AHEAD} "
+              f"l2_lead={fused_cupy.L2_LEAD:g}")
 
 
 if __name__ == "__main__":
