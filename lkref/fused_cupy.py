@@ -1246,10 +1246,11 @@ def kernel_source(items: int, cluster: int, in_t: str = "float", out_t: str = "f
     dsmem = bool(dsmem) or cluster == 1                # one block per row meets nobody: one source
     pairs = pairs and pcache > 0                       # nothing to copy: the same source as without
     vec = bool(vec) and items > 0 and items % 4 == 0 and pcache % 4 == 0   # (then any target is copied 4 entries a cp.async)
-    persists = vec and phase == 0 and mode is not None and dsmem and (in_t, out_t, p_t) == ("float",) * 3
+    fetches = vec and mode is not None and (in_t, out_t, p_t) == ("float",) * 3   # rows in L2 or stages ahead
+    persists = fetches and phase == 0 and dsmem
     pipe = int(pipe) if (pipe and persists and pcache == items) else 0
     ahead = bool(ahead) and persists and not pipe
-    lead = bool(lead) and vec and mode is not None and (in_t, out_t, p_t) == ("float",) * 3 and not (pipe or ahead)
+    lead = bool(lead) and fetches and not (pipe or ahead)
     return (_SOURCE.replace("__THREADS__", str(THREADS)).replace("__ITEMS__", str(items))
             .replace("__PCACHE__", str(pcache)).replace("__DSMEM__", str(int(bool(dsmem))))
             .replace("__CLUSTER__", str(cluster)).replace("__IN_T__", in_t).replace("__OUT_T__", out_t)
@@ -1300,7 +1301,7 @@ def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True, p_dtype=np.float32,
     if key not in _cache:
         p_bytes = np.dtype(p_dtype).itemsize
 
-        def build(cached, pipe, ahead):
+        def build(cached, pipe):
             src = kernel_source(items, cluster, _ctype(in_dtype), _ctype(out_dtype), dsmem=dsmem, cached=cached,
                                 p_t=_ctype(p_dtype), pairs=pairs, mode=mode, phase=phase, vec=vec, pipe=pipe,
                                 ahead=ahead, lead=lead)
@@ -1309,12 +1310,12 @@ def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True, p_dtype=np.float32,
             return src, _build(cp, src), smem
 
         cached = items if pipe else cached_items(items, _smem_optin(cp), p_bytes, phase)
-        src, kern, smem = build(cached, pipe, ahead)
+        src, kern, smem = build(cached, pipe)
         if smem:                                       # opt in: without it a block gets 48 KiB of static
             try:                                       # and dynamic shared memory together
                 kern.max_dynamic_shared_size_bytes = smem
             except Exception:                          # refused all the same: no cache, no stages
-                src, kern, smem = build(0, 0, ahead)
+                src, kern, smem = build(0, 0)
         finish = cp.RawKernel(src, "lk_finish", options=kern.options)     # the same module, compiled once
         _cache[key] = Kernels(kern, finish, smem, defined(src, "PIPE"), bool(defined(src, "AHEAD")),
                               bool(defined(src, "LEAD")))
