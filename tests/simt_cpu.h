@@ -110,8 +110,8 @@ struct State {
     std::function<void()> body;
     std::string error;
     long reads[3] = {0, 0, 0};                // global reads of z and p counted by the harness's rewrite, expf calls
-    long prefetched = 0;                      // bytes asked of L2 by prefetch_l2 (fused_cupy.L2_AHEAD, L2_LEAD)
-    std::vector<std::pair<const void*, unsigned>> prefetches;   // ... each ask: its address and bytes
+    std::vector<std::pair<const void*, unsigned>> prefetches;   // each ask of L2 by prefetch_l2 (fused_cupy.L2_AHEAD,
+                                              // L2_LEAD): its address and bytes
     size_t dynamic_smem = 0;                  // bytes of extern __shared__ memory per block
     size_t static_smem = 0;                   // bytes of static __shared__ memory of the largest block
     bool trace = false;
@@ -274,11 +274,10 @@ inline void wait_copies() {
 // wait_copies_but<N> lands the copies of every committed group but the N committed last
 // (cp.async.wait_group N) and leaves those, and any copy not yet committed, in flight.
 // prefetch_l2 (fused_cupy.L2_AHEAD): a hint to a GPU's L2 cache, here only what a GPU asks of it
-// checked (a 16-byte aligned address, a positive multiple of 16 bytes) and the bytes counted
+// checked (a 16-byte aligned address, a positive multiple of 16 bytes) and recorded
 inline void prefetch_l2(const void* at, unsigned bytes) {
     if (reinterpret_cast<uintptr_t>(at) % 16 || bytes % 16 || bytes == 0)
         emu::fail("prefetch_l2: an address not 16-byte aligned or a size not a positive multiple of 16");
-    emu::S.prefetched += bytes;
     emu::S.prefetches.emplace_back(at, bytes);
 }
 inline void commit_copies() { emu::S.cur->groups.push_back(emu::S.cur->copies.size()); }

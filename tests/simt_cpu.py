@@ -112,7 +112,6 @@ def cpu_source(cuda_source: str, kernel: str, cluster: str) -> str:
                 f"}}\n"
                 f'extern "C" const char* last_error() {{ return emu::S.error.c_str(); }}\n'
                 f'extern "C" long reads(int which) {{ return emu::S.reads[which]; }}\n'
-                f'extern "C" long prefetched() {{ return emu::S.prefetched; }}\n'
                 f'extern "C" long prefetches(unsigned long* out, long room) {{\n'
                 f'    long k = 0;\n'
                 f'    for (auto& a : emu::S.prefetches) if (k + 2 <= room) {{ out[k++] = (unsigned long)a.first; out[k++] = a.second; }}\n'
@@ -183,7 +182,6 @@ def build(cuda_source: str, kernel: str = "lk_rows", cluster: str = "CLUSTER"):
         dll = ctypes.CDLL(str(lib))
         dll.last_error.restype = ctypes.c_char_p
         dll.reads.restype = ctypes.c_long
-        dll.prefetched.restype = ctypes.c_long
         dll.prefetches.restype = ctypes.c_long
         dll.static_smem.restype = ctypes.c_long
         _built[key] = dll
@@ -259,7 +257,6 @@ class CpuKernel:
         self.launches = 0
         self.grids = []                          # per launch: its blocks
         self.reads = []                          # per launch: (logit reads, target reads, expf calls)
-        self.prefetched = []                     # per launch: bytes asked of L2 (prefetch_l2)
         self.fetched = []                        # per launch: [(argument, first entry, entries)] of each ask
         self.trace = False                       # record the memory traffic (slower)
         self.traffic = []                        # per launch when tracing: {kind: (bytes, 32-byte sectors)}
@@ -353,7 +350,6 @@ class CpuKernel:
             results.append([bufs[i][GUARD:-GUARD].copy() for i in self.outputs])
             if seed == self.seeds[0]:
                 self.reads.append((self.dll.reads(0), self.dll.reads(1), self.dll.reads(2)))
-                self.prefetched.append(self.dll.prefetched())
                 self.fetched.append(self._fetched(bufs))
                 if self.trace:
                     self.traffic.append(self._traffic())

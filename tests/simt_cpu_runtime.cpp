@@ -210,7 +210,6 @@ int run(unsigned grid, unsigned threads, unsigned cluster, unsigned seed, std::f
     S.grid = grid;
     S.error.clear();
     S.reads[0] = S.reads[1] = S.reads[2] = 0;
-    S.prefetched = 0;
     S.prefetches.clear();
     S.accesses.clear();
     S.static_smem = 0;
