@@ -503,14 +503,27 @@ def _overlap(a, b) -> bool:
 
 
 #: Whether impl="auto" takes the CuPy kernels (fused_cupy.py): yes since the GPU tests passed on
-#: an H100 (bench/results/gpu-NVIDIA-H100-80GB-HBM3-run2-35dc2c3-tests.txt: 175 of 175);
-#: LKREF_CUPY_FUSED=1 or 0 overrides it.
+#: an H100 (bench/results/gpu-NVIDIA-H100-80GB-HBM3-run2-35dc2c3-tests.txt: 175 of 175; the
+#: kernels have changed since, checked on the CPU stand-in and by NVRTC, and at first use by
+#: CUPY_SELF_CHECK); LKREF_CUPY_FUSED=1 or 0 overrides it.
 CUPY_FUSED_BY_DEFAULT = True
 
 
 def cupy_fused_by_default() -> bool:
     flag = env_flag("LKREF_CUPY_FUSED")
     return CUPY_FUSED_BY_DEFAULT if flag is None else flag
+
+
+#: Whether impl="auto" checks each CuPy kernel variant against the readable path at its first use
+#: in a process (lkref/self_check.py), and takes the readable path for one that fails: their
+#: source has changed since the H100 run, and no other GPU has run them.  LKREF_CUPY_SELF_CHECK=1
+#: or 0 overrides it; impl="fused" never checks.
+CUPY_SELF_CHECK = True
+
+
+def cupy_self_check() -> bool:
+    flag = env_flag("LKREF_CUPY_SELF_CHECK")
+    return CUPY_SELF_CHECK if flag is None else flag
 
 
 def dispatch(name, draft_logits, target_probs, *, out=None, required=False, **options):
@@ -522,7 +535,7 @@ def dispatch(name, draft_logits, target_probs, *, out=None, required=False, **op
             return None
         from .fused_cupy import cupy_loss
 
-        return cupy_loss(name, draft_logits, target_probs, out=out, **options)
+        return cupy_loss(name, draft_logits, target_probs, out=out, check=not required and cupy_self_check(), **options)
     return numpy_loss(name, draft_logits, target_probs, out=out, **options)
 
 

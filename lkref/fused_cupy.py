@@ -40,6 +40,9 @@ draft_to_target, a reduce hook) run the kernel once for the row statistics, then
 for the gradient with the statistics as input: z and p are read twice.  The read counts
 are checked on the CPU SIMT stand-in (tests/test_fused_cupy_host.py).
 
+With impl="auto", lkref/self_check.py runs each kernel variant once on a probe against the
+readable path before a call uses it (check=True here).
+
 A second, one-block kernel (lk_finish) turns the row statistics into the rows' losses and the
 sums of their masked mean, and gathers the input flags; the host then reads 8 numbers, its
 only wait for the device in a one-pass call.  A one-pass call without a mask asks the device
@@ -64,6 +67,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import losses as ref
+from . import self_check
 from .backend import namespace, work_dtype
 from .fused import MIN_TEMPERATURE, _bounds, check_out
 from .validation import as_array, check_index_map, check_mask, check_real_scalar, check_target_sums, env_flag
@@ -1413,7 +1417,7 @@ def _has_clusters(cp) -> bool:
 def describe(cp) -> str:
     """One line for `python -m lkref info`: whether losses on CuPy arrays take these kernels,
     how this GPU splits a row over blocks, and how much of the target its blocks keep."""
-    from .fused import cupy_fused_by_default
+    from .fused import cupy_fused_by_default, cupy_self_check
     try:
         cc = f"sm_{int(cp.cuda.Device().compute_capability)}"
     except Exception:
@@ -1423,6 +1427,8 @@ def describe(cp) -> str:
         f"2-8 blocks that meet in global memory ({'no clusters' if not _has_clusters(cp) else 'clusters off'})"
     when = "on by default" if cupy_fused_by_default() else \
         'off (LKREF_CUPY_FUSED=0; impl="fused" takes them)'
+    if cupy_fused_by_default() and cupy_self_check():
+        when += ", each variant checked against the readable path at its first use (LKREF_CUPY_SELF_CHECK=0: not)"
     kept4, kept2 = (cached_items(MAX_ITEMS, _smem_optin(cp), p_bytes) for p_bytes in (4, 2))
     words = {n: "all of a block's share" if n == MAX_ITEMS else f"{n} of each thread's {MAX_ITEMS} entries"
              for n in (kept4, kept2)}
@@ -1466,7 +1472,7 @@ def _compile_options(cp):
 
 
 def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None,
-              eta=3.0, kl_scale=1.0, lam=None, out=None, reduce=None):
+              eta=3.0, kl_scale=1.0, lam=None, out=None, reduce=None, check=False):
     """The fused CuPy path of a reduced loss (float32 math; float32, float16 or bfloat16 logits,
     the last where CuPy has the ml_dtypes type).
 
@@ -1477,6 +1483,9 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     reductions (min, max).  Extra memory is O(N) (row statistics, losses, weights) for float32,
     float16 and bfloat16 targets, which the kernels read as they are; a target of another float
     dtype (float64) is first converted to float32 (an N x V copy).
+
+    check: run each kernel variant once on a probe against the readable path first
+    (lkref/self_check.py); a variant that fails returns None (with a warning, once).
     """
     cp = sys.modules["cupy"]
     z = as_array(draft_logits, "draft_logits")
@@ -1539,6 +1548,22 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     else:                                             # one for every loss and phase
         by_phase = dict.fromkeys(phases, _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, pairs,
                                                  vec=vec))
+    if check and N and not self_check.passes(cp, name, by_phase, lambda *a: _launch(name, by_phase, cluster, dsmem, *a),
+                                             z2, p2, g2, idx, w is not None, T, lam, eta, kl_scale):
+        return None                                   # this variant failed its first-use check: the reference instead
+    return _launch(name, by_phase, cluster, dsmem, z2, p2, g2, out, lead, w, idx, T, lam, eta, kl_scale, reduce, p.dtype)
+
+
+def _launch(name, by_phase, cluster, dsmem, z2, p2, g2, out, lead, w, idx, T, lam, eta, kl_scale, reduce, p_dtype):
+    """Run a call's kernels, by_phase ({0: one launch}, or {1: the statistics, 2: the gradient}
+    of a two-launch call), on its arrays as cupy_loss has prepared them (z2, p2 and g2 2-d, g2 a
+    view of out, whose leading shape is lead; w the weights or None; idx the draft_to_target
+    map as int32 or None); p_dtype is the target's own dtype.  Returns the LossResult."""
+    cp = sys.modules["cupy"]
+    N, V = z2.shape
+    Vt = p2.shape[1]
+    two_pass = 0 not in by_phase
+    phases = tuple(by_phase)
     kern = by_phase[phases[0]]
     stats = cp.empty((N, 8), cp.float32)              # every row's 8 entries are written by lk_rows
     per = cp.empty(N, cp.float32)
@@ -1578,7 +1603,7 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
         rows(0, lam_v, wsum=w.sum(keepdims=True))     # the kernel divides: no wait for the sum
     finish(lam_v)
     host = summary.tolist()                           # the one wait for the device (without reduce)
-    _raise_flags(cp, host, p2 if idx is not None else None, p.dtype)
+    _raise_flags(cp, host, p2 if idx is not None else None, p_dtype)
 
     def mean(total_at, count_at):
         """(mean, 1 / count) of summary entries: through the reduce hook on the device, or

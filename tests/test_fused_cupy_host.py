@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 import zlib
 
 import numpy as np
@@ -29,7 +30,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lkref
-from lkref import fused_cupy
+from lkref import fused_cupy, self_check
 
 from . import simt_cpu
 from .bounds import grad_terms, kl_terms
@@ -232,6 +233,152 @@ def test_host_logic_matches_the_reference(numpy_as_cupy, name, case):
     close(fast, ref)
     if case == "reduce":
         assert len(calls) == (2 if name == "lk_lambda" else 1)
+
+
+@pytest.fixture
+def first_use(monkeypatch):
+    """lkref/self_check.py with no verdicts yet, on the stand-in's one device; returns the
+    list of the probes it runs (the loss of each)."""
+    monkeypatch.setattr(self_check, "_verdicts", {})
+    monkeypatch.setattr(self_check, "_device", lambda cp: 0)
+    probes, probe = [], self_check._probe
+
+    def counted(cp, name, *args):
+        probes.append(name)
+        return probe(cp, name, *args)
+    monkeypatch.setattr(self_check, "_probe", counted)
+    return probes
+
+
+@pytest.mark.parametrize("name", REDUCED)
+@pytest.mark.parametrize("case", ["plain", "mask_T", "d2t", "lam", "float16"])
+def test_first_use_check_passes_a_right_kernel_once(numpy_as_cupy, first_use, name, case):
+    """check=True (impl="auto" on CuPy): the first call of a variant runs it on the probe and
+    compares it with the readable path; a right kernel passes, its result is the kernel's,
+    and the next calls of the variant probe no more."""
+    rng = np.random.default_rng(zlib.crc32(case.encode()) % 1000)
+    N, V, Vt = 5, 300, 320
+    dtype = np.float16 if case == "float16" else np.float32
+    z = make_logits(rng, (N, V), dtype=dtype)
+    kw = {"eta": 2.0, "kl_scale": 0.8} if name == "lk_lambda" else {}
+    if case == "d2t":
+        p = make_probs(rng, (N, Vt), dtype=np.float32)
+        kw["draft_to_target"] = rng.permutation(Vt)[:V]
+    else:
+        p = make_probs(rng, (N, V), dtype=dtype)
+    if case == "mask_T":
+        kw.update(mask=rng.random(N) < 0.6, temperature=0.7)
+    if case == "lam":
+        if name != "lk_lambda":
+            pytest.skip("lam is LK^lambda's")
+        kw["lam"] = 0.3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                # a right kernel raises no warning
+        fast = run(name, z, p, check=True, **kw)
+        again = run(name, z[::-1].copy(), p[::-1].copy(), check=True, **kw)
+    assert first_use == [name]
+    assert list(self_check.verdicts().values()) == [True]
+    want = reference(name, z, p, **kw)
+    if dtype == np.float16:
+        np.testing.assert_allclose(fast.grad.astype(np.float64), want.grad, rtol=5e-3,
+                                   atol=5e-3 * np.abs(want.grad).max())
+    else:
+        close(fast, want)
+    close(run(name, z[::-1].copy(), p[::-1].copy(), **kw), again, rtol=0)     # as without the check
+
+
+def planted_transcription(grad=1.0, loss=1.0):
+    """The transcribed kernels with a bug: each gradient entry times `grad`, each row's loss times `loss`."""
+    def rows(grid, block, args, shared_mem=0):
+        kernel_on_the_cpu(grid, block, args, shared_mem)
+        if int(args[16]) != 1:                        # (phase 1 writes no gradient)
+            args[2][...] = (args[2] * np.float32(grad)).astype(args[2].dtype)
+
+    def finish(grid, block, args, shared_mem=0):
+        finish_on_the_cpu(grid, block, args, shared_mem)
+        per, out = args[7], args[8]
+        per *= np.float32(loss)
+        out[0] *= np.float32(loss)
+        out[6] *= np.float32(loss)
+    return lambda *a: fused_cupy.Kernels(rows, finish, 0)
+
+
+@pytest.mark.parametrize("name", REDUCED)
+@pytest.mark.parametrize("bug, fails", [((1 + 1e-5, 1.0), False), ((1 + 3e-3, 1.0), True), ((-1.0, 1.0), True),
+                                        ((np.nan, 1.0), True), ((1.0, 1 + 1e-5), False), ((1.0, 1 + 3e-3), True),
+                                        ((1.0, np.nan), True)])
+def test_first_use_check_bounds(monkeypatch, first_use, name, bug, fails):
+    """Negative controls on the transcription: a gradient or a loss 0.3 % off, or NaN, fails the
+    probe (its bounds: 1e-3 of the largest entry, 1e-3 of the loss); 1e-5 off, some rounding, passes.
+    A failed variant warns once and returns None (the caller then runs the readable path), and
+    is not probed again; impl="fused" (check=False) still runs it."""
+    stand_in(monkeypatch, np, planted_transcription(*bug))
+    rng = np.random.default_rng(7)
+    z = make_logits(rng, (4, 200), dtype=np.float32)
+    p = make_probs(rng, (4, 200), dtype=np.float32)
+    if fails:
+        with pytest.warns(RuntimeWarning, match=f"kernel for {name} .* disagrees with the readable path"):
+            assert run(name, z, p, check=True) is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert run(name, z, p, check=True) is None          # no second probe, no second warning
+        assert run(name, z, p) is not None                      # impl="fused"
+        assert list(self_check.verdicts().values())[0] is not True
+    else:
+        assert run(name, z, p, check=True) is not None
+        assert list(self_check.verdicts().values()) == [True]
+    assert first_use == [name]
+
+
+@needs_cxx
+@pytest.mark.parametrize("bug", ["exp2: u without the factor log2 e", "vec: the target's quad read at its last column",
+                                 "the mean misses the last row", "stats written off by one"])
+def test_first_use_check_catches_planted_kernel_bugs(simt, monkeypatch, first_use, bug):
+    """The CUDA source with one of PLANTED's bugs, on the SIMT stand-in: the probe catches it
+    (a wrong result, or a launch that fails) and the call returns None; the unchanged source passes."""
+    small_blocks(monkeypatch)
+    old, new, *_ = PLANTED[bug]
+    rng = np.random.default_rng(12)
+    z = make_logits(rng, (4, 1000), dtype=np.float32)
+    p = make_probs(rng, (4, 1000), dtype=np.float32)
+    assert run("lk_lambda", z, p, check=True) is not None
+    monkeypatch.setattr(fused_cupy, "_SOURCE", fused_cupy._SOURCE.replace(old, new))
+    fused_cupy._cache.clear()
+    with pytest.warns(RuntimeWarning, match="disagrees with the readable path"):
+        assert run("lk_lambda", z, p, check=True) is None
+    assert first_use == ["lk_lambda", "lk_lambda"]
+
+
+def test_auto_checks_and_fused_does_not(monkeypatch):
+    """lkref's dispatch asks cupy_loss for the first-use check with impl="auto" only, unless
+    LKREF_CUPY_SELF_CHECK=0."""
+    from lkref import backend, fused
+    asked = []
+    monkeypatch.setattr(backend, "is_cupy_array", lambda x: True)
+    monkeypatch.setattr(fused_cupy, "cupy_loss", lambda *a, check, **kw: asked.append(check))
+    z, p = np.zeros((2, 3), np.float32), np.full((2, 3), 1 / 3, np.float32)
+    monkeypatch.delenv("LKREF_CUPY_SELF_CHECK", raising=False)
+    monkeypatch.delenv("LKREF_CUPY_FUSED", raising=False)
+    fused.dispatch("tv", z, p)
+    fused.dispatch("tv", z, p, required=True)
+    monkeypatch.setenv("LKREF_CUPY_SELF_CHECK", "0")
+    fused.dispatch("tv", z, p)
+    assert asked == [True, False, False]
+
+
+def test_probe_problem():
+    """The probe's rows: its dtypes, target rows that sum to 1 as the dtype holds them, entries
+    of p from 0.5 up (the peaked row), both q < p and q > p in every row, and few near ties."""
+    z, p, w = self_check.probe_problem(1000, 1000, np.float16, np.float16, weighted=True)
+    assert z.shape == p.shape == (3, 1000) and z.dtype == p.dtype == np.float16
+    assert np.abs(p.astype(np.float64).sum(1) - 1).max() <= lkref.target_sum_atol(np.float16)
+    assert (p.max(1) >= 0.5).any() and w.tolist() == [1.0, 0.0, 0.5]
+    assert self_check._off_ties(z, p, 1.0).mean() > 0.99
+    x = z.astype(np.float64)
+    q = np.exp(x - x.max(1, keepdims=True))
+    q /= q.sum(1, keepdims=True)
+    pp = p.astype(np.float64)
+    assert ((q < pp).any(1) & (q > pp).any(1)).all()
 
 
 def test_lk_alpha_fallback_rows(numpy_as_cupy):

@@ -83,6 +83,38 @@ def test_fused_weight_masks_and_no_rows(cp, name):
 
 
 @pytest.mark.parametrize("name", REDUCED)
+@pytest.mark.parametrize("V, dtype, kw", [(32_000, np.float32, {}), (128_256, np.float32, {}), (1031, np.float32, {}),
+                                          (32_000, np.float16, {}), (3000, np.float32, {"mask": True, "d2t": True})])
+def test_first_use_check_passes_the_kernels_here(cp, monkeypatch, name, V, dtype, kw):
+    """impl="auto" checks each kernel variant at its first use (lkref/self_check.py): the kernels
+    pass on this GPU with no warning (a failure would send the variant's calls to the readable
+    path), and the result is the fused path's."""
+    import warnings
+    from lkref import self_check
+    monkeypatch.setattr(self_check, "_verdicts", {})
+    for flag in ("LKREF_CUPY_SELF_CHECK", "LKREF_CUPY_FUSED"):
+        monkeypatch.delenv(flag, raising=False)
+    rng = np.random.default_rng(V)
+    N = 8
+    z = cp.asarray(make_logits(rng, (N, V), scale=2.0, dtype=np.float32).astype(dtype))
+    p = peaked_probs(rng, (N, V + 100 if kw.get("d2t") else V))
+    options = {}
+    if kw.get("d2t"):
+        options["draft_to_target"] = cp.asarray(rng.permutation(V + 100)[:V])
+    if kw.get("mask"):
+        options["mask"] = cp.asarray(rng.random(N) < 0.7)
+    p = cp.asarray(p.astype(dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        auto = lkref.LOSSES[name](z, p, **options)
+    assert list(self_check.verdicts().values()) == [True]
+    fast = lkref.LOSSES[name](z, p, impl="fused", **options)
+    g, g_fast = to_numpy(auto.grad).astype(np.float64), to_numpy(fast.grad).astype(np.float64)
+    np.testing.assert_allclose(g, g_fast, rtol=1e-6, atol=1e-6 * np.abs(g_fast).max())
+    np.testing.assert_allclose(float(auto.loss), float(fast.loss), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", REDUCED)
 def test_fused_float16_logits(cp, name):
     rng = np.random.default_rng(2)
     z = make_logits(rng, (32, 4099), scale=2.0, dtype=np.float16)
