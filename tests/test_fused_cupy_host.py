@@ -201,6 +201,18 @@ def close(fast, ref, rtol=2e-5):
         np.testing.assert_allclose(float(fast.lam), float(ref.lam), rtol=rtol)
 
 
+def case_options(rng, name, case, N):
+    """The options of a host-logic case: a mask and a temperature ("mask_T"), or a given lambda
+    ("lam", LK^lambda's only: the case is skipped for the others)."""
+    if case == "mask_T":
+        return {"mask": rng.random(N) < 0.6, "temperature": 0.7}
+    if case == "lam":
+        if name != "lk_lambda":
+            pytest.skip("lam is LK^lambda's")
+        return {"lam": 0.3}
+    return {}
+
+
 @pytest.mark.parametrize("name", REDUCED)
 @pytest.mark.parametrize("case", ["plain", "mask_T", "d2t", "lam", "reduce"])
 def test_host_logic_matches_the_reference(numpy_as_cupy, name, case):
@@ -215,12 +227,7 @@ def test_host_logic_matches_the_reference(numpy_as_cupy, name, case):
         p[3, np.setdiff1d(np.arange(Vt), kw["draft_to_target"])] = 0.2
     else:
         p = make_probs(rng, (N, V), dtype=np.float32)
-    if case == "mask_T":
-        kw.update(mask=rng.random(N) < 0.6, temperature=0.7)
-    if case == "lam":
-        if name != "lk_lambda":
-            pytest.skip("lam is LK^lambda's")
-        kw["lam"] = 0.3
+    kw.update(case_options(rng, name, case, N))
     if case == "reduce":
         calls = []
         kw["reduce"] = lambda t, c: (calls.append(1), (t, c))[1]
@@ -266,12 +273,7 @@ def test_first_use_check_passes_a_right_kernel_once(numpy_as_cupy, first_use, na
         kw["draft_to_target"] = rng.permutation(Vt)[:V]
     else:
         p = make_probs(rng, (N, V), dtype=dtype)
-    if case == "mask_T":
-        kw.update(mask=rng.random(N) < 0.6, temperature=0.7)
-    if case == "lam":
-        if name != "lk_lambda":
-            pytest.skip("lam is LK^lambda's")
-        kw["lam"] = 0.3
+    kw.update(case_options(rng, name, case, N))
     with warnings.catch_warnings():
         warnings.simplefilter("error")                # a right kernel raises no warning
         fast = run(name, z, p, check=True, **kw)
