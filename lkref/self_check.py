@@ -10,11 +10,13 @@ loss, dtypes, row length and launch shape, on this device, with or without a mas
 draft_to_target), that variant is run once more on a probe: PROBE_ROWS rows of its row
 length, from a fixed seed, with the call's temperature, draft_to_target, lam, eta and
 kl_scale, and a mask if the call has one.  The probe's loss, alpha, lambda and gradient are
-compared with lkref.losses' readable path on the host (NumPy, float64 inputs as the probe
-holds them), at bounds far above rounding (PROBE_TOLERANCE) but far below what a broken
+compared with lkref.losses' readable path on the host (NumPy, the same inputs), at bounds far above rounding (PROBE_TOLERANCE) but far below what a broken
 kernel gives.  A variant that passes runs as before; one that fails warns once (a
 RuntimeWarning naming it) and its calls take the readable path instead: slower, exact.  The
-verdict is kept for the process (`verdicts()`).
+verdict is kept for the process (`verdicts()`).  Three rows are all of a GPU's work at once:
+a fault that shows only with more rows than the GPU holds at a time (blocks that meet in
+global memory waiting on later ones, a grid that goes through many rows) is left to the GPU
+tests, which run thousands.
 
 impl="fused" never checks (the tests and the benchmark compare every result themselves, and
 must see a wrong kernel fail); LKREF_CUPY_SELF_CHECK=0 turns the check off for impl="auto"
