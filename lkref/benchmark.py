@@ -29,6 +29,7 @@ import numpy as np
 
 from .backend import cupy_available, namespace, to_numpy
 from .positions import LOSSES
+from .self_check import off_ties
 
 DEFAULT_SIZES = {"numpy": [(512, 32_000)], "cupy": [(4096, 32_000), (4096, 128_256)]}
 #: Largest relative difference from the readable path at which a fast path is still timed
@@ -193,26 +194,6 @@ def rel_err(a, b, keep=None) -> float:
     return float(xp.max(d)) / scale
 
 
-#: Gradient entries whose q and p lie within this relative distance of each other are left out
-#: of the gradient's comparison (the loss and alpha, which are continuous, are compared
-#: everywhere).  There the gradient of a loss with a TV part jumps by about q_j / T (the tie rule
-#: 1[q < p]), and a q that differs from the reference's by rounding may fall on the other side:
-#: in the first GPU run, one entry of 131 million at V = 32 000 did so for four launch shapes
-#: and for PyTorch eager, 4e-4 of the largest entry.  float32 q is within some 1e-6 of the
-#: reference's, so 1e-5 holds every such entry and leaves the rest (a few in a million) compared.
-TIE_BAND = 1e-5
-
-
-def off_ties(xp, loss, z, p):
-    """None for KL (no jump), else a bool array of z's backend: the gradient entries not within
-    TIE_BAND of a tie q = p (q of the reference's softmax at T = 1, in float32)."""
-    if loss == "kl":
-        return None
-    from .losses import softmax
-    zf = z if z.dtype == np.float64 else z.astype(np.float32)
-    q = softmax(zf)
-    pf = p.astype(q.dtype)
-    return xp.abs(q - pf) > TIE_BAND * xp.maximum(q, pf)
 
 
 def _entries(xp, backend, fn, loss, z, p, out, N, V):
@@ -385,7 +366,7 @@ def run(backends=("numpy",), losses=tuple(LOSSES), sizes=None, repeat=10, with_p
                 fn = LOSSES[loss]
                 ref = fn(z, p, impl="reference")
                 out = xp.empty_like(z)
-                keep = off_ties(xp, loss, z, p)
+                keep = off_ties(loss, z, p)
                 cands = _lkref_candidates(xp, backend, fn, loss, z, p, out, N, V, ref, say, tolerance(dtype), keep)
                 if peer_mod is not None:
                     cands += _peer_candidates(peer_mod, xp, backend, loss, z, p, ref, say, skip_peers, only_peers,
