@@ -233,21 +233,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init", type=_pair, default=(0.0, 4.0), help="MU,SIGMA to start from (default 0,4)")
     g.add_argument("--steps", type=_number(int, 0), default=3000, help="gradient steps (default 3000)")
     g.add_argument("--eta", type=_number(float, 0), default=3.0, help="eta of LK^lambda")
-    g.add_argument("--json", type=_out_path, default=None, help="write the fit (mu, sigma, alpha, loss) to this JSON file")
+    g.add_argument("--json", type=_out_path, default=None,
+                   help="write the fit (mu, sigma, alpha, loss) to this JSON file")
     g.set_defaults(func=cmd_toy)
 
     p = sub.add_parser("train", help="train a toy draft against the toy target LM")
     p.add_argument("--loss", choices=TRAIN_LOSSES, required=True,
                    help="a per-position loss, or accept_length: the multi-step objective K + 1 - E[tau]")
     p.add_argument("--draft", choices=("heads", "ar"), default="heads",
-                   help="heads: K heads on one trunk (Medusa-style); ar: one next-token head run autoregressively (default heads)")
+                   help="heads: K heads on one trunk (Medusa-style); ar: one next-token head, run "
+                        "autoregressively (default heads)")
     p.add_argument("--vocab", type=_number(int, 2), default=256, help="vocabulary size V (default 256)")
     p.add_argument("--heads", type=_number(int, 1), default=4, help="K, the draft positions")
     p.add_argument("--hidden", type=_number(int, 1), default=32, help="the draft's capacity")
     p.add_argument("--steps", type=_number(int, 1), default=400, help="training steps (default 400)")
     p.add_argument("--train-sequences", type=_number(int, 1), default=512,
                    help="target-generated training sequences (a fixed set, drawn once)")
-    p.add_argument("--seed", type=_number(int, 0), default=0, help="seed of the training data and the draft (the target LM is one fixed model; default 0)")
+    p.add_argument("--seed", type=_number(int, 0), default=0,
+                   help="seed of the training data and the draft (the target LM is one fixed model; default 0)")
     p.add_argument("--temperature", type=_number(float, 0, inclusive=False), default=1.0,
                    help="temperature T of the target and the draft distributions (default 1)")
     p.add_argument("--eta", type=_number(float, 0), default=None,
