@@ -1111,7 +1111,7 @@ lk_finish(const float* __restrict__ stats, const float* __restrict__ w, int has_
 }
 """
 
-_cache: dict = {}
+_cache: dict = {}             # _kernel's: its key -> Kernels, or the exception its build raised
 
 
 def plan(V: int):
@@ -1313,16 +1313,21 @@ def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True, p_dtype=np.float32,
             smem = stage_bytes(items) * stages if stages else p_bytes * cached * THREADS
             return src, _build(cp, src), smem
 
-        cached = items if pipe else cached_items(items, _smem_optin(cp), p_bytes, phase)
-        src, kern, smem = build(cached, pipe)
-        if smem:                                       # opt in: without it a block gets 48 KiB of static
-            try:                                       # and dynamic shared memory together
-                kern.max_dynamic_shared_size_bytes = smem
-            except Exception:                          # refused all the same: no cache, no stages
-                src, kern, smem = build(0, 0)
-        finish = cp.RawKernel(src, "lk_finish", options=kern.options)     # the same module, compiled once
-        _cache[key] = Kernels(kern, finish, smem, defined(src, "PIPE"), bool(defined(src, "AHEAD")),
-                              bool(defined(src, "LEAD")))
+        try:
+            cached = items if pipe else cached_items(items, _smem_optin(cp), p_bytes, phase)
+            src, kern, smem = build(cached, pipe)
+            if smem:                                   # opt in: without it a block gets 48 KiB of static
+                try:                                   # and dynamic shared memory together
+                    kern.max_dynamic_shared_size_bytes = smem
+                except Exception:                      # refused all the same: no cache, no stages
+                    src, kern, smem = build(0, 0)
+            finish = cp.RawKernel(src, "lk_finish", options=kern.options)     # the same module, compiled once
+            _cache[key] = Kernels(kern, finish, smem, defined(src, "PIPE"), bool(defined(src, "AHEAD")),
+                                  bool(defined(src, "LEAD")))
+        except Exception as exc:                       # NVRTC's error, or the driver's as it loads the module:
+            _cache[key] = exc                          # kept, so that the variant's next calls fail at once
+    if isinstance(_cache[key], Exception):             # (not after seconds of NVRTC again), with the same object
+        raise _cache[key].with_traceback(None)
     return _cache[key]
 
 
@@ -1485,7 +1490,9 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     dtype (float64) is first converted to float32 (an N x V copy).
 
     check: run each kernel variant once on a probe against the readable path first
-    (lkref/self_check.py); a variant that fails returns None (with a warning, once).
+    (lkref/self_check.py); a variant that fails, or that does not build on this machine,
+    returns None (with a warning, once).  Without check, a variant that does not build raises
+    the compiler's or the driver's error (the same error object again at each later call).
     """
     cp = sys.modules["cupy"]
     z = as_array(draft_logits, "draft_logits")
@@ -1542,12 +1549,17 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
     l2_lead = L2_LEAD > 0 and vec and not (pipe or ahead) and _has_clusters(cp)   # (float32: kernel_source checks)
 
     phases = (1, 2) if two_pass else (0,)
-    if SPECIALIZE:                                    # a kernel for this loss and each phase of the call
-        by_phase = {ph: _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, pairs, MODES[name], ph, vec, pipe,
-                                ahead, l2_lead) for ph in phases}
-    else:                                             # one for every loss and phase
-        by_phase = dict.fromkeys(phases, _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, pairs,
-                                                 vec=vec))
+    try:
+        if SPECIALIZE:                                # a kernel for this loss and each phase of the call
+            by_phase = {ph: _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, pairs, MODES[name], ph, vec,
+                                    pipe, ahead, l2_lead) for ph in phases}
+        else:                                         # one for every loss and phase
+            by_phase = dict.fromkeys(phases, _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, pairs,
+                                                     vec=vec))
+    except Exception as exc:                          # the variant does not build here (NVRTC, the driver)
+        if check:                                     # impl="auto": warn once, and the reference runs
+            return self_check.unbuilt(cp, name, exc, z2, p2, g2, idx, w is not None)
+        raise
     if check and N and not self_check.passes(cp, name, by_phase, lambda *a: _launch(name, by_phase, cluster, dsmem, *a),
                                              z2, p2, g2, idx, w is not None, T, lam, eta, kl_scale):
         return None                                   # this variant failed its first-use check: the reference instead

@@ -10,17 +10,19 @@ loss, dtypes, row length and launch shape, on this device, with or without a mas
 draft_to_target), that variant is run once more on a probe: PROBE_ROWS rows of its row
 length, from a fixed seed, with the call's temperature, draft_to_target, lam, eta and
 kl_scale, and a mask if the call has one.  The probe's loss, alpha, lambda and gradient are
-compared with lkref.losses' readable path on the host (NumPy, the same inputs), at bounds far above rounding (PROBE_TOLERANCE) but far below what a broken
-kernel gives.  A variant that passes runs as before; one that fails warns once (a
-RuntimeWarning naming it) and its calls take the readable path instead: slower, exact.  The
-verdict is kept for the process (`verdicts()`).  Three rows are all of a GPU's work at once:
-a fault that shows only with more rows than the GPU holds at a time (blocks that meet in
-global memory waiting on later ones, a grid that goes through many rows) is left to the GPU
-tests, which run thousands.
+compared with lkref.losses' readable path on the host (NumPy, the same inputs), at bounds
+far above rounding (PROBE_TOLERANCE) but far below what a broken kernel gives.  A variant
+that passes runs as before; one that fails warns once (a RuntimeWarning naming it) and its
+calls take the readable path instead: slower, exact.  So does a variant whose kernels do not
+build here (`unbuilt`): an NVRTC error, as on a CuPy without the CUDA headers the kernels
+include, or the driver's as it loads the module.  The verdict is kept for the process
+(`verdicts()`).  Three rows are all of a GPU's work at once: a fault that shows only with
+more rows than the GPU holds at a time (blocks that meet in global memory waiting on later
+ones, a grid that goes through many rows) is left to the GPU tests, which run thousands.
 
-impl="fused" never checks (the tests and the benchmark compare every result themselves, and
-must see a wrong kernel fail); LKREF_CUPY_SELF_CHECK=0 turns the check off for impl="auto"
-too (fused.CUPY_SELF_CHECK).  The probe costs a launch of PROBE_ROWS rows and the readable
+impl="fused" never checks and raises a build's error (the tests and the benchmark compare
+every result themselves, and must see a wrong kernel fail); LKREF_CUPY_SELF_CHECK=0 turns
+both off for impl="auto" too (fused.CUPY_SELF_CHECK).  The probe costs a launch of PROBE_ROWS rows and the readable
 path on those rows once a variant: milliseconds, against seconds of NVRTC for the variant's
 first build.
 """
@@ -82,18 +84,36 @@ def passes(cp, name, by_phase, launch, z2, p2, g2, idx, weighted, T, lam, eta, k
            idx is not None, weighted)
     if key not in _verdicts:
         V, Vt = z2.shape[1], p2.shape[1]
-        z_dtype, p_dtype, out_dtype = z2.dtype, p2.dtype, g2.dtype
-        verdict = _probe(cp, name, launch, V, Vt, z_dtype, p_dtype, out_dtype, idx, weighted, T, lam, eta, kl_scale)
+        verdict = _probe(cp, name, launch, V, Vt, z2.dtype, p2.dtype, g2.dtype, idx, weighted, T, lam, eta, kl_scale)
         _verdicts[key] = (verdict, by_phase)           # (the kernels kept alive: their ids name the variant)
         if verdict is not True:
-            warnings.warn(
-                f"lkref: the fused CuPy kernel for {name} ({np.dtype(z_dtype).name} logits, {np.dtype(p_dtype).name} "
-                f"target, {np.dtype(out_dtype).name} gradient, V = {V}"
-                f"{', draft_to_target' if idx is not None else ''}{', a mask' if weighted else ''}) disagrees with "
-                f"the readable path on its first-use check ({verdict}); calls that take it run the readable "
-                "path instead in this process (slower, exact). Please report this with the output of "
-                "`python -m lkref info`; LKREF_CUPY_SELF_CHECK=0 skips the check.", RuntimeWarning, stacklevel=2)
+            _warn(name, z2, p2, g2, idx, weighted, f"disagrees with the readable path on its first-use check ({verdict})",
+                  "LKREF_CUPY_SELF_CHECK=0 skips the check")
     return _verdicts[key][0] is True
+
+
+def unbuilt(cp, name, error, z2, p2, g2, idx, weighted) -> None:
+    """None, for a call whose kernels do not build on this machine: `error` is what building
+    them raised (NVRTC's error, or the driver's as it loads the module; fused_cupy keeps it and
+    raises the same object at each later call of the variant, so it names the variant here).
+    The first time, a RuntimeWarning says so; the caller then runs the readable path."""
+    key = (_device(cp), name, id(error), idx is not None, weighted)
+    if key not in _verdicts:
+        text = " ".join(str(error).split())
+        verdict = f"it does not build here: {type(error).__name__}: {text[:400]}{' ...' if len(text) > 400 else ''}"
+        _verdicts[key] = (verdict, error)              # (the error kept alive: its id names the variant)
+        _warn(name, z2, p2, g2, idx, weighted, f"could not be used ({verdict})",
+              "LKREF_CUPY_FUSED=0 takes the readable path without trying the kernels")
+    return None
+
+
+def _warn(name, z2, p2, g2, idx, weighted, what, hint):
+    warnings.warn(
+        f"lkref: the fused CuPy kernel for {name} ({np.dtype(z2.dtype).name} logits, {np.dtype(p2.dtype).name} "
+        f"target, {np.dtype(g2.dtype).name} gradient, V = {z2.shape[1]}"
+        f"{', draft_to_target' if idx is not None else ''}{', a mask' if weighted else ''}) {what}; calls that "
+        "take it run the readable path instead in this process (slower, exact). Please report this with the "
+        f"output of `python -m lkref info`; {hint}.", RuntimeWarning, stacklevel=3)   # (at cupy_loss)
 
 
 def probe_problem(V, Vt, z_dtype, p_dtype, weighted=False):

@@ -351,6 +351,43 @@ def test_first_use_check_catches_planted_kernel_bugs(simt, monkeypatch, first_us
     assert first_use == ["lk_lambda", "lk_lambda"]
 
 
+class CompileException(Exception):
+    """Stands in for cupy.cuda.compiler.CompileException."""
+
+
+@pytest.mark.parametrize("name", REDUCED)
+@pytest.mark.parametrize("error", [CompileException("catastrophic error: cannot open source file \"cuda_fp16.h\""),
+                                   RuntimeError("CUDA_ERROR_UNSUPPORTED_PTX_VERSION: the provided PTX was compiled "
+                                                "with an unsupported toolchain.")])
+def test_a_variant_that_does_not_build_takes_the_readable_path(monkeypatch, first_use, name, error):
+    """A variant whose kernels do not build on this machine (NVRTC's error, as on a CuPy without
+    the CUDA headers the kernels include, or the driver's as it loads the module): with
+    impl="auto" (check=True) the call warns once, naming the error, and returns None, so that
+    the caller runs the readable path; the build is tried once a process, not at every call
+    (seconds of NVRTC each); impl="fused" raises the error itself, at once from then on."""
+    stand_in(monkeypatch, np, fused_cupy._kernel)         # fused_cupy's own _kernel, whose build fails
+    monkeypatch.setattr(fused_cupy, "_cache", {})
+    builds = []
+
+    def build(cp, src):
+        builds.append(src)
+        raise error
+    monkeypatch.setattr(fused_cupy, "_build", build)
+    rng = np.random.default_rng(5)
+    z = make_logits(rng, (3, 300), dtype=np.float32)
+    p = make_probs(rng, (3, 300), dtype=np.float32)
+    with pytest.warns(RuntimeWarning, match=f"kernel for {name} .* could not be used .*{type(error).__name__}: "
+                                            f"{re.escape(str(error)[:30])}"):
+        assert run(name, z, p, check=True) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                # no second warning
+        assert run(name, z, p, check=True) is None
+        with pytest.raises(type(error), match=re.escape(str(error))):
+            run(name, z, p)                           # impl="fused"
+    assert len(builds) == 1 and first_use == []       # built once; nothing to probe
+    assert [v.startswith("it does not build here") for v in self_check.verdicts().values()] == [True]
+
+
 def test_auto_checks_and_fused_does_not(monkeypatch):
     """lkref's dispatch asks cupy_loss for the first-use check with impl="auto" only, unless
     LKREF_CUPY_SELF_CHECK=0."""
