@@ -1247,6 +1247,27 @@ def test_simt_launches_pass_arguments_as_cupy_does(simt, monkeypatch, dtype):
             kern.check_arguments(args[:-1])
 
 
+def test_each_device_builds_its_own_kernels(simt, monkeypatch):
+    """One process, two GPUs: each device builds its own kernels for a variant, with the
+    shared-memory opt-in set on them and the target cache sized to that device's limit.  CuPy
+    sets the opt-in on the current device's function only (it loads a module once a device),
+    so a kernel opted in on one device would be refused on the other at V = 12 000 (48 KiB of
+    target cache), and a GPU with less shared memory could not hold the other's cache."""
+    built = built_kernels(monkeypatch)
+    device = {"id": 0}
+    optins = {0: simt_cpu.SMEM_OPTIN_MAX, 1: 32 * 1024}                # 1: 15 of 24 entries fit
+    monkeypatch.setattr(fused_cupy, "_device_id", lambda cp: device["id"])
+    monkeypatch.setattr(fused_cupy, "_smem_optin", lambda cp: optins[device["id"]])
+    rng = np.random.default_rng(9)
+    z = make_logits(rng, (2, 12_000), dtype=np.float32)
+    p = make_probs(rng, (2, 12_000), dtype=np.float32)
+    for device["id"] in (0, 1, 0, 1):
+        close(run("lk_alpha", z, p), reference("lk_alpha", z, p))
+    assert built[0] is not built[1] and [id(k) for k in built] == [id(k) for k in built[:2]] * 2   # once a device
+    assert [k.smem for k in built[:2]] == [4 * 24 * 512, 4 * 15 * 512]
+    assert [k.rows.max_dynamic_shared_size_bytes for k in built[:2]] == [k.smem for k in built[:2]]
+
+
 def test_simt_dynamic_shared_memory_needs_the_opt_in(simt, monkeypatch):
     """At 512 threads the target cache of a row of V = 13 000 takes 53 KiB of shared memory,
     of V = 12 000 exactly 48 KiB: with lk_rows' static shared memory both exceed the 48 KiB a
