@@ -122,6 +122,16 @@ def cupy_available() -> bool:
     return _cupy_state["ok"]
 
 
+def current_device(xp):
+    """The id of CuPy's current device (xp: the cupy module), or None where there is none to
+    name (NumPy, or a CuPy that cannot say).  What lkref keeps of compiled kernels and their
+    checks is kept per device: devices may differ, and CuPy loads a module once a device."""
+    try:
+        return int(xp.cuda.Device().id)
+    except Exception:
+        return None
+
+
 def backends() -> list[dict]:
     """A description of each backend: name, version, whether usable, and the device."""
     out = [{"name": "numpy", "version": np.__version__, "usable": True, "device": "CPU"}]

@@ -68,7 +68,7 @@ import numpy as np
 
 from . import losses as ref
 from . import self_check
-from .backend import namespace, work_dtype
+from .backend import current_device, namespace, work_dtype
 from .fused import MIN_TEMPERATURE, _bounds, check_out
 from .validation import as_array, check_index_map, check_mask, check_real_scalar, check_target_sums, env_flag
 
@@ -1301,7 +1301,7 @@ def _kernel(in_dtype, out_dtype, items, cluster, dsmem=True, p_dtype=np.float32,
     cp = sys.modules["cupy"]
     dsmem = bool(dsmem) or cluster == 1
     key = (str(in_dtype), str(out_dtype), items, cluster, THREADS, CACHE_TARGET, dsmem, str(p_dtype), bool(pairs), mode,
-           phase, EXP2, bool(vec), FAST_LOG, int(pipe), bool(ahead), bool(lead), _device_id(cp))
+           phase, EXP2, bool(vec), FAST_LOG, int(pipe), bool(ahead), bool(lead), current_device(cp))
     if key not in _cache:
         p_bytes = np.dtype(p_dtype).itemsize
 
@@ -1392,16 +1392,6 @@ def _regs(kernel):
     """Registers a thread of a compiled kernel (CuPy's num_regs), or None."""
     try:
         return int(kernel.num_regs)
-    except Exception:
-        return None
-
-
-def _device_id(cp):
-    """The current device's id, or None where CuPy cannot say.  _kernel builds each device's
-    kernels apart: the shared memory a kernel opts in to is set on one device's function (CuPy
-    loads the module once a device), and devices may differ in what they allow."""
-    try:
-        return int(cp.cuda.Device().id)
     except Exception:
         return None
 

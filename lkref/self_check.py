@@ -33,7 +33,7 @@ import warnings
 
 import numpy as np
 
-from .backend import namespace, to_numpy
+from .backend import current_device as _device, namespace, to_numpy
 
 #: Rows of the probe: row r has logits and target log-odds of scale PROBE_SCALES[r], from broad
 #: rows (many entries with q < p and q > p) to peaked ones (entries of p from 0.5 up, which the
@@ -66,10 +66,6 @@ _verdicts: dict = {}
 def verdicts() -> dict:
     """{variant: True (passed) or the failure's text}, for the variants checked in this process."""
     return {key: verdict for key, (verdict, _) in _verdicts.items()}
-
-
-def _device(cp):
-    return cp.cuda.Device().id
 
 
 def passes(cp, name, by_phase, launch, z2, p2, g2, idx, weighted, T, lam, eta, kl_scale) -> bool:

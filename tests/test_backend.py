@@ -75,3 +75,12 @@ def test_float64_from_bits_keeps_float32_subnormals():
     y = y[np.isfinite(y)]
     np.testing.assert_array_equal(backend._float64_from_bits(y, np), y.astype(np.float64))
     assert backend.to_float64(x).dtype == np.float64
+
+
+def test_current_device_names_none_without_cupy():
+    """backend.current_device: CuPy's current device id, None for NumPy (which has no device),
+    without raising, so that per-device caches work on the CPU stand-ins too."""
+    import types
+    assert backend.current_device(np) is None
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=lambda: types.SimpleNamespace(id=3)))
+    assert backend.current_device(fake) == 3

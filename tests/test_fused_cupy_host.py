@@ -1256,7 +1256,7 @@ def test_each_device_builds_its_own_kernels(simt, monkeypatch):
     built = built_kernels(monkeypatch)
     device = {"id": 0}
     optins = {0: simt_cpu.SMEM_OPTIN_MAX, 1: 32 * 1024}                # 1: 15 of 24 entries fit
-    monkeypatch.setattr(fused_cupy, "_device_id", lambda cp: device["id"])
+    monkeypatch.setattr(fused_cupy, "current_device", lambda cp: device["id"])
     monkeypatch.setattr(fused_cupy, "_smem_optin", lambda cp: optins[device["id"]])
     rng = np.random.default_rng(9)
     z = make_logits(rng, (2, 12_000), dtype=np.float32)
