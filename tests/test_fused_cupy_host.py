@@ -1261,7 +1261,8 @@ def test_each_device_builds_its_own_kernels(simt, monkeypatch):
     rng = np.random.default_rng(9)
     z = make_logits(rng, (2, 12_000), dtype=np.float32)
     p = make_probs(rng, (2, 12_000), dtype=np.float32)
-    for device["id"] in (0, 1, 0, 1):
+    for dev in (0, 1, 0, 1):
+        device["id"] = dev
         close(run("lk_alpha", z, p), reference("lk_alpha", z, p))
     assert built[0] is not built[1] and [id(k) for k in built] == [id(k) for k in built[:2]] * 2   # once a device
     assert [k.smem for k in built[:2]] == [4 * 24 * 512, 4 * 15 * 512]
