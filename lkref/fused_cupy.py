@@ -1557,9 +1557,10 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
             by_phase = dict.fromkeys(phases, _kernel(z.dtype, out.dtype, items, cluster, dsmem, p2.dtype, pairs,
                                                      vec=vec))
     except Exception as exc:                          # the variant does not build here (NVRTC, the driver)
-        if check:                                     # impl="auto": warn once, and the reference runs
-            return self_check.unbuilt(cp, name, exc, z2, p2, g2, idx, w is not None)
-        raise
+        if not check:                                 # impl="fused": the error itself
+            raise
+        self_check.unbuilt(cp, name, exc, z2, p2, g2, idx, w is not None)     # warns, once a variant
+        return None                                   # impl="auto": the reference instead
     if check and N and not self_check.passes(cp, name, by_phase, lambda *a: _launch(name, by_phase, cluster, dsmem, *a),
                                              z2, p2, g2, idx, w is not None, T, lam, eta, kl_scale):
         return None                                   # this variant failed its first-use check: the reference instead

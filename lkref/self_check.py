@@ -89,8 +89,8 @@ def passes(cp, name, by_phase, launch, z2, p2, g2, idx, weighted, T, lam, eta, k
 
 
 def unbuilt(cp, name, error, z2, p2, g2, idx, weighted) -> None:
-    """None, for a call whose kernels do not build on this machine: `error` is what building
-    them raised (NVRTC's error, or the driver's as it loads the module; fused_cupy keeps it and
+    """Note a call whose kernels do not build on this machine: `error` is what building them
+    raised (NVRTC's error, or the driver's as it loads the module; fused_cupy keeps it and
     raises the same object at each later call of the variant, so it names the variant here).
     The first time, a RuntimeWarning says so; the caller then runs the readable path."""
     key = (_device(cp), name, id(error), idx is not None, weighted)
@@ -100,7 +100,6 @@ def unbuilt(cp, name, error, z2, p2, g2, idx, weighted) -> None:
         _verdicts[key] = (verdict, error)              # (the error kept alive: its id names the variant)
         _warn(name, z2, p2, g2, idx, weighted, f"could not be used ({verdict})",
               "LKREF_CUPY_FUSED=0 takes the readable path without trying the kernels")
-    return None
 
 
 def _warn(name, z2, p2, g2, idx, weighted, what, hint):
