@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import dlpack_interop, namespace
+from .backend import dlpack_interop, namespace, work_dtype
 from .validation import (
     TARGET_SUM_ATOL,
     as_array,
@@ -156,11 +156,19 @@ def _upstream(dlosses, cache, loss, keys):
     return check_upstream(dlosses, "dlosses", q.shape[:-1], q.dtype, namespace(q))
 
 
-def _check_pair(z, p, temperature):
+def _check_pair(z, p, temperature, p_name="p"):
+    """What the pairs check: z and p are float arrays of one shape with a vocabulary axis,
+    and T > 0.  Their values are not scanned (the reduced functions do that).  Returns z, p."""
+    z, p = as_array(z, "z"), as_array(p, p_name)
+    for a, name in ((z, "z"), (p, p_name)):
+        work_dtype(a.dtype, name)
+        if a.ndim < 1 or a.shape[-1] == 0:
+            raise ValueError(f"{name} must have a non-empty vocabulary axis (the last), got shape {tuple(a.shape)}")
     if tuple(z.shape) != tuple(p.shape):
-        raise ValueError(f"z and p must have the same shape, got {tuple(z.shape)} and {tuple(p.shape)}")
+        raise ValueError(f"z and {p_name} must have the same shape, got {tuple(z.shape)} and {tuple(p.shape)}")
     check_real_scalar(temperature, "temperature", low=0, low_inclusive=False)
     namespace(z, p)
+    return z, p
 
 
 # --------------------------------------------------------------------------------------
@@ -170,7 +178,7 @@ def _check_pair(z, p, temperature):
 @dlpack_interop
 def kl_forward(z, p, *, temperature=1.0):
     """KL_t = sum_v p_v (log p_v - log q_v), with 0 log 0 = 0.  p must sum to 1."""
-    _check_pair(z, p, temperature)
+    z, p = _check_pair(z, p, temperature)
     xp = namespace(z, p)
     q, logq = softmax_parts(z, temperature)
     with _quiet(xp):
@@ -205,7 +213,7 @@ def kl_backward(dlosses, cache):
 @dlpack_interop
 def tv_forward(z, p, *, temperature=1.0):
     """TV_t = 1 - alpha_t, alpha_t = sum_v min(p_v, q_v).  p may sum to less than 1."""
-    _check_pair(z, p, temperature)
+    z, p = _check_pair(z, p, temperature)
     xp = namespace(z, p)
     q = softmax(z, temperature)
     m = q < p                                   # the tie rule: q == p counts as "p is the min"
@@ -243,7 +251,7 @@ def lk_alpha_forward(z, p, *, temperature=1.0):
     beyond its largest number times T), log alpha is not representable either: a ValueError,
     not the loss 0 of a row without mass.
     """
-    _check_pair(z, p, temperature)
+    z, p = _check_pair(z, p, temperature)
     xp = namespace(z, p)
     q, logq = softmax_parts(z, temperature)
     m = q < p
@@ -294,6 +302,9 @@ def lk_lambda_forward(z, p, lam, *, temperature=1.0, p_kl=None):
     vocabulary it is the renormalised target while p is not (SPEC section 2).  lam is one
     number, or one per position (an array of the leading shape, as a per-token lambda).
     """
+    z, p = _check_pair(z, p, temperature)
+    if p_kl is not None:
+        _, p_kl = _check_pair(z, p_kl, temperature, "p_kl")
     _check_lam(lam, z.shape[:-1])
     kl_losses, kl_cache = kl_forward(z, p if p_kl is None else p_kl, temperature=temperature)
     tv_losses, tv_cache = tv_forward(z, p, temperature=temperature)

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from . import losses as L
-from .backend import dlpack_interop, namespace
-from .validation import at_position, check_cache, check_upstream
+from .backend import dlpack_interop, namespace, work_dtype
+from .validation import as_array, at_position, check_cache, check_upstream
 
 __all__ = ["accept_length_forward", "accept_length_backward", "AcceptLengthResult", "accept_length_loss"]
 
@@ -34,6 +34,13 @@ __all__ = ["accept_length_forward", "accept_length_backward", "AcceptLengthResul
 @dlpack_interop
 def accept_length_forward(alphas):
     """losses_t = K + 1 - tau_t from alphas [..., K]; the cache holds the prefix products and tails."""
+    if isinstance(alphas, (list, tuple)):            # np.asarray would put K first, not last
+        raise TypeError("alphas must be one array [..., K], not a sequence: stack the K positions' "
+                        "alphas on the last axis (xp.stack(alphas, axis=-1))")
+    alphas = as_array(alphas, "alphas")
+    work_dtype(alphas.dtype, "alphas")
+    if alphas.ndim < 1:
+        raise ValueError("alphas must have a positions axis (the last, K), got a 0-d array")
     xp = namespace(alphas)
     K = alphas.shape[-1]
     ones = xp.ones(alphas.shape[:-1] + (1,), dtype=alphas.dtype)

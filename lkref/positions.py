@@ -56,7 +56,7 @@ def multi_position(loss, draft_logits: Sequence, target_probs: Sequence, *, gamm
     options       passed to every call (temperature, draft_to_target, eta, kl_scale)
     """
     fn = LOSSES.get(loss) if isinstance(loss, str) else loss
-    if fn is None or fn not in LOSSES.values():
+    if not any(fn is f for f in LOSSES.values()):   # `is`: an array's == would not give a bool
         raise ValueError(f"loss must be one of {sorted(LOSSES)} or one of those functions, got {loss!r}")
     gamma = check_real_scalar(gamma, "gamma", low=0)
     if not isinstance(draft_logits, (list, tuple)) or not isinstance(target_probs, (list, tuple)):

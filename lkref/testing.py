@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .backend import to_numpy
 from .theory import accept_length_pmf
 from .validation import check_real_scalar, takes_parameter
 
@@ -29,8 +30,11 @@ MIN_P_VALUE = 1e-6
 
 def chi2_sf(x: float, dof: int) -> float:
     """P(X >= x) for X ~ chi-square(dof): the regularised upper incomplete gamma Q(dof/2, x/2)."""
+    if isinstance(dof, bool) or not isinstance(dof, (int, np.integer)):
+        raise TypeError(f"dof must be an int, got {type(dof).__name__}")
     if dof <= 0:
         raise ValueError(f"dof must be positive, got {dof}")
+    x = check_real_scalar(x, "x")
     if x <= 0:
         return 1.0
     a, y = dof / 2.0, x / 2.0
@@ -88,11 +92,23 @@ def binomial_check(name: str, k: int, n: int, a: float, sigmas: float = SIGMAS) 
     return Check(name, bool(ok), f"{k}/{n} = {k / max(n, 1):.5f} vs {a:.5f} ({z:+.2f} sigma, bound {sigmas:g})")
 
 
+def _host_floats(values, name):
+    """values as a float64 NumPy array, or a TypeError naming the argument."""
+    if values is None or isinstance(values, (str, bytes)):
+        raise TypeError(f"{name} must be an array of numbers, got {type(values).__name__}")
+    try:
+        a = np.asarray(to_numpy(values))
+    except (TypeError, ValueError) as exc:           # ragged lists, ...
+        raise TypeError(f"{name} must be an array of numbers, got {type(values).__name__}") from exc
+    if a.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
+    return a.astype(np.float64)
+
+
 def goodness_of_fit(name: str, counts, probs, min_p: float = MIN_P_VALUE) -> Check:
     """Chi-square test of counts against probs (weights: normalised here); zero-probability
     cells must be empty."""
-    counts = np.asarray(counts, dtype=np.float64)
-    probs = np.asarray(probs, dtype=np.float64)
+    counts, probs = _host_floats(counts, "counts"), _host_floats(probs, "probs")
     if counts.shape != probs.shape or counts.ndim != 1:
         raise ValueError(f"counts and probs must be 1-d of one length, got shapes {counts.shape} and {probs.shape}")
     if not (np.all(np.isfinite(counts)) and np.all(counts >= 0) and np.all(counts == np.round(counts))):

@@ -88,6 +88,18 @@ def test_bad_input():
         accept_length_loss(z + z, p + [np.full((2, 3), -1 / 3)])
 
 
+@pytest.mark.parametrize("alphas, err, match", [
+    ([np.full(4, 0.5), np.full(4, 0.6)], TypeError, r"alphas must be one array \[\.\.\., K\], not a sequence"),
+    (None, TypeError, "alphas must be an array, got None"),               # an AttributeError before
+    (np.full((4, 2), 1, np.int64), TypeError, "alphas must be a floating-point"),
+    (np.full((4, 2), 0.5, np.complex128), TypeError, "alphas must be a floating-point"),   # ran before
+    (np.float64(0.5), ValueError, "alphas must have a positions axis"),   # an IndexError before
+])
+def test_forward_pair_checks_what_it_is_given(alphas, err, match):
+    with pytest.raises(err, match=match):
+        accept_length_forward(alphas)
+
+
 def test_backward_checks_the_upstream_gradient_and_the_cache():
     _, cache = accept_length_forward(np.full((4, 3), 0.5))
     with pytest.raises(ValueError, match=r"dlosses must have the leading shape \(4,\)"):

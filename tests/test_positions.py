@@ -50,6 +50,8 @@ def test_default_gamma_and_masks_per_position():
 
 @pytest.mark.parametrize("args, kw, err, match", [
     (("nope", [Z := np.zeros((1, 2))], [np.full((1, 2), 0.5)]), {}, ValueError, "loss must be one of"),
+    ((np.zeros(2), [Z], [np.full((1, 2), 0.5)]), {}, ValueError, "loss must be one of"),   # numpy's own error before
+    ((None, [Z], [np.full((1, 2), 0.5)]), {}, ValueError, "loss must be one of"),
     (("kl", [], []), {}, ValueError, "at least one position"),
     (("kl", [np.zeros((1, 2))], []), {}, ValueError, "target_probs must have one entry per position"),
     (("kl", np.zeros((1, 1, 2)), [np.full((1, 2), 0.5)]), {}, TypeError, "sequences"),

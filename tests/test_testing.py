@@ -51,6 +51,30 @@ def test_goodness_of_fit_refuses_bad_input(counts, probs, match):
         goodness_of_fit("x", np.array(counts), np.array(probs))
 
 
+@pytest.mark.parametrize("counts, probs, match", [
+    ("abc", [0.5, 0.5], "counts must be an array of numbers, got str"),       # numpy's own ValueError before
+    ([[1, 2], [3]], [0.5, 0.5], "counts must be an array of numbers, got list"),
+    (None, [0.5, 0.5], "counts must be an array of numbers, got NoneType"),   # a shape error before
+    ([1, 2], np.array([0.5, 0.5], np.complex128), "probs must hold real numbers, got dtype complex128"),
+    ([1, 2], [object(), object()], "probs must hold real numbers, got dtype object"),
+])
+def test_goodness_of_fit_names_what_is_not_numbers(counts, probs, match):
+    with pytest.raises(TypeError, match=match):
+        goodness_of_fit("x", counts, probs)
+
+
+@pytest.mark.parametrize("x, dof, err, match", [
+    (3.0, 2.0, TypeError, "dof must be an int, got float"),
+    (3.0, True, TypeError, "dof must be an int, got bool"),
+    (None, 2, TypeError, "x must be a real number"),                          # a bare comparison error before
+    (float("nan"), 2, ValueError, "x must be finite"),                         # NaN before
+    ("3", 2, TypeError, "x must be a real number"),
+])
+def test_chi2_sf_checks_its_arguments(x, dof, err, match):
+    with pytest.raises(err, match=match):
+        chi2_sf(x, dof)
+
+
 def test_chi2_sf_matches_closed_forms():
     assert chi2_sf(2.0, 2) == pytest.approx(np.exp(-1.0), rel=1e-12)      # dof 2: exp(-x / 2)
     assert chi2_sf(0.0, 5) == pytest.approx(1.0)

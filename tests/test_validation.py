@@ -123,6 +123,35 @@ def test_pair_functions_check_shapes_and_temperature():
 
 
 @pytest.mark.parametrize("name", list(PAIRS))
+@pytest.mark.parametrize("z, p, err, match", [
+    (None, P, TypeError, "z must be an array, got None"),          # an AttributeError before
+    (Z, None, TypeError, "p must be an array, got None"),
+    (Z, "abc", TypeError, "p must be a floating-point array"),
+    (Z.astype(np.complex128), P, TypeError, "z must be a floating-point array, got dtype complex128"),  # ran before
+    (Z.astype(bool), P, TypeError, "z must be a floating-point array"),
+    (np.ones((2, 3), np.int64), P, TypeError, "z must be a floating-point array"),
+    (Z, P.astype(np.complex128), TypeError, "p must be a floating-point array"),
+    (np.zeros((2, 0)), np.zeros((2, 0)), ValueError, r"z must have a non-empty vocabulary axis .* \(2, 0\)"),
+    (np.float64(1.0), np.float64(1.0), ValueError, r"z must have a non-empty vocabulary axis .* \(\)"),
+])
+def test_pair_functions_check_what_they_are_given(name, z, p, err, match):
+    forward, _, extra = PAIRS[name]
+    with pytest.raises(err, match=match):
+        forward(z, p, **extra)
+
+
+def test_lk_lambda_pair_names_p_kl():
+    with pytest.raises(ValueError, match=r"z and p_kl must have the same shape"):
+        lkref.lk_lambda_forward(Z, P, 0.5, p_kl=P[:, :2])
+    with pytest.raises(TypeError, match="p_kl must be a floating-point array"):
+        lkref.lk_lambda_forward(Z, P, 0.5, p_kl=(P > 0.2))
+    with pytest.raises(TypeError, match="z must be an array"):       # before lam is looked at
+        lkref.lk_lambda_forward(None, P, np.ones(2))
+    losses, _ = lkref.lk_lambda_forward(Z.tolist(), P.tolist(), 0.5)  # nested lists become arrays
+    np.testing.assert_array_equal(losses, lkref.lk_lambda_forward(Z, P, 0.5)[0])
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
 @pytest.mark.parametrize("dlosses, err, match", [
     (np.ones(3), ValueError, r"dlosses must have the leading shape \(2,\) of the forward's logits"),
     (np.ones((2, 2)), ValueError, r"dlosses must have the leading shape \(2,\)"),   # broadcasts to a wrong shape
