@@ -72,10 +72,23 @@ def warp(probs, temperature=1.0, top_k=None, top_p=None):
 
     temperature T > 0: p^(1/T), computed in log space.  top_k: keep the k most likely
     (ties with the k-th are kept).  top_p: keep the most likely tokens until their mass
-    reaches top_p (the most likely token is always kept).
+    reaches top_p (the most likely token is always kept).  probs: floats, finite and
+    non-negative, each row with some mass (unnormalised weights are fine).
     """
     check_real_scalar(temperature, "temperature", low=0, low_inclusive=False)
     _check_top(top_k, top_p)
+    probs = as_array(probs, "probs")
+    if probs.ndim < 1 or probs.shape[-1] == 0:
+        raise ValueError(f"probs must have a non-empty vocabulary axis (the last), got shape {tuple(probs.shape)}")
+    check_probs(probs, "probs", normalised=False)          # floats, finite, non-negative
+    xp = namespace(probs)
+    if not bool(xp.all(xp.any(probs > 0, axis=-1))):
+        raise ValueError("probs has a row with no mass (all zero)")
+    return _warp(probs, temperature, top_k, top_p)
+
+
+def _warp(probs, temperature, top_k, top_p):
+    """warp() without the checks: generate() checks the rows a round uses, and leaves the rest."""
     xp = namespace(probs)
     p = to_float64(probs)                        # float32 subnormals kept on CuPy too
     if temperature != 1.0:
@@ -187,7 +200,7 @@ def generate(target, draft, prompt, *, max_new_tokens, k, rng, temperature=1.0, 
         raise ValueError(f"k = {k} is more drafts than the draft has heads ({draft.heads})")
 
     def dist(probs):
-        return probs if greedy else warp(probs, T, top_k, top_p)
+        return probs if greedy else _warp(probs, T, top_k, top_p)
 
     B, L0 = prompt.shape
     buf = xp.zeros((B, L0 + max_new_tokens + k + 1), dtype=xp.int64)
@@ -240,7 +253,7 @@ def generate(target, draft, prompt, *, max_new_tokens, k, rng, temperature=1.0, 
         _check_prob_rows(rows, "target.next_token_probs", used, xp)
         p = dist(rows)
         if greedy:
-            res = verify_greedy(drafts, p, num_draft=nd)
+            res = verify_greedy(drafts, p, num_draft=nd, validate=False)
         else:
             qs = xp.stack(q_rows, axis=1) if k else xp.zeros((B, 0, p.shape[-1]))
             res = verify(drafts, qs, p, rng=rng, num_draft=nd, validate=False)

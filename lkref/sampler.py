@@ -85,15 +85,14 @@ def _check_prob_rows(probs, name, valid, xp):
 def _check_shapes(draft_tokens, draft_probs, target_probs, num_draft):
     t = _check_tokens(draft_tokens)
     B, K = t.shape
-    if target_probs is not None:
-        p = as_array(target_probs, "target_probs")
-        if p.ndim != 3 or tuple(p.shape[:2]) != (B, K + 1):
-            raise ValueError(f"target_probs must have shape [B, K+1, V] = [{B}, {K + 1}, V], got {tuple(p.shape)}")
-        if np.dtype(p.dtype).kind != "f":
-            raise TypeError(f"target_probs must be a floating-point array, got dtype {p.dtype}")
-        V = p.shape[2]
-        if V == 0:
-            raise ValueError("target_probs has an empty vocabulary (last axis has size 0)")
+    p = as_array(target_probs, "target_probs")
+    if p.ndim != 3 or tuple(p.shape[:2]) != (B, K + 1):
+        raise ValueError(f"target_probs must have shape [B, K+1, V] = [{B}, {K + 1}, V], got {tuple(p.shape)}")
+    if np.dtype(p.dtype).kind != "f":
+        raise TypeError(f"target_probs must be a floating-point array, got dtype {p.dtype}")
+    V = p.shape[2]
+    if V == 0:
+        raise ValueError("target_probs has an empty vocabulary (last axis has size 0)")
     q = None
     if draft_probs is not None:
         q = as_array(draft_probs, "draft_probs")
@@ -183,12 +182,16 @@ def verify(draft_tokens, draft_probs, target_probs, *, rng, num_draft=None, unif
 
 
 @dlpack_interop
-def verify_greedy(draft_tokens, target_probs, *, num_draft=None) -> VerifyResult:
+def verify_greedy(draft_tokens, target_probs, *, num_draft=None, validate=True) -> VerifyResult:
     """Verification at temperature 0: accept while x_j equals argmax p_j; then emit the target argmax.
 
-    Ties in the argmax go to the lowest token id (as numpy/cupy argmax).  Shapes as in verify.
+    Ties in the argmax go to the lowest token id (as numpy/cupy argmax).  Shapes as in verify;
+    the rows it reads must be finite and non-negative with some mass (an argmax over a NaN
+    would pick the NaN), which validate=False leaves unchecked.
     """
     xp, t, _, p, nd, valid, B, K, V = _check_shapes(draft_tokens, None, target_probs, num_draft)
+    if validate:
+        _check_prob_rows(p, "target_probs", xp.arange(K + 1)[None, :] <= nd[:, None], xp)
     best = xp.argmax(p, axis=-1).astype(xp.int64)                     # [B, K+1]
     accept = valid & (t == best[:, :K])
     n = xp.sum(xp.cumprod(accept, axis=1), axis=1).astype(xp.int64)

@@ -264,6 +264,31 @@ def test_warp_checks_its_options(kw, err, match):
         warp(np.full((2, 3), 1 / 3), **kw)
 
 
+@pytest.mark.parametrize("probs, err, match", [
+    (np.array([[0.2, 0.8], [0.0, 0.0]]), ValueError, "probs has a row with no mass"),   # NaN rows before
+    (np.array([[0.2, np.nan]]), ValueError, "probs contains non-finite"),
+    (np.array([[0.2, np.inf]]), ValueError, "probs contains non-finite"),
+    (np.array([[1.2, -0.2]]), ValueError, "probs contains negative"),
+    (np.array([[1, 3]]), TypeError, "probs must be a floating-point"),
+    (np.array([[0.5, 0.5]], np.complex128), TypeError, "probs must be a floating-point"),
+    (np.zeros((2, 0)), ValueError, r"probs must have a non-empty vocabulary axis .* \(2, 0\)"),
+    (np.float64(1.0), ValueError, r"probs must have a non-empty vocabulary axis .* \(\)"),
+    (None, TypeError, "probs must be an array, got None"),                 # an AttributeError before
+])
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.5, "top_p": 0.9}])
+def test_warp_checks_its_probs(probs, err, match, kw):
+    with pytest.raises(err, match=match):
+        warp(probs, **kw)
+
+
+def test_warp_takes_unnormalised_weights_and_leaves_them_alone():
+    w = np.array([[1.0, 3.0, 0.0], [2.0, 2.0, 4.0]])
+    before = w.copy()
+    np.testing.assert_allclose(warp(w), [[0.25, 0.75, 0.0], [0.25, 0.25, 0.5]], rtol=1e-15)
+    np.testing.assert_allclose(warp(w.tolist(), top_k=1), [[0, 1, 0], [0, 0, 1]])
+    np.testing.assert_array_equal(w, before)
+
+
 @pytest.mark.parametrize("transition, err, match", [
     (np.array([[1.5, -0.5], [0.5, 0.5]]), ValueError, "transition contains negative"),
     (np.array([[0.5, 0.4], [0.5, 0.5]]), ValueError, "transition rows must sum to 1"),

@@ -285,11 +285,44 @@ T2 = np.zeros((2, 2), np.int64)
     ((T2, Q2, P3), {"num_draft": np.array([1])}, ValueError, "num_draft must have shape"),
     ((T2, Q2, P3), {"uniforms": np.ones((2, 2))}, ValueError, "uniforms must lie in"),
     ((T2, Q2, P3), {"rng": 0}, TypeError, "rng must be a numpy.random.Generator"),
+    ((T2, Q2, None), {}, TypeError, "target_probs must be an array, got None"),   # an UnboundLocalError before
 ])
 def test_verify_bad_input(args, kw, err, match):
     kw = {"rng": np.random.default_rng(0), **kw}
     with pytest.raises(err, match=match):
         verify(*args, **kw)
+
+
+def _nan_at(j):
+    p = P3.copy()
+    p[1, j, 2] = np.nan
+    return p
+
+
+@pytest.mark.parametrize("args, kw, err, match", [
+    ((T2, None), {}, TypeError, "target_probs must be an array, got None"),       # an UnboundLocalError before
+    ((T2, _nan_at(1)), {}, ValueError, "target_probs has negative or non-finite probabilities at position 1"),
+    ((T2, _nan_at(2)), {}, ValueError, "at position 2"),       # the bonus position: argmax would pick the NaN
+    ((T2, -P3), {}, ValueError, "target_probs has negative"),
+    ((T2, P3 * 0), {}, ValueError, "target_probs has an all-zero row"),
+    ((T2, P3.astype(np.int64)), {}, TypeError, "target_probs must be a floating-point"),
+    ((T2 + 4, P3), {}, ValueError, "draft_tokens has ids outside"),
+])
+def test_verify_greedy_bad_input(args, kw, err, match):
+    with pytest.raises(err, match=match):
+        verify_greedy(*args, **kw)
+
+
+def test_verify_greedy_reads_only_the_rows_it_uses():
+    """A NaN past a row's num_draft + 1 positions is never read; validate=False skips the scan."""
+    p = _nan_at(2)
+    p[1, :2] = np.eye(4)[[0, 3]]                          # row 1: accept draft 0 (token 0), emit 3
+    r = verify_greedy(T2, p, num_draft=np.array([2, 1]))
+    np.testing.assert_array_equal(r.num_accepted, [2, 1])
+    np.testing.assert_array_equal(r.tokens, [[0, 0, 0], [0, 3, -1]])
+    with pytest.raises(ValueError, match="at position 2"):
+        verify_greedy(T2, p)
+    assert verify_greedy(T2, p, validate=False).tokens.shape == (2, 3)
 
 
 @pytest.mark.parametrize("fn, kw, err, match", [
