@@ -479,13 +479,15 @@ def _fast(name, impl, draft_logits, target_probs, out, **options):
     return fused.dispatch(name, draft_logits, target_probs, out=out, required=impl == "fused", **options)
 
 
-def _deliver(result, out):
-    """Write the reference gradient into ``out`` when one was given (as the fast paths do)."""
+def _deliver(result, out, draft_logits, target_probs, mask):
+    """Write the reference gradient into ``out`` when one was given, on the fast paths' terms:
+    out may share memory with nothing but (all of) draft_logits."""
     if out is None:
         return result
     from .fused import check_out
 
-    check_out(out, result.grad, None, None, same_backend=True)
+    check_out(out, as_array(draft_logits, "draft_logits"), as_array(target_probs, "target_probs"), mask,
+              same_backend=True)
     out[...] = result.grad
     return LossResult(result.loss, out, result.alpha, result.lam)
 
@@ -502,7 +504,7 @@ def kl(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_targe
         draft_logits, target_probs, mask, temperature, draft_to_target, need_kl=True)
     losses, cache = kl_forward(z, p_kl, temperature=T)
     loss, grad = _reduce(losses, cache, kl_backward, w, out_dtype, reduce)
-    return _deliver(LossResult(loss, grad, _alpha(cache["q"], p)), out)
+    return _deliver(LossResult(loss, grad, _alpha(cache["q"], p)), out, draft_logits, target_probs, mask)
 
 
 @dlpack_interop
@@ -517,7 +519,7 @@ def tv(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_targe
         draft_logits, target_probs, mask, temperature, draft_to_target, need_kl=False)
     losses, cache = tv_forward(z, p, temperature=T)
     loss, grad = _reduce(losses, cache, tv_backward, w, out_dtype, reduce)
-    return _deliver(LossResult(loss, grad, cache["alpha"]), out)
+    return _deliver(LossResult(loss, grad, cache["alpha"]), out, draft_logits, target_probs, mask)
 
 
 @dlpack_interop
@@ -532,7 +534,7 @@ def lk_alpha(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to
         draft_logits, target_probs, mask, temperature, draft_to_target, need_kl=False)
     losses, cache = lk_alpha_forward(z, p, temperature=T)
     loss, grad = _reduce(losses, cache, lk_alpha_backward, w, out_dtype, reduce)
-    return _deliver(LossResult(loss, grad, cache["alpha"]), out)
+    return _deliver(LossResult(loss, grad, cache["alpha"]), out, draft_logits, target_probs, mask)
 
 
 @dlpack_interop
@@ -563,7 +565,7 @@ def lk_lambda(draft_logits, target_probs, *, mask=None, temperature=1.0, draft_t
         lam = xp.asarray(lam, dtype=z.dtype)
     losses, cache = lk_lambda_forward(z, p, lam, temperature=T, p_kl=p_kl)
     loss, grad = _reduce(losses, cache, lk_lambda_backward, w, out_dtype, reduce)
-    return _deliver(LossResult(loss, grad, cache["tv"]["alpha"], lam), out)
+    return _deliver(LossResult(loss, grad, cache["tv"]["alpha"], lam), out, draft_logits, target_probs, mask)
 
 
 #: The reduced losses by name.

@@ -234,19 +234,28 @@ def test_out_receives_the_gradient_and_may_be_the_logits(name):
     assert r.grad is out_ref and np.array_equal(out_ref, ref.grad)
 
 
-def test_out_of_the_wrong_kind_is_refused():
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+@pytest.mark.parametrize("name", sorted(lkref.LOSSES))
+def test_out_of_the_wrong_kind_is_refused(name, impl):
+    """The same terms on every path: the reference took out = target_probs (2026-12-05)."""
     z = np.zeros((4, 5), np.float32)
     p = np.full((4, 5), 0.2, np.float32)
     read_only = np.zeros((4, 5), np.float32)
     read_only.flags.writeable = False
+    p_before = p.copy()
     for bad, match in [(np.zeros((4, 5)), "out must be an array of shape"), (np.zeros((5, 4), np.float32), "out must be"),
                        (np.zeros((4, 10), np.float32)[:, ::2], "C-contiguous"), (p, "share memory with draft_logits only"),
                        (np.broadcast_to(np.zeros(5, np.float32), (4, 5)), "C-contiguous"), (read_only, "out is read-only")]:
         with pytest.raises(ValueError, match=match):
-            lkref.tv(z, p, out=bad)
+            lkref.LOSSES[name](z, p, out=bad, impl=impl)
+    np.testing.assert_array_equal(p, p_before)
     buf = np.zeros(21, np.float32)
     with pytest.raises(ValueError, match="overlaps draft_logits"):
-        lkref.tv(buf[:20].reshape(4, 5), p, out=buf[1:].reshape(4, 5))
+        lkref.LOSSES[name](buf[:20].reshape(4, 5), p, out=buf[1:].reshape(4, 5), impl=impl)
+    both = np.ones(20, np.float32)                               # out shares memory with the mask
+    with pytest.raises(ValueError, match="share memory with draft_logits only"):
+        lkref.LOSSES[name](z, p, mask=both[16:], out=both.reshape(4, 5), impl=impl)
+    np.testing.assert_array_equal(both, 1)
 
 
 def test_inputs_untouched_and_errors_identical(chunking):
