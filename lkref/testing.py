@@ -97,7 +97,7 @@ def _host_floats(values, name):
     if values is None or isinstance(values, (str, bytes)):
         raise TypeError(f"{name} must be an array of numbers, got {type(values).__name__}")
     try:
-        a = np.asarray(to_numpy(values))
+        a = to_numpy(values)
     except (TypeError, ValueError) as exc:           # ragged lists, ...
         raise TypeError(f"{name} must be an array of numbers, got {type(values).__name__}") from exc
     if a.dtype.kind not in "biuf":
