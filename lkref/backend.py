@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import inspect
 import sys
 
 import numpy as np
@@ -213,6 +214,9 @@ def dlpack_interop(fn):
     the first such argument's library's from_dlpack (no copy).  A cache dict returned by a
     forward stays NumPy/CuPy: the matching backward reads it as it is.
     """
+    params = [q.name for q in inspect.signature(fn).parameters.values()
+              if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]   # to name them in errors
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         like = []
@@ -227,7 +231,7 @@ def dlpack_interop(fn):
                     raise ValueError(_READ_ONLY_OUT.format(np.__version__))
                 return a
             return v
-        args = [view(a, f"argument {i}") for i, a in enumerate(args)]
+        args = [view(a, params[i] if i < len(params) else f"argument {i}") for i, a in enumerate(args)]
         kwargs = {k: view(v, k) for k, v in kwargs.items()}
         result = fn(*args, **kwargs)
         return _back(result, like[0]) if like else result

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .backend import namespace, to_float64
+from .backend import dlpack_interop, namespace, to_float64
 from .sampler import _check_prob_rows, _check_rng, sample_rows, verify, verify_greedy
 from .validation import as_array, check_probs, check_real_scalar
 
@@ -67,6 +67,7 @@ def _check_top(top_k, top_p):
         check_real_scalar(top_p, "top_p", low=0, low_inclusive=False, high=1)
 
 
+@dlpack_interop
 def warp(probs, temperature=1.0, top_k=None, top_p=None):
     """Apply temperature, then top-k, then top-p to probability rows [..., V] (renormalised).
 

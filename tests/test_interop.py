@@ -110,6 +110,35 @@ def test_verify_takes_foreign_arrays():
     np.testing.assert_array_equal(g.tokens.a, lkref.verify_greedy(tok, pp).tokens)
 
 
+class Unshareable(Foreign):
+    """An exporter that refuses, as PyTorch does for a tensor that requires grad."""
+
+    def __dlpack__(self, **kw):
+        raise BufferError("Can't export tensors that require gradient, use tensor.detach()")
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda z, p: lkref.lk_alpha(Unshareable(z), p), "draft_logits"),      # 'argument 0' before
+    (lambda z, p: lkref.kl(z, Unshareable(p)), "target_probs"),
+    (lambda z, p: lkref.tv(z, p, mask=Unshareable(np.ones(2))), "mask"),
+    (lambda z, p: lkref.lk_lambda_forward(z, p, Unshareable(np.ones(2))), "lam"),
+    (lambda z, p: lkref.tv_forward(Unshareable(z), p), "z"),
+    (lambda z, p: lkref.multi_position("tv", [z, Unshareable(z)], [p, p]), r"draft_logits\[1\]"),
+    (lambda z, p: lkref.warp(Unshareable(p)), "probs"),
+])
+def test_an_array_that_cannot_be_shared_is_named(call, name):
+    z, p = np.zeros((2, 3)), np.full((2, 3), 1 / 3)
+    with pytest.raises(TypeError, match=rf"^{name} cannot be shared through DLPack \(Can't export"):
+        call(z, p)
+
+
+def test_warp_takes_and_returns_foreign_arrays():
+    w = np.array([[1.0, 3.0, 0.0], [2.0, 2.0, 4.0]])
+    got = lkref.warp(Foreign(w), temperature=0.5, top_p=0.9)     # a TypeError from np.dtype before
+    assert isinstance(got, Foreign)
+    np.testing.assert_array_equal(got.a, lkref.warp(w, temperature=0.5, top_p=0.9))
+
+
 def test_torch_cpu_tensors_round_trip():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(2)
