@@ -6,7 +6,9 @@ A model is any object with one method
         tokens: int array [B, L];  probs: [B, L, V], probs[b, t] = P(x_{t+1} | tokens[b, :t+1])
 
 It must be causal: probs[b, t] may depend on tokens[b, :t+1] only, because rows of
-different lengths share one padded batch (padding sits after each row's end).
+different lengths share one padded batch (padding sits after each row's end).  tokens come
+as the prompt's kind of array (NumPy, CuPy, or through DLPack a PyTorch tensor, ...), and
+probs may be any DLPack array (a PyTorch model's output, detached).
 
 A draft may instead be a multi-head draft (Medusa, MLP speculator) with the method
 
@@ -30,7 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .backend import dlpack_interop, namespace, to_float64
+from .backend import _back, _is_foreign, _to_kind, dlpack_interop, from_dlpack, namespace, to_float64
 from .sampler import _check_prob_rows, _check_rng, sample_rows, verify, verify_greedy
 from .validation import as_array, check_probs, check_real_scalar
 
@@ -136,9 +138,15 @@ def _check_model(model, name, methods):
         raise TypeError(f"{name} must be a model: an object with {said}, got {type(model).__name__}")
 
 
+def _ask(method, tokens, like):
+    """method(tokens), the tokens as a copy in the prompt's kind of array where it came from
+    another library (a copy: the loop writes on into its buffer)."""
+    return method(tokens if like is None else _to_kind(tokens.copy(), like))
+
+
 def _model_probs(probs, name, tokens, extra=()):
     """A model's output for tokens [B, L]: an array [B, L, *extra, V] on the tokens' backend."""
-    probs = as_array(probs, name)
+    probs = as_array(from_dlpack(probs, name) if _is_foreign(probs) else probs, name)
     want = tuple(tokens.shape) + extra
     if probs.ndim != len(want) + 1 or tuple(probs.shape[:-1]) != want:
         raise ValueError(f"{name} returned shape {tuple(probs.shape)} for tokens of shape {tuple(tokens.shape)}; "
@@ -170,8 +178,12 @@ def generate(target, draft, prompt, *, max_new_tokens, k, rng, temperature=1.0, 
     output that a round uses must be finite and non-negative with some mass (they are checked:
     O(B (k + 1) V) a round); they may be unnormalised weights, as warp() normalises them.
     rng: numpy.random.Generator (cupy.random.Generator for CuPy models); unused at temperature 0.
+    A prompt of another library (a PyTorch tensor, ...) is viewed through DLPack: the models
+    then get their tokens as that kind of array, and the result's arrays come back as it.
+    A model may return any DLPack array (a PyTorch model's probabilities, detached).
     """
-    prompt = as_array(prompt, "prompt")
+    like = prompt if _is_foreign(prompt) else None
+    prompt = as_array(prompt if like is None else from_dlpack(prompt, "prompt"), "prompt")
     if np.dtype(prompt.dtype).kind not in "iu":
         raise TypeError(f"prompt must be an integer array of token ids, got dtype {prompt.dtype}")
     if prompt.ndim == 1:
@@ -225,7 +237,7 @@ def generate(target, draft, prompt, *, max_new_tokens, k, rng, temperature=1.0, 
         heads = None
         if multi_head and k:
             tokens = buf[:, :int(lengths.max())]
-            heads = _model_probs(draft.head_probs(tokens), "draft.head_probs", tokens, (draft.heads,))
+            heads = _model_probs(_ask(draft.head_probs, tokens, like), "draft.head_probs", tokens, (draft.heads,))
             heads = heads[b, lengths - 1][:, :k]
             _check_prob_rows(heads, "draft.head_probs", active[:, None] & (xp.arange(k)[None, :] < nd[:, None]), xp)
         for j in range(k):
@@ -233,7 +245,7 @@ def generate(target, draft, prompt, *, max_new_tokens, k, rng, temperature=1.0, 
                 q = dist(heads[:, j])
             else:
                 tokens = buf[:, :int(lengths.max()) + j]
-                probs = _model_probs(draft.next_token_probs(tokens), "draft.next_token_probs", tokens)
+                probs = _model_probs(_ask(draft.next_token_probs, tokens, like), "draft.next_token_probs", tokens)
                 rows = _at(probs, lengths + j, xp.zeros(1, dtype=xp.int64), xp)
                 _check_prob_rows(rows, "draft.next_token_probs", (active & (nd > j))[:, None], xp)
                 q = dist(rows[:, 0])
@@ -243,7 +255,7 @@ def generate(target, draft, prompt, *, max_new_tokens, k, rng, temperature=1.0, 
             q_rows.append(q)
         # target: one call scores every draft and the bonus position
         tokens = buf[:, :int(lengths.max()) + k]
-        probs = _model_probs(target.next_token_probs(tokens), "target.next_token_probs", tokens)
+        probs = _model_probs(_ask(target.next_token_probs, tokens, like), "target.next_token_probs", tokens)
         if not rounds:
             _check_prompt_ids(prompt, probs.shape[-1], xp)
         if q_rows and q_rows[0].shape[-1] != probs.shape[-1]:
@@ -273,7 +285,7 @@ def generate(target, draft, prompt, *, max_new_tokens, k, rng, temperature=1.0, 
     accepted = xp.stack(rounds) if rounds else xp.zeros((0, B), dtype=xp.int64)
     with np.errstate(invalid="ignore", divide="ignore"):
         rate = xp.where(reached > 0, accepted_at / xp.maximum(reached, 1), xp.nan)
-    return GenerateResult(
+    result = GenerateResult(
         tokens=buf[:, L0:L0 + max_new_tokens].copy(),
         target_calls=len(rounds),
         accepted=accepted,
@@ -282,3 +294,4 @@ def generate(target, draft, prompt, *, max_new_tokens, k, rng, temperature=1.0, 
         accepted_at=accepted_at,
         tau=emitted / row_rounds if row_rounds else float("nan"),
     )
+    return result if like is None else _back(result, like)

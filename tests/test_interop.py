@@ -139,6 +139,72 @@ def test_warp_takes_and_returns_foreign_arrays():
     np.testing.assert_array_equal(got.a, lkref.warp(w, temperature=0.5, top_p=0.9))
 
 
+class ForeignChain:
+    """A model of another library: it asks for tokens of its kind and answers in it."""
+
+    def __init__(self, transition):
+        self.chain = lkref.MarkovChain(transition)
+        self.seen = []
+
+    def next_token_probs(self, tokens):
+        self.seen.append(type(tokens))
+        return Foreign(np.ascontiguousarray(self.chain.next_token_probs(np.from_dlpack(tokens))))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_generate_takes_models_and_prompts_of_another_library(temperature):
+    """A Foreign prompt: the models get Foreign tokens, their Foreign output is viewed, and the
+    result comes back Foreign, token for token what NumPy arrays give (same seed)."""
+    rng = np.random.default_rng(6)
+    target_t, draft_t = rng.dirichlet(np.ones(5), 5), rng.dirichlet(np.ones(5), 5)
+    prompt = np.array([[0, 3], [1, 2], [4, 4]])
+    kw = dict(max_new_tokens=7, k=3, temperature=temperature)
+    want = lkref.generate(lkref.MarkovChain(target_t), lkref.MarkovChain(draft_t), prompt,
+                          rng=np.random.default_rng(1), **kw)
+    target, draft = ForeignChain(target_t), ForeignChain(draft_t)
+    got = lkref.generate(target, draft, Foreign(prompt), rng=np.random.default_rng(1), **kw)
+    assert isinstance(got.tokens, Foreign) and isinstance(got.accepted, Foreign)     # a TypeError before
+    np.testing.assert_array_equal(got.tokens.a, want.tokens)
+    np.testing.assert_array_equal(got.accepted.a, want.accepted)
+    assert got.target_calls == want.target_calls and got.tau == want.tau
+    assert set(target.seen) == set(draft.seen) == {Foreign}
+    plain = lkref.generate(ForeignChain(target_t), ForeignChain(draft_t), prompt,   # a NumPy prompt:
+                           rng=np.random.default_rng(1), **kw)                      # NumPy out
+    assert isinstance(plain.tokens, np.ndarray)
+    np.testing.assert_array_equal(plain.tokens, want.tokens)
+
+
+def test_generate_names_a_model_output_that_cannot_be_shared():
+    class Grad(ForeignChain):
+        def next_token_probs(self, tokens):
+            return Unshareable(self.chain.next_token_probs(tokens))
+    t = np.full((3, 3), 1 / 3)
+    with pytest.raises(TypeError, match=r"^target.next_token_probs cannot be shared through DLPack"):
+        lkref.generate(Grad(t), None, np.array([[0]]), max_new_tokens=2, k=0, rng=np.random.default_rng(0))
+
+
+def test_generate_with_torch_models():
+    torch = pytest.importorskip("torch")
+
+    class TorchChain:
+        def __init__(self, transition):
+            self.t = torch.tensor(transition)
+
+        def next_token_probs(self, tokens):
+            assert isinstance(tokens, torch.Tensor)
+            return self.t[tokens]
+
+    rng = np.random.default_rng(7)
+    target_t, draft_t = rng.dirichlet(np.ones(6), 6), rng.dirichlet(np.ones(6), 6)
+    prompt = np.array([[0], [5]])
+    want = lkref.generate(lkref.MarkovChain(target_t), lkref.MarkovChain(draft_t), prompt,
+                          max_new_tokens=6, k=2, rng=np.random.default_rng(3))
+    got = lkref.generate(TorchChain(target_t), TorchChain(draft_t), torch.from_numpy(prompt),
+                         max_new_tokens=6, k=2, rng=np.random.default_rng(3))
+    assert isinstance(got.tokens, torch.Tensor)
+    np.testing.assert_array_equal(got.tokens.numpy(), want.tokens)
+
+
 def test_torch_cpu_tensors_round_trip():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(2)
