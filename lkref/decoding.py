@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .backend import _back, _is_foreign, _to_kind, dlpack_interop, from_dlpack, namespace, to_float64
+from .backend import _back, _is_foreign, _to_kind, dlpack_interop, namespace, to_float64
 from .sampler import _check_prob_rows, _check_rng, sample_rows, verify, verify_greedy
 from .validation import as_array, check_probs, check_real_scalar
 
@@ -146,7 +146,7 @@ def _ask(method, tokens, like):
 
 def _model_probs(probs, name, tokens, extra=()):
     """A model's output for tokens [B, L]: an array [B, L, *extra, V] on the tokens' backend."""
-    probs = as_array(from_dlpack(probs, name) if _is_foreign(probs) else probs, name)
+    probs = as_array(probs, name)                           # a view of a foreign one
     want = tuple(tokens.shape) + extra
     if probs.ndim != len(want) + 1 or tuple(probs.shape[:-1]) != want:
         raise ValueError(f"{name} returned shape {tuple(probs.shape)} for tokens of shape {tuple(tokens.shape)}; "
@@ -183,7 +183,7 @@ def generate(target, draft, prompt, *, max_new_tokens, k, rng, temperature=1.0, 
     A model may return any DLPack array (a PyTorch model's probabilities, detached).
     """
     like = prompt if _is_foreign(prompt) else None
-    prompt = as_array(prompt if like is None else from_dlpack(prompt, "prompt"), "prompt")
+    prompt = as_array(prompt, "prompt")                     # a view of a foreign one
     if np.dtype(prompt.dtype).kind not in "iu":
         raise TypeError(f"prompt must be an integer array of token ids, got dtype {prompt.dtype}")
     if prompt.ndim == 1:

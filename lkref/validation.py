@@ -68,9 +68,12 @@ def check_target_sums(worst, dtype, name="target_probs"):
 
 
 def as_array(x, name: str):
-    """``x`` as an array of its own backend (lists become NumPy arrays); never copies an array."""
+    """``x`` as an array of its own backend (lists become NumPy arrays; a DLPack array of
+    another library, a NumPy or CuPy view of it); never copies an array."""
     if x is None:
         raise TypeError(f"{name} must be an array, got None")
+    if _is_foreign(x):
+        return from_dlpack(x, name)
     if hasattr(x, "shape") and hasattr(x, "dtype"):
         return x
     try:

@@ -174,6 +174,14 @@ def test_generate_takes_models_and_prompts_of_another_library(temperature):
     np.testing.assert_array_equal(plain.tokens, want.tokens)
 
 
+def test_a_markov_chain_takes_a_transition_of_another_library():
+    t = np.array([[0.5, 0.5], [0.1, 0.9]])
+    chain = lkref.MarkovChain(Foreign(t))                 # a TypeError from np.dtype before
+    assert isinstance(chain.transition, np.ndarray) and np.shares_memory(chain.transition, t)
+    with pytest.raises(ValueError, match="transition rows must sum to 1"):
+        lkref.MarkovChain(Foreign(t * 1.1))
+
+
 def test_generate_names_a_model_output_that_cannot_be_shared():
     class Grad(ForeignChain):
         def next_token_probs(self, tokens):
