@@ -281,14 +281,14 @@ def test_theory_multistep_and_positions_take_foreign_arrays():
             np.testing.assert_array_equal(g.a, w)
 
 
-def _readme_torch_block():
+def _readme_torch_block(marker="torch.autograd.Function"):
     import os
     import re
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
         text = f.read()
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "torch.autograd.Function" in b]
-    assert len(blocks) == 1, "README should hold one PyTorch autograd block"
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if marker in b]
+    assert len(blocks) == 1, f"README should hold one block with {marker}"
     lines = blocks[0].splitlines()
     indent = min(len(line) - len(line.lstrip()) for line in lines if line.strip())
     return "\n".join(line[indent:] for line in lines)
@@ -311,6 +311,40 @@ def test_readme_pytorch_loss_trains_through_autograd(name):
     want = lkref.LOSSES[name]((x @ W).detach().numpy(), p.numpy(), mask=mask.numpy())
     np.testing.assert_allclose(float(loss.detach()), float(want.loss), rtol=1e-6)
     np.testing.assert_allclose(W.grad.numpy(), 2 * x.numpy().T @ want.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_readme_generate_with_pytorch_models():
+    """The README's TorchLM: generate with PyTorch models gives the tokens that the same
+    models' probabilities as NumPy arrays give (same seed), and tensors back."""
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    class Tiny(torch.nn.Module):                     # a causal LM: each position sees its own token
+        def __init__(self, V, seed):
+            super().__init__()
+            g = torch.Generator().manual_seed(seed)
+            self.emb = torch.nn.Parameter(torch.randn(V, 8, generator=g))
+            self.out = torch.nn.Parameter(torch.randn(8, V, generator=g))
+
+        def forward(self, ids):
+            return SimpleNamespace(logits=self.emb[ids] @ self.out)
+
+    class NumpyLM:
+        def __init__(self, model):
+            self.model = model
+
+        def next_token_probs(self, tokens):
+            with torch.no_grad():
+                return torch.softmax(self.model(torch.from_numpy(tokens)).logits.float(), dim=-1).numpy()
+
+    scope = {"torch": torch, "np": np, "lkref": lkref, "target": Tiny(40, 0), "draft": Tiny(40, 1)}
+    exec(_readme_torch_block("class TorchLM"), scope)
+    r = scope["r"]
+    want = lkref.generate(NumpyLM(scope["target"]), NumpyLM(scope["draft"]), scope["prompt"].numpy(),
+                          max_new_tokens=32, k=4, rng=np.random.default_rng(0))
+    assert isinstance(r.tokens, torch.Tensor) and isinstance(r.position_accept_rate, torch.Tensor)
+    np.testing.assert_array_equal(r.tokens.numpy(), want.tokens)
+    assert r.tau == want.tau and r.target_calls == want.target_calls
 
 
 def test_results_come_back_through_the_librarys_own_from_dlpack_even_when_it_lives_elsewhere(monkeypatch):
