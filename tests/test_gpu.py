@@ -232,6 +232,36 @@ def test_torch_cuda_tensors_round_trip(cp):
     np.testing.assert_allclose(r.grad.cpu().numpy(), want.grad, rtol=1e-4, atol=1e-9)
 
 
+def test_generate_with_torch_cuda_models(cp):
+    """A CUDA prompt and models that answer in CUDA tensors: the loop runs on CuPy (views, no
+    copies), the models get CUDA tokens, and the result comes back as CUDA tensors."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(8)
+    target_t = torch.from_numpy(rng.dirichlet(np.ones(7), 7)).cuda()
+    draft_t = torch.from_numpy(rng.dirichlet(np.ones(7), 7)).cuda()
+
+    class Chain:
+        def __init__(self, t):
+            self.t = t
+
+        def next_token_probs(self, tokens):
+            assert isinstance(tokens, torch.Tensor) and tokens.is_cuda
+            return self.t[tokens]
+
+    prompt = torch.tensor([[0], [3], [6]], device="cuda")
+    r = lkref.generate(Chain(target_t), Chain(draft_t), prompt, max_new_tokens=9, k=3,
+                       rng=cp.random.default_rng(0))
+    assert isinstance(r.tokens, torch.Tensor) and r.tokens.is_cuda and tuple(r.tokens.shape) == (3, 9)
+    assert r.target_calls >= 3 and 1 <= r.tau <= 4
+    g = lkref.generate(Chain(target_t), Chain(draft_t), prompt, max_new_tokens=9, k=3, rng=None,
+                       temperature=0.0)                 # greedy: the target's argmax chain, exactly
+    want, ids = [], prompt[:, 0].cpu().numpy()
+    for _ in range(9):
+        ids = target_t.cpu().numpy()[ids].argmax(-1)
+        want.append(ids)
+    np.testing.assert_array_equal(g.tokens.cpu().numpy(), np.stack(want, axis=1))
+
+
 @pytest.mark.parametrize("V", [32_000, 128_256])
 @pytest.mark.parametrize("threads, share, cache", TUNING_SHAPES)
 def test_fused_tuning_shapes(cp, threads, share, cache, V):
