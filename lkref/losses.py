@@ -157,8 +157,9 @@ def _upstream(dlosses, cache, loss, keys):
 
 
 def _check_pair(z, p, temperature, p_name="p"):
-    """What the pairs check: z and p are float arrays of one shape with a vocabulary axis,
-    and T > 0.  Their values are not scanned (the reduced functions do that).  Returns z, p."""
+    """What the pairs check: z and p are float arrays of one shape with a vocabulary axis, z is
+    finite, p finite and non-negative, and T > 0 (p's row sums are the reduced functions' to
+    check: TV and LK^alpha take rows that sum to less than 1).  Returns z, p."""
     z, p = as_array(z, "z"), as_array(p, p_name)
     for a, name in ((z, "z"), (p, p_name)):
         work_dtype(a.dtype, name)
@@ -167,7 +168,11 @@ def _check_pair(z, p, temperature, p_name="p"):
     if tuple(z.shape) != tuple(p.shape):
         raise ValueError(f"z and {p_name} must have the same shape, got {tuple(z.shape)} and {tuple(p.shape)}")
     check_real_scalar(temperature, "temperature", low=0, low_inclusive=False)
-    namespace(z, p)
+    xp = namespace(z, p)
+    if not bool(xp.all(xp.isfinite(z))):
+        raise ValueError("z contains non-finite values (NaN or inf)")
+    if not bool(xp.all(xp.isfinite(p) & (p >= 0))):
+        raise ValueError(f"{p_name} contains negative or non-finite values")
     return z, p
 
 

@@ -42,6 +42,9 @@ def accept_length_forward(alphas):
     if alphas.ndim < 1:
         raise ValueError("alphas must have a positions axis (the last, K), got a 0-d array")
     xp = namespace(alphas)
+    # finite; not held to [0, 1]: the loss is a polynomial in them, smooth through 0 and 1
+    if not bool(xp.all(xp.isfinite(alphas))):
+        raise ValueError("alphas contains non-finite values (NaN or inf)")
     K = alphas.shape[-1]
     ones = xp.ones(alphas.shape[:-1] + (1,), dtype=alphas.dtype)
     P = xp.concatenate([ones, xp.cumprod(alphas, axis=-1)], axis=-1)      # P_0 .. P_K

@@ -94,6 +94,8 @@ def test_bad_input():
     (np.full((4, 2), 1, np.int64), TypeError, "alphas must be a floating-point"),
     (np.full((4, 2), 0.5, np.complex128), TypeError, "alphas must be a floating-point"),   # ran before
     (np.float64(0.5), ValueError, "alphas must have a positions axis"),   # an IndexError before
+    (np.array([[0.5, np.nan]]), ValueError, r"alphas contains non-finite values"),   # NaN losses before
+    (np.array([[0.5, np.inf]]), ValueError, r"alphas contains non-finite values"),
 ])
 def test_forward_pair_checks_what_it_is_given(alphas, err, match):
     with pytest.raises(err, match=match):
