@@ -151,6 +151,8 @@ def verify(draft_tokens, draft_probs, target_probs, *, rng, num_draft=None, unif
         u = rng.random((B, K), dtype=xp.float64)
     else:
         u = as_array(uniforms, "uniforms")
+        if np.dtype(u.dtype).kind != "f":
+            raise TypeError(f"uniforms must be a floating-point array, got dtype {u.dtype}")
         if tuple(u.shape) != (B, K):
             raise ValueError(f"uniforms must have shape [B, K] = [{B}, {K}], got {tuple(u.shape)}")
         u = to_float64(u)

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 import lkref
+from lkref import testing, theory
+from lkref.multistep import accept_length_forward
 
 from .test_losses import PAIRS
 
@@ -287,3 +289,70 @@ def test_lambda_from_alpha_takes_lists_and_keeps_the_dtype():
 def test_a_reduce_hook_that_returns_nan_is_caught_at_lambda(impl):
     with pytest.raises(ValueError, match="mean_alpha must lie in"):
         lkref.lk_lambda(Z, P, impl=impl, reduce=lambda t, c: (t * np.nan, c))
+
+
+# --------------------------------------------------------------------------------------
+# every public function of arrays, every array argument: what is not an array of its kind is
+# refused with a TypeError or ValueError that names the argument (each of these raised
+# AttributeError, UnboundLocalError or NumPy's own messages, or ran on, before 2026-12-05)
+
+_fz_rng = np.random.default_rng(0)
+_Z = _fz_rng.standard_normal((3, 5))
+_P = _fz_rng.dirichlet(np.ones(5), 3)
+_T = _fz_rng.integers(0, 5, (2, 3))
+_Q3, _P3 = _fz_rng.dirichlet(np.ones(5), (2, 3)), _fz_rng.dirichlet(np.ones(5), (2, 4))
+_CHAIN = lkref.MarkovChain(_fz_rng.dirichlet(np.ones(5), 5))
+
+#: (function, valid arguments, the array arguments to spoil); every call here is valid as it is
+CALLS = [
+    *[(fn, dict(draft_logits=_Z, target_probs=_P, mask=np.ones(3)), ("draft_logits", "target_probs", "mask"))
+      for fn in (lkref.kl, lkref.tv, lkref.lk_alpha, lkref.lk_lambda)],
+    *[(fn, dict(z=_Z, p=_P), ("z", "p")) for fn in (lkref.kl_forward, lkref.tv_forward, lkref.lk_alpha_forward)],
+    (lkref.lk_lambda_forward, dict(z=_Z, p=_P, lam=0.5, p_kl=_P), ("z", "p", "lam", "p_kl")),
+    (lkref.mean_forward, dict(losses=np.ones(3), weights=np.ones(3)), ("losses", "weights")),
+    (lkref.verify, dict(draft_tokens=_T, draft_probs=_Q3, target_probs=_P3, rng=np.random.default_rng(1),
+                        num_draft=np.array([1, 3]), uniforms=np.full((2, 3), 0.5)),
+     ("draft_tokens", "draft_probs", "target_probs", "num_draft", "uniforms")),
+    (lkref.verify_greedy, dict(draft_tokens=_T, target_probs=_P3, num_draft=np.array([1, 3])),
+     ("draft_tokens", "target_probs", "num_draft")),
+    (lkref.warp, dict(probs=_P), ("probs",)),
+    (theory.acceptance_rate, dict(p=_P, q=_P[::-1].copy()), ("p", "q")),
+    (theory.expected_accept_length, dict(alphas=np.array([0.5, 0.6])), ("alphas",)),
+    (theory.accept_length_pmf, dict(alphas=np.array([0.5, 0.6])), ("alphas",)),
+    (accept_length_forward, dict(alphas=np.full((3, 2), 0.5)), ("alphas",)),
+    (lkref.MarkovChain, dict(transition=np.full((4, 4), 0.25)), ("transition",)),
+    (lkref.generate, dict(target=_CHAIN, draft=_CHAIN, prompt=np.array([[0], [1]]), max_new_tokens=3, k=2,
+                          rng=np.random.default_rng(2)), ("prompt",)),
+    (testing.goodness_of_fit, dict(name="x", counts=np.array([3, 4]), probs=np.array([0.5, 0.5])), ("counts", "probs")),
+]
+SPOILS = {
+    "None": None, "a string": "abc", "a ragged list": [[1, 2], [3]],
+    "complex numbers": "complex", "objects": "object",
+}
+OPTIONAL = {"mask", "weights", "num_draft", "uniforms", "lam", "p_kl"}      # None means "not given"
+
+
+def _spoil(value, how):
+    if how == "complex":
+        return np.asarray(value).astype(np.complex128)
+    if how == "object":
+        return np.asarray(value).astype(object)
+    return how
+
+
+def _cases():
+    for fn, kwargs, args in CALLS:
+        for arg in args:
+            for label, how in SPOILS.items():
+                if how is None and arg in OPTIONAL:
+                    continue
+                yield pytest.param(fn, kwargs, arg, how, id=f"{fn.__name__}-{arg}-{label}")
+
+
+@pytest.mark.parametrize("fn, kwargs, arg, how", list(_cases()))
+def test_every_array_argument_refuses_what_is_not_an_array_of_its_kind(fn, kwargs, arg, how):
+    fn(**kwargs)                                    # the call is valid before it is spoiled
+    bad = dict(kwargs, **{arg: _spoil(kwargs[arg], how)})
+    with pytest.raises((TypeError, ValueError)) as info:
+        fn(**bad)
+    assert arg in str(info.value), f"{fn.__name__}: the error does not name {arg}: {info.value}"
