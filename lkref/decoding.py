@@ -80,10 +80,7 @@ def warp(probs, temperature=1.0, top_k=None, top_p=None):
     """
     check_real_scalar(temperature, "temperature", low=0, low_inclusive=False)
     _check_top(top_k, top_p)
-    probs = as_array(probs, "probs")
-    if probs.ndim < 1 or probs.shape[-1] == 0:
-        raise ValueError(f"probs must have a non-empty vocabulary axis (the last), got shape {tuple(probs.shape)}")
-    check_probs(probs, "probs", normalised=False)          # floats, finite, non-negative
+    probs = check_probs(probs, "probs", normalised=False)  # floats, a vocabulary, finite, >= 0
     xp = namespace(probs)
     if not bool(xp.all(xp.any(probs > 0, axis=-1))):
         raise ValueError("probs has a row with no mass (all zero)")

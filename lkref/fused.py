@@ -38,7 +38,7 @@ import numpy as np
 from . import losses as ref
 from .backend import work_dtype
 from .validation import (as_array, call_reduce, check_index_map, check_mask, check_real_scalar, check_target_sums,
-                         env_flag, target_sum_atol)
+                         check_vocab_axis, env_flag, target_sum_atol)
 
 __all__ = ["numpy_loss", "ALPHA_FLOOR", "MIN_TEMPERATURE", "CHUNK_BYTES", "default_threads"]
 
@@ -397,10 +397,7 @@ def numpy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, 
     """
     z = as_array(draft_logits, "draft_logits")
     wd = work_dtype(z.dtype, "draft_logits")
-    if z.ndim < 1:
-        raise ValueError("draft_logits must have a vocabulary axis (at least 1-d), got a 0-d array")
-    if z.shape[-1] == 0:
-        raise ValueError("draft_logits has an empty vocabulary (last axis has size 0)")
+    check_vocab_axis(z, "draft_logits")
     p = as_array(target_probs, "target_probs")
     work_dtype(p.dtype, "target_probs")
     lead, V = tuple(z.shape[:-1]), z.shape[-1]
@@ -409,8 +406,7 @@ def numpy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, 
             raise ValueError(f"target_probs must have shape {lead + (V,)}, got {tuple(p.shape)}")
         index = None
     else:
-        if p.ndim < 1 or p.shape[-1] == 0:
-            raise ValueError("target_probs has an empty vocabulary (last axis has size 0)")
+        check_vocab_axis(p, "target_probs")
         if tuple(p.shape[:-1]) != lead:
             raise ValueError(f"target_probs must have the leading shape {lead} of draft_logits, got {tuple(p.shape)}")
         index = np.asarray(check_index_map(draft_to_target, "draft_to_target", V, p.shape[-1]))

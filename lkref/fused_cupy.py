@@ -70,7 +70,8 @@ from . import losses as ref
 from . import self_check
 from .backend import current_device, namespace, work_dtype
 from .fused import MIN_TEMPERATURE, _bounds, check_out
-from .validation import as_array, check_index_map, check_mask, check_real_scalar, check_target_sums, env_flag
+from .validation import (as_array, check_index_map, check_mask, check_real_scalar, check_target_sums,
+                         check_vocab_axis, env_flag)
 
 #: Threads per block, and a block's share of a row held on chip (BLOCK_SHARE floats: logits in
 #: registers, MAX_ITEMS = BLOCK_SHARE / THREADS per thread; the target in shared memory).  A row
@@ -1500,8 +1501,7 @@ def cupy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, d
         return None
     if z.dtype not in (cp.float32, cp.float16) and np.dtype(z.dtype).name != "bfloat16":
         raise TypeError(f"draft_logits must be float32, float16 or bfloat16 for the fused CuPy path, got {z.dtype}")
-    if z.ndim < 1 or z.shape[-1] == 0:
-        raise ValueError("draft_logits has an empty vocabulary (last axis has size 0)")
+    check_vocab_axis(z, "draft_logits")
     lead, V = tuple(z.shape[:-1]), z.shape[-1]
     p = as_array(target_probs, "target_probs")
     work_dtype(p.dtype, "target_probs")                # a float (bfloat16 included), else a TypeError

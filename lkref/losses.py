@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import dlpack_interop, namespace, work_dtype
+from .backend import dlpack_interop, namespace
 from .validation import (
     TARGET_SUM_ATOL,
     as_array,
@@ -160,19 +160,12 @@ def _check_pair(z, p, temperature, p_name="p"):
     """What the pairs check: z and p are float arrays of one shape with a vocabulary axis, z is
     finite, p finite and non-negative, and T > 0 (p's row sums are the reduced functions' to
     check: TV and LK^alpha take rows that sum to less than 1).  Returns z, p."""
-    z, p = as_array(z, "z"), as_array(p, p_name)
-    for a, name in ((z, "z"), (p, p_name)):
-        work_dtype(a.dtype, name)
-        if a.ndim < 1 or a.shape[-1] == 0:
-            raise ValueError(f"{name} must have a non-empty vocabulary axis (the last), got shape {tuple(a.shape)}")
+    z, _ = check_logits(z, "z")
+    p = check_probs(p, p_name, normalised=False)
     if tuple(z.shape) != tuple(p.shape):
         raise ValueError(f"z and {p_name} must have the same shape, got {tuple(z.shape)} and {tuple(p.shape)}")
     check_real_scalar(temperature, "temperature", low=0, low_inclusive=False)
-    xp = namespace(z, p)
-    if not bool(xp.all(xp.isfinite(z))):
-        raise ValueError("z contains non-finite values (NaN or inf)")
-    if not bool(xp.all(xp.isfinite(p) & (p >= 0))):
-        raise ValueError(f"{p_name} contains negative or non-finite values")
+    namespace(z, p)
     return z, p
 
 

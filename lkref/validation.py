@@ -25,6 +25,7 @@ __all__ = [
     "check_target_sums",
     "as_array",
     "check_real_scalar",
+    "check_vocab_axis",
     "check_logits",
     "check_probs",
     "check_mask",
@@ -103,14 +104,19 @@ def _all(xp, cond) -> bool:
     return bool(xp.all(cond))
 
 
+def check_vocab_axis(a, name: str):
+    """a has a last axis, the vocabulary, and it is not empty."""
+    if a.ndim < 1:
+        raise ValueError(f"{name} must have a vocabulary axis (at least 1-d), got a 0-d array")
+    if a.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty vocabulary (last axis has size 0)")
+
+
 def check_logits(z, name: str = "draft_logits"):
     """Floating, at least 1-d, non-empty last axis, all finite.  Returns (array, work dtype)."""
     z = as_array(z, name)
     wd = work_dtype(z.dtype, name)
-    if z.ndim < 1:
-        raise ValueError(f"{name} must have a vocabulary axis (at least 1-d), got a 0-d array")
-    if z.shape[-1] == 0:
-        raise ValueError(f"{name} has an empty vocabulary (last axis has size 0)")
+    check_vocab_axis(z, name)
     xp = namespace(z)
     if not _all(xp, xp.isfinite(z)):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
@@ -123,8 +129,7 @@ def check_probs(p, name: str, *, shape=None, normalised=True):
     wd = work_dtype(p.dtype, name)
     if shape is not None and tuple(p.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(p.shape)}")
-    if p.ndim < 1 or p.shape[-1] == 0:
-        raise ValueError(f"{name} has an empty vocabulary (last axis has size 0)")
+    check_vocab_axis(p, name)
     xp = namespace(p)
     if not _all(xp, xp.isfinite(p)):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")

@@ -133,13 +133,13 @@ def test_pair_functions_check_shapes_and_temperature():
     (Z.astype(bool), P, TypeError, "z must be a floating-point array"),
     (np.ones((2, 3), np.int64), P, TypeError, "z must be a floating-point array"),
     (Z, P.astype(np.complex128), TypeError, "p must be a floating-point array"),
-    (np.zeros((2, 0)), np.zeros((2, 0)), ValueError, r"z must have a non-empty vocabulary axis .* \(2, 0\)"),
-    (np.float64(1.0), np.float64(1.0), ValueError, r"z must have a non-empty vocabulary axis .* \(\)"),
+    (np.zeros((2, 0)), np.zeros((2, 0)), ValueError, r"z has an empty vocabulary \(last axis has size 0\)"),
+    (np.float64(1.0), np.float64(1.0), ValueError, r"z must have a vocabulary axis \(at least 1-d\), got a 0-d array"),
     (np.where(Z > 0.5, np.nan, Z), P, ValueError, r"z contains non-finite values \(NaN or inf\)"),  # NaN losses before
     (np.where(Z > 0.5, -np.inf, Z), P, ValueError, "z contains non-finite"),
-    (Z, np.where(P > 0.4, np.nan, P), ValueError, "p contains negative or non-finite values"),
-    (Z, np.where(P > 0.4, np.inf, P), ValueError, "p contains negative or non-finite"),
-    (Z, P - 0.2, ValueError, "p contains negative or non-finite"),
+    (Z, np.where(P > 0.4, np.nan, P), ValueError, r"p contains non-finite values \(NaN or inf\)"),
+    (Z, np.where(P > 0.4, np.inf, P), ValueError, "p contains non-finite values"),
+    (Z, P - 0.2, ValueError, "p contains negative probabilities"),
 ])
 def test_pair_functions_check_what_they_are_given(name, z, p, err, match):
     forward, _, extra = PAIRS[name]
@@ -152,7 +152,7 @@ def test_lk_lambda_pair_names_p_kl():
         lkref.lk_lambda_forward(Z, P, 0.5, p_kl=P[:, :2])
     with pytest.raises(TypeError, match="p_kl must be a floating-point array"):
         lkref.lk_lambda_forward(Z, P, 0.5, p_kl=(P > 0.2))
-    with pytest.raises(ValueError, match="p_kl contains negative or non-finite"):
+    with pytest.raises(ValueError, match="p_kl contains non-finite values"):
         lkref.lk_lambda_forward(Z, P, 0.5, p_kl=P * np.nan)
     with pytest.raises(TypeError, match="z must be an array"):       # before lam is looked at
         lkref.lk_lambda_forward(None, P, np.ones(2))
