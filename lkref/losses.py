@@ -365,9 +365,11 @@ def mean_forward(losses, weights=None, reduce=None):
         raise TypeError(f"losses must be a floating-point array, got dtype {losses.dtype}")
     weights = check_mask(weights, "weights", losses.shape, losses.dtype)    # shape, >= 0, finite
     xp = namespace(losses, weights)
+    if bool(xp.any(xp.isnan(losses))):     # inf is a loss (KL, -log 0): a weight of 0 drops it
+        raise ValueError("losses must not hold NaN")
     w = xp.ones_like(losses) if weights is None else weights.astype(losses.dtype, copy=False)
     # a row of weight 0 adds nothing, even when its loss is infinite (0 * inf would be NaN)
-    total, count = xp.sum(xp.where(w > 0, w * losses, 0)), xp.sum(w)
+    total, count = xp.sum(w * xp.where(w > 0, losses, 0)), xp.sum(w)
     loss, scale = mean_from_sums(total, count, reduce)
     return loss, {"w": w, "scale": scale}
 

@@ -249,10 +249,20 @@ def test_reduce_hook_may_return_torch_tensors():
     (np.ones(4), -np.ones(4), ValueError, "weights contains negative"),                     # loss 0 before
     (np.ones(4), np.array([1.0, np.nan, 1.0, 1.0]), ValueError, "weights contains non-finite"),
     (np.ones(4, np.int64), None, TypeError, "losses must be a floating-point array"),
+    (np.array([1.0, np.nan, 1.0, 1.0]), None, ValueError, "losses must not hold NaN"),          # a NaN mean before
+    (np.array([1.0, np.nan, 1.0, 1.0]), np.array([1.0, 0.0, 1.0, 1.0]), ValueError, "losses must not hold NaN"),
 ])
 def test_mean_pair_checks_its_inputs(losses, weights, err, match):
     with pytest.raises(err, match=match):
         lkref.mean_forward(losses, weights)
+
+
+def test_mean_pair_takes_an_infinite_loss_of_weight_zero():
+    # inf is a loss (KL, or -log 0): it makes the mean inf, and a weight of 0 drops it
+    loss, _ = lkref.mean_forward(np.array([1.0, np.inf, 3.0]), np.array([1.0, 0.0, 1.0]))
+    assert float(loss) == 2.0
+    loss, _ = lkref.mean_forward(np.array([1.0, np.inf, 3.0]))
+    assert float(loss) == np.inf
 
 
 @pytest.mark.parametrize("dloss, err, match", [
