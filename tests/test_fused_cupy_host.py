@@ -432,6 +432,43 @@ def test_lk_alpha_fallback_rows(numpy_as_cupy):
     assert float(fast.loss) > 40
 
 
+def test_lk_alpha_fallback_rows_with_draft_to_target_and_a_row_without_target_mass(numpy_as_cupy):
+    """The fallback's mean again drops, as the reference does, a row whose target has no mass
+    on the draft vocabulary (weight 0, not the mask's 1): here with a fallback row beside it."""
+    index = np.arange(50) + 10                          # draft token v is target token v + 10
+    z = np.zeros((4, 50), np.float32)
+    z[0, 0] = 150.0                                     # the draft sits where the target is 0
+    p = np.full((4, 60), 1 / 59, np.float32)
+    p[0, 10] = 0
+    p[1] = 0
+    p[1, :10] = 1 / 10                                  # all its mass outside the draft vocabulary
+    p[2:] = 1 / 60
+    mask = np.array([1.0, 1.0, 0.5, 1.0], np.float32)
+    fast = run("lk_alpha", z, p, mask=mask, draft_to_target=index)
+    ref = lkref.lk_alpha(z.astype(np.float64), p.astype(np.float64), mask=mask, draft_to_target=index,
+                         impl="reference")
+    close(fast, ref, rtol=1e-4)
+    assert float(fast.loss) > 40 and not np.asarray(fast.grad)[1].any()
+
+
+@pytest.mark.parametrize("numpy_as_cupy", ["transcription"], indirect=True)
+def test_cupy_loss_checks_what_it_reads_first(numpy_as_cupy):
+    """On CuPy the reduced losses reach cupy_loss before the reference's checks: its own name the
+    argument; a float64 target is read as float32 (the kernels read 4 bytes an entry)."""
+    rng = np.random.default_rng(8)
+    z = make_logits(rng, (3, 40), dtype=np.float32)
+    p = make_probs(rng, (3, 40), dtype=np.float64)
+    with pytest.raises(TypeError, match="draft_logits must be float32, float16 or bfloat16"):
+        run("lk_alpha", z.astype(np.int32), p)
+    with pytest.raises(ValueError, match=r"target_probs must have shape \(3, 40\)"):
+        run("lk_alpha", z, p[:, :30])
+    with pytest.raises(ValueError, match=r"target_probs must have the leading shape \(3,\)"):
+        run("lk_alpha", z, p[:2], draft_to_target=np.arange(40))
+    fast = run("lk_alpha", z, p)
+    assert fast.grad.dtype == np.float32
+    close(fast, lkref.lk_alpha(z.astype(np.float64), p.astype(np.float32).astype(np.float64), impl="reference"))
+
+
 def test_float16_logits(numpy_as_cupy):
     rng = np.random.default_rng(3)
     z = make_logits(rng, (6, 30), dtype=np.float16)
