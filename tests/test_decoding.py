@@ -216,6 +216,24 @@ def test_unnormalised_model_rows_are_weights():
     np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
+def test_a_one_dimensional_prompt_is_one_row():
+    """A prompt [L0] runs as [1, L0]: the same tokens from the same seed."""
+    target, draft = chains()
+    kw = dict(max_new_tokens=5, k=2)
+    a = generate(MarkovChain(target), MarkovChain(draft), np.array([2, 1]), rng=np.random.default_rng(4), **kw)
+    b = generate(MarkovChain(target), MarkovChain(draft), np.array([[2, 1]]), rng=np.random.default_rng(4), **kw)
+    assert a.tokens.shape == (1, 5)                     # [B, max_new_tokens], B = 1
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_k_beyond_a_multi_head_drafts_heads_is_refused():
+    from lkref.toy.lm import HeadsDraft, TargetLM
+    target, draft = TargetLM(vocab=6, hidden=8, seed=1), HeadsDraft(vocab=6, heads=2, hidden=8, seed=2)
+    generate(target, draft, np.zeros((2, 1), np.int64), max_new_tokens=3, k=2, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"k = 3 is more drafts than the draft has heads \(2\)"):
+        generate(target, draft, np.zeros((2, 1), np.int64), max_new_tokens=3, k=3, rng=np.random.default_rng(0))
+
+
 @pytest.mark.parametrize("models, rng, err, match", [
     ((None, "chain"), "ok", TypeError, r"target must be a model: an object with next_token_probs\(tokens\)"),
     (("chain", object()), "ok", TypeError, r"draft must be a model: an object with next_token_probs\(tokens\) "

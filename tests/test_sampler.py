@@ -284,6 +284,8 @@ T2 = np.zeros((2, 2), np.int64)
     ((T2, Q2, P3), {"num_draft": np.array([3, 0])}, ValueError, "num_draft must lie in"),
     ((T2, Q2, P3), {"num_draft": np.array([1])}, ValueError, "num_draft must have shape"),
     ((T2, Q2, P3), {"uniforms": np.ones((2, 2))}, ValueError, "uniforms must lie in"),
+    ((T2, Q2, P3), {"uniforms": np.full((2, 3), 0.5)}, ValueError, r"uniforms must have shape \[B, K\] = \[2, 2\]"),
+    ((T2, Q2[..., :0], P3[..., :0]), {}, ValueError, "target_probs has an empty vocabulary"),
     ((T2, Q2, P3), {"rng": 0}, TypeError, "rng must be a numpy.random.Generator"),
     ((T2, Q2, None), {}, TypeError, "target_probs must be an array, got None"),   # an UnboundLocalError before
 ])
