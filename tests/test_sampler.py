@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -62,6 +65,44 @@ def test_planted_bug_is_caught(bug):
     assert "acceptance[0]" not in failed or bug == "always_accept"   # position 0 sees no correlation
     if bug == "loose_accept":
         assert failed == {"p = 0 draft at u = 0"}, str(report)
+
+
+def _malformed(how):
+    """lkref.verify with its result spoiled in one way the structure check must name."""
+    def verify_fn(draft_tokens, draft_probs, target_probs, *, rng):
+        r = verify(draft_tokens, draft_probs, target_probs, rng=rng)
+        n, tok = np.array(r.num_accepted), np.array(r.tokens)
+        rows = np.arange(len(n))
+        if how == "shapes":
+            tok = tok[:, :-1]
+        elif how == "count":
+            n[0] = tok.shape[1]                            # K + 1 accepted of K drafts
+        elif how == "padding":
+            tok[tok == -1] = 0
+        elif how == "ids":
+            tok[rows, n] = draft_probs.shape[-1]           # the emitted token is V
+        elif how == "echo":
+            first = np.nonzero(n > 0)[0][0]
+            tok[first, 0] = (draft_tokens[first, 0] + 1) % draft_probs.shape[-1]
+        return SimpleNamespace(num_accepted=n, tokens=tok)
+    return verify_fn
+
+
+@pytest.mark.parametrize("how, detail", [
+    ("shapes", r"shapes \(200,\) and \(200, 4\), expected \(200,\) and \(200, 5\)"),
+    ("count", r"num_accepted outside \[0, K\]"),
+    ("padding", "tokens after the emitted ones are not -1"),
+    ("ids", r"emitted token ids outside \[0, V\)"),
+    ("echo", "accepted positions do not echo the drafts"),
+])
+def test_check_sampler_names_a_malformed_result(how, detail):
+    """The structure check, each of its clauses against a sampler that breaks only it; the
+    statistical checks do not run on a malformed result."""
+    assert check_sampler(_malformed(None), trials=200).passed
+    report = check_sampler(_malformed(how), trials=200)
+    assert report.failed() == ["structure"], str(report)
+    assert re.search(detail, report.checks[0].detail), report.checks[0].detail
+    assert re.search(detail, str(report))
 
 
 def test_bonus_bug_is_invisible_to_the_acceptance_checks():
