@@ -164,17 +164,19 @@ def _is_foreign(x) -> bool:
 def from_dlpack(x, name="array"):
     """A NumPy (CPU) or CuPy (CUDA) view of a DLPack-capable array, sharing its memory."""
     device = x.__dlpack_device__()[0]
+    if device in (_DL_CPU, _DL_CUDA_HOST):
+        importer = np.from_dlpack
+    elif device in (_DL_CUDA, _DL_CUDA_MANAGED):
+        if not cupy_available():
+            raise TypeError(f"{name} lives on a CUDA device, but CuPy with a device is not available")
+        importer = sys.modules["cupy"].from_dlpack
+    else:
+        raise TypeError(f"{name} lives on DLPack device type {device}; lkref runs on the CPU (NumPy) or CUDA (CuPy)")
     try:
-        if device in (_DL_CPU, _DL_CUDA_HOST):
-            return np.from_dlpack(x)
-        if device in (_DL_CUDA, _DL_CUDA_MANAGED):
-            if not cupy_available():
-                raise TypeError(f"{name} lives on a CUDA device, but CuPy with a device is not available")
-            return sys.modules["cupy"].from_dlpack(x)
+        return importer(x)
     except (BufferError, TypeError, RuntimeError) as exc:
         raise TypeError(f"{name} cannot be shared through DLPack ({exc}); "
                         "bfloat16 tensors, for one, have no NumPy/CuPy dtype: pass float32") from exc
-    raise TypeError(f"{name} lives on DLPack device type {device}; lkref runs on the CPU (NumPy) or CUDA (CuPy)")
 
 
 def _to_kind(value, like):

@@ -132,6 +132,29 @@ def test_an_array_that_cannot_be_shared_is_named(call, name):
         call(z, p)
 
 
+class Elsewhere(Foreign):
+    """An array on a DLPack device of the given type (2: CUDA, 4: OpenCL, ...), never exported."""
+
+    def __init__(self, a, device):
+        super().__init__(a)
+        self.device = device
+
+    def __dlpack__(self, **kw):
+        raise AssertionError("lkref must not ask an array it cannot view for its memory")
+
+    def __dlpack_device__(self):
+        return (self.device, 0)
+
+
+def test_an_array_on_a_device_lkref_cannot_reach_is_named():
+    z, p = np.zeros((2, 3)), np.full((2, 3), 1 / 3)
+    with pytest.raises(TypeError, match="^draft_logits lives on DLPack device type 4; lkref runs on the CPU"):
+        lkref.lk_alpha(Elsewhere(z, 4), p)
+    if not lkref.cupy_available():
+        with pytest.raises(TypeError, match="^target_probs lives on a CUDA device, but CuPy with a device is not"):
+            lkref.lk_alpha(z, Elsewhere(p, 2))
+
+
 def test_warp_takes_and_returns_foreign_arrays():
     w = np.array([[1.0, 3.0, 0.0], [2.0, 2.0, 4.0]])
     got = lkref.warp(Foreign(w), temperature=0.5, top_p=0.9)     # a TypeError from np.dtype before
