@@ -84,15 +84,24 @@ def _pair(text):
         mu, sigma = (float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected MU,SIGMA, got {text!r}") from None
-    if sigma <= 0:
-        raise argparse.ArgumentTypeError(f"SIGMA must be > 0, got {sigma}")
+    if not (math.isfinite(mu) and math.isfinite(sigma) and sigma > 0):
+        raise argparse.ArgumentTypeError(f"expected finite MU and SIGMA > 0, got {text!r}")
     return mu, sigma
 
 
-def cmd_toy(args) -> int:
-    from .toy.gaussian import PAPER_MIXTURE, fit_gaussian, parse_mixture
+def _mixture(text):
+    from .toy.gaussian import parse_mixture
 
-    mixture = parse_mixture(args.mixture) if args.mixture else PAPER_MIXTURE
+    try:
+        return parse_mixture(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_toy(args) -> int:
+    from .toy.gaussian import PAPER_MIXTURE, fit_gaussian
+
+    mixture = args.mixture or PAPER_MIXTURE
     fit = fit_gaussian(args.loss, mixture=mixture, init=args.init, steps=args.steps, eta=args.eta)
     print(f"{args.loss}: mu = {fit.mu:.4f}  sigma = {fit.sigma:.4f}  alpha = {100 * fit.alpha:.2f} %  "
           f"loss = {fit.loss:.6f}")
@@ -229,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     toy = p.add_subparsers(dest="toy", required=True)
     g = toy.add_parser("gaussian", help="fit one Gaussian to a mixture (paper Fig. 2)")
     g.add_argument("--loss", choices=TOY_LOSSES, required=True)
-    g.add_argument("--mixture", default=None, help="W:MU:SIGMA,... (default: the paper's mixture)")
+    g.add_argument("--mixture", type=_mixture, default=None, help="W:MU:SIGMA,... (default: the paper's mixture)")
     g.add_argument("--init", type=_pair, default=(0.0, 4.0), help="MU,SIGMA to start from (default 0,4)")
     g.add_argument("--steps", type=_number(int, 0), default=3000, help="gradient steps (default 3000)")
     g.add_argument("--eta", type=_number(float, 0), default=3.0, help="eta of LK^lambda")

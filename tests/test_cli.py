@@ -16,6 +16,10 @@ from lkref.cli import main
     (["train", "--loss", "kl", "--temperature", "0"], "argument --temperature: must be > 0"),
     (["train", "--loss", "lk_lambda", "--eta", "nan"], "argument --eta: must be finite"),
     (["toy", "gaussian", "--loss", "lk_lambda", "--eta", "-1"], "argument --eta: must be >= 0"),
+    (["toy", "gaussian", "--loss", "kl", "--mixture", "1:0:nan"], "argument --mixture: mixture component '1:0:nan' "
+                                                                  "needs finite numbers"),     # a traceback before
+    (["toy", "gaussian", "--loss", "kl", "--mixture", "1:2"], "argument --mixture: mixture component '1:2' is not"),
+    (["toy", "gaussian", "--loss", "kl", "--init", "0,nan"], "argument --init: expected finite MU and SIGMA > 0"),
     (["demo", "--seeds", "0"], "argument --seeds: must be >= 1"),
     (["bench", "--repeat", "0"], "argument --repeat: must be >= 1"),
     (["bench", "--sizes", "0:10"], "argument --sizes: expected N:V,N:V,... with N, V >= 1, got '0:10'"),

@@ -58,6 +58,55 @@ def test_fit_gaussian_checks_its_arguments(kw, match):
         fit_gaussian("kl", **kw)
 
 
+@pytest.mark.parametrize("kw, err, match", [       # each ran before 2026-12-06, or failed far off
+    ({"init": (float("nan"), 1.0)}, ValueError, "init mu must be finite"),    # "draft_logits contains ..."
+    ({"init": (0.0, float("inf"))}, ValueError, "init sigma must be finite"),
+    ({"init": (0.0,)}, ValueError, r"init must be \(mu, sigma\)"),
+    ({"eta": -1.0, "loss": "kl"}, ValueError, "eta must be >= 0"),           # ignored by KL: ran
+    ({"mixture": ((1.0, 0.0, -1.0),)}, ValueError, "needs finite numbers, weight > 0 and std > 0"),  # NumPy's
+    ({"mixture": ((1.0, float("nan"), 1.0),)}, ValueError, "needs finite numbers"),  # "cannot convert NaN"
+    ({"mixture": ()}, ValueError, "at least one component"),
+    ({"mixture": 5}, ValueError, r"a sequence of \(weight, mean, std\) triples"),
+    ({"mixture": ((0.5, 0.0, 1.0), (0.5, 1e9, 1.0))}, ValueError, "mixture spans too wide a grid"),  # 800 GB
+])
+def test_fit_gaussian_checks_its_init_eta_and_mixture(kw, err, match):
+    with pytest.raises(err, match=match):
+        fit_gaussian(kw.pop("loss", "lk_lambda"), steps=1, **kw)
+
+
+def test_a_mixture_is_taken_with_its_weights_renormalised():
+    """fit_gaussian takes weights of any positive scale, as it always did (the target is
+    normalised on the grid): the same fit as with weights that sum to 1."""
+    a = fit_gaussian("tv", mixture=((1.0, -1.0, 1.0), (3.0, 2.0, 0.5)), steps=20)
+    b = fit_gaussian("tv", mixture=((0.25, -1.0, 1.0), (0.75, 2.0, 0.5)), steps=20)
+    assert (a.mu, a.sigma, a.loss) == (b.mu, b.sigma, b.loss)
+    with pytest.raises(ValueError, match="needs finite numbers, W > 0 and SIGMA > 0"):
+        parse_mixture("nan:0:1")
+
+
+@pytest.mark.parametrize("kw, err, match", [       # each but vocab, seq_len and temperature <= 0 ran before
+    ({"steps": 2.5}, TypeError, "steps must be an int, got float"),
+    ({"heads": True}, TypeError, "heads must be an int, got bool"),
+    ({"vocab": 1}, ValueError, "vocab must be >= 2"),
+    ({"seed": -1}, ValueError, "seed must be >= 0"),
+    ({"warmup": -1}, ValueError, "warmup must be >= 0"),
+    ({"eval_new_tokens": 0}, ValueError, "eval_new_tokens must be >= 1"),
+    ({"seq_len": 6}, ValueError, r"seq_len must be >= 7 \(heads \+ 3\)"),
+    ({"temperature": float("nan")}, ValueError, "temperature must be finite"),
+    ({"temperature": 0.0}, ValueError, "temperature must be > 0"),
+    ({"eta": -1.0}, ValueError, "eta must be >= 0"),
+    ({"gamma": 0.0}, ValueError, "gamma must be > 0"),
+    ({"lr": float("nan")}, ValueError, "lr must be finite"),
+    ({"weight_decay": -0.1}, ValueError, "weight_decay must be >= 0"),
+    ({"clip": float("inf")}, ValueError, "clip must be finite"),
+    ({"target_sharpness": "4"}, TypeError, "target_sharpness must be a real number"),
+])
+def test_train_config_checks_every_field(kw, err, match):
+    TrainConfig().check()
+    with pytest.raises(err, match=match):
+        TrainConfig(**kw).check()
+
+
 def test_gaussian_cli_writes_json(tmp_path):
     out = tmp_path / "fit.json"
     subprocess.run([sys.executable, "-m", "lkref", "toy", "gaussian", "--loss", "kl", "--steps", "300",

@@ -21,7 +21,8 @@ from .. import losses
 from ..validation import check_real_scalar
 from .optim import AdamW, cosine_lr
 
-__all__ = ["PAPER_MIXTURE", "GaussianFit", "parse_mixture", "mixture_probs", "fit_gaussian", "TOY_LOSSES"]
+__all__ = ["PAPER_MIXTURE", "GaussianFit", "parse_mixture", "check_mixture", "mixture_probs", "fit_gaussian",
+           "TOY_LOSSES"]
 
 #: 0.5 N(-4, 1^2) + 0.25 N(0, 0.5^2) + 0.25 N(6, 0.5^2): (weight, mean, std) per component.
 PAPER_MIXTURE = ((0.5, -4.0, 1.0), (0.25, 0.0, 0.5), (0.25, 6.0, 0.5))
@@ -36,17 +37,45 @@ def parse_mixture(text: str):
             w, mu, s = (float(v) for v in part.split(":"))
         except ValueError as exc:
             raise ValueError(f"mixture component {part!r} is not W:MU:SIGMA") from exc
-        if w <= 0 or s <= 0:
-            raise ValueError(f"mixture component {part!r} needs W > 0 and SIGMA > 0")
+        if not (np.isfinite([w, mu, s]).all() and w > 0 and s > 0):
+            raise ValueError(f"mixture component {part!r} needs finite numbers, W > 0 and SIGMA > 0")
         comps.append((w, mu, s))
+    return check_mixture(comps)
+
+
+#: The most grid points a mixture may need (100 a unit: a span of 20 000 units)
+MAX_GRID_POINTS = 2_000_000
+
+
+def check_mixture(mixture):
+    """The mixture as ((w, mu, sigma), ...) floats, its weights renormalised: finite numbers, w > 0,
+    sigma > 0, and a grid (grid_for) of at most MAX_GRID_POINTS points."""
+    try:
+        comps = tuple((float(w), float(mu), float(s)) for w, mu, s in mixture)
+    except (TypeError, ValueError):
+        raise ValueError("mixture must be a sequence of (weight, mean, std) triples of numbers") from None
+    if not comps:
+        raise ValueError("mixture must have at least one component")
+    for c in comps:
+        if not (np.isfinite(c).all() and c[0] > 0 and c[2] > 0):
+            raise ValueError(f"mixture component {c} needs finite numbers, weight > 0 and std > 0")
     total = sum(c[0] for c in comps)
-    return tuple((w / total, mu, s) for w, mu, s in comps)
+    comps = tuple((w / total, mu, s) for w, mu, s in comps)
+    points = _grid(comps)[2]
+    if points > MAX_GRID_POINTS:
+        raise ValueError(f"mixture spans too wide a grid: {points} points at 100 a unit, over {MAX_GRID_POINTS}")
+    return comps
+
+
+def _grid(mixture, points_per_unit=100, margin=8.0):
+    """(lo, hi, points) of the grid that covers the mixture."""
+    lo = min(mu - margin * s for _, mu, s in mixture) - 4
+    hi = max(mu + margin * s for _, mu, s in mixture) + 4
+    return lo, hi, int((hi - lo) * points_per_unit) + 1
 
 
 def grid_for(mixture, points_per_unit=100, margin=8.0):
-    lo = min(mu - margin * s for _, mu, s in mixture) - 4
-    hi = max(mu + margin * s for _, mu, s in mixture) + 4
-    return np.linspace(lo, hi, int((hi - lo) * points_per_unit) + 1)
+    return np.linspace(*_grid(mixture, points_per_unit, margin))
 
 
 def mixture_probs(x, mixture):
@@ -87,11 +116,15 @@ def fit_gaussian(loss: str, mixture=PAPER_MIXTURE, init=(0.0, 4.0), steps=3000, 
     """Fit N(mu, sigma) to the mixture by AdamW on (mu, log sigma) with lkref's gradients."""
     if loss not in TOY_LOSSES:
         raise ValueError(f"loss must be one of {TOY_LOSSES}, got {loss!r}")
-    if init[1] <= 0:
-        raise ValueError(f"init sigma must be > 0, got {init[1]}")
+    if not (isinstance(init, (tuple, list)) and len(init) == 2):
+        raise ValueError(f"init must be (mu, sigma), got {init!r}")
+    check_real_scalar(init[0], "init mu")
+    check_real_scalar(init[1], "init sigma", low=0, low_inclusive=False)
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
     check_real_scalar(lr, "lr", low=0, low_inclusive=False)
+    check_real_scalar(eta, "eta", low=0)
+    mixture = check_mixture(mixture)
     x = grid_for(mixture)
     p = mixture_probs(x, mixture)
     params = {"mu": np.array(float(init[0])), "s": np.array(np.log(init[1]))}

@@ -27,6 +27,7 @@ from ..losses import softmax
 from ..multistep import accept_length_loss
 from ..positions import LOSSES, multi_position
 from ..theory import expected_accept_length
+from ..validation import check_real_scalar
 from .lm import ARDraft, HeadsDraft, TargetLM, contexts, sample_sequences
 from .optim import AdamW, clip_by_global_norm, cosine_lr
 
@@ -63,21 +64,26 @@ class TrainConfig:
     eval_new_tokens: int = 32
 
     def check(self):
+        """Every field's type and range, each error naming the field (train() calls it first)."""
         if self.eta is None:
             self.eta = 10.0 if self.draft == "heads" else 3.0
         if self.loss not in TRAIN_LOSSES:
             raise ValueError(f"loss must be one of {TRAIN_LOSSES}, got {self.loss!r}")
         if self.draft not in ("heads", "ar"):
             raise ValueError(f"draft must be 'heads' or 'ar', got {self.draft!r}")
-        for name in ("vocab", "heads", "hidden", "steps", "batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.vocab < 2:
-            raise ValueError(f"vocab must be >= 2, got {self.vocab}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.seq_len < self.heads + 3:
-            raise ValueError(f"seq_len must be at least heads + 3 = {self.heads + 3}")
+        for name, low in (("vocab", 2), ("heads", 1), ("hidden", 1), ("steps", 1), ("seed", 0), ("batch", 1),
+                          ("warmup", 0), ("target_hidden", 1), ("target_seed", 0), ("train_sequences", 1),
+                          ("seq_len", None), ("eval_sequences", 1), ("eval_new_tokens", 1)):
+            value, low = getattr(self, name), self.heads + 3 if name == "seq_len" else low
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}{' (heads + 3)' if name == 'seq_len' else ''}, "
+                                 f"got {value}")
+        for name, low, inclusive in (("temperature", 0, False), ("eta", 0, True), ("gamma", 0, False),
+                                     ("lr", 0, False), ("weight_decay", 0, True), ("clip", 0, False),
+                                     ("target_sharpness", 0, True)):
+            check_real_scalar(getattr(self, name), name, low=low, low_inclusive=inclusive)
 
 
 def make_target(cfg: TrainConfig) -> TargetLM:
