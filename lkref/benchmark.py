@@ -618,8 +618,8 @@ def write_csv(rows, path, backend_names, stamp=None):
 
 
 def verify_scaling(B=64, V=32_000, ks=(1, 4, 16, 64), repeat=10, say=print):
-    """verify() time against K, with and without the input scan: the scan reads all of
-    draft_probs and target_probs (O(B K V)); without it the work is O(B K + B V)."""
+    """verify() time against K, with and without its input checks (validate=): both read
+    O(B K + B V) of draft_probs and target_probs, the drafts' entries and the rows sampled from."""
     from .sampler import verify
 
     rng = np.random.default_rng(0)

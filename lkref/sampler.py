@@ -68,6 +68,24 @@ def _check_num_draft(num_draft, B, K, xp):
     return nd.astype(xp.int64)
 
 
+def _check_read(values, name, positions, use, xp, rows=False):
+    """What verify reads of draft_probs or target_probs must be finite and non-negative:
+    values [B, K] gathered at positions [B, K] (the drafts' p(x)), or with rows=True
+    whole rows [B, V] at positions [B] (the rows it samples from), which must also have some
+    mass.  Only where use [B, K] or [B]."""
+    ok = xp.isfinite(values) & (values >= 0)
+    _raise_at(use & ~(xp.all(ok, axis=-1) if rows else ok), positions,
+              f"{name} has negative or non-finite probabilities", xp)
+    if rows:
+        _raise_at(use & ~(values.sum(axis=-1) > 0), positions, f"{name} has an all-zero row", xp)
+
+
+def _raise_at(bad, positions, what, xp):
+    if bool(xp.any(bad)):
+        j = int(positions.reshape(-1)[int(xp.argmax(bad.reshape(-1)))])
+        raise ValueError(f"{what} at position {j} of a used row")
+
+
 def _check_prob_rows(probs, name, valid, xp):
     """probs[b, j] must be finite and non-negative with a positive sum where valid[b, j].
 
@@ -134,8 +152,12 @@ def verify(draft_tokens, draft_probs, target_probs, *, rng, num_draft=None, unif
     temperature / top-k / top-p); target_probs [B, K+1, V]; num_draft [B] int in [0, K] for
     ragged rows (default K): positions at or past a row's num_draft are never used and may
     hold -1 or NaN.  rng: numpy.random.Generator (cupy.random.Generator for CuPy arrays);
-    uniforms [B, K] in [0, 1) replaces the acceptance uniforms (tests).  validate=False skips
-    the O(B K V) input scans.
+    uniforms [B, K] in [0, 1) replaces the acceptance uniforms (tests).
+
+    What it reads must be finite and non-negative: each draft's p(x), and the rows it samples
+    from (p at the position a round ends on, and q there after a rejection), which must also
+    have some mass.  (A draft whose q(x) is not is rejected, and its q row checked.)  The rest
+    of a row cannot change the result, so it is not looked at; validate=False skips these checks.
 
     Inconsistent inputs (a residual with no positive mass, possible only when the rows are
     not normalised) fall back to p.  Work and extra memory: O(B K + B V).
@@ -144,9 +166,6 @@ def verify(draft_tokens, draft_probs, target_probs, *, rng, num_draft=None, unif
     if q is None:
         raise TypeError("draft_probs must be an array, got None")
     _check_rng(rng, xp)
-    if validate:
-        _check_prob_rows(q, "draft_probs", valid, xp)
-        _check_prob_rows(p, "target_probs", xp.arange(K + 1)[None, :] <= nd[:, None], xp)
     if uniforms is None:
         u = rng.random((B, K), dtype=xp.float64)
     else:
@@ -164,6 +183,8 @@ def verify(draft_tokens, draft_probs, target_probs, *, rng, num_draft=None, unif
     tok = xp.where(valid, t, 0)                                      # a safe index where unused
     q_x = xp.where(valid, to_float64(q[rows, cols, tok]), 0)        # q_j(x_j), gathered: [B, K]
     p_x = xp.where(valid, to_float64(p[rows, cols, tok]), 0)        # p_j(x_j)
+    if validate:        # a bad q(x) or p(x) but p(x) = inf rejects the draft: the row checks below see it
+        _check_read(p_x, "target_probs", xp.broadcast_to(cols, (B, K)), valid, xp)
     accept = valid & (q_x > 0) & (u * q_x < p_x)
     n = xp.sum(xp.cumprod(accept, axis=1), axis=1).astype(xp.int64)  # accepted before the first rejection
 
@@ -172,6 +193,9 @@ def verify(draft_tokens, draft_probs, target_probs, *, rng, num_draft=None, unif
     rejected = n < nd
     p_end = to_float64(p[b, n])                                      # [B, V]
     q_end = xp.where(rejected[:, None], to_float64(q[b, xp.minimum(n, K - 1)]), 0) if K else xp.zeros_like(p_end)
+    if validate:
+        _check_read(p_end, "target_probs", n, xp.ones(B, dtype=bool), xp, rows=True)
+        _check_read(q_end, "draft_probs", n, rejected, xp, rows=True)
     residual = xp.maximum(p_end - q_end, 0)
     empty = ~(residual.sum(axis=-1) > 0)                             # inconsistent input: fall back to p
     residual = xp.where(empty[:, None], p_end, residual)

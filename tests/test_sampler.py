@@ -336,6 +336,49 @@ def test_verify_bad_input(args, kw, err, match):
         verify(*args, **kw)
 
 
+def _spoiled(a, b, j, v, value=np.nan):
+    a = a.copy()
+    a[b, j, v] = value
+    return a
+
+
+def test_verify_checks_every_entry_it_reads_and_no_other():
+    """verify reads each draft's q(x) and p(x) and the rows a round samples from (p where it
+    ends, and q there after a rejection): each of those is checked wherever it lies (a bad q(x)
+    rejects its draft, so q's row there is checked), and an entry it never reads (another token
+    of a position it accepts) cannot change the result, so it is left alone; that keeps the
+    checks O(B K + B V) (a scan of every row was O(B K V))."""
+    rng = np.random.default_rng(3)
+    B, K, V = 3, 2, 5
+    q = rng.dirichlet(np.ones(V), (B, K))
+    p = rng.dirichlet(np.ones(V), (B, K + 1))
+    t = np.array([[0, 1], [2, 3], [4, 0]])
+    p[0, 0, 0] = 0                                    # row 0 rejects its first draft (p(x) = 0) ...
+    p[0, 0] /= p[0, 0].sum()
+    u = np.zeros((B, K))                              # ... and rows 1, 2 accept both (u q < p)
+
+    def run(q, p, **kw):
+        return verify(t, q, p, rng=np.random.default_rng(1), uniforms=u, **kw)
+
+    want = run(q, p)
+    np.testing.assert_array_equal(want.num_accepted, [0, 2, 2])
+    unread = run(_spoiled(q, 1, 1, 0), _spoiled(_spoiled(p, 1, 0, 4), 0, 1, 2))   # a NaN run 2026-12-05 refused
+    np.testing.assert_array_equal(unread.tokens, want.tokens)
+    for qq, pp, message in [
+        (_spoiled(q, 1, 1, 3), p, "draft_probs has negative or non-finite probabilities at position 1"),   # q(x)
+        (q, _spoiled(p, 2, 0, 4), "target_probs has negative or non-finite probabilities at position 0"),  # p(x)
+        (q, _spoiled(p, 2, 0, 4, np.inf), "target_probs has negative or non-finite probabilities at position 0"),
+        (q, _spoiled(p, 1, 2, 0, -1.0), "target_probs has negative or non-finite probabilities at position 2"),  # bonus row
+        (q, _spoiled(p, 0, 0, 3, np.inf), "target_probs has negative or non-finite probabilities at position 0"),  # residual's p
+        (_spoiled(q, 0, 0, 4, -0.5), p, "draft_probs has negative or non-finite probabilities at position 0"),  # residual's q
+        (q, np.where(np.arange(K + 1)[None, :, None] == 2, 0.0, p), "target_probs has an all-zero row at position 2"),
+        (np.where(np.arange(B)[:, None, None] == 0, 0.0, q), p, "draft_probs has an all-zero row at position 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            run(qq, pp)
+        run(qq, pp, validate=False)                   # unchecked: it runs (on what it was given)
+
+
 def _nan_at(j):
     p = P3.copy()
     p[1, j, 2] = np.nan
