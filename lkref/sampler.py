@@ -183,7 +183,9 @@ def verify(draft_tokens, draft_probs, target_probs, *, rng, num_draft=None, unif
     tok = xp.where(valid, t, 0)                                      # a safe index where unused
     q_x = xp.where(valid, to_float64(q[rows, cols, tok]), 0)        # q_j(x_j), gathered: [B, K]
     p_x = xp.where(valid, to_float64(p[rows, cols, tok]), 0)        # p_j(x_j)
-    if validate:        # a bad q(x) or p(x) but p(x) = inf rejects the draft: the row checks below see it
+    # a bad q(x), or a bad p(x) but +inf, rejects its draft, and the row checks below see that row;
+    # p(x) = +inf would pass as an acceptance
+    if validate:
         _check_read(p_x, "target_probs", xp.broadcast_to(cols, (B, K)), valid, xp)
     accept = valid & (q_x > 0) & (u * q_x < p_x)
     n = xp.sum(xp.cumprod(accept, axis=1), axis=1).astype(xp.int64)  # accepted before the first rejection

@@ -74,7 +74,9 @@ class TrainConfig:
         for name, low in (("vocab", 2), ("heads", 1), ("hidden", 1), ("steps", 1), ("seed", 0), ("batch", 1),
                           ("warmup", 0), ("target_hidden", 1), ("target_seed", 0), ("train_sequences", 1),
                           ("seq_len", None), ("eval_sequences", 1), ("eval_new_tokens", 1)):
-            value, low = getattr(self, name), self.heads + 3 if name == "seq_len" else low
+            value = getattr(self, name)
+            if name == "seq_len":                     # heads has passed by now
+                low = self.heads + 3
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value < low:
