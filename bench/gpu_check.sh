@@ -41,9 +41,14 @@ import numpy
 try:
     import cupy
     print("cupy", cupy.__version__, "numpy", numpy.__version__)
+    try:    # what CuPy's kernel cache is keyed by, beside the source and options (bench/kernel_cache.py)
+        print("nvrtc", ".".join(map(str, cupy.cuda.nvrtc.getVersion())),
+              "cuda runtime", cupy.cuda.runtime.runtimeGetVersion(), "driver", cupy.cuda.runtime.driverGetVersion())
+    except Exception as exc:
+        print("nvrtc/cuda versions not read:", type(exc).__name__, exc)
 except ImportError:
     print("cupy absent", "numpy", numpy.__version__)
-for name in ("torch", "triton", "liger-kernel", "speculators"):
+for name in ("torch", "triton", "liger-kernel", "speculators", "nvidia-cuda-nvrtc"):
     try:
         print(name, metadata.version(name))
     except metadata.PackageNotFoundError:
