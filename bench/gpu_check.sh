@@ -150,6 +150,11 @@ if [ $((SECONDS + 60)) -le "$budget" ]; then
   timeout 60 python3 -m lkref bench --backend cupy --repeat 20 --loss lk_lambda --skip-peer torch-compile \
     --csv "$out/gpu-$card-bench.csv" 2>&1 | tee -a "$out/gpu-$card-bench.txt"
 fi
+# verify's time against K on the device (issue #5: it should not grow with K beyond its gathers)
+if [ $((SECONDS + 30)) -le "$budget" ]; then
+  echo "== verify against K (bench --sampler)"
+  timeout 30 python3 -m lkref bench --sampler --backend cupy --repeat 10 2>&1 | tee -a "$out/gpu-$card-bench.txt"
+fi
 echo "== the goals (bench/goals.py)"
 python3 bench/goals.py "$out/gpu-$card-bench.csv" 2>&1 | tee "$out/gpu-$card-goals.md"
 # torch.compile beside LK^alpha (the issue's peers include it; Inductor compiles for each

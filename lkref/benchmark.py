@@ -617,14 +617,22 @@ def write_csv(rows, path, backend_names, stamp=None):
                         os.environ.get("LKREF_THREADS", "auto")])
 
 
-def verify_scaling(B=64, V=32_000, ks=(1, 4, 16, 64), repeat=10, say=print):
+def verify_scaling(B=64, V=32_000, ks=(1, 4, 16, 64), repeat=10, say=print, backend="numpy"):
     """verify() time against K, with and without its input checks (validate=): both read
-    O(B K + B V) of draft_probs and target_probs, the drafts' entries and the rows sampled from."""
+    O(B K + B V) of draft_probs and target_probs, the drafts' entries and the rows sampled from.
+    backend: "numpy" (perf_counter) or "cupy" (CUDA events; the arrays made on the device)."""
     from .sampler import verify
 
+    xp = np
+    if backend == "cupy":
+        if not cupy_available():
+            say("cupy: not available (CuPy with a CUDA device), skipped")
+            return []
+        import cupy as xp
     rng = np.random.default_rng(0)
+    draw = xp.random.default_rng(1) if xp is not np else rng
     rows = []
-    say(f"verify on {machine_name('numpy')}: B = {B}, V = {V}, p50 ms")
+    say(f"verify on {machine_name(backend)}: B = {B}, V = {V}, p50 ms")
     say(f"   {'K':>4s} {'validate=True':>14s} {'validate=False':>15s}")
     for K in ks:
         q = rng.random((B, K, V), dtype=np.float32)
@@ -632,9 +640,10 @@ def verify_scaling(B=64, V=32_000, ks=(1, 4, 16, 64), repeat=10, say=print):
         p = rng.random((B, K + 1, V), dtype=np.float32)
         p /= p.sum(-1, keepdims=True)
         tok = rng.integers(0, V, size=(B, K))
+        q, p, tok = xp.asarray(q), xp.asarray(p), xp.asarray(tok)
         t = {}
         for validate in (True, False):
-            times = timed(np, lambda: verify(tok, q, p, rng=rng, validate=validate), repeat)
+            times = timed(xp, lambda: verify(tok, q, p, rng=draw, validate=validate), repeat)
             t[validate] = float(np.median(times))
         rows.append((K, t[True], t[False]))
         say(f"   {K:4d} {t[True]:14.2f} {t[False]:15.2f}")

@@ -147,10 +147,11 @@ def _sizes(text):
 def cmd_bench(args) -> int:
     from . import benchmark
 
-    if args.sampler:
-        benchmark.verify_scaling(repeat=args.repeat)
-        return 0
     backends = ("numpy", "cupy") if args.backend == "all" else (args.backend,)
+    if args.sampler:
+        for backend in backends:
+            benchmark.verify_scaling(repeat=args.repeat, backend=backend)
+        return 0
     try:
         benchmark.np_dtype(args.dtype)
     except ImportError:

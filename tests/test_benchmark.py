@@ -175,6 +175,23 @@ def test_verify_scaling_runs():
     assert [r[0] for r in rows] == [1, 3] and all(r[1] > 0 and r[2] > 0 for r in rows)
 
 
+def test_verify_scaling_on_cupy_without_a_gpu_says_so(monkeypatch):
+    monkeypatch.setattr(benchmark, "cupy_available", lambda: False)
+    lines = []
+    assert benchmark.verify_scaling(B=4, V=50, ks=(1,), repeat=1, say=lines.append, backend="cupy") == []
+    assert lines == ["cupy: not available (CuPy with a CUDA device), skipped"]
+
+
+def test_bench_sampler_takes_the_backend(monkeypatch, capsys):
+    """python -m lkref bench --sampler times verify on each backend asked for (it timed NumPy alone)."""
+    from lkref.cli import main
+    asked = []
+    monkeypatch.setattr(benchmark, "verify_scaling", lambda repeat, backend: asked.append(backend))
+    assert main(["bench", "--sampler", "--repeat", "1"]) == 0
+    assert main(["bench", "--sampler", "--backend", "cupy"]) == 0
+    assert asked == ["numpy", "cupy", "cupy"]
+
+
 def _fake_peer_modules(monkeypatch, torch):
     """Stand-ins with the call forms of speculators.losses.fused and liger_kernel.ops.tvd (the real
     ones need Triton and a GPU): per-position losses from [B, T, V] draft and target logits, and

@@ -550,3 +550,12 @@ def _sum_p_log_p(cp, name):
     fast = lkref.LOSSES[name](cp.asarray(z), cp.asarray(p), impl="fused")
     ref = lkref.LOSSES[name](z.astype(np.float64), p.astype(np.float64), impl="reference")
     np.testing.assert_allclose(float(to_numpy(fast.loss)), float(ref.loss), rtol=2e-5)
+
+
+def test_verify_scaling_on_the_device(cp):
+    """bench --sampler on CuPy: verify on device arrays, timed by CUDA events, for each K."""
+    from lkref import benchmark
+    lines = []
+    rows = benchmark.verify_scaling(B=8, V=1000, ks=(1, 4), repeat=2, say=lines.append, backend="cupy")
+    assert [r[0] for r in rows] == [1, 4] and all(r[1] > 0 and r[2] > 0 for r in rows)
+    assert lines[0] == f"verify on {benchmark.machine_name('cupy')}: B = 8, V = 1000, p50 ms"
