@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .backend import dlpack_interop, namespace, to_float64
-from .validation import as_array
+from .validation import as_array, check_vocab_axis
 
 __all__ = ["VerifyResult", "verify", "verify_greedy", "sample_rows"]
 
@@ -69,8 +69,8 @@ def _check_num_draft(num_draft, B, K, xp):
 
 
 def _check_read(values, name, positions, use, xp, rows=False):
-    """What verify reads of draft_probs or target_probs must be finite and non-negative:
-    values [B, K] gathered at positions [B, K] (the drafts' p(x)), or with rows=True
+    """Probabilities that are read must be finite and non-negative (name: whose they are):
+    values [B, K] gathered at positions [B, K] (verify: the drafts' p(x)), or with rows=True
     whole rows [B, V] at positions [B] (the rows it samples from), which must also have some
     mass.  Only where use [B, K] or [B]."""
     ok = xp.isfinite(values) & (values >= 0)
@@ -87,17 +87,10 @@ def _raise_at(bad, positions, what, xp):
 
 
 def _check_prob_rows(probs, name, valid, xp):
-    """probs[b, j] must be finite and non-negative with a positive sum where valid[b, j].
-
-    Checked one position j at a time, so the temporaries are [B, V], never [B, K, V].
-    """
+    """probs[b, j] must be finite and non-negative with a positive sum where valid[b, j]:
+    _check_read on one position j at a time, so the temporaries are [B, V], never [B, K, V]."""
     for j in range(probs.shape[1]):
-        rows = probs[:, j]
-        ok = xp.all(xp.isfinite(rows) & (rows >= 0), axis=-1)
-        if not bool(xp.all(ok | ~valid[:, j])):
-            raise ValueError(f"{name} has negative or non-finite probabilities at position {j} of a used row")
-        if not bool(xp.all((rows.sum(axis=-1) > 0) | ~valid[:, j])):
-            raise ValueError(f"{name} has an all-zero row at position {j} of a used row")
+        _check_read(probs[:, j], name, xp.full(probs.shape[0], j), valid[:, j], xp, rows=True)
 
 
 def _check_shapes(draft_tokens, draft_probs, target_probs, num_draft):
@@ -108,9 +101,8 @@ def _check_shapes(draft_tokens, draft_probs, target_probs, num_draft):
         raise ValueError(f"target_probs must have shape [B, K+1, V] = [{B}, {K + 1}, V], got {tuple(p.shape)}")
     if np.dtype(p.dtype).kind != "f":
         raise TypeError(f"target_probs must be a floating-point array, got dtype {p.dtype}")
+    check_vocab_axis(p, "target_probs")
     V = p.shape[2]
-    if V == 0:
-        raise ValueError("target_probs has an empty vocabulary (last axis has size 0)")
     q = None
     if draft_probs is not None:
         q = as_array(draft_probs, "draft_probs")
