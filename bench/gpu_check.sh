@@ -46,6 +46,11 @@ try:
               "cuda runtime", cupy.cuda.runtime.runtimeGetVersion(), "driver", cupy.cuda.runtime.driverGetVersion())
     except Exception as exc:
         print("nvrtc/cuda versions not read:", type(exc).__name__, exc)
+    try:    # ... and by the include folders CuPy names (full paths): nvrtc_check.py --cache must match them
+        from cupy import _environment
+        print("cupy at", cupy.__file__.rsplit("/", 2)[0], "CUDA path", _environment.get_cuda_path())
+    except Exception as exc:
+        print("cupy's paths not read:", type(exc).__name__, exc)
 except ImportError:
     print("cupy absent", "numpy", numpy.__version__)
 for name in ("torch", "triton", "liger-kernel", "speculators", "nvidia-cuda-nvrtc"):
@@ -57,8 +62,10 @@ PY
   timeout 30 python3 -m lkref info | sed -n '/^  cupy .*: usable/,/^$/p'    # how this GPU runs the kernels
   # the kernels an earlier run compiled, carried as .cupy-cache/ (bench/kernel_cache.py): NVRTC
   # then builds only the sources that changed since, where the image is the same
-  cache_in=$(ls .cupy-cache/*.tar.* 2>/dev/null | head -1)
-  [ -n "$cache_in" ] && timeout 60 python3 bench/kernel_cache.py unpack "$cache_in" "$CUPY_CACHE_DIR"
+  # (the last run's, and one built before the run with bench/nvrtc_check.py --cache, if any)
+  for cache_in in .cupy-cache/*.tar.*; do
+    [ -f "$cache_in" ] && timeout 60 python3 bench/kernel_cache.py unpack "$cache_in" "$CUPY_CACHE_DIR"
+  done
 } 2>&1 | tee "$out/gpu-$card-env.txt"
 echo "== the kernel variants, compiled side by side into CuPy's cache (bench/gpu_warm.py)"
 timeout 120 python3 bench/gpu_warm.py 2>&1 | tee "$out/gpu-$card-warm.txt"

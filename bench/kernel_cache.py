@@ -4,11 +4,12 @@ A GPU run (bench/gpu_check.sh) compiles some 480 variants of lkref's kernels and
 kernels of the readable path that the GPU tests use: about a minute and a half of NVRTC on the
 device in run 2, of a session's 15 minutes.  CuPy keeps what it compiles in CUPY_CACHE_DIR,
 keyed by the source, the options and the compiler, so a run on the same image can load
-what an earlier run built.  gpu_check.sh unpacks the archive a session carried (.cupy-cache/,
-which git ignores) before its first compile, and packs the cache again as it ends, into the
-files that come back:
+what an earlier run built.  gpu_check.sh unpacks the archives a session carried (.cupy-cache/,
+which git ignores: the last run's, and one built here before the run with
+bench/nvrtc_check.py --cache, which the device finds only where its paths and versions match)
+before its first compile, and packs the cache again as it ends, into the files that come back:
 
-    python3 bench/kernel_cache.py unpack ARCHIVE DIR    # before the run: the last run's kernels
+    python3 bench/kernel_cache.py unpack ARCHIVE DIR    # before the run, for each archive
     python3 bench/kernel_cache.py pack DIR ARCHIVE      # after it: those this run built or loaded
 
 Packing keeps only what this run used: the files built during it, and those unpacked and read
@@ -36,24 +37,41 @@ PRESET = 3
 
 def unpack(archive: str, folder: str) -> int:
     """Extract the regular files of `archive` (flat names only) into `folder`, their access
-    times set to 0, and the marker; the number of files extracted."""
+    times set to 0, and the marker (an earlier unpacking's, where there is one, counted in:
+    several archives may be unpacked, e.g. the last run's and one built before it with
+    bench/nvrtc_check.py --cache, and a file the earlier ones gave is skipped); the number of
+    files extracted."""
     os.makedirs(folder, exist_ok=True)
     t0 = time.time()
+    earlier = _marker(folder)
     count = 0
     with tarfile.open(archive, "r:*") as tar:
         for member in tar.getmembers():
             name = member.name[2:] if member.name.startswith("./") else member.name
             if not member.isfile() or "/" in name or name in ("", ".", "..", MARKER):
                 continue                                  # a cache is one folder of files
-            src = tar.extractfile(member)
             path = os.path.join(folder, name)
+            if earlier and os.path.exists(path):
+                continue                                  # an earlier archive's: the same key, the same kernel
+            src = tar.extractfile(member)
             with open(path, "wb") as dst:
                 dst.write(src.read())
             os.utime(path, (0, member.mtime))             # read again: access time > modification time
             count += 1
+    since, total = (min(earlier[0], t0), earlier[1] + count) if earlier else (t0, count)
     with open(os.path.join(folder, MARKER), "w") as f:
-        f.write(f"{t0} {count}\n")
+        f.write(f"{since} {total}\n")
     return count
+
+
+def _marker(folder):
+    """(time of the first unpacking, files unpacked in all) from the marker, or None."""
+    try:
+        with open(os.path.join(folder, MARKER)) as f:
+            since, unpacked = f.read().split()
+        return float(since), int(unpacked)
+    except (OSError, ValueError):
+        return None
 
 
 def used(folder: str):
@@ -63,12 +81,9 @@ def used(folder: str):
     if not os.path.isdir(folder):
         return [], 0, 0, 0
     names = sorted(n for n in os.listdir(folder) if n != MARKER and os.path.isfile(os.path.join(folder, n)))
-    try:
-        with open(os.path.join(folder, MARKER)) as f:
-            since, unpacked = f.read().split()
-        since, unpacked = float(since), int(unpacked)
-    except (OSError, ValueError):
+    if _marker(folder) is None:
         return names, len(names), 0, 0
+    since, unpacked = _marker(folder)
     stat = {n: os.stat(os.path.join(folder, n)) for n in names}
     built = [n for n in names if stat[n].st_mtime >= since]
     read = [n for n in names if stat[n].st_mtime < since and stat[n].st_atime >= since]

@@ -594,6 +594,48 @@ def test_gpu_check_runs_through_without_a_gpu(tmp_path):
         {name.split("-")[-1] for name in os.listdir(out)}
 
 
+def test_nvrtc_check_compiles_the_sources_the_device_builds(monkeypatch):
+    """bench/nvrtc_check.py compiles gpu_warm.source(spec), its target cache sized for an H100
+    (227 KiB a block), off the device; the warm-up there builds each variant through
+    fused_cupy._kernel.  A kernel cache built here (--cache) is found there only if the two
+    sources are the same to the byte: for every sm_90 variant, they are (bfloat16 ones
+    where ml_dtypes is installed)."""
+    import types
+    from lkref import fused_cupy
+    warm = _load_bench("gpu_warm")
+    h100 = _load_bench("kernel_resources").SMEM_KIB[90][1] * 1024     # what nvrtc_check.py sizes sm_90's for
+    assert h100 == 232_448                                   # an H100's cudaDevAttrMaxSharedMemoryPerBlockOptin
+    compiled = []
+
+    class RawKernel:
+        def __init__(self, src, name, options=()):
+            self.options = options
+            if name == "lk_rows":
+                compiled.append(src)
+
+        def compile(self):
+            pass
+
+    fake = types.ModuleType("cupy")
+    fake.RawKernel = RawKernel
+    fake.cuda = types.SimpleNamespace(Device=lambda: types.SimpleNamespace(id=0, compute_capability="90"))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(fused_cupy, "_cache", {})
+    monkeypatch.setattr(fused_cupy, "_smem_optin", lambda cp: h100)
+    try:
+        import ml_dtypes  # noqa: F401
+        specs = warm.variants(clusters=True)
+    except ImportError:
+        specs = [s for s in warm.variants(clusters=True) if "bfloat16" not in (s.dt, s.pdt)]
+    assert len(specs) > 300
+    for spec in specs:
+        before = len(compiled)
+        fused_cupy._cache.clear()                           # (one key for variants that differ in optin alone)
+        warm._compile(spec)
+        assert len(compiled) == before + 1, warm.describe(spec)
+        assert compiled[-1] == warm.source(spec._replace(optin=spec.optin or h100)), warm.describe(spec)
+
+
 def test_kernel_cache_carries_what_a_run_used(tmp_path, monkeypatch, capsys):
     """bench/kernel_cache.py: a first run packs its whole cache; the next unpacks it (access
     times 0, a marker) and packs only what it built or read again (a read emulated by setting
@@ -639,6 +681,38 @@ def test_kernel_cache_carries_what_a_run_used(tmp_path, monkeypatch, capsys):
     third = tmp_path / "run3"
     assert cache.unpack(odd, str(third)) == 1 and sorted(os.listdir(third)) == [cache.MARKER, "ok"]
     assert not os.path.exists(tmp_path / "escape")
+
+
+def test_kernel_cache_unpacks_several_archives(tmp_path):
+    """The last run's archive and one built before the run (bench/nvrtc_check.py --cache) are
+    unpacked into one cache: a file the first gave is not extracted again, the marker keeps the
+    first unpacking's time and counts each file once, and packing keeps what the run read of
+    either."""
+    import os
+    import time
+    cache = _load_bench("kernel_cache")
+    src, folder = tmp_path / "src", tmp_path / "cache"
+    src.mkdir()
+    for name in "abc":
+        (src / name).write_bytes(name.encode() * 100)
+    archives = {}
+    for key, names in (("run", "ab"), ("prebuilt", "bc")):
+        part = tmp_path / key
+        part.mkdir()
+        for name in names:
+            (part / name).write_bytes((src / name).read_bytes())
+        archives[key] = str(tmp_path / f"{key}.tar.xz")
+        assert f"{len(names)} files" in cache.pack(str(part), archives[key])
+    assert cache.unpack(archives["run"], str(folder)) == 2
+    first = cache._marker(str(folder))
+    time.sleep(0.01)
+    assert cache.unpack(archives["prebuilt"], str(folder)) == 1       # b: the run's already
+    assert cache._marker(str(folder)) == (first[0], 3)
+    assert sorted(os.listdir(folder)) == [cache.MARKER, "a", "b", "c"]
+    later = time.time() + 1
+    for name in "ac":                                                  # read again by this run
+        os.utime(folder / name, (later, os.stat(folder / name).st_mtime))
+    assert cache.used(str(folder)) == (["a", "c"], 0, 2, 3)
 
 
 def test_git_sha_from_the_environment(monkeypatch):
