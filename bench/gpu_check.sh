@@ -62,8 +62,9 @@ PY
   timeout 30 python3 -m lkref info | sed -n '/^  cupy .*: usable/,/^$/p'    # how this GPU runs the kernels
   # the kernels an earlier run compiled, carried as .cupy-cache/ (bench/kernel_cache.py): NVRTC
   # then builds only the sources that changed since, where the image is the same
-  # (the last run's, and one built before the run with bench/nvrtc_check.py --cache, if any)
-  for cache_in in .cupy-cache/*.tar.*; do
+  # (the last run's, and one built before the run with bench/nvrtc_check.py --cache, if any;
+  # LKREF_CUPY_CACHE_IN names another folder)
+  for cache_in in "${LKREF_CUPY_CACHE_IN:-.cupy-cache}"/*.tar.*; do
     [ -f "$cache_in" ] && timeout 60 python3 bench/kernel_cache.py unpack "$cache_in" "$CUPY_CACHE_DIR"
   done
 } 2>&1 | tee "$out/gpu-$card-env.txt"

@@ -578,6 +578,8 @@ def test_gpu_check_runs_through_without_a_gpu(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), LKREF_GPU_CHECK_BUDGET_S="600", LKREF_GIT_SHA="abc1234",
                CUDA_VISIBLE_DEVICES="",            # where a GPU is, the check must not run on it from here
+               CUPY_CACHE_DIR=str(tmp_path / "cache"), LKREF_CUPY_CACHE_IN=str(tmp_path / "carried"),  # not
+               # this machine's: a checkout's own .cupy-cache/ (git ignores it) would be unpacked and packed
                PATH=f"{fake.parent}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}")
     done = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     text = done.stdout + done.stderr
