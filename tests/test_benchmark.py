@@ -637,6 +637,22 @@ def test_nvrtc_check_compiles_the_sources_the_device_builds(monkeypatch):
         assert compiled[-1] == warm.source(spec._replace(optin=spec.optin or h100)), warm.describe(spec)
 
 
+def test_gpu_check_writes_what_the_device_tool_brings_back():
+    """The device tool brings back at most 8 files from $OUT, each named in letters, digits,
+    '.', '_' and '-' (/work/.library/device/README.md): gpu_check.sh writes no more (a ninth
+    would be left on the machine, which is given back), and each name is of those characters
+    once the card's name (tr -cd there) is put in."""
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "bench", "gpu_check.sh")) as f:
+        script = f.read()
+    names = set(re.findall(r'\$out/([^"\s)]+)', script))
+    assert names and len(names) <= 8, sorted(names)
+    for name in names:
+        assert re.fullmatch(r"[A-Za-z0-9._-]+", name.replace("$card", "NVIDIA-H100-80GB-HBM3")), name
+
+
 def test_kernel_cache_carries_what_a_run_used(tmp_path, monkeypatch, capsys):
     """bench/kernel_cache.py: a first run packs its whole cache; the next unpacks it (access
     times 0, a marker) and packs only what it built or read again (a read emulated by setting
