@@ -81,9 +81,10 @@ def used(folder: str):
     if not os.path.isdir(folder):
         return [], 0, 0, 0
     names = sorted(n for n in os.listdir(folder) if n != MARKER and os.path.isfile(os.path.join(folder, n)))
-    if _marker(folder) is None:
+    marker = _marker(folder)
+    if marker is None:
         return names, len(names), 0, 0
-    since, unpacked = _marker(folder)
+    since, unpacked = marker
     stat = {n: os.stat(os.path.join(folder, n)) for n in names}
     built = [n for n in names if stat[n].st_mtime >= since]
     read = [n for n in names if stat[n].st_mtime < since and stat[n].st_atime >= since]

@@ -51,6 +51,10 @@ class _Compiled(Exception):
     """Raised with the NVRTC options and cubin size where CuPy would load the cubin onto a GPU."""
 
 
+#: the NVRTC options of this process's last compile; None where CuPy's cache held the kernel
+_SEEN = {"options": None}
+
+
 def _offline(arch):
     """Make this process's CuPy compile for sm_<arch> without asking a GPU, and stop where it would
     load the cubin onto one (after writing it into the kernel cache, where that is on)."""
@@ -64,10 +68,9 @@ def _offline(arch):
     compiler._get_arch = lambda: arch
     compiler._get_arch_for_options_for_nvrtc = lambda a=None: (f"-arch=sm_{a or arch}", "cubin")
     nvrtc = compiler._compile_using_nvrtc_no_warning
-    seen = {"options": None}                             # None: found in the cache, not compiled
 
     def compiled(source, options, *args, **kwargs):
-        seen["options"] = options
+        _SEEN["options"] = options
         return nvrtc(source, options, *args, **kwargs)
 
     class Unloaded:
@@ -77,7 +80,7 @@ def _offline(arch):
             pass
 
         def load(self, cubin):
-            raise _Compiled(seen["options"], len(cubin))
+            raise _Compiled(_SEEN["options"], len(cubin))
 
     compiler._compile_using_nvrtc_no_warning = compiled
     compiler.function = types.SimpleNamespace(Module=Unloaded)
@@ -88,7 +91,9 @@ def compile_one(arch, spec, cache=False):
     as cupy.RawKernel calls it; (seconds, registers, spill bytes, warnings, options) or the error.
     cache: into CuPy's kernel cache (CUPY_CACHE_DIR) with lkref's own options, so without ptxas's
     counts (registers and spills -1; options None where the cache held it already)."""
-    if not cache:
+    if cache:
+        os.environ.pop("CUPY_CACHE_IN_MEMORY", None)
+    else:
         os.environ["CUPY_CACHE_IN_MEMORY"] = "1"        # compile every time, write nothing
     _offline(arch)
     from cupy._core import core
@@ -97,6 +102,7 @@ def compile_one(arch, spec, cache=False):
         spec = spec._replace(optin=SMEM_KIB[int(arch)][1] * 1024)
     src = gpu_warm.source(spec)
     log = io.StringIO()
+    _SEEN["options"] = None
     t0 = time.perf_counter()
     try:
         core.compile_with_cache(src, OPTIONS + (() if cache else ("--ptxas-options=-v",)), prepend_cupy_headers=False,
