@@ -51,8 +51,9 @@ class _Compiled(Exception):
     """Raised with the NVRTC options and cubin size where CuPy would load the cubin onto a GPU."""
 
 
-#: the NVRTC options of this process's last compile; None where CuPy's cache held the kernel
-_SEEN = {"options": None}
+#: this process's CuPy as _offline left it: the arch it compiles for (None: not yet made
+#: offline), and the NVRTC options of its last compile (None where CuPy's cache held the kernel)
+_SEEN = {"arch": None, "options": None}
 
 
 def _offline(arch):
@@ -62,9 +63,9 @@ def _offline(arch):
 
     from cupy.cuda import compiler
 
-    if getattr(compiler, "_lkref_offline", None) == arch:   # a worker process's later variants
+    if _SEEN["arch"] == arch:                            # a worker process's later variants
         return
-    compiler._lkref_offline = arch
+    _SEEN["arch"] = arch
     compiler._get_arch = lambda: arch
     compiler._get_arch_for_options_for_nvrtc = lambda a=None: (f"-arch=sm_{a or arch}", "cubin")
     nvrtc = compiler._compile_using_nvrtc_no_warning
