@@ -12,10 +12,11 @@ it on the same problem.
 
 The wrapper takes `uniforms=` as lkref.verify does (it hands them to transformers through
 torch.rand_like), so check_sampler also runs its probe on it: a draft token the target gives
-p = 0 (outside its top-k or top-p, say) has the ratio p / q = 0, and transformers accepts a
-draft where the uniform r <= p / q, so it accepts that token when r = 0.0 exactly, which
-torch.rand draws with probability 2^-24 in float32 (measured here too).  lkref.verify
-accepts where u q < p, never with p = 0.
+p = 0 (outside its top-k or top-p, say) has the ratio p / q = 0, and transformers up to
+5.24.0 accepts a draft where the uniform r <= p / q, so it accepts that token when r = 0.0
+exactly, which torch.rand draws with probability 2^-24 in float32 (measured here too);
+5.25.0 accepts where r < p / q and passes.  lkref.verify accepts where u q < p, never with
+p = 0.
 
 Needs torch and transformers (4.x or 5.x).  Prints the two reports and torch.rand's zeros;
 exit status 0 (it reports, it does not judge), 2 when a package is missing.
