@@ -1,4 +1,5 @@
-"""Shared fixtures: hypothesis profiles, the backend fixture, and one assertion helper.
+"""Shared fixtures: hypothesis profiles, the backend fixture, poisoned allocations, and one
+assertion helper.
 
 Profiles: "ci" (the default, also under CI=true) is deterministic: derandomize=True,
 no example database, no deadline.  "dev" roams freely: HYPOTHESIS_PROFILE=dev.
@@ -39,6 +40,45 @@ def xp(request):
     if request.param == "numpy":
         return np
     return _cupy_or_skip()
+
+
+def poison(a):
+    """Fill a new floating-point array with NaN (every byte 0xFF: a NaN in float16, bfloat16,
+    float32 and float64 alike), so that an entry nothing writes shows as NaN, not as whatever
+    the memory held before: after the readable path has run, a pool (CuPy's, or malloc's)
+    can hand back memory that holds the very gradient a test compares against.  Other arrays
+    (integers, bools) are left as they come.  Returns a."""
+    if (a.dtype.kind in "fc" or a.dtype.name == "bfloat16") and a.size:
+        if a.flags.c_contiguous or a.flags.f_contiguous:    # as new arrays are: ravel is a view
+            a.ravel(order="K").view(np.uint8).fill(0xFF)
+        else:
+            a.fill(np.nan)
+    return a
+
+
+def _poisoning(alloc):
+    def allocate(*args, **kwargs):
+        return poison(alloc(*args, **kwargs))
+    allocate.poisoning = alloc
+    return allocate
+
+
+@pytest.fixture(autouse=True)
+def poisoned_allocations(monkeypatch):
+    """empty and empty_like of NumPy, and of CuPy where it has a device, give NaN-filled
+    floating-point arrays in every test (poison the output, then check that every element was
+    written).  The fused paths allocate their gradients and work buffers with them, so a
+    kernel or chunk that leaves an entry unwritten fails the comparisons with the reference
+    instead of passing on stale memory."""
+    modules = [np]
+    if lkref.cupy_available():                          # (cached: CuPy is imported once, or never)
+        import cupy
+        modules.append(cupy)
+    for xp in modules:
+        for name in ("empty", "empty_like"):
+            alloc = getattr(xp, name)
+            if not hasattr(alloc, "poisoning"):
+                monkeypatch.setattr(xp, name, _poisoning(alloc))
 
 
 #: Tolerances per compute dtype, in one table (SciPy's xp_assert_close habit).
