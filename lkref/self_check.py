@@ -10,7 +10,8 @@ loss, dtypes, row length and launch shape, on this device, with or without a mas
 draft_to_target), that variant is run once more on a probe: PROBE_ROWS rows of its row
 length, from a fixed seed, with the call's temperature, draft_to_target, lam, eta and
 kl_scale, and a mask if the call has one.  The probe's loss, alpha, lambda and gradient are
-compared with lkref.losses' readable path on the host (NumPy, the same inputs), at bounds
+compared with lkref.losses' readable path on the host (NumPy, the same inputs; the probe's
+gradient starts as NaN, so that an entry the kernels leave unwritten fails), at bounds
 far above rounding (PROBE_TOLERANCE) but far below what a broken kernel gives.  A variant
 that passes runs as before; one that fails warns once (a RuntimeWarning naming it) and its
 calls take the readable path instead: slower, exact.  So does a variant whose kernels do not
@@ -136,7 +137,8 @@ def _probe(cp, name, launch, V, Vt, z_dtype, p_dtype, out_dtype, idx, weighted, 
     want = getattr(losses, name)(z, p, mask=w, temperature=T, draft_to_target=idx_h, impl="reference", **options)
     zd, pd = cp.asarray(z), cp.asarray(p)
     out = cp.empty(z.shape, out_dtype)
-    try:
+    out.view(cp.uint8).fill(0xFF)                     # NaN in every float dtype: an entry the kernels
+    try:                                              # leave unwritten shows, whatever the memory held
         got = launch(zd, pd, out, out, (PROBE_ROWS,), None if w is None else cp.asarray(w),
                      idx, T, lam, eta, kl_scale, None, pd.dtype)
     except Exception as exc:                          # a kernel whose flags or launch fail on valid input

@@ -332,6 +332,35 @@ def test_first_use_check_bounds(monkeypatch, first_use, name, bug, fails):
     assert first_use == [name]
 
 
+@pytest.mark.parametrize("name", REDUCED)
+def test_first_use_check_sees_entries_left_unwritten(monkeypatch, first_use, name):
+    """A kernel that leaves the gradient's first row unwritten fails the probe even where the
+    memory it gets already holds the right answer (a pool handing back what an earlier,
+    identical computation left): the probe fills its gradient with NaN first.  (Without
+    that fill this passes the probe: the negative control.)"""
+    def rows(grid, block, args, shared_mem=0):
+        before = args[2][:1].copy()
+        kernel_on_the_cpu(grid, block, args, shared_mem)
+        args[2][:1] = before                          # row 0: as the memory held it
+    stand_in(monkeypatch, np, lambda *a: fused_cupy.Kernels(rows, finish_on_the_cpu, 0))
+    zp, pp, _ = self_check.probe_problem(200, 200, np.float32, np.float32)
+    stale = reference(name, zp, pp).grad.astype(np.float32)
+    empty = np.empty.poisoning                        # NumPy's own, under the tests' NaN-filling one
+
+    def holding_the_answer(shape, dtype=float, *args, **kwargs):
+        a = empty(shape, dtype, *args, **kwargs)
+        if tuple(np.shape(a)) == stale.shape and a.dtype == stale.dtype:
+            a[...] = stale
+        return a
+    monkeypatch.setattr(np, "empty", holding_the_answer)
+    rng = np.random.default_rng(3)
+    z = make_logits(rng, (4, 200), dtype=np.float32)
+    p = make_probs(rng, (4, 200), dtype=np.float32)
+    with pytest.warns(RuntimeWarning, match="disagrees with the readable path .*200 gradient entries NaN"):
+        assert run(name, z, p, check=True) is None
+    assert first_use == [name]
+
+
 @needs_cxx
 @pytest.mark.parametrize("bug", ["exp2: u without the factor log2 e", "vec: the target's quad read at its last column",
                                  "the mean misses the last row", "stats written off by one"])
