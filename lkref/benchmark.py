@@ -1,7 +1,8 @@
 """python -m lkref bench: check every fast path against the readable path, then time it.
 
 For each backend x loss x size: build fp32 draft logits z [N, V] and target probabilities
-p [N, V]; check the default path against impl="reference" (loss, alpha, gradient); time
+p [N, V]; check each path against impl="reference" (loss, alpha, gradient; the gradient's
+memory filled with NaN first, so that an entry left unwritten shows, and a NaN matches nothing); time
 forward + backward (perf_counter on the CPU, in interleaved rounds over the block's
 implementations so that ratios survive a noisy machine; CUDA events on a GPU, one
 implementation after the other) and report p20 / p50 /
@@ -14,6 +15,7 @@ and the git sha.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import math
@@ -191,7 +193,37 @@ def rel_err(a, b, keep=None) -> float:
     d = xp.abs(a - b)
     if keep is not None:
         d = xp.where(keep, d, 0)
-    return float(xp.max(d)) / scale
+    worst = float(xp.max(d))
+    return worst / scale if not math.isnan(worst) else math.inf     # a NaN entry matches nothing
+
+
+def fill_nan(a):
+    """Every byte of a floating-point array set to 0xFF, a NaN in float16, bfloat16, float32 and
+    float64 alike (a contiguous array; others are filled entry by entry).  Returns a."""
+    if (np.dtype(a.dtype).kind == "f" or np.dtype(a.dtype).name == "bfloat16") and a.size:
+        if a.flags.c_contiguous or a.flags.f_contiguous:
+            a.ravel(order="K").view(np.uint8).fill(0xFF)
+        else:
+            a.fill(np.nan)
+    return a
+
+
+@contextlib.contextmanager
+def nan_allocations(xp):
+    """While a path is checked: xp.empty and xp.empty_like give NaN-filled (fill_nan) arrays.
+
+    So that a gradient entry a path leaves unwritten shows as NaN in the check, and not as
+    whatever the memory held: CuPy's pool hands back the readable path's freed intermediates
+    (at T = 1 one of them holds its very gradient), and the checked calls share one `out`,
+    which _lkref_candidates fills with NaN before each.  The timed calls run without this."""
+    saved = {name: getattr(xp, name) for name in ("empty", "empty_like")}
+    try:
+        for name, alloc in saved.items():
+            setattr(xp, name, lambda *args, _alloc=alloc, **kwargs: fill_nan(_alloc(*args, **kwargs)))
+        yield
+    finally:
+        for name, alloc in saved.items():
+            setattr(xp, name, alloc)
 
 
 
@@ -440,11 +472,14 @@ def _stopwatch(xp, call, sync=None):
 
 
 def _lkref_candidates(xp, backend, fn, loss, z, p, out, N, V, ref, say, tol=TOLERANCE, keep=None):
-    """The block's lkref paths that match ref (the gradient where keep, off_ties' mask, is True)."""
+    """The block's lkref paths that match ref (the gradient where keep, off_ties' mask, is True),
+    each checked with its gradient's memory filled with NaN first (nan_allocations)."""
     cands = []
     for label, call, new_grad in _entries(xp, backend, fn, loss, z, p, out, N, V):
+        fill_nan(out)                                 # (else it holds the previous path's gradient)
         try:
-            got = call()
+            with nan_allocations(xp):
+                got = call()
         except Exception as exc:
             say(f"   {label} failed: {type(exc).__name__}: {exc}")
             continue

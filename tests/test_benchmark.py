@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import math
 import sys
 
 import numpy as np
@@ -118,6 +119,29 @@ def test_a_gradient_that_differs_only_at_a_near_tie_is_timed():
     elsewhere = ref.grad.copy()
     elsewhere[1, 9] += jump
     assert benchmark.rel_err(elsewhere, ref.grad, keep) > benchmark.TOLERANCE
+
+
+def test_check_sees_nan_and_entries_left_unwritten(monkeypatch):
+    """A path is timed only if its gradient matches: a NaN entry matches nothing (rel_err is inf),
+    and a path that writes nothing fails even where its memory holds the right answer (the
+    shared `out` after the previous path, a pool's block after the readable path's): the check
+    fills `out` and new arrays with NaN first."""
+    assert benchmark.rel_err(np.array([1.0, np.nan]), np.array([1.0, 2.0])) == math.inf
+    assert benchmark.rel_err(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.0
+    fn = lkref.LOSSES["lk_alpha"]
+    z, p = benchmark.make_problem(np, 8, 300)
+    ref = fn(z, p, impl="reference")
+    monkeypatch.setattr(np, "empty_like", lambda *a, **k: ref.grad.copy())     # memory holding the answer
+    out = ref.grad.copy()                                                       # as the previous path left it
+    entries = [("right", lambda: fn(z, p, out=out), False),
+               ("writes nothing into out", lambda: lkref.LossResult(ref.loss, out, ref.alpha), False),
+               ("a new gradient never written", lambda: lkref.LossResult(ref.loss, np.empty_like(z), ref.alpha), True),
+               ("NaN", lambda: lkref.LossResult(ref.loss, np.full_like(z, np.nan), ref.alpha), True)]
+    monkeypatch.setattr(benchmark, "_entries", lambda *args: entries)
+    said = []
+    cands = benchmark._lkref_candidates(np, "numpy", fn, "lk_alpha", z, p, out, 8, 300, ref, said.append)
+    assert [c.label for c in cands] == ["right"]
+    assert len(said) == 3 and all("differs from the reference by inf" in line for line in said), said
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
