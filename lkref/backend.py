@@ -15,6 +15,7 @@ Dtype policy (one place for it):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -30,6 +31,8 @@ __all__ = [
     "work_dtype",
     "to_numpy",
     "to_float64",
+    "fill_nan",
+    "nan_allocations",
     "cupy_available",
     "backends",
 ]
@@ -104,6 +107,39 @@ def _float64_from_bits(x, xp):
     size = (bits & 0x007FFFFF).astype(xp.float64) * 2.0 ** -149     # exact: a 23-bit integer times 2^-149
     signed = xp.where((bits >> 31) == 1, -size, size)
     return xp.where(small, signed, x.astype(xp.float64))
+
+
+def fill_nan(a):
+    """Every byte of a floating-point array (NumPy or CuPy) set to 0xFF, which is a NaN in
+    float16, bfloat16, float32 and float64 alike; other dtypes are left as they are.  Returns a.
+
+    For the checks of the fast paths: memory filled so before a kernel runs shows an entry it
+    leaves unwritten as NaN, and not as whatever it held (a memory pool may hand back the very
+    values the check compares against)."""
+    if (np.dtype(a.dtype).kind in "fc" or np.dtype(a.dtype).name == "bfloat16") and a.size:
+        if a.flags.c_contiguous or a.flags.f_contiguous:       # a view of every byte, in memory order
+            (a if a.flags.c_contiguous else a.T).reshape(-1).view(np.uint8).fill(0xFF)
+        else:
+            a.fill(np.nan)
+    return a
+
+
+@contextlib.contextmanager
+def nan_allocations(xp):
+    """Inside: xp.empty and xp.empty_like (xp: the numpy or cupy module) give NaN-filled
+    (fill_nan) arrays, for whatever allocates through them (lkref's fast paths do).
+
+    The benchmark checks each path so, and the tests run so: CuPy's pool hands back the
+    readable path's freed intermediates (at T = 1 one of them holds its very gradient), which
+    would hide a kernel's unwritten entries.  It swaps the module's functions, for every thread."""
+    saved = {name: getattr(xp, name) for name in ("empty", "empty_like")}
+    try:
+        for name, alloc in saved.items():
+            setattr(xp, name, lambda *args, _alloc=alloc, **kwargs: fill_nan(_alloc(*args, **kwargs)))
+        yield
+    finally:
+        for name, alloc in saved.items():
+            setattr(xp, name, alloc)
 
 
 def cupy_available() -> bool:

@@ -15,7 +15,6 @@ and the git sha.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import importlib.util
 import math
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backend import cupy_available, namespace, to_numpy
+from .backend import cupy_available, fill_nan, namespace, nan_allocations, to_numpy
 from .positions import LOSSES
 from .self_check import off_ties
 
@@ -195,37 +194,6 @@ def rel_err(a, b, keep=None) -> float:
         d = xp.where(keep, d, 0)
     worst = float(xp.max(d))
     return worst / scale if not math.isnan(worst) else math.inf     # a NaN entry matches nothing
-
-
-def fill_nan(a):
-    """Every byte of a floating-point array set to 0xFF, a NaN in float16, bfloat16, float32 and
-    float64 alike (a contiguous array; others are filled entry by entry).  Returns a."""
-    if (np.dtype(a.dtype).kind == "f" or np.dtype(a.dtype).name == "bfloat16") and a.size:
-        if a.flags.c_contiguous or a.flags.f_contiguous:
-            a.ravel(order="K").view(np.uint8).fill(0xFF)
-        else:
-            a.fill(np.nan)
-    return a
-
-
-@contextlib.contextmanager
-def nan_allocations(xp):
-    """While a path is checked: xp.empty and xp.empty_like give NaN-filled (fill_nan) arrays.
-
-    So that a gradient entry a path leaves unwritten shows as NaN in the check, and not as
-    whatever the memory held: CuPy's pool hands back the readable path's freed intermediates
-    (at T = 1 one of them holds its very gradient), and the checked calls share one `out`,
-    which _lkref_candidates fills with NaN before each.  The timed calls run without this."""
-    saved = {name: getattr(xp, name) for name in ("empty", "empty_like")}
-    try:
-        for name, alloc in saved.items():
-            setattr(xp, name, lambda *args, _alloc=alloc, **kwargs: fill_nan(_alloc(*args, **kwargs)))
-        yield
-    finally:
-        for name, alloc in saved.items():
-            setattr(xp, name, alloc)
-
-
 
 
 def _entries(xp, backend, fn, loss, z, p, out, N, V):

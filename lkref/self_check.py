@@ -34,7 +34,7 @@ import warnings
 
 import numpy as np
 
-from .backend import current_device as _device, namespace, to_numpy
+from .backend import current_device as _device, fill_nan, namespace, to_numpy
 
 #: Rows of the probe: row r has logits and target log-odds of scale PROBE_SCALES[r], from broad
 #: rows (many entries with q < p and q > p) to peaked ones (entries of p from 0.5 up, which the
@@ -136,9 +136,8 @@ def _probe(cp, name, launch, V, Vt, z_dtype, p_dtype, out_dtype, idx, weighted, 
     options = dict(eta=eta, kl_scale=kl_scale, lam=lam) if name == "lk_lambda" else {}
     want = getattr(losses, name)(z, p, mask=w, temperature=T, draft_to_target=idx_h, impl="reference", **options)
     zd, pd = cp.asarray(z), cp.asarray(p)
-    out = cp.empty(z.shape, out_dtype)
-    out.view(cp.uint8).fill(0xFF)                     # NaN in every float dtype: an entry the kernels
-    try:                                              # leave unwritten shows, whatever the memory held
+    out = fill_nan(cp.empty(z.shape, out_dtype))      # an entry the kernels leave unwritten shows
+    try:
         got = launch(zd, pd, out, out, (PROBE_ROWS,), None if w is None else cp.asarray(w),
                      idx, T, lam, eta, kl_scale, None, pd.dtype)
     except Exception as exc:                          # a kernel whose flags or launch fail on valid input

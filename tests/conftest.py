@@ -7,6 +7,7 @@ no example database, no deadline.  "dev" roams freely: HYPOTHESIS_PROFILE=dev.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import lkref
-from lkref.backend import to_numpy
+from lkref.backend import nan_allocations, to_numpy
 
 settings.register_profile(
     "ci", derandomize=True, database=None, deadline=None, max_examples=60,
@@ -42,43 +43,19 @@ def xp(request):
     return _cupy_or_skip()
 
 
-def poison(a):
-    """Fill a new floating-point array with NaN (every byte 0xFF: a NaN in float16, bfloat16,
-    float32 and float64 alike), so that an entry nothing writes shows as NaN, not as whatever
-    the memory held before: after the readable path has run, a pool (CuPy's, or malloc's)
-    can hand back memory that holds the very gradient a test compares against.  Other arrays
-    (integers, bools) are left as they come.  Returns a."""
-    if (a.dtype.kind in "fc" or a.dtype.name == "bfloat16") and a.size:
-        if a.flags.c_contiguous or a.flags.f_contiguous:    # as new arrays are: ravel is a view
-            a.ravel(order="K").view(np.uint8).fill(0xFF)
-        else:
-            a.fill(np.nan)
-    return a
-
-
-def _poisoning(alloc):
-    def allocate(*args, **kwargs):
-        return poison(alloc(*args, **kwargs))
-    allocate.poisoning = alloc
-    return allocate
-
-
 @pytest.fixture(autouse=True)
-def poisoned_allocations(monkeypatch):
+def poisoned_allocations():
     """empty and empty_like of NumPy, and of CuPy where it has a device, give NaN-filled
-    floating-point arrays in every test (poison the output, then check that every element was
-    written).  The fused paths allocate their gradients and work buffers with them, so a
-    kernel or chunk that leaves an entry unwritten fails the comparisons with the reference
-    instead of passing on stale memory."""
-    modules = [np]
-    if lkref.cupy_available():                          # (cached: CuPy is imported once, or never)
-        import cupy
-        modules.append(cupy)
-    for xp in modules:
-        for name in ("empty", "empty_like"):
-            alloc = getattr(xp, name)
-            if not hasattr(alloc, "poisoning"):
-                monkeypatch.setattr(xp, name, _poisoning(alloc))
+    floating-point arrays in every test (lkref.backend.nan_allocations: poison the output, then
+    check that every element was written).  The fused paths allocate their gradients and work
+    buffers with them, so a kernel or chunk that leaves an entry unwritten fails the
+    comparisons with the reference instead of passing on stale memory."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(nan_allocations(np))
+        if lkref.cupy_available():                      # (cached: CuPy is imported once, or never)
+            import cupy
+            stack.enter_context(nan_allocations(cupy))
+        yield
 
 
 #: Tolerances per compute dtype, in one table (SciPy's xp_assert_close habit).

@@ -99,3 +99,16 @@ def test_new_arrays_start_as_nan_in_the_tests(xp, dtype):
               xp.empty_like(xp.zeros((4, 6), dtype)[:, ::2]), xp.empty_like(xp.zeros((4, 6), dtype).T)):
         assert xp.isnan(a.astype(np.complex128 if np.dtype(dtype).kind == "c" else np.float64)).all()
     assert xp.empty(4, np.int32).dtype == np.int32
+
+
+def test_fill_nan_fills_float_arrays_in_place_and_leaves_the_rest(xp):
+    """backend.fill_nan: C and F order, a strided view, 0-d and empty arrays; integers untouched."""
+    base = xp.zeros((4, 6), np.float32)
+    view = base[:, ::2]
+    assert backend.fill_nan(view) is view
+    assert bool(xp.isnan(base[:, ::2]).all()) and not bool(xp.isnan(base[:, 1::2]).any())
+    for a in (xp.zeros((3, 5), np.float64, order="F"), xp.zeros((), np.float16), xp.zeros((2, 3), np.complex64)):
+        assert bool(xp.isnan(backend.fill_nan(a)).all())
+    assert backend.fill_nan(xp.zeros((0, 3), np.float32)).shape == (0, 3)
+    ints = xp.arange(6)
+    assert bool((backend.fill_nan(ints) == xp.arange(6)).all())
