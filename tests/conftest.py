@@ -49,8 +49,12 @@ def poisoned_allocations():
     floating-point arrays in every test (lkref.backend.nan_allocations: poison the output, then
     check that every element was written).  The fused paths allocate their gradients and work
     buffers with them, so a kernel or chunk that leaves an entry unwritten fails the
-    comparisons with the reference instead of passing on stale memory."""
+    comparisons with the reference instead of passing on stale memory.  LKREF_TEST_NAN_FILL=0
+    turns it off (a rescue for a GPU run should the fill itself fail on a CuPy; not for CI)."""
     with contextlib.ExitStack() as stack:
+        if os.environ.get("LKREF_TEST_NAN_FILL", "1") == "0":
+            yield
+            return
         stack.enter_context(nan_allocations(np))
         if lkref.cupy_available():                      # (cached: CuPy is imported once, or never)
             import cupy
