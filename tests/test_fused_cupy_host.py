@@ -345,6 +345,7 @@ def test_first_use_check_sees_entries_left_unwritten(monkeypatch, first_use, nam
     stand_in(monkeypatch, np, lambda *a: fused_cupy.Kernels(rows, finish_on_the_cpu, 0))
     zp, pp, _ = self_check.probe_problem(200, 200, np.float32, np.float32)
     stale = reference(name, zp, pp).grad.astype(np.float32)
+
     def holding_the_answer(shape, dtype=float, *args, **kwargs):     # (not NaN, as the tests' empty is)
         a = np.zeros(shape, dtype, *args, **kwargs)
         if a.shape == stale.shape and a.dtype == stale.dtype:
