@@ -212,7 +212,6 @@ def speculators_loss(name):
         return loss.detach(), z.grad.reshape(z.shape[1:])
 
     def prepare(z, p):                                # [1, N, V]: they take (batch, positions, vocab)
-        import torch
         return z[None], target_logits(p)[None]
     run.prepare = prepare
     return run
