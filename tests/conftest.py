@@ -52,13 +52,11 @@ def poisoned_allocations():
     comparisons with the reference instead of passing on stale memory.  LKREF_TEST_NAN_FILL=0
     turns it off (a rescue for a GPU run should the fill itself fail on a CuPy; not for CI)."""
     with contextlib.ExitStack() as stack:
-        if os.environ.get("LKREF_TEST_NAN_FILL", "1") == "0":
-            yield
-            return
-        stack.enter_context(nan_allocations(np))
-        if lkref.cupy_available():                      # (cached: CuPy is imported once, or never)
-            import cupy
-            stack.enter_context(nan_allocations(cupy))
+        if os.environ.get("LKREF_TEST_NAN_FILL", "1") != "0":
+            stack.enter_context(nan_allocations(np))
+            if lkref.cupy_available():                  # (cached: CuPy is imported once, or never)
+                import cupy
+                stack.enter_context(nan_allocations(cupy))
         yield
 
 

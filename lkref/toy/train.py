@@ -73,19 +73,20 @@ class TrainConfig:
             raise ValueError(f"draft must be 'heads' or 'ar', got {self.draft!r}")
         for name, low in (("vocab", 2), ("heads", 1), ("hidden", 1), ("steps", 1), ("seed", 0), ("batch", 1),
                           ("warmup", 0), ("target_hidden", 1), ("target_seed", 0), ("train_sequences", 1),
-                          ("seq_len", None), ("eval_sequences", 1), ("eval_new_tokens", 1)):
-            value = getattr(self, name)
-            if name == "seq_len":                     # heads has passed by now
-                low = self.heads + 3
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < low:
-                raise ValueError(f"{name} must be >= {low}{' (heads + 3)' if name == 'seq_len' else ''}, "
-                                 f"got {value}")
+                          ("eval_sequences", 1), ("eval_new_tokens", 1)):
+            _check_int(getattr(self, name), name, low)
+        _check_int(self.seq_len, "seq_len", self.heads + 3, " (heads + 3)")
         for name, low, inclusive in (("temperature", 0, False), ("eta", 0, True), ("gamma", 0, False),
                                      ("lr", 0, False), ("weight_decay", 0, True), ("clip", 0, False),
                                      ("target_sharpness", 0, True)):
             check_real_scalar(getattr(self, name), name, low=low, low_inclusive=inclusive)
+
+
+def _check_int(value, name, low, why=""):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}{why}, got {value}")
 
 
 def make_target(cfg: TrainConfig) -> TargetLM:
