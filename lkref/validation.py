@@ -256,7 +256,19 @@ def call_reduce(reduce, total, count):
         if value.shape != ():
             raise ValueError(f"reduce returned a {name} of shape {value.shape}; it must be a scalar")
         sums.append(value)
-    return tuple(sums)
+    got_total, got_count = sums
+    # what a hook can get wrong and the loss would not show: a NaN or inf (a rank's bad
+    # value, or an overflow in the hook) where this rank's own sums are finite, and a count
+    # below this rank's own, which sums of non-negative weights never give (rounding is
+    # monotone) but a mean over the ranks (AVG) does, on the ranks above the mean: its loss
+    # looks right and every gradient comes out as many times too large as there are ranks
+    if bool(xp.isfinite(total) & xp.isfinite(count)) and not bool(xp.isfinite(got_total) & xp.isfinite(got_count)):
+        raise ValueError(f"reduce returned a non-finite sum: total {float(got_total)}, count {float(got_count)}, "
+                         f"from finite ones ({float(total)}, {float(count)})")
+    if bool(got_count < count):
+        raise ValueError(f"reduce returned a count of {float(got_count)}, below this rank's own {float(count)}: "
+                         "it must return the sums over all ranks (an all-reduce with SUM, not AVG)")
+    return got_total, got_count
 
 
 def takes_parameter(fn, name: str) -> bool:

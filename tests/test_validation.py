@@ -218,6 +218,11 @@ def test_lk_lambda_pair_checks_lam(lam, err, match):
     (lambda t, c: (np.ones(2), c), ValueError, r"reduce returned a total of shape \(2,\)"),
     (lambda t, c: (t, "2"), TypeError, "reduce returned a count that is not a real number"),
     (5, TypeError, r"reduce must be a function \(total, count\) -> \(total, count\), got int"),
+    # values: each passed on before (a NaN loss, or a loss that looks right with twice the gradient)
+    (lambda t, c: (t * np.nan, c), ValueError, r"reduce returned a non-finite sum: total nan, count 2\.0, from finite"),
+    (lambda t, c: (t, c * np.inf), ValueError, r"reduce returned a non-finite sum: total .*, count inf"),
+    (lambda t, c: (t / 2, c / 2), ValueError, r"reduce returned a count of 1\.0, below this rank's own 2\.0: .* not AVG"),
+    (lambda t, c: (t, -c), ValueError, r"reduce returned a count of -2\.0, below this rank's own 2\.0"),
 ])
 def test_reduce_hook_results_are_checked(impl, hook, err, match):
     for fn in REDUCED:
@@ -296,9 +301,10 @@ def test_lambda_from_alpha_takes_lists_and_keeps_the_dtype():
 
 
 @pytest.mark.parametrize("impl", ["reference", "auto"])
-def test_a_reduce_hook_that_returns_nan_is_caught_at_lambda(impl):
+def test_a_reduce_hook_whose_mean_alpha_is_above_one_is_caught_at_lambda(impl):
+    """Finite sums, a count not below the rank's own: call_reduce passes them, lambda does not."""
     with pytest.raises(ValueError, match="mean_alpha must lie in"):
-        lkref.lk_lambda(Z, P, impl=impl, reduce=lambda t, c: (t * np.nan, c))
+        lkref.lk_lambda(Z, P, impl=impl, reduce=lambda t, c: (t * 10, c))
 
 
 # --------------------------------------------------------------------------------------
