@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .backend import dlpack_interop, namespace, to_float64
-from .validation import as_array, check_vocab_axis
+from .validation import as_array, check_vocab_axis, target_sum_atol
 
 __all__ = ["VerifyResult", "verify", "verify_greedy", "sample_rows"]
 
@@ -68,22 +68,40 @@ def _check_num_draft(num_draft, B, K, xp):
     return nd.astype(xp.int64)
 
 
-def _check_read(values, name, positions, use, xp, rows=False):
+def _check_read(values, name, positions, use, xp, rows=False, dtype=None):
     """Probabilities that are read must be finite and non-negative (name: whose they are):
     values [B, K] gathered at positions [B, K] (verify: the drafts' p(x)), or with rows=True
     whole rows [B, V] at positions [B] (the rows it samples from), which must also have some
-    mass.  Only where use [B, K] or [B]."""
+    mass, and with dtype (the rows' own) sum to 1 (_check_sums).  Only where use [B, K] or [B]."""
     ok = xp.isfinite(values) & (values >= 0)
     _raise_at(use & ~(xp.all(ok, axis=-1) if rows else ok), positions,
               f"{name} has negative or non-finite probabilities", xp)
     if rows:
-        _raise_at(use & ~(values.sum(axis=-1) > 0), positions, f"{name} has an all-zero row", xp)
+        sums = values.sum(axis=-1)
+        _raise_at(use & ~(sums > 0), positions, f"{name} has an all-zero row", xp)
+        if dtype is not None:
+            _check_sums(sums, name, positions, use, dtype, xp)
 
 
 def _raise_at(bad, positions, what, xp):
     if bool(xp.any(bad)):
         j = int(positions.reshape(-1)[int(xp.argmax(bad.reshape(-1)))])
         raise ValueError(f"{what} at position {j} of a used row")
+
+
+def _check_sums(sums, name, positions, use, dtype, xp):
+    """The rows verify samples from, whose sums [B] these are, at positions [B], must sum to 1
+    (within target_sum_atol(dtype)) where use [B]: a row that does not (a top-k or top-p cut
+    left unrenormalised, weights passed for probabilities) makes the acceptance test
+    u q(x) < p(x) and the residual follow another distribution than the target's, and nothing
+    in the tokens shows it."""
+    off = xp.where(use, xp.abs(sums - 1), 0)
+    worst = float(off.max()) if off.size else 0.0
+    tol = target_sum_atol(dtype)
+    if worst > tol:
+        j = int(positions.reshape(-1)[int(xp.argmax(off))])
+        raise ValueError(f"{name} rows must sum to 1 (within {tol:.3g} for {np.dtype(dtype).name}); the row at "
+                         f"position {j} of a used row is off by {worst:.3g} (renormalise after top-k or top-p)")
 
 
 def _check_prob_rows(probs, name, valid, xp):
@@ -148,11 +166,13 @@ def verify(draft_tokens, draft_probs, target_probs, *, rng, num_draft=None, unif
 
     What it reads must be finite and non-negative: each draft's p(x), and the rows it samples
     from (p at the position a round ends on, and q there after a rejection), which must also
-    have some mass.  (A draft whose q(x) is not is rejected, and its q row checked.)  The rest
-    of a row cannot change the result, so it is not looked at; validate=False skips these checks.
+    sum to 1 (within target_sum_atol of their dtype).  (A draft whose q(x) is not is rejected,
+    and its q row checked.)  The rest of a row cannot change the result, so it is not looked
+    at; validate=False skips these checks.
 
-    Inconsistent inputs (a residual with no positive mass, possible only when the rows are
-    not normalised) fall back to p.  Work and extra memory: O(B K + B V).
+    Inconsistent inputs (a residual with no positive mass: rows not normalised, under
+    validate=False, or a rejected draft with q(x) = 0) fall back to p.  Work and extra
+    memory: O(B K + B V).
     """
     xp, t, q, p, nd, valid, B, K, V = _check_shapes(draft_tokens, draft_probs, target_probs, num_draft)
     if q is None:
@@ -188,8 +208,8 @@ def verify(draft_tokens, draft_probs, target_probs, *, rng, num_draft=None, unif
     p_end = to_float64(p[b, n])                                      # [B, V]
     q_end = xp.where(rejected[:, None], to_float64(q[b, xp.minimum(n, K - 1)]), 0) if K else xp.zeros_like(p_end)
     if validate:
-        _check_read(p_end, "target_probs", n, xp.ones(B, dtype=bool), xp, rows=True)
-        _check_read(q_end, "draft_probs", n, rejected, xp, rows=True)
+        _check_read(p_end, "target_probs", n, xp.ones(B, dtype=bool), xp, rows=True, dtype=p.dtype)
+        _check_read(q_end, "draft_probs", n, rejected, xp, rows=True, dtype=q.dtype)
     residual = xp.maximum(p_end - q_end, 0)
     empty = ~(residual.sum(axis=-1) > 0)                             # inconsistent input: fall back to p
     residual = xp.where(empty[:, None], p_end, residual)

@@ -379,6 +379,38 @@ def test_verify_checks_every_entry_it_reads_and_no_other():
         run(qq, pp, validate=False)                   # unchecked: it runs (on what it was given)
 
 
+def test_verify_refuses_rows_it_samples_from_that_do_not_sum_to_one():
+    """A top-k cut of the target left unrenormalised: p(x) is too small, so drafts are accepted
+    too rarely, and the first emitted token follows neither the cut target nor the full one
+    (with the checks off, below: the chi-square test fails on it and passes on the same cut,
+    renormalised).  Every round samples from a p row, so verify checks the sums of the rows
+    it samples from (O(B V)); such a target never got through unchecked before 2026-12-06."""
+    rng = np.random.default_rng(5)
+    B, V = 20_000, 6
+    full = np.array([0.30, 0.25, 0.20, 0.15, 0.06, 0.04])
+    cut = np.where(np.arange(V) < 3, full, 0.0)          # top-3, sums to 0.75
+    q = np.broadcast_to(np.array([0.1, 0.2, 0.3, 0.2, 0.1, 0.1]), (B, 1, V))
+    t = draw(rng, q)
+
+    def first_tokens(p, **kw):
+        r = verify(t, q, np.broadcast_to(p, (B, 2, V)), rng=np.random.default_rng(6), **kw)
+        return np.bincount(r.tokens[:, 0], minlength=V)
+
+    with pytest.raises(ValueError, match=r"target_probs rows must sum to 1 \(within 0\.001 for float64\); "
+                                         r"the row at position 0 of a used row is off by 0\.25"):
+        first_tokens(cut)
+    assert not lkref.testing.goodness_of_fit("unrenormalised", first_tokens(cut, validate=False), cut).passed
+    assert lkref.testing.goodness_of_fit("renormalised", first_tokens(cut / cut.sum()), cut).passed
+    # the draft's rows, where a draft is rejected (its q is what the residual takes away)
+    with pytest.raises(ValueError, match="draft_probs rows must sum to 1 .* position 0 of a used row is off by 0.5"):
+        verify(t, q * 0.5, np.broadcast_to(full, (B, 2, V)), rng=np.random.default_rng(6))
+    # a float32 softmax row, whose sum rounding moves, is a distribution
+    z = np.random.default_rng(7).standard_normal((4, 3, 32_000)).astype(np.float32)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    p32 = e / e.sum(-1, keepdims=True)
+    verify(np.zeros((4, 2), np.int64), p32[:, :2], p32, rng=np.random.default_rng(8))
+
+
 def _nan_at(j):
     p = P3.copy()
     p[1, j, 2] = np.nan
