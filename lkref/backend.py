@@ -211,8 +211,13 @@ def from_dlpack(x, name="array"):
     try:
         return importer(x)
     except (BufferError, TypeError, RuntimeError) as exc:
-        raise TypeError(f"{name} cannot be shared through DLPack ({exc}); "
-                        "bfloat16 tensors, for one, have no NumPy/CuPy dtype: pass float32") from exc
+        if getattr(x, "requires_grad", False):          # PyTorch's autograd: lkref gives the gradient itself
+            hint = "; pass it detached (.detach()): lkref returns the gradient itself"
+        elif "bfloat16" in str(getattr(x, "dtype", "")):
+            hint = "; bfloat16 has no NumPy/CuPy dtype to share it as: pass float32"
+        else:
+            hint = ""
+        raise TypeError(f"{name} cannot be shared through DLPack ({exc}){hint}") from exc
 
 
 def _to_kind(value, like):

@@ -280,8 +280,10 @@ def test_per_position_pairs_with_torch_tensors():
     assert isinstance(losses, torch.Tensor) and isinstance(dz, torch.Tensor)
     np.testing.assert_array_equal(dz.numpy(), lkref.lk_alpha_backward(np.ones(3, np.float32),
                                                                         lkref.lk_alpha_forward(z, p)[1]))
-    with pytest.raises(TypeError, match="cannot be shared through DLPack"):
+    with pytest.raises(TypeError, match=r"^z cannot be shared through DLPack \(.*\); pass it detached"):
         lkref.lk_alpha_forward(torch.from_numpy(z).requires_grad_(), torch.from_numpy(p))
+    with pytest.raises(TypeError, match=r"^z cannot be shared through DLPack \(.*\); bfloat16 has no NumPy/CuPy"):
+        lkref.lk_alpha_forward(torch.from_numpy(z).to(torch.bfloat16), torch.from_numpy(p))
 
 
 def test_theory_multistep_and_positions_take_foreign_arrays():
