@@ -57,9 +57,11 @@ CHUNK_BYTES = 3 << 19
 
 def default_threads(elements: int) -> int:
     """LKREF_THREADS if set, else one thread per core (at most 8) for problems of 1M elements or more."""
-    env = os.environ.get("LKREF_THREADS")
+    env = os.environ.get("LKREF_THREADS", "").strip()
     if env:
-        return max(1, int(env))
+        if not (env.isdigit() and int(env) >= 1):      # "0", "-2", "1.5", "auto" ran on one thread, or a bare int()
+            raise ValueError(f"LKREF_THREADS must be a whole number of threads, 1 or more, got {env!r}")
+        return int(env)
     if elements < (1 << 20):
         return 1
     return max(1, min(8, os.cpu_count() or 1))

@@ -376,6 +376,21 @@ def test_cupy_default_switch(monkeypatch):
         fused_mod.cupy_fused_by_default()
 
 
+def test_threads_from_the_environment(monkeypatch):
+    """LKREF_THREADS: a count of 1 or more; anything else is refused by name ("0" and "-2" ran
+    on one thread, "1.5" and "auto" raised int()'s own message, before 2026-12-06)."""
+    monkeypatch.delenv("LKREF_THREADS", raising=False)
+    assert fused.default_threads(1 << 10) == 1 and fused.default_threads(1 << 22) >= 1
+    monkeypatch.setenv("LKREF_THREADS", " 3 ")
+    assert fused.default_threads(1 << 10) == 3
+    z, p = np.zeros((2, 3)), np.full((2, 3), 1 / 3)
+    for value in ("0", "-2", "1.5", "auto"):
+        monkeypatch.setenv("LKREF_THREADS", value)
+        with pytest.raises(ValueError, match=f"LKREF_THREADS must be a whole number of threads, 1 or more, got '{value}'"):
+            lkref.lk_alpha(z, p)
+        lkref.lk_alpha(z, p, impl="reference")         # the readable path has no threads
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("name", ["kl", "lk_lambda"])
 def test_kl_keeps_its_digits_with_large_logits(name, seed):
