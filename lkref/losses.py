@@ -466,8 +466,10 @@ IMPLS = ("auto", "reference", "fused")
 def _fast(name, impl, draft_logits, target_probs, out, **options):
     """The fast path's result when ``impl`` asks for it and one exists, else None.
 
-    impl="reference" is this module; "fused" insists on a fast path; "auto" takes one
-    when the arrays' backend has it.  The fast paths live in lkref/fused.py, outside the
+    impl="reference" is this module; "fused" insists on a fast path (on CuPy also where
+    LKREF_CUPY_FUSED=0, and without the first-use check), except at the temperatures the
+    fast paths decline (fused.MIN_TEMPERATURE, fused_cupy.MAX_TEMPERATURE), which run here;
+    "auto" takes one when the arrays' backend has it.  The fast paths live in lkref/fused.py, outside the
     specification, and are tested against it.
     """
     if impl not in IMPLS:
