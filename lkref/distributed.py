@@ -5,11 +5,12 @@ alpha averaged over the whole batch.  Every reduced loss (and multi_position,
 accept_length_loss) takes ``reduce``: a function (total, count) -> (total, count) that sums
 both over the ranks (a sum, not a mean over the ranks: that leaves the loss right and makes
 the gradients as many times too large as there are ranks; a count below the rank's own is
-refused for that reason, as is a NaN or inf from finite sums).  Each call of a loss calls it once for the mean (LK^lambda with no
-given lambda calls it once before, for mean alpha), in the same order on every path, so
-the ranks' collectives line up.  With it, each rank gets the loss and lambda of the whole
-batch and the gradient of its own rows, exactly as one process on the concatenated batch
-(SpecForge's reduce_fn does the same for its acceptance metric).
+refused for that reason, as is a NaN or inf from finite sums).  Each call of a loss calls
+it once for the mean (LK^lambda with no given lambda calls it once before, for mean
+alpha), in the same order on every path, so the ranks' collectives line up.  With it, each
+rank gets the loss and lambda of the whole batch and the gradient of its own rows, exactly
+as one process on the concatenated batch (SpecForge's reduce_fn does the same for its
+acceptance metric).
 
 With PyTorch, for instance:
 
