@@ -170,6 +170,10 @@ def cmd_conformance(args) -> int:
     from . import conformance as C
 
     if args.action == "export":
+        given = [flag for flag, v in (("--impl", args.impl), ("--results", args.results), ("--loss", args.loss))
+                 if v is not None]
+        if given:                                   # export writes every case; these would be ignored
+            return _fail("conformance", f"{', '.join(given)}: for check, not export")
         if os.path.exists(args.dir) and not os.path.isdir(args.dir):
             return _fail("conformance", f"{args.dir} exists and is not a folder")
         m = C.export(args.dir)
@@ -186,7 +190,7 @@ def cmd_conformance(args) -> int:
     except (ImportError, AttributeError, OSError, ValueError) as exc:
         said = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
         return _fail("conformance", f"{'--impl' if args.impl else '--results'}: {said}")
-    rows = C.check(args.dir, fn=fn, results=results)
+    rows = C.check(args.dir, fn=fn, results=results, losses=args.loss)
     print(C.format_table(rows))
     return 0 if all(r.passed for r in rows) else 1
 
@@ -233,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="the folder of the vectors")
     p.add_argument("--impl", default=None, help="module:function (or path/to/file.py:function) to check")
     p.add_argument("--results", default=None, help="an NPZ of <case>/loss, /grad, /alpha to check")
+    p.add_argument("--loss", action="append", choices=sorted(LOSSES),
+                   help="check only this loss's cases (repeatable; default: all four)")
     p.set_defaults(func=cmd_conformance)
 
     p = sub.add_parser("toy", help="the paper's motivating toy")

@@ -384,15 +384,18 @@ def _v_no_stop_gradient(case):
     return r.loss, grad, r.alpha
 
 
-def _from_q(case, q, ties=0.0, renormalise_kl=True, log_q=None, l1=False, soft_ce=False):
+def _from_q(case, q, ties=0.0, renormalise_kl=True, log_q=None, l1=False, soft_ce=False, weights=None):
     """(loss, grad, alpha) of the case's loss in float64 from a given draft distribution q (the
     formulas of docs/PORTING.md, the softmax's Jacobian taken at q), with the tie rule
     m = 1[q < p] + ties 1[q = p] (0: lkref's, 1: q <= p, 1/2: autograd through torch.minimum,
     or through |q - p| with sign(0) = 0); KL on the restricted target as it is where not
     renormalise_kl, and from log_q where given (else log q); where l1, TV taken as the L1
     distance sum |p - q| = 2 (1 - alpha) and alpha as 1 minus that; where soft_ce, the soft
-    cross-entropy -sum p log q = KL + H(p) in KL's place (the same gradient)."""
+    cross-entropy -sum p log q = KL + H(p) in KL's place (the same gradient); weights, where
+    given, the rows' weights in the mean instead of the reference's."""
     _, p, p_kl, w, T = _parts(case)
+    if weights is not None:
+        w = np.asarray(weights, np.float64)
     if not renormalise_kl:
         p_kl = p
     d = w / w.sum()
@@ -412,8 +415,8 @@ def _from_q(case, q, ties=0.0, renormalise_kl=True, log_q=None, l1=False, soft_c
     elif case["loss"] == "tv":
         per, grad = 1 - alpha, dtv
     elif case["loss"] == "lk_alpha":
-        with np.errstate(divide="ignore", invalid="ignore"):
-            per, grad = -np.log(alpha), dtv / alpha[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):      # alpha = 0 only where m = 0 and S = 0:
+            per, grad = -np.log(alpha), np.where(alpha[:, None] > 0, dtv / alpha[:, None], 0)   # 0, not 0/0
     else:
         lam = _lam(case, float(np.dot(d, alpha)))
         per, grad = lam * kl + (1 - lam) * (1 - alpha), lam * dkl + (1 - lam) * dtv
@@ -484,6 +487,37 @@ def _v_missing_temperature(case):
     return r.loss, r.grad * T, r.alpha
 
 
+def _restricted_mass(case):
+    """(the target's mass on the draft vocabulary per row, the mask's weights) where the case has
+    draft_to_target, else None."""
+    inp = case["inputs"]
+    d2t = inp["draft_to_target"]
+    if d2t is None:
+        return None
+    p = np.asarray(inp["target_probs"], np.float64)
+    w = np.ones(len(p)) if inp["mask"] is None else np.asarray(inp["mask"], np.float64)
+    return p[:, d2t].sum(-1), w
+
+
+def _v_massless_rows_kept(case):
+    got = _restricted_mass(case)
+    if got is None or not np.any((got[0] == 0) & (got[1] > 0)):
+        return None
+    return _from_q(case, _q(case), weights=got[1])
+
+
+def _v_argmax_outside_dropped(case):
+    got = _restricted_mass(case)
+    if got is None:
+        return None
+    inp = case["inputs"]
+    inside = np.isin(np.asarray(inp["target_probs"]).argmax(-1), inp["draft_to_target"])
+    w = np.where(inside & (got[0] > 0), got[1], 0)
+    if np.array_equal(w > 0, (got[0] > 0) & (got[1] > 0)):
+        return None                                     # the same rows as lkref's rule
+    return _from_q(case, _q(case), weights=w)
+
+
 #: The floors ports clamp alpha at (speculators' nla: 1e-5).
 CLAMPS = (1e-5, 1e-6, 1e-7, 1e-8, 1e-10, 1e-12)
 
@@ -526,6 +560,11 @@ VARIANTS = {
                            _v_soft_cross_entropy),
     "l1_as_tv": ("TV taken as the L1 distance sum |p - q|, twice TV (and alpha as 1 minus it)", _v_l1_as_tv),
     "missing_temperature": ("gradients without the 1/T factor", _v_missing_temperature),
+    "massless_rows_kept": ("rows whose target has no mass on the draft vocabulary kept in the mean (alpha = 0 "
+                           "whatever the draft: they drop out, like masked rows)", _v_massless_rows_kept),
+    "argmax_outside_dropped": ("rows whose target's likeliest token is outside the draft vocabulary dropped "
+                               "(SpecForge's rule); only rows with no target mass on it drop out",
+                               _v_argmax_outside_dropped),
     "clamped_alpha": ("alpha clamped at a floor (clamp_min(alpha, eps)) instead of -log alpha in exact log "
                       "space", _v_clamped_alpha),
 }
@@ -597,9 +636,16 @@ def _to_numpy(x):
     return np.asarray(x, dtype=np.float64)
 
 
-def check(directory, fn=None, results=None):
-    """Run a port (fn) or read its saved results (an NPZ with <id>/loss, /grad, /alpha) on every case."""
+def check(directory, fn=None, results=None, losses=None):
+    """Run a port (fn) or read its saved results (an NPZ with <id>/loss, /grad, /alpha) on every
+    case, or on the cases of `losses` only (names of lkref.LOSSES: for a port of some of them)."""
     manifest, cases = load(directory)
+    if losses is not None:
+        losses = [losses] if isinstance(losses, str) else list(losses)
+        unknown = sorted(set(map(str, losses)) - set(LOSSES))
+        if unknown or not losses:
+            raise ValueError(f"losses must name some of {sorted(LOSSES)}, got {unknown or losses}")
+        cases = [c for c in cases if c["loss"] in losses]
     takes_dtype = fn is not None and takes_parameter(fn, "case_dtype")
     rows = []
     for case in cases:
@@ -618,8 +664,10 @@ def check(directory, fn=None, results=None):
             rows.append(CaseResult(cid, case["loss"], case["trap"], False, np.inf, np.inf, np.inf, str(exc)))
             continue
         except Exception as exc:
+            hint = (" (to check only the losses a port has: --loss NAME, or check(..., losses=...))"
+                    if isinstance(exc, (NotImplementedError, KeyError)) and losses is None else "")
             rows.append(CaseResult(cid, case["loss"], case["trap"], False, np.inf, np.inf, np.inf,
-                                   f"raised {type(exc).__name__}: {exc}"))
+                                   f"raised {type(exc).__name__}: {exc}{hint}"))
             continue
         shapes = [f"{name} has shape {g.shape}, expected {np.shape(case['expected'][key])}"
                   for name, key, g in zip(("loss", "gradient", "alpha"), ("loss", "grad", "alpha"), got)
@@ -638,6 +686,9 @@ def check(directory, fn=None, results=None):
 _NON_FINITE_HINTS = {
     "alpha = 0": "alpha underflows here: take -log alpha in log space (docs/PORTING.md), not the log of a sum",
     "overflow": "subtract each row's max before exp, and take -log alpha in log space: alpha is tiny here",
+    "smaller vocabulary": "a row whose target has no mass on the draft vocabulary has alpha = 0 whatever the "
+                          "draft: drop it from the mean like a masked row, and renormalise the KL target only "
+                          "where it has mass",
 }
 
 

@@ -49,7 +49,10 @@ def make_port(mistake=None, clamp=1e-8):
         if draft_to_target is not None:
             p = p_full[:, draft_to_target]
             mass = p.sum(-1)
-            w = np.where(mass > 0, w, 0)
+            if mistake != "massless_rows_kept":
+                w = np.where(mass > 0, w, 0)
+            if mistake == "argmax_outside_dropped":          # SpecForge's rule
+                w = np.where(np.isin(p_full.argmax(-1), draft_to_target), w, 0)
             p_kl = p / np.where(mass > 0, mass, 1)[:, None]
             if mistake == "renormalised_alpha":
                 p = p_kl

@@ -85,6 +85,33 @@ def test_train_options_reach_the_config(monkeypatch, capsys):
     assert (cfg.loss, cfg.hidden, cfg.steps, cfg.train_sequences, cfg.seed) == ("tv", 16, 7, 2048, 3)
 
 
+@pytest.mark.parametrize("args", [["--loss", "tv"], ["--impl", "lkref:kl"], ["--results", "r.npz", "--loss", "kl"]])
+def test_conformance_export_refuses_the_options_of_check(capsys, tmp_path, args):
+    """export writes every case: a --loss (or a port) given to it would be ignored, so it is refused."""
+    assert main(["conformance", "export", str(tmp_path / "kit")] + args) == 2
+    assert "for check, not export" in capsys.readouterr().err
+    assert not (tmp_path / "kit").exists()
+
+
+def test_conformance_check_of_some_losses(capsys, kit, tmp_path):
+    """A port of LK^alpha alone, checked with --loss lk_alpha: its cases only, all passing; without
+    --loss the other losses' cases fail, and say how to leave them out."""
+    (tmp_path / "alpha_only.py").write_text(
+        "import lkref\n"
+        "def run(loss, z, p, **kw):\n"
+        "    if loss != 'lk_alpha':\n"
+        "        raise NotImplementedError(loss)\n"
+        "    return lkref.lk_alpha(z, p, **kw)\n")
+    port = f"{tmp_path / 'alpha_only.py'}:run"
+    assert main(["conformance", "check", kit, "--impl", port, "--loss", "lk_alpha"]) == 0
+    out = capsys.readouterr().out
+    n = sum(c["loss"] == "lk_alpha" for c in conformance.load(kit)[1])
+    assert f"{n} passed, 0 failed" in out and "/tv " not in out and "/lk_alpha " in out
+    assert main(["conformance", "check", kit, "--impl", port]) == 1
+    out = capsys.readouterr().out
+    assert "raised NotImplementedError: tv (to check only the losses a port has: --loss NAME" in out
+
+
 def test_conformance_export_into_a_file_is_refused(capsys, tmp_path):
     (tmp_path / "f").write_text("x")
     assert main(["conformance", "export", str(tmp_path / "f")]) == 2

@@ -88,6 +88,12 @@ _CHECKED: dict = {}
     ("l1_as_tv", "basic/tv"),
     ("l1_as_tv", "basic/lk_lambda"),
     ("l1_as_tv", "bfloat16_close/lk_alpha"),             # alpha > 1/2: -log(2 alpha - 1) is finite
+    ("massless_rows_kept", "draft_to_target/tv"),        # the row adds TV = 1 and a count
+    ("massless_rows_kept", "draft_to_target/lk_alpha"),  # -log 0 = inf, and the gradient of the rest scaled
+    ("argmax_outside_dropped", "draft_to_target/kl"),
+    ("argmax_outside_dropped", "draft_to_target/tv"),
+    ("argmax_outside_dropped", "draft_to_target/lk_alpha"),
+    ("argmax_outside_dropped", "draft_to_target/lk_lambda"),
 ])
 def test_each_known_mistake_fails_and_is_named(kit, mistake, failing_case):
     if (kit, mistake) not in _CHECKED:                 # one run of the kit per planted port
@@ -117,6 +123,34 @@ def test_a_non_finite_result_says_what_the_trap_needs(kit, case):
             return float(np.mean(-np.log(np.minimum(e / e.sum(-1, keepdims=True), p).sum(-1)))), r.grad, r.alpha
     row = next(r for r in C.check(kit, log_of_sum) if r.id == case)
     assert not row.passed and "non-finite" in row.message and "log space" in row.message, row.message
+
+
+def test_a_row_without_target_mass_kept_by_autograd_is_told_to_drop_it(kit):
+    """Kept in the mean, such a row has alpha = 0: autograd gives -log 0 = inf and a NaN gradient
+    (-1/0 times 0), which matches no variant; the row says what the trap needs."""
+    def kept(loss, z, p, draft_to_target=None, **kw):
+        r = lkref.LOSSES[loss](z, p, draft_to_target=draft_to_target, **kw)
+        if draft_to_target is None:
+            return r
+        grad = r.grad.copy()
+        grad[np.asarray(p)[:, draft_to_target].sum(-1) == 0] = np.nan
+        return np.inf, grad, r.alpha
+    row = next(r for r in C.check(kit, kept) if r.id == "draft_to_target/lk_alpha")
+    assert not row.passed and "non-finite" in row.message and "drop it from the mean" in row.message, row.message
+
+
+@pytest.mark.parametrize("losses", [["lk_alpha"], ("tv", "kl"), "lk_lambda"])
+def test_check_of_some_losses(kit, losses):
+    rows = C.check(kit, make_port(None), losses=losses)
+    want = {losses} if isinstance(losses, str) else set(losses)
+    assert {r.loss for r in rows} == want and all(r.passed for r in rows)
+    assert len(rows) == sum(c["loss"] in want for c in C.load(kit)[1])
+
+
+@pytest.mark.parametrize("losses", [["lk_alpha", "nla"], [], "KL"])
+def test_check_refuses_unknown_losses(kit, losses):
+    with pytest.raises(ValueError, match="losses must name some of"):
+        C.check(kit, make_port(None), losses=losses)
 
 
 def test_a_softmax_without_the_max_is_told_so(kit):
