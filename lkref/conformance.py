@@ -518,6 +518,26 @@ def _v_argmax_outside_dropped(case):
     return _from_q(case, _q(case), weights=w)
 
 
+def _v_zero_alpha_as_zero(case):
+    """-log alpha taken as 0, with a zero gradient, where alpha underflows to 0, the row still
+    counted in the mean: alpha as a port computes it, in float32 (float32 and 2-byte cases, or
+    float64 ones a port runs in float32) or in float64."""
+    if case["loss"] != "lk_alpha":
+        return None
+    z, p, _, w, T = _parts(case)
+    d = w / w.sum()
+    losses, _ = L.lk_alpha_forward(z, p, temperature=T)
+    out = {}
+    for dt in (np.float32, np.float64) if case["dtype"] == "float64" else (np.float32,):
+        zero = np.minimum(L.softmax(z.astype(dt), T), p.astype(dt)).sum(-1) == 0
+        kept = (d > 0) & ~zero
+        if np.array_equal(kept, d > 0):
+            continue                                    # nothing underflows here
+        grad = np.where(kept[:, None], _ref(case).grad, 0)
+        out[f"in {np.dtype(dt).name}"] = float(np.sum(np.where(kept, d * losses, 0))), grad, _ref(case).alpha
+    return out or None
+
+
 #: The floors ports clamp alpha at (speculators' nla: 1e-5).
 CLAMPS = (1e-5, 1e-6, 1e-7, 1e-8, 1e-10, 1e-12)
 
@@ -565,6 +585,9 @@ VARIANTS = {
     "argmax_outside_dropped": ("rows whose target's likeliest token is outside the draft vocabulary dropped "
                                "(SpecForge's rule); only rows with no target mass on it drop out",
                                _v_argmax_outside_dropped),
+    "zero_alpha_as_zero": ("-log alpha taken as 0 with a zero gradient where alpha underflows to 0, the row "
+                           "still counted (a where(alpha > 0, log alpha, 0)) instead of -log alpha in exact log "
+                           "space", _v_zero_alpha_as_zero),
     "clamped_alpha": ("alpha clamped at a floor (clamp_min(alpha, eps)) instead of -log alpha in exact log "
                       "space", _v_clamped_alpha),
 }

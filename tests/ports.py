@@ -69,6 +69,9 @@ def make_port(mistake=None, clamp=1e-8):
         logq_kl = rounded(logq, half) if mistake == "half_log_softmax" and half else logq   # log_softmax in 2 bytes
         if mistake == "clamped_alpha":
             log_alpha = np.log(np.maximum(alpha, clamp))
+        if mistake == "zero_alpha_as_zero":                 # where(alpha > 0, log(clamp(alpha, tiny)), 0)
+            with np.errstate(divide="ignore"):
+                log_alpha = np.where(alpha > 0, np.log(np.maximum(alpha, np.finfo(np.float64).tiny)), 0)
         with np.errstate(divide="ignore", invalid="ignore"):
             kl_t = np.sum(np.where(p_kl > 0, p_kl * (np.log(np.where(p_kl > 0, p_kl, 1)) - logq_kl), 0), -1)
         dkl = (q - p_kl) / T
@@ -95,6 +98,8 @@ def make_port(mistake=None, clamp=1e-8):
             if mistake == "clamped_alpha":
                 inv = 1 / np.maximum(alpha, clamp) * (alpha >= clamp)
                 return np.dot(d, np.where(live, -log_alpha, 0)), -(d * inv)[:, None] * dalpha, alpha
+            if mistake == "zero_alpha_as_zero":
+                live = live & (alpha > 0)
             # 1/alpha in log space: r = m q / alpha, the gradient is -(r - q sum r) / T
             la = np.where(live, log_alpha, 0)[:, None]
             r = np.where(m > 0, m * np.exp(np.minimum(logq - la, 0)), 0)

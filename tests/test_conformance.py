@@ -11,6 +11,7 @@ import pytest
 
 import lkref
 from lkref import conformance as C
+from lkref import losses as L
 
 from .ports import make_port
 
@@ -88,6 +89,7 @@ _CHECKED: dict = {}
     ("l1_as_tv", "basic/tv"),
     ("l1_as_tv", "basic/lk_lambda"),
     ("l1_as_tv", "bfloat16_close/lk_alpha"),             # alpha > 1/2: -log(2 alpha - 1) is finite
+    ("zero_alpha_as_zero", "alpha_zero/lk_alpha"),       # the port works in float64: rows 0 and 1 underflow
     ("massless_rows_kept", "draft_to_target/tv"),        # the row adds TV = 1 and a count
     ("massless_rows_kept", "draft_to_target/lk_alpha"),  # -log 0 = inf, and the gradient of the rest scaled
     ("argmax_outside_dropped", "draft_to_target/kl"),
@@ -111,6 +113,20 @@ def test_a_clamped_alpha_is_named_with_its_floor(kit, clamp):
     row = next(r for r in C.check(kit, make_port("clamped_alpha", clamp=clamp)) if r.id == "alpha_zero/lk_alpha")
     assert not row.passed
     assert f"'clamped_alpha' (at {clamp:g})" in row.message, row.message
+
+
+def test_alpha_taken_as_zero_where_float32_underflows_is_named_in_float32(kit):
+    """A port in float32 (NVIDIA-NeMo/Automodel's LK^alpha: where(alpha > 0, log(clamp(alpha, tiny)), 0))
+    drops the rows whose float32 alpha is 0 from the loss and the gradient, counting them still:
+    alpha_zero_f32's first row (alpha = 8e-53, 0 in float32), named with the dtype."""
+    def float32_port(loss, z, p, **kw):
+        r = lkref.LOSSES[loss](z, p, **kw)
+        losses, _ = lkref.lk_alpha_forward(np.asarray(z, np.float64), np.asarray(p, np.float64))
+        zero = np.minimum(L.softmax(np.asarray(z, np.float32)), np.asarray(p, np.float32)).sum(-1) == 0
+        return float(np.mean(np.where(zero, 0, losses))), np.where(zero[:, None], 0, r.grad), r.alpha
+    row = next(r for r in C.check(kit, float32_port, losses="lk_alpha") if r.id == "alpha_zero_f32/lk_alpha")
+    assert not row.passed
+    assert "'zero_alpha_as_zero' (in float32)" in row.message, row.message
 
 
 @pytest.mark.parametrize("case", ["alpha_zero/lk_alpha", "alpha_zero_f32/lk_alpha"])
