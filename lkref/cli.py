@@ -114,7 +114,7 @@ def cmd_train(args) -> int:
 
     cfg = TrainConfig(loss=args.loss, draft=args.draft, vocab=args.vocab, heads=args.heads, hidden=args.hidden,
                       steps=args.steps, seed=args.seed, temperature=args.temperature, eta=args.eta,
-                      train_sequences=args.train_sequences)
+                      train_sequences=args.train_sequences, batch=args.batch, adam_eps=args.adam_eps)
     print(f"training a {cfg.draft} draft with {cfg.loss}: V = {cfg.vocab}, K = {cfg.heads}, hidden = {cfg.hidden}, "
           f"{cfg.steps} steps, seed {cfg.seed}")
     r = train(cfg, progress=print)
@@ -123,6 +123,7 @@ def cmd_train(args) -> int:
     print(f"tau (theory)         {r['accept_length_theory']:.4f}")
     print(f"tau (measured)       {r['accept_length_measured']:.4f}  ({r['target_calls']} target calls)")
     print(f"loss                 {r['loss_first']:.4f} -> {r['loss_last']:.4f}   ({r['seconds']:.1f} s)")
+    print(f"gradient RMS         {r['grad_rms_first']:.3g} at the first step (AdamW's epsilon: {cfg.adam_eps:g})")
     _write_json(r, args.json)
     return 0
 
@@ -265,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_number(int, 1), default=400, help="training steps (default 400)")
     p.add_argument("--train-sequences", type=_number(int, 1), default=512,
                    help="target-generated training sequences (a fixed set, drawn once)")
+    p.add_argument("--batch", type=_number(int, 1), default=256, help="contexts per step (default 256)")
+    p.add_argument("--adam-eps", type=_number(float, 0, inclusive=False), default=1e-8,
+                   help="AdamW's epsilon (default 1e-8); above the gradient's RMS, Adam no longer rescales it")
     p.add_argument("--seed", type=_number(int, 0), default=0,
                    help="seed of the training data and the draft (the target LM is one fixed model; default 0)")
     p.add_argument("--temperature", type=_number(float, 0, inclusive=False), default=1.0,

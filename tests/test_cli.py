@@ -15,6 +15,8 @@ from lkref.cli import main
     (["train", "--loss", "kl", "--seed", "-1"], "argument --seed: must be >= 0"),
     (["train", "--loss", "kl", "--temperature", "0"], "argument --temperature: must be > 0"),
     (["train", "--loss", "lk_lambda", "--eta", "nan"], "argument --eta: must be finite"),
+    (["train", "--loss", "tv", "--adam-eps", "0"], "argument --adam-eps: must be > 0"),
+    (["train", "--loss", "tv", "--batch", "0"], "argument --batch: must be >= 1"),
     (["toy", "gaussian", "--loss", "lk_lambda", "--eta", "-1"], "argument --eta: must be >= 0"),
     (["toy", "gaussian", "--loss", "kl", "--mixture", "1:0:nan"], "argument --mixture: mixture component '1:0:nan' "
                                                                   "needs finite numbers"),     # a traceback before
@@ -77,12 +79,13 @@ def test_train_options_reach_the_config(monkeypatch, capsys):
     def fake_train(cfg, progress=None):
         seen["cfg"] = cfg
         return {"alpha_per_position": [0.5], "alpha_per_position_train": [0.6], "accept_length_theory": 1.5, "accept_length_measured": 1.5,
-                "target_calls": 1, "loss_first": 1.0, "loss_last": 0.5, "seconds": 0.0}
+                "target_calls": 1, "loss_first": 1.0, "loss_last": 0.5, "seconds": 0.0, "grad_rms_first": 1e-3}
     monkeypatch.setattr(T, "train", fake_train)
     assert main(["train", "--loss", "tv", "--hidden", "16", "--steps", "7", "--train-sequences", "2048",
-                 "--seed", "3"]) == 0
+                 "--seed", "3", "--batch", "128", "--adam-eps", "1e-5"]) == 0
     cfg = seen["cfg"]
-    assert (cfg.loss, cfg.hidden, cfg.steps, cfg.train_sequences, cfg.seed) == ("tv", 16, 7, 2048, 3)
+    assert (cfg.loss, cfg.hidden, cfg.steps, cfg.train_sequences, cfg.seed, cfg.batch, cfg.adam_eps) == \
+        ("tv", 16, 7, 2048, 3, 128, 1e-5)
 
 
 @pytest.mark.parametrize("args", [["--loss", "tv"], ["--impl", "lkref:kl"], ["--results", "r.npz", "--loss", "kl"]])

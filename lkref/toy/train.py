@@ -55,6 +55,7 @@ class TrainConfig:
     warmup: int = 40
     weight_decay: float = 0.01
     clip: float = 1.0
+    adam_eps: float = 1e-8        # AdamW's epsilon; above a loss's gradient RMS, Adam stops rescaling it
     target_hidden: int = 128
     target_sharpness: float = 4.0
     target_seed: int = 1234       # the target is one fixed model across seeds
@@ -78,6 +79,7 @@ class TrainConfig:
         _check_int(self.seq_len, "seq_len", self.heads + 3, " (heads + 3)")
         for name, low, inclusive in (("temperature", 0, False), ("eta", 0, True), ("gamma", 0, False),
                                      ("lr", 0, False), ("weight_decay", 0, True), ("clip", 0, False),
+                                     ("adam_eps", 0, False),
                                      ("target_sharpness", 0, True)):
             check_real_scalar(getattr(self, name), name, low=low, low_inclusive=inclusive)
 
@@ -179,19 +181,25 @@ def train(cfg: TrainConfig, progress=None) -> dict:
     data = sample_sequences(target, cfg.train_sequences, cfg.seq_len, rng)
     table = TargetTable(target, data, cfg.temperature)
     K = draft.heads
-    opt = AdamW(draft.params, betas=(0.9, 0.95), weight_decay=cfg.weight_decay, no_decay=("b1", "b2"))
+    opt = AdamW(draft.params, betas=(0.9, 0.95), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                no_decay=("b1", "b2"))
+    n_params = sum(p.size for p in draft.params.values())
     history = []
+    grad_rms_first = None
     for step in range(cfg.steps):
         b = rng.integers(0, cfg.train_sequences, size=cfg.batch)
         t = rng.integers(1, cfg.seq_len - K + 1, size=cfg.batch)
         loss, alpha_1, grads = loss_and_grads(draft, table, b, t, cfg)
         norm = clip_by_global_norm(grads, cfg.clip)
+        if grad_rms_first is None:                  # the scale Adam's epsilon is compared with
+            grad_rms_first = norm / np.sqrt(n_params)
         opt.step(grads, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
         history.append(float(loss))
         if progress is not None and (step + 1) % max(1, cfg.steps // 5) == 0:
             progress(f"  step {step + 1}/{cfg.steps}  loss {float(loss):.4f}  grad-norm {norm:.3g}  "
                      f"alpha_1 {float(alpha_1.mean()):.3f}")
-    out = {"config": asdict(cfg), "loss_first": history[0], "loss_last": float(np.mean(history[-20:]))}
+    out = {"config": asdict(cfg), "loss_first": history[0], "loss_last": float(np.mean(history[-20:])),
+           "grad_rms_first": float(grad_rms_first)}
     out.update(evaluate(draft, target, cfg, np.random.default_rng(cfg.seed + 10_000)))
     # the same alphas on as many training sequences as held-out ones: the gap is overfitting
     out["alpha_per_position_train"] = teacher_forced_alphas(draft, table, min(cfg.eval_sequences,
