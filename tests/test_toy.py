@@ -294,7 +294,10 @@ def test_demo_verdicts_are_computed_from_the_numbers():
            {"loss": "lk_alpha", "vocab": 4096, "accept_length_theory": 1.6}]
     v = verdicts(sweep, big)
     assert [ok for _, ok, _ in v] == [True, True, True]
-    assert "deficit" in v[1][2]
+    assert "deficit" in v[1][2] and "RMS" not in v[2][2]
+    for r, rms in zip(big, (2e-4, 5e-6, 3e-5)):
+        r["grad_rms_first"] = rms
+    assert "TV's first gradient is 40x smaller than KL's (RMS 5.0e-06)" in verdicts(sweep, big)[2][2]
     sweep[2]["gain_vs_kl_theory"] = -0.01            # LK^alpha behind KL at low capacity
     big[1]["accept_length_theory"] = 1.7
     v = verdicts(sweep, big)
