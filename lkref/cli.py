@@ -1,4 +1,4 @@
-"""The command line: python -m lkref {info, demo, bench, conformance, toy gaussian, train} ..."""
+"""The command line: python -m lkref {info, demo, bench, conformance, check-sampler, toy gaussian, train} ..."""
 
 from __future__ import annotations
 
@@ -196,6 +196,26 @@ def cmd_conformance(args) -> int:
     return 0 if all(r.passed for r in rows) else 1
 
 
+def cmd_check_sampler(args) -> int:
+    from .conformance import load_impl
+    from .testing import check_sampler
+
+    try:
+        fn = load_impl(args.impl)
+    except (ImportError, AttributeError, OSError, ValueError) as exc:
+        said = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        return _fail("check-sampler", f"impl: {said}")
+    try:
+        report = check_sampler(fn, seed=args.seed, trials=args.trials, K=args.heads, V=args.vocab)
+    except Exception as exc:                        # the sampler's own error, or what it returned
+        print(f"{args.impl} failed before any property was checked: {type(exc).__name__}: {exc}")
+        return 1
+    print(report)
+    failed = report.failed()
+    print(f"{len(report.checks) - len(failed)} passed, {len(failed)} failed")
+    return 0 if report.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .benchmark import DTYPES
     from .positions import LOSSES
@@ -241,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", action="append", choices=sorted(LOSSES),
                    help="check only this loss's cases (repeatable; default: all four)")
     p.set_defaults(func=cmd_conformance)
+
+    p = sub.add_parser("check-sampler", help="the calibrated statistical tests on a verify() of yours")
+    p.add_argument("impl", help="module:function (or path/to/file.py:function) with lkref.verify's signature")
+    p.add_argument("--seed", type=_number(int, 0), default=0, help="of the problem and the draws (default 0)")
+    p.add_argument("--trials", type=_number(int, 1), default=100_000, help="rounds, one a batch row (default 100000)")
+    p.add_argument("--heads", type=_number(int, 1), default=4, help="K, the drafted tokens a round (default 4)")
+    p.add_argument("--vocab", type=_number(int, 2), default=6, help="V (default 6)")
+    p.set_defaults(func=cmd_check_sampler)
 
     p = sub.add_parser("toy", help="the paper's motivating toy")
     toy = p.add_subparsers(dest="toy", required=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from lkref import conformance
@@ -113,6 +115,32 @@ def test_conformance_check_of_some_losses(capsys, kit, tmp_path):
     assert main(["conformance", "check", kit, "--impl", port]) == 1
     out = capsys.readouterr().out
     assert "raised NotImplementedError: tv (to check only the losses a port has: --loss NAME" in out
+
+
+def test_check_sampler_passes_verify_and_fails_a_planted_bug(capsys, tmp_path):
+    """The statistical suite from the command line: lkref.verify passes (exit 0); a sampler whose
+    residual is p (tests/planted.py) fails the marginals (exit 1); one that raises is reported."""
+    assert main(["check-sampler", "lkref:verify"]) == 0
+    out = capsys.readouterr().out
+    assert "marginal[4]" in out and "12 passed, 0 failed" in out
+    (tmp_path / "bad.py").write_text(
+        "from tests.planted import planted_verify\nverify = planted_verify('residual_is_p')\n"
+        "def raises(*a, **k):\n    raise RuntimeError('boom')\n")
+    assert main(["check-sampler", f"{tmp_path / 'bad.py'}:verify", "--trials", "20000"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"marginal\[0\]\s+FAIL", out) and "8 passed, 4 failed" in out
+    assert main(["check-sampler", f"{tmp_path / 'bad.py'}:raises"]) == 1
+    assert "failed before any property was checked: RuntimeError: boom" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, said", [
+    (["lkref:no_such_function"], "impl: AttributeError"),
+    (["lkref"], "impl: must be module:function, got 'lkref'"),
+])
+def test_check_sampler_says_what_is_wrong_with_its_impl(capsys, args, said):
+    assert main(["check-sampler"] + args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m lkref check-sampler: error: ") and said in err
 
 
 def test_conformance_export_into_a_file_is_refused(capsys, tmp_path):
