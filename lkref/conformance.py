@@ -527,14 +527,15 @@ def _v_zero_alpha_as_zero(case):
     z, p, _, w, T = _parts(case)
     d = w / w.sum()
     losses, _ = L.lk_alpha_forward(z, p, temperature=T)
+    ref = _ref(case)
     out = {}
     for dt in (np.float32, np.float64) if case["dtype"] == "float64" else (np.float32,):
         zero = np.minimum(L.softmax(z.astype(dt), T), p.astype(dt)).sum(-1) == 0
         kept = (d > 0) & ~zero
         if np.array_equal(kept, d > 0):
             continue                                    # nothing underflows here
-        grad = np.where(kept[:, None], _ref(case).grad, 0)
-        out[f"in {np.dtype(dt).name}"] = float(np.sum(np.where(kept, d * losses, 0))), grad, _ref(case).alpha
+        out[f"in {np.dtype(dt).name}"] = (float(np.sum(np.where(kept, d * losses, 0))),
+                                          np.where(kept[:, None], ref.grad, 0), ref.alpha)
     return out or None
 
 
