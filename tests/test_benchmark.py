@@ -1063,3 +1063,17 @@ def test_csv_names_the_peer_libraries_in_use(tmp_path, monkeypatch):
     benchmark.write_csv(rows, str(tmp_path / "v.csv"), ["numpy"])
     versions = _csv_rows(tmp_path / "v.csv")[0]["versions"]
     assert "liger-kernel=" in versions and "speculators=" not in versions
+
+
+def test_cpu_threads_script_runs_and_reports_both_parts(capsys):
+    """bench/cpu_threads.py (the README's figures on two threads), at its smoke-test sizes: the
+    one- and two-thread times, the two processes' times, and the call-length table."""
+    script = _load_bench("cpu_threads")
+    assert script.main(["--quick", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "1. LK^alpha N = 16, V = 4096" in out and "two threads" in out
+    assert "one thread in each of 2 processes" in out and "no shared GIL" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().split(" ")[0] in ("8000", "48000")]
+    assert len(rows) == 2 and all(float(r[2]) > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        script.main(["--repeat", "0"])
