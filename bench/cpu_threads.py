@@ -28,19 +28,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lkref import fused  # noqa: E402
-from lkref.benchmark import machine_name  # noqa: E402
-
-
-def _problem(N, V):
-    rng = np.random.default_rng(0)
-    z = (rng.standard_normal((N, V)) * 3).astype(np.float32)
-    p = rng.dirichlet(np.ones(V), size=N).astype(np.float32)
-    return z, p, np.empty_like(z)
+from lkref.benchmark import machine_name, make_problem  # noqa: E402
 
 
 def _loss_ms(N, V, threads, repeat, barrier=None):
-    """p50 of `repeat` calls of LK^alpha with out=, in ms (after one untimed call)."""
-    z, p, out = _problem(N, V)
+    """p50 of `repeat` calls of LK^alpha with out=, in ms (after one untimed call), on the
+    benchmark's problem."""
+    z, p = make_problem(np, N, V)
+    out = np.empty_like(z)
     fused.numpy_loss("lk_alpha", z, p, out=out, threads=threads)
     if barrier is not None:
         barrier.wait()

@@ -167,6 +167,15 @@ def cmd_bench(args) -> int:
     return 0
 
 
+#: What loading a user's module:function or results file raises for a bad argument.
+_LOAD_ERRORS = (ImportError, AttributeError, OSError, ValueError)
+
+
+def _said(exc) -> str:
+    """A load error as one line: our own ValueErrors as they are, the others with their type."""
+    return str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+
+
 def cmd_conformance(args) -> int:
     from . import conformance as C
 
@@ -188,9 +197,8 @@ def cmd_conformance(args) -> int:
     try:
         fn = C.load_impl(args.impl) if args.impl else None
         results = np.load(args.results) if args.results else None
-    except (ImportError, AttributeError, OSError, ValueError) as exc:
-        said = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
-        return _fail("conformance", f"{'--impl' if args.impl else '--results'}: {said}")
+    except _LOAD_ERRORS as exc:
+        return _fail("conformance", f"{'--impl' if args.impl else '--results'}: {_said(exc)}")
     rows = C.check(args.dir, fn=fn, results=results, losses=args.loss)
     print(C.format_table(rows))
     return 0 if all(r.passed for r in rows) else 1
@@ -202,9 +210,8 @@ def cmd_check_sampler(args) -> int:
 
     try:
         fn = load_impl(args.impl)
-    except (ImportError, AttributeError, OSError, ValueError) as exc:
-        said = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
-        return _fail("check-sampler", f"impl: {said}")
+    except _LOAD_ERRORS as exc:
+        return _fail("check-sampler", f"impl: {_said(exc)}")
     try:
         report = check_sampler(fn, seed=args.seed, trials=args.trials, K=args.heads, V=args.vocab)
     except Exception as exc:                        # the sampler's own error, or what it returned
