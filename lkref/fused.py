@@ -15,13 +15,14 @@ Per chunk, with g the gradient rows (holding q after the softmax) and t a work b
 
     g = exp((z - max z) / T) * (1 / sum)    q
     t = min(g, p)                           alpha = sum_v t
-    t = g * 1[g < p]  (m as 0.0 / 1.0)      S = sum_v t        (TV, LK^alpha, LK^lambda)
-    TV:        g = (q S - t) * c,  c = d / T
-    LK^alpha:  g = (q S - t) * c,  c = d / (alpha T)
+    t = 1[g < p]  (m as 0.0 / 1.0)          S = sum_v g t      (TV, LK^alpha, LK^lambda)
+    TV:        g = q (S c - m c),  c = d / T
+    LK^alpha:  g = q (S c - m c),  c = d / (alpha T)
     KL:        g = (q sum p - p) * d / T
     LK^lambda: g = lam * KL's + (1 - lam) * TV's
-with d = w / sum w the weight of the row in the masked mean.  Row sums (_rowsum) are einsum
-over blocks, then pairwise: they release the GIL, which the other chunk threads wait for
+with d = w / sum w the weight of the row in the masked mean.  Row sums (_rowsum, and
+_rowdot for S, which never writes q m) are einsum over blocks, then pairwise: they release
+the GIL, which the other chunk threads wait for
 (NumPy's matmul does not); masked selections are arithmetic on 0/1 floats, never np.where
 or where=, which run many times slower on random masks (except in the float16 conversions,
 _widen and _narrow, whose masks are mostly one-sided).
@@ -286,16 +287,30 @@ def _rowsum(a, out=None):
     return total
 
 
-def _masked_q(g, pc, t):
-    """t = u = q m = q 1[q < p], the terms of S (m as 0.0 / 1.0 first)."""
+def _rowdot(a, b, out=None):
+    """sum_v a[i, v] b[i, v] for every row i, summed as _rowsum sums (one pass, no product
+    array: S = q . m is formed without writing u = q m)."""
+    n, V = a.shape
+    k = V // SUM_BLOCK
+    if k < 2:
+        return np.einsum("ij,ij->i", a, b, out=out)
+    cut = k * SUM_BLOCK
+    head = np.einsum("ijk,ijk->ij", a[:, :cut].reshape(n, k, SUM_BLOCK), b[:, :cut].reshape(n, k, SUM_BLOCK))
+    total = np.add.reduce(head, axis=1, out=out)
+    if cut < V:
+        total += np.einsum("ij,ij->i", a[:, cut:], b[:, cut:])
+    return total
+
+
+def _mask(g, pc, t):
+    """t = m = 1[q < p] as 0.0 / 1.0, the rule of S = q . m and of the gradient."""
     np.less(g, pc, out=t, casting="unsafe")
-    np.multiply(g, t, out=t)
 
 
 def _pass1(pb: _Problem, buf: _Buffers, a, b, errors):
     """q into the gradient rows g; per row alpha, S, KL; the LK^alpha fallback rows.
 
-    Returns (pc, pc_kl, g), or None after a failed value check.  Leaves u = q 1[q < p] in
+    Returns (pc, pc_kl, g), or None after a failed value check.  Leaves m = 1[q < p] in
     buf.t for TV, LK^alpha and LK^lambda."""
     got = _rows(pb, buf, a, b, errors)
     if got is None:
@@ -321,8 +336,8 @@ def _pass1(pb: _Problem, buf: _Buffers, a, b, errors):
     np.minimum(g, pc, out=t)
     _rowsum(t, out=pb.alpha[a:b])
     if pb.need_tv:
-        _masked_q(g, pc, t)
-        _rowsum(t, out=pb.S[a:b])
+        _mask(g, pc, t)
+        _rowdot(g, t, out=pb.S[a:b])
     if pb.name == "lk_alpha" and float(pb.alpha[a:b].min()) < pb.floor:
         low = np.nonzero((pb.pmass[a:b] > 0) & (pb.alpha[a:b] < pb.floor))[0]
         if len(low):                                # the reference's log space, at unit weight
@@ -346,15 +361,15 @@ def _pass2(pb: _Problem, buf: _Buffers, a, b, chunk, d, lam, mask_valid):
         elif pb.name == "lk_lambda":
             c_tv = (1 - lam) * c_tv
         if not mask_valid:
-            _masked_q(g, pc, t)
-        # g = q (S - m) c_tv [+ q c_kl sum p] = q (S c_tv [+ c_kl sum p]) - u c_tv
+            _mask(g, pc, t)
+        # g = q (S - m) c_tv [+ q c_kl sum p] = q (S c_tv [+ c_kl sum p] - m c_tv)
         row = pb.S[a:b] * c_tv
         if pb.need_kl:
             c_kl = lam * d / T
             row = row + c_kl * pb.psum_kl[a:b]
-        np.multiply(g, row[:, None], out=g)
         np.multiply(t, c_tv[:, None], out=t)
-        np.subtract(g, t, out=g)
+        np.subtract(row[:, None], t, out=t)
+        np.multiply(g, t, out=g)
     if pb.name == "kl":
         c_kl = d / T
         np.multiply(g, (c_kl * pb.psum_kl[a:b])[:, None], out=g)

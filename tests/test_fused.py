@@ -491,6 +491,29 @@ def test_row_sums_are_accurate(V):
         assert err.max() < 0.5 * plain.max()
 
 
+@pytest.mark.parametrize("V", [1, 300, 512, 513, 32_000, 50_257])
+def test_row_dots_with_a_mask_are_accurate(V):
+    """_rowdot(q, m), S = sum_v q m with m a 0/1 mask, is a sum of the terms q m exactly as
+    _rowsum sums them: the same bound against float64, into out= and not, and on long rows
+    better than one einsum over the whole row."""
+    rng = np.random.default_rng(V)
+    a = rng.dirichlet(np.full(V, 0.5), 9).astype(np.float32)
+    m = (rng.random((9, V)) < 0.7).astype(np.float32)
+    m[:, 0] = 1                                                # no row without a term
+    exact = (a.astype(np.float64) * m).sum(1)
+    out = np.full(12, -1.0, np.float32)
+    fused._rowdot(a, m, out=out[2:11])
+    assert np.all(out[[0, 1, 11]] == -1)
+    B = min(V, 2 * fused.SUM_BLOCK)
+    bound = (B - 1 + np.log2(max(V / fused.SUM_BLOCK, 1)) + 1) * np.finfo(np.float32).eps
+    err = np.abs(out[2:11] / exact - 1)
+    assert err.max() <= bound
+    np.testing.assert_array_equal(fused._rowdot(a, m), out[2:11])
+    if V >= 32_000:
+        plain = np.abs(np.einsum("ij,ij->i", a, m) / exact - 1)
+        assert err.max() < 0.5 * plain.max()
+
+
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="NumPy's x86 SIMD levels")
 def test_fast_path_agrees_at_numpys_baseline_simd_level():
     """NumPy picks its exp, sum and comparison kernels by the CPU (x86-64-v2 up to AVX-512), and
