@@ -1,5 +1,5 @@
-"""Where the CPU fast path's second thread goes: the measurements behind the README's "Two threads
-run about 1.5x faster than one".
+"""Where the CPU fast path's second thread goes: the measurements behind the README's "Threads"
+point (two threads run about 1.5x faster than one).
 
     python bench/cpu_threads.py [--repeat R] [--quick]
 
