@@ -276,29 +276,29 @@ def _rowsum(a, out=None):
     fast as them (np.add.reduce).  Not a BLAS product with a vector of ones, as fast and as
     accurate: NumPy's matmul holds the GIL (numpy#11821) and so stalls the other chunk
     threads; einsum and add.reduce release it."""
-    n, V = a.shape
-    k = V // SUM_BLOCK
-    if k < 2:
-        return np.einsum("ij->i", a, out=out)
-    head = np.einsum("ijk->ij", a[:, :k * SUM_BLOCK].reshape(n, k, SUM_BLOCK))
-    total = np.add.reduce(head, axis=1, out=out)
-    if k * SUM_BLOCK < V:
-        total += np.einsum("ij->i", a[:, k * SUM_BLOCK:])
-    return total
+    return _blocked_rows(a, out=out)
 
 
 def _rowdot(a, b, out=None):
     """sum_v a[i, v] b[i, v] for every row i, summed as _rowsum sums (one pass, no product
     array: S = q . m is formed without writing u = q m)."""
-    n, V = a.shape
+    return _blocked_rows(a, b, out=out)
+
+
+def _blocked_rows(*arrays, out=None):
+    """sum_v of the product of arrays[.][i, v] per row: einsum over blocks of SUM_BLOCK
+    columns, the block sums pairwise (np.add.reduce), the columns past the last block last."""
+    n, V = arrays[0].shape
     k = V // SUM_BLOCK
+    whole = ",".join(["ij"] * len(arrays)) + "->i"
     if k < 2:
-        return np.einsum("ij,ij->i", a, b, out=out)
+        return np.einsum(whole, *arrays, out=out)
     cut = k * SUM_BLOCK
-    head = np.einsum("ijk,ijk->ij", a[:, :cut].reshape(n, k, SUM_BLOCK), b[:, :cut].reshape(n, k, SUM_BLOCK))
+    head = np.einsum(",".join(["ijk"] * len(arrays)) + "->ij",
+                     *(x[:, :cut].reshape(n, k, SUM_BLOCK) for x in arrays))
     total = np.add.reduce(head, axis=1, out=out)
     if cut < V:
-        total += np.einsum("ij,ij->i", a[:, cut:], b[:, cut:])
+        total += np.einsum(whole, *(x[:, cut:] for x in arrays))
     return total
 
 
