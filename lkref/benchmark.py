@@ -526,9 +526,13 @@ def _peer_candidates(mod, xp, backend, loss, z, p, ref, say, skip=(), only=None,
 
 def _time_all(xp, backend, cands, repeat, say, warmup=2):
     """Times (ms) of every candidate, None for one that fails.  On the CPU the calls are
-    interleaved, each round in a rotated order, so that the machine's slow and fast spells
-    fall on every candidate alike and the ratios between them hold; on a GPU, whose speed
-    holds still, each candidate is timed in turn (its memory pool freed in between)."""
+    interleaved, each round in its own order (a seeded shuffle), so that the machine's slow
+    and fast spells fall on every candidate alike and the ratios between them hold, and so
+    that what one candidate leaves behind for the next call (PyTorch's OpenMP threads still
+    spinning, a cache it flushed, memory it freed) falls on every other in turn: a rotated
+    order would keep the same neighbour before each candidate in every round.  On a GPU,
+    whose speed holds still, each candidate is timed in turn (its memory pool freed in
+    between)."""
     times = [[] for _ in cands]
     alive = [True] * len(cands)
 
@@ -548,9 +552,10 @@ def _time_all(xp, backend, cands, repeat, say, warmup=2):
     if backend == "numpy":
         for i in range(len(cands)):
             calls(i, warmup, False)
-        for r in range(repeat):
-            for k in range(len(cands)):
-                calls((k + r) % len(cands), 1, True)
+        order = np.random.default_rng(0)
+        for _ in range(repeat):
+            for i in order.permutation(len(cands)):
+                calls(int(i), 1, True)
     else:
         for i in range(len(cands)):
             calls(i, warmup, False)

@@ -1055,6 +1055,28 @@ def test_cpu_timing_interleaves_so_ratios_survive_slow_spells():
     assert len(freed) == 2                            # on the GPU, lkref's pool after each candidate
 
 
+def test_cpu_timing_spreads_a_noisy_neighbour_over_every_candidate():
+    """One candidate slows whatever call comes next three times (as PyTorch's OpenMP threads,
+    still spinning after its calls, slow the next candidate on a 2-core machine). The rounds'
+    orders vary, so its neighbour changes: each of the four others, all of cost 1, keeps a
+    median of 1. A rotated order (the benchmark until 2026-12-06) put the same candidate
+    after it in every round, whose median was then 3."""
+    after_noisy = [False]
+
+    def cand(label, noisy=False):
+        def once():
+            ms = 3.0 if after_noisy[0] else 1.0
+            after_noisy[0] = noisy
+            return ms
+        return benchmark._Candidate(label, None, once, lambda: 0.0, 0.0, lkref=True)
+    cands = [cand(x) for x in "abcd"] + [cand("noisy", noisy=True)]
+    times = benchmark._time_all(np, "numpy", cands, repeat=15, say=print)
+    for label, t in zip("abcd", times):
+        hit = sum(x == 3.0 for x in t)
+        assert np.median(t) == 1.0, (label, hit)
+        assert hit < len(t) / 2
+
+
 def test_csv_names_the_peer_libraries_in_use(tmp_path, monkeypatch):
     import sys
     import types
