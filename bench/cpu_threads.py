@@ -1,11 +1,12 @@
 """Where the CPU fast path's second thread goes: the measurements behind the README's "Threads"
 point (two threads run about 1.5x faster than one).
 
-    python bench/cpu_threads.py [--repeat R] [--quick]
+    python bench/cpu_threads.py [--repeat R] [--rows N,N,...] [--quick]
 
-1. LK^alpha (N = 512, V = 32 000, float32, out=) on one thread, on two, and on one thread in each
-   of two processes at once (the same work twice, with no GIL between them).  Where the two
-   processes each keep their one-thread time, memory is not what holds the two threads back.
+1. LK^alpha (N = 512 or each N of --rows, V = 32 000, float32, out=) on one thread, on two, and
+   on one thread in each of two processes at once (the same work twice, with no GIL between
+   them).  Where the two processes each keep their one-thread time, memory is not what holds
+   the two threads back.
 2. One NumPy call (np.exp over n float32s) looped in one thread, then in two threads at once,
    each doing the same loop: the share of its one-thread speed each thread keeps, against the
    call's length.  A NumPy call gives the GIL up when its loop starts and takes it back when it
@@ -93,23 +94,31 @@ def call_length_us(n):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=15, help="rounds (default 15)")
+    ap.add_argument("--rows", default="512", help="part 1's N, comma-separated (default 512)")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error(f"--repeat must be >= 1, got {args.repeat}")
-    N, V = (16, 4096) if args.quick else (512, 32_000)
+    try:
+        rows = [int(x) for x in args.rows.split(",")]
+    except ValueError:
+        rows = []
+    if not rows or min(rows) < 1:
+        ap.error(f"--rows must be whole numbers of rows, 1 or more, comma-separated, got {args.rows!r}")
+    rows, V = ([16], 4096) if args.quick else (rows, 32_000)
     sizes = (8_000, 48_000) if args.quick else (8_000, 24_000, 48_000, 96_000, 192_000, 384_000)
     calls = 20 if args.quick else 400
     print(f"== {machine_name('numpy')}, Python {platform.python_version()}, NumPy {np.__version__}, "
           f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
-    one = _loss_ms(N, V, 1, args.repeat)
-    two = _loss_ms(N, V, 2, args.repeat)
-    procs = two_processes_ms(N, V, args.repeat)
-    print(f"1. LK^alpha N = {N}, V = {V}, float32, out= (p50 of {args.repeat}, ms)")
-    print(f"   one thread                        {one:8.2f}")
-    print(f"   two threads                       {two:8.2f}   ({one / two:.2f}x one thread)")
-    print(f"   one thread in each of 2 processes {procs[0]:8.2f} {procs[1]:8.2f}   "
-          f"(each {one / max(procs):.2f}x of its time alone: the same work twice, no shared GIL)")
+    for N in rows:
+        one = _loss_ms(N, V, 1, args.repeat)
+        two = _loss_ms(N, V, 2, args.repeat)
+        procs = two_processes_ms(N, V, args.repeat)
+        print(f"1. LK^alpha N = {N}, V = {V}, float32, out= (p50 of {args.repeat}, ms)")
+        print(f"   one thread                        {one:8.2f}")
+        print(f"   two threads                       {two:8.2f}   ({one / two:.2f}x one thread)")
+        print(f"   one thread in each of 2 processes {procs[0]:8.2f} {procs[1]:8.2f}   "
+              f"(each {one / max(procs):.2f}x of its time alone: the same work twice, no shared GIL)")
     rounds = 2 if args.quick else 7
     print(f"2. np.exp over n float32s, {calls} calls a thread; two threads at once each keep this share "
           f"of one thread's speed (median and range of {rounds} alternating rounds: this VM is noisy)")

@@ -1077,6 +1077,22 @@ def test_cpu_timing_spreads_a_noisy_neighbour_over_every_candidate():
         assert hit < len(t) / 2
 
 
+def test_cpu_baseline_script_runs_both_parts(capsys):
+    """bench/cpu_baseline.py (the README's figures on the direct translation's time), at its
+    smoke-test sizes: a row per N in each part, the child process with glibc's variables
+    set, and its refusals."""
+    script = _load_bench("cpu_baseline")
+    assert script.main(["--quick", "--repeat", "1", "--rows", "8,16"]) == 0
+    out = capsys.readouterr().out
+    assert "right after each neighbour" in out and "MALLOC_MMAP_THRESHOLD_=4294967296" in out
+    lines = out.splitlines()
+    assert sum(line.split()[:1] == ["8"] for line in lines) == 3           # part 1, part 2 here and kept
+    assert any(line.split()[:2] == ["16", "kept"] for line in lines)
+    for bad in (["--rows", "0"], ["--rows", "a"], ["--repeat", "0"]):
+        with pytest.raises(SystemExit):
+            script.main(bad)
+
+
 def test_csv_names_the_peer_libraries_in_use(tmp_path, monkeypatch):
     import sys
     import types
@@ -1099,3 +1115,6 @@ def test_cpu_threads_script_runs_and_reports_both_parts(capsys):
     assert len(rows) == 2 and all(float(r[2]) > 0 for r in rows)
     with pytest.raises(SystemExit):
         script.main(["--repeat", "0"])
+    for bad in ("0", "x", "64,", ""):
+        with pytest.raises(SystemExit):
+            script.main(["--rows", bad])
