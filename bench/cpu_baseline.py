@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 from lkref import fused  # noqa: E402
-from lkref.benchmark import machine_name, make_problem  # noqa: E402
+from lkref.benchmark import git_sha, machine_name, make_problem  # noqa: E402
 from peers import numpy_naive  # noqa: E402
 
 V = 32_000
@@ -96,7 +96,8 @@ def main(argv=None):
         for N in rows:
             print(N, *three_ms(N, args.repeat, v))
         return 0
-    print(f"== {machine_name('numpy')}, NumPy {np.__version__}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+    print(f"== {machine_name('numpy')}, NumPy {np.__version__}, git {git_sha()}, "
+          f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
     print(f"1. the direct translation of LK^alpha (V = {v}), p50 ms right after each neighbour")
     names = None
     for N in rows:

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lkref import fused  # noqa: E402
-from lkref.benchmark import machine_name, make_problem  # noqa: E402
+from lkref.benchmark import git_sha, machine_name, make_problem  # noqa: E402
 
 
 def _loss_ms(N, V, threads, repeat, barrier=None):
@@ -109,7 +109,7 @@ def main(argv=None):
     sizes = (8_000, 48_000) if args.quick else (8_000, 24_000, 48_000, 96_000, 192_000, 384_000)
     calls = 20 if args.quick else 400
     print(f"== {machine_name('numpy')}, Python {platform.python_version()}, NumPy {np.__version__}, "
-          f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+          f"git {git_sha()}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
     for N in rows:
         one = _loss_ms(N, V, 1, args.repeat)
         two = _loss_ms(N, V, 2, args.repeat)
