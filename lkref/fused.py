@@ -3,8 +3,7 @@
 NumPy (this file): the rows are cut into chunks small enough to stay in cache; every
 chunk is worked on in place in the gradient's own memory plus a small float work buffer,
 with one exp per element.  Chunks can run on several threads (NumPy releases the GIL
-inside its loops), kept from one call to the next (_pool).  Peak extra memory is the work
-buffers plus O(N), whatever N is.
+inside its loops).  Peak extra memory is the work buffers plus O(N), whatever N is.
 
 q is formed with exactly the operations of losses.softmax_parts, so q and with it the tie
 rule 1[q < p] agree with the reference bit for bit; alpha, S and the gradients agree to
@@ -33,7 +32,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -398,32 +396,8 @@ def _run(pb: _Problem, threads: int, fn):
         buf = _Buffers(pb, rows)
         for a, b in group:
             fn(buf, a, b)
-    list(_pool(threads).map(worker, [pb.chunks[i::threads] for i in range(threads)]))
-
-
-#: Worker threads kept from one call to the next, a pool for each thread count asked for:
-#: starting and joining the threads anew took some 0.5 ms a call on the 2-core machine.
-_POOLS: dict = {}
-_POOLS_LOCK = threading.Lock()
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    with _POOLS_LOCK:
-        ex = _POOLS.get(threads)
-        if ex is None:
-            ex = _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lkref")
-        return ex
-
-
-def _forget_pools():
-    """In a child made by fork the pools' threads do not exist: it starts pools of its own."""
-    global _POOLS_LOCK
-    _POOLS.clear()
-    _POOLS_LOCK = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pools)
+    with ThreadPoolExecutor(max_workers=threads) as ex:
+        list(ex.map(worker, [pb.chunks[i::threads] for i in range(threads)]))
 
 
 def numpy_loss(name, draft_logits, target_probs, *, mask=None, temperature=1.0, draft_to_target=None,

@@ -391,63 +391,6 @@ def test_threads_from_the_environment(monkeypatch):
         lkref.lk_alpha(z, p, impl="reference")         # the readable path has no threads
 
 
-def _chunked(N=40, V=700, seed=0):
-    rng = np.random.default_rng(seed)
-    z = (rng.standard_normal((N, V)) * 2).astype(np.float32)
-    return z, L.softmax((rng.standard_normal((N, V)) * 3).astype(np.float32), 1.0).astype(np.float32)
-
-
-def test_worker_threads_are_kept_between_calls_and_shared_by_callers(monkeypatch):
-    """The chunk threads are started once per thread count and kept (fused._pool); calls from
-    several threads at once share them and each gets its own result, the sequential one."""
-    import threading
-    monkeypatch.setattr(fused, "CHUNK_BYTES", 4 * 700 * 4)               # 10 chunks of 4 rows
-    z, p = _chunked()
-    want = [fused.numpy_loss(name, z, p, threads=1) for name in ("tv", "lk_alpha", "kl", "lk_lambda")]
-    fused.numpy_loss("lk_alpha", z, p, threads=3)
-    named = {t.ident for t in threading.enumerate() if t.name.startswith("lkref")}
-    assert len(named) == 3
-    got = {}
-
-    def call(i, name):
-        got[i] = fused.numpy_loss(name, z, p, threads=3)
-    callers = [threading.Thread(target=call, args=(i, name))
-               for i, name in enumerate(("tv", "lk_alpha", "kl", "lk_lambda") * 3)]
-    for t in callers:
-        t.start()
-    for t in callers:
-        t.join()
-    for i in range(12):
-        np.testing.assert_array_equal(got[i].grad, want[i % 4].grad)
-        assert float(got[i].loss) == float(want[i % 4].loss)
-    assert {t.ident for t in threading.enumerate() if t.name.startswith("lkref")} == named
-
-
-def _loss_in_child(queue):
-    z, p = _chunked()
-    queue.put(float(fused.numpy_loss("lk_alpha", z, p, threads=2).loss))
-
-
-@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="no fork here")
-@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")   # Python 3.12+
-def test_worker_threads_are_started_anew_in_a_forked_child(monkeypatch):
-    """A child made by fork has none of its parent's threads: a pool it inherited would take
-    the chunks and never run them (the call would hang). fused forgets its pools there."""
-    import multiprocessing as mp
-    monkeypatch.setattr(fused, "CHUNK_BYTES", 4 * 700 * 4)
-    z, p = _chunked()
-    want = float(fused.numpy_loss("lk_alpha", z, p, threads=2).loss)       # the parent's pool exists
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_loss_in_child, args=(queue,))
-    child.start()
-    child.join(timeout=60)
-    if child.is_alive():
-        child.kill()
-        pytest.fail("the forked child's call hung: it used the parent's pool, whose threads it does not have")
-    assert child.exitcode == 0 and queue.get(timeout=5) == want
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("name", ["kl", "lk_lambda"])
 def test_kl_keeps_its_digits_with_large_logits(name, seed):
