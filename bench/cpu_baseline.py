@@ -29,6 +29,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 from lkref import fused  # noqa: E402
 from lkref.benchmark import git_sha, machine_name, make_problem  # noqa: E402
+from cpu_threads import checked_args  # noqa: E402
 from peers import numpy_naive  # noqa: E402
 
 V = 32_000
@@ -82,15 +83,7 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=15, help="calls a median is of (default 15)")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.repeat < 1:
-        ap.error(f"--repeat must be >= 1, got {args.repeat}")
-    try:
-        rows = [int(x) for x in args.rows.split(",")]
-    except ValueError:
-        rows = []
-    if not rows or min(rows) < 1:
-        ap.error(f"--rows must be whole numbers of rows, 1 or more, comma-separated, got {args.rows!r}")
+    args, rows = checked_args(ap, argv)
     v = 4096 if args.quick else V
     if args.child:                  # part 2's other process: one line per N
         for N in rows:

@@ -91,11 +91,9 @@ def call_length_us(n):
     return 1e6 * (time.perf_counter() - t0) / 200
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeat", type=int, default=15, help="rounds (default 15)")
-    ap.add_argument("--rows", default="512", help="part 1's N, comma-separated (default 512)")
-    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+def checked_args(ap, argv):
+    """ap's arguments, with --repeat (>= 1) and --rows (a list of N >= 1) checked; shared with
+    cpu_baseline.py.  Returns (args, rows)."""
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error(f"--repeat must be >= 1, got {args.repeat}")
@@ -105,6 +103,15 @@ def main(argv=None):
         rows = []
     if not rows or min(rows) < 1:
         ap.error(f"--rows must be whole numbers of rows, 1 or more, comma-separated, got {args.rows!r}")
+    return args, rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeat", type=int, default=15, help="rounds (default 15)")
+    ap.add_argument("--rows", default="512", help="part 1's N, comma-separated (default 512)")
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    args, rows = checked_args(ap, argv)
     rows, V = ([16], 4096) if args.quick else (rows, 32_000)
     sizes = (8_000, 48_000) if args.quick else (8_000, 24_000, 48_000, 96_000, 192_000, 384_000)
     calls = 20 if args.quick else 400
