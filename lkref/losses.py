@@ -469,8 +469,8 @@ def _fast(name, impl, draft_logits, target_probs, out, **options):
     impl="reference" is this module; "fused" insists on a fast path (on CuPy also where
     LKREF_CUPY_FUSED=0, and without the first-use check), except at the temperatures the
     fast paths decline (fused.MIN_TEMPERATURE, fused_cupy.MAX_TEMPERATURE), which run here;
-    "auto" takes one when the arrays' backend has it.  The fast paths live in lkref/fused.py, outside the
-    specification, and are tested against it.
+    "auto" takes one when the arrays' backend has it.  The fast paths live in
+    lkref/fused.py, outside the specification, and are tested against it.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .backend import dlpack_interop, namespace, to_float64
-from .validation import as_array, check_vocab_axis, target_sum_atol
+from .validation import as_array, check_target_sums, check_vocab_axis, target_sum_atol
 
 __all__ = ["VerifyResult", "verify", "verify_greedy", "sample_rows"]
 
@@ -97,11 +97,10 @@ def _check_sums(sums, name, positions, use, dtype, xp):
     in the tokens shows it."""
     off = xp.where(use, xp.abs(sums - 1), 0)
     worst = float(off.max()) if off.size else 0.0
-    tol = target_sum_atol(dtype)
-    if worst > tol:
+    if worst > target_sum_atol(dtype):              # the row's position only then (a device sync)
         j = int(positions.reshape(-1)[int(xp.argmax(off))])
-        raise ValueError(f"{name} rows must sum to 1 (within {tol:.3g} for {np.dtype(dtype).name}); the row at "
-                         f"position {j} of a used row is off by {worst:.3g} (renormalise after top-k or top-p)")
+        check_target_sums(worst, dtype, name, row=f"the row at position {j} of a used row",
+                          hint=" (renormalise after top-k or top-p)")
 
 
 def _check_prob_rows(probs, name, valid, xp):

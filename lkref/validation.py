@@ -59,13 +59,13 @@ def target_sum_atol(dtype) -> float:
     return TARGET_SUM_ATOL + eps / 2
 
 
-def check_target_sums(worst, dtype, name="target_probs"):
+def check_target_sums(worst, dtype, name="target_probs", row="the worst row", hint=""):
     """A ValueError naming `name` where the worst |row sum - 1|, `worst`, is beyond
-    target_sum_atol(dtype)."""
+    target_sum_atol(dtype); `row` says which row that is, `hint` what to do."""
     tol = target_sum_atol(dtype)
     if worst > tol:
         raise ValueError(f"{name} rows must sum to 1 (within {tol:.3g} for {np.dtype(dtype).name}); "
-                         f"the worst row is off by {worst:.3g}")
+                         f"{row} is off by {worst:.3g}{hint}")
 
 
 def as_array(x, name: str):
