@@ -42,31 +42,35 @@ def _ms(f):
     return 1e3 * (time.perf_counter() - t0)
 
 
-def after_neighbours(N, repeat, V=V):
-    """{neighbour: p50 ms of the direct translation called right after it}."""
+def _calls(N, V):
+    """The three calls both parts time, on the benchmark's problem: the direct translation,
+    lkref and lkref out=."""
     z, p = make_problem(np, N, V)
     out = np.empty_like(z)
     naive = numpy_naive("lk_alpha")
-    before = {"lkref": lambda: fused.numpy_loss("lk_alpha", z, p),
-              "lkref out=": lambda: fused.numpy_loss("lk_alpha", z, p, out=out),
-              "itself": lambda: naive(z, p),
+    return {"translation": lambda: naive(z, p),
+            "lkref": lambda: fused.numpy_loss("lk_alpha", z, p),
+            "lkref out=": lambda: fused.numpy_loss("lk_alpha", z, p, out=out)}
+
+
+def after_neighbours(N, repeat, V=V):
+    """{neighbour: p50 ms of the direct translation called right after it}."""
+    calls = _calls(N, V)
+    naive = calls["translation"]
+    before = {"lkref": calls["lkref"], "lkref out=": calls["lkref out="], "itself": naive,
               "sleep 20 ms": lambda: time.sleep(0.02)}
     got = {k: [] for k in before}
     order = np.random.default_rng(0)
     for _ in range(repeat):
         for k in order.permutation(list(before)):
             before[k]()
-            got[k].append(_ms(lambda: naive(z, p)))
+            got[k].append(_ms(naive))
     return {k: float(np.median(v)) for k, v in got.items()}
 
 
 def three_ms(N, repeat, V=V):
     """p50 ms of (direct translation, lkref, lkref out=), interleaved in shuffled rounds."""
-    z, p = make_problem(np, N, V)
-    out = np.empty_like(z)
-    naive = numpy_naive("lk_alpha")
-    calls = [lambda: naive(z, p), lambda: fused.numpy_loss("lk_alpha", z, p),
-             lambda: fused.numpy_loss("lk_alpha", z, p, out=out)]
+    calls = list(_calls(N, V).values())
     for c in calls:
         c()
     got = [[] for _ in calls]
